@@ -1,0 +1,56 @@
+"""``{{variable}}`` templates: list the variables, render with values, refuse what is missing.
+
+Rendering is one pass over the template: a value is inserted as it is and never read again,
+so a value that itself contains ``{{x}}`` stays as typed, and nothing in a template or value
+can run code or read files. ``\\{{`` writes a literal ``{{``. Single braces are ordinary text,
+so code, JSON and LaTeX in a prompt need no escaping.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ._errors import MissingVariables, UnknownVariables
+
+_TOKEN = re.compile(r"\\\{\{|\{\{\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*\}\}")
+
+
+class Template:
+    """A prompt text with ``{{name}}`` placeholders (whitespace inside the braces allowed)."""
+
+    __slots__ = ("text", "variables")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        seen: dict[str, None] = {}
+        for match in _TOKEN.finditer(text):
+            name = match.group(1)
+            if name is not None:
+                seen.setdefault(name, None)
+        self.variables: tuple[str, ...] = tuple(seen)
+
+    def __repr__(self) -> str:
+        return f"Template(variables={list(self.variables)!r})"
+
+    def render(self, values: Mapping[str, Any] | None = None, *, allow_extra: bool = False) -> str:
+        """The text with every placeholder replaced by ``str(value)``.
+
+        Raises MissingVariables naming every placeholder without a value, and (unless
+        ``allow_extra``) UnknownVariables for values the template does not use.
+        """
+        values = values or {}
+        missing = [name for name in self.variables if name not in values]
+        if missing:
+            raise MissingVariables(missing)
+        if not allow_extra:
+            extra = [name for name in values if name not in self.variables]
+            if extra:
+                raise UnknownVariables(extra, self.variables)
+
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1)
+            return "{{" if name is None else str(values[name])
+
+        return _TOKEN.sub(substitute, self.text)

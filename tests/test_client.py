@@ -1,0 +1,423 @@
+"""LMStudioClient against the simulator over real loopback HTTP: text, stats, every failure."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+
+from lmstream_nb import (
+    AuthenticationError,
+    Budgets,
+    FirstTokenTimeout,
+    HTTPStatusError,
+    LMStudioClient,
+    ModelNotFound,
+    ModelNotLoaded,
+    ProtocolError,
+    ReasoningDelta,
+    Retries,
+    ServerStreamError,
+    ServerUnreachable,
+    StreamFinished,
+    StreamInterrupted,
+    StreamStalled,
+    StreamStarted,
+    TextDelta,
+    simulator,
+)
+from lmstream_nb._client import ChatStream
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "lmstream-sim-8b"
+FAST_RETRIES = Retries(attempts=2, backoff=0.05, max_backoff=0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def drain(stream: ChatStream) -> list[Any]:
+    async with stream:
+        return [event async for event in stream]
+
+
+def requests_for(sim: simulator.SimServer, response_id: str | None) -> list[simulator.RequestRecord]:
+    return [r for r in sim.records() if r.id == response_id]
+
+
+# -- the good path --------------------------------------------------------------------------
+
+
+async def test_streams_text_events_and_stats(sim: simulator.SimServer) -> None:
+    async with LMStudioClient(sim.base_url) as client:
+        stream = client.stream_chat("Hello there", model=MODEL, sim={"output_tokens": 20})
+        events = await drain(stream)
+        blocking = await client.complete("Hello there", model=MODEL, sim={"output_tokens": 20})
+    assert isinstance(events[0], StreamStarted)
+    assert events[0].model == MODEL and len(events[0].request_id) == 32
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert len(deltas) == 20
+    finished = events[-1]
+    assert isinstance(finished, StreamFinished)
+    assert finished.finish_reason == "stop"
+    assert finished.model == MODEL and (finished.response_id or "").startswith("chatcmpl-")
+    stats = finished.stats
+    assert stats.completion_tokens == 20 and (stats.prompt_tokens or 0) > 0
+    assert stats.ttft_s is not None and 0 < stats.ttft_s <= stats.duration_s
+    assert (stats.tokens_per_s or 0) > 0 and stats.chunks >= 20
+    assert stream.text == "".join(d.content for d in deltas)
+    assert stats.text_chars == len(stream.text)
+    assert blocking.text == stream.text, "same seed and prompt: same text either way"
+    assert blocking.finish_reason == "stop"
+
+
+async def test_max_tokens_gives_length_finish(sim: simulator.SimServer) -> None:
+    async with LMStudioClient(sim.base_url) as client:
+        events = await drain(client.stream_chat("Hi", model=MODEL, max_tokens=5))
+    assert sum(isinstance(e, TextDelta) for e in events) == 5
+    assert events[-1].finish_reason == "length"
+
+
+async def test_reasoning_arrives_separately(sim: simulator.SimServer) -> None:
+    async with LMStudioClient(sim.base_url) as client:
+        stream = client.stream_chat(
+            "Think", model=MODEL,
+            sim={"reasoning": "separate", "reasoning_tokens": 6, "output_tokens": 4},
+        )
+        events = await drain(stream)
+    kinds = [type(e).__name__ for e in events if isinstance(e, TextDelta | ReasoningDelta)]
+    assert kinds == ["ReasoningDelta"] * 6 + ["TextDelta"] * 4
+    assert stream.reasoning and stream.text and stream.reasoning not in stream.text
+
+
+@pytest.mark.parametrize("dialect", ["openai", "llamacpp"])
+async def test_other_server_dialects(sim: simulator.SimServer, dialect: str) -> None:
+    async with LMStudioClient(sim.base_url) as client:
+        stream = client.stream_chat("Hi", model=MODEL, sim={"dialect": dialect, "output_tokens": 7})
+        events = await drain(stream)
+    assert sum(isinstance(e, TextDelta) for e in events) == 7
+    assert events[-1].stats.completion_tokens == 7
+
+
+@pytest.mark.parametrize("line_ending", ["crlf", "cr"])
+async def test_line_endings_and_bom_end_to_end(sim: simulator.SimServer, line_ending: str) -> None:
+    async with LMStudioClient(sim.base_url) as client:
+        plain = await client.stream_chat("Hi", model=MODEL, sim={"output_tokens": 9}).collect()
+        odd = await client.stream_chat(
+            "Hi", model=MODEL, sim={"output_tokens": 9, "line_ending": line_ending, "bom": True}
+        ).collect()
+    assert odd.text == plain.text and odd.finish_reason == "stop"
+
+
+async def test_keepalive_comments_during_prompt_processing(sim: simulator.SimServer) -> None:
+    async with LMStudioClient(sim.base_url) as client:
+        done = await client.stream_chat(
+            "x" * 400, model=MODEL,
+            sim={"prefill_tps": 500, "ping_s": 0.02, "output_tokens": 3},
+        ).collect()
+    assert done.finish_reason == "stop" and done.text
+
+
+async def test_one_mebibyte_data_line(sim: simulator.SimServer) -> None:
+    async with LMStudioClient(sim.base_url) as client:
+        done = await client.stream_chat(
+            "Big", model=MODEL, sim={"output_tokens": 2, "chunk_chars": 1 << 20}
+        ).collect()
+    assert len(done.text) == 2 << 20 and done.finish_reason == "stop"
+
+
+async def test_first_token_later_than_idle_budget_succeeds(sim: simulator.SimServer) -> None:
+    # 100 prompt tokens at 200 tok/s: the first token comes after ~0.5 s, the idle budget is
+    # 0.2 s; only the first-token budget applies before the first token.
+    budgets = Budgets(first_token=10.0, idle=0.2)
+    async with LMStudioClient(sim.base_url, budgets=budgets) as client:
+        done = await client.stream_chat(
+            "y" * 400, model=MODEL, sim={"prefill_tps": 200, "output_tokens": 5}
+        ).collect()
+    assert done.finish_reason == "stop"
+    assert done.stats.ttft_s is not None and done.stats.ttft_s > 0.2
+
+
+async def test_eight_concurrent_streams_never_mix(sim: simulator.SimServer) -> None:
+    async with LMStudioClient(sim.base_url) as client:
+
+        async def one(seed: int) -> str:
+            done = await client.stream_chat(
+                "Same prompt", model=MODEL, seed=seed, sim={"output_tokens": 60}
+            ).collect()
+            return done.text
+
+        alone = [await one(seed) for seed in range(8)]
+        together = await asyncio.gather(*(one(seed) for seed in range(8)))
+    assert together == alone
+    assert len(set(alone)) == 8
+
+
+async def test_server_ignoring_stream_true_is_tolerated(sim: simulator.SimServer) -> None:
+    # The same request with stream=false returns one JSON completion; the stream API accepts it.
+    async with LMStudioClient(sim.base_url) as client:
+        stream = client.stream_chat("Hi", model=MODEL, stream=False, sim={"output_tokens": 4})
+        events = await drain(stream)
+    assert sum(isinstance(e, TextDelta) for e in events) == 1
+    assert events[-1].finish_reason == "stop" and stream.text
+
+
+# -- failures before any text ---------------------------------------------------------------
+
+
+async def test_unreachable_server_names_url_and_what_to_do() -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    async with LMStudioClient(url, retries=FAST_RETRIES) as client:
+        with pytest.raises(ServerUnreachable) as info:
+            await client.stream_chat("Hi", model=MODEL).collect()
+        with pytest.raises(ServerUnreachable):
+            await client.list_models()
+    message = str(info.value)
+    assert url in message and "Start Server" in message
+    assert info.value.url == url
+
+
+async def test_connection_refused_is_retried_until_the_server_is_up() -> None:
+    port = free_port()
+    retries = Retries(attempts=8, backoff=0.2, max_backoff=0.2)
+    async with LMStudioClient(f"http://127.0.0.1:{port}/v1", retries=retries) as client:
+        task = asyncio.create_task(client.stream_chat("Hi", model=MODEL).collect())
+        await asyncio.sleep(0.3)  # let the first attempts be refused
+        assert not task.done()
+        with simulator.serve(profile="test-fast", port=port) as late:
+            done = await asyncio.wait_for(task, 10)
+            assert len(late.records()) == 1
+    assert done.finish_reason == "stop"
+
+
+async def test_model_not_found_404(sim: simulator.SimServer) -> None:
+    scenario = {"http_status": 404, "error_body": "string",
+                "error_message": 'Model "nope" not found'}
+    async with LMStudioClient(sim.base_url) as client:
+        with pytest.raises(ModelNotFound) as info:
+            await client.stream_chat("Hi", model="nope", sim=scenario).collect()
+    assert info.value.status == 404 and info.value.model == "nope"
+    assert "lmstream models" in str(info.value)
+
+
+async def test_unknown_model_id_400(sim: simulator.SimServer) -> None:
+    async with LMStudioClient(sim.base_url) as client:
+        with pytest.raises(ModelNotFound) as info:
+            await client.stream_chat("Hi", model="no-such-model").collect()
+    assert info.value.status == 400
+    assert "Invalid model identifier" in (info.value.server_message or "")
+
+
+async def test_no_model_loaded(sim: simulator.SimServer) -> None:
+    async with LMStudioClient(sim.base_url) as client:
+        with pytest.raises(ModelNotLoaded) as info:
+            await client.stream_chat("Hi", model=MODEL, sim={"no_model": True}).collect()
+    assert "lms load" in str(info.value)
+
+
+async def test_400_with_string_error_carries_server_message(sim: simulator.SimServer) -> None:
+    scenario = {"http_status": 400, "error_body": "string", "error_message": "Bad temperature"}
+    async with LMStudioClient(sim.base_url) as client:
+        with pytest.raises(HTTPStatusError) as info:
+            await client.stream_chat("Hi", model=MODEL, sim=scenario).collect()
+    assert type(info.value) is HTTPStatusError
+    assert info.value.status == 400 and info.value.server_message == "Bad temperature"
+    assert "Bad temperature" in str(info.value) and sim.base_url in str(info.value)
+
+
+@pytest.mark.parametrize("error_body", ["object", "html", "empty"])
+async def test_500_bodies(sim: simulator.SimServer, error_body: str) -> None:
+    scenario = {"http_status": 500, "error_body": error_body, "error_message": "Engine crashed"}
+    async with LMStudioClient(sim.base_url) as client:
+        with pytest.raises(HTTPStatusError) as info:
+            await client.stream_chat("Hi", model=MODEL, sim=scenario).collect()
+    err = info.value
+    assert err.status == 500
+    if error_body == "empty":
+        assert err.server_message is None and "no message" in str(err)
+    else:
+        assert "Engine crashed" in (err.server_message or "")
+        assert "<" not in (err.server_message or "")
+
+
+async def test_503_is_retried_then_reported(sim: simulator.SimServer) -> None:
+    before = len(sim.records())
+    async with LMStudioClient(sim.base_url, retries=FAST_RETRIES) as client:
+        with pytest.raises(HTTPStatusError) as info:
+            await client.stream_chat("Hi", model=MODEL, sim={"http_status": 503}).collect()
+    assert info.value.status == 503
+    assert len(sim.records()) - before == 1 + FAST_RETRIES.attempts
+
+
+async def test_400_is_not_retried(sim: simulator.SimServer) -> None:
+    before = len(sim.records())
+    async with LMStudioClient(sim.base_url, retries=FAST_RETRIES) as client:
+        with pytest.raises(HTTPStatusError):
+            await client.stream_chat("Hi", model=MODEL, sim={"http_status": 400}).collect()
+    assert len(sim.records()) - before == 1
+
+
+async def test_wrong_path_200_string_error(sim: simulator.SimServer) -> None:
+    root = sim.base_url.removesuffix("/v1")
+    async with LMStudioClient(root) as client:
+        with pytest.raises(HTTPStatusError) as info:
+            await client.stream_chat("Hi", model=MODEL).collect()
+    assert "Unexpected endpoint" in (info.value.server_message or "")
+    assert "/v1" in str(info.value)
+
+
+async def test_non_sse_content_type(sim: simulator.SimServer) -> None:
+    async with LMStudioClient(sim.base_url) as client:
+        with pytest.raises(ProtocolError) as info:
+            await client.stream_chat("Hi", model=MODEL, sim={"content_type": "text/html"}).collect()
+    assert "text/html" in str(info.value) and "event stream" in str(info.value)
+
+
+async def test_authentication(sim: simulator.SimServer) -> None:
+    with simulator.serve(profile="test-fast", api_key="s3cret-token") as locked:
+        async with LMStudioClient(locked.base_url) as client:
+            with pytest.raises(AuthenticationError) as info:
+                await client.stream_chat("Hi", model=MODEL).collect()
+        assert info.value.status == 401 and "LMSTREAM_API_KEY" in str(info.value)
+        async with LMStudioClient(locked.base_url, api_key="s3cret-token") as client:
+            assert "s3cret" not in repr(client)
+            done = await client.stream_chat("Hi", model=MODEL).collect()
+    assert done.finish_reason == "stop"
+
+
+async def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMSTREAM_API_KEY", "from-env")
+    with simulator.serve(profile="test-fast", api_key="from-env") as locked:
+        monkeypatch.setenv("LMSTREAM_BASE_URL", locked.base_url)
+        async with LMStudioClient() as client:
+            assert client.base_url == locked.base_url
+            assert await client.list_models()
+
+
+async def test_first_token_timeout_is_not_retried(sim: simulator.SimServer) -> None:
+    before = len(sim.records())
+    budgets = Budgets(first_token=0.3, idle=5)
+    async with LMStudioClient(sim.base_url, budgets=budgets, retries=FAST_RETRIES) as client:
+        with pytest.raises(FirstTokenTimeout) as info:
+            await client.stream_chat(
+                "x" * 400, model=MODEL, sim={"prefill_tps": 10}
+            ).collect()
+    assert info.value.budget == 0.3 and "first_token_timeout" in str(info.value)
+    assert len(sim.records()) - before == 1
+
+
+# -- failures after text has arrived: partial text is kept -------------------------------------
+
+
+async def expect_partial(
+    sim: simulator.SimServer, error: type[Exception], scenario: dict[str, Any], tokens: int,
+    budgets: Budgets | None = None,
+) -> Any:
+    async with LMStudioClient(sim.base_url, budgets=budgets, retries=FAST_RETRIES) as client:
+        stream = client.stream_chat("Tell me", model=MODEL, sim=scenario)
+        seen: list[str] = []
+        with pytest.raises(error) as info:
+            async with stream:
+                async for event in stream:
+                    if isinstance(event, TextDelta):
+                        seen.append(event.content)
+    assert len(seen) == tokens
+    assert info.value.partial_text == "".join(seen) == stream.text  # type: ignore[attr-defined]
+    assert len(requests_for(sim, stream.response_id)) == 1, "never retried after text"
+    return info.value
+
+
+async def test_connection_reset_mid_stream_keeps_partial_text(sim: simulator.SimServer) -> None:
+    err = await expect_partial(sim, StreamInterrupted, {"disconnect_at": 5}, 5)
+    assert ".partial_text" in str(err)
+
+
+async def test_stream_without_done_is_interrupted(sim: simulator.SimServer) -> None:
+    err = await expect_partial(sim, StreamInterrupted, {"end_at": 6}, 6)
+    assert "without a finish signal" in str(err)
+
+
+async def test_malformed_json_line_is_named(sim: simulator.SimServer) -> None:
+    err = await expect_partial(sim, ProtocolError, {"malformed_at": 3}, 3)
+    assert err.line == '{"id": broken' and '{"id": broken' in str(err)
+
+
+async def test_in_stream_error_object(sim: simulator.SimServer) -> None:
+    err = await expect_partial(sim, ServerStreamError, {"error_at": 4}, 4)
+    assert err.server_message == "Compute error." and "Compute error." in str(err)
+
+
+async def test_stall_longer_than_idle_budget(sim: simulator.SimServer) -> None:
+    budgets = Budgets(first_token=10, idle=0.3)
+    err = await expect_partial(
+        sim, StreamStalled, {"stall_at": 3, "stall_s": 30}, 3, budgets=budgets
+    )
+    assert err.budget == 0.3 and "idle_timeout" in str(err)
+
+
+async def test_stall_shorter_than_idle_budget_is_fine(sim: simulator.SimServer) -> None:
+    async with LMStudioClient(sim.base_url, idle_timeout=2.0) as client:
+        done = await client.stream_chat(
+            "Hi", model=MODEL, sim={"stall_at": 3, "stall_s": 0.3, "output_tokens": 6}
+        ).collect()
+    assert done.finish_reason == "stop"
+
+
+# -- cancellation closes the response and the server stops -------------------------------------
+
+
+async def wait_disconnected(sim: simulator.SimServer, response_id: str | None) -> Any:
+    record = await asyncio.to_thread(
+        sim.wait_for,
+        lambda r: r.id == response_id and r.outcome == "client_disconnected",
+        5.0,
+    )
+    assert record.sent_tokens < record.planned_tokens
+    return record
+
+
+async def test_breaking_out_of_the_loop_stops_generation(sim: simulator.SimServer) -> None:
+    async with LMStudioClient(sim.base_url) as client:
+        stream = client.stream_chat("Long", model=MODEL, sim={"output_tokens": 5000})
+        async with stream:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    break
+        await wait_disconnected(sim, stream.response_id)
+
+
+async def test_cancelling_the_task_stops_generation(sim: simulator.SimServer) -> None:
+    got_text = asyncio.Event()
+    async with LMStudioClient(sim.base_url) as client:
+        stream = client.stream_chat("Long", model=MODEL, sim={"output_tokens": 5000})
+
+        async def consume() -> None:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    got_text.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(got_text.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        record = await wait_disconnected(sim, stream.response_id)
+    assert record.disconnect_phase == "generation"
+    assert stream.text, "the text received before the cancel is still there"
+
+
+async def test_idle_budget_does_not_count_consumer_time(sim: simulator.SimServer) -> None:
+    async with LMStudioClient(sim.base_url, idle_timeout=0.2) as client:
+        stream = client.stream_chat("Hi", model=MODEL, sim={"output_tokens": 3})
+        async with stream:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    await asyncio.sleep(0.3)  # slow consumer, not a slow server
+    assert stream.finished is not None and stream.finished.finish_reason == "stop"

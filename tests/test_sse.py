@@ -1,0 +1,291 @@
+"""The sans-IO decoders against the WHATWG event-stream rules and the chat-chunk variants."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmstream_nb._events import ReasoningDelta, TextDelta
+from lmstream_nb._sse import (
+    ChatStreamDecoder,
+    NotJSON,
+    ServerReported,
+    ServerSentEvent,
+    SSEDecoder,
+    error_message_of,
+)
+
+
+def decode(*chunks: bytes) -> list[ServerSentEvent]:
+    decoder = SSEDecoder()
+    events: list[ServerSentEvent] = []
+    for chunk in chunks:
+        events.extend(decoder.feed(chunk))
+    return events
+
+
+def datas(*chunks: bytes) -> list[str]:
+    return [e.data for e in decode(*chunks)]
+
+
+# -- line endings ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nl", [b"\n", b"\r\n", b"\r"])
+def test_each_line_ending_splits_lines(nl: bytes) -> None:
+    body = b"data: a" + nl + nl + b"data: b" + nl + nl
+    assert datas(body) == ["a", "b"]
+
+
+def test_crlf_split_across_reads_is_one_line_ending() -> None:
+    assert datas(b"data: a\r", b"\n\r", b"\ndata: b\r\n\r\n") == ["a", "b"]
+
+
+def test_cr_then_cr_is_two_line_endings() -> None:
+    assert datas(b"data: a\r", b"\r") == ["a"]
+
+
+def test_unicode_line_separators_do_not_split_lines() -> None:
+    # U+2028, U+0085 and U+000B are ordinary characters in an event stream.
+    value = "a\u2028b\u0085c\x0bd"
+    assert datas(f"data: {value}\n\n".encode()) == [value]
+
+
+# -- BOM and UTF-8 --------------------------------------------------------------------------
+
+
+def test_leading_bom_is_dropped() -> None:
+    assert datas(b"\xef\xbb\xbfdata: a\n\n") == ["a"]
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_leading_bom_split_across_reads_is_dropped(split: int) -> None:
+    body = b"\xef\xbb\xbfdata: a\n\n"
+    assert datas(body[:split], body[split:]) == ["a"]
+
+
+def test_only_one_bom_is_dropped() -> None:
+    events = decode(b"\xef\xbb\xbf\xef\xbb\xbfdata: a\n\n")
+    # The second BOM makes the field name "\ufeffdata", which is not a known field.
+    assert events == []
+
+
+def test_multibyte_character_split_inside() -> None:
+    body = "data: café → 🙂\n\n".encode()
+    cut = body.index("🙂".encode()) + 2
+    assert datas(body[:cut], body[cut:]) == ["café → 🙂"]
+
+
+def test_invalid_utf8_is_replaced_not_fatal() -> None:
+    assert datas(b"data: a\xffb\n\n") == ["a\ufffdb"]
+
+
+# -- fields ---------------------------------------------------------------------------------
+
+
+def test_comments_and_keepalives_are_ignored() -> None:
+    assert datas(b": ping\n\n:\n\ndata: a\n\n: ping\n\n") == ["a"]
+
+
+def test_data_with_and_without_space() -> None:
+    assert datas(b"data:a\n\ndata: b\n\ndata:  c\n\n") == ["a", "b", " c"]
+
+
+def test_multiline_data_joins_with_lf() -> None:
+    assert datas(b"data: a\ndata:\ndata: b\n\n") == ["a\n\nb"]
+
+
+def test_field_without_colon() -> None:
+    assert datas(b"data\n\n") == [""]
+
+
+def test_event_id_retry_fields() -> None:
+    events = decode(b"event: error\nid: 7\nretry: 1500\ndata: x\n\ndata: y\n\n")
+    assert events[0] == ServerSentEvent("error", "x", "7", 1500)
+    # The event type resets per event; the last event id and retry persist.
+    assert events[1] == ServerSentEvent("message", "y", "7", 1500)
+
+
+def test_id_with_nul_and_non_numeric_retry_are_ignored() -> None:
+    events = decode(b"id: a\0b\nretry: 1x\ndata: x\n\n")
+    assert events == [ServerSentEvent("message", "x", "", None)]
+
+
+def test_blank_event_without_data_is_not_dispatched() -> None:
+    assert decode(b"event: ping\n\n\n\nid: 3\n\n") == []
+
+
+def test_unfinished_event_at_end_is_not_dispatched() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: a\n\ndata: b\n") == [ServerSentEvent("message", "a", "", None)]
+    assert decoder.has_partial_event
+
+
+def test_one_mebibyte_data_line_in_small_reads() -> None:
+    value = "x" * (1 << 20)
+    body = f"data: {value}\n\n".encode()
+    chunks = [body[i : i + 1000] for i in range(0, len(body), 1000)]
+    assert datas(*chunks) == [value]
+
+
+# -- re-chunking property -------------------------------------------------------------------
+
+_lines = st.lists(
+    st.one_of(
+        st.builds(lambda s: "data: " + s, st.text(max_size=12)),
+        st.builds(lambda s: "data:" + s, st.text(max_size=5)),
+        st.sampled_from(["", "", ": ping", "event: error", "id: 4", "retry: 10", "data"]),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=_lines,
+    newline=st.sampled_from(["\n", "\r\n", "\r"]),
+    bom=st.booleans(),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=30),
+)
+def test_any_rechunking_yields_the_same_events(
+    lines: list[str], newline: str, bom: bool, cuts: list[int]
+) -> None:
+    # Text may hold CR/LF itself: keep generated values on one line each.
+    body = newline.join(line.replace("\r", "").replace("\n", "") for line in lines) + newline
+    raw = (b"\xef\xbb\xbf" if bom else b"") + body.encode()
+    whole = decode(raw)
+    points = sorted({c for c in cuts if c < len(raw)})
+    pieces = [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)], strict=True)]
+    assert decode(*pieces) == whole
+    byte_by_byte = [raw[i : i + 1] for i in range(len(raw))]
+    assert decode(*byte_by_byte) == whole
+
+
+def _chunk(content: str | None = None, **delta_extra: object) -> bytes:
+    delta: dict[str, object] = {"role": "assistant"}
+    if content is not None:
+        delta["content"] = content
+    delta.update(delta_extra)
+    obj = {
+        "id": "chatcmpl-x", "object": "chat.completion.chunk", "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+    }
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    pieces=st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=15),
+    cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=40),
+)
+def test_chat_decoder_rechunking_yields_same_text(pieces: list[str], cuts: list[int]) -> None:
+    raw = b"".join(_chunk(p) for p in pieces) + b"data: [DONE]\n\n"
+    points = sorted({c for c in cuts if c < len(raw)})
+    decoder = ChatStreamDecoder()
+    seen: list[str] = []
+    for a, b in zip([0, *points], [*points, len(raw)], strict=True):
+        seen.extend(e.content for e in decoder.feed(raw[a:b]))
+    assert seen == pieces
+    assert decoder.text == "".join(pieces)
+    assert decoder.done
+    assert decoder.text_chars == len("".join(pieces))
+
+
+# -- chat chunks ----------------------------------------------------------------------------
+
+
+def test_chat_variants_role_only_null_content_usage_and_reasoning() -> None:
+    dec = ChatStreamDecoder()
+    events = dec.feed(
+        _chunk(None)  # openai / llama.cpp opener without text
+        + _chunk(content=None, reasoning_content="think ")
+        + _chunk(content=None, reasoning="more ")
+        + _chunk("Hel")
+        + _chunk("lo")
+        + b'data: {"id":"chatcmpl-x","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+        + b'data: {"id":"chatcmpl-x","choices":[],"usage":{"prompt_tokens":3,'
+        b'"completion_tokens":2},"timings":{"predicted_per_second":9.5},"unknown":1}\n\n'
+        + b"data:[DONE]\n\n"
+    )
+    assert events == [
+        ReasoningDelta("think "), ReasoningDelta("more "), TextDelta("Hel"), TextDelta("lo")
+    ]
+    assert (dec.text, dec.reasoning, dec.finish_reason) == ("Hello", "think more ", "stop")
+    assert dec.usage == {"prompt_tokens": 3, "completion_tokens": 2}
+    assert dec.timings == {"predicted_per_second": 9.5}
+    assert dec.done and dec.complete
+    assert dec.model == "m" and dec.response_id == "chatcmpl-x"
+
+
+def test_not_json_names_the_line() -> None:
+    dec = ChatStreamDecoder()
+    dec.feed(_chunk("ok"))
+    with pytest.raises(NotJSON) as info:
+        dec.feed(b'data: {"id": broken\n\n')
+    assert info.value.line == '{"id": broken'
+    assert dec.text == "ok"
+
+
+def test_json_that_is_not_an_object_is_a_protocol_violation() -> None:
+    with pytest.raises(NotJSON):
+        ChatStreamDecoder().feed(b"data: [1, 2]\n\n")
+
+
+def test_blank_data_events_are_skipped() -> None:
+    dec = ChatStreamDecoder()
+    assert dec.feed(b"data:\n\ndata:  \n\n" + _chunk("a")) == [TextDelta("a")]
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b'event: error\ndata: {"error":{"message":"Compute error."},"message":"Compute error."}\n\n',
+        b'data: {"error":{"message":"Compute error.","type":"server_error"}}\n\n',
+        b'data: {"error":"Compute error."}\n\n',
+        b"event: error\ndata: Compute error.\n\n",
+    ],
+)
+def test_error_objects_inside_the_stream(frame: bytes) -> None:
+    dec = ChatStreamDecoder()
+    dec.feed(_chunk("partial"))
+    with pytest.raises(ServerReported) as info:
+        dec.feed(frame)
+    assert info.value.message == "Compute error."
+    assert dec.text == "partial"
+
+
+def test_nothing_after_done_counts() -> None:
+    dec = ChatStreamDecoder()
+    dec.feed(_chunk("a") + b"data: [DONE]\n\n" + _chunk("b"))
+    assert dec.text == "a"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"error": "plain"}, "plain"),
+        ({"error": {"message": "nested", "type": "x"}}, "nested"),
+        ({"message": "top"}, "top"),
+        ({"detail": "fastapi"}, "fastapi"),
+        ({"error": {}}, None),
+        ([1], None),
+    ],
+)
+def test_error_message_shapes(body: object, message: str | None) -> None:
+    assert error_message_of(body) == message
+
+
+def test_whole_completion_object() -> None:
+    dec = ChatStreamDecoder()
+    events = dec.feed_completion({
+        "id": "chatcmpl-y", "model": "m",
+        "choices": [{"message": {"role": "assistant", "content": "Hi!", "reasoning_content": "r"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2},
+    })
+    assert events == [ReasoningDelta("r"), TextDelta("Hi!")]
+    assert dec.complete and dec.text == "Hi!" and dec.usage == {"prompt_tokens": 1,
+                                                                 "completion_tokens": 2}
