@@ -33,6 +33,7 @@ from ._events import (
     StreamStarted,
     TextDelta,
 )
+from ._sync import SyncChatStream, SyncLMStudioClient
 
 __version__ = "0.1.0"
 
@@ -63,6 +64,8 @@ __all__ = [
     "StreamInterrupted",
     "StreamStalled",
     "StreamStarted",
+    "SyncChatStream",
+    "SyncLMStudioClient",
     "TemplateError",
     "TextDelta",
     "UnknownVariables",

@@ -68,6 +68,10 @@ class SyncChatStream:
         return self._stream.reasoning
 
     @property
+    def response_id(self) -> str | None:
+        return self._stream.response_id
+
+    @property
     def finished(self) -> StreamFinished | None:
         return self._stream.finished
 

@@ -367,14 +367,28 @@ async def _cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_sim(args: argparse.Namespace, err: TextIO) -> int:
-    config = simulator.config_from_cli(args)
+    try:
+        config = simulator.config_from_cli(args)
+    except ValueError as exc:
+        err.write(f"lmstream sim: {exc}\n")
+        return EXIT_USAGE
 
     def log(line: str) -> None:
         err.write(line + "\n")
         err.flush()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        simulator.run(config, log=log)
+    def ready(base_url: str) -> None:
+        log(
+            f"LM Studio simulator (profile {config.profile}, time scale {config.time_scale:g}) "
+            f"listening on {base_url}; press Ctrl-C to stop."
+        )
+
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            simulator.run(config, log=log, on_ready=ready)
+    except OSError as exc:
+        err.write(f"lmstream sim: {exc}: pick another --port.\n")
+        return EXIT_FAILED
     return EXIT_OK
 
 

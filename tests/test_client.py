@@ -48,7 +48,9 @@ async def drain(stream: ChatStream) -> list[Any]:
         return [event async for event in stream]
 
 
-def requests_for(sim: simulator.SimServer, response_id: str | None) -> list[simulator.RequestRecord]:
+def requests_for(
+    sim: simulator.SimServer, response_id: str | None
+) -> list[simulator.RequestRecord]:
     return [r for r in sim.records() if r.id == response_id]
 
 
@@ -61,17 +63,22 @@ async def test_streams_text_events_and_stats(sim: simulator.SimServer) -> None:
         events = await drain(stream)
         blocking = await client.complete("Hello there", model=MODEL, sim={"output_tokens": 20})
     assert isinstance(events[0], StreamStarted)
-    assert events[0].model == MODEL and len(events[0].request_id) == 32
+    assert events[0].model == MODEL
+    assert len(events[0].request_id) == 32
     deltas = [e for e in events if isinstance(e, TextDelta)]
     assert len(deltas) == 20
     finished = events[-1]
     assert isinstance(finished, StreamFinished)
     assert finished.finish_reason == "stop"
-    assert finished.model == MODEL and (finished.response_id or "").startswith("chatcmpl-")
+    assert finished.model == MODEL
+    assert (finished.response_id or "").startswith("chatcmpl-")
     stats = finished.stats
-    assert stats.completion_tokens == 20 and (stats.prompt_tokens or 0) > 0
-    assert stats.ttft_s is not None and 0 < stats.ttft_s <= stats.duration_s
-    assert (stats.tokens_per_s or 0) > 0 and stats.chunks >= 20
+    assert stats.completion_tokens == 20
+    assert (stats.prompt_tokens or 0) > 0
+    assert stats.ttft_s is not None
+    assert 0 < stats.ttft_s <= stats.duration_s
+    assert (stats.tokens_per_s or 0) > 0
+    assert stats.chunks >= 20
     assert stream.text == "".join(d.content for d in deltas)
     assert stats.text_chars == len(stream.text)
     assert blocking.text == stream.text, "same seed and prompt: same text either way"
@@ -94,7 +101,9 @@ async def test_reasoning_arrives_separately(sim: simulator.SimServer) -> None:
         events = await drain(stream)
     kinds = [type(e).__name__ for e in events if isinstance(e, TextDelta | ReasoningDelta)]
     assert kinds == ["ReasoningDelta"] * 6 + ["TextDelta"] * 4
-    assert stream.reasoning and stream.text and stream.reasoning not in stream.text
+    assert stream.reasoning
+    assert stream.text
+    assert stream.reasoning not in stream.text
 
 
 @pytest.mark.parametrize("dialect", ["openai", "llamacpp"])
@@ -113,7 +122,8 @@ async def test_line_endings_and_bom_end_to_end(sim: simulator.SimServer, line_en
         odd = await client.stream_chat(
             "Hi", model=MODEL, sim={"output_tokens": 9, "line_ending": line_ending, "bom": True}
         ).collect()
-    assert odd.text == plain.text and odd.finish_reason == "stop"
+    assert odd.text == plain.text
+    assert odd.finish_reason == "stop"
 
 
 async def test_keepalive_comments_during_prompt_processing(sim: simulator.SimServer) -> None:
@@ -122,7 +132,8 @@ async def test_keepalive_comments_during_prompt_processing(sim: simulator.SimSer
             "x" * 400, model=MODEL,
             sim={"prefill_tps": 500, "ping_s": 0.02, "output_tokens": 3},
         ).collect()
-    assert done.finish_reason == "stop" and done.text
+    assert done.finish_reason == "stop"
+    assert done.text
 
 
 async def test_one_mebibyte_data_line(sim: simulator.SimServer) -> None:
@@ -130,7 +141,8 @@ async def test_one_mebibyte_data_line(sim: simulator.SimServer) -> None:
         done = await client.stream_chat(
             "Big", model=MODEL, sim={"output_tokens": 2, "chunk_chars": 1 << 20}
         ).collect()
-    assert len(done.text) == 2 << 20 and done.finish_reason == "stop"
+    assert len(done.text) == 2 << 20
+    assert done.finish_reason == "stop"
 
 
 async def test_first_token_later_than_idle_budget_succeeds(sim: simulator.SimServer) -> None:
@@ -142,7 +154,8 @@ async def test_first_token_later_than_idle_budget_succeeds(sim: simulator.SimSer
             "y" * 400, model=MODEL, sim={"prefill_tps": 200, "output_tokens": 5}
         ).collect()
     assert done.finish_reason == "stop"
-    assert done.stats.ttft_s is not None and done.stats.ttft_s > 0.2
+    assert done.stats.ttft_s is not None
+    assert done.stats.ttft_s > 0.2
 
 
 async def test_eight_concurrent_streams_never_mix(sim: simulator.SimServer) -> None:
@@ -166,7 +179,8 @@ async def test_server_ignoring_stream_true_is_tolerated(sim: simulator.SimServer
         stream = client.stream_chat("Hi", model=MODEL, stream=False, sim={"output_tokens": 4})
         events = await drain(stream)
     assert sum(isinstance(e, TextDelta) for e in events) == 1
-    assert events[-1].finish_reason == "stop" and stream.text
+    assert events[-1].finish_reason == "stop"
+    assert stream.text
 
 
 # -- failures before any text ---------------------------------------------------------------
@@ -180,7 +194,8 @@ async def test_unreachable_server_names_url_and_what_to_do() -> None:
         with pytest.raises(ServerUnreachable):
             await client.list_models()
     message = str(info.value)
-    assert url in message and "Start Server" in message
+    assert url in message
+    assert "Start Server" in message
     assert info.value.url == url
 
 
@@ -203,7 +218,8 @@ async def test_model_not_found_404(sim: simulator.SimServer) -> None:
     async with LMStudioClient(sim.base_url) as client:
         with pytest.raises(ModelNotFound) as info:
             await client.stream_chat("Hi", model="nope", sim=scenario).collect()
-    assert info.value.status == 404 and info.value.model == "nope"
+    assert info.value.status == 404
+    assert info.value.model == "nope"
     assert "lmstream models" in str(info.value)
 
 
@@ -228,8 +244,10 @@ async def test_400_with_string_error_carries_server_message(sim: simulator.SimSe
         with pytest.raises(HTTPStatusError) as info:
             await client.stream_chat("Hi", model=MODEL, sim=scenario).collect()
     assert type(info.value) is HTTPStatusError
-    assert info.value.status == 400 and info.value.server_message == "Bad temperature"
-    assert "Bad temperature" in str(info.value) and sim.base_url in str(info.value)
+    assert info.value.status == 400
+    assert info.value.server_message == "Bad temperature"
+    assert "Bad temperature" in str(info.value)
+    assert sim.base_url in str(info.value)
 
 
 @pytest.mark.parametrize("error_body", ["object", "html", "empty"])
@@ -241,7 +259,8 @@ async def test_500_bodies(sim: simulator.SimServer, error_body: str) -> None:
     err = info.value
     assert err.status == 500
     if error_body == "empty":
-        assert err.server_message is None and "no message" in str(err)
+        assert err.server_message is None
+        assert "no message" in str(err)
     else:
         assert "Engine crashed" in (err.server_message or "")
         assert "<" not in (err.server_message or "")
@@ -277,7 +296,8 @@ async def test_non_sse_content_type(sim: simulator.SimServer) -> None:
     async with LMStudioClient(sim.base_url) as client:
         with pytest.raises(ProtocolError) as info:
             await client.stream_chat("Hi", model=MODEL, sim={"content_type": "text/html"}).collect()
-    assert "text/html" in str(info.value) and "event stream" in str(info.value)
+    assert "text/html" in str(info.value)
+    assert "event stream" in str(info.value)
 
 
 async def test_authentication(sim: simulator.SimServer) -> None:
@@ -285,7 +305,8 @@ async def test_authentication(sim: simulator.SimServer) -> None:
         async with LMStudioClient(locked.base_url) as client:
             with pytest.raises(AuthenticationError) as info:
                 await client.stream_chat("Hi", model=MODEL).collect()
-        assert info.value.status == 401 and "LMSTREAM_API_KEY" in str(info.value)
+        assert info.value.status == 401
+        assert "LMSTREAM_API_KEY" in str(info.value)
         async with LMStudioClient(locked.base_url, api_key="s3cret-token") as client:
             assert "s3cret" not in repr(client)
             done = await client.stream_chat("Hi", model=MODEL).collect()
@@ -309,7 +330,8 @@ async def test_first_token_timeout_is_not_retried(sim: simulator.SimServer) -> N
             await client.stream_chat(
                 "x" * 400, model=MODEL, sim={"prefill_tps": 10}
             ).collect()
-    assert info.value.budget == 0.3 and "first_token_timeout" in str(info.value)
+    assert info.value.budget == 0.3
+    assert "first_token_timeout" in str(info.value)
     assert len(sim.records()) - before == 1
 
 
@@ -323,11 +345,15 @@ async def expect_partial(
     async with LMStudioClient(sim.base_url, budgets=budgets, retries=FAST_RETRIES) as client:
         stream = client.stream_chat("Tell me", model=MODEL, sim=scenario)
         seen: list[str] = []
-        with pytest.raises(error) as info:
+
+        async def consume() -> None:
             async with stream:
                 async for event in stream:
                     if isinstance(event, TextDelta):
                         seen.append(event.content)
+
+        with pytest.raises(error) as info:
+            await consume()
     assert len(seen) == tokens
     assert info.value.partial_text == "".join(seen) == stream.text  # type: ignore[attr-defined]
     assert len(requests_for(sim, stream.response_id)) == 1, "never retried after text"
@@ -346,12 +372,14 @@ async def test_stream_without_done_is_interrupted(sim: simulator.SimServer) -> N
 
 async def test_malformed_json_line_is_named(sim: simulator.SimServer) -> None:
     err = await expect_partial(sim, ProtocolError, {"malformed_at": 3}, 3)
-    assert err.line == '{"id": broken' and '{"id": broken' in str(err)
+    assert err.line == '{"id": broken'
+    assert '{"id": broken' in str(err)
 
 
 async def test_in_stream_error_object(sim: simulator.SimServer) -> None:
     err = await expect_partial(sim, ServerStreamError, {"error_at": 4}, 4)
-    assert err.server_message == "Compute error." and "Compute error." in str(err)
+    assert err.server_message == "Compute error."
+    assert "Compute error." in str(err)
 
 
 async def test_stall_longer_than_idle_budget(sim: simulator.SimServer) -> None:
@@ -359,7 +387,8 @@ async def test_stall_longer_than_idle_budget(sim: simulator.SimServer) -> None:
     err = await expect_partial(
         sim, StreamStalled, {"stall_at": 3, "stall_s": 30}, 3, budgets=budgets
     )
-    assert err.budget == 0.3 and "idle_timeout" in str(err)
+    assert err.budget == 0.3
+    assert "idle_timeout" in str(err)
 
 
 async def test_stall_shorter_than_idle_budget_is_fine(sim: simulator.SimServer) -> None:
@@ -420,4 +449,5 @@ async def test_idle_budget_does_not_count_consumer_time(sim: simulator.SimServer
             async for event in stream:
                 if isinstance(event, TextDelta):
                     await asyncio.sleep(0.3)  # slow consumer, not a slow server
-    assert stream.finished is not None and stream.finished.finish_reason == "stop"
+    assert stream.finished is not None
+    assert stream.finished.finish_reason == "stop"

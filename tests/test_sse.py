@@ -216,8 +216,10 @@ def test_chat_variants_role_only_null_content_usage_and_reasoning() -> None:
     assert (dec.text, dec.reasoning, dec.finish_reason) == ("Hello", "think more ", "stop")
     assert dec.usage == {"prompt_tokens": 3, "completion_tokens": 2}
     assert dec.timings == {"predicted_per_second": 9.5}
-    assert dec.done and dec.complete
-    assert dec.model == "m" and dec.response_id == "chatcmpl-x"
+    assert dec.done
+    assert dec.complete
+    assert dec.model == "m"
+    assert dec.response_id == "chatcmpl-x"
 
 
 def test_not_json_names_the_line() -> None:
@@ -242,7 +244,8 @@ def test_blank_data_events_are_skipped() -> None:
 @pytest.mark.parametrize(
     "frame",
     [
-        b'event: error\ndata: {"error":{"message":"Compute error."},"message":"Compute error."}\n\n',
+        b'event: error\ndata: {"error":{"message":"Compute error."},'
+        b'"message":"Compute error."}\n\n',
         b'data: {"error":{"message":"Compute error.","type":"server_error"}}\n\n',
         b'data: {"error":"Compute error."}\n\n',
         b"event: error\ndata: Compute error.\n\n",
@@ -287,5 +290,7 @@ def test_whole_completion_object() -> None:
         "usage": {"prompt_tokens": 1, "completion_tokens": 2},
     })
     assert events == [ReasoningDelta("r"), TextDelta("Hi!")]
-    assert dec.complete and dec.text == "Hi!" and dec.usage == {"prompt_tokens": 1,
+    assert dec.complete
+    assert dec.text == "Hi!"
+    assert dec.usage == {"prompt_tokens": 1,
                                                                  "completion_tokens": 2}

@@ -1,0 +1,34 @@
+"""A local server that imitates LM Studio's HTTP API, for tests, demos and benchmarks.
+
+It serves ``/v1/models``, ``/api/v0/models``, ``/v1/chat/completions`` and
+``/api/v0/chat/completions`` with LM Studio's bodies, headers, stream framing and error shapes,
+at the speed of a chosen hardware profile, with deterministic text, and with faults (stalls,
+dropped connections, error frames, broken lines, wrong content types) that a client must survive.
+It is an independent implementation of the wire format: it imports nothing from the rest of
+``lmstream_nb``.
+
+    from lmstream_nb import simulator
+
+    with simulator.serve(profile="test-fast") as sim:
+        ...  # point a client at sim.base_url, then inspect sim.records()
+
+A request can change its own scenario by adding ``"sim": {...}`` to its JSON body, with any
+:class:`Scenario` field, e.g. ``{"sim": {"disconnect_at": 5}}``.
+"""
+
+from ._cli import add_cli_arguments, config_from_cli
+from ._records import RequestRecord
+from ._scenario import PROFILES, Scenario, SimConfig
+from ._server import SimServer, run, serve
+
+__all__ = [
+    "PROFILES",
+    "RequestRecord",
+    "Scenario",
+    "SimConfig",
+    "SimServer",
+    "add_cli_arguments",
+    "config_from_cli",
+    "run",
+    "serve",
+]

@@ -1,0 +1,61 @@
+"""The blocking facade: same events and errors, usable where an event loop already runs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from lmstream_nb import (
+    StreamFinished,
+    StreamInterrupted,
+    SyncLMStudioClient,
+    TextDelta,
+    simulator,
+)
+
+MODEL = "lmstream-sim-8b"
+
+
+def test_sync_stream_and_complete(sim: simulator.SimServer) -> None:
+    with SyncLMStudioClient(sim.base_url) as client:
+        assert MODEL in client.list_models()
+        with client.stream_chat("Hi", model=MODEL, sim={"output_tokens": 12}) as stream:
+            events = list(stream)
+        blocking = client.complete("Hi", model=MODEL, sim={"output_tokens": 12})
+    assert sum(isinstance(e, TextDelta) for e in events) == 12
+    assert isinstance(events[-1], StreamFinished)
+    assert stream.text == blocking.text
+
+
+def test_sync_client_inside_a_running_loop(sim: simulator.SimServer) -> None:
+    """A Jupyter cell runs inside an asyncio loop; the facade must still work there."""
+
+    async def cell() -> str:
+        with SyncLMStudioClient(sim.base_url) as client:
+            return client.complete("Hi", model=MODEL, sim={"output_tokens": 5}).text
+
+    assert asyncio.run(cell())
+
+
+def test_sync_errors_keep_partial_text(sim: simulator.SimServer) -> None:
+    with SyncLMStudioClient(sim.base_url) as client:
+        stream = client.stream_chat("Hi", model=MODEL, sim={"disconnect_at": 4})
+        with pytest.raises(StreamInterrupted) as info, stream:
+            for _ in stream:
+                pass
+    assert info.value.partial_text == stream.text != ""
+
+
+def test_sync_close_mid_stream_stops_generation(sim: simulator.SimServer) -> None:
+    with SyncLMStudioClient(sim.base_url) as client:
+        stream = client.stream_chat("Hi", model=MODEL, sim={"output_tokens": 5000})
+        for event in stream:
+            if isinstance(event, TextDelta):
+                break
+        stream.close()
+        record = sim.wait_for(
+            lambda r: r.id == stream.response_id and r.outcome == "client_disconnected",
+            5.0,
+        )
+    assert record.sent_tokens < record.planned_tokens
