@@ -44,7 +44,7 @@ class Retries:
     A first-token timeout is never retried: the server would process the same prompt again.
     """
 
-    attempts: int = 3
+    attempts: int = 2
     backoff: float = 0.5
     max_backoff: float = 8.0
 

@@ -1,0 +1,247 @@
+"""The ``lmstream`` command, run as a real subprocess against in-process simulators."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from lmstream_nb import simulator
+
+MODEL = "lmstream-sim-8b"
+
+
+def lmstream(
+    *args: str, stdin: str | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lmstream_nb", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def slow_sim() -> Iterator[simulator.SimServer]:
+    """Long answers at 500 tokens/s, so a run is still streaming when we interrupt it."""
+    defaults = simulator.Scenario(output_tokens=20000)
+    with simulator.serve(profile="test-fast", defaults=defaults) as server:
+        yield server
+
+
+def test_run_streams_text_and_prints_stats(sim: simulator.SimServer) -> None:
+    result = lmstream(
+        "run",
+        "Tell me about {{topic}}",
+        "--var",
+        "topic=rivers",
+        "--base-url",
+        sim.base_url,
+        "--max-tokens",
+        "25",
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) >= 20
+    assert "finish: length" in result.stderr
+    assert "tokens/s" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_json_prints_one_event_per_line(sim: simulator.SimServer) -> None:
+    result = lmstream(
+        "run", "Hi", "--json", "--base-url", sim.base_url, "--model", MODEL, "--max-tokens", "6"
+    )
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["event"] for e in events] == ["start"] + ["text"] * 6 + ["done"]
+    assert events[-1]["stats"]["completion_tokens"] == 6
+    assert events[0]["model"] == MODEL
+
+
+def test_run_reads_template_from_stdin(sim: simulator.SimServer) -> None:
+    result = lmstream(
+        "run",
+        "-",
+        "--var",
+        "x=1",
+        "--base-url",
+        sim.base_url,
+        "--max-tokens",
+        "3",
+        stdin="Value {{ x }}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_missing_variable_is_named_and_nothing_is_sent(sim: simulator.SimServer) -> None:
+    before = len(sim.records())
+    result = lmstream("run", "{{a}} and {{b}}", "--var", "a=1", "--base-url", sim.base_url)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "b" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(sim.records()) == before
+
+
+def test_unknown_variable_is_refused(sim: simulator.SimServer) -> None:
+    result = lmstream("run", "{{a}}", "--var", "a=1", "--var", "typo=2", "--base-url", sim.base_url)
+    assert result.returncode == 2
+    assert "typo" in result.stderr
+
+
+def test_failure_keeps_partial_text_on_stdout_and_one_sentence_on_stderr() -> None:
+    defaults = simulator.Scenario(disconnect_at=7)
+    with simulator.serve(profile="test-fast", defaults=defaults) as broken:
+        result = lmstream("run", "Hi", "--base-url", broken.base_url)
+    assert result.returncode == 1
+    assert len(result.stdout.split()) >= 5, "the seven tokens received stay on stdout"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("lmstream: The stream from")
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_server_is_one_sentence() -> None:
+    result = lmstream("run", "Hi", "--base-url", "http://127.0.0.1:9/v1", "--model", MODEL)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert "http://127.0.0.1:9/v1" in result.stderr
+    assert "Start Server" in result.stderr
+
+
+def test_models_lists_the_servers_models(sim: simulator.SimServer) -> None:
+    result = lmstream("models", "--base-url", sim.base_url)
+    assert result.returncode == 0
+    assert result.stdout.split() == ["lmstream-sim-8b", "lmstream-sim-embed"]
+
+
+def test_base_url_from_environment(
+    sim: simulator.SimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LMSTREAM_BASE_URL", sim.base_url)
+    result = lmstream("models")
+    assert result.returncode == 0
+    assert MODEL in result.stdout
+
+
+def test_ctrl_c_stops_the_stream_and_closes_the_connection(slow_sim: simulator.SimServer) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lmstream_nb",
+            "run",
+            "Go",
+            "--base-url",
+            slow_sim.base_url,
+            "--model",
+            MODEL,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        assert ready, "no text within 20 s"
+        first = os.read(proc.stdout.fileno(), 100)
+        assert first
+        interrupted_at = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        record = slow_sim.wait_for(lambda r: r.outcome == "client_disconnected", 5.0)
+        _out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert record.ended_at is not None
+    assert record.ended_at - interrupted_at < 1.0
+    assert record.sent_tokens < record.planned_tokens
+    assert proc.returncode == 130
+    assert b"Ctrl-C" in err
+    assert b"Traceback" not in err
+
+
+def test_waiting_for_first_token_is_shown_on_a_terminal() -> None:
+    defaults = simulator.Scenario(prefill_tps=100, output_tokens=3)
+    with simulator.serve(profile="test-fast", defaults=defaults) as slow_prefill:
+        leader, follower = os.openpty()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lmstream_nb",
+                "run",
+                "z" * 600,
+                "--base-url",
+                slow_prefill.base_url,
+                "--model",
+                MODEL,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+        )
+        os.close(follower)
+        seen = b""
+        deadline = time.monotonic() + 20
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                ready, _, _ = select.select([leader], [], [], 0.5)
+                if ready:
+                    try:
+                        seen += os.read(leader, 4096)
+                    except OSError:
+                        break
+            proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            os.close(leader)
+    assert proc.returncode == 0
+    assert b"waiting for the first token" in seen
+
+
+def test_demo_runs_end_to_end() -> None:
+    result = lmstream("demo", "--time-scale", "0.05", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) > 50
+    assert "Stats:" in result.stderr
+    assert "Simulator stopped" in result.stderr
+
+
+def test_sim_command_serves_until_ctrl_c() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmstream_nb", "sim", "--port", "0", "--profile", "test-fast"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        ready, _, _ = select.select([proc.stderr], [], [], 20)
+        assert ready
+        line = proc.stderr.readline()
+        assert "listening on http://127.0.0.1:" in line
+        base_url = line.split("listening on ")[1].split(";")[0]
+        result = lmstream("run", "Hi", "--base-url", base_url, "--max-tokens", "4")
+        assert result.returncode == 0
+        assert result.stdout.strip()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == 0
+    assert "/v1/chat/completions" in err, "one log line per request"
