@@ -262,6 +262,11 @@ class ChatStream:
     Leaving the block, breaking out of the loop, cancelling the task or Ctrl-C closes the HTTP
     response at once, so the server stops generating. ``text`` and ``reasoning`` are valid at
     any time, also after a failure (the exception carries them too).
+
+    The work happens in a separate ``_StreamRun`` whose generator never refers back to this
+    object: without that cycle, a stream abandoned mid-loop is freed at once, and the event
+    loop's async-generator finaliser closes its response right away instead of whenever the
+    garbage collector runs.
     """
 
     def __init__(
@@ -271,22 +276,10 @@ class ChatStream:
         budgets: Budgets,
         retries: Retries,
     ) -> None:
-        self._client = client
-        self._body = body
-        self._budgets = budgets
-        self._retries = retries
-        self.model: str = body["model"]
-        self.request_id = uuid.uuid4().hex
-        self._decoder = ChatStreamDecoder()
-        self._response: httpx.Response | None = None
-        self._raw: AsyncIterator[bytes] | None = None
-        self._started = False
-        self._t0 = 0.0
-        self._t_first: float | None = None
-        self._finished: StreamFinished | None = None
-        self._agen = self._generate()
-
-    # -- iteration ------------------------------------------------------------------------
+        self._run = _StreamRun(client, body, budgets, retries)
+        self._agen = self._run.generate()
+        self.model: str = self._run.model
+        self.request_id: str = self._run.request_id
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._agen
@@ -309,7 +302,69 @@ class ChatStream:
     ) -> None:
         await self.aclose()
 
-    # -- what has arrived ------------------------------------------------------------------
+    @property
+    def text(self) -> str:
+        return self._run._decoder.text
+
+    @property
+    def reasoning(self) -> str:
+        return self._run._decoder.reasoning
+
+    @property
+    def response_id(self) -> str | None:
+        """The server's completion id (``chatcmpl-…``), known once the first chunk arrived."""
+        return self._run._decoder.response_id
+
+    @property
+    def finished(self) -> StreamFinished | None:
+        """The final event once the stream ended normally, else None."""
+        return self._run.finished
+
+    def stats(self) -> Stats:
+        """Figures measured so far (also meaningful for a failed or cancelled stream)."""
+        run = self._run
+        return run.stats_at(asyncio.get_running_loop().time() if run.t0 else 0.0)
+
+    async def collect(self) -> Completion:
+        """Consume the whole stream and return the finished answer."""
+        async with self:
+            async for _ in self._agen:
+                pass
+        finished = self._run.finished
+        assert finished is not None
+        return Completion(
+            text=self.text,
+            reasoning=self.reasoning,
+            finish_reason=finished.finish_reason,
+            model=finished.model,
+            response_id=finished.response_id,
+            stats=finished.stats,
+        )
+
+
+class _StreamRun:
+    """The state and the work of one stream (see ChatStream for why they are apart)."""
+
+    def __init__(
+        self,
+        client: LMStudioClient,
+        body: dict[str, Any],
+        budgets: Budgets,
+        retries: Retries,
+    ) -> None:
+        self._client = client
+        self._body = body
+        self._budgets = budgets
+        self._retries = retries
+        self.model: str = body["model"]
+        self.request_id = uuid.uuid4().hex
+        self._decoder = ChatStreamDecoder()
+        self._response: httpx.Response | None = None
+        self._raw: AsyncIterator[bytes] | None = None
+        self._started = False
+        self.t0 = 0.0
+        self._t_first: float | None = None
+        self.finished: StreamFinished | None = None
 
     @property
     def text(self) -> str:
@@ -319,41 +374,11 @@ class ChatStream:
     def reasoning(self) -> str:
         return self._decoder.reasoning
 
-    @property
-    def response_id(self) -> str | None:
-        """The server's completion id (``chatcmpl-…``), known once the first chunk arrived."""
-        return self._decoder.response_id
-
-    @property
-    def finished(self) -> StreamFinished | None:
-        """The final event once the stream ended normally, else None."""
-        return self._finished
-
-    def stats(self) -> Stats:
-        """Figures measured so far (also meaningful for a failed or cancelled stream)."""
-        loop_now = asyncio.get_running_loop().time() if self._t0 else 0.0
-        return self._stats(loop_now)
-
-    async def collect(self) -> Completion:
-        """Consume the whole stream and return the finished answer."""
-        async with self:
-            async for _ in self._agen:
-                pass
-        assert self._finished is not None
-        return Completion(
-            text=self.text,
-            reasoning=self.reasoning,
-            finish_reason=self._finished.finish_reason,
-            model=self._finished.model,
-            response_id=self._finished.response_id,
-            stats=self._finished.stats,
-        )
-
     # -- the work --------------------------------------------------------------------------
 
-    def _stats(self, now: float) -> Stats:
+    def stats_at(self, now: float) -> Stats:
         dec = self._decoder
-        ttft = None if self._t_first is None else self._t_first - self._t0
+        ttft = None if self._t_first is None else self._t_first - self.t0
         usage = dec.usage or {}
         prompt_tokens = usage.get("prompt_tokens")
         completion_tokens = usage.get("completion_tokens")
@@ -364,7 +389,7 @@ class ChatStream:
                 tps = completion_tokens / gen_time
         return Stats(
             ttft_s=ttft,
-            duration_s=max(0.0, now - self._t0),
+            duration_s=max(0.0, now - self.t0),
             chunks=dec.chunks,
             text_chars=dec.text_chars,
             prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None,
@@ -374,20 +399,20 @@ class ChatStream:
 
     def _finish(self, loop: asyncio.AbstractEventLoop) -> StreamFinished:
         dec = self._decoder
-        self._finished = StreamFinished(
+        self.finished = StreamFinished(
             finish_reason=dec.finish_reason,
-            stats=self._stats(loop.time()),
+            stats=self.stats_at(loop.time()),
             model=dec.model,
             response_id=dec.response_id,
         )
-        return self._finished
+        return self.finished
 
-    async def _generate(self) -> AsyncGenerator[Event, None]:
+    async def generate(self) -> AsyncGenerator[Event, None]:
         loop = asyncio.get_running_loop()
         watchdog = _Watchdog(loop)
-        self._t0 = loop.time()
+        self.t0 = loop.time()
         if self._budgets.first_token is not None:
-            watchdog.deadline = self._t0 + self._budgets.first_token
+            watchdog.deadline = self.t0 + self._budgets.first_token
         try:
             async for event in self._until_first_token(loop, watchdog):
                 yield event

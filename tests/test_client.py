@@ -451,3 +451,18 @@ async def test_idle_budget_does_not_count_consumer_time(sim: simulator.SimServer
                     await asyncio.sleep(0.3)  # slow consumer, not a slow server
     assert stream.finished is not None
     assert stream.finished.finish_reason == "stop"
+
+
+async def test_breaking_without_async_with_still_closes(sim: simulator.SimServer) -> None:
+    """An abandoned stream is closed by the event loop's async-generator finaliser at once."""
+    response_id = None
+    async with LMStudioClient(sim.base_url) as client:
+        async for event in client.stream_chat("Long", model=MODEL, sim={"output_tokens": 5000}):
+            if isinstance(event, TextDelta):
+                break
+        record = await asyncio.to_thread(
+            sim.wait_for, lambda r: r.outcome == "client_disconnected" and r.sent_tokens < 5000,
+            5.0,
+        )
+        response_id = record.id
+    assert response_id
