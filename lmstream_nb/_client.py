@@ -58,6 +58,7 @@ Messages = Sequence[Mapping[str, Any]] | str
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _ERROR_BODY_LIMIT = 1 << 20
+_DRAIN_S = 1.0  # how long to wait for the end of the body after [DONE]
 
 
 class _Unset(enum.Enum):
@@ -224,14 +225,14 @@ class _Watchdog:
         self.waiting = True
         self.task = asyncio.current_task()
         if self.handle is None and self.deadline != math.inf:
-            self.handle = self.loop.call_at(self.deadline, self._check)
+            self.handle = self.loop.call_at(self.deadline, self.check)
 
-    def _check(self) -> None:
+    def check(self) -> None:
         self.handle = None
         if not self.waiting or self.deadline == math.inf:
             return  # re-armed by the next enter()
         if self.loop.time() < self.deadline:
-            self.handle = self.loop.call_at(self.deadline, self._check)
+            self.handle = self.loop.call_at(self.deadline, self.check)
             return
         self.fired = True
         if self.task is not None:
@@ -421,12 +422,20 @@ class _StreamRun:
             assert raw is not None
             read = raw.__anext__
             idle = self._budgets.idle
-            watchdog.move_deadline(math.inf if idle is None else loop.time() + idle)
+            now = loop.time
+            current_task = asyncio.current_task
+            watchdog.move_deadline(math.inf if idle is None else now() + idle)
+            ended = False
             while not dec.done:
-                watchdog.enter()
+                # watchdog.enter(), inlined: this loop runs once per chunk.
+                watchdog.waiting = True
+                watchdog.task = current_task()
+                if watchdog.handle is None and idle is not None:
+                    watchdog.handle = loop.call_at(watchdog.deadline, watchdog.check)
                 try:
                     chunk = await read()
                 except StopAsyncIteration:
+                    ended = True
                     break
                 finally:
                     watchdog.waiting = False
@@ -435,9 +444,21 @@ class _StreamRun:
                     for event in events:
                         yield event
                     if idle is not None:
-                        watchdog.deadline = loop.time() + idle
+                        watchdog.deadline = now() + idle
             if not dec.complete:
                 raise self._interrupted("ended without a finish signal")
+            if not ended:
+                # Read the end of the body after [DONE] so httpx can keep the connection for
+                # the next request (a closed half-read response costs a new TCP connection).
+                watchdog.move_deadline(now() + _DRAIN_S)
+                watchdog.enter()
+                try:
+                    while True:
+                        await read()
+                except StopAsyncIteration:
+                    pass
+                finally:
+                    watchdog.waiting = False
             yield self._finish(loop)
         except asyncio.CancelledError:
             if not watchdog.owns_cancellation():
@@ -525,8 +546,13 @@ class _StreamRun:
         if not self._started:
             self._started = True
             yield StreamStarted(model=self.model, request_id=self.request_id, url=url)
-        if response.headers.get("content-encoding", "identity") == "identity":
-            self._raw = raw = response.aiter_raw()
+        stream = response.stream
+        if isinstance(stream, httpx.AsyncByteStream) and response.headers.get(
+            "content-encoding", "identity"
+        ) == "identity":
+            # The response's own byte stream, without aiter_raw's re-chunking layer: one
+            # async-generator hop less per chunk. response.aclose() still closes it.
+            self._raw = raw = stream.__aiter__()
         else:
             self._raw = raw = response.aiter_bytes()
         while True:
