@@ -191,10 +191,14 @@ def _retry_after(response: httpx.Response) -> float | None:
 class _Retryable(Exception):
     """Internal: a failure before the first token that may be retried."""
 
-    def __init__(self, error: RequestError, retry_after: float | None = None) -> None:
+    def __init__(
+        self, error: RequestError, retry_after: float | None = None, *, stale: bool = False
+    ) -> None:
         super().__init__(str(error))
         self.error = error
         self.retry_after = retry_after
+        # The server closed a kept-alive connection just as we reused it: retry at once.
+        self.stale = stale
 
 
 class _Watchdog:
@@ -488,6 +492,7 @@ class _StreamRun:
     ) -> AsyncIterator[Event]:
         """Send the request (retrying what is safe to retry) and read up to the first token."""
         attempt = 0
+        stale_retried = False
         while True:
             attempt += 1
             try:
@@ -498,6 +503,10 @@ class _StreamRun:
                 if self._response is not None:
                     await self._response.aclose()
                     self._response = None
+                if failure.stale and not stale_retried:
+                    stale_retried = True
+                    attempt -= 1
+                    continue
                 if attempt > self._retries.attempts:
                     raise failure.error from None
                 delay = self._retries.delay(attempt)
@@ -523,7 +532,9 @@ class _StreamRun:
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise _Retryable(client._unreachable(exc)) from exc
         except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as exc:
-            raise _Retryable(self._interrupted("was reset before the first token", exc)) from exc
+            raise _Retryable(
+                self._interrupted("was reset before the first token", exc), stale=True
+            ) from exc
         finally:
             watchdog.waiting = False
         if response.status_code >= 400:
@@ -795,6 +806,51 @@ class LMStudioClient:
         body.update(extra)
         return body
 
+    async def _post_with_retries(self, body: dict[str, Any], model: str) -> httpx.Response:
+        """POST a blocking request, retrying what the stream would retry before its first token."""
+        attempt = 0
+        stale_retried = False
+        while True:
+            attempt += 1
+            retry_after: float | None = None
+            try:
+                response = await self._http.post("/chat/completions", json=body)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                error: RequestError = self._unreachable(exc)
+            except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as exc:
+                if not stale_retried:  # a kept-alive connection the server had just closed
+                    stale_retried = True
+                    attempt -= 1
+                    continue
+                error = RequestError(
+                    f"The connection to {self.url} broke before an answer came "
+                    f"({type(exc).__name__}: {exc}): check that the server is still running "
+                    "and run again.",
+                    url=self.url,
+                )
+            except httpx.HTTPError as exc:
+                raise RequestError(
+                    f"The request to {self.url} failed ({type(exc).__name__}: {exc}): check "
+                    "that the server is running and run again.",
+                    url=self.url,
+                ) from exc
+            else:
+                if response.status_code not in RETRY_STATUSES:
+                    return response
+                content = response.content
+                error = _classify(
+                    status=response.status_code,
+                    message=_body_message(content, response.headers.get("content-type", "")),
+                    code=_error_code(content),
+                    url=self.url,
+                    model=model,
+                )
+                retry_after = _retry_after(response)
+            if attempt > self.retries.attempts:
+                raise error
+            delay = self.retries.delay(attempt)
+            await asyncio.sleep(delay if retry_after is None else max(delay, retry_after))
+
     async def list_models(self) -> list[str]:
         """Ids of the models the server offers (with JIT loading on: every downloaded model)."""
         try:
@@ -873,9 +929,7 @@ class LMStudioClient:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
-            response = await asyncio.wait_for(
-                self._http.post("/chat/completions", json=body), timeout
-            )
+            response = await asyncio.wait_for(self._post_with_retries(body, model), timeout)
         except asyncio.TimeoutError:
             raise RequestTimedOut(
                 f"No answer came from {self.url} within the total timeout of {timeout:g} s, "
@@ -884,14 +938,6 @@ class LMStudioClient:
                 url=self.url,
                 timeout=timeout or 0.0,
             ) from None
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise self._unreachable(exc) from exc
-        except httpx.HTTPError as exc:
-            raise RequestError(
-                f"The request to {self.url} failed ({type(exc).__name__}: {exc}): check that "
-                "the server is still running and run again.",
-                url=self.url,
-            ) from exc
         duration = loop.time() - t0
         body_bytes = response.content
         try:
