@@ -1,9 +1,14 @@
 """Every error lmstream_nb raises on purpose, in one tree.
 
-    LMStreamError
+    LMStreamError                    .run_id (set when a recorded run failed)
     ├── TemplateError
     │   ├── MissingVariables         .names
     │   └── UnknownVariables         .names
+    ├── StoreError                   .path
+    │   ├── PromptNotFound           .name, .suggestions
+    │   ├── RunNotFound              .run_id
+    │   ├── StoreUnavailable         (corrupt, foreign, newer or read-only database)
+    │   └── PromptFileError          .file, .line  (export/import files)
     └── RequestError                 .url
         ├── ServerUnreachable
         ├── RequestTimedOut          .timeout          (blocking requests only)
@@ -33,6 +38,9 @@ from collections.abc import Iterable
 
 class LMStreamError(Exception):
     """Base class of every error raised by lmstream_nb."""
+
+    #: The id of the recorded run this error ended, when there was one.
+    run_id: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +76,69 @@ class UnknownVariables(TemplateError):
             f"The template has no variable named {listed} (it uses {uses}): "
             "fix the name, or allow extra variables explicitly."
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The prompt and run database
+
+
+class StoreError(LMStreamError):
+    """The prompt database could not do what was asked; ``path`` is the database file."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class PromptNotFound(StoreError):
+    """No stored prompt has that name (or that version); close names are suggested."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        path: str,
+        suggestions: Iterable[str] = (),
+        version: int | None = None,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.suggestions = tuple(suggestions)
+        if version is not None:
+            what = f"The prompt {name!r} has no version {version}"
+            fix = f"see `lmstream prompts versions {name}` for the versions it has"
+        else:
+            what = f"No prompt is named {name!r} in {path}"
+            if self.suggestions:
+                fix = "did you mean " + " or ".join(repr(s) for s in self.suggestions) + "?"
+            else:
+                fix = "see `lmstream prompts list` for the names there are"
+        super().__init__(f"{what}: {fix}", path=path)
+
+
+class RunNotFound(StoreError):
+    """No recorded run has that id."""
+
+    def __init__(self, run_id: int, *, path: str) -> None:
+        super().__init__(
+            f"No run with id {run_id} is recorded in {path}: see `lmstream history` for the "
+            "ids there are.",
+            path=path,
+        )
+        self.run_id = run_id
+
+
+class StoreUnavailable(StoreError):
+    """The database file cannot be used: corrupt, not ours, too new, or not writable."""
+
+
+class PromptFileError(StoreError):
+    """A prompt file being imported is not valid; nothing was imported."""
+
+    def __init__(self, message: str, *, path: str, file: str, line: int | None) -> None:
+        super().__init__(message, path=path)
+        self.file = file
+        self.line = line
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ._errors import MissingVariables, UnknownVariables
@@ -54,3 +55,64 @@ class Template:
             return "{{" if name is None else str(values[name])
 
         return _TOKEN.sub(substitute, self.text)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt: a template, an optional system prompt, and the settings to run it with.
+
+    A prompt read from a ``PromptStore`` has a ``name`` and ``version``; one made in code (or
+    from a notebook cell) has neither and is recorded with its literal template.
+    """
+
+    template: str
+    system: str | None = None
+    name: str | None = None
+    version: int | None = None
+    model: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    description: str | None = None
+    created_at: float | None = None  # unix time the version was saved
+
+    @property
+    def variables(self) -> tuple[str, ...]:
+        """Placeholders of the system prompt, then of the template, each once, in order."""
+        seen: dict[str, None] = {}
+        for text in (self.system, self.template):
+            if text:
+                for name in Template(text).variables:
+                    seen.setdefault(name, None)
+        return tuple(seen)
+
+    @property
+    def label(self) -> str:
+        """``name@version`` for a stored prompt, else ``(inline)``."""
+        if self.name is None:
+            return "(inline)"
+        return self.name if self.version is None else f"{self.name}@{self.version}"
+
+    def render(
+        self, variables: Mapping[str, Any] | None = None, *, allow_extra: bool = False
+    ) -> list[dict[str, str]]:
+        """The chat messages with every placeholder filled (system message first, if any).
+
+        Every missing variable is named at once; values the prompt does not use are refused
+        unless ``allow_extra``.
+        """
+        values = dict(variables or {})
+        used = self.variables
+        missing = [name for name in used if name not in values]
+        if missing:
+            raise MissingVariables(missing)
+        if not allow_extra:
+            extra = [name for name in values if name not in used]
+            if extra:
+                raise UnknownVariables(extra, used)
+        messages: list[dict[str, str]] = []
+        if self.system:
+            system = Template(self.system).render(values, allow_extra=True)
+            messages.append({"role": "system", "content": system})
+        user = Template(self.template).render(values, allow_extra=True)
+        messages.append({"role": "user", "content": user})
+        return messages
