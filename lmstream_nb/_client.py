@@ -889,6 +889,20 @@ class LMStudioClient:
             )
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
+    async def default_model(self) -> str:
+        """The server's first chat model (embedding models skipped): LM Studio's loaded one."""
+        models = await self.list_models()
+        for model in models:
+            if "embed" not in model.lower():
+                return model
+        raise ModelNotLoaded(
+            f"The server at {self.url} lists no chat model: load one in LM Studio (or run "
+            "`lms load <model>`), or name one with model=.",
+            url=self.url,
+            status=200,
+            server_message=None,
+        )
+
     def stream_chat(
         self,
         messages: Messages,

@@ -1,10 +1,11 @@
-"""The ``lmstream`` command: run the simulator, list models, stream a templated prompt, demo.
+"""The ``lmstream`` command: prompts, runs, history and stats, the simulator, and a demo.
 
 Built on argparse (standard library): sub-commands, typed options and generated help are all
 this CLI needs, so no third-party parser is pulled in.
 
-Exit status: 0 success, 1 the request or stream failed (partial text stays on stdout, one
-sentence on stderr), 2 bad usage (for example a missing template variable), 130 Ctrl-C.
+Exit status: 0 success, 1 the request, stream or database failed (partial text stays on
+stdout, one sentence on stderr), 2 bad usage (for example a missing template variable),
+130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,24 +13,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any, TextIO
 
 from . import simulator
-from ._client import ChatStream, LMStudioClient
+from ._client import LMStudioClient
 from ._config import Budgets
-from ._errors import LMStreamError, StreamError, TemplateError, UnknownVariables
-from ._events import ReasoningDelta, Stats, StreamFinished, StreamStarted, TextDelta
-from ._template import Template
+from ._errors import LMStreamError, TemplateError
+from ._events import Event, ReasoningDelta, Stats, StreamFinished, StreamStarted, TextDelta
+from ._run import arun, default_store
+from ._store import GroupStats
+from ._template import Prompt
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
-    if not sep or not key:
+    if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key.strip(), value
 
@@ -50,33 +56,78 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p_run = sub.add_parser(
+        "run",
+        help="stream a stored prompt or a template to stdout (the run is recorded)",
+        description="Render a stored prompt (--prompt) or TEMPLATE ({{KEY}} placeholders) "
+        "and stream the answer to stdout. Every run is recorded in the history.",
+    )
+    p_run.add_argument(
+        "template", metavar="TEMPLATE", nargs="?", help="prompt text; '-' reads stdin"
+    )
+    p_run.add_argument("--prompt", "-p", metavar="NAME", help="run this stored prompt")
+    p_run.add_argument("--version", type=int, help="stored prompt version (default: latest)")
+    p_run.add_argument(
+        "--var", "-v", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+        help="value for a {{KEY}} placeholder (repeatable)",
+    )
+    p_run.add_argument("--model", "-m", help="model id (default: the prompt's, else the server's)")
+    p_run.add_argument("--system", help="system prompt for TEMPLATE (may use {{KEY}} too)")
+    p_run.add_argument("--temperature", type=float)
+    p_run.add_argument("--max-tokens", type=int)
+    p_run.add_argument("--json", action="store_true", help="print one JSON event per line")
+    _add_server_options(p_run)
+    _add_budget_options(p_run)
+
+    p_prompts = sub.add_parser("prompts", help="manage stored prompts")
+    psub = p_prompts.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p_add = psub.add_parser("add", help="store a prompt (a new version if the name exists)")
+    p_add.add_argument("name")
+    p_add.add_argument("template", nargs="?", help="template text (or --file, or '-' for stdin)")
+    p_add.add_argument("--file", "-f", type=Path, help="read the template from a file")
+    p_add.add_argument("--system", help="system prompt (may use {{KEY}} placeholders)")
+    p_add.add_argument("--model")
+    p_add.add_argument("--temperature", type=float)
+    p_add.add_argument("--max-tokens", type=int)
+    p_add.add_argument("--description")
+    p_list = psub.add_parser("list", help="list stored prompts (latest versions)")
+    p_list.add_argument("--json", action="store_true")
+    p_show = psub.add_parser("show", help="show one prompt")
+    p_show.add_argument("name")
+    p_show.add_argument("--version", type=int)
+    p_show.add_argument("--json", action="store_true")
+    p_versions = psub.add_parser("versions", help="list the versions of a prompt")
+    p_versions.add_argument("name")
+    p_versions.add_argument("--json", action="store_true")
+    p_rm = psub.add_parser("rm", help="delete a prompt (all versions; its runs stay recorded)")
+    p_rm.add_argument("name")
+    p_export = psub.add_parser("export", help="write every prompt to FOLDER as TOML files")
+    p_export.add_argument("folder", type=Path)
+    p_import = psub.add_parser("import", help="read every FOLDER/*.toml (all or nothing)")
+    p_import.add_argument("folder", type=Path)
+
+    p_history = sub.add_parser("history", help="recorded runs, newest first")
+    p_history.add_argument("--prompt", help="only runs of this stored prompt")
+    p_history.add_argument("--status", help="only runs with this status (ok, stalled, ...)")
+    p_history.add_argument("--model")
+    p_history.add_argument("--limit", type=int, default=20)
+    p_history.add_argument("--run", type=int, metavar="ID", help="show one run in full")
+    p_history.add_argument("--json", action="store_true")
+
+    p_stats = sub.add_parser("stats", help="success rate, failures and timings of runs")
+    p_stats.add_argument("--prompt")
+    p_stats.add_argument("--model")
+    p_stats.add_argument("--json", action="store_true")
+
+    p_models = sub.add_parser("models", help="list the models the server offers")
+    _add_server_options(p_models)
+
     p_sim = sub.add_parser(
         "sim",
         help="run the LM-Studio-compatible simulator in the foreground",
         description="Serve an LM-Studio-compatible API with simulated timing and faults.",
     )
     simulator.add_cli_arguments(p_sim)
-
-    p_models = sub.add_parser("models", help="list the models the server offers")
-    _add_server_options(p_models)
-
-    p_run = sub.add_parser(
-        "run",
-        help="stream a templated prompt to stdout",
-        description="Render TEMPLATE ({{KEY}} placeholders) and stream the answer to stdout.",
-    )
-    p_run.add_argument("template", metavar="TEMPLATE", help="prompt text; '-' reads stdin")
-    p_run.add_argument(
-        "--var", "-v", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-        help="value for a {{KEY}} placeholder (repeatable)",
-    )
-    p_run.add_argument("--model", "-m", help="model id (default: the server's first LLM)")
-    p_run.add_argument("--system", help="system prompt (may use {{KEY}} placeholders too)")
-    p_run.add_argument("--temperature", type=float)
-    p_run.add_argument("--max-tokens", type=int)
-    p_run.add_argument("--json", action="store_true", help="print one JSON event per line")
-    _add_server_options(p_run)
-    _add_budget_options(p_run)
 
     p_demo = sub.add_parser(
         "demo",
@@ -124,20 +175,7 @@ def _budgets(args: argparse.Namespace) -> Budgets:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-async def pick_model(client: LMStudioClient) -> str:
-    """The server's first model that is not an embedding model."""
-    models = await client.list_models()
-    for model in models:
-        if "embed" not in model.lower():
-            return model
-    if models:
-        return models[0]
-    raise LMStreamError(
-        f"The server at {client.url} lists no models: load one in LM Studio (or run "
-        "`lms load <model>`), or pass --model."
-    )
+# Streaming to a terminal
 
 
 def format_stats(stats: Stats, finished: StreamFinished | None = None) -> str:
@@ -193,132 +231,135 @@ class _Waiting:
             self._shown = False
 
 
-async def stream_to(
-    stream: ChatStream, out: TextIO, err: TextIO, *, as_json: bool, show_waiting: bool
-) -> StreamFinished | None:
-    """Write a stream's text to ``out`` as it arrives (flushed per chunk); stats go to ``err``."""
-    waiting = _Waiting(err, show_waiting and not as_json)
-    in_reasoning = False
-    try:
-        async for event in stream:
-            if isinstance(event, TextDelta):
-                waiting.stop()
-                if in_reasoning:
-                    err.write("\033[0m\n" if show_waiting else "\n")
-                    in_reasoning = False
-                if as_json:
-                    out.write(json.dumps({"event": "text", "content": event.content}) + "\n")
-                else:
-                    out.write(event.content)
-                out.flush()
-            elif isinstance(event, ReasoningDelta):
-                waiting.stop()
-                if as_json:
-                    out.write(json.dumps({"event": "reasoning", "content": event.content}) + "\n")
-                    out.flush()
-                else:
-                    if not in_reasoning and show_waiting:
-                        err.write("\033[2m")
-                    in_reasoning = True
-                    err.write(event.content)
-                    err.flush()
-            elif isinstance(event, StreamStarted):
-                if as_json:
-                    out.write(json.dumps({
-                        "event": "start", "model": event.model,
-                        "request_id": event.request_id, "url": event.url,
-                    }) + "\n")
-                    out.flush()
-                waiting.start()
-            elif isinstance(event, StreamFinished):
-                waiting.stop()
-                if as_json:
-                    out.write(json.dumps({
-                        "event": "done", "finish_reason": event.finish_reason,
-                        "model": event.model, "response_id": event.response_id,
-                        "stats": event.stats.as_dict(),
-                    }) + "\n")
-                    out.flush()
-                return event
-    finally:
-        waiting.stop()
-        if in_reasoning and show_waiting:
-            err.write("\033[0m")
-    return None
+class TerminalSink:
+    """Writes a stream's events to a terminal as they arrive: text to ``out`` (flushed per
+    chunk), reasoning dimmed on ``err``, or one JSON object per event with ``as_json``."""
+
+    def __init__(self, out: TextIO, err: TextIO, *, as_json: bool) -> None:
+        self.out = out
+        self.err = err
+        self.as_json = as_json
+        self.tty = err.isatty()
+        self.waiting = _Waiting(err, self.tty and not as_json)
+        self.in_reasoning = False
+        self.wrote_text = False
+        self.finished: StreamFinished | None = None
+
+    def _json(self, record: dict[str, Any]) -> None:
+        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.out.flush()
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, TextDelta):
+            self.waiting.stop()
+            if self.in_reasoning:
+                self.err.write("\033[0m\n" if self.tty else "\n")
+                self.in_reasoning = False
+            if self.as_json:
+                self._json({"event": "text", "content": event.content})
+            else:
+                self.out.write(event.content)
+                self.out.flush()
+                self.wrote_text = True
+        elif isinstance(event, ReasoningDelta):
+            self.waiting.stop()
+            if self.as_json:
+                self._json({"event": "reasoning", "content": event.content})
+                return
+            if not self.in_reasoning and self.tty:
+                self.err.write("\033[2m")
+            self.in_reasoning = True
+            self.err.write(event.content)
+            self.err.flush()
+        elif isinstance(event, StreamStarted):
+            if self.as_json:
+                self._json({"event": "start", "model": event.model,
+                            "request_id": event.request_id, "url": event.url})
+            self.waiting.start()
+        elif isinstance(event, StreamFinished):
+            self.finished = event
+            self.close()
+            if self.as_json:
+                self._json({"event": "done", "finish_reason": event.finish_reason,
+                            "model": event.model, "response_id": event.response_id,
+                            "stats": event.stats.as_dict()})
+
+    def close(self) -> None:
+        self.waiting.stop()
+        if self.in_reasoning:
+            self.err.write("\033[0m\n" if self.tty else "\n")
+            self.in_reasoning = False
+
+    def end_text(self) -> None:
+        """Finish the text with a newline so the shell prompt starts on its own line."""
+        if self.wrote_text:
+            self.out.write("\n")
+            self.out.flush()
+            self.wrote_text = False
 
 
-def _print_error(
-    exc: BaseException, out: TextIO, err: TextIO, *, as_json: bool, wrote: bool
-) -> None:
-    if as_json:
-        record: dict[str, Any] = {
-            "event": "error", "error": type(exc).__name__, "message": str(exc)
-        }
-        out.write(json.dumps(record) + "\n")
-        out.flush()
-    elif wrote:
-        out.write("\n")
-        out.flush()
-    err.write(f"lmstream: {exc}\n")
-    err.flush()
+def _dim(err: TextIO, text: str) -> str:
+    return f"\033[2m{text}\033[0m" if err.isatty() else text
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
 
 
 async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    text = sys.stdin.read() if args.template == "-" else args.template
     values = dict(args.var)
+    if (args.prompt is None) == (args.template is None):
+        err.write("lmstream: give either TEMPLATE or --prompt NAME: run one or the other.\n")
+        return EXIT_USAGE
+    store = default_store()
+    if args.prompt is not None:
+        prompt: Prompt = store.get(args.prompt, args.version)
+    else:
+        text = sys.stdin.read() if args.template == "-" else args.template
+        prompt = Prompt(template=text, system=args.system)
     try:
-        prompt = Template(text)
-        system = Template(args.system) if args.system else None
-        used = set(prompt.variables) | set(system.variables if system else ())
-        unknown = [k for k in values if k not in used]
-        if unknown:
-            raise UnknownVariables(unknown, used)
-        messages: list[dict[str, str]] = []
-        if system is not None:
-            messages.append({"role": "system", "content": system.render(values, allow_extra=True)})
-        messages.append({"role": "user", "content": prompt.render(values, allow_extra=True)})
+        prompt.render(values)  # refuse missing or unknown variables before anything is sent
     except TemplateError as exc:
         err.write(f"lmstream: {exc}\n")
         return EXIT_USAGE
+    sink = TerminalSink(out, err, as_json=args.json)
     async with LMStudioClient(args.base_url, budgets=_budgets(args)) as client:
-        stream: ChatStream | None = None
         try:
-            model = args.model or await pick_model(client)
-            stream = client.stream_chat(
-                messages, model=model, temperature=args.temperature, max_tokens=args.max_tokens
+            result = await arun(
+                prompt, values, model=args.model, store=store, client=client,
+                on_event=sink.handle, temperature=args.temperature,
+                max_tokens=args.max_tokens, budgets=_budgets(args), raise_errors=False,
             )
-            finished = await stream_to(
-                stream, out, err, as_json=args.json, show_waiting=err.isatty()
-            )
-        except LMStreamError as exc:
-            wrote = bool(stream is not None and stream.text) or isinstance(exc, StreamError)
-            _print_error(exc, out, err, as_json=args.json, wrote=wrote and not args.json)
-            return EXIT_FAILED
-        if not args.json:
-            if stream.text and not stream.text.endswith("\n"):
-                out.write("\n")
-                out.flush()
-            if finished is not None:
-                err.write(f"\033[2m{format_stats(finished.stats, finished)}\033[0m\n"
-                          if err.isatty() else f"{format_stats(finished.stats, finished)}\n")
+        finally:
+            sink.close()
+    if not result.ok:
+        if args.json:
+            sink._json({"event": "error", "status": result.status, "message": result.error,
+                        "run_id": result.run_id})
+        sink.end_text()
+        err.write(f"lmstream: {result.error}\n")
+        return EXIT_FAILED
+    if not args.json:
+        sink.end_text()
+        err.write(_dim(err, f"{format_stats(result.stats, sink.finished)}, run #{result.run_id}")
+                  + "\n")
     return EXIT_OK
 
 
 async def _cmd_models(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     async with LMStudioClient(args.base_url) as client:
-        try:
-            models = await client.list_models()
-        except LMStreamError as exc:
-            err.write(f"lmstream: {exc}\n")
-            return EXIT_FAILED
+        models = await client.list_models()
     for model in models:
         out.write(model + "\n")
     return EXIT_OK
 
 
-DEMO_SYSTEM = "You are a concise assistant for {{team}}."
-DEMO_TEMPLATE = (
-    "Summarise these release notes for {{audience}} in {{n}} short bullet points:\n\n{{notes}}"
+DEMO_PROMPT = Prompt(
+    name="release-notes-summary",
+    system="You are a concise assistant for {{team}}.",
+    template="Summarise these release notes for {{audience}} in {{n}} short bullet points:"
+    "\n\n{{notes}}",
+    max_tokens=160,
 )
 DEMO_VARIABLES = {
     "team": "the data platform team",
@@ -334,35 +375,33 @@ DEMO_VARIABLES = {
 
 
 async def _cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    store = default_store()
     with simulator.serve(profile=args.profile, time_scale=args.time_scale) as sim:
         err.write(f"Simulator (profile {args.profile}) listening on {sim.base_url}\n")
-        err.write(f"System:   {DEMO_SYSTEM}\nTemplate: {DEMO_TEMPLATE.splitlines()[0]}…\n")
+        prompt = store.save_prompt(DEMO_PROMPT)
+        err.write(f"Stored prompt {prompt.label} in {store.path}\n")
+        err.write(f"System:    {prompt.system}\nTemplate:  {prompt.template.splitlines()[0]}…\n")
         shown = {k: (v if len(v) < 40 else v[:37] + "...") for k, v in DEMO_VARIABLES.items()}
         err.write(f"Variables: {json.dumps(shown)}\n\n")
         err.flush()
-        messages = [
-            {"role": "system", "content": Template(DEMO_SYSTEM).render(DEMO_VARIABLES,
-                                                                        allow_extra=True)},
-            {"role": "user", "content": Template(DEMO_TEMPLATE).render(DEMO_VARIABLES,
-                                                                        allow_extra=True)},
-        ]
+        sink = TerminalSink(out, err, as_json=False)
         async with LMStudioClient(sim.base_url) as client:
             try:
-                model = await pick_model(client)
-                stream = client.stream_chat(messages, model=model, max_tokens=160)
-                finished = await stream_to(
-                    stream, out, err, as_json=False, show_waiting=err.isatty()
+                result = await arun(
+                    prompt, DEMO_VARIABLES, store=store, client=client, on_event=sink.handle,
+                    raise_errors=False,
                 )
-            except LMStreamError as exc:
-                _print_error(exc, out, err, as_json=False, wrote=True)
-                return EXIT_FAILED
-        out.write("\n")
-        out.flush()
-        if finished is not None:
-            err.write(f"\nStats: {format_stats(finished.stats, finished)}\n")
-        err.write(
-            "Simulator stopped. Against LM Studio: lmstream run 'Hello {{name}}' --var name=you\n"
-        )
+            finally:
+                sink.close()
+        sink.end_text()
+        if not result.ok:
+            err.write(f"lmstream: {result.error}\n")
+            return EXIT_FAILED
+        err.write(f"\nStats: {format_stats(result.stats, sink.finished)}\n")
+        err.write(f"Recorded as run #{result.run_id}: see `lmstream history`.\n")
+    err.write(
+        "Simulator stopped. Against LM Studio: lmstream run 'Hello {{name}}' --var name=you\n"
+    )
     return EXIT_OK
 
 
@@ -392,17 +431,188 @@ def _cmd_sim(args: argparse.Namespace, err: TextIO) -> int:
     return EXIT_OK
 
 
+# -- prompts, history, stats ------------------------------------------------------------------
+
+
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    """A plain fixed-width table (None shows as a dash)."""
+    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, v in enumerate(row):
+            widths[i] = max(widths[i], len(v))
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend(
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _prompt_dict(p: Prompt) -> dict[str, Any]:
+    return {
+        "name": p.name, "version": p.version, "description": p.description, "model": p.model,
+        "temperature": p.temperature, "max_tokens": p.max_tokens, "system": p.system,
+        "template": p.template, "variables": list(p.variables), "created_at": p.created_at,
+    }
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _secs(value: float | None) -> str | None:
+    return None if value is None else f"{value:.2f}"
+
+
+def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    store = default_store()
+    action = args.action
+    if action == "add":
+        if args.file is not None:
+            template = args.file.read_text(encoding="utf-8")
+        elif args.template == "-":
+            template = sys.stdin.read()
+        elif args.template is not None:
+            template = args.template
+        else:
+            err.write("lmstream: give the template as an argument, with --file, or '-'.\n")
+            return EXIT_USAGE
+        try:
+            saved = store.save(
+                args.name, template, system=args.system, model=args.model,
+                temperature=args.temperature, max_tokens=args.max_tokens,
+                description=args.description,
+            )
+        except ValueError as exc:
+            err.write(f"lmstream: {exc}\n")
+            return EXIT_USAGE
+        variables = ", ".join(saved.variables) or "none"
+        out.write(f"Saved {saved.label} (variables: {variables}).\n")
+    elif action == "list":
+        prompts = store.list()
+        if args.json:
+            out.write(json.dumps([_prompt_dict(p) for p in prompts], ensure_ascii=False) + "\n")
+        else:
+            out.write(table(
+                [(p.name, p.version, ", ".join(p.variables), p.model,
+                  " ".join((p.description or p.template)[:50].split())) for p in prompts],
+                ["name", "version", "variables", "model", "description"],
+            ))
+    elif action == "show":
+        p = store.get(args.name, args.version)
+        if args.json:
+            out.write(json.dumps(_prompt_dict(p), ensure_ascii=False) + "\n")
+        else:
+            out.write(f"{p.label}  saved {_when(p.created_at)}\n")
+            for key in ("description", "model", "temperature", "max_tokens"):
+                value = getattr(p, key)
+                if value is not None:
+                    out.write(f"{key}: {value}\n")
+            out.write(f"variables: {', '.join(p.variables) or 'none'}\n")
+            if p.system:
+                out.write(f"--- system\n{p.system}\n")
+            out.write(f"--- template\n{p.template}\n")
+    elif action == "versions":
+        versions = store.versions(args.name)
+        if args.json:
+            out.write(json.dumps([_prompt_dict(p) for p in versions], ensure_ascii=False) + "\n")
+        else:
+            out.write(table(
+                [(p.version, _when(p.created_at), ", ".join(p.variables), p.model,
+                  " ".join(p.template[:50].split())) for p in versions],
+                ["version", "saved", "variables", "model", "template"],
+            ))
+    elif action == "rm":
+        count = store.delete(args.name)
+        out.write(f"Deleted {args.name!r} ({count} version{'s' if count != 1 else ''}).\n")
+    elif action == "export":
+        files = store.export(args.folder)
+        out.write(f"Wrote {len(files)} prompt file(s) to {args.folder}.\n")
+    elif action == "import":
+        imported = store.import_(args.folder)
+        out.write(f"Imported {len(imported)} prompt(s): "
+                  f"{', '.join(p.label for p in imported) or 'none'}.\n")
+    return EXIT_OK
+
+
+def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    store = default_store()
+    if args.run is not None:
+        rec = store.get_run(args.run)
+        if args.json:
+            out.write(json.dumps(asdict(rec), ensure_ascii=False) + "\n")
+            return EXIT_OK
+        label = rec.prompt_name if rec.prompt_name is not None else "(inline)"
+        if rec.prompt_version is not None:
+            label += f"@{rec.prompt_version}"
+        out.write(f"run #{rec.id}  {rec.status}  {label}  {rec.model or '-'}  "
+                  f"{_when(rec.started_at)}\n")
+        if rec.error:
+            out.write(f"error: {rec.error}\n")
+        if rec.reasoning:
+            out.write(f"--- reasoning\n{rec.reasoning}\n")
+        out.write(f"--- text\n{rec.text}\n")
+        return EXIT_OK
+    runs = store.history(
+        prompt=args.prompt, status=args.status, limit=args.limit, model=args.model
+    )
+    if args.json:
+        out.write(json.dumps(runs.as_dicts(), ensure_ascii=False) + "\n")
+        return EXIT_OK
+    out.write(table(
+        [(r.id, _when(r.started_at), r.status,
+          (r.prompt_name or "(inline)") + (f"@{r.prompt_version}" if r.prompt_version else ""),
+          r.model, _secs(r.ttft_s), _secs(r.duration_s), r.completion_tokens, r.preview[:40])
+         for r in runs],
+        ["id", "started", "status", "prompt", "model", "ttft s", "total s", "tokens", "text"],
+    ))
+    return EXIT_OK
+
+
+def _cmd_stats(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    report = default_store().stats(prompt=args.prompt, model=args.model)
+    if args.json:
+        payload = {"overall": asdict(report.overall), "groups": report.as_dicts()}
+        out.write(json.dumps(payload, ensure_ascii=False) + "\n")
+        return EXIT_OK
+
+    def row(g: GroupStats, label: str) -> tuple[object, ...]:
+        failures = ", ".join(f"{k} {v}" for k, v in sorted(g.by_status.items()) if k != "ok")
+        return (label, g.model or ("(all)" if label == "(all)" else "-"), g.runs,
+                f"{g.success_rate:.0%}" if g.runs else "-", _secs(g.ttft_p50),
+                _secs(g.ttft_p95), _secs(g.duration_p50), _secs(g.duration_p95),
+                failures or "-")
+
+    rows = [row(g, g.prompt or "(inline)") for g in report.groups]
+    rows.append(row(report.overall, "(all)"))
+    out.write(table(rows, ["prompt", "model", "runs", "ok", "ttft p50", "ttft p95",
+                           "total p50", "total p95", "failures"]))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out, err = sys.stdout, sys.stderr
     try:
         if args.command == "sim":
             return _cmd_sim(args, err)
+        sync_commands: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
+            "prompts": _cmd_prompts, "history": _cmd_history, "stats": _cmd_stats,
+        }
+        if args.command in sync_commands:
+            return sync_commands[args.command](args, out, err)
         commands = {"run": _cmd_run, "models": _cmd_models, "demo": _cmd_demo}
         return asyncio.run(commands[args.command](args, out, err))
+    except LMStreamError as exc:
+        err.write(f"lmstream: {exc}\n")
+        return EXIT_FAILED
     except KeyboardInterrupt:
         out.flush()
-        err.write("\nlmstream: stopped by Ctrl-C; the text received so far is above.\n")
+        err.write("\nlmstream: stopped by Ctrl-C; the text received so far is above and "
+                  "recorded in the history.\n")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK

@@ -17,6 +17,14 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _isolated_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each test gets its own LMSTREAM_HOME, so no test reads or writes the user's database."""
+    monkeypatch.setenv("LMSTREAM_HOME", str(tmp_path_factory.mktemp("lmstream_home")))
+
+
 @pytest.fixture(scope="session")
 def sim() -> Iterator[simulator.SimServer]:
     """A fast simulator shared by the session (scenarios are chosen per request)."""

@@ -1,0 +1,179 @@
+"""The database schema, built and moved forward only by ordered, named steps.
+
+A user's database outlives the version of lmstream_nb that created it, so the schema is never
+edited in place: each change is a new step appended to ``MIGRATIONS``, and a step that has
+shipped is never changed. Each step runs once, in its own ``BEGIN IMMEDIATE`` transaction, and
+is recorded in ``schema_migrations`` and in ``PRAGMA user_version`` (the number the store checks
+when it opens a file, so a newer database is refused instead of misread). ``BEGIN IMMEDIATE``
+also serialises two processes that open a fresh database at the same moment: the second one
+waits, re-reads the version inside its transaction, and finds nothing left to do.
+
+``PRAGMA application_id`` marks the file as ours in its header, so a SQLite file that belongs to
+another program is recognised and left alone.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+
+from ._errors import StoreUnavailable
+
+#: ``PRAGMA application_id`` of an lmstream_nb database: "lmst" in ASCII.
+APPLICATION_ID = 0x6C6D7374
+
+
+def m001_initial(conn: sqlite3.Connection) -> None:
+    """Prompts (versioned by name), runs (one row per request) and the chunks of unfinished runs.
+
+    ``runs`` keeps ``text_chars`` and ``preview`` beside the full text so that history never reads
+    the text itself. ``run_chunks`` holds text as it arrives, one row per append, so a process
+    killed mid-run leaves its partial answer behind; finishing a run moves the text into ``runs``
+    and deletes its chunks. The started_at and prompt indexes also cover the columns stats reads,
+    so stats over many runs never touches the wide rows that hold the text.
+    """
+    statements = [
+        """
+        CREATE TABLE prompts (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            template TEXT NOT NULL,
+            system TEXT,
+            model TEXT,
+            temperature REAL,
+            max_tokens INTEGER,
+            description TEXT,
+            created_at REAL NOT NULL,
+            UNIQUE (name, version)
+        )
+        """,
+        # The highest version ever given to each name, kept when the prompt is deleted: a
+        # version number is never reused, so a recorded "name@3" always means one text.
+        """
+        CREATE TABLE prompt_names (
+            name TEXT PRIMARY KEY,
+            last_version INTEGER NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY,
+            prompt_name TEXT,
+            prompt_version INTEGER,
+            template TEXT NOT NULL,
+            system TEXT,
+            messages TEXT NOT NULL,
+            variables TEXT NOT NULL,
+            model TEXT,
+            base_url TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            ttft_s REAL,
+            duration_s REAL,
+            chunks INTEGER NOT NULL DEFAULT 0,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            tokens_per_s REAL,
+            finish_reason TEXT,
+            status TEXT NOT NULL,
+            error TEXT,
+            text TEXT NOT NULL DEFAULT '',
+            reasoning TEXT NOT NULL DEFAULT '',
+            text_chars INTEGER NOT NULL DEFAULT 0,
+            preview TEXT NOT NULL DEFAULT '',
+            batch_id TEXT
+        )
+        """,
+        # History is read newest first with ``id`` breaking ties, so each index that serves it
+        # orders by (started_at, id); the trailing columns make the first two covering for stats.
+        """
+        CREATE INDEX runs_started_at
+            ON runs (started_at, id, prompt_name, model, status, ttft_s, duration_s)
+        """,
+        """
+        CREATE INDEX runs_prompt_started_at
+            ON runs (prompt_name, started_at, id, model, status, ttft_s, duration_s)
+        """,
+        "CREATE INDEX runs_status_started_at ON runs (status, started_at)",
+        """
+        CREATE TABLE run_chunks (
+            run_id INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            reasoning TEXT NOT NULL,
+            PRIMARY KEY (run_id, seq)
+        )
+        """,
+    ]
+    for statement in statements:
+        conn.execute(statement)
+
+
+Migration = Callable[[sqlite3.Connection], None]
+
+#: Every schema step in order; step ``i`` (0-based) brings the database to version ``i + 1``.
+MIGRATIONS: tuple[Migration, ...] = (m001_initial,)
+
+LATEST_VERSION = len(MIGRATIONS)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version recorded in the file (0 for a new, empty database)."""
+    row = conn.execute("PRAGMA user_version").fetchone()
+    return int(row[0])
+
+
+def database_file(conn: sqlite3.Connection) -> str:
+    """The file name of the connection's main database, for messages."""
+    for row in conn.execute("PRAGMA database_list"):
+        if row[1] == "main":
+            return str(row[2])
+    return "(unknown)"  # pragma: no cover - "main" always exists
+
+
+def migrate(conn: sqlite3.Connection, *, target: int | None = None) -> list[str]:
+    """Apply every step the database lacks (up to ``target``); return the names applied.
+
+    The connection must be in autocommit mode (``isolation_level=None``): each step manages its
+    own transaction, so a failure leaves the database at the last completed step. Running it
+    again on an up-to-date database does nothing.
+    """
+    goal = LATEST_VERSION if target is None else target
+    if not 0 <= goal <= LATEST_VERSION:
+        raise ValueError(f"target must be between 0 and {LATEST_VERSION}, not {target}")
+    applied: list[str] = []
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Read inside the write lock: another process may have migrated meanwhile.
+            version = schema_version(conn)
+            if version > LATEST_VERSION:
+                raise StoreUnavailable(
+                    f"The database {database_file(conn)} has schema version {version}, newer than "
+                    f"the {LATEST_VERSION} this lmstream_nb knows: upgrade lmstream_nb "
+                    "(pip install -U lmstream_nb) or set LMSTREAM_HOME to another folder.",
+                    path=database_file(conn),
+                )
+            if version >= goal:
+                conn.execute("ROLLBACK")
+                return applied
+            step = MIGRATIONS[version]
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+            )
+            step(conn)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (version + 1, step.__name__, time.time()),
+            )
+            # PRAGMA takes no parameters; both values are integers we computed.
+            conn.execute(f"PRAGMA user_version = {version + 1:d}")
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID:d}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        applied.append(step.__name__)

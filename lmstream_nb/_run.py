@@ -1,0 +1,303 @@
+"""run() / arun(): render a prompt, stream it, record it. The one place that knows the whole story.
+
+A run is written to the store *before* the request is sent (status ``unfinished``), its text is
+appended at least once a second while it streams, and the row is completed when it ends, also
+when it fails or is cancelled. So a crash, a kill or a Ctrl-C never loses text the user saw.
+
+The store is synchronous sqlite3; every write goes through ``asyncio.to_thread`` so the event
+loop (and with it the stream and the notebook) never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._client import LMStudioClient
+from ._config import Budgets
+from ._errors import (
+    FirstTokenTimeout,
+    LMStreamError,
+    StreamInterrupted,
+    StreamStalled,
+)
+from ._events import Event, ReasoningDelta, Stats, TextDelta
+from ._loop import shared_loop
+from ._store import History, PromptStore, RunStats, default_path
+from ._sync import SyncLMStudioClient
+from ._template import Prompt
+
+FLUSH_INTERVAL_S = 1.0
+
+_EMPTY_STATS = Stats(ttft_s=None, duration_s=0.0, chunks=0, text_chars=0)
+
+
+def status_of(error: BaseException) -> str:
+    """The recorded status for an error that ended a run."""
+    if isinstance(error, FirstTokenTimeout):
+        return "first_token_timeout"
+    if isinstance(error, StreamStalled):
+        return "stalled"
+    if isinstance(error, StreamInterrupted):
+        return "interrupted"
+    if isinstance(error, LMStreamError):
+        return "error"
+    return "cancelled"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one run produced. ``str(result)`` is the text; the repr is a one-line summary."""
+
+    run_id: int
+    status: str
+    text: str
+    reasoning: str
+    error: str | None
+    stats: Stats
+    finish_reason: str | None
+    model: str | None
+    prompt: str  # "name@version" or "(inline)"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        s = self.stats
+        parts = [f"run #{self.run_id}", self.status, self.prompt]
+        if self.model:
+            parts.append(self.model)
+        if s.completion_tokens is not None:
+            parts.append(f"{s.completion_tokens} tokens")
+        parts.append(f"{s.text_chars} chars in {s.duration_s:.1f} s")
+        if s.ttft_s is not None:
+            parts.append(f"first token {s.ttft_s:.2f} s")
+        if s.tokens_per_s is not None:
+            parts.append(f"{s.tokens_per_s:.1f} tok/s")
+        head = " ".join(self.text[:60].split())
+        more = "…" if len(self.text) > 60 else ""
+        line = f"<RunResult {', '.join(parts)}: {head!r}{more}"
+        if self.error:
+            line += f" | {self.error}"
+        return line + ">"
+
+
+_stores: dict[Path, PromptStore] = {}
+
+
+def default_store() -> PromptStore:
+    """The store at the default location (``LMSTREAM_HOME`` or the user data dir), opened once."""
+    path = default_path()
+    store = _stores.get(path)
+    if store is None:
+        store = _stores[path] = PromptStore(path)
+    return store
+
+
+class _Recorder:
+    """Appends new text to the run's row at most once a second, never blocking the loop."""
+
+    def __init__(self, store: PromptStore, run_id: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._store = store
+        self._run_id = run_id
+        self._loop = loop
+        self._text: list[str] = []
+        self._reasoning: list[str] = []
+        self._last = loop.time()
+        self._writing: asyncio.Task[None] | None = None
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, TextDelta):
+            self._text.append(event.content)
+        elif isinstance(event, ReasoningDelta):
+            self._reasoning.append(event.content)
+        else:
+            return
+        now = self._loop.time()
+        if now - self._last >= FLUSH_INTERVAL_S and (
+            self._writing is None or self._writing.done()
+        ):
+            self._last = now
+            text, reasoning = "".join(self._text), "".join(self._reasoning)
+            self._text.clear()
+            self._reasoning.clear()
+            self._writing = self._loop.create_task(
+                asyncio.to_thread(self._store.append_run_text, self._run_id, text, reasoning)
+            )
+
+    async def settle(self) -> None:
+        """Wait for a write in flight (its failure must not hide the run's own outcome)."""
+        if self._writing is not None:
+            # A failed append loses nothing: the final write carries the whole text anyway.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._writing)
+
+
+async def arun(
+    prompt: Prompt | str,
+    variables: Mapping[str, Any] | None = None,
+    *,
+    model: str | None = None,
+    store: PromptStore | None = None,
+    client: LMStudioClient | None = None,
+    on_event: Callable[[Event], object] | None = None,
+    version: int | None = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    budgets: Budgets | None = None,
+    base_url: str | None = None,
+    allow_extra: bool = False,
+    raise_errors: bool = True,
+    batch_id: str | None = None,
+    **extra: Any,
+) -> RunResult:
+    """Render ``prompt`` with ``variables``, stream the answer, and record the run.
+
+    ``prompt`` is a stored prompt's name (latest version, or ``version``) or a ``Prompt``.
+    The model is ``model``, else the prompt's, else the server's first chat model.
+    ``on_event`` sees every event as it arrives. A failed run raises its ``LMStreamError``
+    (with ``.run_id`` and the partial text) unless ``raise_errors=False``, which returns a
+    RunResult whose status says what happened. Cancellation is recorded, then re-raised.
+    """
+    store = store or default_store()
+    if isinstance(prompt, str):
+        prompt = await asyncio.to_thread(store.get, prompt, version)
+    messages = prompt.render(variables, allow_extra=allow_extra)  # refuses before anything
+    recorded_vars = {k: str(v) for k, v in (variables or {}).items()}
+    own_client = client is None
+    http = client if client is not None else LMStudioClient(base_url, budgets=budgets)
+    chosen_model = model or prompt.model
+    loop = asyncio.get_running_loop()
+    run_id = await asyncio.to_thread(
+        store.start_run,
+        prompt_name=prompt.name,
+        prompt_version=prompt.version,
+        template=prompt.template,
+        system=prompt.system,
+        messages=messages,
+        variables=recorded_vars,
+        model=chosen_model,
+        base_url=http.url,
+        started_at=time.time(),
+        batch_id=batch_id,
+    )
+    recorder = _Recorder(store, run_id, loop)
+    status, error_text = "ok", None
+    failure: BaseException | None = None
+    stream = None
+    try:
+        if chosen_model is None:
+            chosen_model = await http.default_model()
+        stream = http.stream_chat(
+            messages,
+            model=chosen_model,
+            temperature=temperature if temperature is not None else prompt.temperature,
+            max_tokens=max_tokens if max_tokens is not None else prompt.max_tokens,
+            budgets=budgets,
+            **extra,
+        )
+        async with stream:
+            async for event in stream:
+                recorder.add(event)
+                if on_event is not None:
+                    on_event(event)
+    except (LMStreamError, asyncio.CancelledError, KeyboardInterrupt) as exc:
+        failure = exc
+        status = status_of(exc)
+        error_text = str(exc) if isinstance(exc, LMStreamError) else "Cancelled by the user."
+        if isinstance(exc, LMStreamError):
+            exc.run_id = run_id
+    finally:
+        if own_client:
+            await asyncio.shield(http.aclose())
+    finished = stream.finished if stream is not None else None
+    stats = finished.stats if finished is not None else (
+        stream.stats() if stream is not None else _EMPTY_STATS
+    )
+    result = RunResult(
+        run_id=run_id,
+        status=status,
+        text=stream.text if stream is not None else "",
+        reasoning=stream.reasoning if stream is not None else "",
+        error=error_text,
+        stats=stats,
+        finish_reason=finished.finish_reason if finished is not None else None,
+        model=(finished.model if finished is not None and finished.model else chosen_model),
+        prompt=prompt.label,
+    )
+    await recorder.settle()
+    # The final write runs even if the task is being cancelled, and completes before we go on.
+    await asyncio.shield(
+        asyncio.to_thread(
+            store.finish_run,
+            run_id,
+            status=result.status,
+            text=result.text,
+            reasoning=result.reasoning,
+            error=result.error,
+            finish_reason=result.finish_reason,
+            model=result.model,
+            ttft_s=stats.ttft_s,
+            duration_s=stats.duration_s,
+            chunks=stats.chunks,
+            prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.completion_tokens,
+            tokens_per_s=stats.tokens_per_s,
+        )
+    )
+    if failure is not None and (raise_errors or not isinstance(failure, LMStreamError)):
+        raise failure
+    return result
+
+
+def run(
+    prompt: Prompt | str,
+    variables: Mapping[str, Any] | None = None,
+    *,
+    client: SyncLMStudioClient | None = None,
+    **kwargs: Any,
+) -> RunResult:
+    """The blocking form of :func:`arun`, for scripts and notebook cells.
+
+    It runs on a private event-loop thread, so it works where a loop already runs in the
+    calling thread (a Jupyter kernel). ``on_event`` is called on that thread. Ctrl-C (or a
+    kernel interrupt) cancels the stream, records the run as cancelled and re-raises.
+    """
+    async_client = client._client if client is not None else None
+    return shared_loop().run(arun(prompt, variables, client=async_client, **kwargs))
+
+
+def history(
+    prompt: str | None = None,
+    status: str | None = None,
+    since: Any = None,
+    limit: int | None = 50,
+    *,
+    model: str | None = None,
+    store: PromptStore | None = None,
+) -> History:
+    """Recorded runs, newest first (a list; ``.to_pandas()`` gives a DataFrame)."""
+    return (store or default_store()).history(
+        prompt=prompt, status=status, since=since, limit=limit, model=model
+    )
+
+
+def stats(
+    prompt: str | None = None,
+    *,
+    model: str | None = None,
+    since: Any = None,
+    store: PromptStore | None = None,
+) -> RunStats:
+    """Success rate, failures by status and TTFT/duration percentiles, overall and per group."""
+    return (store or default_store()).stats(prompt=prompt, model=model, since=since)
+

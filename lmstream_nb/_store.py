@@ -1,0 +1,1184 @@
+"""One SQLite file holds the user's prompts (every version) and a record of every run.
+
+Why SQLite, and why this shape:
+
+* Prompts are versioned, never overwritten: a saved change is a new version, and a version
+  number is never reused (not even after the prompt is deleted), so ``summarize@3`` in a
+  recorded run always means one text.
+* A run is recorded *before* it starts (status ``unfinished``) and its text is appended as it
+  arrives, one small row per append into ``run_chunks``: a kernel that dies mid-answer leaves
+  the partial answer on disk, and appending stays cheap however long the answer grows. Finishing
+  a run writes the full text into the run row and drops its chunks in one transaction.
+* The file is shared by notebooks, the CLI and background threads. One connection per store
+  serves all threads behind a lock; every write is ``BEGIN IMMEDIATE`` so two processes queue
+  for the write lock instead of deadlocking while upgrading a read lock, WAL keeps readers from
+  ever waiting for a writer, and a 30 s busy timeout absorbs the queue.
+* A file we did not create is never modified: ``PRAGMA application_id`` marks ours, and a
+  corrupt, foreign, newer or unwritable file is refused with ``StoreUnavailable`` naming the
+  file and what to do.
+
+History and stats read only summary columns (the text length and a preview are stored beside
+the text), with one query per call, so both stay fast over a hundred thousand runs.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import difflib
+import importlib
+import json
+import math
+import os
+import re
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import platformdirs
+import tomli_w
+
+from ._errors import PromptFileError, PromptNotFound, RunNotFound, StoreError, StoreUnavailable
+from ._migrations import APPLICATION_ID, LATEST_VERSION, migrate
+from ._template import Prompt
+
+# tomllib is in the standard library from Python 3.11; tomli is the same parser for 3.10.
+_tomllib: Any = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
+_toml_loads: Callable[[str], dict[str, Any]] = _tomllib.loads
+_TOMLDecodeError: type[ValueError] = _tomllib.TOMLDecodeError
+
+__all__ = [
+    "HOME_ENV",
+    "STATUSES",
+    "GroupStats",
+    "History",
+    "PromptStore",
+    "RunRecord",
+    "RunStats",
+    "RunSummary",
+    "default_path",
+]
+
+#: Environment variable naming the folder that holds the database (overrides the default).
+HOME_ENV = "LMSTREAM_HOME"
+DB_NAME = "lmstream.db"
+
+#: Every status a run can have. ``unfinished`` is written when a run starts; a process killed
+#: mid-run leaves it so. The others are final.
+STATUSES: tuple[str, ...] = (
+    "ok",
+    "first_token_timeout",
+    "stalled",
+    "interrupted",
+    "error",
+    "cancelled",
+    "unfinished",
+)
+
+MAX_NAME_LENGTH = 200
+PREVIEW_CHARS = 80
+BUSY_TIMEOUT_S = 30.0
+
+# Keys of a prompt file, in the order export writes them.
+_FILE_KEYS = ("name", "description", "model", "temperature", "max_tokens", "system", "template")
+
+# SQLite primary result codes (the low byte of an extended code).
+_SQLITE_PERM = 3
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
+_SQLITE_READONLY = 8
+_SQLITE_CANTOPEN = 14
+
+
+def default_path() -> Path:
+    """``$LMSTREAM_HOME/lmstream.db`` if that is set, else the per-user data folder; created."""
+    home = os.environ.get(HOME_ENV)
+    if home:
+        folder = Path(home).expanduser()
+    else:
+        folder = Path(platformdirs.user_data_dir("lmstream_nb", appauthor=False))
+    path = folder / DB_NAME
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _unwritable(path, exc.strerror or str(exc)) from exc
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """Everything recorded about one run, including its full text.
+
+    For an ``unfinished`` run, ``text`` and ``reasoning`` are what had arrived when it was read.
+    ``started_at`` is unix time; the other times are seconds from the start of the request.
+    """
+
+    id: int
+    prompt_name: str | None
+    prompt_version: int | None
+    template: str
+    system: str | None
+    messages: list[dict[str, str]]
+    variables: dict[str, str]
+    model: str | None
+    base_url: str
+    started_at: float
+    ttft_s: float | None
+    duration_s: float | None
+    chunks: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    tokens_per_s: float | None
+    finish_reason: str | None
+    status: str
+    error: str | None
+    text: str
+    reasoning: str
+    batch_id: str | None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One line of history: a run without its text (``preview`` is its first 80 characters)."""
+
+    id: int
+    prompt_name: str | None
+    prompt_version: int | None
+    model: str | None
+    started_at: float
+    status: str
+    ttft_s: float | None
+    duration_s: float | None
+    chunks: int
+    completion_tokens: int | None
+    tokens_per_s: float | None
+    finish_reason: str | None
+    error: str | None
+    text_chars: int
+    preview: str
+    batch_id: str | None
+
+
+def _load_pandas() -> Any:
+    try:
+        return importlib.import_module("pandas")
+    except ImportError as exc:
+        raise ImportError(
+            f"to_pandas() needs pandas, which is not installed ({exc}): run "
+            "`pip install pandas` and try again."
+        ) from exc
+
+
+class History(list[RunSummary]):
+    """Runs, newest first, as returned by ``PromptStore.history``."""
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        """One plain dict per run (JSON-ready: ``started_at`` stays unix time)."""
+        return [dataclasses.asdict(run) for run in self]
+
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame, one row per run; ``started_at`` becomes a UTC datetime."""
+        pd = _load_pandas()
+        columns = [field.name for field in dataclasses.fields(RunSummary)]
+        frame = pd.DataFrame(self.as_dicts(), columns=columns)
+        frame["started_at"] = pd.to_datetime(frame["started_at"], unit="s", utc=True)
+        return frame
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Outcome counts and timing percentiles for a set of runs.
+
+    ``prompt`` and ``model`` name the group (both ``None`` for the overall figures). Percentiles
+    use linear interpolation between the nearest ranks (numpy's default) over every run in the
+    group that measured the value, whatever its status; ``None`` when no run did.
+    """
+
+    prompt: str | None
+    model: str | None
+    runs: int
+    ok: int
+    success_rate: float
+    by_status: dict[str, int]
+    ttft_p50: float | None
+    ttft_p95: float | None
+    duration_p50: float | None
+    duration_p95: float | None
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """``overall`` figures, and one group per (prompt name, model) pair, sorted (``None`` first)."""
+
+    overall: GroupStats
+    groups: list[GroupStats]
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        """One plain dict per group."""
+        return [dataclasses.asdict(group) for group in self.groups]
+
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame, one row per group (``by_status`` stays a dict column)."""
+        pd = _load_pandas()
+        columns = [field.name for field in dataclasses.fields(GroupStats)]
+        return pd.DataFrame(self.as_dicts(), columns=columns)
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """The ``p``-th percentile (0..100) of sorted ``values`` by linear interpolation."""
+    if not values:
+        return None
+    k = (len(values) - 1) * p / 100.0
+    low = math.floor(k)
+    high = min(low + 1, len(values) - 1)
+    return float(values[low] + (values[high] - values[low]) * (k - low))
+
+
+def _group_stats(
+    prompt: str | None,
+    model: str | None,
+    statuses: Sequence[str],
+    ttfts: list[float],
+    durations: list[float],
+) -> GroupStats:
+    by_status: dict[str, int] = {}
+    for status in statuses:
+        by_status[status] = by_status.get(status, 0) + 1
+    runs = len(statuses)
+    ok = by_status.get("ok", 0)
+    ttfts.sort()
+    durations.sort()
+    return GroupStats(
+        prompt=prompt,
+        model=model,
+        runs=runs,
+        ok=ok,
+        success_rate=ok / runs if runs else 0.0,
+        by_status=dict(sorted(by_status.items())),
+        ttft_p50=percentile(ttfts, 50),
+        ttft_p95=percentile(ttfts, 95),
+        duration_p50=percentile(durations, 50),
+        duration_p95=percentile(durations, 95),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+class _FieldError(ValueError):
+    """A bad prompt field; ``key`` lets import point at the line, ``fact`` is the bare fact."""
+
+    def __init__(self, key: str, fact: str, fix: str) -> None:
+        super().__init__(f"{fact}: {fix}.")
+        self.key = key
+        self.fact = fact
+
+
+_BAD_NAME_CHAR = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
+
+
+def _validate_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise _FieldError("name", f"The prompt name must be text, not {_kind(name)}",
+                          "give the prompt a name")
+    if not name:
+        raise _FieldError("name", "The prompt name is empty", "give the prompt a name")
+    if len(name) > MAX_NAME_LENGTH:
+        raise _FieldError(
+            "name",
+            f"The prompt name is {len(name)} characters long, more than {MAX_NAME_LENGTH}",
+            "use a shorter name",
+        )
+    bad = _BAD_NAME_CHAR.search(name)
+    if bad:
+        raise _FieldError(
+            "name",
+            f"The prompt name {name!r} contains {bad.group()!r}",
+            "use a name without slashes, backslashes or control characters, since it becomes "
+            "a file name on export",
+        )
+    return name
+
+
+def _validate_fields(
+    name: object,
+    template: object,
+    system: object,
+    model: object,
+    temperature: object,
+    max_tokens: object,
+    description: object,
+) -> tuple[str, str, str | None, str | None, float | None, int | None, str | None]:
+    """The fields of a prompt, checked; raises _FieldError (a ValueError) on the first bad one."""
+    checked_name = _validate_name(name)
+    if not isinstance(template, str):
+        raise _FieldError("template", f"The template must be text, not {_kind(template)}",
+                          "pass the prompt text as a string")
+    texts: dict[str, str | None] = {}
+    for key, value in (("system", system), ("model", model), ("description", description)):
+        if value is not None and not isinstance(value, str):
+            raise _FieldError(key, f"The {key} must be text or None, not {_kind(value)}",
+                              f"pass {key} as a string")
+        texts[key] = value
+    checked_temperature: float | None = None
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise _FieldError("temperature",
+                              f"The temperature must be a number, not {_kind(temperature)}",
+                              "use a value from 0 to 2")
+        if not 0 <= temperature <= 2:
+            raise _FieldError("temperature", f"The temperature {temperature!r} is outside 0 to 2",
+                              "use a value from 0 (most predictable) to 2")
+        checked_temperature = float(temperature)
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            raise _FieldError("max_tokens",
+                              f"max_tokens must be an integer, not {_kind(max_tokens)}",
+                              "use a positive number of tokens, or -1 for no limit")
+        if max_tokens <= 0 and max_tokens != -1:
+            raise _FieldError("max_tokens", f"max_tokens is {max_tokens}",
+                              "use a positive number of tokens, or -1 for no limit")
+    return (
+        checked_name,
+        template,
+        texts["system"],
+        texts["model"],
+        checked_temperature,
+        max_tokens,
+        texts["description"],
+    )
+
+
+def _kind(value: object) -> str:
+    """How TOML (and a user) would name the type of ``value``."""
+    kinds: list[tuple[type | tuple[type, ...], str]] = [
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (dict, "a table"),
+        (list, "an array"),
+        (datetime, "a date-time"),
+    ]
+    for cls, name in kinds:
+        if isinstance(value, cls):
+            return name
+    if value is None:
+        return "None"
+    return f"a {type(value).__name__}"
+
+
+def _preview(text: str) -> str:
+    """The first 80 characters of ``text`` with runs of whitespace collapsed to one space."""
+    head = text[:4096]
+    collapsed = " ".join(head.split())
+    if len(collapsed) <= PREVIEW_CHARS and len(head) < len(text):
+        collapsed = " ".join(text.split())  # mostly whitespace so far: look at all of it
+    return collapsed[:PREVIEW_CHARS]
+
+
+def _timestamp(since: float | datetime) -> float:
+    if isinstance(since, datetime):
+        return since.timestamp()
+    return float(since)
+
+
+# ---------------------------------------------------------------------------------------------
+# Translating SQLite's errors (the one place this happens)
+
+
+def _unwritable(path: Path | str, reason: str) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"The database {path} cannot be written ({reason}): set {HOME_ENV} to a writable folder.",
+        path=str(path),
+    )
+
+
+def _unusable(path: Path | str, reason: str) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"The file {path} is not a usable lmstream_nb database ({reason}): move it aside or set "
+        f"{HOME_ENV} to another folder.",
+        path=str(path),
+    )
+
+
+def _translate(exc: sqlite3.Error, path: Path | str) -> StoreError:
+    """Turn a SQLite failure into the StoreUnavailable that says what to do about it."""
+    reason = str(exc)
+    code: int | None = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    primary = code & 0xFF if code is not None else None
+    lowered = reason.lower()
+    if primary in (_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_CANTOPEN) or (
+        primary is None
+        and any(word in lowered for word in ("readonly", "unable to open", "permission"))
+    ):
+        return _unwritable(path, reason)
+    if _is_busy(exc):
+        return StoreUnavailable(
+            f"The database {path} is locked by another connection ({reason}): close other "
+            "programs that use it and try again.",
+            path=str(path),
+        )
+    return _unusable(path, reason)
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code: int | None = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is None:
+        return "locked" in str(exc).lower()
+    return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL (a lasting property of the file), waiting out other openers.
+
+    The switch needs an exclusive lock, and SQLite reports "database is locked" at once rather
+    than calling the busy handler when another connection is opening the same new file, so
+    this waits itself, for at most the busy timeout.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
+def _is_environmental(exc: BaseException) -> bool:
+    """SQLite errors caused by the file or the machine, not by a bug in our SQL."""
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+        exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+_PROMPT_COLUMNS = (
+    "name, version, template, system, model, temperature, max_tokens, description, created_at"
+)
+_SUMMARY_COLUMNS = (
+    "id, prompt_name, prompt_version, model, started_at, status, ttft_s, duration_s, chunks, "
+    "completion_tokens, tokens_per_s, finish_reason, error, text_chars, preview, batch_id"
+)
+_RECORD_COLUMNS = (
+    "id, prompt_name, prompt_version, template, system, messages, variables, model, base_url, "
+    "started_at, ttft_s, duration_s, chunks, prompt_tokens, completion_tokens, tokens_per_s, "
+    "finish_reason, status, error, text, reasoning, batch_id"
+)
+
+
+def _prompt_from_row(row: Sequence[Any]) -> Prompt:
+    name, version, template, system, model, temperature, max_tokens, description, created = row
+    return Prompt(
+        template=template,
+        system=system,
+        name=name,
+        version=version,
+        model=model,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        description=description,
+        created_at=created,
+    )
+
+
+@dataclass(frozen=True)
+class _ParsedFile:
+    file: Path
+    fields: tuple[str, str, str | None, str | None, float | None, int | None, str | None]
+
+
+class PromptStore:
+    """Versioned prompts and recorded runs in one SQLite file (safe across threads and processes).
+
+    ``PromptStore()`` opens the default database (``$LMSTREAM_HOME/lmstream.db`` or the per-user
+    data folder), creating and migrating it as needed. Close it with ``close()`` or use it as a
+    context manager.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = default_path() if path is None else Path(path)
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = self._open()
+
+    def __repr__(self) -> str:
+        return f"PromptStore({str(self.path)!r})"
+
+    def __enter__(self) -> PromptStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the database connection; closing twice is harmless."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+    # -- opening ------------------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        path = self.path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _unwritable(path, exc.strerror or str(exc)) from exc
+        try:
+            conn = sqlite3.connect(
+                str(path),
+                timeout=BUSY_TIMEOUT_S,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise _translate(exc, path) from exc
+        try:
+            self._prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        path = self.path
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000):d}")
+            # One read transaction, so a process creating the file meanwhile is seen whole or
+            # not at all. Nothing is written before the file is known to be ours (or empty).
+            conn.execute("BEGIN")
+            try:
+                application_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                objects = int(conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0])
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise _translate(exc, path) from exc
+
+        fresh = application_id == 0 and version == 0 and objects == 0
+        if application_id != APPLICATION_ID and not fresh:
+            owner = (
+                f"application_id 0x{application_id:08X}"
+                if application_id
+                else "tables but no application_id"
+            )
+            raise StoreUnavailable(
+                f"The file {path} is a SQLite database of another program ({owner}), so "
+                f"lmstream_nb leaves it untouched: pass another path or set {HOME_ENV} to "
+                "another folder.",
+                path=str(path),
+            )
+        if version > LATEST_VERSION:
+            raise StoreUnavailable(
+                f"The database {path} has schema version {version}, newer than the "
+                f"{LATEST_VERSION} this lmstream_nb knows: upgrade lmstream_nb "
+                f"(pip install -U lmstream_nb) or set {HOME_ENV} to another folder.",
+                path=str(path),
+            )
+        try:
+            _enable_wal(conn)
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            migrate(conn)
+            # Probe: a read-only file still accepts BEGIN IMMEDIATE, but not a write.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("DELETE FROM schema_migrations WHERE 0")
+            finally:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise _translate(exc, path) from exc
+
+    # -- transactions -------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(
+                f"The store for {self.path} is closed: open a new PromptStore to use it again.",
+                path=str(self.path),
+            )
+        return self._conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, taken with BEGIN IMMEDIATE; rolled back if the block fails."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    # Also after a failed COMMIT (disk full): the next write must start clean.
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                if _is_environmental(exc):
+                    raise _translate(exc, self.path) from exc
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: several queries see one consistent snapshot."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN")
+                try:
+                    yield conn
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if _is_environmental(exc):
+                    raise _translate(exc, self.path) from exc
+                raise
+
+    # -- prompts ------------------------------------------------------------------------------
+
+    def save(
+        self,
+        name: str,
+        template: str,
+        *,
+        system: str | None = None,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        description: str | None = None,
+    ) -> Prompt:
+        """Store a new version of the prompt ``name`` and return it.
+
+        Versions count up from 1 and are never reused, not even after ``delete``: a recorded
+        run's ``name@version`` always refers to one text.
+
+        Raises ValueError for a name that cannot be a file name, a temperature outside 0..2, or
+        max_tokens that is neither positive nor -1.
+        """
+        fields = _validate_fields(
+            name, template, system, model, temperature, max_tokens, description
+        )
+        with self._write() as conn:
+            return self._insert_prompt(conn, fields)
+
+    def save_prompt(self, prompt: Prompt, name: str | None = None) -> Prompt:
+        """Store ``prompt`` as a new version of ``name`` (default: the prompt's own name)."""
+        chosen = name if name is not None else prompt.name
+        if chosen is None:
+            raise ValueError(
+                "The prompt has no name: pass name=... to save it, e.g. "
+                "store.save_prompt(prompt, name='summarize')."
+            )
+        return self.save(
+            chosen,
+            prompt.template,
+            system=prompt.system,
+            model=prompt.model,
+            temperature=prompt.temperature,
+            max_tokens=prompt.max_tokens,
+            description=prompt.description,
+        )
+
+    @staticmethod
+    def _insert_prompt(
+        conn: sqlite3.Connection,
+        fields: tuple[str, str, str | None, str | None, float | None, int | None, str | None],
+    ) -> Prompt:
+        name, template, system, model, temperature, max_tokens, description = fields
+        row = conn.execute(
+            "SELECT max(coalesce((SELECT last_version FROM prompt_names WHERE name = ?), 0),"
+            " coalesce((SELECT max(version) FROM prompts WHERE name = ?), 0)) + 1",
+            (name, name),
+        ).fetchone()
+        version = int(row[0])
+        conn.execute(
+            "INSERT INTO prompt_names (name, last_version) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET last_version = excluded.last_version",
+            (name, version),
+        )
+        created_at = time.time()
+        conn.execute(
+            f"INSERT INTO prompts ({_PROMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, version, template, system, model, temperature, max_tokens, description,
+             created_at),
+        )
+        return Prompt(
+            template=template,
+            system=system,
+            name=name,
+            version=version,
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            description=description,
+            created_at=created_at,
+        )
+
+    def get(self, name: str, version: int | None = None) -> Prompt:
+        """The latest version of ``name``, or the given version; PromptNotFound otherwise."""
+        with self._read() as conn:
+            if version is None:
+                row = conn.execute(
+                    f"SELECT {_PROMPT_COLUMNS} FROM prompts WHERE name = ? "
+                    "ORDER BY version DESC LIMIT 1",
+                    (name,),
+                ).fetchone()
+            else:
+                row = conn.execute(
+                    f"SELECT {_PROMPT_COLUMNS} FROM prompts WHERE name = ? AND version = ?",
+                    (name, version),
+                ).fetchone()
+            if row is not None:
+                return _prompt_from_row(row)
+            if version is not None and self._exists(conn, name):
+                raise PromptNotFound(name, version=version, path=str(self.path))
+            raise self._not_found(conn, name)
+
+    def list(self) -> builtins.list[Prompt]:
+        """The latest version of every prompt, sorted by name."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_PROMPT_COLUMNS} FROM prompts AS p WHERE version = "
+                "(SELECT max(version) FROM prompts WHERE name = p.name) ORDER BY name"
+            ).fetchall()
+        return [_prompt_from_row(row) for row in rows]
+
+    def versions(self, name: str) -> builtins.list[Prompt]:
+        """Every version of ``name``, oldest first; PromptNotFound if there is none."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_PROMPT_COLUMNS} FROM prompts WHERE name = ? ORDER BY version",
+                (name,),
+            ).fetchall()
+            if not rows:
+                raise self._not_found(conn, name)
+        return [_prompt_from_row(row) for row in rows]
+
+    def delete(self, name: str) -> int:
+        """Delete every version of ``name`` and return how many there were.
+
+        Recorded runs are kept: they carry the prompt's name, version and text themselves. A
+        prompt saved later under the same name continues the version numbers.
+        """
+        with self._write() as conn:
+            deleted = conn.execute("DELETE FROM prompts WHERE name = ?", (name,)).rowcount
+            if deleted == 0:
+                raise self._not_found(conn, name)
+        return int(deleted)
+
+    @staticmethod
+    def _exists(conn: sqlite3.Connection, name: str) -> bool:
+        return conn.execute("SELECT 1 FROM prompts WHERE name = ? LIMIT 1", (name,)).fetchone() \
+            is not None
+
+    def _not_found(self, conn: sqlite3.Connection, name: str) -> PromptNotFound:
+        names = [row[0] for row in conn.execute("SELECT DISTINCT name FROM prompts")]
+        return PromptNotFound(
+            name, path=str(self.path), suggestions=difflib.get_close_matches(name, names)
+        )
+
+    # -- prompt files -------------------------------------------------------------------------
+
+    def export(self, folder: str | os.PathLike[str]) -> builtins.list[Path]:
+        """Write the latest version of every prompt to ``<folder>/<name>.toml``; return the files.
+
+        Each file holds the keys name, description, model, temperature, max_tokens, system and
+        template (keys without a value are left out); multi-line text is written as TOML
+        multi-line strings so the files read well and diff well.
+        """
+        target = Path(folder)
+        target.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        for prompt in self.list():
+            document: dict[str, Any] = {}
+            for key in _FILE_KEYS:
+                value = getattr(prompt, key)
+                if value is not None:
+                    document[key] = value
+            file = target / f"{prompt.name}.toml"
+            file.write_bytes(tomli_w.dumps(document, multiline_strings=True).encode("utf-8"))
+            written.append(file)
+        return sorted(written)
+
+    def import_(self, folder: str | os.PathLike[str]) -> builtins.list[Prompt]:
+        """Store every ``*.toml`` prompt file in ``folder`` as a new version; all or nothing.
+
+        Every file is read and checked before anything is written; the first bad file raises
+        PromptFileError naming the file and line, and nothing is imported. ``name`` defaults to
+        the file name without ``.toml``; unknown keys are refused (they are usually typos).
+        """
+        source = Path(folder)
+        if not source.is_dir():
+            raise PromptFileError(
+                f"The folder {source} does not exist or is not a folder: pass the folder that "
+                "holds the .toml prompt files.",
+                path=str(self.path),
+                file=str(source),
+                line=None,
+            )
+        parsed = [self._parse_file(file) for file in sorted(source.glob("*.toml"))]
+        with self._write() as conn:
+            return [self._insert_prompt(conn, item.fields) for item in parsed]
+
+    def _parse_file(self, file: Path) -> _ParsedFile:
+        def fail(problem: str, line: int | None, fix: str = "fix it") -> PromptFileError:
+            where = f" at line {line}" if line is not None else ""
+            return PromptFileError(
+                f"The prompt file {file} {problem}{where}: {fix} and import again "
+                "(nothing was imported).",
+                path=str(self.path),
+                file=str(file),
+                line=line,
+            )
+
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            raise fail(f"cannot be read ({exc.strerror or exc})", None) from exc
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise fail("is not UTF-8 text", line, "save it as UTF-8") from exc
+        try:
+            document = _toml_loads(text)
+        except _TOMLDecodeError as exc:
+            message = str(exc)
+            match = re.search(r"\(at line (\d+), column \d+\)", message)
+            # Errors at the very end say "(at end of document)": point at the last line.
+            line = int(match.group(1)) if match else max(1, len(text.splitlines()))
+            reason = re.sub(r"\s*\(at [^)]*\)$", "", message)
+            raise fail(f"is not valid TOML ({reason})", line) from exc
+
+        for key in document:
+            if key not in _FILE_KEYS:
+                raise fail(
+                    f"has the unknown key {key!r} (allowed: {', '.join(_FILE_KEYS)})",
+                    _key_line(text, key),
+                    "fix or remove the key",
+                )
+        if "template" not in document:
+            raise fail("has no 'template' key", 1, 'add template = "..."')
+        values = {"name": file.stem, **document}
+        for key in ("name", "description", "model", "system", "template"):
+            if key in values and not isinstance(values[key], str):
+                raise fail(
+                    f"gives {key!r} {_kind(values[key])} where text is expected",
+                    _key_line(text, key),
+                    "write the value in quotes",
+                )
+        try:
+            fields = _validate_fields(
+                values["name"],
+                values["template"],
+                values.get("system"),
+                values.get("model"),
+                values.get("temperature"),
+                values.get("max_tokens"),
+                values.get("description"),
+            )
+        except _FieldError as exc:
+            line = _key_line(text, exc.key) if exc.key in document else 1
+            if exc.key == "name" and "name" not in document:
+                problem = f"has a file name that is not a valid prompt name ({exc.fact})"
+                raise fail(problem, line, "add a valid name = \"...\" key or rename the file") \
+                    from exc
+            raise fail(f"has a bad {exc.key!r} ({exc.fact})", line) from exc
+        return _ParsedFile(file=file, fields=fields)
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        *,
+        prompt_name: str | None,
+        prompt_version: int | None,
+        template: str,
+        system: str | None,
+        messages: builtins.list[dict[str, str]],
+        variables: dict[str, str],
+        model: str | None,
+        base_url: str,
+        started_at: float,
+        batch_id: str | None = None,
+    ) -> int:
+        """Record a run that is about to start (status ``unfinished``); return its id."""
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO runs (prompt_name, prompt_version, template, system, messages, "
+                "variables, model, base_url, started_at, status, batch_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'unfinished', ?)",
+                (
+                    prompt_name,
+                    prompt_version,
+                    template,
+                    system,
+                    json.dumps(messages, ensure_ascii=False),
+                    json.dumps(variables, ensure_ascii=False),
+                    model,
+                    base_url,
+                    float(started_at),
+                    batch_id,
+                ),
+            )
+            run_id = cursor.lastrowid
+        assert run_id is not None
+        return run_id
+
+    def append_run_text(self, run_id: int, text: str, reasoning: str = "") -> None:
+        """Add text that arrived for an unfinished run (one small row; never rewrites the rest)."""
+        if not text and not reasoning:
+            return
+        with self._write() as conn:
+            inserted = conn.execute(
+                "INSERT INTO run_chunks (run_id, seq, text, reasoning) "
+                "SELECT id, (SELECT coalesce(max(seq), 0) + 1 FROM run_chunks WHERE run_id = ?),"
+                " ?, ? FROM runs WHERE id = ? AND status = 'unfinished'",
+                (run_id, text, reasoning, run_id),
+            ).rowcount
+            if inserted == 0:
+                row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+                if row is None:
+                    raise RunNotFound(run_id, path=str(self.path))
+                raise ValueError(
+                    f"The run {run_id} is already finished (status {row[0]}), so no text can be "
+                    "appended: start a new run for new text."
+                )
+
+    def finish_run(
+        self,
+        run_id: int,
+        *,
+        status: str,
+        text: str,
+        reasoning: str,
+        error: str | None,
+        finish_reason: str | None,
+        model: str | None,
+        ttft_s: float | None,
+        duration_s: float | None,
+        chunks: int,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        tokens_per_s: float | None,
+    ) -> None:
+        """Write a run's outcome and full text, and drop its chunks, in one transaction.
+
+        ``model`` is what the server reported; ``None`` keeps the model recorded at the start.
+        """
+        if status not in STATUSES or status == "unfinished":
+            final = ", ".join(s for s in STATUSES if s != "unfinished")
+            raise ValueError(
+                f"The status {status!r} is not a final run status: use one of {final}."
+            )
+        with self._write() as conn:
+            updated = conn.execute(
+                "UPDATE runs SET status = ?, text = ?, reasoning = ?, error = ?, "
+                "finish_reason = ?, model = coalesce(?, model), ttft_s = ?, duration_s = ?, "
+                "chunks = ?, prompt_tokens = ?, completion_tokens = ?, tokens_per_s = ?, "
+                "text_chars = ?, preview = ? WHERE id = ?",
+                (
+                    status,
+                    text,
+                    reasoning,
+                    error,
+                    finish_reason,
+                    model,
+                    ttft_s,
+                    duration_s,
+                    chunks,
+                    prompt_tokens,
+                    completion_tokens,
+                    tokens_per_s,
+                    len(text),
+                    _preview(text),
+                    run_id,
+                ),
+            ).rowcount
+            if updated == 0:
+                raise RunNotFound(run_id, path=str(self.path))
+            conn.execute("DELETE FROM run_chunks WHERE run_id = ?", (run_id,))
+
+    def get_run(self, run_id: int) -> RunRecord:
+        """Everything recorded about one run; RunNotFound if there is no such run."""
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
+            if row is None:
+                raise RunNotFound(run_id, path=str(self.path))
+            values = list(row)
+            values[5] = json.loads(values[5])
+            values[6] = json.loads(values[6])
+            record = RunRecord(*values)
+            if record.status == "unfinished":
+                texts: list[str] = []
+                reasonings: list[str] = []
+                for text, reasoning in conn.execute(
+                    "SELECT text, reasoning FROM run_chunks WHERE run_id = ? ORDER BY seq",
+                    (run_id,),
+                ):
+                    texts.append(text)
+                    reasonings.append(reasoning)
+                record = dataclasses.replace(
+                    record, text="".join(texts), reasoning="".join(reasonings)
+                )
+        return record
+
+    def history(
+        self,
+        prompt: str | None = None,
+        status: str | None = None,
+        since: float | datetime | None = None,
+        limit: int | None = 50,
+        model: str | None = None,
+    ) -> History:
+        """Recorded runs, newest first, without their text; each filter narrows the list.
+
+        ``since`` is unix time or a datetime (runs started at or after it); ``limit=None``
+        returns every match.
+        """
+        if status is not None and status not in STATUSES:
+            known = ", ".join(STATUSES)
+            raise ValueError(f"The status {status!r} is not known: use one of {known}.")
+        if limit is not None and (isinstance(limit, bool) or limit < 0):
+            raise ValueError(f"limit is {limit!r}: use a number of runs (0 or more) or None.")
+        where, params = self._filters(prompt=prompt, model=model, since=since, status=status)
+        sql = f"SELECT {_SUMMARY_COLUMNS} FROM runs{where} ORDER BY started_at DESC, id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        with self._read() as conn:
+            rows = conn.execute(sql, params).fetchall()
+            summaries = History()
+            for row in rows:
+                summary = RunSummary(*row)
+                if summary.status == "unfinished":
+                    chars, preview = self._partial_summary(conn, summary.id)
+                    summary = dataclasses.replace(summary, text_chars=chars, preview=preview)
+                summaries.append(summary)
+        return summaries
+
+    @staticmethod
+    def _partial_summary(conn: sqlite3.Connection, run_id: int) -> tuple[int, str]:
+        """Length and preview of an unfinished run's text, read from its chunks."""
+        row = conn.execute(
+            "SELECT coalesce(sum(length(text)), 0) FROM run_chunks WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        head: list[str] = []
+        size = 0
+        for (text,) in conn.execute(
+            "SELECT text FROM run_chunks WHERE run_id = ? ORDER BY seq", (run_id,)
+        ):
+            head.append(text)
+            size += len(text)
+            if size >= 4096:
+                break
+        return int(row[0]), _preview("".join(head))
+
+    def stats(
+        self,
+        prompt: str | None = None,
+        model: str | None = None,
+        since: float | datetime | None = None,
+    ) -> RunStats:
+        """Success rate, outcome counts and timing percentiles, overall and per (prompt, model)."""
+        where, params = self._filters(prompt=prompt, model=model, since=since, status=None)
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT prompt_name, model, status, ttft_s, duration_s FROM runs{where}", params
+            ).fetchall()
+        statuses: dict[tuple[str | None, str | None], list[str]] = {}
+        ttfts: dict[tuple[str | None, str | None], list[float]] = {}
+        durations: dict[tuple[str | None, str | None], list[float]] = {}
+        all_ttfts: list[float] = []
+        all_durations: list[float] = []
+        for prompt_name, run_model, status, ttft, duration in rows:
+            key = (prompt_name, run_model)
+            if key not in statuses:
+                statuses[key], ttfts[key], durations[key] = [], [], []
+            statuses[key].append(status)
+            if ttft is not None:
+                ttfts[key].append(ttft)
+                all_ttfts.append(ttft)
+            if duration is not None:
+                durations[key].append(duration)
+                all_durations.append(duration)
+        overall = _group_stats(
+            None, None, [row[2] for row in rows], all_ttfts, all_durations
+        )
+
+        def order(key: tuple[str | None, str | None]) -> tuple[bool, str, bool, str]:
+            return (key[0] is not None, key[0] or "", key[1] is not None, key[1] or "")
+
+        groups = [
+            _group_stats(key[0], key[1], statuses[key], ttfts[key], durations[key])
+            for key in sorted(statuses, key=order)
+        ]
+        return RunStats(overall=overall, groups=groups)
+
+    @staticmethod
+    def _filters(
+        *,
+        prompt: str | None,
+        model: str | None,
+        since: float | datetime | None,
+        status: str | None,
+    ) -> tuple[str, builtins.list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if prompt is not None:
+            clauses.append("prompt_name = ?")
+            params.append(prompt)
+        if model is not None:
+            clauses.append("model = ?")
+            params.append(model)
+        if status is not None:
+            clauses.append("status = ?")
+            params.append(status)
+        if since is not None:
+            clauses.append("started_at >= ?")
+            params.append(_timestamp(since))
+        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+        return where, params
+
+
+def _key_line(text: str, key: str) -> int:
+    """The line where a top-level ``key`` (or table ``[key]``) is written, else 1."""
+    quoted = re.escape(key)
+    pattern = re.compile(
+        rf"^[ \t]*\[*[ \t]*(?:{quoted}|\"{quoted}\"|'{quoted}')[ \t]*[.=\]]", re.MULTILINE
+    )
+    match = pattern.search(text)
+    if match is None:
+        return 1
+    return text.count("\n", 0, match.start()) + 1

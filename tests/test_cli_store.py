@@ -1,0 +1,104 @@
+"""`lmstream prompts|run --prompt|history|stats` as real subprocesses on a temporary home."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmstream_nb import PromptStore, simulator
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LMSTREAM_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def lmstream(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lmstream_nb", *args],
+        input=stdin, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def test_prompts_lifecycle(home: Path, tmp_path: Path) -> None:
+    added = lmstream("prompts", "add", "greet", "Hello {{name}}, from {{place}}.",
+                     "--description", "a greeting", "--temperature", "0.2")
+    assert added.returncode == 0, added.stderr
+    assert "greet@1" in added.stdout and "name, place" in added.stdout
+    again = lmstream("prompts", "add", "greet", "-", stdin="Hi {{name}}!")
+    assert "greet@2" in again.stdout
+    listed = lmstream("prompts", "list", "--json")
+    [entry] = json.loads(listed.stdout)
+    assert entry["name"] == "greet" and entry["version"] == 2
+    assert entry["variables"] == ["name"]
+    assert "greet" in lmstream("prompts", "list").stdout
+    shown = lmstream("prompts", "show", "greet", "--version", "1")
+    assert "Hello {{name}}, from {{place}}." in shown.stdout and "temperature: 0.2" in shown.stdout
+    versions = json.loads(lmstream("prompts", "versions", "greet", "--json").stdout)
+    assert [v["version"] for v in versions] == [1, 2]
+    out_dir = tmp_path / "library"
+    exported = lmstream("prompts", "export", str(out_dir))
+    assert exported.returncode == 0 and (out_dir / "greet.toml").exists()
+    removed = lmstream("prompts", "rm", "greet")
+    assert removed.returncode == 0 and "2 versions" in removed.stdout
+    missing = lmstream("prompts", "show", "greet")
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1
+    assert "Traceback" not in missing.stderr
+    imported = lmstream("prompts", "import", str(out_dir))
+    assert imported.returncode == 0 and "greet@3" in imported.stdout
+
+
+def test_import_error_names_file_and_line(home: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "ok.toml").write_text('template = "fine {{x}}"\n', encoding="utf-8")
+    (folder / "broken.toml").write_text('template = "a"\nmodel = = 3\n', encoding="utf-8")
+    result = lmstream("prompts", "import", str(folder))
+    assert result.returncode == 1
+    assert "broken.toml" in result.stderr and "line 2" in result.stderr
+    assert json.loads(lmstream("prompts", "list", "--json").stdout) == []
+
+
+def test_run_prompt_then_history_and_stats(home: Path, sim: simulator.SimServer) -> None:
+    lmstream("prompts", "add", "topic", "Tell me about {{t}}.")
+    ok = lmstream("run", "--prompt", "topic", "--var", "t=owls", "--base-url", sim.base_url,
+                  "--max-tokens", "8")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() and "run #1" in ok.stderr
+    defaults = simulator.Scenario(disconnect_at=3)
+    with simulator.serve(profile="test-fast", defaults=defaults) as broken:
+        failed = lmstream("run", "--prompt", "topic", "--var", "t=bats",
+                          "--base-url", broken.base_url)
+    assert failed.returncode == 1 and failed.stdout.strip()
+    missing = lmstream("run", "--prompt", "topic", "--base-url", sim.base_url)
+    assert missing.returncode == 2 and "t" in missing.stderr
+    unknown = lmstream("run", "--prompt", "topik", "--base-url", sim.base_url)
+    assert unknown.returncode == 1 and "'topic'" in unknown.stderr
+
+    runs = json.loads(lmstream("history", "--json").stdout)
+    assert [r["status"] for r in runs] == ["interrupted", "ok"]
+    table = lmstream("history", "--status", "ok").stdout
+    assert "topic@1" in table and "interrupted" not in table
+    one = lmstream("history", "--run", str(runs[0]["id"]))
+    assert "interrupted" in one.stdout and failed.stdout.strip() in one.stdout
+
+    report = json.loads(lmstream("stats", "--json").stdout)
+    assert report["overall"]["runs"] == 2 and report["overall"]["success_rate"] == 0.5
+    text = lmstream("stats", "--prompt", "topic").stdout
+    assert "50%" in text and "interrupted 1" in text
+
+    with PromptStore(home / "lmstream.db") as store:
+        assert store.get_run(runs[1]["id"]).variables == {"t": "owls"}
+
+
+def test_corrupt_database_is_one_sentence(home: Path) -> None:
+    home.mkdir(parents=True)
+    (home / "lmstream.db").write_bytes(b"this is not a database" * 100)
+    result = lmstream("prompts", "list")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "LMSTREAM_HOME" in result.stderr

@@ -1,0 +1,158 @@
+"""Ordered, named schema steps: each runs once, and stepping up matches a fresh build."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lmstream_nb import _migrations
+from lmstream_nb._errors import StoreUnavailable
+from lmstream_nb._migrations import APPLICATION_ID, LATEST_VERSION, MIGRATIONS, migrate
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    connection = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def schema(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+    """Every table and index with its SQL, in a stable order."""
+    return sorted(
+        (row[0], row[1], row[2] or "")
+        for row in conn.execute("SELECT type, name, sql FROM sqlite_master")
+    )
+
+
+def columns(conn: sqlite3.Connection, table: str) -> list[str]:
+    return [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+
+
+def indexes(conn: sqlite3.Connection, table: str) -> dict[str, list[str]]:
+    return {
+        row[1]: [c[2] for c in conn.execute(f"PRAGMA index_info({row[1]})")]
+        for row in conn.execute(f"PRAGMA index_list({table})")
+        if not row[1].startswith("sqlite_autoindex")
+    }
+
+
+def test_steps_are_named_in_order() -> None:
+    names = [step.__name__ for step in MIGRATIONS]
+    assert names[0] == "m001_initial"
+    assert names == sorted(names)
+    assert [name[:4] for name in names] == [f"m{i:03d}" for i in range(1, len(names) + 1)]
+    assert len(MIGRATIONS) == LATEST_VERSION
+
+
+def test_a_fresh_database_ends_at_the_latest_schema(conn: sqlite3.Connection) -> None:
+    applied = migrate(conn)
+    assert applied == [step.__name__ for step in MIGRATIONS]
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION
+    assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+    recorded = conn.execute("SELECT version, name FROM schema_migrations ORDER BY version")
+    assert recorded.fetchall() == [(i + 1, s.__name__) for i, s in enumerate(MIGRATIONS)]
+
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"schema_migrations", "prompts", "prompt_names", "runs", "run_chunks"}
+    assert columns(conn, "prompts") == [
+        "id", "name", "version", "template", "system", "model", "temperature", "max_tokens",
+        "description", "created_at",
+    ]
+    assert columns(conn, "runs") == [
+        "id", "prompt_name", "prompt_version", "template", "system", "messages", "variables",
+        "model", "base_url", "started_at", "ttft_s", "duration_s", "chunks", "prompt_tokens",
+        "completion_tokens", "tokens_per_s", "finish_reason", "status", "error", "text",
+        "reasoning", "text_chars", "preview", "batch_id",
+    ]
+    assert columns(conn, "run_chunks") == ["run_id", "seq", "text", "reasoning"]
+    run_indexes = indexes(conn, "runs")
+    assert run_indexes["runs_started_at"][:2] == ["started_at", "id"]
+    assert run_indexes["runs_prompt_started_at"][:3] == ["prompt_name", "started_at", "id"]
+    assert run_indexes["runs_status_started_at"] == ["status", "started_at"]
+    # Stats reads only these columns; the two main indexes cover them.
+    for name in ("runs_started_at", "runs_prompt_started_at"):
+        assert {"prompt_name", "model", "status", "ttft_s", "duration_s"} <= set(
+            run_indexes[name]
+        )
+
+
+def test_running_migrations_twice_is_a_no_op(conn: sqlite3.Connection) -> None:
+    migrate(conn)
+    before = schema(conn)
+    assert migrate(conn) == []
+    assert schema(conn) == before
+    assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == LATEST_VERSION
+
+
+@pytest.mark.parametrize("start", range(1, LATEST_VERSION + 1))
+def test_upgrading_step_by_step_matches_a_fresh_build(tmp_path: Path, start: int) -> None:
+    fresh = sqlite3.connect(tmp_path / "fresh.db", isolation_level=None)
+    stepped = sqlite3.connect(tmp_path / "stepped.db", isolation_level=None)
+    try:
+        migrate(fresh)
+        assert migrate(stepped, target=start) == [s.__name__ for s in MIGRATIONS[:start]]
+        assert stepped.execute("PRAGMA user_version").fetchone()[0] == start
+        migrate(stepped)
+        assert schema(stepped) == schema(fresh)
+    finally:
+        fresh.close()
+        stepped.close()
+
+
+def test_a_version_1_database_with_data_upgrades_keeping_the_data(
+    conn: sqlite3.Connection,
+) -> None:
+    migrate(conn, target=1)
+    conn.execute(
+        "INSERT INTO prompts (name, version, template, created_at) VALUES ('p', 1, 'T {{x}}', 1.0)"
+    )
+    conn.execute(
+        "INSERT INTO runs (prompt_name, prompt_version, template, messages, variables, base_url,"
+        " started_at, status, text) VALUES ('p', 1, 'T {{x}}', '[]', '{}', 'u', 5.0, 'ok', 'hi')"
+    )
+    conn.execute("INSERT INTO run_chunks (run_id, seq, text, reasoning) VALUES (1, 1, 'a', '')")
+    migrate(conn)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION
+    assert conn.execute("SELECT name, version, template FROM prompts").fetchall() == [
+        ("p", 1, "T {{x}}")
+    ]
+    assert conn.execute("SELECT prompt_name, status, text FROM runs").fetchall() == [
+        ("p", "ok", "hi")
+    ]
+    assert conn.execute("SELECT run_id, text FROM run_chunks").fetchall() == [(1, "a")]
+
+
+def test_a_failing_step_leaves_the_database_at_the_previous_version(
+    conn: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def m999_broken(c: sqlite3.Connection) -> None:
+        c.execute("CREATE TABLE half_done (x)")
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(_migrations, "MIGRATIONS", (*MIGRATIONS, m999_broken))
+    monkeypatch.setattr(_migrations, "LATEST_VERSION", LATEST_VERSION + 1)
+    with pytest.raises(RuntimeError, match="step failed"):
+        _migrations.migrate(conn)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION
+    assert not conn.in_transaction
+    names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert "half_done" not in names
+
+
+def test_a_newer_database_is_refused(conn: sqlite3.Connection) -> None:
+    migrate(conn)
+    conn.execute(f"PRAGMA user_version = {LATEST_VERSION + 5}")
+    with pytest.raises(StoreUnavailable, match="upgrade lmstream_nb"):
+        migrate(conn)
+    assert not conn.in_transaction
+
+
+def test_target_out_of_range_is_refused(conn: sqlite3.Connection) -> None:
+    with pytest.raises(ValueError, match="target"):
+        migrate(conn, target=LATEST_VERSION + 1)

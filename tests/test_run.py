@@ -1,0 +1,329 @@
+"""run()/arun() against the simulator: render, stream, record; failures and cancels recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmstream_nb import (
+    Budgets,
+    FirstTokenTimeout,
+    HTTPStatusError,
+    LMStudioClient,
+    MissingVariables,
+    Prompt,
+    PromptNotFound,
+    PromptStore,
+    StreamInterrupted,
+    StreamStalled,
+    SyncLMStudioClient,
+    TextDelta,
+    arun,
+    history,
+    run,
+    simulator,
+    stats,
+)
+
+MODEL = "lmstream-sim-8b"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> PromptStore:
+    with PromptStore(tmp_path / "runs.db") as s:
+        s.save("summary", "Summarise {{topic}} for {{audience}}.", system="You help {{team}}.")
+        yield s
+
+
+def sync_client(sim: simulator.SimServer, **kwargs: Any) -> SyncLMStudioClient:
+    return SyncLMStudioClient(sim.base_url, **kwargs)
+
+
+def test_run_stored_prompt_records_everything(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    seen: list[Any] = []
+    with sync_client(sim) as client:
+        result = run(
+            "summary", {"topic": "rivers", "audience": "kids", "team": "docs"},
+            store=store, client=client, on_event=seen.append, sim={"output_tokens": 25},
+        )
+    assert result.ok and result.status == "ok" and result.prompt == "summary@1"
+    assert result.text == "".join(e.content for e in seen if isinstance(e, TextDelta))
+    assert result.stats.completion_tokens == 25 and result.finish_reason == "stop"
+    assert str(result) == result.text and "run #" in repr(result)
+    rec = store.get_run(result.run_id)
+    assert (rec.prompt_name, rec.prompt_version, rec.status) == ("summary", 1, "ok")
+    assert rec.text == result.text and rec.model == MODEL
+    assert rec.variables == {"topic": "rivers", "audience": "kids", "team": "docs"}
+    assert rec.messages == [
+        {"role": "system", "content": "You help docs."},
+        {"role": "user", "content": "Summarise rivers for kids."},
+    ]
+    assert rec.base_url == sim.base_url
+    assert rec.ttft_s is not None and rec.duration_s is not None and rec.chunks >= 25
+    assert rec.completion_tokens == 25 and rec.finish_reason == "stop"
+
+
+def test_run_records_the_exact_version(sim: simulator.SimServer, store: PromptStore) -> None:
+    store.save("summary", "Version two about {{topic}}.")
+    with sync_client(sim) as client:
+        latest = run("summary", {"topic": "x"}, store=store, client=client)
+        first = run("summary", {"topic": "x", "audience": "a", "team": "t"}, version=1,
+                    store=store, client=client)
+    assert store.get_run(latest.run_id).prompt_version == 2
+    assert store.get_run(first.run_id).prompt_version == 1
+
+
+@pytest.mark.anyio
+async def test_arun_inline_prompt(sim: simulator.SimServer, store: PromptStore) -> None:
+    async with LMStudioClient(sim.base_url) as client:
+        result = await arun(
+            Prompt("Tell me about {{x}}", model=MODEL), {"x": "{{y}}"}, store=store,
+            client=client, sim={"output_tokens": 5},
+        )
+    rec = store.get_run(result.run_id)
+    assert rec.prompt_name is None and rec.template == "Tell me about {{x}}"
+    assert rec.messages[-1]["content"] == "Tell me about {{y}}", "values are never re-expanded"
+    assert result.prompt == "(inline)"
+
+
+def test_missing_variables_are_refused_before_anything_happens(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    before = len(sim.records())
+    with sync_client(sim) as client, pytest.raises(MissingVariables) as info:
+        run("summary", {"topic": "x"}, store=store, client=client)
+    assert info.value.names == ("audience", "team")
+    assert len(sim.records()) == before
+    assert len(store.history()) == 0
+
+
+def test_unknown_prompt_suggests_close_names(store: PromptStore) -> None:
+    with pytest.raises(PromptNotFound) as info:
+        run("sumary", {}, store=store)
+    assert "summary" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("scenario", "budgets", "error", "status"),
+    [
+        ({"disconnect_at": 6}, None, StreamInterrupted, "interrupted"),
+        ({"stall_at": 4, "stall_s": 30}, Budgets(idle=0.3), StreamStalled, "stalled"),
+        ({"http_status": 500}, None, HTTPStatusError, "error"),
+    ],
+)
+def test_failures_are_recorded_with_partial_text(
+    sim: simulator.SimServer, store: PromptStore, scenario: dict[str, Any],
+    budgets: Budgets | None, error: type[Exception], status: str,
+) -> None:
+    values = {"topic": "x", "audience": "y", "team": "z"}
+    with sync_client(sim, budgets=budgets) as client:
+        with pytest.raises(error) as info:
+            run("summary", values, store=store, client=client, sim=scenario)
+        returned = run("summary", values, store=store, client=client, sim=scenario,
+                       raise_errors=False)
+    run_id = info.value.run_id  # type: ignore[attr-defined]
+    assert run_id is not None
+    rec = store.get_run(run_id)
+    assert rec.status == status and rec.error == str(info.value)
+    assert rec.text == getattr(info.value, "partial_text", "")
+    assert returned.status == status and not returned.ok and returned.error
+    assert store.get_run(returned.run_id).text == returned.text
+
+
+def test_first_token_timeout_is_recorded(sim: simulator.SimServer, store: PromptStore) -> None:
+    with sync_client(sim, budgets=Budgets(first_token=0.3)) as client:
+        result = run(Prompt("z" * 400, model=MODEL), store=store, client=client,
+                     sim={"prefill_tps": 10}, raise_errors=False)
+    assert result.status == "first_token_timeout"
+    assert store.get_run(result.run_id).status == "first_token_timeout"
+
+
+@pytest.mark.anyio
+async def test_cancelled_run_is_recorded_then_reraised(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    got_text = asyncio.Event()
+
+    def on_event(event: Any) -> None:
+        if isinstance(event, TextDelta):
+            got_text.set()
+
+    async with LMStudioClient(sim.base_url) as client:
+        task = asyncio.create_task(arun(
+            Prompt("long", model=MODEL), store=store, client=client, on_event=on_event,
+            sim={"output_tokens": 5000},
+        ))
+        await asyncio.wait_for(got_text.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    [summary] = store.history()
+    rec = store.get_run(summary.id)
+    assert rec.status == "cancelled" and rec.text
+    assert sim.wait_for(lambda r: r.outcome == "client_disconnected", 5.0)
+
+
+def test_run_works_inside_a_running_event_loop(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    """In a Jupyter cell an event loop already runs in the calling thread."""
+
+    async def cell() -> str:
+        with sync_client(sim) as client:
+            return run(Prompt("Hi", model=MODEL), store=store, client=client).text
+
+    assert asyncio.run(cell())
+
+
+def test_default_store_and_module_level_history_and_stats(
+    sim: simulator.SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LMSTREAM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LMSTREAM_BASE_URL", sim.base_url)
+    first = run(Prompt("Hi {{who}}"), {"who": "you"}, sim={"output_tokens": 3})
+    second = run(Prompt("Hi"), sim={"disconnect_at": 1}, raise_errors=False)
+    assert first.model == MODEL, "the server's chat model is used when none is given"
+    assert (tmp_path / "home" / "lmstream.db").exists()
+    runs = history()
+    assert [r.id for r in runs] == [second.run_id, first.run_id]
+    report = stats()
+    assert report.overall.runs == 2 and report.overall.success_rate == 0.5
+    assert report.overall.by_status == {"ok": 1, "interrupted": 1}
+
+
+# -- crash safety and Ctrl-C, in real processes ----------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from lmstream_nb import Prompt, PromptStore, SyncLMStudioClient, TextDelta, run
+    store = PromptStore(sys.argv[1])
+    first = True
+    def on_event(event):
+        global first
+        if first and isinstance(event, TextDelta):
+            first = False
+            print("streaming", flush=True)
+    with SyncLMStudioClient(sys.argv[2]) as client:
+        run(Prompt("Go", model="lmstream-sim-8b"), store=store, client=client,
+            on_event=on_event, sim={"output_tokens": 100000, "gen_tps": 200, "jitter": 0})
+    """
+)
+
+
+def start_child(db: Path, base_url: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(db), base_url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    assert ready and proc.stdout.readline().strip() == "streaming"
+    return proc
+
+
+def wait_for_flushed_text(db: Path, timeout: float) -> int:
+    """Bounded poll of the database another process writes to (no event crosses processes)."""
+    deadline = time.monotonic() + timeout
+    with PromptStore(db) as reader:
+        while time.monotonic() < deadline:
+            runs = reader.history()
+            if runs and runs[0].text_chars > 0:
+                return runs[0].id
+            time.sleep(0.1)
+    raise AssertionError("no text was flushed to the database in time")
+
+
+def test_killed_process_leaves_unfinished_run_with_its_text(
+    sim: simulator.SimServer, tmp_path: Path
+) -> None:
+    db = tmp_path / "crash.db"
+    PromptStore(db).close()
+    proc = start_child(db, sim.base_url)
+    try:
+        run_id = wait_for_flushed_text(db, timeout=10)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+    with PromptStore(db) as reader:
+        rec = reader.get_run(run_id)
+    assert rec.status == "unfinished"
+    assert len(rec.text) > 10
+
+
+def test_ctrl_c_in_a_script_records_a_cancelled_run(
+    sim: simulator.SimServer, tmp_path: Path
+) -> None:
+    db = tmp_path / "sigint.db"
+    PromptStore(db).close()
+    proc = start_child(db, sim.base_url)
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert "KeyboardInterrupt" in err
+    with PromptStore(db) as reader:
+        [summary] = reader.history()
+        rec = reader.get_run(summary.id)
+    assert rec.status == "cancelled" and rec.text
+
+
+BATCH_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from lmstream_nb import LMStudioClient, Prompt, PromptStore, arun
+    async def main():
+        store = PromptStore(sys.argv[1])
+        limit = asyncio.Semaphore(8)
+        async with LMStudioClient(sys.argv[2]) as client:
+            async def one(i):
+                async with limit:
+                    r = await arun(Prompt("Item {{i}}", model="lmstream-sim-8b"), {"i": i},
+                                   store=store, client=client, sim={"output_tokens": 3})
+                    return r.status
+            statuses = await asyncio.gather(*(one(i) for i in range(int(sys.argv[3]))))
+        print(sum(s == "ok" for s in statuses))
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.timeout(180)
+def test_two_processes_with_eight_concurrent_runs_each_lose_nothing(
+    sim: simulator.SimServer, tmp_path: Path
+) -> None:
+    db = tmp_path / "shared.db"
+    PromptStore(db).close()
+    runs_each = 500
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BATCH_CHILD, str(db), sim.base_url, str(runs_each)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=150) for p in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+        assert out.strip() == str(runs_each)
+        assert "locked" not in err
+    with PromptStore(db) as reader:
+        report = reader.stats()
+        rows = reader.history(limit=None)
+    assert report.overall.runs == 2 * runs_each == len(rows)
+    assert report.overall.by_status == {"ok": 2 * runs_each}
+    assert len({r.id for r in rows}) == 2 * runs_each

@@ -1,0 +1,977 @@
+"""PromptStore on real SQLite files: versions, files, refusals, runs, history, stats, load."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import pytest
+
+from lmstream_nb._errors import (
+    PromptFileError,
+    PromptNotFound,
+    RunNotFound,
+    StoreError,
+    StoreUnavailable,
+)
+from lmstream_nb._migrations import APPLICATION_ID, LATEST_VERSION
+from lmstream_nb._store import (
+    STATUSES,
+    History,
+    PromptStore,
+    RunStats,
+    default_path,
+    percentile,
+)
+from lmstream_nb._template import Prompt
+
+PACKAGE = Path(__file__).resolve().parent.parent / "lmstream_nb"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[PromptStore]:
+    with PromptStore(tmp_path / "data" / "lmstream.db") as opened:
+        yield opened
+
+
+def start(store: PromptStore, **overrides: Any) -> int:
+    values: dict[str, Any] = {
+        "prompt_name": "p",
+        "prompt_version": 1,
+        "template": "Say {{x}}",
+        "system": None,
+        "messages": [{"role": "user", "content": "Say hi"}],
+        "variables": {"x": "hi"},
+        "model": "m",
+        "base_url": "http://127.0.0.1:1234/v1",
+        "started_at": time.time(),
+    }
+    values.update(overrides)
+    return store.start_run(**values)
+
+
+def finish(store: PromptStore, run_id: int, **overrides: Any) -> None:
+    values: dict[str, Any] = {
+        "status": "ok",
+        "text": "hi",
+        "reasoning": "",
+        "error": None,
+        "finish_reason": "stop",
+        "model": None,
+        "ttft_s": 0.1,
+        "duration_s": 0.5,
+        "chunks": 2,
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "tokens_per_s": 4.0,
+    }
+    values.update(overrides)
+    store.finish_run(run_id, **values)
+
+
+def one_sentence(message: str) -> None:
+    """Our messages are one line: what happened, the fact, then ``: what to do.``"""
+    assert "\n" not in message, message
+    assert ": " in message, message
+    assert message.endswith((".", "?")), message
+
+
+# ---------------------------------------------------------------------------------------------
+# Location
+
+
+def test_default_path_follows_lmstream_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "nested" / "home"
+    monkeypatch.setenv("LMSTREAM_HOME", str(home))
+    assert default_path() == home / "lmstream.db"
+    assert home.is_dir()
+    with PromptStore() as opened:
+        assert opened.path == home / "lmstream.db"
+        assert repr(opened) == f"PromptStore({str(home / 'lmstream.db')!r})"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="XDG_DATA_HOME steers platformdirs on Linux")
+def test_default_path_without_home_is_the_user_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LMSTREAM_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    expected = Path(platformdirs.user_data_dir("lmstream_nb", appauthor=False)) / "lmstream.db"
+    assert expected == tmp_path / "xdg" / "lmstream_nb" / "lmstream.db"
+    assert default_path() == expected
+    assert expected.parent.is_dir()
+
+
+def test_the_store_imports_no_client_or_front_end_code() -> None:
+    forbidden = ("lmstream_nb._client", "lmstream_nb._sse", "lmstream_nb.cli",
+                 "lmstream_nb.simulator", "httpx")
+    for module in ("_store.py", "_migrations.py"):
+        tree = ast.parse((PACKAGE / module).read_text(encoding="utf-8"))
+        found: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = "lmstream_nb." if node.level else ""
+                found.add(base + (node.module or ""))
+        bad = {n for n in found for f in forbidden if n == f or n.startswith(f + ".")}
+        assert not bad, f"{module} imports {sorted(bad)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+def test_save_numbers_versions_and_keeps_old_ones_readable(store: PromptStore) -> None:
+    before = time.time()
+    first = store.save(
+        "summarize",
+        "Summarize {{text}}",
+        system="You are {{role}}",
+        model="qwen",
+        temperature=0.2,
+        max_tokens=256,
+        description="short summaries",
+    )
+    assert (first.name, first.version) == ("summarize", 1)
+    assert first.created_at is not None
+    assert first.created_at >= before
+    second = store.save("summarize", "Summarize briefly: {{text}}", max_tokens=-1)
+    assert second.version == 2
+    assert store.save("other", "x").version == 1
+
+    assert store.get("summarize") == second
+    assert store.get("summarize", 1) == first
+    assert store.get("summarize", 1).system == "You are {{role}}"
+    assert store.get("summarize", 1).temperature == 0.2
+    assert [p.version for p in store.versions("summarize")] == [1, 2]
+    assert store.versions("summarize")[0] == first
+
+
+def test_list_gives_the_latest_version_of_each_name_sorted(store: PromptStore) -> None:
+    store.save("zeta", "z1")
+    store.save("alpha", "a1")
+    store.save("zeta", "z2")
+    store.save("Émile", "e1")
+    listed = store.list()
+    assert [(p.name, p.version, p.template) for p in listed] == [
+        ("alpha", 1, "a1"), ("zeta", 2, "z2"), ("Émile", 1, "e1")
+    ]
+
+
+def test_delete_removes_all_versions_keeps_runs_and_never_reuses_versions(
+    store: PromptStore,
+) -> None:
+    store.save("p", "one")
+    store.save("p", "two")
+    run_id = start(store, prompt_name="p", prompt_version=2)
+    finish(store, run_id)
+    assert store.delete("p") == 2
+    with pytest.raises(PromptNotFound):
+        store.get("p")
+    assert store.list() == []
+    assert store.get_run(run_id).prompt_version == 2
+    assert store.get_run(run_id).template == "Say {{x}}"
+    # A later prompt with the same name continues the numbering, so "p@2" keeps one meaning.
+    assert store.save("p", "three").version == 3
+    with pytest.raises(PromptNotFound):
+        store.delete("nothing")
+
+
+def test_save_prompt_takes_name_from_argument_or_prompt(store: PromptStore) -> None:
+    prompt = Prompt(template="T {{x}}", system="S", model="m", temperature=1, max_tokens=5,
+                    description="d")
+    saved = store.save_prompt(prompt, name="given")
+    assert (saved.name, saved.version, saved.template, saved.system) == ("given", 1, "T {{x}}", "S")
+    assert saved.temperature == 1.0
+    assert isinstance(saved.temperature, float)
+    again = store.save_prompt(saved)
+    assert (again.name, again.version) == ("given", 2)
+    with pytest.raises(ValueError, match="no name") as caught:
+        store.save_prompt(prompt)
+    one_sentence(str(caught.value))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"name": ""}, "empty"),
+        ({"name": "a/b"}, "'/'"),
+        ({"name": "a\\b"}, "'\\\\'"),
+        ({"name": "line\nbreak"}, "'\\n'"),
+        ({"name": "tab\there"}, "'\\t'"),
+        ({"name": "bell\x7f"}, "'\\x7f'"),
+        ({"name": "n" * 201}, "201 characters"),
+        ({"temperature": -0.1}, "outside 0 to 2"),
+        ({"temperature": 2.5}, "outside 0 to 2"),
+        ({"temperature": math.nan}, "outside 0 to 2"),
+        ({"temperature": "hot"}, "must be a number"),
+        ({"temperature": True}, "must be a number"),
+        ({"max_tokens": 0}, "max_tokens is 0"),
+        ({"max_tokens": -2}, "max_tokens is -2"),
+        ({"max_tokens": 1.5}, "must be an integer"),
+        ({"max_tokens": True}, "must be an integer"),
+        ({"template": None}, "template must be text"),
+        ({"system": 3}, "system must be text"),
+    ],
+)
+def test_save_refuses_bad_values_with_one_sentence(
+    store: PromptStore, kwargs: dict[str, Any], fragment: str
+) -> None:
+    values: dict[str, Any] = {"name": "ok", "template": "t", **kwargs}
+    with pytest.raises(ValueError, match=re.escape(fragment)) as caught:
+        store.save(**values)
+    one_sentence(str(caught.value))
+    assert store.list() == []
+
+
+def test_save_accepts_edge_values(store: PromptStore) -> None:
+    assert store.save("n" * 200, "t").version == 1
+    assert store.save("résumé ✓ (v2)", "t", temperature=0, max_tokens=-1).temperature == 0.0
+    assert store.save("hot", "t", temperature=2, max_tokens=1).max_tokens == 1
+
+
+def test_prompt_not_found_suggests_close_names(store: PromptStore) -> None:
+    store.save("summarize", "s")
+    store.save("translate", "t")
+    with pytest.raises(PromptNotFound) as caught:
+        store.get("sumarize")
+    error = caught.value
+    assert error.suggestions == ("summarize",)
+    assert error.name == "sumarize"
+    assert error.path == str(store.path)
+    assert "did you mean 'summarize'?" in str(error)
+    one_sentence(str(error))
+
+    with pytest.raises(PromptNotFound) as caught:
+        store.get("summarize", 9)
+    assert caught.value.version == 9
+    assert "no version 9" in str(caught.value)
+    with pytest.raises(PromptNotFound) as caught:
+        store.versions("zzz")
+    assert caught.value.suggestions == ()
+    assert "lmstream prompts list" in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt files
+
+
+def test_export_then_import_into_a_fresh_store_round_trips(
+    store: PromptStore, tmp_path: Path
+) -> None:
+    store.save("old", "replaced")
+    store.save(
+        "old",
+        "Línea 1 {{x}}\n\tindented \"quoted\" 'single' \\ backslash\n\nlast line ✓ 🦉",
+        system="Système:\nbe brief",
+        model="qwen2.5-7b",
+        temperature=0.7,
+        max_tokens=-1,
+        description="with ünïcode",
+    )
+    store.save("plain", "one line only")
+    store.save("trailing", "ends with newline\n", description='"""triple"""')
+    folder = tmp_path / "exported" / "deep"
+    files = store.export(folder)
+    assert files == [folder / "old.toml", folder / "plain.toml", folder / "trailing.toml"]
+    old_text = (folder / "old.toml").read_text(encoding="utf-8")
+    assert '"""' in old_text
+    assert "Línea 1 {{x}}" in old_text
+    assert old_text.index("name") < old_text.index("description") < old_text.index("template")
+    plain_text = (folder / "plain.toml").read_text(encoding="utf-8")
+    assert "model" not in plain_text
+    assert "system" not in plain_text
+
+    with PromptStore(tmp_path / "fresh.db") as fresh:
+        imported = fresh.import_(folder)
+        assert [p.name for p in imported] == ["old", "plain", "trailing"]
+        fields = ("name", "template", "system", "model", "temperature", "max_tokens",
+                  "description")
+        for original in store.list():
+            copy = fresh.get(original.name or "")
+            assert copy.version == 1
+            assert [getattr(copy, f) for f in fields] == [getattr(original, f) for f in fields]
+
+
+def test_import_names_from_file_stem_and_adds_versions(store: PromptStore, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "greet.toml").write_text('template = "Hi {{name}}"\n', encoding="utf-8")
+    (folder / "x.toml").write_text('name = "named"\ntemplate = "t"\n', encoding="utf-8")
+    (folder / "notes.txt").write_text("not a prompt", encoding="utf-8")
+    store.save("greet", "older")
+    imported = store.import_(folder)
+    assert [(p.name, p.version) for p in imported] == [("greet", 2), ("named", 1)]
+    assert store.get("greet").template == "Hi {{name}}"
+    assert store.import_(tmp_path / "in" / "..") == []  # no *.toml there
+
+
+BAD_FILES = [
+    pytest.param('template = "a"\nmodel = = 3\n', 2, "not valid TOML", id="syntax"),
+    pytest.param('template = """never closed\n\nstill open\n', 3, "not valid TOML", id="eof"),
+    pytest.param('template = "a"\n\ntemprature = 0.5\n', 3, "unknown key 'temprature'",
+                 id="unknown-key"),
+    pytest.param('template = "a"\n[extra]\nx = 1\n', 2, "unknown key 'extra'", id="table"),
+    pytest.param('description = "no template"\n', 1, "no 'template' key", id="missing"),
+    pytest.param('template = "a"\nmodel = 3\n', 2, "'model' an integer", id="wrong-type"),
+    pytest.param('template = "a"\n\n\ntemperature = "hot"\n', 4, "'temperature'",
+                 id="wrong-type-number"),
+    pytest.param('template = "a"\nmax_tokens = 0\n', 2, "'max_tokens'", id="range"),
+    pytest.param('name = "a/b"\ntemplate = "a"\n', 1, "contains '/'", id="bad-name"),
+    pytest.param(b'template = "caf\xe9"\n', 1, "not UTF-8", id="encoding"),
+]
+
+
+@pytest.mark.parametrize(("content", "line", "fragment"), BAD_FILES)
+def test_a_bad_prompt_file_names_file_and_line_and_imports_nothing(
+    store: PromptStore, tmp_path: Path, content: str | bytes, line: int, fragment: str
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a_good.toml").write_text('template = "fine {{x}}"\n', encoding="utf-8")
+    bad = folder / "b_bad.toml"
+    if isinstance(content, bytes):
+        bad.write_bytes(content)
+    else:
+        bad.write_text(content, encoding="utf-8")
+    (folder / "c_good.toml").write_text('template = "also fine"\n', encoding="utf-8")
+    with pytest.raises(PromptFileError) as caught:
+        store.import_(folder)
+    error = caught.value
+    assert error.file == str(bad)
+    assert error.line == line
+    assert str(bad) in str(error)
+    assert f"at line {line}" in str(error)
+    assert fragment in str(error)
+    assert "nothing was imported" in str(error)
+    one_sentence(str(error))
+    assert store.list() == []
+
+
+def test_a_file_name_that_is_no_prompt_name_is_reported(store: PromptStore, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / ("n" * 201 + ".toml")).write_text('template = "t"\n', encoding="utf-8")
+    with pytest.raises(PromptFileError, match="file name") as caught:
+        store.import_(folder)
+    assert caught.value.line == 1
+
+
+def test_import_from_a_missing_folder(store: PromptStore, tmp_path: Path) -> None:
+    with pytest.raises(PromptFileError, match="does not exist") as caught:
+        store.import_(tmp_path / "nowhere")
+    assert caught.value.line is None
+    one_sentence(str(caught.value))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files that are not ours, or not usable
+
+
+def test_random_bytes_are_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "lmstream.db"
+    content = random.Random(1).randbytes(10_000)
+    path.write_bytes(content)
+    with pytest.raises(StoreUnavailable) as caught:
+        PromptStore(path)
+    message = str(caught.value)
+    assert f"The file {path} is not a usable lmstream_nb database" in message
+    assert "LMSTREAM_HOME" in message
+    assert caught.value.path == str(path)
+    one_sentence(message)
+    assert path.read_bytes() == content
+
+
+def test_a_corrupt_store_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "lmstream.db"
+    with PromptStore(path) as created:
+        for i in range(50):
+            created.save(f"p{i}", "x" * 500)
+    data = bytearray(path.read_bytes())
+    data[100:4096] = random.Random(2).randbytes(3996)  # page 1: the schema's root page
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreUnavailable, match="not a usable lmstream_nb database") as caught:
+        PromptStore(path)
+    one_sentence(str(caught.value))
+
+
+@pytest.mark.parametrize("application_id", [0, 0x12345678])
+def test_a_foreign_sqlite_database_is_refused_untouched(
+    tmp_path: Path, application_id: int
+) -> None:
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.execute("INSERT INTO notes VALUES ('keep me')")
+    conn.execute(f"PRAGMA application_id = {application_id}")
+    conn.commit()
+    conn.close()
+    content = path.read_bytes()
+    with pytest.raises(StoreUnavailable, match="another program") as caught:
+        PromptStore(path)
+    one_sentence(str(caught.value))
+    assert path.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
+
+
+def test_an_empty_file_is_adopted(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    path.touch()
+    with PromptStore(path) as opened:
+        opened.save("p", "t")
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "lmstream.db"
+    PromptStore(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {LATEST_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreUnavailable, match="upgrade lmstream_nb") as caught:
+        PromptStore(path)
+    assert f"schema version {LATEST_VERSION + 1}" in str(caught.value)
+    one_sentence(str(caught.value))
+
+
+def test_a_closed_store_says_so(tmp_path: Path) -> None:
+    opened = PromptStore(tmp_path / "x.db")
+    opened.close()
+    opened.close()
+    with pytest.raises(StoreError, match="is closed"):
+        opened.list()
+
+
+OPEN_SCRIPT = """
+import json, sys
+from lmstream_nb._errors import StoreUnavailable
+from lmstream_nb._store import PromptStore
+out = {}
+for path in sys.argv[1:]:
+    try:
+        PromptStore(path).close()
+        out[path] = "opened"
+    except StoreUnavailable as exc:
+        out[path] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def run_without_root_powers(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run Python where file permissions apply: as ``nobody``, or as root without DAC powers."""
+    command = [sys.executable, "-c", OPEN_SCRIPT, *args]
+    options: dict[str, Any] = {"capture_output": True, "text": True, "timeout": 50}
+    if os.geteuid() != 0:
+        return subprocess.run(command, check=False, **options)
+    try:
+        result = subprocess.run(command, check=False, user="nobody", **options)
+        if result.returncode == 0:
+            return result
+    except (KeyError, OSError):  # no such user, or it cannot reach this interpreter
+        pass
+    # nobody usually cannot reach an interpreter under /root; stay root but drop the
+    # capabilities that bypass permission bits.
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root, 'nobody' cannot run this Python and setpriv is missing")
+    dropped = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all", "--"]
+    return subprocess.run([*dropped, *command], check=False, **options)
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A folder under /tmp that another user can traverse (pytest's tmp_path is 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix="lmstream-ro-", dir="/tmp"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        for path in [folder, *folder.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+def test_an_unwritable_location_is_refused(shared_tmp: Path) -> None:
+    read_only_dir = shared_tmp / "ro"
+    read_only_dir.mkdir()
+    with PromptStore(read_only_dir / "existing.db") as created:
+        created.save("p", "t")
+    writable_dir = shared_tmp / "rw"
+    writable_dir.mkdir()
+    writable_dir.chmod(0o777)
+    read_only_file = writable_dir / "readonly.db"
+    with PromptStore(read_only_file) as created:
+        created.save("p", "t")
+    read_only_file.chmod(0o444)
+    (read_only_dir / "existing.db").chmod(0o644)
+    read_only_dir.chmod(0o555)
+
+    targets = [
+        str(read_only_dir / "new.db"),
+        str(read_only_dir / "sub" / "new.db"),
+        str(read_only_dir / "existing.db"),
+        str(read_only_file),
+    ]
+    result = run_without_root_powers(targets)
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    for target in targets:
+        message = outcome[target]
+        assert "cannot be written" in message, (target, message)
+        assert "set LMSTREAM_HOME to a writable folder" in message
+        one_sentence(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+def chunk_rows(store: PromptStore) -> int:
+    conn = sqlite3.connect(store.path)
+    try:
+        return int(conn.execute("SELECT count(*) FROM run_chunks").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_a_run_is_recorded_at_start_grows_and_is_finished(store: PromptStore) -> None:
+    t0 = time.time()
+    run_id = start(
+        store,
+        system="You are {{role}}",
+        variables={"x": "hi", "role": "kind"},
+        messages=[{"role": "system", "content": "You are kind"},
+                  {"role": "user", "content": "Say hi"}],
+        started_at=t0,
+        batch_id="b1",
+    )
+    store.append_run_text(run_id, "Hel", "think ")
+    store.append_run_text(run_id, "lo  \n world")
+    store.append_run_text(run_id, "")  # nothing to add: no row
+    partial = store.get_run(run_id)
+    assert partial.status == "unfinished"
+    assert (partial.text, partial.reasoning) == ("Hello  \n world", "think ")
+    assert partial.started_at == t0
+    assert partial.batch_id == "b1"
+    assert partial.variables == {"x": "hi", "role": "kind"}
+    assert partial.messages[0] == {"role": "system", "content": "You are kind"}
+    assert chunk_rows(store) == 2
+    [summary] = store.history()
+    assert (summary.status, summary.text_chars, summary.preview) == (
+        "unfinished", 14, "Hello world"
+    )
+
+    finish(store, run_id, text="Hello world!", reasoning="think more", model="m-reported",
+           ttft_s=0.25, duration_s=2.0, chunks=7, prompt_tokens=11, completion_tokens=4,
+           tokens_per_s=2.5, finish_reason="length")
+    record = store.get_run(run_id)
+    assert record.status == "ok"
+    assert record.error is None
+    assert (record.text, record.reasoning) == ("Hello world!", "think more")
+    assert (record.model, record.ttft_s, record.duration_s, record.chunks) == (
+        "m-reported", 0.25, 2.0, 7
+    )
+    assert (record.prompt_tokens, record.completion_tokens, record.tokens_per_s) == (11, 4, 2.5)
+    assert record.finish_reason == "length"
+    assert chunk_rows(store) == 0
+
+
+def test_a_failed_run_keeps_its_error_and_the_start_model(store: PromptStore) -> None:
+    run_id = start(store, model="requested")
+    finish(store, run_id, status="stalled", text="part", error="No text for 120 s.",
+           model=None, finish_reason=None, ttft_s=0.3, duration_s=120.5)
+    record = store.get_run(run_id)
+    assert (record.status, record.error, record.model, record.text) == (
+        "stalled", "No text for 120 s.", "requested", "part"
+    )
+
+
+def test_run_misuse_is_reported(store: PromptStore) -> None:
+    with pytest.raises(RunNotFound) as caught:
+        store.get_run(404)
+    assert caught.value.run_id == 404
+    assert "404" in str(caught.value)
+    one_sentence(str(caught.value))
+    with pytest.raises(RunNotFound):
+        store.append_run_text(404, "x")
+    with pytest.raises(RunNotFound):
+        finish(store, 404)
+    run_id = start(store)
+    with pytest.raises(ValueError, match="not a final run status"):
+        finish(store, run_id, status="unfinished")
+    with pytest.raises(ValueError, match="not a final run status"):
+        finish(store, run_id, status="okay")
+    finish(store, run_id)
+    with pytest.raises(ValueError, match="already finished"):
+        store.append_run_text(run_id, "late")
+    assert "unfinished" in STATUSES
+    assert "ok" in STATUSES
+
+
+def test_appending_is_linear_not_a_rewrite(store: PromptStore) -> None:
+    run_id = start(store)
+    piece = "x" * 1000
+    began = time.perf_counter()
+    for _ in range(2000):
+        store.append_run_text(run_id, piece)
+    elapsed = time.perf_counter() - began
+    assert len(store.get_run(run_id).text) == 2_000_000
+    assert elapsed < 10, elapsed  # a rewrite of the whole text per append would be quadratic
+
+
+# ---------------------------------------------------------------------------------------------
+# History and stats
+
+
+def populate(store: PromptStore) -> dict[str, int]:
+    """Six runs at known times (unix 1000..1500) over two prompts, two models, four statuses."""
+    plan = [
+        ("a", "m1", 1000.0, "ok", "First   answer\n\nwith  spaces " + "y" * 100),
+        ("a", "m1", 1100.0, "stalled", "half"),
+        ("b", "m2", 1200.0, "ok", "b ok"),
+        ("a", "m2", 1300.0, "error", ""),
+        (None, "m1", 1400.0, "ok", "inline"),
+        ("a", "m1", 1400.0, "ok", "same start, later id"),
+    ]
+    ids: dict[str, int] = {}
+    for i, (name, model, started, status, text) in enumerate(plan):
+        run_id = start(store, prompt_name=name, prompt_version=1 if name else None,
+                       model=model, started_at=started)
+        finish(store, run_id, status=status, text=text, ttft_s=0.1 * (i + 1),
+               duration_s=float(i + 1), error="boom" if status == "error" else None)
+        ids[f"{name}@{started:g}"] = run_id
+    ids["unfinished"] = start(store, prompt_name="b", model="m2", started_at=1500.0)
+    store.append_run_text(ids["unfinished"], "streaming   now")
+    return ids
+
+
+def test_history_is_newest_first_and_filters(store: PromptStore) -> None:
+    ids = populate(store)
+    runs = store.history()
+    assert isinstance(runs, History)
+    assert [r.started_at for r in runs] == [1500, 1400, 1400, 1300, 1200, 1100, 1000]
+    assert runs[1].id > runs[2].id  # same start: the later run first
+    assert runs[0].status == "unfinished"
+    assert runs[0].preview == "streaming now"
+    assert runs[0].text_chars == len("streaming   now")
+    oldest = runs[-1]
+    assert oldest.preview == ("First answer with spaces " + "y" * 100)[:80]
+    assert oldest.text_chars == len("First   answer\n\nwith  spaces ") + 100
+    assert (oldest.prompt_name, oldest.prompt_version, oldest.model) == ("a", 1, "m1")
+    assert (oldest.chunks, oldest.completion_tokens, oldest.tokens_per_s) == (2, 2, 4.0)
+
+    assert [r.started_at for r in store.history(prompt="a")] == [1400, 1300, 1100, 1000]
+    assert [r.status for r in store.history(status="ok")] == ["ok"] * 4
+    assert [r.id for r in store.history(status="error")] == [ids["a@1300"]]
+    assert store.history(status="error")[0].error == "boom"
+    assert [r.started_at for r in store.history(since=1300)] == [1500, 1400, 1400, 1300]
+    since = datetime.fromtimestamp(1300, tz=timezone.utc)
+    assert [r.started_at for r in store.history(since=since)] == [1500, 1400, 1400, 1300]
+    assert [r.started_at for r in store.history(limit=2)] == [1500, 1400]
+    assert len(store.history(limit=None)) == 7
+    assert store.history(limit=0) == []
+    assert [r.started_at for r in store.history(model="m2")] == [1500, 1300, 1200]
+    assert [r.started_at for r in store.history(prompt="a", model="m1", status="ok")] == [
+        1400, 1000
+    ]
+    assert store.history(prompt="nobody") == []
+    with pytest.raises(ValueError, match="not known"):
+        store.history(status="okay")
+    with pytest.raises(ValueError, match="limit"):
+        store.history(limit=-1)
+
+
+def test_history_as_dicts_and_pandas(store: PromptStore) -> None:
+    populate(store)
+    runs = store.history()
+    dicts = runs.as_dicts()
+    assert dicts[0]["status"] == "unfinished"
+    assert dicts[0]["started_at"] == 1500.0
+    json.dumps(dicts)
+    frame = runs.to_pandas()
+    assert len(frame) == 7
+    assert list(frame.columns) == list(dicts[0])
+    assert str(frame["started_at"].dtype).startswith("datetime64")
+    assert frame["started_at"].iloc[0] == datetime.fromtimestamp(1500, tz=timezone.utc)
+    empty = History().to_pandas()
+    assert len(empty) == 0
+    assert "preview" in empty.columns
+
+
+def test_percentile_interpolates_linearly() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0], 95) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0], 95) == pytest.approx(3.85)
+    assert percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+
+
+def test_stats_on_a_hand_made_set_of_runs(store: PromptStore) -> None:
+    populate(store)
+    report = store.stats()
+    assert isinstance(report, RunStats)
+    overall = report.overall
+    assert (overall.prompt, overall.model, overall.runs, overall.ok) == (None, None, 7, 4)
+    assert overall.success_rate == pytest.approx(4 / 7)
+    assert overall.by_status == {"error": 1, "ok": 4, "stalled": 1, "unfinished": 1}
+    # The six finished runs measured ttft 0.1..0.6 and durations 1..6; the unfinished none.
+    assert overall.ttft_p50 == pytest.approx(0.35)
+    assert overall.ttft_p95 == pytest.approx(0.575)
+    assert overall.duration_p50 == pytest.approx(3.5)
+    assert overall.duration_p95 == pytest.approx(5.75)
+
+    groups = {(g.prompt, g.model): g for g in report.groups}
+    assert [(g.prompt, g.model) for g in report.groups] == [
+        (None, "m1"), ("a", "m1"), ("a", "m2"), ("b", "m2")
+    ]
+    a_m1 = groups[("a", "m1")]
+    assert (a_m1.runs, a_m1.ok, a_m1.by_status) == (3, 2, {"ok": 2, "stalled": 1})
+    assert a_m1.success_rate == pytest.approx(2 / 3)
+    assert a_m1.duration_p50 == 2.0  # durations 1, 2, 6
+    assert a_m1.duration_p95 == pytest.approx(5.6)
+    b_m2 = groups[("b", "m2")]
+    assert (b_m2.runs, b_m2.ok, b_m2.success_rate) == (2, 1, 0.5)
+    assert b_m2.ttft_p50 == pytest.approx(0.3)
+    assert b_m2.ttft_p95 == pytest.approx(0.3)
+    assert groups[("a", "m2")].success_rate == 0.0
+
+    only_a = store.stats(prompt="a")
+    assert only_a.overall.runs == 4
+    assert {g.prompt for g in only_a.groups} == {"a"}
+    assert store.stats(model="m2").overall.runs == 3
+    assert store.stats(since=1400).overall.runs == 3
+    assert store.stats(since=datetime.fromtimestamp(1400, tz=timezone.utc)).overall.runs == 3
+
+
+def test_stats_with_no_runs(store: PromptStore) -> None:
+    report = store.stats()
+    assert report.groups == []
+    assert report.overall.runs == 0
+    assert report.overall.success_rate == 0.0
+    assert report.overall.ttft_p50 is None
+    assert report.to_pandas().empty
+
+
+def test_stats_as_dicts_and_pandas(store: PromptStore) -> None:
+    populate(store)
+    report = store.stats()
+    dicts = report.as_dicts()
+    assert len(dicts) == 4
+    assert dicts[1]["prompt"] == "a"
+    assert dicts[1]["by_status"]["ok"] == 2
+    json.dumps(dicts)
+    frame = report.to_pandas()
+    assert list(frame["runs"]) == [1, 3, 1, 2]
+    assert frame.loc[1, "success_rate"] == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load: several processes and threads, many runs
+
+
+WORKER = """
+import os, sys, time
+from lmstream_nb._store import PromptStore
+path, tag, count, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+with PromptStore(path) as store:
+    print("ready", flush=True)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    for i in range(count):
+        run_id = store.start_run(
+            prompt_name=tag, prompt_version=None, template="t", system=None, messages=[],
+            variables={}, model="m", base_url="http://x", started_at=time.time(), batch_id=tag,
+        )
+        store.append_run_text(run_id, "a")
+        store.append_run_text(run_id, "b")
+        store.finish_run(
+            run_id, status="ok", text=f"{tag}-{i}", reasoning="", error=None,
+            finish_reason="stop", model=None, ttft_s=0.1, duration_s=0.2, chunks=2,
+            prompt_tokens=None, completion_tokens=None, tokens_per_s=None,
+        )
+"""
+
+
+def test_two_processes_and_eight_threads_write_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "busy.db"
+    go = tmp_path / "go"
+    per_process, per_thread, threads_n = 300, 100, 8
+    with PromptStore(path) as shared:
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, str(path), f"proc{n}", str(per_process), str(go)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for n in range(2)
+        ]
+        failures: list[BaseException] = []
+        started = threading.Event()
+
+        def work(tag: str) -> None:
+            try:
+                assert started.wait(timeout=40)
+                for i in range(per_thread):
+                    run_id = start(shared, prompt_name=tag, batch_id=tag)
+                    shared.append_run_text(run_id, "a")
+                    shared.append_run_text(run_id, "b")
+                    finish(shared, run_id, text=f"{tag}-{i}")
+                    shared.history(limit=5)
+            except BaseException as exc:  # reported below
+                failures.append(exc)
+
+        threads = [threading.Thread(target=work, args=(f"thread{n}",)) for n in range(threads_n)]
+        for thread in threads:
+            thread.start()
+        try:
+            # Everyone starts writing at the same moment: processes once the go file exists.
+            for process in processes:
+                assert process.stdout is not None
+                assert process.stdout.readline() == "ready\n"
+        finally:
+            go.touch()
+            started.set()
+        for thread in threads:
+            thread.join(timeout=45)
+        assert not any(thread.is_alive() for thread in threads)
+        outputs = []
+        for process in processes:
+            try:
+                outputs.append(process.communicate(timeout=45))
+            finally:
+                process.kill()
+        assert not failures, failures
+        for process, (_, stderr) in zip(processes, outputs, strict=True):
+            assert process.returncode == 0, stderr
+            assert "locked" not in stderr
+
+        total = 2 * per_process + threads_n * per_thread
+        everything = shared.history(limit=None)
+        assert len(everything) == total
+        assert {r.status for r in everything} == {"ok"}
+        texts = {(r.batch_id, r.preview) for r in everything}
+        assert len(texts) == total  # no row lost or written twice
+        assert chunk_rows(shared) == 0
+
+
+def test_history_and_stats_stay_fast_over_100k_runs(tmp_path: Path) -> None:
+    path = tmp_path / "big.db"
+    PromptStore(path).close()
+    rng = random.Random(3)
+    statuses = ["ok"] * 8 + ["stalled", "error"]
+    rows = [
+        (
+            f"prompt{i % 20}", 1, "Summarize {{x}}", None, "[]", "{}", f"model{i % 3}", "u",
+            1_000_000.0 + i, rng.random(), rng.random() * 10, 10, statuses[i % 10],
+            "answer " * 40, 280, "answer " * 11,
+        )
+        for i in range(100_000)
+    ]
+    conn = sqlite3.connect(path)
+    conn.executemany(
+        "INSERT INTO runs (prompt_name, prompt_version, template, system, messages, variables,"
+        " model, base_url, started_at, ttft_s, duration_s, chunks, status, text, text_chars,"
+        " preview) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    conn.commit()
+    conn.close()
+
+    with PromptStore(path) as store:
+        timings: dict[str, float] = {}
+        for label, call in [
+            ("history", lambda: store.history()),
+            ("history prompt", lambda: store.history(prompt="prompt7")),
+            ("history status", lambda: store.history(status="error")),
+            ("history since", lambda: store.history(since=1_050_000.0)),
+            ("history model", lambda: store.history(model="model1")),
+            ("stats", lambda: store.stats()),
+            ("stats prompt", lambda: store.stats(prompt="prompt7")),
+            ("stats since", lambda: store.stats(since=1_050_000.0)),
+        ]:
+            began = time.perf_counter()
+            result = call()
+            timings[label] = time.perf_counter() - began
+            assert result
+        assert max(timings.values()) < 1.0, timings
+        report = store.stats()
+        assert report.overall.runs == 100_000
+        assert len(report.groups) == 60
+        assert report.overall.success_rate == pytest.approx(0.8)
+
+
+OPENER = """
+import os, sys, time
+from lmstream_nb._store import PromptStore
+path, go = sys.argv[1], sys.argv[2]
+print("ready", flush=True)
+deadline = time.monotonic() + 30
+while not os.path.exists(go) and time.monotonic() < deadline:
+    time.sleep(0.001)
+with PromptStore(path) as store:
+    store.save("shared", "t")
+"""
+
+
+def test_processes_creating_the_same_fresh_database_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "lmstream.db"
+    go = tmp_path / "go"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, str(path), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            assert process.stdout.readline() == "ready\n"
+    finally:
+        go.touch()
+    errors = []
+    for process in processes:
+        try:
+            errors.append(process.communicate(timeout=45)[1])
+        finally:
+            process.kill()
+    assert [p.returncode for p in processes] == [0] * 4, errors
+    with PromptStore(path) as opened:
+        assert [p.version for p in opened.versions("shared")] == [1, 2, 3, 4]
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == (
+            LATEST_VERSION
+        )
+    finally:
+        conn.close()
