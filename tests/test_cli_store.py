@@ -29,28 +29,35 @@ def test_prompts_lifecycle(home: Path, tmp_path: Path) -> None:
     added = lmstream("prompts", "add", "greet", "Hello {{name}}, from {{place}}.",
                      "--description", "a greeting", "--temperature", "0.2")
     assert added.returncode == 0, added.stderr
-    assert "greet@1" in added.stdout and "name, place" in added.stdout
+    assert "greet@1" in added.stdout
+    assert "name, place" in added.stdout
     again = lmstream("prompts", "add", "greet", "-", stdin="Hi {{name}}!")
     assert "greet@2" in again.stdout
     listed = lmstream("prompts", "list", "--json")
     [entry] = json.loads(listed.stdout)
-    assert entry["name"] == "greet" and entry["version"] == 2
+    assert entry["name"] == "greet"
+    assert entry["version"] == 2
     assert entry["variables"] == ["name"]
     assert "greet" in lmstream("prompts", "list").stdout
     shown = lmstream("prompts", "show", "greet", "--version", "1")
-    assert "Hello {{name}}, from {{place}}." in shown.stdout and "temperature: 0.2" in shown.stdout
+    assert "Hello {{name}}, from {{place}}." in shown.stdout
+    assert "temperature: 0.2" in shown.stdout
     versions = json.loads(lmstream("prompts", "versions", "greet", "--json").stdout)
     assert [v["version"] for v in versions] == [1, 2]
     out_dir = tmp_path / "library"
     exported = lmstream("prompts", "export", str(out_dir))
-    assert exported.returncode == 0 and (out_dir / "greet.toml").exists()
+    assert exported.returncode == 0
+    assert (out_dir / "greet.toml").exists()
     removed = lmstream("prompts", "rm", "greet")
-    assert removed.returncode == 0 and "2 versions" in removed.stdout
+    assert removed.returncode == 0
+    assert "2 versions" in removed.stdout
     missing = lmstream("prompts", "show", "greet")
-    assert missing.returncode == 1 and missing.stderr.count("\n") == 1
+    assert missing.returncode == 1
+    assert missing.stderr.count("\n") == 1
     assert "Traceback" not in missing.stderr
     imported = lmstream("prompts", "import", str(out_dir))
-    assert imported.returncode == 0 and "greet@3" in imported.stdout
+    assert imported.returncode == 0
+    assert "greet@3" in imported.stdout
 
 
 def test_import_error_names_file_and_line(home: Path, tmp_path: Path) -> None:
@@ -60,7 +67,8 @@ def test_import_error_names_file_and_line(home: Path, tmp_path: Path) -> None:
     (folder / "broken.toml").write_text('template = "a"\nmodel = = 3\n', encoding="utf-8")
     result = lmstream("prompts", "import", str(folder))
     assert result.returncode == 1
-    assert "broken.toml" in result.stderr and "line 2" in result.stderr
+    assert "broken.toml" in result.stderr
+    assert "line 2" in result.stderr
     assert json.loads(lmstream("prompts", "list", "--json").stdout) == []
 
 
@@ -69,28 +77,36 @@ def test_run_prompt_then_history_and_stats(home: Path, sim: simulator.SimServer)
     ok = lmstream("run", "--prompt", "topic", "--var", "t=owls", "--base-url", sim.base_url,
                   "--max-tokens", "8")
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.strip() and "run #1" in ok.stderr
+    assert ok.stdout.strip()
+    assert "run #1" in ok.stderr
     defaults = simulator.Scenario(disconnect_at=3)
     with simulator.serve(profile="test-fast", defaults=defaults) as broken:
         failed = lmstream("run", "--prompt", "topic", "--var", "t=bats",
                           "--base-url", broken.base_url)
-    assert failed.returncode == 1 and failed.stdout.strip()
+    assert failed.returncode == 1
+    assert failed.stdout.strip()
     missing = lmstream("run", "--prompt", "topic", "--base-url", sim.base_url)
-    assert missing.returncode == 2 and "t" in missing.stderr
+    assert missing.returncode == 2
+    assert "t" in missing.stderr
     unknown = lmstream("run", "--prompt", "topik", "--base-url", sim.base_url)
-    assert unknown.returncode == 1 and "'topic'" in unknown.stderr
+    assert unknown.returncode == 1
+    assert "'topic'" in unknown.stderr
 
     runs = json.loads(lmstream("history", "--json").stdout)
     assert [r["status"] for r in runs] == ["interrupted", "ok"]
     table = lmstream("history", "--status", "ok").stdout
-    assert "topic@1" in table and "interrupted" not in table
+    assert "topic@1" in table
+    assert "interrupted" not in table
     one = lmstream("history", "--run", str(runs[0]["id"]))
-    assert "interrupted" in one.stdout and failed.stdout.strip() in one.stdout
+    assert "interrupted" in one.stdout
+    assert failed.stdout.strip() in one.stdout
 
     report = json.loads(lmstream("stats", "--json").stdout)
-    assert report["overall"]["runs"] == 2 and report["overall"]["success_rate"] == 0.5
+    assert report["overall"]["runs"] == 2
+    assert report["overall"]["success_rate"] == 0.5
     text = lmstream("stats", "--prompt", "topic").stdout
-    assert "50%" in text and "interrupted 1" in text
+    assert "50%" in text
+    assert "interrupted 1" in text
 
     with PromptStore(home / "lmstream.db") as store:
         assert store.get_run(runs[1]["id"]).variables == {"t": "owls"}
@@ -101,4 +117,5 @@ def test_corrupt_database_is_one_sentence(home: Path) -> None:
     (home / "lmstream.db").write_bytes(b"this is not a database" * 100)
     result = lmstream("prompts", "list")
     assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and "LMSTREAM_HOME" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "LMSTREAM_HOME" in result.stderr

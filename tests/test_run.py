@@ -16,7 +16,6 @@ import pytest
 
 from lmstream_nb import (
     Budgets,
-    FirstTokenTimeout,
     HTTPStatusError,
     LMStudioClient,
     MissingVariables,
@@ -57,21 +56,29 @@ def test_run_stored_prompt_records_everything(
             "summary", {"topic": "rivers", "audience": "kids", "team": "docs"},
             store=store, client=client, on_event=seen.append, sim={"output_tokens": 25},
         )
-    assert result.ok and result.status == "ok" and result.prompt == "summary@1"
+    assert result.ok
+    assert result.status == "ok"
+    assert result.prompt == "summary@1"
     assert result.text == "".join(e.content for e in seen if isinstance(e, TextDelta))
-    assert result.stats.completion_tokens == 25 and result.finish_reason == "stop"
-    assert str(result) == result.text and "run #" in repr(result)
+    assert result.stats.completion_tokens == 25
+    assert result.finish_reason == "stop"
+    assert str(result) == result.text
+    assert "run #" in repr(result)
     rec = store.get_run(result.run_id)
     assert (rec.prompt_name, rec.prompt_version, rec.status) == ("summary", 1, "ok")
-    assert rec.text == result.text and rec.model == MODEL
+    assert rec.text == result.text
+    assert rec.model == MODEL
     assert rec.variables == {"topic": "rivers", "audience": "kids", "team": "docs"}
     assert rec.messages == [
         {"role": "system", "content": "You help docs."},
         {"role": "user", "content": "Summarise rivers for kids."},
     ]
     assert rec.base_url == sim.base_url
-    assert rec.ttft_s is not None and rec.duration_s is not None and rec.chunks >= 25
-    assert rec.completion_tokens == 25 and rec.finish_reason == "stop"
+    assert rec.ttft_s is not None
+    assert rec.duration_s is not None
+    assert rec.chunks >= 25
+    assert rec.completion_tokens == 25
+    assert rec.finish_reason == "stop"
 
 
 def test_run_records_the_exact_version(sim: simulator.SimServer, store: PromptStore) -> None:
@@ -92,7 +99,8 @@ async def test_arun_inline_prompt(sim: simulator.SimServer, store: PromptStore) 
             client=client, sim={"output_tokens": 5},
         )
     rec = store.get_run(result.run_id)
-    assert rec.prompt_name is None and rec.template == "Tell me about {{x}}"
+    assert rec.prompt_name is None
+    assert rec.template == "Tell me about {{x}}"
     assert rec.messages[-1]["content"] == "Tell me about {{y}}", "values are never re-expanded"
     assert result.prompt == "(inline)"
 
@@ -135,9 +143,12 @@ def test_failures_are_recorded_with_partial_text(
     run_id = info.value.run_id  # type: ignore[attr-defined]
     assert run_id is not None
     rec = store.get_run(run_id)
-    assert rec.status == status and rec.error == str(info.value)
+    assert rec.status == status
+    assert rec.error == str(info.value)
     assert rec.text == getattr(info.value, "partial_text", "")
-    assert returned.status == status and not returned.ok and returned.error
+    assert returned.status == status
+    assert not returned.ok
+    assert returned.error
     assert store.get_run(returned.run_id).text == returned.text
 
 
@@ -170,7 +181,8 @@ async def test_cancelled_run_is_recorded_then_reraised(
             await task
     [summary] = store.history()
     rec = store.get_run(summary.id)
-    assert rec.status == "cancelled" and rec.text
+    assert rec.status == "cancelled"
+    assert rec.text
     assert sim.wait_for(lambda r: r.outcome == "client_disconnected", 5.0)
 
 
@@ -198,7 +210,8 @@ def test_default_store_and_module_level_history_and_stats(
     runs = history()
     assert [r.id for r in runs] == [second.run_id, first.run_id]
     report = stats()
-    assert report.overall.runs == 2 and report.overall.success_rate == 0.5
+    assert report.overall.runs == 2
+    assert report.overall.success_rate == 0.5
     assert report.overall.by_status == {"ok": 1, "interrupted": 1}
 
 
@@ -229,7 +242,8 @@ def start_child(db: Path, base_url: str) -> subprocess.Popen[str]:
     )
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 20)
-    assert ready and proc.stdout.readline().strip() == "streaming"
+    assert ready
+    assert proc.stdout.readline().strip() == "streaming"
     return proc
 
 
@@ -279,7 +293,8 @@ def test_ctrl_c_in_a_script_records_a_cancelled_run(
     with PromptStore(db) as reader:
         [summary] = reader.history()
         rec = reader.get_run(summary.id)
-    assert rec.status == "cancelled" and rec.text
+    assert rec.status == "cancelled"
+    assert rec.text
 
 
 BATCH_CHILD = textwrap.dedent(
