@@ -320,6 +320,13 @@ class ChatStream:
         """The server's completion id (``chatcmpl-…``), known once the first chunk arrived."""
         return self._run._decoder.response_id
 
+    def tail(self, text_pos: int = 0, reasoning_pos: int = 0) -> tuple[str, str, int, int]:
+        """Text and reasoning received since two offsets, and the offsets to pass next time.
+
+        Lets a recorder save what is new without keeping its own copy of every chunk.
+        """
+        return self._run._decoder.tail(text_pos, reasoning_pos)
+
     @property
     def finished(self) -> StreamFinished | None:
         """The final event once the stream ended normally, else None."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._client import LMStudioClient
+from ._client import ChatStream, LMStudioClient
 from ._config import Budgets
 from ._errors import (
     FirstTokenTimeout,
@@ -26,7 +26,7 @@ from ._errors import (
     StreamInterrupted,
     StreamStalled,
 )
-from ._events import Event, ReasoningDelta, Stats, TextDelta
+from ._events import Event, Stats
 from ._loop import shared_loop
 from ._store import History, PromptStore, RunStats, default_path
 from ._sync import SyncLMStudioClient
@@ -45,9 +45,9 @@ def status_of(error: BaseException) -> str:
         return "stalled"
     if isinstance(error, StreamInterrupted):
         return "interrupted"
-    if isinstance(error, LMStreamError):
-        return "error"
-    return "cancelled"
+    if isinstance(error, (asyncio.CancelledError, KeyboardInterrupt)):
+        return "cancelled"
+    return "error"
 
 
 @dataclass(frozen=True)
@@ -104,38 +104,41 @@ def default_store() -> PromptStore:
 
 
 class _Recorder:
-    """Appends new text to the run's row at most once a second, never blocking the loop."""
+    """Appends the run's new text to its row once a second, never blocking the event loop.
+
+    A timer does the work, so streaming pays nothing per chunk: at each tick the text that
+    arrived since the last tick is read from the stream's own buffer and written from a
+    worker thread. A tick is skipped while the previous write is still going.
+    """
 
     def __init__(self, store: PromptStore, run_id: int, loop: asyncio.AbstractEventLoop) -> None:
         self._store = store
         self._run_id = run_id
         self._loop = loop
-        self._text: list[str] = []
-        self._reasoning: list[str] = []
-        self._last = loop.time()
-        self._writing: asyncio.Task[None] | None = None
+        self._stream: ChatStream | None = None
+        self._text_pos = 0
+        self._reasoning_pos = 0
+        self._writing: asyncio.Future[None] | None = None
+        self._timer = loop.call_later(FLUSH_INTERVAL_S, self._tick)
 
-    def add(self, event: Event) -> None:
-        if isinstance(event, TextDelta):
-            self._text.append(event.content)
-        elif isinstance(event, ReasoningDelta):
-            self._reasoning.append(event.content)
-        else:
+    def watch(self, stream: ChatStream) -> None:
+        self._stream = stream
+
+    def _tick(self) -> None:
+        self._timer = self._loop.call_later(FLUSH_INTERVAL_S, self._tick)
+        if self._stream is None or (self._writing is not None and not self._writing.done()):
             return
-        now = self._loop.time()
-        if now - self._last >= FLUSH_INTERVAL_S and (
-            self._writing is None or self._writing.done()
-        ):
-            self._last = now
-            text, reasoning = "".join(self._text), "".join(self._reasoning)
-            self._text.clear()
-            self._reasoning.clear()
-            self._writing = self._loop.create_task(
+        text, reasoning, self._text_pos, self._reasoning_pos = self._stream.tail(
+            self._text_pos, self._reasoning_pos
+        )
+        if text or reasoning:
+            self._writing = asyncio.ensure_future(
                 asyncio.to_thread(self._store.append_run_text, self._run_id, text, reasoning)
             )
 
     async def settle(self) -> None:
-        """Wait for a write in flight (its failure must not hide the run's own outcome)."""
+        """Stop ticking and wait for a write in flight."""
+        self._timer.cancel()
         if self._writing is not None:
             # A failed append loses nothing: the final write carries the whole text anyway.
             with contextlib.suppress(Exception):
@@ -205,17 +208,24 @@ async def arun(
             budgets=budgets,
             **extra,
         )
+        recorder.watch(stream)
         async with stream:
-            async for event in stream:
-                recorder.add(event)
-                if on_event is not None:
+            if on_event is None:
+                async for _ in stream:
+                    pass
+            else:
+                async for event in stream:
                     on_event(event)
-    except (LMStreamError, asyncio.CancelledError, KeyboardInterrupt) as exc:
+    except BaseException as exc:  # recorded below, then re-raised: nothing is swallowed
         failure = exc
         status = status_of(exc)
-        error_text = str(exc) if isinstance(exc, LMStreamError) else "Cancelled by the user."
         if isinstance(exc, LMStreamError):
+            error_text = str(exc)
             exc.run_id = run_id
+        elif status == "cancelled":
+            error_text = "Cancelled before the answer was complete; the text received is kept."
+        else:
+            error_text = f"The run failed inside lmstream_nb or a callback ({exc!r})."
     finally:
         if own_client:
             await asyncio.shield(http.aclose())

@@ -266,6 +266,19 @@ class ChatStreamDecoder:
     def has_partial_event(self) -> bool:
         return self._sse.has_partial_event
 
+    def tail(self, text_pos: int, reasoning_pos: int) -> tuple[str, str, int, int]:
+        """Text and reasoning added since the given byte offsets, and the new offsets.
+
+        Deltas are appended whole, so any offset returned here falls between characters.
+        """
+        text, reasoning = self._text, self._reasoning
+        return (
+            text[text_pos:].decode("utf-8"),
+            reasoning[reasoning_pos:].decode("utf-8"),
+            len(text),
+            len(reasoning),
+        )
+
     @property
     def complete(self) -> bool:
         """``[DONE]`` arrived, or at least a finish reason: the answer is whole."""

@@ -38,7 +38,12 @@ def imports_of(path: Path) -> set[str]:
         ("_sse.py", {"httpx", "sqlite3", "IPython", "threading", "time", "asyncio",
                      "lmstream_nb._client", "lmstream_nb._config"}),
         ("_template.py", {"httpx", "sqlite3", "IPython", "threading", "time", "asyncio"}),
-        ("_client.py", {"lmstream_nb.cli", "lmstream_nb.simulator", "lmstream_nb._sync"}),
+        ("_client.py", {"lmstream_nb.cli", "lmstream_nb.simulator", "lmstream_nb._sync",
+                        "lmstream_nb._store", "lmstream_nb._run"}),
+        ("_store.py", {"httpx", "lmstream_nb._client", "lmstream_nb._sse", "lmstream_nb.cli",
+                       "lmstream_nb.simulator", "lmstream_nb._run", "IPython"}),
+        ("_migrations.py", {"httpx", "lmstream_nb._client", "lmstream_nb._run",
+                            "lmstream_nb._store"}),
     ],
 )
 def test_pure_and_lower_layers_stay_pure(module: str, forbidden: set[str]) -> None:

@@ -342,3 +342,17 @@ def test_two_processes_with_eight_concurrent_runs_each_lose_nothing(
     assert report.overall.runs == 2 * runs_each == len(rows)
     assert report.overall.by_status == {"ok": 2 * runs_each}
     assert len({r.id for r in rows}) == 2 * runs_each
+
+
+def test_a_failing_callback_is_recorded_and_reraised(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    def explode(event: Any) -> None:
+        if isinstance(event, TextDelta):
+            raise ValueError("boom")
+
+    with sync_client(sim) as client, pytest.raises(ValueError, match="boom"):
+        run(Prompt("Hi", model=MODEL), store=store, client=client, on_event=explode)
+    [summary] = store.history()
+    assert summary.status == "error"
+    assert "boom" in (summary.error or "")
