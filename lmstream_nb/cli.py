@@ -24,10 +24,10 @@ from typing import Any, TextIO
 from . import simulator
 from ._client import LMStudioClient
 from ._config import Budgets
-from ._errors import LMStreamError, TemplateError
+from ._errors import LMStreamError, PromptNotFound, TemplateError
 from ._events import Event, ReasoningDelta, Stats, StreamFinished, StreamStarted, TextDelta
 from ._run import arun, default_store
-from ._store import GroupStats
+from ._store import GroupStats, PromptStore
 from ._template import Prompt
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -374,11 +374,23 @@ DEMO_VARIABLES = {
 }
 
 
+def _demo_prompt(store: PromptStore) -> Prompt:
+    """The demo's stored prompt: saved once, and again only if this version of it changed."""
+    name = DEMO_PROMPT.name or "demo"
+    with contextlib.suppress(PromptNotFound):
+        latest = store.get(name)
+        if (latest.template, latest.system, latest.max_tokens) == (
+            DEMO_PROMPT.template, DEMO_PROMPT.system, DEMO_PROMPT.max_tokens
+        ):
+            return latest
+    return store.save_prompt(DEMO_PROMPT)
+
+
 async def _cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     store = default_store()
     with simulator.serve(profile=args.profile, time_scale=args.time_scale) as sim:
         err.write(f"Simulator (profile {args.profile}) listening on {sim.base_url}\n")
-        prompt = store.save_prompt(DEMO_PROMPT)
+        prompt = _demo_prompt(store)
         err.write(f"Stored prompt {prompt.label} in {store.path}\n")
         err.write(f"System:    {prompt.system}\nTemplate:  {prompt.template.splitlines()[0]}…\n")
         shown = {k: (v if len(v) < 40 else v[:37] + "...") for k, v in DEMO_VARIABLES.items()}

@@ -10,10 +10,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from lmstream_nb import simulator
+from lmstream_nb import PromptStore, simulator
 
 MODEL = "lmstream-sim-8b"
 
@@ -245,3 +246,18 @@ def test_sim_command_serves_until_ctrl_c() -> None:
             proc.wait(5)
     assert proc.returncode == 0
     assert "/v1/chat/completions" in err, "one log line per request"
+
+
+def test_demo_records_its_run_and_reuses_its_prompt(tmp_path: Path) -> None:
+    env = {**os.environ, "LMSTREAM_HOME": str(tmp_path)}
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-m", "lmstream_nb", "demo", "--time-scale", "0.05"],
+            capture_output=True, text=True, timeout=60, check=False, env=env,
+        )
+        assert result.returncode == 0, result.stderr
+    with PromptStore(tmp_path / "lmstream.db") as store:
+        assert [p.version for p in store.versions("release-notes-summary")] == [1]
+        runs = store.history()
+    assert [r.status for r in runs] == ["ok", "ok"]
+    assert runs[0].prompt_name == "release-notes-summary"
