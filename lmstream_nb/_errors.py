@@ -106,13 +106,13 @@ class PromptNotFound(StoreError):
         self.suggestions = tuple(suggestions)
         if version is not None:
             what = f"The prompt {name!r} has no version {version}"
-            fix = f"see `lmstream prompts versions {name}` for the versions it has"
+            fix = f"see `lmstream prompts versions {name}` for the versions it has."
         else:
             what = f"No prompt is named {name!r} in {path}"
             if self.suggestions:
                 fix = "did you mean " + " or ".join(repr(s) for s in self.suggestions) + "?"
             else:
-                fix = "see `lmstream prompts list` for the names there are"
+                fix = "see `lmstream prompts list` for the names there are."
         super().__init__(f"{what}: {fix}", path=path)
 
 
