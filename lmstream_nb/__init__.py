@@ -52,6 +52,14 @@ from ._template import Prompt, Template
 
 __version__ = "0.1.0"
 
+
+def load_ipython_extension(ipython: object) -> None:
+    """``%load_ext lmstream_nb``: register ``%%lmstream`` / ``%lmstream`` (imported lazily, so
+    importing the package never pulls in IPython or widgets)."""
+    from ._magics import load
+
+    load(ipython)
+
 __all__ = [
     "AuthenticationError",
     "Budgets",

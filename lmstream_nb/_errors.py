@@ -42,6 +42,10 @@ class LMStreamError(Exception):
     #: The id of the recorded run this error ended, when there was one.
     run_id: int | None = None
 
+    def _render_traceback_(self) -> list[str]:
+        """IPython shows this instead of a traceback: the one sentence is the whole story."""
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
+
 
 # ---------------------------------------------------------------------------------------------
 # Templates

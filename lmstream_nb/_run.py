@@ -83,11 +83,10 @@ class RunResult:
             parts.append(f"first token {s.ttft_s:.2f} s")
         if s.tokens_per_s is not None:
             parts.append(f"{s.tokens_per_s:.1f} tok/s")
-        head = " ".join(self.text[:60].split())
-        more = "…" if len(self.text) > 60 else ""
-        line = f"<RunResult {', '.join(parts)}: {head!r}{more}"
+        # No text preview: in a notebook the answer is already on screen above this repr.
+        line = f"<RunResult {', '.join(parts)}"
         if self.error:
-            line += f" | {self.error}"
+            line += f": {self.error}"
         return line + ">"
 
 

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import random
+import re
 import string
 import time
 from collections.abc import Awaitable, Callable
@@ -245,6 +246,11 @@ def _prompt_tokens(messages: list[Any]) -> int:
     return max(1, chars // 4)
 
 
+def _reply_pieces(reply: str) -> list[str]:
+    """A fixed reply cut into word pieces (each with the space after it), as tokens arrive."""
+    return re.findall(r"\S+\s*|\s+", reply) or [""]
+
+
 def _pieces(
     sc: Scenario, seed: int, model: str, messages: object, n_answer: int
 ) -> list[tuple[str, str]]:
@@ -259,7 +265,10 @@ def _pieces(
         else:
             pieces.extend(("reasoning", w) for w in words)
     answer = TextSource(seed=seed, model=model, messages=messages)
-    if sc.chunk_chars is not None:
+    if sc.reply is not None:
+        reply = _reply_pieces(sc.reply)
+        pieces.extend(("content", reply[i % len(reply)]) for i in range(n_answer))
+    elif sc.chunk_chars is not None:
         pieces.extend(("content", answer.chars(sc.chunk_chars)) for _ in range(n_answer))
     else:
         pieces.extend(("content", w) for w in answer.tokens(n_answer))
@@ -809,7 +818,10 @@ class _Handlers:
         stream_options = _field(body, "stream_options", (dict,), "an object") or {}
         seed = config.seed if seed is None else seed
 
-        n_answer = _DEFAULT_OUTPUT_TOKENS if sc.output_tokens is None else sc.output_tokens
+        if sc.reply is not None and sc.output_tokens is None:
+            n_answer = len(_reply_pieces(sc.reply))
+        else:
+            n_answer = _DEFAULT_OUTPUT_TOKENS if sc.output_tokens is None else sc.output_tokens
         finish_reason = "stop"
         if max_tokens is not None and max_tokens > 0 and max_tokens < n_answer:
             n_answer, finish_reason = max_tokens, "length"

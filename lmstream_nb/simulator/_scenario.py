@@ -86,6 +86,9 @@ class Scenario:
       ``max_tokens`` > 0 caps it, and then ``finish_reason`` is ``"length"``; ``-1`` is unlimited.
     - ``chunk_chars``: when set, every answer delta is exactly this many characters of
       deterministic text instead of one word piece (e.g. ``1048576`` for a 1 MiB data line).
+    - ``reply``: a fixed answer to stream instead of generated text, cut into word pieces (for
+      demos and for tests of what a front end does with, say, HTML in an answer). Its pieces set
+      the default length; ``output_tokens`` repeats or truncates it.
     - ``reasoning``: ``"off"``; ``"separate"`` (thinking as ``delta.reasoning_content`` without a
       ``content`` key, then the answer as ``delta.content``); ``"inline"`` (``<think>…</think>``
       inside ``content``); ``"reasoning"`` (gpt-oss style ``delta.reasoning``).
@@ -135,6 +138,7 @@ class Scenario:
     time_scale: float | None = None
     output_tokens: int | None = None
     chunk_chars: int | None = None
+    reply: str | None = None
     reasoning: str = "off"
     reasoning_tokens: int = 40
     ping_s: float | None = None
@@ -232,6 +236,7 @@ _RULES: dict[str, _Rule] = {
     "time_scale": _seconds,
     "output_tokens": _count,
     "chunk_chars": lambda n, v: _count(n, v, minimum=1),
+    "reply": _text,
     "reasoning": _choice(REASONING_MODES),
     "reasoning_tokens": lambda n, v: _count(n, v, optional=False),
     "ping_s": _positive_seconds,

@@ -1,0 +1,453 @@
+"""``%%lmstream`` and ``%lmstream``: the notebook's front door.
+
+A blocking cell cannot await (IPython calls magics synchronously while the kernel's own loop is
+running in the same thread), so it streams on the private loop thread (``_loop``) and waits;
+the kernel's interrupt then arrives as KeyboardInterrupt in the waiting thread, which cancels
+the stream there (closing the connection) and records the run as cancelled. A ``--background``
+run is a task on the kernel's loop instead: the cell returns at once, and the task keeps the
+cell as its parent, so its view and final output land in that cell and nowhere else.
+
+The view is created and displayed in the cell before anything streams; the stream only updates
+the widget it was handed. The finished answer is then written as an ordinary output, so saved
+and headlessly executed notebooks contain it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+
+from . import simulator
+from ._client import LMStudioClient
+from ._config import Budgets, resolve_base_url
+from ._errors import LMStreamError
+from ._loop import shared_loop
+from ._run import RunResult, arun, default_store
+from ._store import PromptStore
+from ._template import Prompt
+from ._view import NotebookSink, StreamView, final_bundle
+
+FORMATS = ("text", "markdown", "code", "json")
+
+
+@dataclass
+class SessionConfig:
+    """Defaults for this kernel session, changed with ``%lmstream config key=value``."""
+
+    base_url: str | None = None
+    model: str | None = None
+    first_token_timeout: float | None = Budgets().first_token
+    idle_timeout: float | None = Budgets().idle
+    format: str = "text"
+    sim: Any = field(default=None, repr=False)
+
+    def budgets(self, first: float | None = None, idle: float | None = None) -> Budgets:
+        return Budgets(
+            first_token=first if first is not None else self.first_token_timeout,
+            idle=idle if idle is not None else self.idle_timeout,
+        )
+
+
+def _parse_assignments(lines: str) -> dict[str, str]:
+    """``name = value`` lines (blank lines and ``#`` comments ignored)."""
+    values: dict[str, str] = {}
+    for number, raw in enumerate(lines.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(
+                f"Line {number} of the cell is not 'name = value' ({raw.strip()!r}): with "
+                "--prompt the cell body holds only variable assignments."
+            )
+        values[name.strip()] = value.strip()
+    return values
+
+
+def _key_values(items: list[str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"Expected name=value, got {item!r}: write --var name=value.")
+        values[name.strip()] = value
+    return values
+
+
+class BackgroundRun:
+    """A run streaming on the kernel's loop while other cells execute."""
+
+    def __init__(self, task: asyncio.Task[RunResult | None], label: str) -> None:
+        self.task = task
+        self.label = label
+
+    def done(self) -> bool:
+        return self.task.done()
+
+    def cancel(self) -> None:
+        """Stop the stream (the connection is closed and the run recorded as cancelled)."""
+        self.task.cancel()
+
+    def result(self) -> RunResult | None:
+        """The RunResult once finished (None if it failed or was cancelled)."""
+        if not self.task.done():
+            raise RuntimeError(
+                f"The background run {self.label} is still streaming: wait for it or cancel it."
+            )
+        if self.task.cancelled():
+            return None
+        return self.task.result()
+
+    def __repr__(self) -> str:
+        state = "running" if not self.task.done() else "finished"
+        return f"<BackgroundRun {self.label} {state}>"
+
+
+@magics_class
+class LMStreamMagics(Magics):
+    """``%%lmstream`` runs the cell as a prompt; ``%lmstream`` manages prompts and settings."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.config_ = SessionConfig()
+        self.background: list[BackgroundRun] = []
+
+    # -- helpers -----------------------------------------------------------------------
+
+    @property
+    def store(self) -> PromptStore:
+        return default_store()
+
+    def _user_ns(self) -> dict[str, Any]:
+        ns: dict[str, Any] = self.shell.user_ns if self.shell is not None else {}
+        return ns
+
+    def _in_kernel(self) -> bool:
+        return self.shell is not None and hasattr(self.shell, "kernel")
+
+    def _variables(self, prompt: Prompt, given: dict[str, str]) -> dict[str, Any]:
+        """--var values first, then the notebook's variables; missing names before any request."""
+        values: dict[str, Any] = dict(given)
+        namespace = self._user_ns()
+        for name in prompt.variables:
+            if name not in values and name in namespace:
+                values[name] = namespace[name]
+        missing = [name for name in prompt.variables if name not in values]
+        if missing:
+            names = ", ".join(missing)
+            example = " ".join(f"--var {n}=..." for n in missing)
+            raise UsageError(
+                f"The prompt needs a value for {names}: add {example} to the %%lmstream line "
+                "or define it in the notebook, then run the cell again; nothing was sent."
+            )
+        return {name: values[name] for name in prompt.variables}
+
+    # -- the magic ---------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("words", nargs="*", help="line magic only: a subcommand (see below)")
+    @argument("--prompt", "-p", metavar="NAME", help="run this stored prompt")
+    @argument("--version", type=int, help="stored prompt version (default: latest)")
+    @argument("--save", metavar="NAME", help="store the cell as a prompt (new version)")
+    @argument("--var", "-v", action="append", default=[], metavar="NAME=VALUE",
+              help="value for a {{NAME}} placeholder (repeatable)")
+    @argument("--model", "-m", help="model id (default: session, prompt, then server)")
+    @argument("--system", "-s", help="system prompt (may use {{NAME}} placeholders)")
+    @argument("--temperature", type=float)
+    @argument("--max-tokens", type=int)
+    @argument("--base-url", help="server address (default: session, LMSTREAM_BASE_URL, :1234)")
+    @argument("--format", "-f", choices=FORMATS, help="how to show the finished answer")
+    @argument("--output", "-o", metavar="NAME", help="assign the RunResult to this variable")
+    @argument("--background", "-b", action="store_true",
+              help="return at once; the answer keeps streaming into this cell's output")
+    @argument("--first-token-timeout", type=float, metavar="S")
+    @argument("--idle-timeout", type=float, metavar="S")
+    @no_var_expand
+    @line_cell_magic
+    def lmstream(self, line: str, cell: str | None = None) -> Any:
+        """Stream a prompt to LM Studio and watch the answer arrive.
+
+        Cell magic: the cell body is the template; {{name}} placeholders are filled from --var
+        options, then from the notebook's variables.
+
+            %%lmstream --model qwen2.5-7b-instruct
+            Summarise {{notes}} in three bullet points.
+
+        Line magic subcommands:
+
+            %lmstream run NAME k=v ...      run a stored prompt
+            %lmstream prompts               list stored prompts
+            %lmstream show NAME             show a stored prompt
+            %lmstream history [NAME]        recent runs
+            %lmstream stats [NAME]          success rate and timings
+            %lmstream models                the server's models
+            %lmstream config [key=value]    session defaults: base_url, model,
+                                            first_token_timeout, idle_timeout, format
+            %lmstream sim start|stop [profile] [time_scale=F]
+                                            the embedded simulator, for notebooks that
+                                            must run anywhere
+        """
+        args = parse_argstring(self.lmstream, line)
+        if cell is None:
+            return self._line(args, line)
+        return self._cell(args, cell)
+
+    def _cell(self, args: Any, cell: str) -> Any:
+        if args.words:
+            raise UsageError(
+                f"Unexpected words on the %%lmstream line ({' '.join(args.words)}): put the "
+                "prompt in the cell body and options (--model, --var …) on the first line."
+            )
+        given = _key_values(args.var)
+        if args.prompt:
+            prompt = self.store.get(args.prompt, args.version)
+            given = {**_parse_assignments(cell), **given}
+        else:
+            if not cell.strip():
+                raise UsageError("The cell is empty: write the prompt below the %%lmstream line.")
+            prompt = Prompt(template=cell.rstrip("\n"), system=args.system, model=args.model,
+                            temperature=args.temperature, max_tokens=args.max_tokens)
+        variables = self._variables(prompt, given)
+        if args.save:
+            prompt = self.store.save_prompt(prompt, args.save)
+        return self._start(prompt, variables, args)
+
+    def _start(self, prompt: Prompt, variables: dict[str, Any], args: Any) -> Any:
+        conf = self.config_
+        fmt = args.format or conf.format
+        budgets = conf.budgets(args.first_token_timeout, args.idle_timeout)
+        base_url = args.base_url or conf.base_url
+        kwargs: dict[str, Any] = {
+            "model": args.model or conf.model,
+            "temperature": args.temperature,
+            "max_tokens": args.max_tokens,
+            "budgets": budgets,
+        }
+        if not self._in_kernel():
+            return self._run_terminal(prompt, variables, base_url, kwargs, args)
+        view = StreamView()
+        sink = NotebookSink(view, prompt=prompt.label)
+        display(view)
+        if args.background:
+            return self._run_background(prompt, variables, base_url, kwargs, args, view, sink, fmt)
+        return self._run_blocking(prompt, variables, base_url, kwargs, args, sink, fmt)
+
+    def _finish_view(
+        self, sink: NotebookSink, result: RunResult | None, error: BaseException | None,
+        fmt: str, *, background: bool,
+    ) -> None:
+        if result is not None:
+            sink.close(state="done" if result.ok else _state(result.status), stats=result.stats,
+                       model=result.model, run_id=result.run_id,
+                       message=result.error if background else None)
+            display(final_bundle(result.text, fmt if result.ok else "text"), raw=True)
+            return
+        state = "cancelled" if isinstance(error, (KeyboardInterrupt, asyncio.CancelledError)) \
+            else "failed"
+        message = str(error) if background and isinstance(error, LMStreamError) else None
+        sink.close(state=state, run_id=getattr(error, "run_id", None), message=message)
+        if sink.text:
+            display(final_bundle(sink.text, "text"), raw=True)
+
+    def _run_blocking(
+        self, prompt: Prompt, variables: dict[str, Any], base_url: str | None,
+        kwargs: dict[str, Any], args: Any, sink: NotebookSink, fmt: str,
+    ) -> Any:
+        async def go() -> RunResult:
+            async with LMStudioClient(base_url, budgets=kwargs["budgets"]) as client:
+                return await arun(prompt, variables, client=client, on_event=sink.handle,
+                                  **kwargs)
+
+        try:
+            result = shared_loop().run(go())
+        except (LMStreamError, KeyboardInterrupt) as exc:
+            self._finish_view(sink, None, exc, fmt, background=False)
+            raise
+        self._finish_view(sink, result, None, fmt, background=False)
+        if args.output:
+            self._user_ns()[args.output] = result
+            return None
+        return result
+
+    def _run_background(
+        self, prompt: Prompt, variables: dict[str, Any], base_url: str | None,
+        kwargs: dict[str, Any], args: Any, view: StreamView, sink: NotebookSink, fmt: str,
+    ) -> BackgroundRun:
+        async def go() -> RunResult | None:
+            try:
+                async with LMStudioClient(base_url, budgets=kwargs["budgets"]) as client:
+                    result = await arun(prompt, variables, client=client, on_event=sink.handle,
+                                        **kwargs)
+            except (LMStreamError, asyncio.CancelledError) as exc:
+                self._finish_view(sink, None, exc, fmt, background=True)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return None
+            self._finish_view(sink, result, None, fmt, background=True)
+            if args.output:
+                self._user_ns()[args.output] = result
+            return result
+
+        loop = asyncio.get_event_loop()
+        handle = BackgroundRun(loop.create_task(go()), prompt.label)
+        self.background.append(handle)
+        return handle
+
+    def _run_terminal(
+        self, prompt: Prompt, variables: dict[str, Any], base_url: str | None,
+        kwargs: dict[str, Any], args: Any,
+    ) -> Any:
+        """Terminal IPython: plain text to stdout as it arrives, stats on one line after."""
+        import sys
+
+        from .cli import TerminalSink, format_stats
+
+        sink = TerminalSink(sys.stdout, sys.stderr, as_json=False)
+
+        async def go() -> RunResult:
+            async with LMStudioClient(base_url, budgets=kwargs["budgets"]) as client:
+                try:
+                    return await arun(prompt, variables, client=client, on_event=sink.handle,
+                                      **kwargs)
+                finally:
+                    sink.close()
+
+        try:
+            result = shared_loop().run(go())
+        finally:
+            sink.end_text()
+        print(format_stats(result.stats, sink.finished) + f", run #{result.run_id}",
+              file=sys.stderr)
+        if args.output:
+            self._user_ns()[args.output] = result
+            return None
+        return result
+
+    # -- line subcommands --------------------------------------------------------------
+
+    def _line(self, args: Any, line: str) -> Any:
+        if not args.words:
+            raise UsageError(
+                "Give %lmstream a subcommand (run, prompts, show, history, stats, models, "
+                "config, sim), or use %%lmstream as a cell magic; see %lmstream?."
+            )
+        command, *rest = args.words
+        if command == "run":
+            if not rest:
+                raise UsageError("Name the stored prompt: %lmstream run NAME key=value ...")
+            prompt = self.store.get(rest[0], args.version)
+            given = {**_key_values(rest[1:]), **_key_values(args.var)}
+            return self._start(prompt, self._variables(prompt, given), args)
+        if command == "prompts":
+            return _table(self.store.list(), ["name", "version", "variables", "model"],
+                          lambda p: [p.name, p.version, ", ".join(p.variables), p.model])
+        if command == "show":
+            if not rest:
+                raise UsageError("Name the prompt: %lmstream show NAME")
+            p = self.store.get(rest[0], args.version)
+            system = f"--- system\n{p.system}\n" if p.system else ""
+            print(f"{p.label}  variables: {', '.join(p.variables) or 'none'}\n{system}"
+                  f"--- template\n{p.template}")
+            return None
+        if command == "history":
+            runs = self.store.history(prompt=rest[0] if rest else None, limit=20)
+            return _table(runs, ["id", "status", "prompt", "model", "ttft s", "total s", "text"],
+                          lambda r: [r.id, r.status, r.prompt_name or "(inline)", r.model,
+                                     _round(r.ttft_s), _round(r.duration_s), r.preview[:50]])
+        if command == "stats":
+            report = self.store.stats(prompt=rest[0] if rest else None)
+            return _table([*report.groups, report.overall],
+                          ["prompt", "model", "runs", "ok", "ttft p50", "total p50", "failures"],
+                          lambda g: [g.prompt or "(all)", g.model, g.runs,
+                                     f"{g.success_rate:.0%}", _round(g.ttft_p50),
+                                     _round(g.duration_p50),
+                                     ", ".join(f"{k} {v}" for k, v in g.by_status.items()
+                                               if k != "ok") or "-"])
+        if command == "models":
+            url = args.base_url or self.config_.base_url
+
+            async def models() -> list[str]:
+                async with LMStudioClient(url) as client:
+                    return await client.list_models()
+
+            return shared_loop().run(models())
+        if command == "config":
+            return self._config(rest)
+        if command == "sim":
+            return self._sim(rest)
+        raise UsageError(f"Unknown subcommand {command!r}: see %lmstream? for the list.")
+
+    def _config(self, items: list[str]) -> SessionConfig:
+        conf = self.config_
+        for key, value in _key_values(items).items():
+            if key in ("base_url", "model"):
+                setattr(conf, key, value or None)
+            elif key in ("first_token_timeout", "idle_timeout"):
+                setattr(conf, key, None if value.lower() in ("", "none", "inf") else float(value))
+            elif key == "format":
+                if value not in FORMATS:
+                    raise UsageError(f"format must be one of {', '.join(FORMATS)}, not {value!r}.")
+                conf.format = value
+            else:
+                raise UsageError(
+                    f"Unknown setting {key!r}: use base_url, model, first_token_timeout, "
+                    "idle_timeout or format."
+                )
+        self.config_ = conf
+        return replace(conf)
+
+    def _sim(self, words: list[str]) -> Any:
+        if not words or words[0] not in ("start", "stop"):
+            raise UsageError("Use %lmstream sim start [profile] [time_scale=F] or sim stop.")
+        conf = self.config_
+        if conf.sim is not None:
+            conf.sim.stop()
+            conf.sim = None
+            conf.base_url = None
+        if words[0] == "stop":
+            print("Simulator stopped; runs go to " + resolve_base_url(None) + " again.")
+            return None
+        options: dict[str, Any] = {}
+        for word in words[1:]:
+            if "=" in word:
+                key, _, value = word.partition("=")
+                options[key.strip()] = float(value) if key.strip() == "time_scale" else value
+            else:
+                options["profile"] = word
+        conf.sim = simulator.serve(**options)
+        conf.base_url = conf.sim.base_url
+        print(f"Simulator listening on {conf.sim.base_url}; this session's runs go there.")
+        return None
+
+
+def _state(status: str) -> str:
+    return "cancelled" if status == "cancelled" else "failed"
+
+
+def _round(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _table(rows: Any, headers: list[str], cells: Any) -> Any:
+    """Rows as a pandas DataFrame when pandas is there, else as printed text."""
+    data = [cells(row) for row in rows]
+    try:
+        import pandas as pd
+    except ImportError:
+        from .cli import table
+
+        print(table(data, headers), end="")
+        return None
+    return pd.DataFrame(data, columns=headers)
+
+
+def load(ipython: Any) -> None:
+    ipython.register_magics(LMStreamMagics(ipython))
+

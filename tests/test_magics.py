@@ -1,0 +1,240 @@
+"""%%lmstream and %lmstream in a real kernel (jupyter_client), against in-test simulators."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from notebook_kernel import Kernel, running_kernel
+
+from lmstream_nb import PromptStore, simulator
+
+pytestmark = pytest.mark.timeout(120)
+
+HTML_REPLY = 'Look: <script>alert("x")</script> and <img src=x onerror="alert(1)"> **bold**'
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kernel-home")
+
+
+@pytest.fixture(scope="module")
+def msim() -> Iterator[simulator.SimServer]:
+    with simulator.serve(profile="test-fast", seed=3) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def kernel(home: Path, msim: simulator.SimServer) -> Iterator[Kernel]:
+    env = {**os.environ, "LMSTREAM_HOME": str(home), "LMSTREAM_BASE_URL": msim.base_url}
+    with running_kernel(env) as k:
+        cell = k.execute("%load_ext lmstream_nb")
+        assert cell.status == "ok", cell.error()
+        yield k
+
+
+def answer_of(kernel: Kernel, cell: object) -> str:
+    [text] = cell.plain()[:1]  # type: ignore[attr-defined]
+    return str(text)
+
+
+def test_plain_run_streams_deltas_and_leaves_the_answer(kernel: Kernel) -> None:
+    cell = kernel.execute("%%lmstream --max-tokens 30\nTell me about rivers.")
+    assert cell.status == "ok", cell.error()
+    [widget] = cell.widget_ids()
+    answer = answer_of(kernel, cell)
+    deltas = kernel.deltas(widget)
+    assert len(deltas) >= 1
+    assert "".join(deltas) == answer
+    assert len(answer.split()) >= 20
+    result = cell.result()
+    assert result is not None
+    assert "RunResult" in result
+    assert "ok" in result
+    assert answer[:20] not in result, "the repr does not repeat the text on screen"
+    state = kernel.widget_state(widget)
+    assert state["status"]["state"] == "done"
+    assert state["show_text"] is False
+
+
+def test_variables_from_options_then_namespace(kernel: Kernel, home: Path) -> None:
+    kernel.execute("topic = 'owls'\nplace = 'the barn'")
+    cell = kernel.execute("%%lmstream --var place=Paris --max-tokens 3\n{{topic}} in {{place}}")
+    assert cell.status == "ok", cell.error()
+    with PromptStore(home / "lmstream.db") as store:
+        [last] = store.history(limit=1)
+        assert store.get_run(last.id).variables == {"topic": "owls", "place": "Paris"}
+
+
+def test_missing_variable_is_named_before_anything_is_sent(
+    kernel: Kernel, msim: simulator.SimServer
+) -> None:
+    before = len(msim.records())
+    cell = kernel.execute("%%lmstream\nAbout {{nothing_here}} and {{nor_this}}")
+    assert cell.status == "error"
+    said = cell.stream("stderr")
+    assert "nothing_here, nor_this" in said
+    assert "--var nothing_here=..." in said
+    assert said.count("\n") == 1, "one sentence"
+    assert "Traceback" not in said
+    assert len(msim.records()) == before
+
+
+def test_save_then_run_stored_prompt_with_assignments(kernel: Kernel, home: Path) -> None:
+    saved = kernel.execute("%%lmstream --save greet --max-tokens 4\nHello {{name}}")
+    assert saved.status == "error", "name is not defined in the notebook yet"
+    kernel.execute("name = 'Ada'")
+    saved = kernel.execute("%%lmstream --save greet --max-tokens 4\nHello {{name}}")
+    assert saved.status == "ok", saved.error()
+    cell = kernel.execute("%%lmstream --prompt greet\nname = Grace\n")
+    assert cell.status == "ok", cell.error()
+    with PromptStore(home / "lmstream.db") as store:
+        assert [p.version for p in store.versions("greet")] == [1]
+        [last] = store.history(limit=1)
+        rec = store.get_run(last.id)
+    assert (rec.prompt_name, rec.prompt_version) == ("greet", 1)
+    assert rec.variables == {"name": "Grace"}
+    line = kernel.execute("%lmstream run greet name=Linus")
+    assert line.status == "ok", line.error()
+
+
+def test_output_option_assigns_and_returns_nothing(kernel: Kernel) -> None:
+    cell = kernel.execute("%%lmstream -o answer --max-tokens 5\nHi")
+    assert cell.status == "ok", cell.error()
+    assert cell.result() is None
+    check = kernel.execute("print(answer.status, len(answer.text) > 0, answer.run_id > 0)")
+    assert check.stream().strip() == "ok True True"
+
+
+def test_markdown_format_and_html_in_model_output(kernel: Kernel) -> None:
+    defaults = simulator.Scenario(reply=HTML_REPLY)
+    with simulator.serve(profile="test-fast", defaults=defaults) as echo:
+        cell = kernel.execute(f"%%lmstream --base-url {echo.base_url} --format markdown\nShow")
+    assert cell.status == "ok", cell.error()
+    [final] = [d for d in cell.displays() if "text/html" in d]
+    html = final["text/html"]
+    assert "<strong>bold</strong>" in html
+    assert "<script>" not in html
+    assert "<img" not in html
+    assert "&lt;script&gt;" in html
+    assert "&lt;img src=x onerror" in html
+    assert final["text/plain"] == HTML_REPLY
+
+
+def test_unreachable_server_is_one_sentence(kernel: Kernel) -> None:
+    cell = kernel.execute("%%lmstream --base-url http://127.0.0.1:9/v1 --model m\nHi")
+    assert cell.status == "error"
+    err = cell.error()
+    assert err is not None
+    assert err["ename"] == "ServerUnreachable"
+    assert len(err["traceback"]) == 1
+    assert "Start Server" in err["traceback"][0]
+
+
+def test_stall_keeps_partial_text_and_says_why(kernel: Kernel) -> None:
+    defaults = simulator.Scenario(stall_at=5, stall_s=60)
+    with simulator.serve(profile="test-fast", defaults=defaults) as stalling:
+        cell = kernel.execute(
+            f"%%lmstream --base-url {stalling.base_url} --idle-timeout 0.5\nGo", timeout=30
+        )
+    assert cell.status == "error"
+    err = cell.error()
+    assert err is not None
+    assert err["ename"] == "StreamStalled"
+    [partial] = cell.plain()
+    assert len(partial.split()) == 5
+    [widget] = cell.widget_ids()
+    assert kernel.widget_state(widget)["status"]["state"] == "failed"
+
+
+def test_interrupt_stops_the_stream_and_records_cancelled(kernel: Kernel, home: Path) -> None:
+    defaults = simulator.Scenario(output_tokens=100_000, gen_tps=200, jitter=0)
+    with simulator.serve(profile="test-fast", defaults=defaults) as slow:
+        cell = kernel.submit(f"%%lmstream --base-url {slow.base_url}\nA very long story")
+        kernel.until(
+            lambda: bool(cell.widget_ids()) and bool(kernel.deltas(cell.widget_ids()[0])),
+            timeout=20,
+        )
+        kernel.km.interrupt_kernel()
+        kernel.wait(cell, timeout=20)
+        record = slow.wait_for(lambda r: r.outcome == "client_disconnected", 5.0)
+    assert record.sent_tokens < record.planned_tokens
+    assert cell.status == "error"
+    err = cell.error()
+    assert err is not None
+    assert err["ename"] == "KeyboardInterrupt"
+    [partial] = cell.plain()
+    assert partial
+    with PromptStore(home / "lmstream.db") as store:
+        [last] = store.history(limit=1)
+        assert last.status == "cancelled"
+        assert store.get_run(last.id).text == partial
+    after = kernel.execute("print(6 * 7)")
+    assert after.stream().strip() == "42", "the kernel stays usable"
+
+
+def test_three_background_runs_land_in_their_own_outputs(kernel: Kernel) -> None:
+    defaults = simulator.Scenario(output_tokens=40, gen_tps=100, jitter=0)
+    with simulator.serve(profile="test-fast", defaults=defaults) as paced:
+        cells = [
+            kernel.execute(f"%%lmstream --background --base-url {paced.base_url}\nStory {i}")
+            for i in range(3)
+        ]
+        for cell in cells:
+            assert cell.status == "ok", cell.error()
+            assert "BackgroundRun" in (cell.result() or "")
+        other = kernel.execute("print('meanwhile')")
+        kernel.until(lambda: all(len(c.plain()) == 1 for c in cells), timeout=30)
+    assert other.plain() == []
+    assert other.stream() == "meanwhile\n"
+    answers = [c.plain()[0] for c in cells]
+    assert len(set(answers)) == 3
+    for cell, answer in zip(cells, answers, strict=True):
+        [widget] = cell.widget_ids()
+        assert "".join(kernel.deltas(widget)) == answer
+
+
+def test_line_subcommands(kernel: Kernel, msim: simulator.SimServer) -> None:
+    for command in ("prompts", "history", "stats", "models", "show greet"):
+        cell = kernel.execute(f"%lmstream {command}")
+        assert cell.status == "ok", (command, cell.error())
+    models = kernel.execute("%lmstream models")
+    assert "lmstream-sim-8b" in models.displays()[0]["text/plain"]
+    bad = kernel.execute("%lmstream frobnicate")
+    assert bad.status == "error"
+    assert "Unknown subcommand" in bad.stream("stderr")
+
+
+def test_in_kernel_simulator(kernel: Kernel) -> None:
+    cell = kernel.execute("%lmstream sim start test-fast")
+    assert cell.status == "ok", cell.error()
+    assert "Simulator listening on http://127.0.0.1:" in cell.stream()
+    run = kernel.execute("%%lmstream --max-tokens 4\nHi")
+    assert run.status == "ok", run.error()
+    stop = kernel.execute("%lmstream sim stop")
+    assert stop.status == "ok", stop.error()
+
+
+def test_terminal_ipython_streams_plain_text(tmp_path: Path, msim: simulator.SimServer) -> None:
+    script = tmp_path / "run.ipy"
+    script.write_text(
+        "%load_ext lmstream_nb\n"
+        f"%lmstream config base_url={msim.base_url}\n"
+        "x = 'owls'\n"
+        "get_ipython().run_cell_magic('lmstream', '--max-tokens 12', 'About {{x}}')\n",
+        encoding="utf-8",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "IPython", "--no-banner", "--colors=NoColor", str(script)],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "LMSTREAM_HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) >= 10
+    assert "run #1" in result.stderr
+    assert "tokens/s" in result.stderr
