@@ -238,3 +238,34 @@ def test_terminal_ipython_streams_plain_text(tmp_path: Path, msim: simulator.Sim
     assert len(result.stdout.split()) >= 10
     assert "run #1" in result.stderr
     assert "tokens/s" in result.stderr
+
+
+def test_headless_execution_saves_the_final_text(
+    tmp_path: Path, msim: simulator.SimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nbclient (as nbconvert and nbval use) keeps the answer as an ordinary output."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("LMSTREAM_HOME", str(tmp_path))
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("%load_ext lmstream_nb"),
+        nbformat.v4.new_code_cell(
+            f"%%lmstream --base-url {msim.base_url} --max-tokens 15 -o r\nAbout herons"
+        ),
+        nbformat.v4.new_code_cell("print(r.text)"),
+    ]
+    client = NotebookClient(nb, timeout=60, kernel_name="python3")
+    client.km = client.create_kernel_manager()
+    spec = client.km.kernel_spec
+    assert spec is not None
+    spec.argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    client.execute()
+    outputs = nb.cells[1].outputs
+    finals = [o for o in outputs if o.output_type == "display_data"
+              and "application/vnd.jupyter.widget-view+json" not in o.data]
+    [final] = finals
+    printed = nb.cells[2].outputs[0].text
+    assert final.data["text/plain"] + "\n" == printed
+    assert len(printed.split()) >= 10
