@@ -59,7 +59,8 @@ async def test_sink_paints_first_chunk_then_coalesces() -> None:
     text = "".join(m.get("t", "") for m in view.sent)
     assert text == sink.text == "first " + "".join(f"{i} " for i in range(100))
     sink.close(state="done", run_id=7)
-    assert view.status["state"] == "done" and view.status["run_id"] == 7
+    assert view.status["state"] == "done"
+    assert view.status["run_id"] == 7
     assert view.show_text is False
 
 
@@ -81,7 +82,8 @@ def test_final_bundles_never_carry_raw_html() -> None:
     evil = '<script>alert(1)</script> <img src=x onerror="alert(2)"> *em*'
     md = final_bundle(evil, "markdown")
     assert md["text/plain"] == evil
-    assert "<script>" not in md["text/html"] and "<img" not in md["text/html"]
+    assert "<script>" not in md["text/html"]
+    assert "<img" not in md["text/html"]
     assert "<em>em</em>" in md["text/html"]
     code = final_bundle("```python\nprint('<b>')\n```", "code")
     assert code["text/plain"] == "print('<b>')"
