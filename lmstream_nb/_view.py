@@ -88,7 +88,7 @@ function render({ model, el }) {
     cursor.hidden = !running;
     message.textContent = s.message || "";
     body.hidden = !model.get("show_text");
-    reasoning.hidden = !model.get("show_text") || reasoningNode.length === 0;
+    reasoning.hidden = reasoningNode.length === 0;  // stays (collapsed) after the end
   }
   model.on("msg:custom", (msg) => {
     if (msg.t) textNode.appendData(msg.t);
