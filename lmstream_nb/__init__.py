@@ -53,6 +53,20 @@ from ._template import Prompt, Template
 __version__ = "0.1.0"
 
 
+def __getattr__(name: str) -> object:
+    """``lmstream_nb.PromptRunner`` is imported on first use (it pulls in ipywidgets)."""
+    if name == "PromptRunner":
+        from ._widget import PromptRunner
+
+        PromptRunner.__module__ = "lmstream_nb"
+        return PromptRunner
+    raise AttributeError(f"module 'lmstream_nb' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "PromptRunner"})
+
+
 def load_ipython_extension(ipython: object) -> None:
     """``%load_ext lmstream_nb``: register ``%%lmstream`` / ``%lmstream`` (imported lazily, so
     importing the package never pulls in IPython or widgets)."""
@@ -78,6 +92,7 @@ __all__ = [
     "Prompt",
     "PromptFileError",
     "PromptNotFound",
+    "PromptRunner",
     "PromptStore",
     "PromptTooLong",
     "ProtocolError",
@@ -113,6 +128,8 @@ __all__ = [
 ]
 
 for _name in __all__:
+    if _name not in globals():
+        continue  # provided lazily by __getattr__
     _obj = globals()[_name]
     if getattr(_obj, "__module__", "").startswith("lmstream_nb._"):
         with contextlib.suppress(AttributeError, TypeError):

@@ -193,6 +193,7 @@ class LMStreamMagics(Magics):
             %lmstream sim start|stop [profile] [time_scale=F]
                                             the embedded simulator, for notebooks that
                                             must run anywhere
+            %lmstream ui                    a prompt runner: pick, fill, run, stop, history
         """
         args = parse_argstring(self.lmstream, line)
         if cell is None:
@@ -336,7 +337,7 @@ class LMStreamMagics(Magics):
         if not args.words:
             raise UsageError(
                 "Give %lmstream a subcommand (run, prompts, show, history, stats, models, "
-                "config, sim), or use %%lmstream as a cell magic; see %lmstream?."
+                "config, sim, ui), or use %%lmstream as a cell magic; see %lmstream?."
             )
         command, *rest = args.words
         if command == "run":
@@ -382,6 +383,11 @@ class LMStreamMagics(Magics):
             return self._config(rest)
         if command == "sim":
             return self._sim(rest)
+        if command == "ui":
+            from ._widget import PromptRunner
+
+            return PromptRunner(self.store, self.config_.base_url, model=self.config_.model,
+                                budgets=self.config_.budgets())
         raise UsageError(f"Unknown subcommand {command!r}: see %lmstream? for the list.")
 
     def _config(self, items: list[str]) -> SessionConfig:

@@ -1,0 +1,362 @@
+"""PromptRunner: pick a stored prompt, fill its variables, run, watch, stop, look back.
+
+It owns no streaming logic: Run starts ``arun`` as a task on the kernel's own event loop (a
+button callback already runs on that loop, and the cell that showed the runner has finished,
+so the kernel stays free), the task feeds a ``StreamView`` through a ``NotebookSink``, and Stop
+cancels the task, which closes the connection and records the run as cancelled. Every runner
+has its own widgets, task and view, so several runners in one notebook never share state, and
+an error in one run only ever ends that run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import html
+from typing import Any
+
+import ipywidgets as w
+
+from ._client import LMStudioClient
+from ._config import Budgets, resolve_base_url
+from ._errors import LMStreamError
+from ._run import RunResult, arun, default_store
+from ._store import PromptStore
+from ._template import Prompt
+from ._view import NotebookSink, StreamView
+
+_ERROR_STYLE = "color: var(--jp-error-color1, #c62828); font-size: 0.9em"
+
+
+def _error_html(message: str) -> str:
+    text = html.escape(message)
+    return f'<span class="lmstream-field-error" style="{_ERROR_STYLE}">{text}</span>'
+
+
+class PromptRunner(w.VBox):  # type: ignore[misc]
+    """A small app for stored prompts: pick, fill, run, stop, and browse earlier runs."""
+
+    def __init__(
+        self,
+        store: PromptStore | None = None,
+        base_url: str | None = None,
+        *,
+        model: str | None = None,
+        budgets: Budgets | None = None,
+    ) -> None:
+        self.store = store or default_store()
+        self.base_url = resolve_base_url(base_url)
+        self.task: asyncio.Task[RunResult | None] | None = None
+        self.last_result: RunResult | None = None
+        self._values: dict[str, str] = {}
+        self._var_inputs: dict[str, w.Textarea] = {}
+        budgets = budgets or Budgets()
+
+        layout = w.Layout(width="auto")
+        self.prompt_picker = w.Dropdown(description="Prompt", layout=w.Layout(width="60%"))
+        self.version_picker = w.Dropdown(description="Version", layout=w.Layout(width="30%"))
+        self.preview = w.HTML(layout=layout)
+        self.variables_box = w.VBox()
+        self.model_picker = w.Dropdown(description="Model", layout=w.Layout(width="60%"))
+        self.refresh_button = w.Button(description="Refresh models", icon="refresh")
+        self.model_message = w.HTML()
+        self.temperature = w.Text(description="Temperature", placeholder="prompt's default")
+        self.temperature_error = w.HTML()
+        self.max_tokens = w.Text(description="Max tokens", placeholder="prompt's default")
+        self.max_tokens_error = w.HTML()
+        self.first_token_timeout = w.Text(
+            description="First token s", value=_seconds_text(budgets.first_token)
+        )
+        self.idle_timeout = w.Text(description="Idle s", value=_seconds_text(budgets.idle))
+        self.budget_error = w.HTML()
+        advanced = w.Accordion(children=[w.VBox([
+            w.HBox([self.first_token_timeout, self.idle_timeout]), self.budget_error,
+        ])])
+        advanced.set_title(0, "Advanced")
+        advanced.selected_index = None
+        self.run_button = w.Button(description="Run", button_style="primary", icon="play")
+        self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop",
+                                    disabled=True)
+        self.message = w.HTML()
+        self.view_box = w.Box(layout=layout)
+        self.editor = w.Textarea(description="Template", layout=w.Layout(width="100%",
+                                                                        height="8em"))
+        self.save_button = w.Button(description="Save as new version", icon="save")
+        self.save_message = w.HTML()
+        editor = w.Accordion(children=[w.VBox([self.editor, w.HBox([self.save_button,
+                                                                     self.save_message])])])
+        editor.set_title(0, "Edit template")
+        editor.selected_index = None
+        self.history_select = w.Select(rows=6, layout=w.Layout(width="100%"))
+        self.history_text = w.HTML()
+        history = w.Accordion(children=[w.VBox([self.history_select, self.history_text])])
+        history.set_title(0, "History")
+        history.selected_index = None
+
+        super().__init__([
+            w.HBox([self.prompt_picker, self.version_picker]),
+            self.preview,
+            self.variables_box,
+            w.HBox([self.model_picker, self.refresh_button]),
+            self.model_message,
+            w.HBox([self.temperature, self.temperature_error]),
+            w.HBox([self.max_tokens, self.max_tokens_error]),
+            advanced,
+            w.HBox([self.run_button, self.stop_button]),
+            self.message,
+            self.view_box,
+            editor,
+            history,
+        ])
+        self.add_class("lmstream-runner")
+
+        self.prompt_picker.observe(self._on_prompt, names="value")
+        self.version_picker.observe(self._on_version, names="value")
+        self.history_select.observe(self._on_history, names="value")
+        self.run_button.on_click(lambda _: self.run())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.refresh_button.on_click(lambda _: self.refresh_models())
+        self.save_button.on_click(lambda _: self.save_version())
+        self._preferred_model = model
+        self.reload_prompts()
+        self.refresh_models()
+
+    # -- prompts and variables -------------------------------------------------------------
+
+    @property
+    def prompt(self) -> Prompt | None:
+        name, version = self.prompt_picker.value, self.version_picker.value
+        if not name:
+            return None
+        return self.store.get(name, version)
+
+    def reload_prompts(self, select: str | None = None) -> None:
+        names = [p.name for p in self.store.list() if p.name]
+        current = select or self.prompt_picker.value
+        self.prompt_picker.options = names
+        if names:
+            self.prompt_picker.value = current if current in names else names[0]
+        self._on_prompt(None)
+
+    def _on_prompt(self, _change: Any) -> None:
+        name = self.prompt_picker.value
+        versions = [p.version for p in self.store.versions(name)] if name else []
+        self.version_picker.options = [(f"v{v}", v) for v in reversed(versions)]
+        if versions:
+            self.version_picker.value = versions[-1]
+        self._on_version(None)
+        self.refresh_history()
+
+    def _on_version(self, _change: Any) -> None:
+        prompt = self.prompt
+        self._remember_values()
+        if prompt is None:
+            self.preview.value = "<i>No stored prompts yet: save one with %%lmstream --save.</i>"
+            self.variables_box.children = ()
+            self._var_inputs = {}
+            return
+        system = f"<b>System:</b> {html.escape(prompt.system)}<br>" if prompt.system else ""
+        self.preview.value = (
+            f'<div class="lmstream-preview">{system}<pre style="white-space: pre-wrap">'
+            f"{html.escape(prompt.template)}</pre></div>"
+        )
+        self.editor.value = prompt.template
+        inputs: dict[str, w.Textarea] = {}
+        rows = []
+        for name in prompt.variables:
+            box = w.Textarea(value=self._values.get(name, ""), description=name,
+                             placeholder=f"value for {{{{{name}}}}}",
+                             layout=w.Layout(width="60%", height="3.2em"))
+            box.add_class(f"lmstream-var-{name}")
+            error = w.HTML()
+            inputs[name] = box
+            rows.append(w.HBox([box, error]))
+        self._var_inputs = inputs
+        self.variables_box.children = tuple(rows)
+
+    def _remember_values(self) -> None:
+        for name, box in self._var_inputs.items():
+            self._values[name] = box.value
+
+    def set_variable(self, name: str, value: str) -> None:
+        """Fill a variable's input (what a user types)."""
+        self._var_inputs[name].value = value
+
+    # -- models ----------------------------------------------------------------------------
+
+    def refresh_models(self) -> asyncio.Task[None]:
+        """Fill the model picker from the server; say so in the widget if it cannot."""
+        self.model_message.value = "<i>Loading models…</i>"
+
+        async def fetch() -> None:
+            try:
+                async with LMStudioClient(self.base_url) as client:
+                    models = await client.list_models()
+            except LMStreamError as exc:
+                self.model_message.value = _error_html(str(exc))
+                return
+            chat = [m for m in models if "embed" not in m.lower()] or models
+            current = self.model_picker.value
+            self.model_picker.options = chat
+            for choice in (current, self._preferred_model, *chat[:1]):
+                if choice in chat:
+                    self.model_picker.value = choice
+                    break
+            self.model_message.value = ""
+
+        self.models_task: asyncio.Task[None] = _spawn(fetch())
+        return self.models_task
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _read_inputs(self) -> dict[str, Any] | None:
+        """Check every field; report problems next to them; None when anything is wrong."""
+        ok = True
+        settings: dict[str, Any] = {}
+        for field, error, key, kind in (
+            (self.temperature, self.temperature_error, "temperature", float),
+            (self.max_tokens, self.max_tokens_error, "max_tokens", int),
+        ):
+            error.value = ""
+            text = field.value.strip()
+            if not text:
+                continue
+            try:
+                settings[key] = kind(text)
+            except ValueError:
+                noun = "a whole number" if kind is int else "a number"
+                error.value = _error_html(f"{text!r} is not {noun}: fix it or leave it empty.")
+                ok = False
+        self.budget_error.value = ""
+        budgets: dict[str, float | None] = {}
+        for field, key in ((self.first_token_timeout, "first_token"),
+                           (self.idle_timeout, "idle")):
+            text = field.value.strip().lower()
+            try:
+                budgets[key] = None if text in ("", "none", "inf") else float(text)
+                if budgets[key] is not None and budgets[key] <= 0:  # type: ignore[operator]
+                    raise ValueError(text)
+            except ValueError:
+                self.budget_error.value = _error_html(
+                    f"{field.description} must be a positive number of seconds or 'none'."
+                )
+                ok = False
+        if ok:
+            settings["budgets"] = Budgets(first_token=budgets["first_token"],
+                                          idle=budgets["idle"])
+        variables: dict[str, str] = {}
+        for row, (name, box) in zip(self.variables_box.children, self._var_inputs.items(),
+                                    strict=True):
+            error = row.children[1]
+            if not box.value:
+                error.value = _error_html(f"{name} needs a value.")
+                ok = False
+            else:
+                error.value = ""
+                variables[name] = box.value
+        settings["variables"] = variables
+        return settings if ok else None
+
+    def run(self) -> asyncio.Task[RunResult | None] | None:
+        """What the Run button does; returns the task (or None when a field is wrong)."""
+        prompt = self.prompt
+        if prompt is None or (self.task is not None and not self.task.done()):
+            return None
+        settings = self._read_inputs()
+        if settings is None:
+            self.message.value = _error_html("Nothing was sent: fix the fields marked above.")
+            return None
+        self.message.value = ""
+        variables = settings.pop("variables")
+        view = StreamView()
+        self.view_box.children = (view,)
+        sink = NotebookSink(view, prompt=prompt.label)
+        model = self.model_picker.value or None
+        self._set_running(True)
+
+        async def go() -> RunResult | None:
+            try:
+                async with LMStudioClient(self.base_url, budgets=settings["budgets"]) as client:
+                    result = await arun(prompt, variables, model=model, store=self.store,
+                                        client=client, on_event=sink.handle, **settings)
+            except asyncio.CancelledError:
+                sink.close(state="cancelled", show_text=True,
+                           message="Stopped: the text received so far is kept.")
+                raise
+            except LMStreamError as exc:
+                sink.close(state="failed", show_text=True, run_id=exc.run_id, message=str(exc))
+                return None
+            except Exception as exc:  # a runner must keep working after any error
+                sink.close(state="failed", show_text=True, message=f"Unexpected error: {exc!r}")
+                return None
+            finally:
+                self._set_running(False)
+                self.refresh_history()
+            sink.close(state="done", stats=result.stats, model=result.model,
+                       run_id=result.run_id, show_text=True)
+            self.last_result = result
+            return result
+
+        self.task = _spawn(go())
+        return self.task
+
+    def stop(self) -> None:
+        """What the Stop button does: cancel the stream (the connection is closed at once)."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.disabled = running
+        self.stop_button.disabled = not running
+
+    # -- editing and history ---------------------------------------------------------------
+
+    def save_version(self) -> Prompt | None:
+        """Store the edited template as a new version of the selected prompt."""
+        prompt = self.prompt
+        if prompt is None or not prompt.name:
+            return None
+        if not self.editor.value.strip():
+            self.save_message.value = _error_html("The template is empty: nothing was saved.")
+            return None
+        from dataclasses import replace
+
+        saved = self.store.save_prompt(replace(prompt, template=self.editor.value))
+        self.save_message.value = f"Saved {html.escape(saved.label)}."
+        self.reload_prompts(select=saved.name)
+        self.version_picker.value = saved.version
+        return saved
+
+    def refresh_history(self) -> None:
+        name = self.prompt_picker.value
+        runs = self.store.history(prompt=name, limit=20) if name else []
+        options = []
+        for r in runs:
+            when = dt.datetime.fromtimestamp(r.started_at).strftime("%H:%M:%S")
+            ttft = "-" if r.ttft_s is None else f"{r.ttft_s:.2f}s"
+            total = "-" if r.duration_s is None else f"{r.duration_s:.1f}s"
+            options.append((f"#{r.id} {when} {r.status:<10} ttft {ttft} total {total} "
+                            f"{r.preview[:40]}", r.id))
+        self.history_select.options = options
+
+    def _on_history(self, change: Any) -> None:
+        run_id = change["new"] if change else None
+        if run_id is None:
+            self.history_text.value = ""
+            return
+        rec = self.store.get_run(run_id)
+        error = f"<div>{_error_html(rec.error)}</div>" if rec.error else ""
+        self.history_text.value = (
+            f'<div class="lmstream-history-text"><b>run #{rec.id}</b> {html.escape(rec.status)}'
+            f'{error}<pre style="white-space: pre-wrap">{html.escape(rec.text)}</pre></div>'
+        )
+
+
+def _seconds_text(value: float | None) -> str:
+    return "none" if value is None else f"{value:g}"
+
+
+def _spawn(coro: Any) -> asyncio.Task[Any]:
+    """A task on the running loop (the kernel's, for button callbacks), else on a new one."""
+    loop = asyncio.get_event_loop()
+    return loop.create_task(coro)

@@ -1,0 +1,170 @@
+"""PromptRunner driven through its widgets' state and clicks, against the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lmstream_nb import PromptRunner, PromptStore, simulator
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "lmstream-sim-8b"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[PromptStore]:
+    with PromptStore(tmp_path / "w.db") as s:
+        s.save("summary", "Summarise {{text}} for {{audience}}.")
+        s.save("haiku", "A haiku about {{topic}}.")
+        yield s
+
+
+async def ready(sim_url: str, store: PromptStore) -> PromptRunner:
+    runner = PromptRunner(store, sim_url)
+    await asyncio.wait_for(runner.models_task, 10)
+    return runner
+
+
+async def test_picker_variables_and_values_survive_switching(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    runner = await ready(sim.base_url, store)
+    assert list(runner.prompt_picker.options) == ["haiku", "summary"]
+    assert list(runner._var_inputs) == ["topic"]
+    runner.set_variable("topic", "autumn\nleaves")
+    runner.prompt_picker.value = "summary"
+    assert list(runner._var_inputs) == ["text", "audience"]
+    assert "Summarise {{text}}" in runner.preview.value
+    runner.prompt_picker.value = "haiku"
+    assert runner._var_inputs["topic"].value == "autumn\nleaves"
+    assert runner.model_picker.options == (MODEL,)
+    assert runner.model_picker.value == MODEL
+
+
+async def test_run_streams_and_records_then_history_shows_it(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    runner = await ready(sim.base_url, store)
+    runner.set_variable("topic", "rivers")
+    runner.max_tokens.value = "12"
+    runner.run_button.click()
+    task = runner.task
+    assert task is not None
+    assert runner.run_button.disabled
+    assert not runner.stop_button.disabled
+    result = await asyncio.wait_for(task, 10)
+    assert result is not None
+    assert result.ok
+    assert not runner.run_button.disabled
+    assert runner.stop_button.disabled
+    [view] = runner.view_box.children
+    assert view.status["state"] == "done"
+    assert view.show_text
+    assert store.get_run(result.run_id).text == result.text
+    assert runner.history_select.options[0][1] == result.run_id
+    runner.history_select.value = result.run_id
+    assert result.text.split()[0] in runner.history_text.value
+
+
+async def test_stop_cancels_within_a_second_and_keeps_partial_text(store: PromptStore) -> None:
+    defaults = simulator.Scenario(output_tokens=100_000, gen_tps=200, jitter=0)
+    with simulator.serve(profile="test-fast", defaults=defaults) as slow:
+        runner = await ready(slow.base_url, store)
+        runner.set_variable("topic", "the sea")
+        task = runner.run()
+        assert task is not None
+        [view] = runner.view_box.children
+        for _ in range(200):  # bounded: text arrives within a few hundred ms
+            if view.status.get("state") != "connecting" and runner.store.history():
+                await asyncio.sleep(0.2)
+                break
+            await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        stopped_at = loop.time()
+        runner.stop_button.click()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+        assert loop.time() - stopped_at < 1.0
+        record = await asyncio.to_thread(
+            slow.wait_for, lambda r: r.outcome == "client_disconnected", 5.0)
+    assert record.sent_tokens < record.planned_tokens
+    assert view.status["state"] == "cancelled"
+    [summary] = store.history()
+    assert summary.status == "cancelled"
+    assert store.get_run(summary.id).text
+    assert not runner.run_button.disabled
+
+
+async def test_bad_values_are_reported_next_to_the_field_and_nothing_is_sent(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    runner = await ready(sim.base_url, store)
+    before = len(sim.records())
+    runner.max_tokens.value = "lots"
+    assert runner.run() is None
+    assert "not a whole number" in runner.max_tokens_error.value
+    assert "topic needs a value" in runner.variables_box.children[0].children[1].value
+    runner.max_tokens.value = "5"
+    runner.first_token_timeout.value = "-3"
+    runner.set_variable("topic", "x")
+    assert runner.run() is None
+    assert "positive number of seconds" in runner.budget_error.value
+    assert len(sim.records()) == before
+    assert len(store.history()) == 0
+
+
+async def test_unreachable_server_is_said_in_the_widget_and_runner_recovers(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    runner = PromptRunner(store, dead)
+    await asyncio.wait_for(runner.models_task, 10)
+    assert "Cannot connect" in runner.model_message.value
+    runner.set_variable("topic", "x")
+    runner.model_picker.options = [MODEL]
+    failed = runner.run()
+    assert failed is not None
+    assert await asyncio.wait_for(failed, 10) is None
+    [view] = runner.view_box.children
+    assert view.status["state"] == "failed"
+    assert "Cannot connect" in view.status["message"]
+    runner.base_url = sim.base_url
+    await asyncio.wait_for(runner.refresh_models(), 10)
+    assert runner.model_message.value == ""
+    retry = runner.run()
+    assert retry is not None
+    result = await asyncio.wait_for(retry, 10)
+    assert result is not None
+    assert result.ok
+
+
+async def test_save_as_new_version(sim: simulator.SimServer, store: PromptStore) -> None:
+    runner = await ready(sim.base_url, store)
+    runner.editor.value = "A limerick about {{topic}} and {{place}}."
+    saved = runner.save_version()
+    assert saved is not None
+    assert saved.version == 2
+    assert [p.version for p in store.versions("haiku")] == [1, 2]
+    assert runner.version_picker.value == 2
+    assert list(runner._var_inputs) == ["topic", "place"]
+
+
+async def test_two_runners_are_independent(sim: simulator.SimServer, store: PromptStore) -> None:
+    first, second = await ready(sim.base_url, store), await ready(sim.base_url, store)
+    second.prompt_picker.value = "summary"
+    first.set_variable("topic", "owls")
+    second.set_variable("text", "notes")
+    second.set_variable("audience", "kids")
+    tasks = [first.run(), second.run()]
+    assert all(t is not None for t in tasks)
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 10)  # type: ignore[arg-type]
+    assert all(r is not None and r.ok for r in results)
+    assert results[0].text != results[1].text  # type: ignore[union-attr]
+    assert first.view_box.children[0] is not second.view_box.children[0]
