@@ -25,6 +25,7 @@ from ._store import PromptStore
 from ._template import Prompt
 from ._view import NotebookSink, StreamView
 
+_WIDE = {"description_width": "7em"}  # room for "Temperature" and "First token s"
 _ERROR_STYLE = "color: var(--jp-error-color1, #c62828); font-size: 0.9em"
 
 
@@ -53,38 +54,59 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         budgets = budgets or Budgets()
 
         layout = w.Layout(width="auto")
-        self.prompt_picker = w.Dropdown(description="Prompt", layout=w.Layout(width="60%"))
+        wide = _WIDE
+        self.prompt_picker = w.Dropdown(
+            description="Prompt", layout=w.Layout(width="60%"), style=wide
+        )
         self.version_picker = w.Dropdown(description="Version", layout=w.Layout(width="30%"))
         self.preview = w.HTML(layout=layout)
         self.variables_box = w.VBox()
-        self.model_picker = w.Dropdown(description="Model", layout=w.Layout(width="60%"))
+        self.model_picker = w.Dropdown(
+            description="Model", layout=w.Layout(width="60%"), style=wide
+        )
         self.refresh_button = w.Button(description="Refresh models", icon="refresh")
         self.model_message = w.HTML()
-        self.temperature = w.Text(description="Temperature", placeholder="prompt's default")
+        self.temperature = w.Text(
+            description="Temperature", placeholder="prompt's default", style=wide
+        )
         self.temperature_error = w.HTML()
-        self.max_tokens = w.Text(description="Max tokens", placeholder="prompt's default")
+        self.max_tokens = w.Text(
+            description="Max tokens", placeholder="prompt's default", style=wide
+        )
         self.max_tokens_error = w.HTML()
         self.first_token_timeout = w.Text(
-            description="First token s", value=_seconds_text(budgets.first_token)
+            description="First token s", value=_seconds_text(budgets.first_token), style=wide
         )
-        self.idle_timeout = w.Text(description="Idle s", value=_seconds_text(budgets.idle))
+        self.idle_timeout = w.Text(
+            description="Idle s", value=_seconds_text(budgets.idle), style=wide
+        )
         self.budget_error = w.HTML()
-        advanced = w.Accordion(children=[w.VBox([
-            w.HBox([self.first_token_timeout, self.idle_timeout]), self.budget_error,
-        ])])
+        advanced = w.Accordion(
+            children=[
+                w.VBox(
+                    [
+                        w.HBox([self.first_token_timeout, self.idle_timeout]),
+                        self.budget_error,
+                    ]
+                )
+            ]
+        )
         advanced.set_title(0, "Advanced")
         advanced.selected_index = None
         self.run_button = w.Button(description="Run", button_style="primary", icon="play")
-        self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop",
-                                    disabled=True)
+        self.stop_button = w.Button(
+            description="Stop", button_style="danger", icon="stop", disabled=True
+        )
         self.message = w.HTML()
         self.view_box = w.Box(layout=layout)
-        self.editor = w.Textarea(description="Template", layout=w.Layout(width="100%",
-                                                                        height="8em"))
+        self.editor = w.Textarea(
+            description="Template", layout=w.Layout(width="100%", height="8em")
+        )
         self.save_button = w.Button(description="Save as new version", icon="save")
         self.save_message = w.HTML()
-        editor = w.Accordion(children=[w.VBox([self.editor, w.HBox([self.save_button,
-                                                                     self.save_message])])])
+        editor = w.Accordion(
+            children=[w.VBox([self.editor, w.HBox([self.save_button, self.save_message])])]
+        )
         editor.set_title(0, "Edit template")
         editor.selected_index = None
         self.history_select = w.Select(rows=6, layout=w.Layout(width="100%"))
@@ -93,21 +115,23 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         history.set_title(0, "History")
         history.selected_index = None
 
-        super().__init__([
-            w.HBox([self.prompt_picker, self.version_picker]),
-            self.preview,
-            self.variables_box,
-            w.HBox([self.model_picker, self.refresh_button]),
-            self.model_message,
-            w.HBox([self.temperature, self.temperature_error]),
-            w.HBox([self.max_tokens, self.max_tokens_error]),
-            advanced,
-            w.HBox([self.run_button, self.stop_button]),
-            self.message,
-            self.view_box,
-            editor,
-            history,
-        ])
+        super().__init__(
+            [
+                w.HBox([self.prompt_picker, self.version_picker]),
+                self.preview,
+                self.variables_box,
+                w.HBox([self.model_picker, self.refresh_button]),
+                self.model_message,
+                w.HBox([self.temperature, self.temperature_error]),
+                w.HBox([self.max_tokens, self.max_tokens_error]),
+                advanced,
+                w.HBox([self.run_button, self.stop_button]),
+                self.message,
+                self.view_box,
+                editor,
+                history,
+            ]
+        )
         self.add_class("lmstream-runner")
 
         self.prompt_picker.observe(self._on_prompt, names="value")
@@ -164,9 +188,13 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         inputs: dict[str, w.Textarea] = {}
         rows = []
         for name in prompt.variables:
-            box = w.Textarea(value=self._values.get(name, ""), description=name,
-                             placeholder=f"value for {{{{{name}}}}}",
-                             layout=w.Layout(width="60%", height="3.2em"))
+            box = w.Textarea(
+                value=self._values.get(name, ""),
+                description=name,
+                placeholder=f"value for {{{{{name}}}}}",
+                style=_WIDE,
+                layout=w.Layout(width="60%", height="3.2em"),
+            )
             box.add_class(f"lmstream-var-{name}")
             error = w.HTML()
             inputs[name] = box
@@ -229,8 +257,7 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
                 ok = False
         self.budget_error.value = ""
         budgets: dict[str, float | None] = {}
-        for field, key in ((self.first_token_timeout, "first_token"),
-                           (self.idle_timeout, "idle")):
+        for field, key in ((self.first_token_timeout, "first_token"), (self.idle_timeout, "idle")):
             text = field.value.strip().lower()
             try:
                 budgets[key] = None if text in ("", "none", "inf") else float(text)
@@ -242,11 +269,11 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
                 )
                 ok = False
         if ok:
-            settings["budgets"] = Budgets(first_token=budgets["first_token"],
-                                          idle=budgets["idle"])
+            settings["budgets"] = Budgets(first_token=budgets["first_token"], idle=budgets["idle"])
         variables: dict[str, str] = {}
-        for row, (name, box) in zip(self.variables_box.children, self._var_inputs.items(),
-                                    strict=True):
+        for row, (name, box) in zip(
+            self.variables_box.children, self._var_inputs.items(), strict=True
+        ):
             error = row.children[1]
             if not box.value:
                 error.value = _error_html(f"{name} needs a value.")
@@ -277,11 +304,21 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         async def go() -> RunResult | None:
             try:
                 async with LMStudioClient(self.base_url, budgets=settings["budgets"]) as client:
-                    result = await arun(prompt, variables, model=model, store=self.store,
-                                        client=client, on_event=sink.handle, **settings)
+                    result = await arun(
+                        prompt,
+                        variables,
+                        model=model,
+                        store=self.store,
+                        client=client,
+                        on_event=sink.handle,
+                        **settings,
+                    )
             except asyncio.CancelledError:
-                sink.close(state="cancelled", show_text=True,
-                           message="Stopped: the text received so far is kept.")
+                sink.close(
+                    state="cancelled",
+                    show_text=True,
+                    message="Stopped: the text received so far is kept.",
+                )
                 raise
             except LMStreamError as exc:
                 sink.close(state="failed", show_text=True, run_id=exc.run_id, message=str(exc))
@@ -292,8 +329,13 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
             finally:
                 self._set_running(False)
                 self.refresh_history()
-            sink.close(state="done", stats=result.stats, model=result.model,
-                       run_id=result.run_id, show_text=True)
+            sink.close(
+                state="done",
+                stats=result.stats,
+                model=result.model,
+                run_id=result.run_id,
+                show_text=True,
+            )
             self.last_result = result
             return result
 
@@ -335,8 +377,9 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
             when = dt.datetime.fromtimestamp(r.started_at).strftime("%H:%M:%S")
             ttft = "-" if r.ttft_s is None else f"{r.ttft_s:.2f}s"
             total = "-" if r.duration_s is None else f"{r.duration_s:.1f}s"
-            options.append((f"#{r.id} {when} {r.status:<10} ttft {ttft} total {total} "
-                            f"{r.preview[:40]}", r.id))
+            options.append(
+                (f"#{r.id} {when} {r.status:<10} ttft {ttft} total {total} {r.preview[:40]}", r.id)
+            )
         self.history_select.options = options
 
     def _on_history(self, change: Any) -> None:
