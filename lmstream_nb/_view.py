@@ -232,14 +232,16 @@ class NotebookSink:
 
     def _send(self, paint: tuple[str, str], now: float, *, first: bool = False) -> None:
         text, reasoning = paint
+        # Kept small: this rides on every paint (the view keeps what it was told before).
         live: dict[str, Any] = {"chunks": self._chunks}
         if self._first is not None:
-            live["ttft"] = self._first - self._t0
             generating = now - self._first
             if generating > 0.2:
-                live["tps"] = (self._chunks - 1) / generating
+                live["tps"] = round((self._chunks - 1) / generating, 1)
         if first:
             live["state"] = "generating"
+            if self._first is not None:
+                live["ttft"] = round(self._first - self._t0, 3)
         message: dict[str, Any] = {"s": live}
         if text:
             message["t"] = text
