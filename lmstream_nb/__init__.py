@@ -2,6 +2,7 @@
 
 import contextlib
 
+from ._batch import BatchResult, arun_many, run_many
 from ._client import ChatStream, LMStudioClient
 from ._config import Budgets, Retries
 from ._errors import (
@@ -76,6 +77,7 @@ def load_ipython_extension(ipython: object) -> None:
 
 __all__ = [
     "AuthenticationError",
+    "BatchResult",
     "Budgets",
     "ChatStream",
     "Completion",
@@ -122,8 +124,10 @@ __all__ = [
     "TextDelta",
     "UnknownVariables",
     "arun",
+    "arun_many",
     "history",
     "run",
+    "run_many",
     "stats",
 ]
 

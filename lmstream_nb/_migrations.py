@@ -110,10 +110,16 @@ def m001_initial(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def m002_batch_rows(conn: sqlite3.Connection) -> None:
+    """Which row of a batch a run answered, so a batch can be resumed where it failed."""
+    conn.execute("ALTER TABLE runs ADD COLUMN batch_row INTEGER")
+    conn.execute("CREATE INDEX runs_batch ON runs (batch_id, batch_row)")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 #: Every schema step in order; step ``i`` (0-based) brings the database to version ``i + 1``.
-MIGRATIONS: tuple[Migration, ...] = (m001_initial,)
+MIGRATIONS: tuple[Migration, ...] = (m001_initial, m002_batch_rows)
 
 LATEST_VERSION = len(MIGRATIONS)
 

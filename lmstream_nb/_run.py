@@ -160,6 +160,7 @@ async def arun(
     allow_extra: bool = False,
     raise_errors: bool = True,
     batch_id: str | None = None,
+    batch_row: int | None = None,
     **extra: Any,
 ) -> RunResult:
     """Render ``prompt`` with ``variables``, stream the answer, and record the run.
@@ -191,6 +192,7 @@ async def arun(
         base_url=http.url,
         started_at=time.time(),
         batch_id=batch_id,
+        batch_row=batch_row,
     )
     recorder = _Recorder(store, run_id, loop)
     status, error_text = "ok", None

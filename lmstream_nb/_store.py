@@ -147,6 +147,7 @@ class RunRecord:
     text: str
     reasoning: str
     batch_id: str | None
+    batch_row: int | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class RunSummary:
     text_chars: int
     preview: str
     batch_id: str | None
+    batch_row: int | None = None
 
 
 def _load_pandas() -> Any:
@@ -477,12 +479,13 @@ _PROMPT_COLUMNS = (
 )
 _SUMMARY_COLUMNS = (
     "id, prompt_name, prompt_version, model, started_at, status, ttft_s, duration_s, chunks, "
-    "completion_tokens, tokens_per_s, finish_reason, error, text_chars, preview, batch_id"
+    "completion_tokens, tokens_per_s, finish_reason, error, text_chars, preview, batch_id, "
+    "batch_row"
 )
 _RECORD_COLUMNS = (
     "id, prompt_name, prompt_version, template, system, messages, variables, model, base_url, "
     "started_at, ttft_s, duration_s, chunks, prompt_tokens, completion_tokens, tokens_per_s, "
-    "finish_reason, status, error, text, reasoning, batch_id"
+    "finish_reason, status, error, text, reasoning, batch_id, batch_row"
 )
 
 
@@ -930,13 +933,14 @@ class PromptStore:
         base_url: str,
         started_at: float,
         batch_id: str | None = None,
+        batch_row: int | None = None,
     ) -> int:
         """Record a run that is about to start (status ``unfinished``); return its id."""
         with self._write() as conn:
             cursor = conn.execute(
                 "INSERT INTO runs (prompt_name, prompt_version, template, system, messages, "
-                "variables, model, base_url, started_at, status, batch_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'unfinished', ?)",
+                "variables, model, base_url, started_at, status, batch_id, batch_row) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'unfinished', ?, ?)",
                 (
                     prompt_name,
                     prompt_version,
@@ -948,11 +952,22 @@ class PromptStore:
                     base_url,
                     float(started_at),
                     batch_id,
+                    batch_row,
                 ),
             )
             run_id = cursor.lastrowid
         assert run_id is not None
         return run_id
+
+    def batch_outcomes(self, batch_id: str) -> dict[int, int]:
+        """For each row of a batch, the id of its latest run (to resume what did not succeed)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT batch_row, id FROM runs WHERE batch_id = ? AND batch_row IS NOT NULL "
+                "ORDER BY id",
+                (batch_id,),
+            ).fetchall()
+        return {int(row): int(run_id) for row, run_id in rows}
 
     def append_run_text(self, run_id: int, text: str, reasoning: str = "") -> None:
         """Add text that arrived for an unfinished run (one small row; never rewrites the rest)."""

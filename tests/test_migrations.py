@@ -68,11 +68,12 @@ def test_a_fresh_database_ends_at_the_latest_schema(conn: sqlite3.Connection) ->
         "id", "prompt_name", "prompt_version", "template", "system", "messages", "variables",
         "model", "base_url", "started_at", "ttft_s", "duration_s", "chunks", "prompt_tokens",
         "completion_tokens", "tokens_per_s", "finish_reason", "status", "error", "text",
-        "reasoning", "text_chars", "preview", "batch_id",
+        "reasoning", "text_chars", "preview", "batch_id", "batch_row",
     ]
     assert columns(conn, "run_chunks") == ["run_id", "seq", "text", "reasoning"]
     run_indexes = indexes(conn, "runs")
     assert run_indexes["runs_started_at"][:2] == ["started_at", "id"]
+    assert run_indexes["runs_batch"] == ["batch_id", "batch_row"]
     assert run_indexes["runs_prompt_started_at"][:3] == ["prompt_name", "started_at", "id"]
     assert run_indexes["runs_status_started_at"] == ["status", "started_at"]
     # Stats reads only these columns; the two main indexes cover them.

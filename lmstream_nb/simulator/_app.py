@@ -246,6 +246,34 @@ def _prompt_tokens(messages: list[Any]) -> int:
     return max(1, chars // 4)
 
 
+_MARKER = re.compile(r"\[\[sim (\{.*?\})\]\]", re.DOTALL)
+
+
+def _marker_overrides(messages: object) -> dict[str, object] | None:
+    """Scenario fields written into a prompt as ``[[sim {"stall_at": 3}]]``.
+
+    Higher-level code (batch rows, notebooks, widgets) varies only the prompt text, so this is
+    how one row or one cell asks for its own fault. Later markers win; the marker stays in the
+    prompt (it is just text to everything else).
+    """
+    if not isinstance(messages, list):
+        return None
+    found: dict[str, object] = {}
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, str) or "[[sim " not in content:
+            continue
+        for match in _MARKER.finditer(content):
+            try:
+                value = json.loads(match.group(1))
+            except ValueError as exc:
+                raise ScenarioError(f"a [[sim …]] marker is not valid JSON: {exc}") from None
+            if not isinstance(value, dict):
+                raise ScenarioError("a [[sim …]] marker must hold a JSON object")
+            found.update(value)
+    return found or None
+
+
 def _reply_pieces(reply: str) -> list[str]:
     """A fixed reply cut into word pieces (each with the space after it), as tokens arrive."""
     return re.findall(r"\S+\s*|\s+", reply) or [""]
@@ -786,6 +814,7 @@ class _Handlers:
             return _error_object("The request body must be a JSON object.")
         try:
             sc = apply_overrides(config.defaults, body.get("sim"))
+            sc = apply_overrides(sc, _marker_overrides(body.get("messages")))
         except ScenarioError as exc:
             return _error_object(str(exc), param="sim")
         stream = _field(body, "stream", (bool,), "true or false") or False

@@ -67,9 +67,10 @@ class Scenario:
     """How the simulator answers one chat-completion request.
 
     Every field has a default, and the names are the JSON keys a client may send under ``"sim"``
-    in a request body to override the server's default scenario for that request. Token positions
-    (``*_at``) count every generated token written so far, reasoning and answer alike; a position
-    beyond the planned number of tokens never triggers.
+    in a request body to override the server's default scenario for that request. A prompt may
+    also carry them as text, ``[[sim {"stall_at": 3, "stall_s": 30}]]``, which wins over both.
+    Token positions (``*_at``) count every generated token written so far, reasoning and answer
+    alike; a position beyond the planned number of tokens never triggers.
 
     Speed and time:
 

@@ -192,3 +192,19 @@ def test_content_type_json_instead_of_stream(sim, client):
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     assert response.json()["error"]["message"] == "Busy."
+
+
+def test_scenario_marker_in_the_prompt_applies_to_that_request() -> None:
+    from lmstream_nb import simulator as sim_mod
+
+    with sim_mod.serve(profile="test-fast") as server:
+        body = {
+            "model": "lmstream-sim-8b", "stream": False,
+            "messages": [{"role": "user", "content": 'Go [[sim {"output_tokens": 3}]] now'}],
+        }
+        reply = httpx.post(server.base_url + "/chat/completions", json=body, timeout=10)
+        bad = httpx.post(server.base_url + "/chat/completions", timeout=10, json={
+            **body, "messages": [{"role": "user", "content": "[[sim {nope}]]"}]})
+    assert reply.json()["usage"]["completion_tokens"] == 3
+    assert bad.status_code == 400
+    assert "marker" in bad.text

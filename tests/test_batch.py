@@ -1,0 +1,123 @@
+"""run_many(): failed rows recorded and the rest succeed in order; interrupt; resume; two URLs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lmstream_nb import BatchResult, Budgets, Prompt, PromptStore, arun_many, run_many, simulator
+
+MODEL = "lmstream-sim-8b"
+STALL = '[[sim {"stall_at": 3, "stall_s": 60}]]'
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[PromptStore]:
+    with PromptStore(tmp_path / "batch.db") as s:
+        yield s
+
+
+def test_failed_rows_are_recorded_and_the_rest_succeed_in_order(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    prompt = Prompt("Describe {{animal}} in {{place}}. {{extra}}", model=MODEL)
+    rows = [
+        {"animal": "owls", "place": "barns", "extra": ""},
+        {"animal": "bats", "extra": ""},  # no place: refused, recorded as failed
+        {"animal": "cats", "place": "homes", "extra": STALL},  # stalls after 3 tokens
+        {"animal": "eels", "place": "rivers", "extra": ""},
+        {"animal": "ants", "place": "hills", "extra": ""},
+    ]
+    batch = run_many(prompt, rows, concurrency=3, store=store, base_url=sim.base_url,
+                     budgets=Budgets(idle=0.5), progress=False, max_tokens=8)
+    assert isinstance(batch, BatchResult)
+    assert [r.status for r in batch] == ["ok", "error", "stalled", "ok", "ok"]
+    assert "place" in (batch[1].error or "")
+    assert batch[2].text.strip(), "the stalled row keeps its partial text"
+    assert store.get_run(batch[2].run_id).text == batch[2].text
+    assert (batch.succeeded, batch.failed) == (3, 2)
+    recorded = {r.id: r for r in store.history(limit=None)}
+    assert len(recorded) == 5
+    assert {r.batch_id for r in recorded.values()} == {batch.batch_id}
+    for index, result in enumerate(batch):
+        rec = store.get_run(result.run_id)
+        assert rec.batch_row == index
+        assert rec.status == result.status
+    texts = [r.text for r in batch if r.ok]
+    assert len(set(texts)) == 3, "each row got its own answer"
+
+
+def test_dataframe_in_dataframe_out(sim: simulator.SimServer, store: PromptStore) -> None:
+    frame = pd.DataFrame({"topic": ["rain", "snow", "hail", "fog"]})
+    out = run_many(Prompt("Write about {{topic}}.", model=MODEL), frame, concurrency=2,
+                   store=store, base_url=sim.base_url, progress=False, max_tokens=5)
+    assert list(out["topic"]) == ["rain", "snow", "hail", "fog"]
+    assert list(out["status"]) == ["ok"] * 4
+    assert all(t.strip() for t in out["text"])
+    assert len(set(out["text"])) == 4
+    assert out.attrs["batch_id"]
+
+
+def test_resume_runs_only_the_rows_that_did_not_succeed(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    prompt = Prompt("Row {{n}} {{extra}}", model=MODEL)
+    first_rows = [{"n": "0", "extra": ""}, {"n": "1", "extra": STALL}, {"n": "2", "extra": ""}]
+    first = run_many(prompt, first_rows, store=store, base_url=sim.base_url,
+                     budgets=Budgets(idle=0.3), progress=False, max_tokens=4)
+    assert [r.status for r in first] == ["ok", "stalled", "ok"]
+    fixed_rows = [{"n": "0", "extra": ""}, {"n": "1", "extra": ""}, {"n": "2", "extra": ""}]
+    before = len(sim.records())
+    again = run_many(prompt, fixed_rows, store=store, base_url=sim.base_url,
+                     resume=first.batch_id, progress=False, max_tokens=4)
+    assert len(sim.records()) - before == 1, "only the failed row was sent again"
+    assert again.batch_id == first.batch_id
+    assert [r.status for r in again] == ["ok", "ok", "ok"]
+    assert again[0].run_id == first[0].run_id
+    assert again[2].run_id == first[2].run_id
+    assert again[1].run_id != first[1].run_id
+
+
+def test_two_base_urls_both_receive_rows(store: PromptStore) -> None:
+    with simulator.serve(profile="test-fast") as a, simulator.serve(profile="test-fast") as b:
+        rows = [{"n": str(i)} for i in range(8)]
+        batch = run_many(Prompt("Item {{n}}", model=MODEL), rows, concurrency=4, store=store,
+                         base_url=[a.base_url, b.base_url], progress=False, max_tokens=3)
+        served_a, served_b = len(a.records()), len(b.records())
+    assert batch.succeeded == 8
+    assert served_a > 0
+    assert served_b > 0
+    assert served_a + served_b == 8
+
+
+@pytest.mark.anyio
+async def test_interrupt_mid_batch_keeps_finished_rows_and_cancels_in_flight(
+    store: PromptStore,
+) -> None:
+    defaults = simulator.Scenario(gen_tps=100, jitter=0)
+    with simulator.serve(profile="test-fast", defaults=defaults) as paced:
+        rows = [{"n": str(i), "size": "5" if i < 2 else "2000"} for i in range(6)]
+        prompt = Prompt('Item {{n}} [[sim {"output_tokens": {{size}}}]]', model=MODEL)
+        task = asyncio.create_task(arun_many(prompt, rows, concurrency=3, store=store,
+                                             base_url=paced.base_url, progress=False))
+        for _ in range(200):  # bounded: the two short rows finish within about a second
+            done = [r for r in store.history(limit=None) if r.status == "ok"]
+            if len(done) == 2:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        disconnected = await asyncio.to_thread(
+            paced.wait_for, lambda r: r.outcome == "client_disconnected", 5.0)
+    assert disconnected.sent_tokens < disconnected.planned_tokens
+    statuses = sorted(r.status for r in store.history(limit=None))
+    assert statuses.count("ok") == 2
+    assert "cancelled" in statuses
+    assert "unfinished" not in statuses
+    assert len(statuses) <= 5, "rows never started are not recorded"
