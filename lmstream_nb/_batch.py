@@ -66,6 +66,11 @@ class BatchResult:
         ]
 
 
+def new_batch_id() -> str:
+    """A short id for a batch (pass it as ``batch_id=`` to know it before the batch starts)."""
+    return uuid.uuid4().hex[:12]
+
+
 def _rows(rows: Any) -> tuple[list[dict[str, Any]], Any]:
     """Rows as dicts, and the DataFrame they came from (if they did)."""
     if hasattr(rows, "to_dict") and hasattr(rows, "columns"):
@@ -135,6 +140,7 @@ async def arun_many(
     base_url: str | Sequence[str] | None = None,
     budgets: Budgets | None = None,
     resume: str | None = None,
+    batch_id: str | None = None,
     progress: bool = True,
     **extra: Any,
 ) -> Any:
@@ -145,7 +151,7 @@ async def arun_many(
     if isinstance(prompt, str):
         prompt = await asyncio.to_thread(store.get, prompt)
     records, frame = _rows(rows)
-    batch_id = resume or uuid.uuid4().hex[:12]
+    batch_id = resume or batch_id or new_batch_id()
     results: list[RunResult | None] = [None] * len(records)
     todo = list(range(len(records)))
     if resume is not None:

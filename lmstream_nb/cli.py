@@ -106,6 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     p_import = psub.add_parser("import", help="read every FOLDER/*.toml (all or nothing)")
     p_import.add_argument("folder", type=Path)
 
+    p_batch = sub.add_parser(
+        "batch",
+        help="run a stored prompt over every row of a CSV or JSON-lines file",
+        description="Run stored prompt PROMPT once per row of FILE (.csv with a header, or "
+        ".jsonl); rows are the variables. Failed rows are recorded and the batch goes on.",
+    )
+    p_batch.add_argument("prompt", metavar="PROMPT")
+    p_batch.add_argument("file", type=Path, metavar="FILE")
+    p_batch.add_argument("--concurrency", "-c", type=int, default=3)
+    p_batch.add_argument("--out", "-o", type=Path, help="write rows + results (.csv or .jsonl)")
+    p_batch.add_argument("--resume", metavar="BATCH_ID", help="run only rows that did not succeed")
+    p_batch.add_argument("--model", "-m")
+    p_batch.add_argument("--max-tokens", type=int)
+    p_batch.add_argument(
+        "--base-url", action="append", default=None,
+        help="server address; repeat to spread rows over several servers",
+    )
+    _add_budget_options(p_batch)
+
     p_history = sub.add_parser("history", help="recorded runs, newest first")
     p_history.add_argument("--prompt", help="only runs of this stored prompt")
     p_history.add_argument("--status", help="only runs with this status (ok, stalled, ...)")
@@ -344,6 +363,73 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(_dim(err, f"{format_stats(result.stats, sink.finished)}, run #{result.run_id}")
                   + "\n")
     return EXIT_OK
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of variables from a CSV file with a header or a JSON-lines file."""
+    import csv
+
+    if path.suffix.lower() == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                raise LMStreamError(
+                    f"Line {number} of {path} is not JSON ({exc}): write one JSON object per "
+                    "line."
+                ) from None
+            if not isinstance(value, dict):
+                raise LMStreamError(f"Line {number} of {path} is not a JSON object: write one "
+                                    "object of variables per line.")
+            rows.append(value)
+        return rows
+    with path.open(newline="", encoding="utf-8") as handle:
+        return [dict(row) for row in csv.DictReader(handle)]
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    import csv
+
+    if path.suffix.lower() == ".jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                        encoding="utf-8")
+        return
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+async def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ._batch import BatchResult, arun_many, new_batch_id
+
+    if not args.file.is_file():
+        err.write(f"lmstream: {args.file} does not exist: give a .csv or .jsonl file of rows.\n")
+        return EXIT_USAGE
+    rows = _read_rows(args.file)
+    batch_id = args.resume or new_batch_id()
+    urls = args.base_url or None
+    try:
+        batch: BatchResult = await arun_many(
+            args.prompt, rows, concurrency=args.concurrency, model=args.model,
+            base_url=urls, budgets=_budgets(args), resume=args.resume, batch_id=batch_id,
+            max_tokens=args.max_tokens,
+        )
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        err.write(f"\nlmstream: batch {batch_id} stopped; finished rows are kept: resume with "
+                  f"`lmstream batch {args.prompt} {args.file} --resume {batch_id}`.\n")
+        return EXIT_INTERRUPTED
+    if args.out is not None:
+        merged = [{**row, **result} for row, result in zip(rows, batch.as_dicts(), strict=True)]
+        _write_rows(args.out, merged)
+    summary = f"batch {batch.batch_id}: {batch.succeeded} ok, {batch.failed} failed"
+    if batch.failed:
+        summary += f" (rerun the failed rows with --resume {batch.batch_id})"
+    err.write(summary + "\n")
+    return EXIT_OK if not batch.failed else EXIT_FAILED
 
 
 async def _cmd_models(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -616,7 +702,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         if args.command in sync_commands:
             return sync_commands[args.command](args, out, err)
-        commands = {"run": _cmd_run, "models": _cmd_models, "demo": _cmd_demo}
+        commands = {"run": _cmd_run, "models": _cmd_models, "demo": _cmd_demo,
+                    "batch": _cmd_batch}
         return asyncio.run(commands[args.command](args, out, err))
     except LMStreamError as exc:
         err.write(f"lmstream: {exc}\n")

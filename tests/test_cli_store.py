@@ -119,3 +119,23 @@ def test_corrupt_database_is_one_sentence(home: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1
     assert "LMSTREAM_HOME" in result.stderr
+
+
+def test_batch_command_csv_and_jsonl(home: Path, tmp_path: Path, sim: simulator.SimServer) -> None:
+    lmstream("prompts", "add", "pet", "Tell me about {{animal}}.")
+    rows = tmp_path / "rows.csv"
+    rows.write_text("animal\nowls\nbats\n\ncats\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    done = lmstream("batch", "pet", str(rows), "--base-url", sim.base_url, "--max-tokens", "4",
+                    "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "3 ok, 0 failed" in done.stderr
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["animal"] for r in results] == ["owls", "bats", "cats"]
+    assert all(r["status"] == "ok" and r["text"] for r in results)
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"animal": "eels"}\n{"animal2": "x"}\n', encoding="utf-8")
+    partial = lmstream("batch", "pet", str(bad), "--base-url", sim.base_url, "--max-tokens", "4")
+    assert partial.returncode == 1
+    assert "1 ok, 1 failed" in partial.stderr
+    assert "--resume" in partial.stderr
