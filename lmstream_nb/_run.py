@@ -23,10 +23,11 @@ from ._config import Budgets
 from ._errors import (
     FirstTokenTimeout,
     LMStreamError,
+    RequestTimedOut,
     StreamInterrupted,
     StreamStalled,
 )
-from ._events import Event, Stats
+from ._events import Completion, Event, Stats
 from ._loop import shared_loop
 from ._store import History, PromptStore, RunStats, default_path
 from ._sync import SyncLMStudioClient
@@ -37,10 +38,13 @@ FLUSH_INTERVAL_S = 1.0
 _EMPTY_STATS = Stats(ttft_s=None, duration_s=0.0, chunks=0, text_chars=0)
 
 
+
 def status_of(error: BaseException) -> str:
     """The recorded status for an error that ended a run."""
     if isinstance(error, FirstTokenTimeout):
         return "first_token_timeout"
+    if isinstance(error, RequestTimedOut):
+        return "timeout"
     if isinstance(error, StreamStalled):
         return "stalled"
     if isinstance(error, StreamInterrupted):
@@ -161,16 +165,21 @@ async def arun(
     raise_errors: bool = True,
     batch_id: str | None = None,
     batch_row: int | None = None,
+    mode: str = "stream",
+    timeout: float | None = None,
     **extra: Any,
 ) -> RunResult:
     """Render ``prompt`` with ``variables``, stream the answer, and record the run.
 
     ``prompt`` is a stored prompt's name (latest version, or ``version``) or a ``Prompt``.
     The model is ``model``, else the prompt's, else the server's first chat model.
-    ``on_event`` sees every event as it arrives. A failed run raises its ``LMStreamError``
-    (with ``.run_id`` and the partial text) unless ``raise_errors=False``, which returns a
+    ``on_event`` sees every event as it arrives. ``mode="blocking"`` sends one non-streaming
+    request with a total ``timeout`` instead (the classic way, kept for comparisons).
+    A failed run raises its ``LMStreamError`` (with ``.run_id`` and the partial text) unless ``raise_errors=False``, which returns a
     RunResult whose status says what happened. Cancellation is recorded, then re-raised.
     """
+    if mode not in ("stream", "blocking"):
+        raise ValueError(f"mode must be 'stream' or 'blocking', not {mode!r}")
     store = store or default_store()
     if isinstance(prompt, str):
         prompt = await asyncio.to_thread(store.get, prompt, version)
@@ -198,25 +207,36 @@ async def arun(
     status, error_text = "ok", None
     failure: BaseException | None = None
     stream = None
+    blocking: Completion | None = None
     try:
         if chosen_model is None:
             chosen_model = await http.default_model()
-        stream = http.stream_chat(
-            messages,
-            model=chosen_model,
-            temperature=temperature if temperature is not None else prompt.temperature,
-            max_tokens=max_tokens if max_tokens is not None else prompt.max_tokens,
-            budgets=budgets,
-            **extra,
-        )
-        recorder.watch(stream)
-        async with stream:
-            if on_event is None:
-                async for _ in stream:
-                    pass
-            else:
-                async for event in stream:
-                    on_event(event)
+        if mode == "blocking":
+            blocking = await http.complete(
+                messages,
+                model=chosen_model,
+                temperature=temperature if temperature is not None else prompt.temperature,
+                max_tokens=max_tokens if max_tokens is not None else prompt.max_tokens,
+                timeout=timeout,
+                **extra,
+            )
+        else:
+            stream = http.stream_chat(
+                messages,
+                model=chosen_model,
+                temperature=temperature if temperature is not None else prompt.temperature,
+                max_tokens=max_tokens if max_tokens is not None else prompt.max_tokens,
+                budgets=budgets,
+                **extra,
+            )
+            recorder.watch(stream)
+            async with stream:
+                if on_event is None:
+                    async for _ in stream:
+                        pass
+                else:
+                    async for event in stream:
+                        on_event(event)
     except BaseException as exc:  # recorded below, then re-raised: nothing is swallowed
         failure = exc
         status = status_of(exc)
@@ -230,21 +250,29 @@ async def arun(
     finally:
         if own_client:
             await asyncio.shield(http.aclose())
-    finished = stream.finished if stream is not None else None
-    stats = finished.stats if finished is not None else (
-        stream.stats() if stream is not None else _EMPTY_STATS
-    )
-    result = RunResult(
-        run_id=run_id,
-        status=status,
-        text=stream.text if stream is not None else "",
-        reasoning=stream.reasoning if stream is not None else "",
-        error=error_text,
-        stats=stats,
-        finish_reason=finished.finish_reason if finished is not None else None,
-        model=(finished.model if finished is not None and finished.model else chosen_model),
-        prompt=prompt.label,
-    )
+    if blocking is not None:
+        result = RunResult(
+            run_id=run_id, status=status, text=blocking.text, reasoning=blocking.reasoning,
+            error=error_text, stats=blocking.stats, finish_reason=blocking.finish_reason,
+            model=blocking.model or chosen_model, prompt=prompt.label,
+        )
+        stats = blocking.stats
+    else:
+        finished = stream.finished if stream is not None else None
+        stats = finished.stats if finished is not None else (
+            stream.stats() if stream is not None else _EMPTY_STATS
+        )
+        result = RunResult(
+            run_id=run_id,
+            status=status,
+            text=stream.text if stream is not None else "",
+            reasoning=stream.reasoning if stream is not None else "",
+            error=error_text,
+            stats=stats,
+            finish_reason=finished.finish_reason if finished is not None else None,
+            model=(finished.model if finished is not None and finished.model else chosen_model),
+            prompt=prompt.label,
+        )
     await recorder.settle()
     # The final write runs even if the task is being cancelled, and completes before we go on.
     await asyncio.shield(

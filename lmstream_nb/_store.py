@@ -80,6 +80,7 @@ STATUSES: tuple[str, ...] = (
     "interrupted",
     "error",
     "cancelled",
+    "timeout",  # a blocking (non-streaming) request ran past its total timeout
     "unfinished",
 )
 

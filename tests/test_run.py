@@ -356,3 +356,21 @@ def test_a_failing_callback_is_recorded_and_reraised(
     [summary] = store.history()
     assert summary.status == "error"
     assert "boom" in (summary.error or "")
+
+
+def test_blocking_mode_records_timeouts_and_answers(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    with sync_client(sim) as client:
+        done = run(Prompt("Hi", model=MODEL), store=store, client=client, mode="blocking",
+                   timeout=10, sim={"output_tokens": 6})
+        late = run(Prompt("z" * 400, model=MODEL), store=store, client=client,
+                   mode="blocking", timeout=0.3, sim={"prefill_tps": 10}, raise_errors=False)
+    assert done.ok
+    assert done.stats.completion_tokens == 6
+    assert store.get_run(done.run_id).text == done.text
+    assert late.status == "timeout"
+    assert "total timeout of 0.3 s" in (late.error or "")
+    assert store.get_run(late.run_id).status == "timeout"
+    with pytest.raises(ValueError, match="mode"):
+        run(Prompt("Hi"), store=store, mode="sideways")
