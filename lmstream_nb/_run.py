@@ -175,8 +175,9 @@ async def arun(
     The model is ``model``, else the prompt's, else the server's first chat model.
     ``on_event`` sees every event as it arrives. ``mode="blocking"`` sends one non-streaming
     request with a total ``timeout`` instead (the classic way, kept for comparisons).
-    A failed run raises its ``LMStreamError`` (with ``.run_id`` and the partial text) unless ``raise_errors=False``, which returns a
-    RunResult whose status says what happened. Cancellation is recorded, then re-raised.
+    A failed run raises its ``LMStreamError`` (with ``.run_id`` and the partial text) unless
+    ``raise_errors=False``, which returns a RunResult whose status says what happened.
+    Cancellation is recorded, then re-raised.
     """
     if mode not in ("stream", "blocking"):
         raise ValueError(f"mode must be 'stream' or 'blocking', not {mode!r}")
