@@ -15,12 +15,13 @@ and headlessly executed notebooks contain it.
 from __future__ import annotations
 
 import asyncio
+import shlex
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
 from . import simulator
@@ -195,7 +196,13 @@ class LMStreamMagics(Magics):
                                             must run anywhere
             %lmstream ui                    a prompt runner: pick, fill, run, stop, history
         """
-        args = parse_argstring(self.lmstream, line)
+        # Shell-style splitting (shlex), so `key="several words"` is one value; IPython's own
+        # splitter keeps quotes that do not start a word.
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"Could not read the options ({exc}): check the quotes.") from None
+        args = self.lmstream.parser.parse_args(words)
         if cell is None:
             return self._line(args, line)
         return self._cell(args, cell)
@@ -424,13 +431,22 @@ class LMStreamMagics(Magics):
         for word in words[1:]:
             if "=" in word:
                 key, _, value = word.partition("=")
-                options[key.strip()] = float(value) if key.strip() == "time_scale" else value
+                options[key.strip()] = _number_or_text(value)
             else:
                 options["profile"] = word
         conf.sim = simulator.serve(**options)
         conf.base_url = conf.sim.base_url
         print(f"Simulator listening on {conf.sim.base_url}; this session's runs go there.")
         return None
+
+
+def _number_or_text(value: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _state(status: str) -> str:
