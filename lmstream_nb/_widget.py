@@ -145,6 +145,15 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         self.reload_prompts()
         self.refresh_models()
 
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        # A constant plain-text twin: the widget's default repr lists every child's state,
+        # which changes as models load (saved notebooks and nbval compare it).
+        bundle = super()._repr_mimebundle_(**kwargs)
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        if isinstance(data, dict):
+            data["text/plain"] = "lmstream prompt runner"
+        return bundle
+
     # -- prompts and variables -------------------------------------------------------------
 
     @property
