@@ -58,6 +58,18 @@ class Stats:
     completion_tokens: int | None = None
     tokens_per_s: float | None = None
 
+    def summary(self) -> list[str]:
+        """The figures a person reads first, as short phrases (for reprs and status lines)."""
+        parts = []
+        if self.completion_tokens is not None:
+            parts.append(f"{self.completion_tokens} tokens")
+        parts.append(f"{self.text_chars} chars in {self.duration_s:.1f} s")
+        if self.ttft_s is not None:
+            parts.append(f"first token after {self.ttft_s:.2f} s")
+        if self.tokens_per_s is not None:
+            parts.append(f"{self.tokens_per_s:.1f} tokens/s")
+        return parts
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "ttft_s": self.ttft_s,

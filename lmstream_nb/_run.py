@@ -76,17 +76,10 @@ class RunResult:
         return self.text
 
     def __repr__(self) -> str:
-        s = self.stats
         parts = [f"run #{self.run_id}", self.status, self.prompt]
         if self.model:
             parts.append(self.model)
-        if s.completion_tokens is not None:
-            parts.append(f"{s.completion_tokens} tokens")
-        parts.append(f"{s.text_chars} chars in {s.duration_s:.1f} s")
-        if s.ttft_s is not None:
-            parts.append(f"first token {s.ttft_s:.2f} s")
-        if s.tokens_per_s is not None:
-            parts.append(f"{s.tokens_per_s:.1f} tok/s")
+        parts.extend(self.stats.summary())
         # No text preview: in a notebook the answer is already on screen above this repr.
         line = f"<RunResult {', '.join(parts)}"
         if self.error:

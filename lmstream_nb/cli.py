@@ -161,7 +161,63 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-scale", type=float, default=1.0,
         help="multiply every simulated duration (0.1 runs ten times faster)",
     )
+    _add_bench_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark blocking requests against streams by prompt size and concurrency",
+        description="Run the lmstream_nb.bench workload (embedded simulator unless --base-url) "
+        "and print the success table.",
+    )
+    p.add_argument("--base-url", help="a real server (default: $LMSTREAM_BASE_URL, else the "
+                   "embedded simulator)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="simulator time scale (default 0.01; ignored with a real server)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 3, 8], metavar="N")
+    p.add_argument("--timeouts", type=float, nargs="+", default=[30, 120, 300], metavar="S",
+                   help="total timeouts of the blocking mode (default: 30 120 300)")
+    p.add_argument("--modes", nargs="+", default=["blocking", "stream"],
+                   choices=["blocking", "stream"])
+    p.add_argument("--quick", action="store_true", help="two prompt sizes instead of five")
+    p.add_argument("--faults", type=float, default=0.0, metavar="RATE",
+                   help="rate of rows with an injected stall or disconnect (simulator only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--csv", type=Path, help="write the table as CSV")
+    p.add_argument("--json", type=Path, help="write the table and every run as JSON")
+    p.add_argument("--plot-dir", type=Path, help="write success.png and ttfv.png here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+async def _cmd_bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import os
+
+    from . import bench
+    from ._config import BASE_URL_ENV
+
+    base_url = args.base_url or os.environ.get(BASE_URL_ENV) or None
+    workload = bench.quick_workload() if args.quick else bench.default_workload()
+    try:
+        report = await bench.arun_benchmark(
+            workload, base_url=base_url, scale=None if base_url else args.scale,
+            modes=args.modes, concurrency=args.concurrency, timeouts=args.timeouts,
+            faults=args.faults, seed=args.seed, progress=not args.no_progress,
+        )
+    except ValueError as exc:
+        err.write(f"lmstream: {exc}\n")
+        return EXIT_USAGE
+    out.write(report.table() + "\n")
+    if args.csv is not None:
+        report.to_csv(args.csv)
+    if args.json is not None:
+        report.to_json(args.json)
+    if args.plot_dir is not None:
+        args.plot_dir.mkdir(parents=True, exist_ok=True)
+        report.plot_success(args.plot_dir / "success.png")
+        report.plot_ttfv(args.plot_dir / "ttfv.png")
+    return EXIT_OK
 
 
 def _add_server_options(p: argparse.ArgumentParser) -> None:
@@ -199,14 +255,7 @@ def _budgets(args: argparse.Namespace) -> Budgets:
 
 def format_stats(stats: Stats, finished: StreamFinished | None = None) -> str:
     """One human line: tokens, time, TTFT, speed, chunks, model, finish reason."""
-    parts = []
-    if stats.completion_tokens is not None:
-        parts.append(f"{stats.completion_tokens} tokens")
-    parts.append(f"{stats.text_chars} chars in {stats.duration_s:.1f} s")
-    if stats.ttft_s is not None:
-        parts.append(f"first token after {stats.ttft_s:.2f} s")
-    if stats.tokens_per_s is not None:
-        parts.append(f"{stats.tokens_per_s:.1f} tokens/s")
+    parts = stats.summary()
     if stats.prompt_tokens is not None:
         parts.append(f"{stats.prompt_tokens} prompt tokens")
     parts.append(f"{stats.chunks} chunks")
@@ -703,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in sync_commands:
             return sync_commands[args.command](args, out, err)
         commands = {"run": _cmd_run, "models": _cmd_models, "demo": _cmd_demo,
-                    "batch": _cmd_batch}
+                    "batch": _cmd_batch, "bench": _cmd_bench}
         return asyncio.run(commands[args.command](args, out, err))
     except LMStreamError as exc:
         err.write(f"lmstream: {exc}\n")

@@ -1,0 +1,47 @@
+"""``lmstream_nb.bench``: how often blocking requests and streams succeed, by prompt size and load.
+
+The question it answers is the project's reason to exist: with a long prompt on a local model,
+does a classic blocking request with a total timeout come back, and does a stream with a
+first-token and an idle budget? It sends a workload of prompts from about 500 to 64k tokens, at
+1, 3 and 8 concurrent users, both ways, optionally with injected stalls and disconnects, and
+tabulates success rate, timeouts and the time to first visible output.
+
+By default it runs on the embedded simulator at a documented speed profile, time-scaled so the
+whole benchmark takes about two minutes; with ``base_url`` it runs the same workload against a
+real LM Studio in real time. It is built on :func:`lmstream_nb.run_many`, so every run is in
+the history like any other.
+
+    from lmstream_nb import bench
+
+    report = bench.run_benchmark(bench.quick_workload(), concurrency=(1, 3))
+    print(report.table())
+    report.plot_success("success.png")
+"""
+
+from ._report import TIMEOUT_STATUSES, BenchReport
+from ._runner import BENCH_PROMPT, DEFAULT_SCALE, arun_benchmark, run_benchmark
+from ._workload import (
+    FAULT_KINDS,
+    LAPTOP_GPU,
+    SizeBucket,
+    SpeedProfile,
+    Workload,
+    default_workload,
+    quick_workload,
+)
+
+__all__ = [
+    "BENCH_PROMPT",
+    "DEFAULT_SCALE",
+    "FAULT_KINDS",
+    "LAPTOP_GPU",
+    "TIMEOUT_STATUSES",
+    "BenchReport",
+    "SizeBucket",
+    "SpeedProfile",
+    "Workload",
+    "arun_benchmark",
+    "default_workload",
+    "quick_workload",
+    "run_benchmark",
+]

@@ -1,0 +1,265 @@
+"""The benchmark's result: one tidy row per mode x size x concurrency, and ways to show it.
+
+Tidy rows (plain dicts of numbers and strings) are the one source for every output: the
+terminal table, CSV, JSON, a DataFrame and the plots all read them, so they cannot disagree.
+matplotlib and pandas are imported only when a plot or a DataFrame is asked for: the benchmark
+itself must run without them.
+
+Times are in simulated seconds (wall seconds divided by the time scale) and are taken from the
+successful runs only: a failed run has no complete answer to time. "Time to first visible
+output" is the time to the first token for a stream and the whole duration for a blocking
+request, which shows nothing until it is done.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._workload import SpeedProfile
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["TIMEOUT_STATUSES", "BenchReport", "summarize"]
+
+#: Statuses counted as "timed out": the total timeout, the first-token and the idle budget.
+TIMEOUT_STATUSES = frozenset({"timeout", "first_token_timeout", "stalled"})
+
+_KEY = ("mode", "bucket", "concurrency")
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolation percentile (numpy's default), ``None`` for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Group per-run records into tidy rows, in the order the cells first appear."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run[k] for k in _KEY), []).append(run)
+    rows: list[dict[str, Any]] = []
+    for members in groups.values():
+        first = members[0]
+        n = len(members)
+        statuses = Counter(str(r["status"]) for r in members)
+        ok = [r for r in members if r["status"] == "ok"]
+        timeouts = sum(c for s, c in statuses.items() if s in TIMEOUT_STATUSES)
+        ttfv = [float(r["ttfv_s"]) for r in ok if r["ttfv_s"] is not None]
+        total = [float(r["total_s"]) for r in ok]
+        rows.append({
+            "mode": first["mode"],
+            "timeout_s": first["timeout_s"],
+            "bucket": first["bucket"],
+            "prompt_tokens": first["prompt_tokens"],
+            "answer_tokens": first["answer_tokens"],
+            "concurrency": first["concurrency"],
+            "runs": n,
+            "ok": len(ok),
+            "success_rate": len(ok) / n,
+            "timeout_rate": timeouts / n,
+            "other_failures": n - len(ok) - timeouts,
+            "ttfv_p50_s": _percentile(ttfv, 50),
+            "ttfv_p95_s": _percentile(ttfv, 95),
+            "total_p50_s": _percentile(total, 50),
+            "total_p95_s": _percentile(total, 95),
+            "statuses": " ".join(f"{s}:{c}" for s, c in sorted(statuses.items())),
+        })
+    return rows
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest:02d}s"
+
+
+def _need_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "The benchmark plots need matplotlib: pip install matplotlib "
+            "(or pip install 'lmstream_nb[bench]')."
+        ) from exc
+
+
+@dataclass
+class BenchReport:
+    """What a benchmark measured.
+
+    ``rows``: the tidy summary, one dict per mode x size bucket x concurrency.
+    ``runs``: one dict per run (mode, bucket, concurrency, row, fault, status, run id, batch
+    id, time to first visible output and total time in simulated seconds).
+    ``scale``: the time scale the simulator ran at (1.0 against a real server).
+    """
+
+    rows: list[dict[str, Any]]
+    runs: list[dict[str, Any]]
+    scale: float
+    base_url: str | None
+    profile: SpeedProfile | None
+    wall_s: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def success_table(self) -> dict[tuple[str, str, int], dict[str, int]]:
+        """Statuses counted per (mode, bucket, concurrency): the verdicts, without any times."""
+        table: dict[tuple[str, str, int], dict[str, int]] = {}
+        for run in self.runs:
+            key = (str(run["mode"]), str(run["bucket"]), int(run["concurrency"]))
+            counts = table.setdefault(key, {})
+            counts[str(run["status"])] = counts.get(str(run["status"]), 0) + 1
+        return table
+
+    def table(self) -> str:
+        """The summary as an aligned text table for a terminal."""
+        head = ["mode", "size", "conc", "runs", "success", "timeouts", "other",
+                "ttfv p50", "ttfv p95", "total p50", "total p95"]
+        lines = [[
+            str(r["mode"]), str(r["bucket"]), str(r["concurrency"]), str(r["runs"]),
+            f"{r['success_rate']:.0%}", f"{r['timeout_rate']:.0%}", str(r["other_failures"]),
+            _duration(r["ttfv_p50_s"]), _duration(r["ttfv_p95_s"]),
+            _duration(r["total_p50_s"]), _duration(r["total_p95_s"]),
+        ] for r in self.rows]
+        widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+        text_cols = {0, 1}
+
+        def fmt(cells: list[str]) -> str:
+            return "  ".join(
+                c.ljust(w) if i in text_cols else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+
+        out = [fmt(head), fmt(["-" * w for w in widths])]
+        out += [fmt(line) for line in lines]
+        where = self.base_url or (
+            f"embedded simulator, profile {self.profile.name}" if self.profile else "simulator"
+        )
+        out.append(
+            f"({where}; time scale {self.scale:g}; times in simulated seconds, successful runs "
+            f"only; ttfv = time to first visible output; wall time {self.wall_s:.1f} s)"
+        )
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write the tidy rows as CSV (one header line, one line per row)."""
+        target = Path(path)
+        with target.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]) if self.rows else [])
+            writer.writeheader()
+            writer.writerows(self.rows)
+        return target
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the rows, the per-run records and the settings as one JSON document."""
+        target = Path(path)
+        document = {
+            "scale": self.scale,
+            "base_url": self.base_url,
+            "profile": None if self.profile is None else {
+                "name": self.profile.name, "prefill_tps": self.profile.prefill_tps,
+                "gen_tps": self.profile.gen_tps, "load_s": self.profile.load_s,
+                "source": self.profile.source,
+            },
+            "wall_s": self.wall_s,
+            "meta": self.meta,
+            "rows": self.rows,
+            "runs": self.runs,
+        }
+        target.write_text(json.dumps(document, indent=2), encoding="utf-8")
+        return target
+
+    def to_pandas(self) -> Any:
+        """The tidy rows as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def _modes(self) -> list[str]:
+        return list(dict.fromkeys(str(r["mode"]) for r in self.rows))
+
+    def plot_success(self, target: str | Path | Axes | None = None) -> Figure:
+        """Success rate against prompt size, one line per mode (all concurrencies pooled).
+
+        ``target``: a file to save to (PNG, SVG, ...), an existing matplotlib Axes to draw
+        on, or ``None`` for a new figure. Returns the figure.
+        """
+        _need_matplotlib()
+        fig, ax = _figure_and_axes(target)
+        for mode in self._modes():
+            per_size: dict[int, list[int]] = {}
+            for r in self.rows:
+                if r["mode"] == mode:
+                    counts = per_size.setdefault(int(r["prompt_tokens"]), [0, 0])
+                    counts[0] += int(r["ok"])
+                    counts[1] += int(r["runs"])
+            sizes = sorted(per_size)
+            rates = [per_size[s][0] / per_size[s][1] for s in sizes]
+            ax.plot(sizes, rates, marker="o", label=mode)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("success rate")
+        ax.set_title("Success rate by prompt size")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        _save(fig, target)
+        return fig
+
+    def plot_ttfv(self, target: str | Path | Axes | None = None) -> Figure:
+        """The distribution of the time to first visible output per mode (successful runs)."""
+        _need_matplotlib()
+        fig, ax = _figure_and_axes(target)
+        modes = self._modes()
+        data = [
+            [float(r["ttfv_s"]) for r in self.runs
+             if r["mode"] == mode and r["status"] == "ok" and r["ttfv_s"] is not None]
+            for mode in modes
+        ]
+        shown = [(m, d) for m, d in zip(modes, data, strict=True) if d]
+        if shown:
+            ax.boxplot([d for _, d in shown])
+            ax.set_xticks(range(1, len(shown) + 1), [m for m, _ in shown])
+            ax.set_yscale("log")
+        ax.set_ylabel("time to first visible output (simulated s)")
+        ax.set_title("Time to first visible output")
+        ax.grid(True, axis="y", alpha=0.3)
+        _save(fig, target)
+        return fig
+
+
+def _figure_and_axes(target: str | Path | Axes | None) -> tuple[Figure, Axes]:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    if isinstance(target, Axes):
+        fig = target.get_figure(root=True)
+        if not isinstance(fig, Figure):
+            raise TypeError("the Axes to plot on must belong to a figure")
+        return fig, target
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _save(fig: Figure, target: str | Path | Axes | None) -> None:
+    if isinstance(target, (str, Path)):
+        fig.savefig(target, dpi=110)

@@ -1,0 +1,160 @@
+"""What the benchmark sends: the speed profile it imitates, the prompt sizes, the injected faults.
+
+The numbers live here, apart from the code that runs them, so a reader can check them against
+their sources without reading any asyncio. Everything is plain, frozen data and deterministic:
+the same seed gives the same prompts and the same faults on every machine, which is what lets
+two runs at different time scales be compared verdict for verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+
+__all__ = [
+    "FAULT_KINDS",
+    "LAPTOP_GPU",
+    "SizeBucket",
+    "SpeedProfile",
+    "Workload",
+    "default_workload",
+    "quick_workload",
+]
+
+
+@dataclass(frozen=True)
+class SpeedProfile:
+    """How fast the imagined machine is, and where the figures come from.
+
+    ``prefill_tps``: prompt processing, tokens per second. ``gen_tps``: generation, tokens per
+    second. ``load_s``: a just-in-time model load (the simulator starts with the model loaded,
+    so it only matters for a cold real server). ``source``: the measurements behind the numbers.
+    """
+
+    name: str
+    prefill_tps: float
+    gen_tps: float
+    load_s: float
+    source: str
+
+    def service_s(self, prompt_tokens: int, answer_tokens: int) -> float:
+        """Seconds one request keeps the model busy: prompt processing, then generation."""
+        return prompt_tokens / self.prefill_tps + answer_tokens / self.gen_tps
+
+
+#: An 8B model (Q4) on a laptop-class GPU, the simulator's own "laptop-gpu" profile.
+LAPTOP_GPU = SpeedProfile(
+    name="laptop-gpu",
+    prefill_tps=150.0,
+    gen_tps=30.0,
+    load_s=7.0,
+    source=(
+        "Rounded down from an Apple M2 Pro GPU running a 7B Q4_0 model (~170 tok/s prompt "
+        "processing, ~35 tok/s generation; "
+        "https://github.com/XiongjieDai/GPU-Benchmarks-on-LLM-Inference/issues/1) towards "
+        "slower laptops (an i9-13900K CPU does ~55 / ~18 tok/s on a 7B, "
+        "https://github.com/ggml-org/llama.cpp/issues/34); load time of an 8B Q4 model "
+        "(4.69 GB) measured at 6.9 s (https://github.com/lmstudio-ai/lms/issues/419)."
+    ),
+)
+
+
+@dataclass(frozen=True)
+class SizeBucket:
+    """One prompt size: about ``prompt_tokens`` in, ``answer_tokens`` out."""
+
+    name: str
+    prompt_tokens: int
+    answer_tokens: int
+
+
+#: Kinds of injected faults (``faults=`` rate > 0, simulator only):
+#: ``stall`` - the answer pauses half-way for three idle budgets (a stream reports it as stalled);
+#: ``disconnect_before`` - the server drops the connection before the first token (the client
+#: retries, but the fault is part of the prompt, so every attempt meets it);
+#: ``disconnect_after`` - the connection drops half-way through the answer.
+FAULT_KINDS = ("stall", "disconnect_before", "disconnect_after")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The prompt sizes to run. Each cell (mode x size x concurrency ``c``) sends ``c`` prompts
+    at once (times ``rows_per_user``), the way ``c`` people pressing Enter together would."""
+
+    buckets: tuple[SizeBucket, ...]
+    rows_per_user: int = 1
+
+    def rows(self, concurrency: int) -> int:
+        return concurrency * self.rows_per_user
+
+    def prompt_text(
+        self, bucket: SizeBucket, row: int, *, overrides: dict[str, object] | None
+    ) -> str:
+        """A prompt of about ``bucket.prompt_tokens`` tokens (4 characters each).
+
+        ``overrides`` (simulator only) are written in as a ``[[sim {...}]]`` marker: the
+        simulator reads its per-request scenario from it; a real server never sees one.
+        """
+        head = (
+            f"Benchmark prompt {bucket.name} #{row}: summarise the notes below in about "
+            f"{bucket.answer_tokens} tokens.\n"
+        )
+        if overrides is not None:
+            head = f"[[sim {json.dumps(overrides, sort_keys=True)}]]\n" + head
+        target = max(bucket.prompt_tokens * 4, len(head))
+        words = ("note", "river", "ledger", "signal", "harbour", "matrix", "amber", "quiet")
+        pieces = [head]
+        size = len(head)
+        i = row
+        while size < target:
+            word = words[i % len(words)] + " "
+            pieces.append(word)
+            size += len(word)
+            i += 1
+        return "".join(pieces)[:target]
+
+    def fault(self, bucket: SizeBucket, row: int, rate: float, seed: int) -> str | None:
+        """The fault injected into one row, the same in every mode and at every scale."""
+        if rate <= 0:
+            return None
+        rng = random.Random(f"lmstream-bench|{seed}|{bucket.name}|{row}")
+        if rng.random() >= rate:
+            return None
+        return rng.choice(FAULT_KINDS)
+
+
+def fault_overrides(kind: str | None, bucket: SizeBucket, idle_s: float) -> dict[str, object]:
+    """The simulator scenario fields (simulated seconds) that produce a fault kind."""
+    half = max(1, bucket.answer_tokens // 2)
+    if kind == "stall":
+        return {"stall_at": half, "stall_s": 3 * idle_s}
+    if kind == "disconnect_before":
+        return {"disconnect_at": 0}
+    if kind == "disconnect_after":
+        return {"disconnect_at": half}
+    return {}
+
+
+def default_workload() -> Workload:
+    """Five sizes from a short question to a 64k-token document.
+
+    The sizes are picked so that no cell sits near a verdict boundary on the default profile:
+    with ``k`` requests queued one behind the other (k = 1..8), the k-th one finishes at least
+    11 % away from 30, 120 and 300 s, and its first token comes at least 11 % away from the
+    600 s first-token budget. So jitter and event-loop overhead cannot flip a verdict.
+    """
+    return Workload(
+        buckets=(
+            SizeBucket("0.5k", 500, 250),  # 12 s of work on laptop-gpu
+            SizeBucket("2k", 2_000, 400),  # 27 s
+            SizeBucket("7.5k", 7_500, 500),  # 67 s
+            SizeBucket("20k", 20_000, 1_600),  # 2 min 13 s to the first token, 3 min 7 s in all
+            SizeBucket("64k", 64_000, 8_000),  # 7 min 7 s to the first token, 11 min 33 s
+        )
+    )
+
+
+def quick_workload() -> Workload:
+    """A short question and a long document: enough to show the headline, in seconds."""
+    return Workload(buckets=(SizeBucket("0.5k", 500, 250), SizeBucket("20k", 20_000, 1_600)))
