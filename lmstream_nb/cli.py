@@ -175,7 +175,7 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--base-url", help="a real server (default: $LMSTREAM_BASE_URL, else the "
                    "embedded simulator)")
     p.add_argument("--scale", type=float, default=None,
-                   help="simulator time scale (default 0.01; ignored with a real server)")
+                   help="simulator time scale (default 0.015; ignored with a real server)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 3, 8], metavar="N")
     p.add_argument("--timeouts", type=float, nargs="+", default=[30, 120, 300], metavar="S",
                    help="total timeouts of the blocking mode (default: 30 120 300)")

@@ -219,7 +219,9 @@ class BenchReport:
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("success rate")
-        ax.set_title("Success rate by prompt size")
+        levels = sorted({int(r["concurrency"]) for r in self.rows})
+        ax.set_title(f"Success rate by prompt size (concurrency {', '.join(map(str, levels))}"
+                     " pooled)")
         ax.grid(True, alpha=0.3)
         ax.legend()
         _save(fig, target)
@@ -241,7 +243,7 @@ class BenchReport:
             ax.set_xticks(range(1, len(shown) + 1), [m for m, _ in shown])
             ax.set_yscale("log")
         ax.set_ylabel("time to first visible output (simulated s)")
-        ax.set_title("Time to first visible output")
+        ax.set_title("Time to first visible output (successful runs only)")
         ax.grid(True, axis="y", alpha=0.3)
         _save(fig, target)
         return fig

@@ -16,7 +16,10 @@ Why time scaling is safe: the simulator multiplies every duration by ``scale`` a
 benchmark multiplies every budget and timeout it gives the client by the same ``scale``, then
 divides the measured times back. The verdicts are the same at any scale as long as the scaled
 times stay well above the event loop's own overhead (milliseconds), which the default scale
-does with a wide margin.
+does with a wide margin. One thing is not scaled: the client's retry back-off (0.5 s, then
+1 s) is real time, because ``run_many`` builds its clients with the default ``Retries``. With
+injected disconnects before the first token a retried row therefore fails either way, but a
+blocking request may report it as a timeout rather than an error at small scales.
 """
 
 from __future__ import annotations
@@ -47,9 +50,9 @@ from ._workload import (
 
 __all__ = ["BENCH_PROMPT", "DEFAULT_SCALE", "arun_benchmark", "run_benchmark"]
 
-#: About 2 hours of simulated work fits in about 80 s at this scale (default workload, two
-#: cells at a time); a 30-minute generation takes 18 s.
-DEFAULT_SCALE = 0.01
+#: The default workload (about 2 hours of simulated work, two cells at a time) takes about 80 s
+#: at this scale; a 30-minute generation takes 27 s.
+DEFAULT_SCALE = 0.015
 
 #: The stored prompt every benchmark run is recorded under (``lmstream history bench``).
 BENCH_PROMPT = "lmstream-bench"
@@ -197,9 +200,10 @@ async def _run_cell(
     sim: simulator.SimServer | None = None
     url = base_url
     if base_url is None:
+        # The speeds come from ``profile`` through the default scenario; jitter 0 keeps every
+        # cell the same at any scale.
         sim = await asyncio.to_thread(
-            simulator.serve, profile=profile.name if profile.name in simulator.PROFILES
-            else "laptop-gpu", time_scale=scale, max_parallel=max_parallel, seed=seed,
+            simulator.serve, time_scale=scale, max_parallel=max_parallel, seed=seed,
             defaults=simulator.Scenario(prefill_tps=profile.prefill_tps, gen_tps=profile.gen_tps,
                                         load_s=profile.load_s, jitter=0.0),
         )
@@ -274,5 +278,10 @@ def run_benchmark(workload: Workload | None = None, **kwargs: Any) -> BenchRepor
     ``concurrency`` prompts sent at once through :func:`run_many`. ``faults`` is the rate of
     rows given an injected fault (stall, disconnect before or after the first token), picked
     from ``seed``. Every run is recorded in ``store`` under the prompt ``lmstream-bench``.
+
+    ``max_parallel`` is how many requests the simulated server serves at once (1, LM Studio's
+    queue, by default); ``parallel_cells`` how many cells run side by side (2 on the
+    simulator, each on its own server; always 1 against a real server unless given);
+    ``progress`` shows one bar over all runs.
     """
     return shared_loop().run(arun_benchmark(workload, **kwargs))
