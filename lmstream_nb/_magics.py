@@ -269,9 +269,8 @@ class LMStreamMagics(Magics):
         kwargs: dict[str, Any], args: Any, sink: NotebookSink, fmt: str,
     ) -> Any:
         async def go() -> RunResult:
-            async with LMStudioClient(base_url, budgets=kwargs["budgets"]) as client:
-                return await arun(prompt, variables, client=client, on_event=sink.handle,
-                                  **kwargs)
+            return await arun(prompt, variables, base_url=base_url, on_event=sink.handle,
+                              **kwargs)
 
         try:
             result = shared_loop().run(go())
@@ -290,9 +289,8 @@ class LMStreamMagics(Magics):
     ) -> BackgroundRun:
         async def go() -> RunResult | None:
             try:
-                async with LMStudioClient(base_url, budgets=kwargs["budgets"]) as client:
-                    result = await arun(prompt, variables, client=client, on_event=sink.handle,
-                                        **kwargs)
+                result = await arun(prompt, variables, base_url=base_url, on_event=sink.handle,
+                                    **kwargs)
             except (LMStreamError, asyncio.CancelledError) as exc:
                 self._finish_view(sink, None, exc, fmt, background=True)
                 if isinstance(exc, asyncio.CancelledError):
@@ -320,12 +318,11 @@ class LMStreamMagics(Magics):
         sink = TerminalSink(sys.stdout, sys.stderr, as_json=False)
 
         async def go() -> RunResult:
-            async with LMStudioClient(base_url, budgets=kwargs["budgets"]) as client:
-                try:
-                    return await arun(prompt, variables, client=client, on_event=sink.handle,
-                                      **kwargs)
-                finally:
-                    sink.close()
+            try:
+                return await arun(prompt, variables, base_url=base_url, on_event=sink.handle,
+                                  **kwargs)
+            finally:
+                sink.close()
 
         try:
             result = shared_loop().run(go())

@@ -729,23 +729,12 @@ class PromptStore:
             "ON CONFLICT (name) DO UPDATE SET last_version = excluded.last_version",
             (name, version),
         )
-        created_at = time.time()
+        row = (name, version, template, system, model, temperature, max_tokens, description,
+               time.time())
         conn.execute(
-            f"INSERT INTO prompts ({_PROMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (name, version, template, system, model, temperature, max_tokens, description,
-             created_at),
+            f"INSERT INTO prompts ({_PROMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row
         )
-        return Prompt(
-            template=template,
-            system=system,
-            name=name,
-            version=version,
-            model=model,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            description=description,
-            created_at=created_at,
-        )
+        return _prompt_from_row(row)
 
     def get(self, name: str, version: int | None = None) -> Prompt:
         """The latest version of ``name``, or the given version; PromptNotFound otherwise."""

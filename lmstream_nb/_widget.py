@@ -312,16 +312,15 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
 
         async def go() -> RunResult | None:
             try:
-                async with LMStudioClient(self.base_url, budgets=settings["budgets"]) as client:
-                    result = await arun(
-                        prompt,
-                        variables,
-                        model=model,
-                        store=self.store,
-                        client=client,
-                        on_event=sink.handle,
-                        **settings,
-                    )
+                result = await arun(
+                    prompt,
+                    variables,
+                    model=model,
+                    store=self.store,
+                    base_url=self.base_url,
+                    on_event=sink.handle,
+                    **settings,
+                )
             except asyncio.CancelledError:
                 sink.close(
                     state="cancelled",
