@@ -149,6 +149,7 @@ async def arun(
     store: PromptStore | None = None,
     client: LMStudioClient | None = None,
     on_event: Callable[[Event], object] | None = None,
+    on_run: Callable[[int], object] | None = None,
     version: int | None = None,
     temperature: float | None = None,
     max_tokens: int | None = None,
@@ -166,8 +167,10 @@ async def arun(
 
     ``prompt`` is a stored prompt's name (latest version, or ``version``) or a ``Prompt``.
     The model is ``model``, else the prompt's, else the server's first chat model.
-    ``on_event`` sees every event as it arrives. ``mode="blocking"`` sends one non-streaming
-    request with a total ``timeout`` instead (the classic way, kept for comparisons).
+    ``on_event`` sees every event as it arrives; ``on_run`` gets the run id as soon as the run
+    is recorded, before the request is sent (so a server can answer with it at once).
+    ``mode="blocking"`` sends one non-streaming request with a total ``timeout`` instead (the
+    classic way, kept for comparisons).
     A failed run raises its ``LMStreamError`` (with ``.run_id`` and the partial text) unless
     ``raise_errors=False``, which returns a RunResult whose status says what happened.
     Cancellation is recorded, then re-raised.
@@ -197,6 +200,8 @@ async def arun(
         batch_id=batch_id,
         batch_row=batch_row,
     )
+    if on_run is not None:
+        on_run(run_id)
     recorder = _Recorder(store, run_id, loop)
     status, error_text = "ok", None
     failure: BaseException | None = None

@@ -1,0 +1,346 @@
+"""The run hub: every live run of this server, and the cursors of the clients that follow it.
+
+A live run is one asyncio task calling :func:`arun` (``raise_errors=False``). Its text and
+reasoning are kept once, as appended pieces; nothing is copied per client. A client (a
+*listener*) is a cursor, the character offsets of text and reasoning it has been sent, plus a
+wake-up event. When new text arrives the run only sets the wake-up events; each listener then
+sends everything between its cursor and the end as one event. A slow client therefore gets its
+pending deltas merged for free, and what the server holds per client stays O(1), however far it
+falls behind.
+
+Event ids say where a client is: ``"<phase>:<text offset>:<reasoning offset>"``, with phase
+``s`` (the start event was sent), ``d`` (text flowing) or ``e`` (the final event was sent).
+What a reconnecting client missed is then just ``text[t:]`` and ``reasoning[r:]``, which the
+hub has while the run is live and the store has once it is over (also after a restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._client import LMStudioClient
+from .._config import Budgets
+from .._errors import LMStreamError
+from .._events import Event, ReasoningDelta, StreamStarted, TextDelta
+from .._run import RunResult, arun
+from .._store import PromptStore, RunRecord
+from .._template import Prompt
+
+_CANCELLED_MESSAGE = "Cancelled before the answer was complete; the text received is kept."
+
+
+class Text:
+    """Append-only text kept as pieces, sliceable by character offset without joining it all."""
+
+    __slots__ = ("_ends", "_pieces")
+
+    def __init__(self) -> None:
+        self._pieces: list[str] = []
+        self._ends: list[int] = []  # cumulative length after each piece
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def append(self, piece: str) -> None:
+        if piece:
+            self._pieces.append(piece)
+            self._ends.append(len(self) + len(piece))
+
+    def slice(self, start: int, stop: int) -> str:
+        """``text[start:stop]``, touching only the pieces that overlap it."""
+        if start >= stop:
+            return ""
+        first = bisect.bisect_right(self._ends, start)
+        parts: list[str] = []
+        offset = self._ends[first - 1] if first else 0
+        for index in range(first, len(self._pieces)):
+            piece = self._pieces[index]
+            parts.append(piece[max(0, start - offset) : stop - offset])
+            offset += len(piece)
+            if offset >= stop:
+                break
+        return "".join(parts)
+
+    def __str__(self) -> str:
+        return "".join(self._pieces)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended, as the final event tells it (``done`` if ``status == "ok"``)."""
+
+    status: str
+    message: str | None
+    finish_reason: str | None
+    stats: dict[str, Any]
+    text_length: int
+
+
+class Listener:
+    """One open events connection: a cursor into the run and a wake-up event."""
+
+    __slots__ = ("dropped", "wake")
+
+    def __init__(self) -> None:
+        self.wake = asyncio.Event()
+        self.dropped = False  # set by the server: end this response, the client may resume
+
+
+@dataclass(eq=False)
+class LiveRun:
+    """A run this server is streaming right now (and, for its listeners, how it ended)."""
+
+    run_id: int
+    prompt: str | None
+    version: int | None
+    model: str | None
+    started_at: float = field(default_factory=time.monotonic)
+    text: Text = field(default_factory=Text)
+    reasoning: Text = field(default_factory=Text)
+    first_token_at: float | None = None
+    outcome: Outcome | None = None
+    listeners: set[Listener] = field(default_factory=set)
+    task: asyncio.Task[None] | None = None
+    grace_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """True while the model is still processing the prompt (no token yet, not ended)."""
+        return self.first_token_at is None and self.outcome is None
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, TextDelta):
+            self.text.append(event.content)
+        elif isinstance(event, ReasoningDelta):
+            self.reasoning.append(event.content)
+        elif isinstance(event, StreamStarted):
+            self.model = event.model or self.model
+            return
+        else:
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.notify()
+
+    def notify(self) -> None:
+        for listener in self.listeners:
+            listener.wake.set()
+
+
+class Hub:
+    """The live runs of one server, keyed by run id; everything runs on the server's loop."""
+
+    def __init__(
+        self,
+        store: PromptStore,
+        client: LMStudioClient,
+        *,
+        grace: float = 60.0,
+        budgets: Budgets | None = None,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.grace = grace
+        self.budgets = budgets
+        self._runs: dict[int, LiveRun] = {}
+        self._closing = False
+
+    def get(self, run_id: int) -> LiveRun | None:
+        return self._runs.get(run_id)
+
+    async def start(
+        self,
+        prompt: Prompt,
+        variables: dict[str, Any],
+        *,
+        model: str,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        on_finished: Callable[[LiveRun], object] | None = None,
+    ) -> LiveRun:
+        """Start a run in the background; return it once it is recorded (its id is known).
+
+        The prompt has already been rendered once by the caller, so template errors never get
+        here; a store failure before the run is recorded is raised to the caller.
+        """
+        loop = asyncio.get_running_loop()
+        recorded: asyncio.Future[LiveRun] = loop.create_future()
+        current: list[LiveRun] = []  # the run, once arun has recorded it
+
+        def on_run(run_id: int) -> None:
+            live = LiveRun(run_id=run_id, prompt=prompt.name, version=prompt.version, model=model)
+            current.append(live)
+            self._runs[run_id] = live
+            self._arm_grace(live)
+            recorded.set_result(live)
+
+        def on_event(event: Event) -> None:
+            current[0].on_event(event)  # on_run always comes first
+
+        async def drive() -> None:
+            result: RunResult | None = None
+            try:
+                result = await arun(
+                    prompt,
+                    variables,
+                    model=model,
+                    store=self.store,
+                    client=self.client,
+                    on_event=on_event,
+                    on_run=on_run,
+                    temperature=temperature,
+                    max_tokens=max_tokens,
+                    budgets=self.budgets,
+                    raise_errors=False,
+                )
+            except asyncio.CancelledError:
+                pass  # recorded as cancelled by arun; we asked for it (DELETE, grace, shutdown)
+            except Exception as exc:  # recorded by arun too, when it got that far
+                if not recorded.done():
+                    recorded.set_exception(exc)
+            if not current:
+                if not recorded.done():
+                    recorded.cancel()
+                return
+            live = current[0]
+            if result is not None:
+                live.outcome = Outcome(
+                    status=result.status,
+                    message=result.error,
+                    finish_reason=result.finish_reason,
+                    stats=result.stats.as_dict(),
+                    text_length=len(result.text),
+                )
+            else:
+                # The record has the exact sentence arun wrote; the write is already done.
+                try:
+                    record = await asyncio.shield(
+                        asyncio.to_thread(self.store.get_run, live.run_id)
+                    )
+                    live.outcome = outcome_of(record)
+                except (LMStreamError, asyncio.CancelledError):
+                    live.outcome = Outcome(
+                        "cancelled", _CANCELLED_MESSAGE, None, {}, len(live.text)
+                    )
+            self._finished(live)
+            if on_finished is not None:
+                on_finished(live)
+
+        task = loop.create_task(drive(), name="lmstream-serve-run")
+        try:
+            live = await asyncio.shield(recorded)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        live.task = task
+        return live
+
+    def _finished(self, live: LiveRun) -> None:
+        if live.grace_timer is not None:
+            live.grace_timer.cancel()
+            live.grace_timer = None
+        # The final row is written (arun returns after it), so new clients read the store.
+        self._runs.pop(live.run_id, None)
+        live.notify()
+
+    # -- listeners ------------------------------------------------------------------------------
+
+    def attach(self, live: LiveRun) -> Listener:
+        listener = Listener()
+        live.listeners.add(listener)
+        if live.grace_timer is not None:
+            live.grace_timer.cancel()
+            live.grace_timer = None
+        return listener
+
+    def detach(self, live: LiveRun, listener: Listener) -> None:
+        live.listeners.discard(listener)
+        if not live.listeners and live.outcome is None:
+            self._arm_grace(live)
+
+    def _arm_grace(self, live: LiveRun) -> None:
+        """Nobody listens: keep the run going for ``grace`` seconds (a reconnect), then cancel."""
+        if live.grace_timer is not None:
+            live.grace_timer.cancel()
+        live.grace_timer = asyncio.get_running_loop().call_later(
+            self.grace, self._grace_over, live
+        )
+
+    def _grace_over(self, live: LiveRun) -> None:
+        live.grace_timer = None
+        if not live.listeners and live.task is not None:
+            live.task.cancel()
+
+    def drop_listeners(self, run_id: int) -> int:
+        """End every open events response of a run (the clients may resume); return how many."""
+        live = self._runs.get(run_id)
+        if live is None:
+            return 0
+        for listener in live.listeners:
+            listener.dropped = True
+            listener.wake.set()
+        return len(live.listeners)
+
+    # -- cancellation ---------------------------------------------------------------------------
+
+    async def cancel(self, run_id: int, timeout: float = 10.0) -> bool:
+        """Cancel a live run and wait until it is recorded; False if it is not live here."""
+        live = self._runs.get(run_id)
+        if live is None or live.task is None:
+            return False
+        live.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(live.task), timeout)
+        return True
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Server shutdown: end every listener, cancel every run, wait for their records."""
+        self._closing = True
+        tasks = []
+        for live in list(self._runs.values()):
+            for listener in live.listeners:
+                listener.dropped = True
+                listener.wake.set()
+            if live.task is not None:
+                live.task.cancel()
+                tasks.append(live.task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    def snapshot(self) -> dict[int, dict[str, Any]]:
+        """For tests and monitoring: per live run, its size and its listeners' count."""
+        return {
+            run_id: {
+                "text_chars": len(live.text),
+                "reasoning_chars": len(live.reasoning),
+                "listeners": len(live.listeners),
+                "waiting": live.waiting,
+            }
+            for run_id, live in self._runs.items()
+        }
+
+
+def outcome_of(record: RunRecord) -> Outcome:
+    """The final event of a recorded run (finished, or found unfinished in the store)."""
+    stats = {
+        "ttft_s": record.ttft_s,
+        "duration_s": record.duration_s,
+        "chunks": record.chunks,
+        "text_chars": len(record.text),
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "tokens_per_s": record.tokens_per_s,
+    }
+    message = record.error
+    if record.status == "unfinished":
+        message = (
+            f"Run {record.id} is not running in this server (another process runs it, or it "
+            "stopped without finishing); the text recorded so far has been sent."
+        )
+    return Outcome(record.status, message, record.finish_reason, stats, len(record.text))
