@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="multiply every simulated duration (0.1 runs ten times faster)",
     )
     _add_bench_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 
@@ -578,6 +579,55 @@ def _cmd_sim(args: argparse.Namespace, err: TextIO) -> int:
     return EXIT_OK
 
 
+def _add_serve_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve stored prompts over HTTP, streaming runs as Server-Sent Events",
+        description="Run stored prompts from a browser or any HTTP client (JSON API, SSE "
+        "streams that resume with Last-Event-ID, a page at /). Binds 127.0.0.1 unless told.",
+    )
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (any non-loopback address needs a token)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks one)")
+    _add_server_options(p)
+    p.add_argument("--token", help="require this token on every request "
+                   "(default: $LMSTREAM_SERVER_TOKEN)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser calls from this origin (repeatable; default: none)")
+    p.add_argument("--grace", type=float, default=60.0, metavar="S",
+                   help="seconds a run with no listener goes on before it is cancelled")
+    p.add_argument("--db", type=Path, help="the prompt and run database (default: the usual one)")
+
+
+def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import os
+
+    from . import serve
+
+    token = args.token or os.environ.get(serve.TOKEN_ENV) or None
+    try:
+        serve.check_host(args.host, token)
+    except ValueError as exc:
+        err.write(f"lmstream serve: {exc}\n")
+        return EXIT_USAGE
+    store = PromptStore(args.db) if args.db is not None else default_store()
+
+    def ready(url: str) -> None:
+        where = url if not token else url + "/?token=..."
+        err.write(f"lmstream serve: listening on {where} (models at "
+                  f"{args.base_url or 'the default base URL'}); press Ctrl-C to stop.\n")
+        err.flush()
+
+    try:
+        serve.run(host=args.host, port=args.port, on_ready=ready, store=store,
+                  base_url=args.base_url, token=token, cors_origins=args.cors_origin,
+                  grace=args.grace)
+    except OSError as exc:
+        err.write(f"lmstream serve: {exc}: pick another --port.\n")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 # -- prompts, history, stats ------------------------------------------------------------------
 
 
@@ -748,6 +798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_sim(args, err)
         sync_commands: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
             "prompts": _cmd_prompts, "history": _cmd_history, "stats": _cmd_stats,
+            "serve": _cmd_serve,
         }
         if args.command in sync_commands:
             return sync_commands[args.command](args, out, err)
