@@ -21,8 +21,9 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -208,11 +209,13 @@ class _Watchdog:
     the stream awaits the server, so time the consumer spends on its own work never counts.
     """
 
-    __slots__ = ("deadline", "fired", "handle", "loop", "task", "waiting")
+    __slots__ = ("deadline", "extend", "fired", "handle", "loop", "task", "waiting")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.deadline = math.inf
+        # Asked once the deadline has passed: a later deadline, if the wait is still justified.
+        self.extend: Callable[[], float] | None = None
         self.waiting = False
         self.fired = False
         self.handle: asyncio.TimerHandle | None = None
@@ -235,7 +238,10 @@ class _Watchdog:
         self.handle = None
         if not self.waiting or self.deadline == math.inf:
             return  # re-armed by the next enter()
-        if self.loop.time() < self.deadline:
+        now = self.loop.time()
+        if now >= self.deadline and self.extend is not None:
+            self.deadline = max(self.deadline, self.extend())
+        if now < self.deadline:
             self.handle = self.loop.call_at(self.deadline, self.check)
             return
         self.fired = True
@@ -423,11 +429,19 @@ class _StreamRun:
         loop = asyncio.get_running_loop()
         watchdog = _Watchdog(loop)
         self.t0 = loop.time()
-        if self._budgets.first_token is not None:
-            watchdog.deadline = self.t0 + self._budgets.first_token
+        client = self._client
+        first_token = self._budgets.first_token
+        if first_token is not None:
+            watchdog.deadline = self.t0 + first_token
+            watchdog.extend = partial(client._first_token_deadline, self.t0, first_token)
+        answering = False
         try:
             async for event in self._until_first_token(loop, watchdog):
                 yield event
+            watchdog.extend = None
+            client._answering += 1
+            client._progress_at = loop.time()
+            answering = True
             dec = self._decoder  # the attempt that succeeded made a fresh one
             raw = self._raw
             assert raw is not None
@@ -491,6 +505,9 @@ class _StreamRun:
             raise self._interrupted("failed", exc) from exc
         finally:
             watchdog.close()
+            if answering:
+                client._answering -= 1
+                client._progress_at = loop.time()
             if self._response is not None:
                 await self._response.aclose()
 
@@ -578,7 +595,8 @@ class _StreamRun:
             try:
                 chunk = await raw.__anext__()
             except StopAsyncIteration:
-                return
+                # Ended cleanly with nothing in it: nothing was received, so a retry is safe.
+                raise _Retryable(self._interrupted("ended before the first token")) from None
             except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
                 raise _Retryable(
                     self._interrupted("was reset before the first token", exc)
@@ -770,6 +788,18 @@ class LMStudioClient:
             # A local server must not be routed through a corporate HTTP(S)_PROXY.
             trust_env=False,
         )
+        # Streams of this client past their first token, and when one last started or ended:
+        # a busy LM Studio queues requests, and a queued one is not stuck while another
+        # stream of ours is being answered (see Budgets.first_token).
+        self._answering = 0
+        self._progress_at = -math.inf
+
+    def _first_token_deadline(self, t0: float, budget: float) -> float:
+        """When a stream that started waiting at ``t0`` may give up on its first token."""
+        loop = asyncio.get_running_loop()
+        if self._answering:
+            return loop.time() + budget
+        return max(t0, self._progress_at) + budget
 
     def __repr__(self) -> str:
         return f"LMStudioClient(base_url={self.url!r})"

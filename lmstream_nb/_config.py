@@ -21,7 +21,10 @@ class Budgets:
 
     connect: to open the TCP connection.
     first_token: from sending the request to the first token. Prompt processing of a long prompt
-        on a laptop takes minutes, hence the generous default of 10 minutes.
+        on a laptop takes minutes, hence the generous default of 10 minutes. LM Studio answers
+        one request per model at a time and queues the rest, so while another stream of the
+        same client is being answered a waiting request is queued, not stuck: the budget then
+        counts from the moment the server last started or finished one of those streams.
     idle: between one piece of text and the next once text is flowing.
     """
 

@@ -335,6 +335,80 @@ async def test_first_token_timeout_is_not_retried(sim: simulator.SimServer) -> N
     assert len(sim.records()) - before == 1
 
 
+async def test_transient_failures_before_the_first_token_are_retried(
+    sim: simulator.SimServer,
+) -> None:
+    """A drop after the headers, an empty body and a 503 on the first attempt: the retry wins."""
+    async with LMStudioClient(sim.base_url, retries=FAST_RETRIES) as client:
+        for i, fault in enumerate(({"disconnect_at": 0}, {"end_at": 0}, {"http_status": 503})):
+            before = len(sim.records())
+            done = await client.stream_chat(
+                f"transient {i}", model=MODEL,
+                sim={**fault, "fault_attempts": 1, "output_tokens": 4},
+            ).collect()
+            assert done.finish_reason == "stop", fault
+            assert len(sim.records()) - before == 2, fault
+
+
+async def test_a_body_that_always_ends_empty_is_reported_after_the_retries(
+    sim: simulator.SimServer,
+) -> None:
+    before = len(sim.records())
+    async with LMStudioClient(sim.base_url, retries=FAST_RETRIES) as client:
+        with pytest.raises(StreamInterrupted, match="ended before the first token") as info:
+            await client.stream_chat("Hi", model=MODEL, sim={"end_at": 0}).collect()
+    assert info.value.partial_text == ""
+    assert len(sim.records()) - before == 1 + FAST_RETRIES.attempts
+
+
+# A queueing server (one answer at a time, like LM Studio): every request takes 0.3 s of
+# prompt processing and 0.3 s of generation, so the second of two waits 0.9 s for its first
+# token, longer than a first-token budget of 0.6 s but not while the first one is answered.
+_QUEUED = {"prefill_tps": 333, "gen_tps": 50, "output_tokens": 15, "jitter": 0.0}
+
+
+async def test_a_queued_request_waits_while_the_one_ahead_is_answered() -> None:
+    budgets = Budgets(first_token=0.6, idle=5)
+    with simulator.serve(profile="test-fast", max_parallel=1) as server:
+        async with LMStudioClient(server.base_url, budgets=budgets) as client:
+            done = await asyncio.gather(*(
+                client.stream_chat("q" * 400, model=MODEL, seed=i, sim=_QUEUED).collect()
+                for i in range(2)
+            ))
+    assert [d.finish_reason for d in done] == ["stop", "stop"]
+    assert max(d.stats.ttft_s or 0.0 for d in done) > 0.6  # it did wait past the budget
+
+
+async def test_without_a_sibling_stream_the_queue_wait_counts() -> None:
+    """Two separate clients know nothing of each other: the queued one runs out of budget."""
+    budgets = Budgets(first_token=0.6, idle=5)
+    with simulator.serve(profile="test-fast", max_parallel=1) as server:
+        clients = [LMStudioClient(server.base_url, budgets=budgets) for _ in range(2)]
+        try:
+            outcomes = await asyncio.gather(
+                *(c.stream_chat("q" * 400, model=MODEL, seed=i, sim=_QUEUED).collect()
+                  for i, c in enumerate(clients)),
+                return_exceptions=True,
+            )
+        finally:
+            for c in clients:
+                await c.aclose()
+    assert sorted(type(o).__name__ for o in outcomes) == ["Completion", "FirstTokenTimeout"]
+
+
+async def test_a_silent_server_still_times_out_with_a_sibling_waiting() -> None:
+    """Two waiting streams do not keep each other alive: nothing was answered, both give up."""
+    budgets = Budgets(first_token=0.3, idle=5)
+    with simulator.serve(profile="test-fast") as server:
+        async with LMStudioClient(server.base_url, budgets=budgets) as client:
+            outcomes = await asyncio.gather(
+                *(client.stream_chat("x" * 400, model=MODEL, seed=i,
+                                     sim={"prefill_tps": 10}).collect() for i in range(2)),
+                return_exceptions=True,
+            )
+    assert [type(o).__name__ for o in outcomes] == ["FirstTokenTimeout"] * 2
+
+
 # -- failures after text has arrived: partial text is kept -------------------------------------
 
 

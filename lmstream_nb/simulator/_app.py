@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import html
 import http
 import json
@@ -165,6 +166,18 @@ class _Sim:
                 else asyncio.Semaphore(config.max_parallel),
             )
         self._ids = random.Random(f"lmstream-sim-ids|{config.seed}")
+        # Requests seen per identical message list, for ``fault_attempts``.
+        self.attempts: dict[str, int] = {}
+
+    def transient(self, sc: Scenario, messages: object) -> Scenario:
+        """``sc``, or ``sc`` without its faults once this prompt has met them often enough."""
+        if sc.fault_attempts is None:
+            return sc
+        key = hashlib.sha256(
+            json.dumps(messages, sort_keys=True, default=str).encode("utf-8")
+        ).hexdigest()
+        seen = self.attempts[key] = self.attempts.get(key, 0) + 1
+        return sc if seen <= sc.fault_attempts else sc.without_faults()
 
     def new_id(self) -> str:
         return "chatcmpl-" + "".join(self._ids.choices(_ID_ALPHABET, k=20))
@@ -819,6 +832,7 @@ class _Handlers:
             return _error_object(str(exc), param="sim")
         stream = _field(body, "stream", (bool,), "true or false") or False
         recorder.update(index, stream=stream)
+        sc = sim.transient(sc, body.get("messages"))
 
         if sc.http_status is not None:
             recorder.finish(index, "http_error", status_code=sc.http_status)

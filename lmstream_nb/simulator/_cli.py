@@ -34,6 +34,7 @@ _SCENARIO_FLAGS: tuple[tuple[str, type, str, str], ...] = (
     ("malformed_at", int, "N", "before token N send a data line that is not JSON"),
     ("http_status", int, "STATUS", "answer every chat request with this HTTP status"),
     ("content_type", str, "TYPE", "answer streaming requests with this content type, not SSE"),
+    ("fault_attempts", int, "N", "faults act only on the first N requests with the same messages"),
 )
 
 

@@ -121,6 +121,10 @@ class Scenario:
       body (an HTML page for ``text/html``, an error object for ``application/json``, plain text
       otherwise).
     - ``no_model``: behave as if no model were loaded (LM Studio's 400 with a string error).
+    - ``fault_attempts``: the faults above act only on the first N requests with the same
+      messages; later ones (a client's retries) are answered normally. This models a transient
+      fault, such as a server restart or a dropped connection, that a retry gets past.
+      ``None``: every request meets the fault.
 
     Framing (streaming requests):
 
@@ -154,6 +158,7 @@ class Scenario:
     error_body: str = "object"
     content_type: str | None = None
     no_model: bool = False
+    fault_attempts: int | None = None
     dialect: str = "lmstudio"
     line_ending: str = "lf"
     bom: bool = False
@@ -161,6 +166,13 @@ class Scenario:
     def __post_init__(self) -> None:
         for name, rule in _RULES.items():
             rule(name, getattr(self, name))
+
+    def without_faults(self) -> Scenario:
+        """The same scenario with every fault switched off (a retry after a transient fault)."""
+        return dataclasses.replace(
+            self, stall_at=None, disconnect_at=None, end_at=None, error_at=None,
+            malformed_at=None, http_status=None, content_type=None, no_model=False,
+        )
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -252,6 +264,7 @@ _RULES: dict[str, _Rule] = {
     "error_body": _choice(ERROR_BODIES),
     "content_type": _text,
     "no_model": _flag,
+    "fault_attempts": _count,
     "dialect": _choice(DIALECTS),
     "line_ending": _choice(LINE_ENDINGS),
     "bom": _flag,

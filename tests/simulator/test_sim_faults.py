@@ -208,3 +208,18 @@ def test_scenario_marker_in_the_prompt_applies_to_that_request() -> None:
     assert reply.json()["usage"]["completion_tokens"] == 3
     assert bad.status_code == 400
     assert "marker" in bad.text
+
+
+def test_fault_attempts_makes_a_fault_transient(sim, client):
+    """The first request with these messages meets the fault; the retry is answered in full."""
+    body = chat_body(stream=True, sim={"output_tokens": 5, "http_status": 503,
+                                       "fault_attempts": 1})
+    body["messages"] = [{"role": "user", "content": "transient fault, unique text 7f3a"}]
+    url = sim.base_url + "/chat/completions"
+    assert client.post(url, json=body).status_code == 503
+    with client.stream("POST", url, json=body) as response:
+        assert response.status_code == 200
+        events, _ = parse_sse(response.read())
+    assert events[-1].data == "[DONE]"
+    other = dict(body, messages=[{"role": "user", "content": "another prompt, unique 7f3b"}])
+    assert client.post(url, json=other).status_code == 503  # counted per message list
