@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._client import LMStudioClient
-from ._config import Budgets
+from ._config import Budgets, Retries
 from ._errors import LMStreamError, TemplateError
 from ._events import Stats
 from ._loop import shared_loop
@@ -139,6 +139,7 @@ async def arun_many(
     store: PromptStore | None = None,
     base_url: str | Sequence[str] | None = None,
     budgets: Budgets | None = None,
+    retries: Retries | None = None,
     resume: str | None = None,
     batch_id: str | None = None,
     progress: bool = True,
@@ -164,7 +165,7 @@ async def arun_many(
                     results[index] = previous
         todo = [i for i in todo if results[i] is None]
     urls = [base_url] if base_url is None or isinstance(base_url, str) else list(base_url)
-    clients = [LMStudioClient(url, budgets=budgets) for url in urls]
+    clients = [LMStudioClient(url, budgets=budgets, retries=retries) for url in urls]
     queue: asyncio.Queue[int] = asyncio.Queue()
     for index in todo:
         queue.put_nowait(index)
@@ -234,7 +235,9 @@ def _record_refused(
 def run_many(prompt: Prompt | str, rows: Any, **kwargs: Any) -> Any:
     """Run ``prompt`` once per row of variables (a list of dicts or a DataFrame).
 
-    At most ``concurrency`` rows stream at once, spread over ``base_url`` (one or several).
+    At most ``concurrency`` rows stream at once, spread over ``base_url`` (one or several),
+    one client per URL: a server that queues requests (LM Studio answers one at a time) does
+    not make the queued rows run out of first-token budget while earlier rows are answered.
     Returns the results in row order: a ``BatchResult`` for a list, or the DataFrame with
     ``status``, ``text``, ``error``, ``run_id``, ``ttft_s`` and ``duration_s`` columns added
     (and ``.attrs["batch_id"]``). A failed row is recorded and the batch goes on; Ctrl-C

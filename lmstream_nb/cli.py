@@ -184,7 +184,10 @@ def _add_bench_parser(sub: Any) -> None:
                    choices=["blocking", "stream"])
     p.add_argument("--quick", action="store_true", help="two prompt sizes instead of five")
     p.add_argument("--faults", type=float, default=0.0, metavar="RATE",
-                   help="rate of rows with an injected stall or disconnect (simulator only)")
+                   help="rate of rows with an injected transient fault (simulator only)")
+    p.add_argument("--fault-kinds", nargs="+", default=None, metavar="KIND",
+                   help="which faults to inject: disconnect_before, error_before, stall, "
+                   "disconnect_after (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", type=Path, help="write the table as CSV")
     p.add_argument("--json", type=Path, help="write the table and every run as JSON")
@@ -205,6 +208,7 @@ async def _cmd_bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             workload, base_url=base_url, scale=None if base_url else args.scale,
             modes=args.modes, concurrency=args.concurrency, timeouts=args.timeouts,
             faults=args.faults, seed=args.seed, progress=not args.no_progress,
+            fault_kinds=args.fault_kinds or bench.FAULT_KINDS,
         )
     except ValueError as exc:
         err.write(f"lmstream: {exc}\n")

@@ -79,15 +79,40 @@ def test_faults_are_injected_deterministically(store: PromptStore) -> None:
     work = bench.Workload(buckets=(bench.SizeBucket("0.5k", 500, 250),), rows_per_user=4)
     result = bench.run_benchmark(work, scale=0.004, modes=("stream",), concurrency=(1,),
                                  faults=1.0, seed=3, store=store, progress=False)
+    # Faults before the first token are transient and retried; after it they are reported.
     expected = {
-        "stall": "stalled", "disconnect_before": "interrupted", "disconnect_after": "interrupted",
+        "stall": "stalled", "disconnect_after": "interrupted",
+        "disconnect_before": "ok", "error_before": "ok",
     }
     faults = [r["fault"] for r in result.runs]
     assert all(f in bench.FAULT_KINDS for f in faults)
     assert faults == [work.fault(work.buckets[0], i, 1.0, 3) for i in range(4)]
     for run in result.runs:
         assert run["status"] == expected[run["fault"]], run
-    assert result.rows[0]["success_rate"] == 0.0
+
+
+def test_retry_recovers_every_fault_before_the_first_token(store: PromptStore) -> None:
+    work = bench.Workload(buckets=(bench.SizeBucket("0.5k", 500, 250),), rows_per_user=3)
+    result = bench.run_benchmark(work, scale=0.004, modes=("stream",), concurrency=(1, 3),
+                                 faults=1.0, fault_kinds=bench.PRE_FIRST_TOKEN_FAULTS,
+                                 store=store, progress=False)
+    assert {r["fault"] for r in result.runs} == set(bench.PRE_FIRST_TOKEN_FAULTS)
+    assert [r["status"] for r in result.runs] == ["ok"] * 12
+    with pytest.raises(ValueError, match="fault_kinds"):
+        bench.run_benchmark(work, fault_kinds=("earthquake",), progress=False)
+
+
+def test_queued_streams_outlast_the_first_token_budget(store: PromptStore) -> None:
+    """Eight 20k-token prompts queue for 25 simulated minutes; none exceeds the 600 s budget
+    of silence, so all succeed, while a 300 s blocking timeout loses the queued ones."""
+    work = bench.Workload(buckets=(bench.SizeBucket("20k", 20_000, 1_600),))
+    result = bench.run_benchmark(work, scale=0.004, concurrency=(8,), timeouts=(300,),
+                                 store=store, progress=False)
+    table = result.success_table()
+    assert table[("stream", "20k", 8)] == {"ok": 8}
+    assert table[("blocking 300s", "20k", 8)] == {"ok": 1, "timeout": 7}
+    waits = sorted(r["ttfv_s"] for r in result.runs if r["mode"] == "stream")
+    assert waits[-1] > 600  # the last one waited well past the budget, in the queue
 
 
 def test_csv_json_and_table(report: bench.BenchReport, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from ._runner import BENCH_PROMPT, DEFAULT_SCALE, arun_benchmark, run_benchmark
 from ._workload import (
     FAULT_KINDS,
     LAPTOP_GPU,
+    PRE_FIRST_TOKEN_FAULTS,
     SizeBucket,
     SpeedProfile,
     Workload,
@@ -35,6 +36,7 @@ __all__ = [
     "DEFAULT_SCALE",
     "FAULT_KINDS",
     "LAPTOP_GPU",
+    "PRE_FIRST_TOKEN_FAULTS",
     "TIMEOUT_STATUSES",
     "BenchReport",
     "SizeBucket",

@@ -16,10 +16,13 @@ Why time scaling is safe: the simulator multiplies every duration by ``scale`` a
 benchmark multiplies every budget and timeout it gives the client by the same ``scale``, then
 divides the measured times back. The verdicts are the same at any scale as long as the scaled
 times stay well above the event loop's own overhead (milliseconds), which the default scale
-does with a wide margin. One thing is not scaled: the client's retry back-off (0.5 s, then
-1 s) is real time, because ``run_many`` builds its clients with the default ``Retries``. With
-injected disconnects before the first token a retried row therefore fails either way, but a
-blocking request may report it as a timeout rather than an error at small scales.
+does with a wide margin. The client's retry back-off is scaled the same way.
+
+Why the streams survive queueing: a stream's first-token budget counts from the moment the
+server last started or finished answering another stream of the same client (see
+``Budgets.first_token``), and each cell's rows share one client. So the eighth of eight queued
+64k-token prompts waits over an hour for its first token without failing, while the server is
+visibly working through the queue; a server that goes silent still fails after the budget.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 
 from .. import simulator
 from .._batch import BatchResult, arun_many, new_batch_id
-from .._config import Budgets
+from .._config import Budgets, Retries
 from .._errors import PromptNotFound
 from .._loop import shared_loop
 from .._run import default_store
@@ -40,6 +43,7 @@ from .._store import PromptStore
 from .._template import Prompt
 from ._report import BenchReport, summarize
 from ._workload import (
+    FAULT_KINDS,
     LAPTOP_GPU,
     SizeBucket,
     SpeedProfile,
@@ -50,8 +54,10 @@ from ._workload import (
 
 __all__ = ["BENCH_PROMPT", "DEFAULT_SCALE", "arun_benchmark", "run_benchmark"]
 
-#: The default workload (about 2 hours of simulated work, two cells at a time) takes about 80 s
-#: at this scale; a 30-minute generation takes 27 s.
+#: At this scale the default workload (its longest cell, eight queued 64k-token prompts, is 88
+#: minutes of simulated work) takes about 90 s with four cells side by side, and a 30-minute
+#: generation takes 27 s. The scaled times stay far above the event loop's overhead: the
+#: closest verdict boundary is 50 ms of real time away.
 DEFAULT_SCALE = 0.015
 
 #: The stored prompt every benchmark run is recorded under (``lmstream history bench``).
@@ -120,6 +126,8 @@ async def arun_benchmark(
     timeouts: Sequence[float] = (30, 120, 300),
     budgets: Budgets | None = None,
     faults: float = 0.0,
+    fault_kinds: Sequence[str] = FAULT_KINDS,
+    retries: Retries | None = None,
     seed: int = 0,
     store: PromptStore | None = None,
     progress: bool = True,
@@ -133,6 +141,12 @@ async def arun_benchmark(
     budgets = budgets or Budgets()
     if not 0.0 <= faults <= 1.0:
         raise ValueError("faults is a rate between 0 and 1")
+    kinds = tuple(fault_kinds)
+    unknown = sorted(set(kinds) - set(FAULT_KINDS)) or ([] if kinds else ["(none)"])
+    if unknown:
+        raise ValueError(f"fault_kinds must be among {', '.join(FAULT_KINDS)}, not "
+                         f"{', '.join(unknown)}")
+    retries = retries or Retries()
     if base_url is not None:
         if scale not in (None, 1, 1.0):
             raise ValueError("a real server runs in real time: leave scale unset with base_url")
@@ -143,7 +157,7 @@ async def arun_benchmark(
     scale = DEFAULT_SCALE if scale is None else float(scale)
     if not scale > 0:
         raise ValueError("scale must be a positive number")
-    parallel = parallel_cells or (1 if base_url is not None else 2)
+    parallel = parallel_cells or (1 if base_url is not None else 4)
     store = store or default_store()
     prompt = await asyncio.to_thread(_bench_prompt, store)
     cells = _cells(workload, modes, concurrency, timeouts)
@@ -154,6 +168,8 @@ async def arun_benchmark(
         idle=None if budgets.idle is None else budgets.idle * scale,
     )
     idle_sim = budgets.idle if budgets.idle is not None else 120.0
+    scaled_retries = Retries(attempts=retries.attempts, backoff=retries.backoff * scale,
+                             max_backoff=retries.max_backoff * scale)
     bar = _Bar(sum(c.rows for c in cells), progress)
     slots = asyncio.Semaphore(parallel)
     results: dict[int, list[dict[str, Any]]] = {}
@@ -163,8 +179,8 @@ async def arun_benchmark(
         async with slots:
             bar.note(cell)
             results[index] = await _run_cell(
-                cell, workload, prompt, store, base_url, scale, scaled, profile,
-                max_parallel, faults, seed, idle_sim, model,
+                cell, workload, prompt, store, base_url, scale, scaled, scaled_retries,
+                profile, max_parallel, faults, kinds, seed, idle_sim, model,
             )
             bar.done(cell)
 
@@ -177,7 +193,8 @@ async def arun_benchmark(
     return BenchReport(
         rows=summarize(runs), runs=runs, scale=scale, base_url=base_url,
         profile=None if base_url is not None else profile, wall_s=time.monotonic() - t0,
-        meta={"seed": seed, "faults": faults, "max_parallel": max_parallel,
+        meta={"seed": seed, "faults": faults, "fault_kinds": list(kinds),
+              "retries": retries.attempts, "max_parallel": max_parallel,
               "first_token_budget_s": budgets.first_token, "idle_budget_s": budgets.idle,
               "prompt": prompt.label},
     )
@@ -185,11 +202,12 @@ async def arun_benchmark(
 
 async def _run_cell(
     cell: _Cell, workload: Workload, prompt: Prompt, store: PromptStore, base_url: str | None,
-    scale: float, budgets: Budgets, profile: SpeedProfile, max_parallel: int | None,
-    faults: float, seed: int, idle_sim: float, model: str | None,
+    scale: float, budgets: Budgets, retries: Retries, profile: SpeedProfile,
+    max_parallel: int | None, faults: float, fault_kinds: tuple[str, ...], seed: int,
+    idle_sim: float, model: str | None,
 ) -> list[dict[str, Any]]:
     bucket = cell.bucket
-    kinds = [workload.fault(bucket, row, faults, seed) for row in range(cell.rows)]
+    kinds = [workload.fault(bucket, row, faults, seed, fault_kinds) for row in range(cell.rows)]
     rows: list[dict[str, Any]] = []
     for row, kind in enumerate(kinds):
         overrides: dict[str, object] | None = None
@@ -212,7 +230,7 @@ async def _run_cell(
     try:
         batch: BatchResult = await arun_many(
             prompt, rows, concurrency=cell.concurrency, store=store, base_url=url,
-            budgets=budgets, batch_id=batch_id, progress=False, mode=cell.kind,
+            budgets=budgets, retries=retries, batch_id=batch_id, progress=False, mode=cell.kind,
             timeout=None if cell.timeout_s is None else cell.timeout_s * scale,
             max_tokens=bucket.answer_tokens, model=model or (_SIM_MODEL if sim else None),
         )
@@ -276,11 +294,13 @@ def run_benchmark(workload: Workload | None = None, **kwargs: Any) -> BenchRepor
     Each cell is ``mode x size bucket x concurrency``: ``modes`` ``"blocking"`` (one cell per
     total ``timeouts`` value) and ``"stream"`` (the first-token and idle ``budgets``),
     ``concurrency`` prompts sent at once through :func:`run_many`. ``faults`` is the rate of
-    rows given an injected fault (stall, disconnect before or after the first token), picked
-    from ``seed``. Every run is recorded in ``store`` under the prompt ``lmstream-bench``.
+    rows given an injected fault, of the ``fault_kinds`` (see ``FAULT_KINDS``), picked from
+    ``seed``; every fault is transient, and ``retries`` (scaled like the budgets) retry what
+    failed before the first token. Every run is recorded in ``store`` under the prompt
+    ``lmstream-bench``.
 
     ``max_parallel`` is how many requests the simulated server serves at once (1, LM Studio's
-    queue, by default); ``parallel_cells`` how many cells run side by side (2 on the
+    queue, by default); ``parallel_cells`` how many cells run side by side (4 on the
     simulator, each on its own server; always 1 against a real server unless given);
     ``progress`` shows one bar over all runs.
     """

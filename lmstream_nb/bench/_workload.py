@@ -15,6 +15,7 @@ from dataclasses import dataclass
 __all__ = [
     "FAULT_KINDS",
     "LAPTOP_GPU",
+    "PRE_FIRST_TOKEN_FAULTS",
     "SizeBucket",
     "SpeedProfile",
     "Workload",
@@ -69,12 +70,17 @@ class SizeBucket:
     answer_tokens: int
 
 
-#: Kinds of injected faults (``faults=`` rate > 0, simulator only):
+#: Kinds of injected faults (``faults=`` rate > 0, simulator only). Each is transient: it hits
+#: the first request of a row, and a retry of that row is answered normally.
+#: ``disconnect_before`` - the server drops the connection before the first token;
+#: ``error_before`` - the server answers 503 (busy, or restarting) before the first token;
 #: ``stall`` - the answer pauses half-way for three idle budgets (a stream reports it as stalled);
-#: ``disconnect_before`` - the server drops the connection before the first token (the client
-#: retries, but the fault is part of the prompt, so every attempt meets it);
 #: ``disconnect_after`` - the connection drops half-way through the answer.
-FAULT_KINDS = ("stall", "disconnect_before", "disconnect_after")
+#: The first two happen before any text, so retrying them is safe and the client does; the
+#: last two happen after text arrived, so they are reported, never retried.
+FAULT_KINDS = ("disconnect_before", "error_before", "stall", "disconnect_after")
+#: The faults a retry before the first token can recover from.
+PRE_FIRST_TOKEN_FAULTS = ("disconnect_before", "error_before")
 
 
 @dataclass(frozen=True)
@@ -114,25 +120,31 @@ class Workload:
             i += 1
         return "".join(pieces)[:target]
 
-    def fault(self, bucket: SizeBucket, row: int, rate: float, seed: int) -> str | None:
+    def fault(
+        self, bucket: SizeBucket, row: int, rate: float, seed: int,
+        kinds: tuple[str, ...] = FAULT_KINDS,
+    ) -> str | None:
         """The fault injected into one row, the same in every mode and at every scale."""
         if rate <= 0:
             return None
         rng = random.Random(f"lmstream-bench|{seed}|{bucket.name}|{row}")
         if rng.random() >= rate:
             return None
-        return rng.choice(FAULT_KINDS)
+        return rng.choice(kinds)
 
 
 def fault_overrides(kind: str | None, bucket: SizeBucket, idle_s: float) -> dict[str, object]:
     """The simulator scenario fields (simulated seconds) that produce a fault kind."""
     half = max(1, bucket.answer_tokens // 2)
+    once = {"fault_attempts": 1}
     if kind == "stall":
-        return {"stall_at": half, "stall_s": 3 * idle_s}
+        return {"stall_at": half, "stall_s": 3 * idle_s, **once}
     if kind == "disconnect_before":
-        return {"disconnect_at": 0}
+        return {"disconnect_at": 0, **once}
+    if kind == "error_before":
+        return {"http_status": 503, "error_message": "Model is busy, try again.", **once}
     if kind == "disconnect_after":
-        return {"disconnect_at": half}
+        return {"disconnect_at": half, **once}
     return {}
 
 
@@ -141,8 +153,10 @@ def default_workload() -> Workload:
 
     The sizes are picked so that no cell sits near a verdict boundary on the default profile:
     with ``k`` requests queued one behind the other (k = 1..8), the k-th one finishes at least
-    11 % away from 30, 120 and 300 s, and its first token comes at least 11 % away from the
-    600 s first-token budget. So jitter and event-loop overhead cannot flip a verdict.
+    11 % away from 30, 120 and 300 s, and the longest prompt processing (427 s) stays 29 %
+    inside the 600 s first-token budget. So jitter and event-loop overhead cannot flip a verdict.
+    Queued behind each other, eight 64k-token prompts keep the simulated server busy for 92
+    minutes; the third of three finishes after 35.
     """
     return Workload(
         buckets=(
