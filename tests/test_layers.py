@@ -65,3 +65,16 @@ def test_simulator_imports_nothing_from_the_client_side() -> None:
             if name.startswith("lmstream_nb") and not name.startswith("lmstream_nb.simulator")
         }
         assert not own, f"{path.name} imports {sorted(own)}"
+
+
+def test_the_service_is_a_front_end() -> None:
+    """``lmstream serve`` runs prompts through ``_run`` like the CLI: no wire format, no httpx,
+    no simulator (which it must never be able to agree with by accident), no other front end."""
+    forbidden = ("httpx", "lmstream_nb._sse", "lmstream_nb.simulator", "lmstream_nb.cli",
+                 "lmstream_nb._magics", "lmstream_nb._widget", "IPython")
+    for path in (PACKAGE / "serve").glob("*.py"):
+        bad = {
+            name for name in imports_of(path)
+            if any(name == prefix or name.startswith(prefix + ".") for prefix in forbidden)
+        }
+        assert not bad, f"serve/{path.name} imports {sorted(bad)}"

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
+import struct
 import threading
 from collections.abc import Callable, MutableMapping
 from types import TracebackType
@@ -77,22 +78,34 @@ class _Uvicorn(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
     def abort(self, scope: MutableMapping[str, Any]) -> bool:
-        """Drop the connection serving ``scope`` at once, unsent bytes and all."""
+        """Drop the connection serving ``scope`` at once, unsent bytes and all.
+
+        Linger 0 makes the close a reset: the kernel discards what the client never read
+        instead of trickling it out, so a stalled client's buffers are freed now.
+        """
         for connection in list(self.server_state.connections):
             if getattr(connection, "scope", None) is scope:
                 transport = getattr(connection, "transport", None)
-                if transport is not None:
-                    transport.abort()
-                    return True
+                if transport is None:
+                    return False
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        linger = struct.pack("ii", 1, 0)
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                transport.abort()
+                return True
         return False
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, send_buffer: int | None = None) -> socket.socket:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if send_buffer is not None:  # inherited by accepted connections
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         sock.bind(address)
         sock.listen(128)
     except OSError as exc:
@@ -104,12 +117,25 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class ServeHandle:
-    """One running ``lmstream serve``; use it as a context manager so it is always stopped."""
+    """One running ``lmstream serve``; use it as a context manager so it is always stopped.
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, **app_kwargs: Any) -> None:
+    ``send_buffer`` caps the kernel's send buffer of each connection (bytes; default: the
+    system's, which grows to megabytes): with it, what a stalled client can make the server
+    hold is bounded by that, uvicorn's 64 KiB write buffer and one event.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        send_buffer: int | None = None,
+        **app_kwargs: Any,
+    ) -> None:
         check_host(host, app_kwargs.get("token"))
         self.host = host
         self._requested_port = port
+        self._send_buffer = send_buffer
         self.app = create_app(abort=self._abort, **app_kwargs)
         self.hub: Hub = self.app.state.hub
         self._sock: socket.socket | None = None
@@ -159,7 +185,7 @@ class ServeHandle:
         with self._lock:
             if self._thread is not None or self._stopped:
                 raise RuntimeError("a ServeHandle can be started only once")
-            self._sock = _bind(self.host, self._requested_port)
+            self._sock = _bind(self.host, self._requested_port, self._send_buffer)
             self._port = self._sock.getsockname()[1]
             self._server = self._uvicorn()
             self._thread = threading.Thread(
@@ -191,7 +217,7 @@ class ServeHandle:
         with self._lock:
             if self._thread is not None or self._server is not None or self._stopped:
                 raise RuntimeError("a ServeHandle can be started only once")
-            self._sock = _bind(self.host, self._requested_port)
+            self._sock = _bind(self.host, self._requested_port, self._send_buffer)
             self._port = self._sock.getsockname()[1]
             self._server = self._uvicorn()
         if on_ready is not None:
