@@ -11,7 +11,7 @@ def test_all_is_sorted_and_unique() -> None:
 
 def test_every_public_name_is_exported() -> None:
     public = {name for name in dir(lmstream_nb) if not name.startswith("_")}
-    subpackages_and_modules = {"bench", "cli", "simulator", "load_ipython_extension"}
+    subpackages_and_modules = {"bench", "cli", "serve", "simulator", "load_ipython_extension"}
     assert public - subpackages_and_modules - {"contextlib"} == set(lmstream_nb.__all__)
 
 
