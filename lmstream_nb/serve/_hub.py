@@ -149,7 +149,7 @@ class Hub:
         self.grace = grace
         self.budgets = budgets
         self._runs: dict[int, LiveRun] = {}
-        self._closing = False
+        self._listener_left: asyncio.Event | None = None  # watched while shutting down
 
     def get(self, run_id: int) -> LiveRun | None:
         return self._runs.get(run_id)
@@ -261,6 +261,8 @@ class Hub:
 
     def detach(self, live: LiveRun, listener: Listener) -> None:
         live.listeners.discard(listener)
+        if self._listener_left is not None:
+            self._listener_left.set()
         if not live.listeners and live.outcome is None:
             self._arm_grace(live)
 
@@ -300,18 +302,27 @@ class Hub:
         return True
 
     async def aclose(self, timeout: float = 10.0) -> None:
-        """Server shutdown: end every listener, cancel every run, wait for their records."""
-        self._closing = True
-        tasks = []
-        for live in list(self._runs.values()):
+        """Server shutdown: cancel every run, wait for their records, then end the listeners.
+
+        Listeners get the final ``error`` event (status ``cancelled``) when they can take it
+        within a second; any still open after that are ended without it.
+        """
+        runs = list(self._runs.values())
+        tasks = [live.task for live in runs if live.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0
+        while any(live.listeners for live in runs) and loop.time() < deadline:
+            self._listener_left = left = asyncio.Event()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(left.wait(), deadline - loop.time())
+        for live in runs:
             for listener in live.listeners:
                 listener.dropped = True
                 listener.wake.set()
-            if live.task is not None:
-                live.task.cancel()
-                tasks.append(live.task)
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
 
     def snapshot(self) -> dict[int, dict[str, Any]]:
         """For tests and monitoring: per live run, its size and its listeners' count."""

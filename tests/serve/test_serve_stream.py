@@ -323,3 +323,25 @@ def test_a_stalled_client_is_bounded_then_dropped_and_can_resume(
             rest, _ = read_events(client, run["events_url"], last_id=reader.last_id)
             assert before + text_of(rest) == record.text
         stalled.close()
+
+
+def test_stopping_the_server_cancels_and_records_running_runs(
+    server: ServeHandle, client: httpx.Client, store_path: Path, sim: simulator.SimServer
+) -> None:
+    t0 = time.monotonic()
+    run = start(client, "crawl", topic="stone")
+    run_id = run["run_id"]
+    got: list[list[SSE]] = []
+    listener = threading.Thread(
+        target=lambda: got.append(read_events(client, run["events_url"])[0]))
+    listener.start()
+    wait_until(lambda: server.snapshot()[run_id]["text_chars"] > 0, what="text arrives")
+    server.stop()
+    listener.join(10)
+    assert got, "the listener did not finish"
+    record = PromptStore(store_path).get_run(run_id)
+    assert record.status == "cancelled"
+    assert got[0][-1].json() == {"status": "cancelled", "message": record.error}
+    assert text_of(got[0]) == record.text
+    sim.wait_for(lambda r: r.outcome == "client_disconnected" and (r.started_at or 0) > t0,
+                 timeout=10)
