@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -23,54 +22,15 @@ from typing import Any
 
 from .._errors import RunNotFound
 from .._store import RunRecord
-from ._hub import Hub, Listener, LiveRun, Outcome, Text, outcome_of
+from ._hub import BadCursor, Cursor, Hub, Listener, LiveRun, Outcome, Text, outcome_of
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-_ID = re.compile(r"([sde]):(\d{1,12}):(\d{1,12})")
-
-
 class SlowClient(Exception):
     """The client did not accept a write within the limit."""
-
-
-class BadCursor(ValueError):
-    """A Last-Event-ID that this server did not send (or not for this run)."""
-
-
-@dataclass
-class Cursor:
-    """Where a client is in a run: what it has been sent."""
-
-    phase: str | None  # None: nothing yet; "s" start sent; "d" text; "e" the end
-    text: int = 0
-    reasoning: int = 0
-
-    @property
-    def id(self) -> str:
-        return f"{self.phase or 's'}:{self.text}:{self.reasoning}"
-
-    @classmethod
-    def parse(cls, value: str | None) -> Cursor:
-        if not value:
-            return cls(None)
-        match = _ID.fullmatch(value.strip())
-        if match is None:
-            raise BadCursor(
-                f"The last event id {value[:40]!r} was not sent by this server: reconnect "
-                "without Last-Event-ID to get the run from its start."
-            )
-        return cls(match[1], int(match[2]), int(match[3]))
-
-    def check(self, run_id: int, text_len: int, reasoning_len: int) -> None:
-        if self.text > text_len or self.reasoning > reasoning_len:
-            raise BadCursor(
-                f"The last event id {self.id!r} points beyond the text of run {run_id}: "
-                "reconnect without Last-Event-ID to get the run from its start."
-            )
 
 
 class _Writer:
@@ -216,7 +176,7 @@ class EventStream:
     async def _follow(
         self, receive: Receive, writer: _Writer, cursor: Cursor, live: LiveRun
     ) -> None:
-        listener = self.hub.attach(live)
+        listener = self.hub.attach(live, cursor)
         watcher = asyncio.create_task(_watch_disconnect(receive, listener))
         settings = self.settings
         try:

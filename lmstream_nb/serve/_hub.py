@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,12 +83,53 @@ class Outcome:
     text_length: int
 
 
+_ID = re.compile(r"([sde]):(\d{1,12}):(\d{1,12})")
+
+
+class BadCursor(ValueError):
+    """A Last-Event-ID that this server did not send (or not for this run)."""
+
+
+@dataclass
+class Cursor:
+    """Where a client is in a run: what it has been sent."""
+
+    phase: str | None  # None: nothing yet; "s" start sent; "d" text; "e" the end
+    text: int = 0
+    reasoning: int = 0
+
+    @property
+    def id(self) -> str:
+        return f"{self.phase or 's'}:{self.text}:{self.reasoning}"
+
+    @classmethod
+    def parse(cls, value: str | None) -> Cursor:
+        if not value:
+            return cls(None)
+        match = _ID.fullmatch(value.strip())
+        if match is None:
+            raise BadCursor(
+                f"The last event id {value[:40]!r} was not sent by this server: reconnect "
+                "without Last-Event-ID to get the run from its start."
+            )
+        return cls(match[1], int(match[2]), int(match[3]))
+
+    def check(self, run_id: int, text_len: int, reasoning_len: int) -> None:
+        if self.text > text_len or self.reasoning > reasoning_len:
+            raise BadCursor(
+                f"The last event id {self.id!r} points beyond the text of run {run_id}: "
+                "reconnect without Last-Event-ID to get the run from its start."
+            )
+
+
 class Listener:
-    """One open events connection: a cursor into the run and a wake-up event."""
+    """One open events connection: its cursor into the run and a wake-up event. Nothing else:
+    however far behind a client falls, this is all the server keeps for it."""
 
-    __slots__ = ("dropped", "wake")
+    __slots__ = ("cursor", "dropped", "wake")
 
-    def __init__(self) -> None:
+    def __init__(self, cursor: Cursor) -> None:
+        self.cursor = cursor
         self.wake = asyncio.Event()
         self.dropped = False  # set by the server: end this response, the client may resume
 
@@ -172,9 +214,11 @@ class Hub:
         loop = asyncio.get_running_loop()
         recorded: asyncio.Future[LiveRun] = loop.create_future()
         current: list[LiveRun] = []  # the run, once arun has recorded it
+        tasks: list[asyncio.Task[None]] = []  # the task driving it (created before it runs)
 
         def on_run(run_id: int) -> None:
             live = LiveRun(run_id=run_id, prompt=prompt.name, version=prompt.version, model=model)
+            live.task = tasks[0]
             current.append(live)
             self._runs[run_id] = live
             self._arm_grace(live)
@@ -233,13 +277,12 @@ class Hub:
                 on_finished(live)
 
         task = loop.create_task(drive(), name="lmstream-serve-run")
+        tasks.append(task)
         try:
-            live = await asyncio.shield(recorded)
+            return await asyncio.shield(recorded)
         except asyncio.CancelledError:
             task.cancel()
             raise
-        live.task = task
-        return live
 
     def _finished(self, live: LiveRun) -> None:
         if live.grace_timer is not None:
@@ -251,8 +294,8 @@ class Hub:
 
     # -- listeners ------------------------------------------------------------------------------
 
-    def attach(self, live: LiveRun) -> Listener:
-        listener = Listener()
+    def attach(self, live: LiveRun, cursor: Cursor) -> Listener:
+        listener = Listener(cursor)
         live.listeners.add(listener)
         if live.grace_timer is not None:
             live.grace_timer.cancel()
@@ -331,6 +374,8 @@ class Hub:
                 "text_chars": len(live.text),
                 "reasoning_chars": len(live.reasoning),
                 "listeners": len(live.listeners),
+                # How many characters of text each listener has yet to be sent.
+                "behind": sorted(len(live.text) - lis.cursor.text for lis in live.listeners),
                 "waiting": live.waiting,
             }
             for run_id, live in self._runs.items()
