@@ -21,7 +21,6 @@ import bisect
 import contextlib
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,7 +203,6 @@ class Hub:
         model: str,
         temperature: float | None = None,
         max_tokens: int | None = None,
-        on_finished: Callable[[LiveRun], object] | None = None,
     ) -> LiveRun:
         """Start a run in the background; return it once it is recorded (its id is known).
 
@@ -273,8 +271,6 @@ class Hub:
                         "cancelled", _CANCELLED_MESSAGE, None, {}, len(live.text)
                     )
             self._finished(live)
-            if on_finished is not None:
-                on_finished(live)
 
         task = loop.create_task(drive(), name="lmstream-serve-run")
         tasks.append(task)
