@@ -290,6 +290,11 @@ class _Api:
 
 def _lmstream_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, LMStreamError)
+    if isinstance(exc, PromptNotFound) and exc.version is None:
+        # The store's sentence names its file; a web client gets the API's own way to look.
+        fix = ("did you mean " + " or ".join(repr(s) for s in exc.suggestions) + "?"
+               if exc.suggestions else "see GET /api/prompts for the names there are.")
+        return _error(404, f"No prompt is named {exc.name!r}: {fix}")
     if isinstance(exc, (PromptNotFound, RunNotFound)):
         return _error(404, str(exc))
     if isinstance(exc, TemplateError):

@@ -15,7 +15,7 @@ import pytest
 from serve_helpers import TIMEOUT, read_events, service, text_of
 
 from lmstream_nb import PromptStore, simulator
-from lmstream_nb._errors import MissingVariables, PromptNotFound, UnknownVariables
+from lmstream_nb._errors import MissingVariables, UnknownVariables
 from lmstream_nb.cli import main
 from lmstream_nb.serve import ServeHandle, create_app, serve
 
@@ -58,13 +58,17 @@ def test_prompts_list_and_one_prompt_with_versions_and_variables(client: httpx.C
     assert one["variables"] == ["role", "who", "lang"]
 
 
-def test_unknown_prompt_is_404_with_the_store_sentence(
+def test_unknown_prompt_is_404_without_the_server_path(
     client: httpx.Client, store_path: Path
 ) -> None:
     response = client.get("/api/prompts/nope")
     assert response.status_code == 404
-    expected = str(PromptNotFound("nope", path=str(store_path)))
-    assert response.json() == {"error": expected}
+    assert response.json() == {
+        "error": "No prompt is named 'nope': see GET /api/prompts for the names there are."
+    }
+    assert str(store_path) not in response.text
+    close = client.get("/api/prompts/plane").json()["error"]
+    assert close == "No prompt is named 'plane': did you mean 'plain'?"
 
 
 def test_models(client: httpx.Client) -> None:
@@ -149,7 +153,7 @@ def test_unknown_prompt_bad_json_and_big_bodies_start_nothing(
 ) -> None:
     response = client.post("/api/prompts/nope/runs", json={"variables": {}})
     assert response.status_code == 404
-    assert response.json()["error"] == str(PromptNotFound("nope", path=str(store_path)))
+    assert response.json()["error"].startswith("No prompt is named 'nope'")
     response = client.post("/api/prompts/plain/runs", content=b"{not json",
                            headers={"content-type": "application/json"})
     assert response.status_code == 400
