@@ -31,13 +31,13 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> bench.BenchReport:
     path = tmp_path_factory.mktemp("bench") / "shared.db"
     with PromptStore(path) as s:
         return bench.run_benchmark(
-            QUICK, scale=0.005, concurrency=(1, 3), timeouts=(30, 300), store=s, progress=False
+            QUICK, scale=0.015, concurrency=(1, 3), timeouts=(30, 300), store=s, progress=False
         )
 
 
 def test_two_scales_give_the_same_success_table(store: PromptStore) -> None:
     tables = []
-    for scale in (0.005, 0.01):
+    for scale in (0.01, 0.02):
         result = bench.run_benchmark(QUICK, scale=scale, concurrency=(1, 3), timeouts=(30, 300),
                                      store=store, progress=False)
         assert result.scale == scale
@@ -129,7 +129,7 @@ def test_csv_json_and_table(report: bench.BenchReport, tmp_path: Path) -> None:
     text = report.table()
     assert "blocking 30s" in text
     assert "stream" in text
-    assert "time scale 0.005" in text
+    assert "time scale 0.015" in text
 
 
 def test_plots_are_written_as_png(report: bench.BenchReport, tmp_path: Path) -> None:
