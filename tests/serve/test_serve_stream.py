@@ -279,18 +279,10 @@ def test_a_stalled_client_is_bounded_then_dropped_and_can_resume(
             target=lambda: normal.append(read_events(client, run["events_url"])[0]))
         reader_thread.start()
 
-        def buffers() -> list[int]:
-            sizes: list[int] = server.call(lambda: [
-                c.transport.get_write_buffer_size()
-                for c in server._server.server_state.connections  # type: ignore[union-attr]
-                if c.transport is not None
-            ])
-            return sizes
-
         high = behind = 0
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            high = max(high, *buffers(), 0)
+            high = max(high, *server.write_buffers(), 0)
             live = server.snapshot().get(run_id)
             if live is None or live["listeners"] <= 1:
                 break
