@@ -228,23 +228,43 @@ class BenchReport:
         return fig
 
     def plot_ttfv(self, target: str | Path | Axes | None = None) -> Figure:
-        """The distribution of the time to first visible output per mode (successful runs)."""
+        """The distribution of the time to first visible output, per prompt size and mode.
+
+        One box per mode within each size, over its successful runs (a failed run shows
+        nothing at all), with how many of the runs succeeded written under it: pooling all
+        sizes would compare the streams' long prompts with blocking's short ones.
+        """
         _need_matplotlib()
         fig, ax = _figure_and_axes(target)
         modes = self._modes()
-        data = [
-            [float(r["ttfv_s"]) for r in self.runs
-             if r["mode"] == mode and r["status"] == "ok" and r["ttfv_s"] is not None]
-            for mode in modes
-        ]
-        shown = [(m, d) for m, d in zip(modes, data, strict=True) if d]
-        if shown:
-            ax.boxplot([d for _, d in shown])
-            ax.set_xticks(range(1, len(shown) + 1), [m for m, _ in shown])
-            ax.set_yscale("log")
+        buckets = list(dict.fromkeys(str(r["bucket"]) for r in self.rows))
+        width = 0.8 / max(1, len(modes))
+        colors = [f"C{i}" for i in range(len(modes))]
+        for m, mode in enumerate(modes):
+            for b, bucket in enumerate(buckets):
+                runs = [r for r in self.runs if r["mode"] == mode and r["bucket"] == bucket]
+                times = [float(r["ttfv_s"]) for r in runs
+                         if r["status"] == "ok" and r["ttfv_s"] is not None]
+                x = b + (m - (len(modes) - 1) / 2) * width
+                if times:
+                    box = ax.boxplot([times], positions=[x], widths=width * 0.8,
+                                     patch_artist=True, manage_ticks=False)
+                    for patch in box["boxes"]:
+                        patch.set_facecolor(colors[m])
+                        patch.set_alpha(0.6)
+                ax.annotate(f"{len(times)}/{len(runs)}", (x, 0), xycoords=("data", "axes fraction"),
+                            xytext=(0, 3), textcoords="offset points", ha="center",
+                            va="bottom", rotation=90, fontsize=7, color=colors[m])
+        ax.set_xticks(range(len(buckets)), [f"{b} tokens" for b in buckets])
+        ax.set_yscale("log")
         ax.set_ylabel("time to first visible output (simulated s)")
-        ax.set_title("Time to first visible output (successful runs only)")
+        ax.set_title("Time to first visible output by prompt size (successful runs / runs)")
         ax.grid(True, axis="y", alpha=0.3)
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(color=c, alpha=0.6, label=m) for c, m in zip(colors, modes,
+                                                                              strict=True)],
+                  fontsize=8, loc="upper left")
         _save(fig, target)
         return fig
 
