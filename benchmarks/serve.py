@@ -111,18 +111,11 @@ def child_sim() -> None:
 
 def child_serve(db: str, upstream: str) -> None:
     """Serve the service over the store at ``db``; exit when stdin closes."""
-    import inspect
-
     from lmstream_nb import PromptStore
     from lmstream_nb import serve as serve_module
 
-    options: dict[str, Any] = {}
-    accepted = inspect.signature(serve_module.create_app).parameters
-    for name, value in (("max_pending", 10_000), ("keepalive", 15.0)):
-        if name in accepted:  # room for 200 waiting runs in the memory test
-            options[name] = value
     store = PromptStore(db)
-    with serve_module.serve(store=store, base_url=upstream, **options) as handle:
+    with serve_module.serve(store=store, base_url=upstream) as handle:
         print("URL", handle.url, flush=True)
         sys.stdin.read()
 
