@@ -83,9 +83,7 @@ def _result_from_record(store: PromptStore, run_id: int, label: str) -> RunResul
     return RunResult(
         run_id=rec.id, status=rec.status, text=rec.text, reasoning=rec.reasoning,
         error=rec.error,
-        stats=Stats(ttft_s=rec.ttft_s, duration_s=rec.duration_s or 0.0, chunks=rec.chunks,
-                    text_chars=len(rec.text), prompt_tokens=rec.prompt_tokens,
-                    completion_tokens=rec.completion_tokens, tokens_per_s=rec.tokens_per_s),
+        stats=rec.stats(),
         finish_reason=rec.finish_reason, model=rec.model, prompt=label,
     )
 

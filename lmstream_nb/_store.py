@@ -47,6 +47,7 @@ import platformdirs
 import tomli_w
 
 from ._errors import PromptFileError, PromptNotFound, RunNotFound, StoreError, StoreUnavailable
+from ._events import Stats
 from ._migrations import APPLICATION_ID, LATEST_VERSION, migrate
 from ._template import Prompt
 
@@ -149,6 +150,14 @@ class RunRecord:
     reasoning: str
     batch_id: str | None
     batch_row: int | None = None
+
+    def stats(self) -> Stats:
+        """The run's figures, as a stream reports them."""
+        return Stats(
+            ttft_s=self.ttft_s, duration_s=self.duration_s or 0.0, chunks=self.chunks,
+            text_chars=len(self.text), prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens, tokens_per_s=self.tokens_per_s,
+        )
 
 
 @dataclass(frozen=True)

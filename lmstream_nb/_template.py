@@ -92,6 +92,15 @@ class Prompt:
             return "(inline)"
         return self.name if self.version is None else f"{self.name}@{self.version}"
 
+    def as_dict(self) -> dict[str, Any]:
+        """Every field and the variables, as JSON-ready data (``--json`` and the web API)."""
+        return {
+            "name": self.name, "version": self.version, "description": self.description,
+            "model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
+            "system": self.system, "template": self.template, "variables": list(self.variables),
+            "created_at": self.created_at,
+        }
+
     def render(
         self, variables: Mapping[str, Any] | None = None, *, allow_extra: bool = False
     ) -> list[dict[str, str]]:

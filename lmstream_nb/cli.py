@@ -650,14 +650,6 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _prompt_dict(p: Prompt) -> dict[str, Any]:
-    return {
-        "name": p.name, "version": p.version, "description": p.description, "model": p.model,
-        "temperature": p.temperature, "max_tokens": p.max_tokens, "system": p.system,
-        "template": p.template, "variables": list(p.variables), "created_at": p.created_at,
-    }
-
-
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
@@ -695,7 +687,7 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     elif action == "list":
         prompts = store.list()
         if args.json:
-            out.write(json.dumps([_prompt_dict(p) for p in prompts], ensure_ascii=False) + "\n")
+            out.write(json.dumps([p.as_dict() for p in prompts], ensure_ascii=False) + "\n")
         else:
             out.write(table(
                 [(p.name, p.version, ", ".join(p.variables), p.model,
@@ -705,7 +697,7 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     elif action == "show":
         p = store.get(args.name, args.version)
         if args.json:
-            out.write(json.dumps(_prompt_dict(p), ensure_ascii=False) + "\n")
+            out.write(json.dumps(p.as_dict(), ensure_ascii=False) + "\n")
         else:
             out.write(f"{p.label}  saved {_when(p.created_at)}\n")
             for key in ("description", "model", "temperature", "max_tokens"):
@@ -719,7 +711,7 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     elif action == "versions":
         versions = store.versions(args.name)
         if args.json:
-            out.write(json.dumps([_prompt_dict(p) for p in versions], ensure_ascii=False) + "\n")
+            out.write(json.dumps([p.as_dict() for p in versions], ensure_ascii=False) + "\n")
         else:
             out.write(table(
                 [(p.version, _when(p.created_at), ", ".join(p.variables), p.model,

@@ -94,16 +94,10 @@ class TokenGuard:
 
 
 def _prompt_summary(p: Prompt) -> dict[str, Any]:
-    return {
-        "name": p.name,
-        "version": p.version,
-        "variables": list(p.variables),
-        "model": p.model,
-        "description": p.description,
-        "temperature": p.temperature,
-        "max_tokens": p.max_tokens,
-        "created_at": p.created_at,
-    }
+    """A prompt in a list: everything but its texts, which one prompt's own answer has."""
+    summary = p.as_dict()
+    del summary["template"], summary["system"]
+    return summary
 
 
 async def _read_json(request: Request, limit: int) -> Any:
@@ -203,9 +197,7 @@ class _Api:
         versions = await asyncio.to_thread(self.store.versions, name)
         latest = max(versions, key=lambda p: p.version or 0)
         return JSONResponse({
-            **_prompt_summary(latest),
-            "template": latest.template,
-            "system": latest.system,
+            **latest.as_dict(),
             "versions": sorted(p.version for p in versions if p.version is not None),
         })
 

@@ -380,15 +380,8 @@ class Hub:
 
 def outcome_of(record: RunRecord) -> Outcome:
     """The final event of a recorded run (finished, or found unfinished in the store)."""
-    stats = {
-        "ttft_s": record.ttft_s,
-        "duration_s": record.duration_s,
-        "chunks": record.chunks,
-        "text_chars": len(record.text),
-        "prompt_tokens": record.prompt_tokens,
-        "completion_tokens": record.completion_tokens,
-        "tokens_per_s": record.tokens_per_s,
-    }
+    # An unfinished run has no duration yet: say so rather than 0.
+    stats = {**record.stats().as_dict(), "duration_s": record.duration_s}
     message = record.error
     if record.status == "unfinished":
         message = (
