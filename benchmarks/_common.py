@@ -54,11 +54,8 @@ def ensure_repo_on_path() -> None:
 def child_env() -> dict[str, str]:
     """Environment for worker processes: the working tree first on the path, no proxies."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
-    )
-    for key in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
-                "all_proxy"):
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    for key in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         env.pop(key, None)
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
     return env
@@ -113,8 +110,12 @@ FALLBACK_CHUNK: dict[str, Any] = {
     "model": MODEL,
     "system_fingerprint": MODEL,
     "choices": [
-        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-         "finish_reason": None}
+        {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
     ],
 }
 
@@ -182,8 +183,11 @@ def closing_events(template: dict[str, Any], completion_tokens: int) -> list[byt
     finish["choices"][0]["finish_reason"] = "stop"
     usage = json.loads(json.dumps(template))
     usage["choices"] = []
-    usage["usage"] = {"prompt_tokens": 1, "completion_tokens": completion_tokens,
-                      "total_tokens": completion_tokens + 1}
+    usage["usage"] = {
+        "prompt_tokens": 1,
+        "completion_tokens": completion_tokens,
+        "total_tokens": completion_tokens + 1,
+    }
     return [b"data: " + _dumps(finish), b"data: " + _dumps(usage), b"data: [DONE]"]
 
 
@@ -249,8 +253,9 @@ _SSE_HEAD = (
     b"Keep-Alive: timeout=60\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n"
 )
-_MODELS = _dumps({"object": "list", "data": [{"id": MODEL, "object": "model",
-                                               "owned_by": "organization_owner"}]})
+_MODELS = _dumps(
+    {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "organization_owner"}]}
+)
 _BATCH_BYTES = 256 * 1024
 # GET /_stats: per client (User-Agent), TCP connections opened and requests sent: shows reuse.
 _STATS: dict[str, dict[str, int]] = {}

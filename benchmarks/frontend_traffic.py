@@ -261,8 +261,9 @@ class Capture:
         return self.idle - self.sent
 
     def stdout(self) -> str:
-        return "".join(w.text or "" for w in self.wires
-                       if w.kind == "stream" and w.parent == self.msg_id)
+        return "".join(
+            w.text or "" for w in self.wires if w.kind == "stream" and w.parent == self.msg_id
+        )
 
     def error(self) -> str | None:
         for w in self.wires:
@@ -314,8 +315,9 @@ class Kernel:
                 events = dict(self.poller.poll(100))
                 if self.shell in events:
                     _, msg = self.session.recv(self.shell, mode=self._zmq.NOBLOCK)
-                    replied = replied or (msg is not None
-                                          and msg["msg_type"] == "kernel_info_reply")
+                    replied = replied or (
+                        msg is not None and msg["msg_type"] == "kernel_info_reply"
+                    )
                 if self.iopub in events:
                     self.iopub.recv_multipart()
                     subscribed = True
@@ -345,8 +347,14 @@ class Kernel:
     def execute(self, code: str, timeout: float) -> Capture:
         """Run a cell; every IOPub message until its idle status (bounded), then a short drain."""
         zmq = self._zmq
-        content = {"code": code, "silent": False, "store_history": True,
-                   "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}
+        content = {
+            "code": code,
+            "silent": False,
+            "store_history": True,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": True,
+        }
         wires: list[Wire] = []
         sent = time.time()
         msg_id = str(self.session.send(self.shell, "execute_request", content)["header"]["msg_id"])
@@ -357,8 +365,10 @@ class Kernel:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.km.interrupt_kernel()
-                raise CellFailed(f"the cell did not finish within {timeout:.0f} s "
-                                 f"(kernel interrupted); first line: {code.splitlines()[0]!r}")
+                raise CellFailed(
+                    f"the cell did not finish within {timeout:.0f} s "
+                    f"(kernel interrupted); first line: {code.splitlines()[0]!r}"
+                )
             events = dict(self.poller.poll(int(min(remaining, 0.5) * 1000) + 1))
             if self.iopub in events:
                 for wire in self._read_iopub(wires):
@@ -381,8 +391,9 @@ class Kernel:
         """``execute`` that raises when the cell failed."""
         capture = self.execute(code, timeout)
         if capture.status != "ok":
-            raise CellFailed(f"cell failed ({capture.status}): {capture.error()}\n"
-                             f"{textwrap.shorten(code, 200)}")
+            raise CellFailed(
+                f"cell failed ({capture.status}): {capture.error()}\n{textwrap.shorten(code, 200)}"
+            )
         return capture
 
     def close(self) -> None:
@@ -437,8 +448,9 @@ with _BClient({url!r}) as _b_client:
 {update}
 """
 
-NAIVE_RESULTS = ('print(_bj.dumps({"arrivals": _b_arrivals, '
-                 '"model_id": getattr(_b_w, "model_id", None)}))')
+NAIVE_RESULTS = (
+    'print(_bj.dumps({"arrivals": _b_arrivals, "model_id": getattr(_b_w, "model_id", None)}))'
+)
 LMSTREAM_RESULTS = 'print(_bj.dumps({"arrivals": _b_lm_arrivals}))'
 
 
@@ -453,25 +465,34 @@ class Naive:
 
 NAIVE = {
     "append_stdout": Naive(
-        "append_stdout", "Output.append_stdout",
+        "append_stdout",
+        "Output.append_stdout",
         "_b_w = _bw.Output()\n_bd(_b_w)",
-        "_b_w.append_stdout(_b_event.content)", widget=True),
+        "_b_w.append_stdout(_b_event.content)",
+        widget=True,
+    ),
     "display": Naive(
-        "display", "DisplayHandle.update",
+        "display",
+        "DisplayHandle.update",
         '_b_text = ""\n_b_h = _bd({"text/plain": ""}, raw=True, display_id=True)',
         '_b_text += _b_event.content\n_b_h.update({"text/plain": _b_text}, raw=True)',
-        widget=False),
+        widget=False,
+    ),
     "textarea": Naive(
-        "textarea", "Textarea.value +=",
+        "textarea",
+        "Textarea.value +=",
         "_b_w = _bw.Textarea()\n_bd(_b_w)",
-        "_b_w.value += _b_event.content", widget=True),
+        "_b_w.value += _b_event.content",
+        widget=True,
+    ),
 }
 
 
 def naive_cell(method: Naive, url: str, chunks: int) -> str:
     update = textwrap.indent(method.update, " " * 16)
-    return NAIVE_CELL.format(setup=method.setup, url=url, prompt=PROMPT, model=MODEL,
-                             chunks=chunks, update=update)
+    return NAIVE_CELL.format(
+        setup=method.setup, url=url, prompt=PROMPT, model=MODEL, chunks=chunks, update=update
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,8 +607,7 @@ def analyse(
         row.problems.append("no message carried the text")
         return row
     if so_far != total:
-        row.problems.append(f"the messages carried {so_far} characters, the simulator sent "
-                            f"{total}")
+        row.problems.append(f"the messages carried {so_far} characters, the simulator sent {total}")
     lat = chunk_latencies(by_date, times, ends)
     recv = chunk_latencies(by_recv, times, ends)
     if lat is None or recv is None:
@@ -601,8 +621,9 @@ def analyse(
         kernel = [m - tr for m, tr in zip(row.latencies_ms, transport, strict=True)]
         row.split = (common.median(transport), common.median(kernel))
     elif arrivals and len(arrivals) != len(times):
-        row.problems.append(f"the kernel saw {len(arrivals)} deltas, the simulator sent "
-                            f"{len(times)}")
+        row.problems.append(
+            f"the kernel saw {len(arrivals)} deltas, the simulator sent {len(times)}"
+        )
     return row
 
 
@@ -642,8 +663,15 @@ def versions() -> str:
     from importlib import metadata
 
     parts = [f"Python {platform.python_version()}"]
-    for dist in ("ipykernel", "jupyter_client", "pyzmq", "ipython", "ipywidgets", "anywidget",
-                 "lmstream_nb"):
+    for dist in (
+        "ipykernel",
+        "jupyter_client",
+        "pyzmq",
+        "ipython",
+        "ipywidgets",
+        "anywidget",
+        "lmstream_nb",
+    ):
         try:
             parts.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
@@ -673,7 +701,12 @@ def run_lmstream(label: str, kernel: Kernel, tap: SimTap, url: str, timeout: flo
 
 
 def run_naive(
-    label: str, method: Naive, kernel: Kernel, tap: SimTap, url: str, chunks: int,
+    label: str,
+    method: Naive,
+    kernel: Kernel,
+    tap: SimTap,
+    url: str,
+    chunks: int,
     timeout: float,
 ) -> Row:
     tap.reset()
@@ -695,9 +728,11 @@ def fmt_ms(values: list[float], q: float | None) -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    header = (f"{'row':<34} {'chunks':>7} {'text B':>10} {'iopub+comm B':>14} {'B/text B':>9} "
-              f"{'msgs':>6} {'comm':>6} {'msgs/s':>7} {'peak/s':>6} {'lat med':>8} "
-              f"{'lat p95':>8} {'1st paint':>9}")
+    header = (
+        f"{'row':<34} {'chunks':>7} {'text B':>10} {'iopub+comm B':>14} {'B/text B':>9} "
+        f"{'msgs':>6} {'comm':>6} {'msgs/s':>7} {'peak/s':>6} {'lat med':>8} "
+        f"{'lat p95':>8} {'1st paint':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -705,12 +740,16 @@ def print_table(rows: list[Row]) -> None:
             print(f"{r.label:<34} skipped: {r.skipped}")
             continue
         first = "-" if math.isnan(r.first_paint_ms) else f"{r.first_paint_ms:,.1f}"
-        print(f"{r.label:<34} {r.chunks:>7,} {r.text_bytes:>10,} {r.wire_bytes:>14,} "
-              f"{r.ratio:>9.2f} {r.messages:>6,} {r.comm_msgs:>6,} {r.per_s:>7.1f} "
-              f"{r.peak_per_s:>6} {fmt_ms(r.latencies_ms, None):>8} "
-              f"{fmt_ms(r.latencies_ms, 95):>8} {first:>9}")
-    print("(latency in ms: chunk handed to the transport by the simulator -> header date of the "
-          "IOPub message that carried it)")
+        print(
+            f"{r.label:<34} {r.chunks:>7,} {r.text_bytes:>10,} {r.wire_bytes:>14,} "
+            f"{r.ratio:>9.2f} {r.messages:>6,} {r.comm_msgs:>6,} {r.per_s:>7.1f} "
+            f"{r.peak_per_s:>6} {fmt_ms(r.latencies_ms, None):>8} "
+            f"{fmt_ms(r.latencies_ms, 95):>8} {first:>9}"
+        )
+    print(
+        "(latency in ms: chunk handed to the transport by the simulator -> header date of the "
+        "IOPub message that carried it)"
+    )
 
 
 def print_details(rows: list[Row]) -> None:
@@ -719,15 +758,19 @@ def print_details(rows: list[Row]) -> None:
         if r.skipped or not r.latencies_ms:
             continue
         rate = r.chunks / r.stream_s if r.stream_s > 0 else math.nan
-        parts = [f"run {r.wall_s:.2f} s (request -> idle)",
-                 f"stream {r.stream_s:.2f} s at {rate:,.0f} chunks/s",
-                 f"request -> first chunk left the simulator {r.to_first_chunk_ms:,.1f} ms, "
-                 f"-> first painted text {r.to_first_paint_ms:,.1f} ms",
-                 f"latency by receive time med {fmt_ms(r.recv_latencies_ms, None)} / "
-                 f"p95 {fmt_ms(r.recv_latencies_ms, 95)} ms"]
+        parts = [
+            f"run {r.wall_s:.2f} s (request -> idle)",
+            f"stream {r.stream_s:.2f} s at {rate:,.0f} chunks/s",
+            f"request -> first chunk left the simulator {r.to_first_chunk_ms:,.1f} ms, "
+            f"-> first painted text {r.to_first_paint_ms:,.1f} ms",
+            f"latency by receive time med {fmt_ms(r.recv_latencies_ms, None)} / "
+            f"p95 {fmt_ms(r.recv_latencies_ms, 95)} ms",
+        ]
         if r.split is not None:
-            parts.append(f"median split: simulator -> NotebookSink.handle {r.split[0]:.1f} ms, "
-                         f"handle -> message {r.split[1]:.1f} ms")
+            parts.append(
+                f"median split: simulator -> NotebookSink.handle {r.split[0]:.1f} ms, "
+                f"handle -> message {r.split[1]:.1f} ms"
+            )
         print(f"  {r.label}:\n    " + "\n    ".join(parts))
 
 
@@ -736,8 +779,10 @@ def print_breakdown(row: Row) -> None:
     header = f"  {'message kind':<48} {'count':>7} {'bytes':>12} {'share':>7} {'x text':>7}"
     print(header)
     for category, (count, size) in sorted(row.breakdown.items(), key=lambda kv: -kv[1][1]):
-        print(f"  {category:<48} {count:>7,} {size:>12,} {size / row.wire_bytes:>7.1%} "
-              f"{size / row.text_bytes:>7.2f}")
+        print(
+            f"  {category:<48} {count:>7,} {size:>12,} {size / row.wire_bytes:>7.1%} "
+            f"{size / row.text_bytes:>7.2f}"
+        )
 
 
 def verdicts(big: Row | None) -> None:
@@ -758,37 +803,56 @@ def verdicts(big: Row | None) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--big-tps", type=float, default=BIG_TPS,
-                        help="pace of the 1 MiB answer (tokens/s)")
-    parser.add_argument("--chunk-chars", type=int, default=CHUNK_CHARS,
-                        help="characters per delta")
-    parser.add_argument("--small-chunks", type=int, default=SMALL_CHUNKS,
-                        help="deltas of the answer the naive baselines stream")
-    parser.add_argument("--small-tps", type=float, default=SMALL_TPS,
-                        help="pace of the small answers (tokens/s)")
-    parser.add_argument("--real-tps", type=float, default=REAL_TPS,
-                        help="pace of the informational row at a real model's speed")
+    parser.add_argument(
+        "--big-tps", type=float, default=BIG_TPS, help="pace of the 1 MiB answer (tokens/s)"
+    )
+    parser.add_argument("--chunk-chars", type=int, default=CHUNK_CHARS, help="characters per delta")
+    parser.add_argument(
+        "--small-chunks",
+        type=int,
+        default=SMALL_CHUNKS,
+        help="deltas of the answer the naive baselines stream",
+    )
+    parser.add_argument(
+        "--small-tps", type=float, default=SMALL_TPS, help="pace of the small answers (tokens/s)"
+    )
+    parser.add_argument(
+        "--real-tps",
+        type=float,
+        default=REAL_TPS,
+        help="pace of the informational row at a real model's speed",
+    )
     parser.add_argument("--no-baselines", action="store_true", help="only the %%lmstream rows")
     args = parser.parse_args()
     common.ensure_repo_on_path()
     from lmstream_nb import simulator
 
     big_chunks = -(-BIG_TEXT_BYTES // args.chunk_chars)
-    print("Front-end traffic of streaming into a notebook: bytes, messages and latency on the "
-          "kernel's IOPub channel")
+    print(
+        "Front-end traffic of streaming into a notebook: bytes, messages and latency on the "
+        "kernel's IOPub channel"
+    )
     print(versions())
-    print(f"1 MiB row: {big_chunks:,} deltas of {args.chunk_chars} characters at "
-          f"{args.big_tps:,.0f} tokens/s through %%lmstream (blocking cell)")
-    print(f"small rows: {args.small_chunks:,} deltas at {args.small_tps:,.0f} tokens/s; the naive "
-          "baselines run only at this size because their bytes grow with the square of the "
-          "answer")
-    print(f"info row: %%lmstream at a real model's pace ({args.real_tps:g} tokens/s, ~6 s), to "
-          "show the cost per paint when each paint carries only a token or two")
+    print(
+        f"1 MiB row: {big_chunks:,} deltas of {args.chunk_chars} characters at "
+        f"{args.big_tps:,.0f} tokens/s through %%lmstream (blocking cell)"
+    )
+    print(
+        f"small rows: {args.small_chunks:,} deltas at {args.small_tps:,.0f} tokens/s; the naive "
+        "baselines run only at this size because their bytes grow with the square of the "
+        "answer"
+    )
+    print(
+        f"info row: %%lmstream at a real model's pace ({args.real_tps:g} tokens/s, ~6 s), to "
+        "show the cost per paint when each paint carries only a token or two"
+    )
     started = time.monotonic()
     tap = SimTap()
     if not tap.install():
-        print("NOTE: could not wrap the simulator's _EventStream._emit_data; chunk times are "
-              "the kernel's arrival times instead")
+        print(
+            "NOTE: could not wrap the simulator's _EventStream._emit_data; chunk times are "
+            "the kernel's arrival times instead"
+        )
     status = 0
     rows: list[Row] = []
     big: Row | None = None
@@ -797,20 +861,25 @@ def main() -> int:
         return TIME_BUDGET_S - (time.monotonic() - started)
 
     def scenario(chunks: int, tps: float) -> Any:
-        return simulator.Scenario(output_tokens=chunks, chunk_chars=args.chunk_chars,
-                                  gen_tps=tps, jitter=0)
+        return simulator.Scenario(
+            output_tokens=chunks, chunk_chars=args.chunk_chars, gen_tps=tps, jitter=0
+        )
 
     with contextlib.ExitStack() as stack:
         home = stack.enter_context(tempfile.TemporaryDirectory(prefix="lmstream-bench-"))
         log = stack.enter_context(open(Path(home) / "kernel-stderr.log", "w"))
         big_sim = stack.enter_context(
-            simulator.serve(profile="test-fast", defaults=scenario(big_chunks, args.big_tps)))
+            simulator.serve(profile="test-fast", defaults=scenario(big_chunks, args.big_tps))
+        )
         small_sim = stack.enter_context(
-            simulator.serve(profile="test-fast",
-                            defaults=scenario(args.small_chunks, args.small_tps)))
+            simulator.serve(
+                profile="test-fast", defaults=scenario(args.small_chunks, args.small_tps)
+            )
+        )
         real_chunks = max(1, round(REAL_CHUNKS * args.real_tps / REAL_TPS))
         real_sim = stack.enter_context(
-            simulator.serve(profile="test-fast", defaults=scenario(real_chunks, args.real_tps)))
+            simulator.serve(profile="test-fast", defaults=scenario(real_chunks, args.real_tps))
+        )
         env = common.child_env()
         env["LMSTREAM_HOME"] = home
         t0 = time.monotonic()
@@ -818,19 +887,27 @@ def main() -> int:
             kernel = Kernel(env, log)
         except Exception as exc:
             log.flush()
-            print(f"FAILED to start the kernel: {exc}\n"
-                  f"{(Path(home) / 'kernel-stderr.log').read_text()[-2000:]}")
+            print(
+                f"FAILED to start the kernel: {exc}\n"
+                f"{(Path(home) / 'kernel-stderr.log').read_text()[-2000:]}"
+            )
             return 1
         stack.callback(kernel.close)
         print(f"kernel ready in {time.monotonic() - t0:.1f} s")
         try:
             setup = results_json(kernel, SETUP)
             if not setup.get("handle_wrapped"):
-                print(f"NOTE: NotebookSink.handle not wrapped ({setup.get('error')}); no "
-                      "latency split for %%lmstream")
+                print(
+                    f"NOTE: NotebookSink.handle not wrapped ({setup.get('error')}); no "
+                    "latency split for %%lmstream"
+                )
             # Warm-up (not measured): first imports, the store, the client's loop thread.
-            kernel.run(LMSTREAM_CELL.format(url=small_sim.base_url, extra=" --max-tokens 50",
-                                            prompt=PROMPT), SETUP_TIMEOUT_S)
+            kernel.run(
+                LMSTREAM_CELL.format(
+                    url=small_sim.base_url, extra=" --max-tokens 50", prompt=PROMPT
+                ),
+                SETUP_TIMEOUT_S,
+            )
             kernel.run(naive_cell(NAIVE["textarea"], small_sim.base_url, 20), SETUP_TIMEOUT_S)
         except CellFailed as exc:
             print(f"FAILED to set up the kernel: {exc}")
@@ -838,25 +915,37 @@ def main() -> int:
 
         real_label = f"%%lmstream {args.real_tps:g} tok/s (info)"
         plan: list[tuple[str, Callable[[float], Row]]] = [
-            ("%%lmstream 1 MiB", lambda budget: run_lmstream(
-                "%%lmstream 1 MiB", kernel, tap, big_sim.base_url, budget)),
-            ("%%lmstream small", lambda budget: run_lmstream(
-                "%%lmstream small", kernel, tap, small_sim.base_url, budget)),
-            (real_label, lambda budget: run_lmstream(
-                real_label, kernel, tap, real_sim.base_url, budget)),
+            (
+                "%%lmstream 1 MiB",
+                lambda budget: run_lmstream(
+                    "%%lmstream 1 MiB", kernel, tap, big_sim.base_url, budget
+                ),
+            ),
+            (
+                "%%lmstream small",
+                lambda budget: run_lmstream(
+                    "%%lmstream small", kernel, tap, small_sim.base_url, budget
+                ),
+            ),
+            (
+                real_label,
+                lambda budget: run_lmstream(real_label, kernel, tap, real_sim.base_url, budget),
+            ),
         ]
         if not args.no_baselines:
-            for key, chunks in (("append_stdout", GROWTH_CHUNKS),
-                                ("append_stdout", args.small_chunks),
-                                ("display", args.small_chunks),
-                                ("textarea", args.small_chunks)):
+            for key, chunks in (
+                ("append_stdout", GROWTH_CHUNKS),
+                ("append_stdout", args.small_chunks),
+                ("display", args.small_chunks),
+                ("textarea", args.small_chunks),
+            ):
                 method = NAIVE[key]
                 label = f"{method.label} {chunks:,}"
 
-                def job(budget: float, method: Naive = method, chunks: int = chunks,
-                        label: str = label) -> Row:
-                    return run_naive(label, method, kernel, tap, small_sim.base_url, chunks,
-                                     budget)
+                def job(
+                    budget: float, method: Naive = method, chunks: int = chunks, label: str = label
+                ) -> Row:
+                    return run_naive(label, method, kernel, tap, small_sim.base_url, chunks, budget)
 
                 plan.append((label, job))
         for label, job in plan:
@@ -874,21 +963,26 @@ def main() -> int:
             rows.append(row)
             if label == "%%lmstream 1 MiB":
                 big = row
-            print(f"  measured {label}: {row.messages:,} messages, {row.wire_bytes:,} bytes, "
-                  f"{row.wall_s:.1f} s")
+            print(
+                f"  measured {label}: {row.messages:,} messages, {row.wire_bytes:,} bytes, "
+                f"{row.wall_s:.1f} s"
+            )
 
     print()
     print_table(rows)
-    print("The naive rows run at the small size only: their bytes grow with the square of the "
-          "answer, so at 100k deltas they would send tens of GB.")
-    growth = [r for r in rows if r.label.startswith(NAIVE["append_stdout"].label)
-              and not r.skipped]
+    print(
+        "The naive rows run at the small size only: their bytes grow with the square of the "
+        "answer, so at 100k deltas they would send tens of GB."
+    )
+    growth = [r for r in rows if r.label.startswith(NAIVE["append_stdout"].label) and not r.skipped]
     if len(growth) == 2 and growth[0].ratio > 0:
         size = growth[1].chunks / growth[0].chunks
         factor = growth[1].ratio / growth[0].ratio
-        print(f"growth: {NAIVE['append_stdout'].label} bytes per text byte went from "
-              f"{growth[0].ratio:,.0f} to {growth[1].ratio:,.0f} (x{factor:.1f}) when the "
-              f"answer grew x{size:.0f}")
+        print(
+            f"growth: {NAIVE['append_stdout'].label} bytes per text byte went from "
+            f"{growth[0].ratio:,.0f} to {growth[1].ratio:,.0f} (x{factor:.1f}) when the "
+            f"answer grew x{size:.0f}"
+        )
     print_details(rows)
     if big is not None:
         print_breakdown(big)

@@ -141,25 +141,34 @@ def _spec(token_bytes: int) -> tuple[common.ReplaySpec, int, str]:
     if chunks * len(token) != TEXT_BYTES:
         raise SystemExit(f"--token-bytes must divide {TEXT_BYTES}")
     middle = common.http_chunk(common.content_event(template, token) + b"\n\n")
-    tail = b"".join(common.http_chunk(e + b"\n\n")
-                    for e in common.closing_events(template, chunks)) + common.LAST_CHUNK
+    tail = (
+        b"".join(common.http_chunk(e + b"\n\n") for e in common.closing_events(template, chunks))
+        + common.LAST_CHUNK
+    )
     return common.ReplaySpec(head=b"", middle=middle, repeat=chunks, tail=tail), chunks, source
 
 
 def _run(mode: str, token_bytes: int) -> dict[str, Any]:
     spec, chunks, source = _spec(token_bytes)
-    print(f"[{mode}] serving {chunks:,} chunks of {token_bytes} bytes ({len(spec.middle)} bytes "
-          f"on the wire each, {chunks * len(spec.middle) / 2**20:.0f} MiB in all; "
-          f"{source})", flush=True)
+    print(
+        f"[{mode}] serving {chunks:,} chunks of {token_bytes} bytes ({len(spec.middle)} bytes "
+        f"on the wire each, {chunks * len(spec.middle) / 2**20:.0f} MiB in all; "
+        f"{source})",
+        flush=True,
+    )
     with common.replay_server(spec) as url:
         res = common.run_worker(
-            __file__, ["--worker", mode, "--url", url, "--token-bytes", str(token_bytes)],
+            __file__,
+            ["--worker", mode, "--url", url, "--token-bytes", str(token_bytes)],
             WORKER_TIMEOUT_S,
         )
     res["chunks_planned"] = chunks
     res["token_bytes"] = token_bytes
-    print(f"[{mode}] streamed in {res['stream_s']:.1f} s "
-          f"({chunks / res['stream_s'] / 1000:.0f}k chunks/s)", flush=True)
+    print(
+        f"[{mode}] streamed in {res['stream_s']:.1f} s "
+        f"({chunks / res['stream_s'] / 1000:.0f}k chunks/s)",
+        flush=True,
+    )
     return res
 
 
@@ -169,11 +178,19 @@ def _mib(kib: float) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--token-bytes", type=int, default=4,
-                        help="content bytes per chunk for the RSS run (4 -> 2.6M chunks)")
-    parser.add_argument("--tracemalloc-token-bytes", type=int, default=40,
-                        help="content bytes per chunk for the tracemalloc run (40 -> 262k "
-                             "chunks; 4 takes about 150 s)")
+    parser.add_argument(
+        "--token-bytes",
+        type=int,
+        default=4,
+        help="content bytes per chunk for the RSS run (4 -> 2.6M chunks)",
+    )
+    parser.add_argument(
+        "--tracemalloc-token-bytes",
+        type=int,
+        default=40,
+        help="content bytes per chunk for the tracemalloc run (40 -> 262k "
+        "chunks; 4 takes about 150 s)",
+    )
     parser.add_argument("--worker", choices=("rss", "tracemalloc"), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -195,12 +212,13 @@ def main() -> int:
     rss, tm = runs
     text = TEXT_BYTES / 1024
     print()
-    print(f"text kept: {rss['text_bytes']:,} bytes ({rss['text_bytes'] / 2**20:.2f} MiB), "
-          f"{rss['events']:,} events, finish_reason={rss['finish_reason']!r}")
+    print(
+        f"text kept: {rss['text_bytes']:,} bytes ({rss['text_bytes'] / 2**20:.2f} MiB), "
+        f"{rss['events']:,} events, finish_reason={rss['finish_reason']!r}"
+    )
     print(f"{'RSS run (fresh process)':<52} {'':>12} {'x text':>7}")
     print(f"  {'idle VmRSS (imports + client + 1 connection)':<50} {_mib(rss['idle_rss'])}")
-    print(f"  {'idle VmHWM (peak before the stream, incl. imports)':<50} "
-          f"{_mib(rss['idle_hwm'])}")
+    print(f"  {'idle VmHWM (peak before the stream, incl. imports)':<50} {_mib(rss['idle_hwm'])}")
     reset = "reset to idle first" if rss["hwm_reset"] else "NOT resettable: includes imports"
     grow = rss["peak_hwm"] - rss["idle_rss"]
     print(f"  {'peak VmHWM after the stream (' + reset + ')':<50} {_mib(rss['peak_hwm'])}")
@@ -210,30 +228,39 @@ def main() -> int:
     print(f"  {'VmRSS after the stream (text kept)':<50} {_mib(rss['after_rss'])}")
     print(f"  {'peak VmHWM - idle VmRSS':<50} {_mib(grow)} {grow / text:>6.2f}x")
     sampled_grow = rss["sampled_rss"] - rss["idle_rss"]
-    print(f"  {'max sampled VmRSS - idle VmRSS':<50} {_mib(sampled_grow)} "
-          f"{sampled_grow / text:>6.2f}x")
+    print(
+        f"  {'max sampled VmRSS - idle VmRSS':<50} {_mib(sampled_grow)} "
+        f"{sampled_grow / text:>6.2f}x"
+    )
     print(f"{'tracemalloc run (fresh process, tracing from idle)':<52}")
     if tm["token_bytes"] != rss["token_bytes"]:
-        print(f"  (this run used {tm['token_bytes']}-byte chunks: {tm['chunks_planned']:,} "
-              "chunks, same 10 MiB of text, because tracing 2.6M chunks takes ~150 s)")
+        print(
+            f"  (this run used {tm['token_bytes']}-byte chunks: {tm['chunks_planned']:,} "
+            "chunks, same 10 MiB of text, because tracing 2.6M chunks takes ~150 s)"
+        )
     tm_peak = tm["tm_peak"] - tm["tm_start"]
     loop_peak = tm["tm_loop_peak"] - tm["tm_start"]
-    print(f"  {'peak traced during the loop, before .text':<50} {_mib(loop_peak)} "
-          f"{loop_peak / text:>6.2f}x")
+    print(
+        f"  {'peak traced during the loop, before .text':<50} {_mib(loop_peak)} "
+        f"{loop_peak / text:>6.2f}x"
+    )
     print(f"  {'peak traced Python allocations':<50} {_mib(tm_peak)} {tm_peak / text:>6.2f}x")
     kept = tm["tm_after"] - tm["tm_start"]
-    print(f"  {'traced after the stream (text + stream buffers)':<50} {_mib(kept)} "
-          f"{kept / text:>6.2f}x")
+    print(
+        f"  {'traced after the stream (text + stream buffers)':<50} {_mib(kept)} "
+        f"{kept / text:>6.2f}x"
+    )
     print(f"  {'stream time under tracemalloc':<50} {tm['stream_s']:8.1f} s")
 
-    bad = [r["mode"] for r in runs if r["text_bytes"] != TEXT_BYTES
-           or r["finish_reason"] != "stop"]
+    bad = [r["mode"] for r in runs if r["text_bytes"] != TEXT_BYTES or r["finish_reason"] != "stop"]
     if bad:
         print(f"CORRECTNESS: FAILED in {bad}: text or finish reason wrong")
     ratio = grow / text
     verdict = "MET" if ratio <= TARGET_RATIO and tm_peak / text <= TARGET_RATIO else "NOT MET"
-    print(f"\nverdict: (peak - idle) / text = {ratio:.2f}x by RSS, {tm_peak / text:.2f}x by "
-          f"tracemalloc (target <= {TARGET_RATIO:.0f}x): {verdict}")
+    print(
+        f"\nverdict: (peak - idle) / text = {ratio:.2f}x by RSS, {tm_peak / text:.2f}x by "
+        f"tracemalloc (target <= {TARGET_RATIO:.0f}x): {verdict}"
+    )
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
     return 1 if bad else 0
 

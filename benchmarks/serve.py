@@ -147,8 +147,10 @@ def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
 
 def start_child(name: str, args: Sequence[str], env: dict[str, str]) -> Child:
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", *args], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, env=env,
+        [sys.executable, __file__, "--child", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
     )
     line = read_line(proc, START_TIMEOUT_S)
     if not line.startswith("URL "):
@@ -180,7 +182,7 @@ def stop_child(proc: subprocess.Popen[bytes]) -> None:
 @dataclass
 class Stream:
     seconds: float = 0.0
-    events: int = 0                      # TextDelta / SSE delta events
+    events: int = 0  # TextDelta / SSE delta events
     text: str = ""
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, chars so far)
 
@@ -194,7 +196,9 @@ class Paths:
         self.prompt = prompt
         self.direct = LMStudioClient(sim_url)
         self.http = httpx.AsyncClient(
-            base_url=service_url, trust_env=False, timeout=httpx.Timeout(RUN_TIMEOUT_S),
+            base_url=service_url,
+            trust_env=False,
+            timeout=httpx.Timeout(RUN_TIMEOUT_S),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=20),
         )
 
@@ -229,7 +233,8 @@ class Paths:
 
     async def start_run(self, sim: str) -> dict[str, Any]:
         response = await self.http.post(
-            "/api/prompts/bench/runs", json={"variables": {"sim": sim, "topic": "rivers"}})
+            "/api/prompts/bench/runs", json={"variables": {"sim": sim, "topic": "rivers"}}
+        )
         if response.status_code != 201:
             raise RuntimeError(f"POST run: {response.status_code} {response.text[:200]}")
         created: dict[str, Any] = response.json()
@@ -335,8 +340,11 @@ async def latency(
             direct_all += per_path["direct"]
             service_all += per_path["service"]
             added += [s - d for s, d in zip(per_path["service"], per_path["direct"], strict=True)]
-            print(f"  round {r + 1}: p50 direct {common.median(per_path['direct']) * 1e3:.2f} ms,"
-                  f" service {common.median(per_path['service']) * 1e3:.2f} ms", flush=True)
+            print(
+                f"  round {r + 1}: p50 direct {common.median(per_path['direct']) * 1e3:.2f} ms,"
+                f" service {common.median(per_path['service']) * 1e3:.2f} ms",
+                flush=True,
+            )
     finally:
         sim_child.command("tap off")
     return direct_all, service_all, added, texts
@@ -352,8 +360,9 @@ class MemoryRow:
     seconds_to_open: float
 
 
-async def _listen(paths: Paths, url: str, opened: list[str], goal: int,
-                  ready: asyncio.Event) -> None:
+async def _listen(
+    paths: Paths, url: str, opened: list[str], goal: int, ready: asyncio.Event
+) -> None:
     async with contextlib.aclosing(paths.events(url)) as events:
         async for _event in events:
             opened.append(url)
@@ -383,8 +392,10 @@ async def _open_listeners(
     if not ready.is_set():
         await _close_listeners(paths, created, tasks)
         failed = [t.exception() for t in tasks if t.done() and not t.cancelled()]
-        raise RuntimeError(f"only {len(got)} of {count} listeners opened within 30 s; first "
-                           f"failure: {failed[:1]!r}")
+        raise RuntimeError(
+            f"only {len(got)} of {count} listeners opened within 30 s; first "
+            f"failure: {failed[:1]!r}"
+        )
     return created, tasks, time.perf_counter() - t0
 
 
@@ -421,13 +432,24 @@ async def memory(
             finally:
                 await _close_listeners(paths, created, tasks)
             await asyncio.sleep(1.0)
-            rows.append(MemoryRow(shape.replace("N", str(listeners)), listeners, before,
-                                  with_listeners, service.rss_kib(), opened))
+            rows.append(
+                MemoryRow(
+                    shape.replace("N", str(listeners)),
+                    listeners,
+                    before,
+                    with_listeners,
+                    service.rss_kib(),
+                    opened,
+                )
+            )
         finally:
             await paths.aclose()
             await asyncio.to_thread(stop_child, service.proc)
-        print(f"  {rows[-1].shape}: all open after {opened:.2f} s (fresh service, pid "
-              f"{service.proc.pid})", flush=True)
+        print(
+            f"  {rows[-1].shape}: all open after {opened:.2f} s (fresh service, pid "
+            f"{service.proc.pid})",
+            flush=True,
+        )
     return rows
 
 
@@ -436,7 +458,10 @@ async def memory(
 
 
 async def measure(
-    args: argparse.Namespace, sim: Child, service: Child, prompt: Any,
+    args: argparse.Namespace,
+    sim: Child,
+    service: Child,
+    prompt: Any,
     start_service: Callable[[], Child],
 ) -> int:
     paths = Paths(sim.url, service.url, prompt)
@@ -449,10 +474,13 @@ async def measure(
 
         print(f"\n(a) throughput: {args.chunks:,} chunks flat out, {args.rounds} rounds")
         tp = await throughput(paths, args.rounds, args.chunks)
-        print(f"\n(b) latency: {args.tokens} tokens at {args.tps:g} tokens/s, "
-              f"{args.latency_rounds} rounds")
+        print(
+            f"\n(b) latency: {args.tokens} tokens at {args.tps:g} tokens/s, "
+            f"{args.latency_rounds} rounds"
+        )
         lat_direct, lat_service, added, texts = await latency(
-            paths, sim, args.latency_rounds, args.tps, args.tokens)
+            paths, sim, args.latency_rounds, args.tps, args.tokens
+        )
         print(f"\n(c) memory: {args.listeners} idle listeners")
     finally:
         await paths.aclose()
@@ -462,8 +490,11 @@ async def measure(
     wrong = []
     want = tp["direct"][0].text
     for path, streams in tp.items():
-        wrong += [f"{path} run {i + 1}: {len(s.text):,} chars, expected {len(want):,}"
-                  for i, s in enumerate(streams) if s.text != want]
+        wrong += [
+            f"{path} run {i + 1}: {len(s.text):,} chars, expected {len(want):,}"
+            for i, s in enumerate(streams)
+            if s.text != want
+        ]
     if len(set(texts)) != 1:
         wrong.append("latency runs: direct and service received different texts")
 
@@ -472,41 +503,67 @@ async def measure(
     service_rate = common.median([args.chunks / s.seconds for s in tp["service"]])
     service_events = common.median([s.events / s.seconds for s in tp["service"]])
     ratio = service_rate / direct_rate
-    paired = common.median([d.seconds / v.seconds
-                            for d, v in zip(tp["direct"], tp["service"], strict=True)])
+    paired = common.median(
+        [d.seconds / v.seconds for d, v in zip(tp["direct"], tp["service"], strict=True)]
+    )
     p50_added = common.percentile(added, 50) * 1e3
     direct_events = common.median([s.events / s.seconds for s in tp["direct"]])
     rows = [
-        ("simulator chunks delivered/s", f"{direct_rate:,.0f}", f"{service_rate:,.0f}",
-         f"{ratio:.2f}x"),
+        (
+            "simulator chunks delivered/s",
+            f"{direct_rate:,.0f}",
+            f"{service_rate:,.0f}",
+            f"{ratio:.2f}x",
+        ),
         ("  same, median of per-round ratios", "", "", f"{paired:.2f}x"),
-        ("events/s (TextDelta | SSE delta)", f"{direct_events:,.0f}", f"{service_events:,.0f}",
-         ""),
-        ("events per run", f"{tp['direct'][0].events:,}",
-         f"{common.median([s.events for s in tp['service']]):,.0f}", ""),
-        ("seconds per run", f"{common.median([s.seconds for s in tp['direct']]):.3f}",
-         f"{common.median([s.seconds for s in tp['service']]):.3f}", ""),
+        ("events/s (TextDelta | SSE delta)", f"{direct_events:,.0f}", f"{service_events:,.0f}", ""),
+        (
+            "events per run",
+            f"{tp['direct'][0].events:,}",
+            f"{common.median([s.events for s in tp['service']]):,.0f}",
+            "",
+        ),
+        (
+            "seconds per run",
+            f"{common.median([s.seconds for s in tp['direct']]):.3f}",
+            f"{common.median([s.seconds for s in tp['service']]):.3f}",
+            "",
+        ),
     ]
-    print(f"\n{'throughput (medians of ' + str(args.rounds) + ')':<36} {'direct':>10} "
-          f"{'service':>10} {'service/direct':>15}")
+    print(
+        f"\n{'throughput (medians of ' + str(args.rounds) + ')':<36} {'direct':>10} "
+        f"{'service':>10} {'service/direct':>15}"
+    )
     for label, a, b, c in rows:
         print(f"  {label:<34} {a:>10} {b:>10} {c:>15}")
-    print(f"\n{'latency per chunk, simulator write -> client':<44} {'p50 ms':>8} {'p95 ms':>8} "
-          f"{'max ms':>8}")
-    for label, values in ((f"direct ({len(lat_direct):,} chunks)", lat_direct),
-                          (f"service ({len(lat_service):,} chunks)", lat_service),
-                          ("added, service - direct (paired)", added)):
-        print(f"  {label:<42} {common.percentile(values, 50) * 1e3:>8.2f} "
-              f"{common.percentile(values, 95) * 1e3:>8.2f} {max(values) * 1e3:>8.2f}")
-    print(f"\n{'service memory (VmRSS, MiB)':<28} {'before':>8} {'with':>8} {'closed':>8} "
-          f"{'added':>8} {'KiB/listener':>13}")
+    print(
+        f"\n{'latency per chunk, simulator write -> client':<44} {'p50 ms':>8} {'p95 ms':>8} "
+        f"{'max ms':>8}"
+    )
+    for label, values in (
+        (f"direct ({len(lat_direct):,} chunks)", lat_direct),
+        (f"service ({len(lat_service):,} chunks)", lat_service),
+        ("added, service - direct (paired)", added),
+    ):
+        print(
+            f"  {label:<42} {common.percentile(values, 50) * 1e3:>8.2f} "
+            f"{common.percentile(values, 95) * 1e3:>8.2f} {max(values) * 1e3:>8.2f}"
+        )
+    print(
+        f"\n{'service memory (VmRSS, MiB)':<28} {'before':>8} {'with':>8} {'closed':>8} "
+        f"{'added':>8} {'KiB/listener':>13}"
+    )
     for row in mem:
         added_kib = row.with_kib - row.before_kib
-        print(f"  {row.shape:<26} {row.before_kib / 1024:>8.1f} {row.with_kib / 1024:>8.1f} "
-              f"{row.after_kib / 1024:>8.1f} {added_kib / 1024:>8.2f} "
-              f"{added_kib / row.listeners:>13.1f}")
-    print('  ("with": the listeners open and idle, the second shape also holding its runs and\n'
-          '   their upstream requests; "closed": after they closed and the runs were stopped)')
+        print(
+            f"  {row.shape:<26} {row.before_kib / 1024:>8.1f} {row.with_kib / 1024:>8.1f} "
+            f"{row.after_kib / 1024:>8.1f} {added_kib / 1024:>8.2f} "
+            f"{added_kib / row.listeners:>13.1f}"
+        )
+    print(
+        '  ("with": the listeners open and idle, the second shape also holding its runs and\n'
+        '   their upstream requests; "closed": after they closed and the runs were stopped)'
+    )
 
     print()
     if wrong:
@@ -515,12 +572,18 @@ async def measure(
         for w in wrong:
             print("  " + w)
     else:
-        print(f"correctness: every throughput run delivered the same {len(want):,} characters on "
-              f"both paths; every latency run the text the simulator sent")
-    print(f"verdict: throughput service/direct = {ratio:.2f}x (target >= {TARGET_RATIO}x): "
-          f"{'MET' if ratio >= TARGET_RATIO else 'NOT MET'}")
-    print(f"verdict: added latency p50 = {p50_added:.2f} ms (target <= {TARGET_P50_MS:g} ms): "
-          f"{'MET' if p50_added <= TARGET_P50_MS else 'NOT MET'}")
+        print(
+            f"correctness: every throughput run delivered the same {len(want):,} characters on "
+            f"both paths; every latency run the text the simulator sent"
+        )
+    print(
+        f"verdict: throughput service/direct = {ratio:.2f}x (target >= {TARGET_RATIO}x): "
+        f"{'MET' if ratio >= TARGET_RATIO else 'NOT MET'}"
+    )
+    print(
+        f"verdict: added latency p50 = {p50_added:.2f} ms (target <= {TARGET_P50_MS:g} ms): "
+        f"{'MET' if p50_added <= TARGET_P50_MS else 'NOT MET'}"
+    )
     return status
 
 
@@ -553,12 +616,15 @@ def main() -> int:
         sim = start_child("simulator", ["sim"], env)
         service = None
         try:
+
             def start_service() -> Child:
                 return start_child("service", ["serve", db, sim.url], env)
 
             service = start_service()
-            print(f"simulator {sim.url} (pid {sim.proc.pid}), service {service.url} "
-                  f"(pid {service.proc.pid}), client pid {os.getpid()}")
+            print(
+                f"simulator {sim.url} (pid {sim.proc.pid}), service {service.url} "
+                f"(pid {service.proc.pid}), client pid {os.getpid()}"
+            )
             status = asyncio.run(measure(args, sim, service, prompt, start_service))
         finally:
             if service is not None:

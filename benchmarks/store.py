@@ -94,13 +94,33 @@ def fill(db: Path, runs: int) -> None:
     for i in range(runs):
         name = rng.choice(prompts)
         ttft = rng.uniform(0.2, 600.0)
-        rows.append((
-            name, 1 if name else None, "Template {{x}}", None,
-            json.dumps([{"role": "user", "content": "Template x"}]), json.dumps({"x": "x"}),
-            rng.choice(models), "http://localhost:1234/v1", now - (runs - i) * 30.0,
-            ttft, ttft + rng.uniform(1.0, 1800.0), 400, 500, 400, 20.0, "stop",
-            rng.choice(statuses), None, text, "", len(text), text[:80].strip(), None,
-        ))
+        rows.append(
+            (
+                name,
+                1 if name else None,
+                "Template {{x}}",
+                None,
+                json.dumps([{"role": "user", "content": "Template x"}]),
+                json.dumps({"x": "x"}),
+                rng.choice(models),
+                "http://localhost:1234/v1",
+                now - (runs - i) * 30.0,
+                ttft,
+                ttft + rng.uniform(1.0, 1800.0),
+                400,
+                500,
+                400,
+                20.0,
+                "stop",
+                rng.choice(statuses),
+                None,
+                text,
+                "",
+                len(text),
+                text[:80].strip(),
+                None,
+            )
+        )
     conn = sqlite3.connect(db)
     with conn:
         conn.executemany(
@@ -154,8 +174,10 @@ def main() -> int:
     print(f"streams: 10,000 and 10 content chunks; source: {source}")
     with tempfile.TemporaryDirectory(prefix="lmstream-store-bench-") as tmp:
         db = Path(tmp) / "bench.db"
-        with common.replay_server(common.ReplaySpec.from_events(long_events)) as url_long, \
-                common.replay_server(common.ReplaySpec.from_events(short_events)) as url_short:
+        with (
+            common.replay_server(common.ReplaySpec.from_events(long_events)) as url_long,
+            common.replay_server(common.ReplaySpec.from_events(short_events)) as url_short,
+        ):
             rec = asyncio.run(recording(url_long, url_short, args.reps, db))
         long_extra = rec["long recorded"] - rec["long plain"]
         short_extra = rec["short recorded"] - rec["short plain"]
@@ -163,24 +185,32 @@ def main() -> int:
         overhead = long_extra / rec["long plain"]
         print(f"\nrecording overhead (median of {args.reps} alternating runs each)")
         print(f"  10k-chunk stream, plain stream_chat     {rec['long plain'] * 1e3:9.1f} ms")
-        print(f"  10k-chunk stream, arun() with a store   {rec['long recorded'] * 1e3:9.1f} ms"
-              f"   {overhead:+.1%}")
+        print(
+            f"  10k-chunk stream, arun() with a store   {rec['long recorded'] * 1e3:9.1f} ms"
+            f"   {overhead:+.1%}"
+        )
         print(f"  per run (10-chunk stream difference)    {short_extra * 1e3:9.2f} ms")
         print(f"  per chunk (difference of differences)   {per_chunk_us:9.3f} µs")
 
         fill_db = Path(tmp) / "history.db"
         t0 = time.perf_counter()
         fill(fill_db, args.runs)
-        print(f"\nqueries over {args.runs:,} runs (filled in {time.perf_counter() - t0:.1f} s; "
-              f"median of 9 calls each)")
+        print(
+            f"\nqueries over {args.runs:,} runs (filled in {time.perf_counter() - t0:.1f} s; "
+            f"median of 9 calls each)"
+        )
         q = queries(fill_db, 9)
         for name, seconds in q.items():
             print(f"  {name:30s} {seconds * 1e3:8.1f} ms")
     worst = max(q.values())
-    print(f"\nverdict: recording adds {overhead:+.1%} to a 10k-chunk stream "
-          f"(target < {TARGET_OVERHEAD:.0%}): {'MET' if overhead < TARGET_OVERHEAD else 'NOT MET'}")
-    print(f"         slowest history/stats query {worst * 1e3:.1f} ms (target < "
-          f"{TARGET_QUERY_S * 1e3:.0f} ms): {'MET' if worst < TARGET_QUERY_S else 'NOT MET'}")
+    print(
+        f"\nverdict: recording adds {overhead:+.1%} to a 10k-chunk stream "
+        f"(target < {TARGET_OVERHEAD:.0%}): {'MET' if overhead < TARGET_OVERHEAD else 'NOT MET'}"
+    )
+    print(
+        f"         slowest history/stats query {worst * 1e3:.1f} ms (target < "
+        f"{TARGET_QUERY_S * 1e3:.0f} ms): {'MET' if worst < TARGET_QUERY_S else 'NOT MET'}"
+    )
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
     return 0
 

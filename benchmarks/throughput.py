@@ -131,12 +131,15 @@ def worker(stack: str, url: str, chunks: int, profile: bool) -> None:
     t_import = time.perf_counter()
     if stack == "baseline":
         import httpx  # noqa: F401
+
         run = _run_baseline
     elif stack == "lmstream":
         import lmstream_nb  # noqa: F401
+
         run = _run_lmstream
     else:
         import openai  # noqa: F401
+
         run = _run_openai
     import_s = time.perf_counter() - t_import
     profiler = None
@@ -154,8 +157,18 @@ def worker(stack: str, url: str, chunks: int, profile: bool) -> None:
         pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(25)
     # VmHWM, not ru_maxrss: on Linux ru_maxrss carries over the parent's peak across exec.
     hwm_kib = common.proc_status("VmHWM").get("VmHWM", 0)
-    print(json.dumps({"stack": stack, "seconds": seconds, "chunks": n, "chars": chars,
-                      "import_s": import_s, "peak_rss_mib": hwm_kib / 1024}))
+    print(
+        json.dumps(
+            {
+                "stack": stack,
+                "seconds": seconds,
+                "chunks": n,
+                "chars": chars,
+                "import_s": import_s,
+                "peak_rss_mib": hwm_kib / 1024,
+            }
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +180,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--chunks", type=int, default=100_000)
     parser.add_argument("--no-openai", action="store_true", help="skip the (slow) openai SDK")
-    parser.add_argument("--profile", action="store_true",
-                        help="also print cProfile of one lmstream and one baseline run")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print cProfile of one lmstream and one baseline run",
+    )
     parser.add_argument("--worker", choices=STACKS, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -182,9 +198,11 @@ def main() -> int:
     events, source = common.stream_events(args.chunks)
     want_chunks, want_chars = common.expected_content(events)
     spec = common.ReplaySpec.from_events(events)
-    print(f"stream: {len(events):,} SSE events ({want_chunks:,} with content, {want_chars:,} "
-          f"chars), {len(spec.head) / 2**20:.1f} MiB in HTTP chunked framing, one HTTP chunk "
-          f"per event; source: {source}")
+    print(
+        f"stream: {len(events):,} SSE events ({want_chunks:,} with content, {want_chars:,} "
+        f"chars), {len(spec.head) / 2**20:.1f} MiB in HTTP chunked framing, one HTTP chunk "
+        f"per event; source: {source}"
+    )
     print(f"each run: a fresh process; {args.rounds} rounds, stack order rotated every round\n")
 
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in stacks}
@@ -196,12 +214,13 @@ def main() -> int:
             if r and time.perf_counter() - started > TIME_BUDGET_S:
                 print(f"(time budget of {TIME_BUDGET_S:.0f} s reached: stopped after {r} rounds)")
                 break
-            order = stacks[r % len(stacks):] + stacks[: r % len(stacks)]
+            order = stacks[r % len(stacks) :] + stacks[: r % len(stacks)]
             line = []
             for stack in order:
                 try:
                     res = common.run_worker(
-                        script, ["--worker", stack, "--url", url, "--chunks", str(args.chunks)],
+                        script,
+                        ["--worker", stack, "--url", url, "--chunks", str(args.chunks)],
                         WORKER_TIMEOUT_S[stack],
                     )
                 except common.WorkerFailed as exc:
@@ -217,8 +236,15 @@ def main() -> int:
                 try:
                     res = common.run_worker(
                         script,
-                        ["--worker", stack, "--url", url, "--chunks", str(args.chunks),
-                         "--profile"],
+                        [
+                            "--worker",
+                            stack,
+                            "--url",
+                            url,
+                            "--chunks",
+                            str(args.chunks),
+                            "--profile",
+                        ],
                         WORKER_TIMEOUT_S[stack] * 3,
                     )
                 except common.WorkerFailed as exc:
@@ -228,8 +254,10 @@ def main() -> int:
 
     # -- figures
     print()
-    header = (f"{'stack':<44} {'runs':>4} {'chunks/s':>10} {'µs/chunk':>9} {'min-max k/s':>13} "
-              f"{'vs base':>8} {'import s':>8} {'RSS MiB':>8}")
+    header = (
+        f"{'stack':<44} {'runs':>4} {'chunks/s':>10} {'µs/chunk':>9} {'min-max k/s':>13} "
+        f"{'vs base':>8} {'import s':>8} {'RSS MiB':>8}"
+    )
     print(header)
     print("-" * len(header))
     medians: dict[str, float] = {}
@@ -243,24 +271,31 @@ def main() -> int:
         medians[stack] = rate
         base = medians.get("baseline")
         vs_base = f"{rate / base:.2f}x" if base else "-"
-        print(f"{LABELS[stack]:<44} {len(runs):>4} {rate:>10,.0f} {1e6 / rate:>9.2f} "
-              f"{min(rates) / 1000:>6.1f}-{max(rates) / 1000:<6.1f} {vs_base:>8} "
-              f"{common.median([r['import_s'] for r in runs]):>8.3f} "
-              f"{common.median([r['peak_rss_mib'] for r in runs]):>8.1f}")
+        print(
+            f"{LABELS[stack]:<44} {len(runs):>4} {rate:>10,.0f} {1e6 / rate:>9.2f} "
+            f"{min(rates) / 1000:>6.1f}-{max(rates) / 1000:<6.1f} {vs_base:>8} "
+            f"{common.median([r['import_s'] for r in runs]):>8.3f} "
+            f"{common.median([r['peak_rss_mib'] for r in runs]):>8.1f}"
+        )
 
     # -- correctness
     print()
-    wrong = [f"{stack} run {i + 1}: {r['chunks']:,} chunks / {r['chars']:,} chars"
-             for stack in stacks for i, r in enumerate(results[stack])
-             if (r["chunks"], r["chars"]) != (want_chunks, want_chars)]
+    wrong = [
+        f"{stack} run {i + 1}: {r['chunks']:,} chunks / {r['chars']:,} chars"
+        for stack in stacks
+        for i, r in enumerate(results[stack])
+        if (r["chunks"], r["chars"]) != (want_chunks, want_chars)
+    ]
     total = sum(len(v) for v in results.values())
     if wrong:
         print(f"CORRECTNESS: FAILED, expected {want_chunks:,} chunks / {want_chars:,} chars:")
         for w in wrong:
             print("  " + w)
     else:
-        print(f"correctness: all {total} runs saw {want_chunks:,} content chunks and "
-              f"{want_chars:,} text chars")
+        print(
+            f"correctness: all {total} runs saw {want_chunks:,} content chunks and "
+            f"{want_chars:,} text chars"
+        )
     for failure in failures:
         print("FAILED RUN: " + failure)
 
@@ -268,13 +303,17 @@ def main() -> int:
     if "baseline" in medians and "lmstream" in medians:
         ratio = medians["lmstream"] / medians["baseline"]
         verdict = "MET" if ratio >= TARGET_RATIO else "NOT MET"
-        print(f"\nverdict: lmstream / baseline = {ratio:.2f}x (target >= {TARGET_RATIO:.1f}x): "
-              f"{verdict}")
+        print(
+            f"\nverdict: lmstream / baseline = {ratio:.2f}x (target >= {TARGET_RATIO:.1f}x): "
+            f"{verdict}"
+        )
         if ratio < TARGET_RATIO and not args.profile:
             print("         (run with --profile to see where lmstream's time goes)")
         if "openai" in medians:
-            print(f"         openai SDK / baseline = {medians['openai'] / medians['baseline']:.2f}x"
-                  f" (reference only; the notes measured about 0.13x)")
+            print(
+                f"         openai SDK / baseline = {medians['openai'] / medians['baseline']:.2f}x"
+                f" (reference only; the notes measured about 0.13x)"
+            )
     else:
         print("\nverdict: not available (a stack had no successful run)")
     for text in profiles:

@@ -127,7 +127,7 @@ async def measure(url: str, chunks: int, reps: int, warmup: int, with_openai: bo
             if time.perf_counter() - started > TIME_BUDGET_S:
                 print(f"(time budget of {TIME_BUDGET_S:.0f} s reached after {i} repetitions)")
                 break
-            order = names[i % len(names):] + names[: i % len(names)]
+            order = names[i % len(names) :] + names[: i % len(names)]
             for name in order:
                 first, whole, n, chars = await stacks[name]()
                 ttft[name].append(first * 1e3)
@@ -161,33 +161,48 @@ def report(
     chunks: int,
 ) -> int:
     print()
-    header = (f"{'stack (ms)':<44} {'n':>5} {'TTFT med':>9} {'TTFT p95':>9} {'TTFT min':>9} "
-              f"{'whole med':>10} {'overhead':>9}")
+    header = (
+        f"{'stack (ms)':<44} {'n':>5} {'TTFT med':>9} {'TTFT p95':>9} {'TTFT min':>9} "
+        f"{'whole med':>10} {'overhead':>9}"
+    )
     print(header)
     print("-" * len(header))
     base = common.median(ttft["baseline"])
     for name in names:
         med = common.median(ttft[name])
         over = "-" if name == "baseline" else f"{med - base:+.3f}"
-        print(f"{LABELS[name]:<44} {len(ttft[name]):>5} {med:>9.3f} "
-              f"{common.percentile(ttft[name], 95):>9.3f} {min(ttft[name]):>9.3f} "
-              f"{common.median(total[name]):>10.3f} {over:>9}")
+        print(
+            f"{LABELS[name]:<44} {len(ttft[name]):>5} {med:>9.3f} "
+            f"{common.percentile(ttft[name], 95):>9.3f} {min(ttft[name]):>9.3f} "
+            f"{common.median(total[name]):>10.3f} {over:>9}"
+        )
     paired = [a - b for a, b in zip(ttft["lmstream"], ttft["baseline"], strict=True)]
-    print(f"\nmedian of paired differences (lmstream - baseline, same repetition): "
-          f"{common.median(paired):+.3f} ms; p95 {common.percentile(paired, 95):+.3f} ms")
+    print(
+        f"\nmedian of paired differences (lmstream - baseline, same repetition): "
+        f"{common.median(paired):+.3f} ms; p95 {common.percentile(paired, 95):+.3f} ms"
+    )
 
     print(f"connections (server side, per User-Agent; {reps + warmup} requests per stack):")
     for agent, entry in sorted(server.items()):
-        reused = "reused" if entry["connections"] == 1 else "NEW CONNECTION PER REQUEST" if (
-            entry["connections"] >= entry["requests"]) else "partly reused"
-        print(f"  {agent:<20} {entry['connections']:>5} connection(s) for "
-              f"{entry['requests']:>5} requests: {reused}")
+        reused = (
+            "reused"
+            if entry["connections"] == 1
+            else "NEW CONNECTION PER REQUEST"
+            if (entry["connections"] >= entry["requests"])
+            else "partly reused"
+        )
+        print(
+            f"  {agent:<20} {entry['connections']:>5} connection(s) for "
+            f"{entry['requests']:>5} requests: {reused}"
+        )
     lm_entry = server.get("lmstream_nb")
     if lm_entry and lm_entry["connections"] > 1:
-        print("  NOTE: lmstream_nb did not keep its connection, so each of its TTFTs includes a "
-              "TCP connect.\n  (A client that closes the response before it has read the end "
-              "of the chunked body,\n  e.g. by stopping at [DONE], makes httpcore drop the "
-              "connection instead of pooling it.)")
+        print(
+            "  NOTE: lmstream_nb did not keep its connection, so each of its TTFTs includes a "
+            "TCP connect.\n  (A client that closes the response before it has read the end "
+            "of the chunked body,\n  e.g. by stopping at [DONE], makes httpcore drop the "
+            "connection instead of pooling it.)"
+        )
     bad = False
     for name in names:
         if len(seen[name]) != 1:
@@ -204,8 +219,10 @@ def report(
 
     overhead = common.median(ttft["lmstream"]) - base
     verdict = "MET" if overhead <= TARGET_OVERHEAD_MS else "NOT MET"
-    print(f"\nverdict: median TTFT overhead lmstream - baseline = {overhead:+.3f} ms "
-          f"(target <= {TARGET_OVERHEAD_MS:.1f} ms): {verdict}")
+    print(
+        f"\nverdict: median TTFT overhead lmstream - baseline = {overhead:+.3f} ms "
+        f"(target <= {TARGET_OVERHEAD_MS:.1f} ms): {verdict}"
+    )
     return 1 if bad else 0
 
 
@@ -221,14 +238,14 @@ def main() -> int:
     print(common.versions())
     events, source = common.stream_events(args.chunks)
     spec = common.ReplaySpec.from_events(events)
-    print(f"stream: {len(events)} SSE events, {len(spec.head):,} bytes, one HTTP chunk per "
-          f"event, sent in one write; source: {source}")
+    print(
+        f"stream: {len(events)} SSE events, {len(spec.head):,} bytes, one HTTP chunk per "
+        f"event, sent in one write; source: {source}"
+    )
     print(f"{args.warmup} warm-up + {args.reps} measured requests per stack, alternating")
     started = time.perf_counter()
     with common.replay_server(spec) as url:
-        status = asyncio.run(
-            measure(url, args.chunks, args.reps, args.warmup, not args.no_openai)
-        )
+        status = asyncio.run(measure(url, args.chunks, args.reps, args.warmup, not args.no_openai))
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
     return status
 

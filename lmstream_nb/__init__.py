@@ -75,6 +75,7 @@ def load_ipython_extension(ipython: object) -> None:
 
     load(ipython)
 
+
 __all__ = [
     "AuthenticationError",
     "BatchResult",

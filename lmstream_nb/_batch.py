@@ -54,14 +54,22 @@ class BatchResult:
         return self.results[index]
 
     def __repr__(self) -> str:
-        return (f"<BatchResult {self.batch_id}: {self.succeeded} ok, {self.failed} failed "
-                f"of {len(self.results)}>")
+        return (
+            f"<BatchResult {self.batch_id}: {self.succeeded} ok, {self.failed} failed "
+            f"of {len(self.results)}>"
+        )
 
     def as_dicts(self) -> list[dict[str, Any]]:
         return [
-            {"run_id": r.run_id, "status": r.status, "text": r.text, "error": r.error,
-             "ttft_s": r.stats.ttft_s, "duration_s": r.stats.duration_s,
-             "completion_tokens": r.stats.completion_tokens}
+            {
+                "run_id": r.run_id,
+                "status": r.status,
+                "text": r.text,
+                "error": r.error,
+                "ttft_s": r.stats.ttft_s,
+                "duration_s": r.stats.duration_s,
+                "completion_tokens": r.stats.completion_tokens,
+            }
             for r in self.results
         ]
 
@@ -81,10 +89,15 @@ def _rows(rows: Any) -> tuple[list[dict[str, Any]], Any]:
 def _result_from_record(store: PromptStore, run_id: int, label: str) -> RunResult:
     rec = store.get_run(run_id)
     return RunResult(
-        run_id=rec.id, status=rec.status, text=rec.text, reasoning=rec.reasoning,
+        run_id=rec.id,
+        status=rec.status,
+        text=rec.text,
+        reasoning=rec.reasoning,
         error=rec.error,
         stats=rec.stats(),
-        finish_reason=rec.finish_reason, model=rec.model, prompt=label,
+        finish_reason=rec.finish_reason,
+        model=rec.model,
+        prompt=label,
     )
 
 
@@ -103,8 +116,13 @@ class _Progress:
     def _post(self) -> None:
         if self.bar is not None:
             elapsed = max(1e-9, time.monotonic() - self.t0)
-            self.bar.set_postfix(ok=self.done, failed=self.failed, in_flight=self.running,
-                                 tok_s=f"{self.tokens / elapsed:.1f}", refresh=False)
+            self.bar.set_postfix(
+                ok=self.done,
+                failed=self.failed,
+                in_flight=self.running,
+                tok_s=f"{self.tokens / elapsed:.1f}",
+                refresh=False,
+            )
 
     def started(self) -> None:
         self.running += 1
@@ -157,8 +175,7 @@ async def arun_many(
         latest = await asyncio.to_thread(store.batch_outcomes, resume)
         for index, run_id in latest.items():
             if 0 <= index < len(records):
-                previous = await asyncio.to_thread(_result_from_record, store, run_id,
-                                                   prompt.label)
+                previous = await asyncio.to_thread(_result_from_record, store, run_id, prompt.label)
                 if previous.ok:
                     results[index] = previous
         todo = [i for i in todo if results[i] is None]
@@ -174,11 +191,22 @@ async def arun_many(
         try:
             prompt.render(variables, allow_extra=True)
         except TemplateError as exc:
-            return await asyncio.to_thread(_record_refused, store, prompt, variables, exc,
-                                           client.url, batch_id, index)
-        return await arun(prompt, variables, model=model, store=store, client=client,
-                          budgets=budgets, allow_extra=True, raise_errors=False,
-                          batch_id=batch_id, batch_row=index, **extra)
+            return await asyncio.to_thread(
+                _record_refused, store, prompt, variables, exc, client.url, batch_id, index
+            )
+        return await arun(
+            prompt,
+            variables,
+            model=model,
+            store=store,
+            client=client,
+            budgets=budgets,
+            allow_extra=True,
+            raise_errors=False,
+            batch_id=batch_id,
+            batch_row=index,
+            **extra,
+        )
 
     async def worker(client: LMStudioClient) -> None:
         while True:
@@ -210,24 +238,55 @@ async def arun_many(
 
 
 def _record_refused(
-    store: PromptStore, prompt: Prompt, variables: Mapping[str, Any], error: LMStreamError,
-    base_url: str, batch_id: str, index: int,
+    store: PromptStore,
+    prompt: Prompt,
+    variables: Mapping[str, Any],
+    error: LMStreamError,
+    base_url: str,
+    batch_id: str,
+    index: int,
 ) -> RunResult:
     """A row that could not even be rendered is recorded as a failed run, like any other."""
     started = time.time()
     run_id = store.start_run(
-        prompt_name=prompt.name, prompt_version=prompt.version, template=prompt.template,
-        system=prompt.system, messages=[], variables={k: str(v) for k, v in variables.items()},
-        model=None, base_url=base_url, started_at=started, batch_id=batch_id, batch_row=index,
+        prompt_name=prompt.name,
+        prompt_version=prompt.version,
+        template=prompt.template,
+        system=prompt.system,
+        messages=[],
+        variables={k: str(v) for k, v in variables.items()},
+        model=None,
+        base_url=base_url,
+        started_at=started,
+        batch_id=batch_id,
+        batch_row=index,
     )
     store.finish_run(
-        run_id, status=status_of(error), text="", reasoning="", error=str(error),
-        finish_reason=None, model=None, ttft_s=None, duration_s=0.0, chunks=0,
-        prompt_tokens=None, completion_tokens=None, tokens_per_s=None,
+        run_id,
+        status=status_of(error),
+        text="",
+        reasoning="",
+        error=str(error),
+        finish_reason=None,
+        model=None,
+        ttft_s=None,
+        duration_s=0.0,
+        chunks=0,
+        prompt_tokens=None,
+        completion_tokens=None,
+        tokens_per_s=None,
     )
-    return RunResult(run_id=run_id, status=status_of(error), text="", reasoning="",
-                     error=str(error), stats=_NO_STATS, finish_reason=None, model=None,
-                     prompt=prompt.label)
+    return RunResult(
+        run_id=run_id,
+        status=status_of(error),
+        text="",
+        reasoning="",
+        error=str(error),
+        stats=_NO_STATS,
+        finish_reason=None,
+        model=None,
+        prompt=prompt.label,
+    )
 
 
 def run_many(prompt: Prompt | str, rows: Any, **kwargs: Any) -> Any:

@@ -139,38 +139,53 @@ def _classify(
         return AuthenticationError(
             f"The server at {url} refused the request (HTTP {status}: {said}): set "
             "LMSTREAM_API_KEY, or pass api_key=, to the server's API token and run again.",
-            url=url, status=status, server_message=message,
+            url=url,
+            status=status,
+            server_message=message,
         )
     if "no models loaded" in low or "no model loaded" in low:
         return ModelNotLoaded(
             f"No model is loaded in the server at {url} ({said}): load one in LM Studio's "
             "Developer tab (or run `lms load <model>`) and run again.",
-            url=url, status=status, server_message=message,
+            url=url,
+            status=status,
+            server_message=message,
         )
-    if code in ("model_not_found", "not_found_error") or "invalid model identifier" in low or (
-        status == 404 and "model" in low
+    if (
+        code in ("model_not_found", "not_found_error")
+        or "invalid model identifier" in low
+        or (status == 404 and "model" in low)
     ):
         return ModelNotFound(
             f"The model {model!r} is not available at {url} ({said}): pick one listed by "
             "`lmstream models` (or load it in LM Studio) and run again.",
-            url=url, status=status, server_message=message, model=model or "",
+            url=url,
+            status=status,
+            server_message=message,
+            model=model or "",
         )
     if code == "exceed_context_size_error" or any(p in low for p in _CONTEXT_PATTERNS):
         return PromptTooLong(
             f"The prompt does not fit the model's context window at {url} ({said}): shorten "
             "the prompt or load the model with a larger context length, then run again.",
-            url=url, status=status, server_message=message,
+            url=url,
+            status=status,
+            server_message=message,
         )
     if "unexpected endpoint" in low or status == 404:
         return HTTPStatusError(
             f"The server at {url} does not know this endpoint (HTTP {status}: {said}): check "
             "that the base URL points at the OpenAI-compatible API, usually ending in /v1.",
-            url=url, status=status, server_message=message,
+            url=url,
+            status=status,
+            server_message=message,
         )
     return HTTPStatusError(
         f"The server at {url} answered HTTP {status} ({said}): check the server's log, fix "
         "the request or wait until the server is ready, then run again.",
-        url=url, status=status, server_message=message,
+        url=url,
+        status=status,
+        server_message=message,
     )
 
 
@@ -582,9 +597,10 @@ class _StreamRun:
             self._started = True
             yield StreamStarted(model=self.model, request_id=self.request_id, url=url)
         stream = response.stream
-        if isinstance(stream, httpx.AsyncByteStream) and response.headers.get(
-            "content-encoding", "identity"
-        ) == "identity":
+        if (
+            isinstance(stream, httpx.AsyncByteStream)
+            and response.headers.get("content-encoding", "identity") == "identity"
+        ):
             # The response's own byte stream, without aiter_raw's re-chunking layer: one
             # async-generator hop less per chunk. response.aclose() still closes it.
             self._raw = raw = stream.__aiter__()
@@ -1025,4 +1041,3 @@ class LMStudioClient:
                 else None,
             ),
         )
-

@@ -172,9 +172,7 @@ class RequestTimedOut(RequestError):
 class HTTPStatusError(RequestError):
     """The server refused the request; ``server_message`` is its own explanation."""
 
-    def __init__(
-        self, message: str, *, url: str, status: int, server_message: str | None
-    ) -> None:
+    def __init__(self, message: str, *, url: str, status: int, server_message: str | None) -> None:
         super().__init__(message, url=url)
         self.status = status
         self.server_message = server_message

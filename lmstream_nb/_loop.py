@@ -22,9 +22,7 @@ _CANCEL_WAIT_S = 2.0
 class LoopThread:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._main, name="lmstream-loop", daemon=True
-        )
+        self._thread = threading.Thread(target=self._main, name="lmstream-loop", daemon=True)
         self._thread.start()
 
     def _main(self) -> None:

@@ -157,8 +157,14 @@ class LMStreamMagics(Magics):
     @argument("--prompt", "-p", metavar="NAME", help="run this stored prompt")
     @argument("--version", type=int, help="stored prompt version (default: latest)")
     @argument("--save", metavar="NAME", help="store the cell as a prompt (new version)")
-    @argument("--var", "-v", action="append", default=[], metavar="NAME=VALUE",
-              help="value for a {{NAME}} placeholder (repeatable)")
+    @argument(
+        "--var",
+        "-v",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="value for a {{NAME}} placeholder (repeatable)",
+    )
     @argument("--model", "-m", help="model id (default: session, prompt, then server)")
     @argument("--system", "-s", help="system prompt (may use {{NAME}} placeholders)")
     @argument("--temperature", type=float)
@@ -166,8 +172,12 @@ class LMStreamMagics(Magics):
     @argument("--base-url", help="server address (default: session, LMSTREAM_BASE_URL, :1234)")
     @argument("--format", "-f", choices=FORMATS, help="how to show the finished answer")
     @argument("--output", "-o", metavar="NAME", help="assign the RunResult to this variable")
-    @argument("--background", "-b", action="store_true",
-              help="return at once; the answer keeps streaming into this cell's output")
+    @argument(
+        "--background",
+        "-b",
+        action="store_true",
+        help="return at once; the answer keeps streaming into this cell's output",
+    )
     @argument("--first-token-timeout", type=float, metavar="S")
     @argument("--idle-timeout", type=float, metavar="S")
     @no_var_expand
@@ -220,8 +230,13 @@ class LMStreamMagics(Magics):
         else:
             if not cell.strip():
                 raise UsageError("The cell is empty: write the prompt below the %%lmstream line.")
-            prompt = Prompt(template=cell.rstrip("\n"), system=args.system, model=args.model,
-                            temperature=args.temperature, max_tokens=args.max_tokens)
+            prompt = Prompt(
+                template=cell.rstrip("\n"),
+                system=args.system,
+                model=args.model,
+                temperature=args.temperature,
+                max_tokens=args.max_tokens,
+            )
         variables = self._variables(prompt, given)
         if args.save:
             prompt = self.store.save_prompt(prompt, args.save)
@@ -248,29 +263,46 @@ class LMStreamMagics(Magics):
         return self._run_blocking(prompt, variables, base_url, kwargs, args, sink, fmt)
 
     def _finish_view(
-        self, sink: NotebookSink, result: RunResult | None, error: BaseException | None,
-        fmt: str, *, background: bool,
+        self,
+        sink: NotebookSink,
+        result: RunResult | None,
+        error: BaseException | None,
+        fmt: str,
+        *,
+        background: bool,
     ) -> None:
         if result is not None:
-            sink.close(state="done" if result.ok else _state(result.status), stats=result.stats,
-                       model=result.model, run_id=result.run_id,
-                       message=result.error if background else None)
+            sink.close(
+                state="done" if result.ok else _state(result.status),
+                stats=result.stats,
+                model=result.model,
+                run_id=result.run_id,
+                message=result.error if background else None,
+            )
             display(final_bundle(result.text, fmt if result.ok else "text"), raw=True)
             return
-        state = "cancelled" if isinstance(error, (KeyboardInterrupt, asyncio.CancelledError)) \
+        state = (
+            "cancelled"
+            if isinstance(error, (KeyboardInterrupt, asyncio.CancelledError))
             else "failed"
+        )
         message = str(error) if background and isinstance(error, LMStreamError) else None
         sink.close(state=state, run_id=getattr(error, "run_id", None), message=message)
         if sink.text:
             display(final_bundle(sink.text, "text"), raw=True)
 
     def _run_blocking(
-        self, prompt: Prompt, variables: dict[str, Any], base_url: str | None,
-        kwargs: dict[str, Any], args: Any, sink: NotebookSink, fmt: str,
+        self,
+        prompt: Prompt,
+        variables: dict[str, Any],
+        base_url: str | None,
+        kwargs: dict[str, Any],
+        args: Any,
+        sink: NotebookSink,
+        fmt: str,
     ) -> Any:
         async def go() -> RunResult:
-            return await arun(prompt, variables, base_url=base_url, on_event=sink.handle,
-                              **kwargs)
+            return await arun(prompt, variables, base_url=base_url, on_event=sink.handle, **kwargs)
 
         try:
             result = shared_loop().run(go())
@@ -284,13 +316,21 @@ class LMStreamMagics(Magics):
         return result
 
     def _run_background(
-        self, prompt: Prompt, variables: dict[str, Any], base_url: str | None,
-        kwargs: dict[str, Any], args: Any, view: StreamView, sink: NotebookSink, fmt: str,
+        self,
+        prompt: Prompt,
+        variables: dict[str, Any],
+        base_url: str | None,
+        kwargs: dict[str, Any],
+        args: Any,
+        view: StreamView,
+        sink: NotebookSink,
+        fmt: str,
     ) -> BackgroundRun:
         async def go() -> RunResult | None:
             try:
-                result = await arun(prompt, variables, base_url=base_url, on_event=sink.handle,
-                                    **kwargs)
+                result = await arun(
+                    prompt, variables, base_url=base_url, on_event=sink.handle, **kwargs
+                )
             except (LMStreamError, asyncio.CancelledError) as exc:
                 self._finish_view(sink, None, exc, fmt, background=True)
                 if isinstance(exc, asyncio.CancelledError):
@@ -307,8 +347,12 @@ class LMStreamMagics(Magics):
         return handle
 
     def _run_terminal(
-        self, prompt: Prompt, variables: dict[str, Any], base_url: str | None,
-        kwargs: dict[str, Any], args: Any,
+        self,
+        prompt: Prompt,
+        variables: dict[str, Any],
+        base_url: str | None,
+        kwargs: dict[str, Any],
+        args: Any,
     ) -> Any:
         """Terminal IPython: plain text to stdout as it arrives, stats on one line after."""
         import sys
@@ -319,8 +363,9 @@ class LMStreamMagics(Magics):
 
         async def go() -> RunResult:
             try:
-                return await arun(prompt, variables, base_url=base_url, on_event=sink.handle,
-                                  **kwargs)
+                return await arun(
+                    prompt, variables, base_url=base_url, on_event=sink.handle, **kwargs
+                )
             finally:
                 sink.close()
 
@@ -328,8 +373,9 @@ class LMStreamMagics(Magics):
             result = shared_loop().run(go())
         finally:
             sink.end_text()
-        print(format_stats(result.stats, sink.finished) + f", run #{result.run_id}",
-              file=sys.stderr)
+        print(
+            format_stats(result.stats, sink.finished) + f", run #{result.run_id}", file=sys.stderr
+        )
         if args.output:
             self._user_ns()[args.output] = result
             return None
@@ -351,30 +397,51 @@ class LMStreamMagics(Magics):
             given = {**_key_values(rest[1:]), **_key_values(args.var)}
             return self._start(prompt, self._variables(prompt, given), args)
         if command == "prompts":
-            return _table(self.store.list(), ["name", "version", "variables", "model"],
-                          lambda p: [p.name, p.version, ", ".join(p.variables), p.model])
+            return _table(
+                self.store.list(),
+                ["name", "version", "variables", "model"],
+                lambda p: [p.name, p.version, ", ".join(p.variables), p.model],
+            )
         if command == "show":
             if not rest:
                 raise UsageError("Name the prompt: %lmstream show NAME")
             p = self.store.get(rest[0], args.version)
             system = f"--- system\n{p.system}\n" if p.system else ""
-            print(f"{p.label}  variables: {', '.join(p.variables) or 'none'}\n{system}"
-                  f"--- template\n{p.template}")
+            print(
+                f"{p.label}  variables: {', '.join(p.variables) or 'none'}\n{system}"
+                f"--- template\n{p.template}"
+            )
             return None
         if command == "history":
             runs = self.store.history(prompt=rest[0] if rest else None, limit=20)
-            return _table(runs, ["id", "status", "prompt", "model", "ttft s", "total s", "text"],
-                          lambda r: [r.id, r.status, r.prompt_name or "(inline)", r.model,
-                                     _round(r.ttft_s), _round(r.duration_s), r.preview[:50]])
+            return _table(
+                runs,
+                ["id", "status", "prompt", "model", "ttft s", "total s", "text"],
+                lambda r: [
+                    r.id,
+                    r.status,
+                    r.prompt_name or "(inline)",
+                    r.model,
+                    _round(r.ttft_s),
+                    _round(r.duration_s),
+                    r.preview[:50],
+                ],
+            )
         if command == "stats":
             report = self.store.stats(prompt=rest[0] if rest else None)
-            return _table([*report.groups, report.overall],
-                          ["prompt", "model", "runs", "ok", "ttft p50", "total p50", "failures"],
-                          lambda g: [g.prompt or "(all)", g.model, g.runs,
-                                     f"{g.success_rate:.0%}", _round(g.ttft_p50),
-                                     _round(g.duration_p50),
-                                     ", ".join(f"{k} {v}" for k, v in g.by_status.items()
-                                               if k != "ok") or "-"])
+            return _table(
+                [*report.groups, report.overall],
+                ["prompt", "model", "runs", "ok", "ttft p50", "total p50", "failures"],
+                lambda g: [
+                    g.prompt or "(all)",
+                    g.model,
+                    g.runs,
+                    f"{g.success_rate:.0%}",
+                    _round(g.ttft_p50),
+                    _round(g.duration_p50),
+                    ", ".join(f"{k} {v}" for k, v in g.by_status.items() if k != "ok") or "-",
+                ],
+            )
         if command == "models":
             url = args.base_url or self.config_.base_url
 
@@ -390,8 +457,12 @@ class LMStreamMagics(Magics):
         if command == "ui":
             from ._widget import PromptRunner
 
-            return PromptRunner(self.store, self.config_.base_url, model=self.config_.model,
-                                budgets=self.config_.budgets())
+            return PromptRunner(
+                self.store,
+                self.config_.base_url,
+                model=self.config_.model,
+                budgets=self.config_.budgets(),
+            )
         raise UsageError(f"Unknown subcommand {command!r}: see %lmstream? for the list.")
 
     def _config(self, items: list[str]) -> SessionConfig:
@@ -469,4 +540,3 @@ def _table(rows: Any, headers: list[str], cells: Any) -> Any:
 
 def load(ipython: Any) -> None:
     ipython.register_magics(LMStreamMagics(ipython))
-

@@ -38,7 +38,6 @@ FLUSH_INTERVAL_S = 1.0
 _EMPTY_STATS = Stats(ttft_s=None, duration_s=0.0, chunks=0, text_chars=0)
 
 
-
 def status_of(error: BaseException) -> str:
     """The recorded status for an error that ended a run."""
     if isinstance(error, FirstTokenTimeout):
@@ -251,15 +250,23 @@ async def arun(
             await asyncio.shield(http.aclose())
     if blocking is not None:
         result = RunResult(
-            run_id=run_id, status=status, text=blocking.text, reasoning=blocking.reasoning,
-            error=error_text, stats=blocking.stats, finish_reason=blocking.finish_reason,
-            model=blocking.model or chosen_model, prompt=prompt.label,
+            run_id=run_id,
+            status=status,
+            text=blocking.text,
+            reasoning=blocking.reasoning,
+            error=error_text,
+            stats=blocking.stats,
+            finish_reason=blocking.finish_reason,
+            model=blocking.model or chosen_model,
+            prompt=prompt.label,
         )
         stats = blocking.stats
     else:
         finished = stream.finished if stream is not None else None
-        stats = finished.stats if finished is not None else (
-            stream.stats() if stream is not None else _EMPTY_STATS
+        stats = (
+            finished.stats
+            if finished is not None
+            else (stream.stats() if stream is not None else _EMPTY_STATS)
         )
         result = RunResult(
             run_id=run_id,
@@ -338,4 +345,3 @@ def stats(
 ) -> RunStats:
     """Success rate, failures by status and TTFT/duration percentiles, overall and per group."""
     return (store or default_store()).stats(prompt=prompt, model=model, since=since)
-

@@ -41,8 +41,17 @@ class ServerSentEvent(NamedTuple):
 class SSEDecoder:
     """Incremental event-stream decoder: ``feed(bytes) -> list[ServerSentEvent]``."""
 
-    __slots__ = ("_bom_checked", "_data", "_event", "_head", "_last_id", "_pending", "_retry",
-                 "_trailing_cr", "clean")
+    __slots__ = (
+        "_bom_checked",
+        "_data",
+        "_event",
+        "_head",
+        "_last_id",
+        "_pending",
+        "_retry",
+        "_trailing_cr",
+        "clean",
+    )
 
     def __init__(self) -> None:
         self._pending: list[bytes] = []  # pieces of a line not yet terminated
@@ -236,8 +245,20 @@ class ChatStreamDecoder:
     millions of tiny strings, which keeps a 10 MB answer near 10 MB in memory.
     """
 
-    __slots__ = ("_reasoning", "_sse", "_text", "chunks", "done", "finish_reason", "model",
-                 "response_id", "saw_output", "text_chars", "timings", "usage")
+    __slots__ = (
+        "_reasoning",
+        "_sse",
+        "_text",
+        "chunks",
+        "done",
+        "finish_reason",
+        "model",
+        "response_id",
+        "saw_output",
+        "text_chars",
+        "timings",
+        "usage",
+    )
 
     def __init__(self) -> None:
         self._sse = SSEDecoder()
@@ -260,7 +281,6 @@ class ChatStreamDecoder:
     @property
     def reasoning(self) -> str:
         return self._reasoning.decode("utf-8")
-
 
     @property
     def has_partial_event(self) -> bool:

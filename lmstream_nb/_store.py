@@ -154,9 +154,13 @@ class RunRecord:
     def stats(self) -> Stats:
         """The run's figures, as a stream reports them."""
         return Stats(
-            ttft_s=self.ttft_s, duration_s=self.duration_s or 0.0, chunks=self.chunks,
-            text_chars=len(self.text), prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens, tokens_per_s=self.tokens_per_s,
+            ttft_s=self.ttft_s,
+            duration_s=self.duration_s or 0.0,
+            chunks=self.chunks,
+            text_chars=len(self.text),
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            tokens_per_s=self.tokens_per_s,
         )
 
 
@@ -304,8 +308,9 @@ _BAD_NAME_CHAR = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
 
 def _validate_name(name: object) -> str:
     if not isinstance(name, str):
-        raise _FieldError("name", f"The prompt name must be text, not {_kind(name)}",
-                          "give the prompt a name")
+        raise _FieldError(
+            "name", f"The prompt name must be text, not {_kind(name)}", "give the prompt a name"
+        )
     if not name:
         raise _FieldError("name", "The prompt name is empty", "give the prompt a name")
     if len(name) > MAX_NAME_LENGTH:
@@ -337,32 +342,48 @@ def _validate_fields(
     """The fields of a prompt, checked; raises _FieldError (a ValueError) on the first bad one."""
     checked_name = _validate_name(name)
     if not isinstance(template, str):
-        raise _FieldError("template", f"The template must be text, not {_kind(template)}",
-                          "pass the prompt text as a string")
+        raise _FieldError(
+            "template",
+            f"The template must be text, not {_kind(template)}",
+            "pass the prompt text as a string",
+        )
     texts: dict[str, str | None] = {}
     for key, value in (("system", system), ("model", model), ("description", description)):
         if value is not None and not isinstance(value, str):
-            raise _FieldError(key, f"The {key} must be text or None, not {_kind(value)}",
-                              f"pass {key} as a string")
+            raise _FieldError(
+                key,
+                f"The {key} must be text or None, not {_kind(value)}",
+                f"pass {key} as a string",
+            )
         texts[key] = value
     checked_temperature: float | None = None
     if temperature is not None:
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise _FieldError("temperature",
-                              f"The temperature must be a number, not {_kind(temperature)}",
-                              "use a value from 0 to 2")
+            raise _FieldError(
+                "temperature",
+                f"The temperature must be a number, not {_kind(temperature)}",
+                "use a value from 0 to 2",
+            )
         if not 0 <= temperature <= 2:
-            raise _FieldError("temperature", f"The temperature {temperature!r} is outside 0 to 2",
-                              "use a value from 0 (most predictable) to 2")
+            raise _FieldError(
+                "temperature",
+                f"The temperature {temperature!r} is outside 0 to 2",
+                "use a value from 0 (most predictable) to 2",
+            )
         checked_temperature = float(temperature)
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-            raise _FieldError("max_tokens",
-                              f"max_tokens must be an integer, not {_kind(max_tokens)}",
-                              "use a positive number of tokens, or -1 for no limit")
+            raise _FieldError(
+                "max_tokens",
+                f"max_tokens must be an integer, not {_kind(max_tokens)}",
+                "use a positive number of tokens, or -1 for no limit",
+            )
         if max_tokens <= 0 and max_tokens != -1:
-            raise _FieldError("max_tokens", f"max_tokens is {max_tokens}",
-                              "use a positive number of tokens, or -1 for no limit")
+            raise _FieldError(
+                "max_tokens",
+                f"max_tokens is {max_tokens}",
+                "use a positive number of tokens, or -1 for no limit",
+            )
     return (
         checked_name,
         template,
@@ -738,8 +759,17 @@ class PromptStore:
             "ON CONFLICT (name) DO UPDATE SET last_version = excluded.last_version",
             (name, version),
         )
-        row = (name, version, template, system, model, temperature, max_tokens, description,
-               time.time())
+        row = (
+            name,
+            version,
+            template,
+            system,
+            model,
+            temperature,
+            max_tokens,
+            description,
+            time.time(),
+        )
         conn.execute(
             f"INSERT INTO prompts ({_PROMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row
         )
@@ -799,8 +829,10 @@ class PromptStore:
 
     @staticmethod
     def _exists(conn: sqlite3.Connection, name: str) -> bool:
-        return conn.execute("SELECT 1 FROM prompts WHERE name = ? LIMIT 1", (name,)).fetchone() \
+        return (
+            conn.execute("SELECT 1 FROM prompts WHERE name = ? LIMIT 1", (name,)).fetchone()
             is not None
+        )
 
     def _not_found(self, conn: sqlite3.Connection, name: str) -> PromptNotFound:
         names = [row[0] for row in conn.execute("SELECT DISTINCT name FROM prompts")]
@@ -912,8 +944,9 @@ class PromptStore:
             line = _key_line(text, exc.key) if exc.key in document else 1
             if exc.key == "name" and "name" not in document:
                 problem = f"has a file name that is not a valid prompt name ({exc.fact})"
-                raise fail(problem, line, "add a valid name = \"...\" key or rename the file") \
-                    from exc
+                raise fail(
+                    problem, line, 'add a valid name = "..." key or rename the file'
+                ) from exc
             raise fail(f"has a bad {exc.key!r} ({exc.fact})", line) from exc
         return _ParsedFile(file=file, fields=fields)
 
@@ -1147,9 +1180,7 @@ class PromptStore:
             if duration is not None:
                 durations[key].append(duration)
                 all_durations.append(duration)
-        overall = _group_stats(
-            None, None, [row[2] for row in rows], all_ttfts, all_durations
-        )
+        overall = _group_stats(None, None, [row[2] for row in rows], all_ttfts, all_durations)
 
         def order(key: tuple[str | None, str | None]) -> tuple[bool, str, bool, str]:
             return (key[0] is not None, key[0] or "", key[1] is not None, key[1] or "")

@@ -95,9 +95,15 @@ class Prompt:
     def as_dict(self) -> dict[str, Any]:
         """Every field and the variables, as JSON-ready data (``--json`` and the web API)."""
         return {
-            "name": self.name, "version": self.version, "description": self.description,
-            "model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
-            "system": self.system, "template": self.template, "variables": list(self.variables),
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "model": self.model,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "system": self.system,
+            "template": self.template,
+            "variables": list(self.variables),
             "created_at": self.created_at,
         }
 

@@ -159,7 +159,8 @@ class ThreadedServer:
         self._bind()
         with self._lock:
             self._thread = threading.Thread(
-                target=self._thread_main, name=f"lmstream:{self.what}:{self._port}",
+                target=self._thread_main,
+                name=f"lmstream:{self.what}:{self._port}",
                 daemon=True,
             )
             self._thread.start()

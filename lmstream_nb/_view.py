@@ -273,13 +273,22 @@ class NotebookSink:
         now = self._clock()
         with self._lock:
             self._flush(now, final=True)
-        status: dict[str, Any] = {"state": state, "elapsed": now - self._t0,
-                                  "chunks": self._chunks, "run_id": run_id, "message": message}
+        status: dict[str, Any] = {
+            "state": state,
+            "elapsed": now - self._t0,
+            "chunks": self._chunks,
+            "run_id": run_id,
+            "message": message,
+        }
         if model:
             status["model"] = model
         if stats is not None:
-            status.update(ttft=stats.ttft_s, elapsed=stats.duration_s,
-                          tokens=stats.completion_tokens, tps=stats.tokens_per_s)
+            status.update(
+                ttft=stats.ttft_s,
+                elapsed=stats.duration_s,
+                tokens=stats.completion_tokens,
+                tps=stats.tokens_per_s,
+            )
         elif self._first is not None:
             status["ttft"] = self._first - self._t0
         with self.view.hold_sync():

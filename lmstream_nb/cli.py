@@ -68,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--prompt", "-p", metavar="NAME", help="run this stored prompt")
     p_run.add_argument("--version", type=int, help="stored prompt version (default: latest)")
     p_run.add_argument(
-        "--var", "-v", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+        "--var",
+        "-v",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
         help="value for a {{KEY}} placeholder (repeatable)",
     )
     p_run.add_argument("--model", "-m", help="model id (default: the prompt's, else the server's)")
@@ -120,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_batch.add_argument("--model", "-m")
     p_batch.add_argument("--max-tokens", type=int)
     p_batch.add_argument(
-        "--base-url", action="append", default=None,
+        "--base-url",
+        action="append",
+        default=None,
         help="server address; repeat to spread rows over several servers",
     )
     _add_budget_options(p_batch)
@@ -154,11 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="The main job end to end, on the embedded simulator (no LM Studio needed).",
     )
     p_demo.add_argument(
-        "--profile", default="laptop-gpu", choices=sorted(simulator.PROFILES),
+        "--profile",
+        default="laptop-gpu",
+        choices=sorted(simulator.PROFILES),
         help="simulated hardware speed (default: laptop-gpu)",
     )
     p_demo.add_argument(
-        "--time-scale", type=float, default=1.0,
+        "--time-scale",
+        type=float,
+        default=1.0,
         help="multiply every simulated duration (0.1 runs ten times faster)",
     )
     _add_bench_parser(sub)
@@ -173,21 +184,44 @@ def _add_bench_parser(sub: Any) -> None:
         description="Run the lmstream_nb.bench workload (embedded simulator unless --base-url) "
         "and print the success table.",
     )
-    p.add_argument("--base-url", help="a real server (default: $LMSTREAM_BASE_URL, else the "
-                   "embedded simulator)")
-    p.add_argument("--scale", type=float, default=None,
-                   help="simulator time scale (default 0.015; ignored with a real server)")
+    p.add_argument(
+        "--base-url",
+        help="a real server (default: $LMSTREAM_BASE_URL, else the embedded simulator)",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="simulator time scale (default 0.015; ignored with a real server)",
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 3, 8], metavar="N")
-    p.add_argument("--timeouts", type=float, nargs="+", default=[30, 120, 300], metavar="S",
-                   help="total timeouts of the blocking mode (default: 30 120 300)")
-    p.add_argument("--modes", nargs="+", default=["blocking", "stream"],
-                   choices=["blocking", "stream"])
+    p.add_argument(
+        "--timeouts",
+        type=float,
+        nargs="+",
+        default=[30, 120, 300],
+        metavar="S",
+        help="total timeouts of the blocking mode (default: 30 120 300)",
+    )
+    p.add_argument(
+        "--modes", nargs="+", default=["blocking", "stream"], choices=["blocking", "stream"]
+    )
     p.add_argument("--quick", action="store_true", help="two prompt sizes instead of five")
-    p.add_argument("--faults", type=float, default=0.0, metavar="RATE",
-                   help="rate of rows with an injected transient fault (simulator only)")
-    p.add_argument("--fault-kinds", nargs="+", default=None, metavar="KIND",
-                   help="which faults to inject: disconnect_before, error_before, stall, "
-                   "disconnect_after (default: all)")
+    p.add_argument(
+        "--faults",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="rate of rows with an injected transient fault (simulator only)",
+    )
+    p.add_argument(
+        "--fault-kinds",
+        nargs="+",
+        default=None,
+        metavar="KIND",
+        help="which faults to inject: disconnect_before, error_before, stall, "
+        "disconnect_after (default: all)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", type=Path, help="write the table as CSV")
     p.add_argument("--json", type=Path, help="write the table and every run as JSON")
@@ -205,9 +239,15 @@ async def _cmd_bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     workload = bench.quick_workload() if args.quick else bench.default_workload()
     try:
         report = await bench.arun_benchmark(
-            workload, base_url=base_url, scale=None if base_url else args.scale,
-            modes=args.modes, concurrency=args.concurrency, timeouts=args.timeouts,
-            faults=args.faults, seed=args.seed, progress=not args.no_progress,
+            workload,
+            base_url=base_url,
+            scale=None if base_url else args.scale,
+            modes=args.modes,
+            concurrency=args.concurrency,
+            timeouts=args.timeouts,
+            faults=args.faults,
+            seed=args.seed,
+            progress=not args.no_progress,
             fault_kinds=args.fault_kinds or bench.FAULT_KINDS,
         )
     except ValueError as exc:
@@ -235,16 +275,25 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
 def _add_budget_options(p: argparse.ArgumentParser) -> None:
     defaults = Budgets()
     p.add_argument(
-        "--first-token-timeout", type=_seconds_or_none, default=defaults.first_token,
-        metavar="S", help=f"budget for the first token (default {defaults.first_token:g}; none)",
+        "--first-token-timeout",
+        type=_seconds_or_none,
+        default=defaults.first_token,
+        metavar="S",
+        help=f"budget for the first token (default {defaults.first_token:g}; none)",
     )
     p.add_argument(
-        "--idle-timeout", type=_seconds_or_none, default=defaults.idle,
-        metavar="S", help=f"budget between chunks once text flows (default {defaults.idle:g})",
+        "--idle-timeout",
+        type=_seconds_or_none,
+        default=defaults.idle,
+        metavar="S",
+        help=f"budget between chunks once text flows (default {defaults.idle:g})",
     )
     p.add_argument(
-        "--connect-timeout", type=_seconds_or_none, default=defaults.connect,
-        metavar="S", help=f"budget to connect (default {defaults.connect:g})",
+        "--connect-timeout",
+        type=_seconds_or_none,
+        default=defaults.connect,
+        metavar="S",
+        help=f"budget to connect (default {defaults.connect:g})",
     )
 
 
@@ -346,16 +395,28 @@ class TerminalSink:
             self.err.flush()
         elif isinstance(event, StreamStarted):
             if self.as_json:
-                self._json({"event": "start", "model": event.model,
-                            "request_id": event.request_id, "url": event.url})
+                self._json(
+                    {
+                        "event": "start",
+                        "model": event.model,
+                        "request_id": event.request_id,
+                        "url": event.url,
+                    }
+                )
             self.waiting.start()
         elif isinstance(event, StreamFinished):
             self.finished = event
             self.close()
             if self.as_json:
-                self._json({"event": "done", "finish_reason": event.finish_reason,
-                            "model": event.model, "response_id": event.response_id,
-                            "stats": event.stats.as_dict()})
+                self._json(
+                    {
+                        "event": "done",
+                        "finish_reason": event.finish_reason,
+                        "model": event.model,
+                        "response_id": event.response_id,
+                        "stats": event.stats.as_dict(),
+                    }
+                )
 
     def close(self) -> None:
         self.waiting.stop()
@@ -399,23 +460,37 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     async with LMStudioClient(args.base_url, budgets=_budgets(args)) as client:
         try:
             result = await arun(
-                prompt, values, model=args.model, store=store, client=client,
-                on_event=sink.handle, temperature=args.temperature,
-                max_tokens=args.max_tokens, budgets=_budgets(args), raise_errors=False,
+                prompt,
+                values,
+                model=args.model,
+                store=store,
+                client=client,
+                on_event=sink.handle,
+                temperature=args.temperature,
+                max_tokens=args.max_tokens,
+                budgets=_budgets(args),
+                raise_errors=False,
             )
         finally:
             sink.close()
     if not result.ok:
         if args.json:
-            sink._json({"event": "error", "status": result.status, "message": result.error,
-                        "run_id": result.run_id})
+            sink._json(
+                {
+                    "event": "error",
+                    "status": result.status,
+                    "message": result.error,
+                    "run_id": result.run_id,
+                }
+            )
         sink.end_text()
         err.write(f"lmstream: {result.error}\n")
         return EXIT_FAILED
     if not args.json:
         sink.end_text()
-        err.write(_dim(err, f"{format_stats(result.stats, sink.finished)}, run #{result.run_id}")
-                  + "\n")
+        err.write(
+            _dim(err, f"{format_stats(result.stats, sink.finished)}, run #{result.run_id}") + "\n"
+        )
     return EXIT_OK
 
 
@@ -432,12 +507,13 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
                 value = json.loads(line)
             except ValueError as exc:
                 raise LMStreamError(
-                    f"Line {number} of {path} is not JSON ({exc}): write one JSON object per "
-                    "line."
+                    f"Line {number} of {path} is not JSON ({exc}): write one JSON object per line."
                 ) from None
             if not isinstance(value, dict):
-                raise LMStreamError(f"Line {number} of {path} is not a JSON object: write one "
-                                    "object of variables per line.")
+                raise LMStreamError(
+                    f"Line {number} of {path} is not a JSON object: write one "
+                    "object of variables per line."
+                )
             rows.append(value)
         return rows
     with path.open(newline="", encoding="utf-8") as handle:
@@ -448,8 +524,9 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     import csv
 
     if path.suffix.lower() == ".jsonl":
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                        encoding="utf-8")
+        path.write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+        )
         return
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else [])
@@ -468,13 +545,21 @@ async def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     urls = args.base_url or None
     try:
         batch: BatchResult = await arun_many(
-            args.prompt, rows, concurrency=args.concurrency, model=args.model,
-            base_url=urls, budgets=_budgets(args), resume=args.resume, batch_id=batch_id,
+            args.prompt,
+            rows,
+            concurrency=args.concurrency,
+            model=args.model,
+            base_url=urls,
+            budgets=_budgets(args),
+            resume=args.resume,
+            batch_id=batch_id,
             max_tokens=args.max_tokens,
         )
     except (KeyboardInterrupt, asyncio.CancelledError):
-        err.write(f"\nlmstream: batch {batch_id} stopped; finished rows are kept: resume with "
-                  f"`lmstream batch {args.prompt} {args.file} --resume {batch_id}`.\n")
+        err.write(
+            f"\nlmstream: batch {batch_id} stopped; finished rows are kept: resume with "
+            f"`lmstream batch {args.prompt} {args.file} --resume {batch_id}`.\n"
+        )
         return EXIT_INTERRUPTED
     if args.out is not None:
         merged = [{**row, **result} for row, result in zip(rows, batch.as_dicts(), strict=True)]
@@ -520,7 +605,9 @@ def _demo_prompt(store: PromptStore) -> Prompt:
     with contextlib.suppress(PromptNotFound):
         latest = store.get(name)
         if (latest.template, latest.system, latest.max_tokens) == (
-            DEMO_PROMPT.template, DEMO_PROMPT.system, DEMO_PROMPT.max_tokens
+            DEMO_PROMPT.template,
+            DEMO_PROMPT.system,
+            DEMO_PROMPT.max_tokens,
         ):
             return latest
     return store.save_prompt(DEMO_PROMPT)
@@ -540,7 +627,11 @@ async def _cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         async with LMStudioClient(sim.base_url) as client:
             try:
                 result = await arun(
-                    prompt, DEMO_VARIABLES, store=store, client=client, on_event=sink.handle,
+                    prompt,
+                    DEMO_VARIABLES,
+                    store=store,
+                    client=client,
+                    on_event=sink.handle,
                     raise_errors=False,
                 )
             finally:
@@ -590,16 +681,30 @@ def _add_serve_parser(sub: Any) -> None:
         description="Run stored prompts from a browser or any HTTP client (JSON API, SSE "
         "streams that resume with Last-Event-ID, a page at /). Binds 127.0.0.1 unless told.",
     )
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (any non-loopback address needs a token)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (any non-loopback address needs a token)",
+    )
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks one)")
     _add_server_options(p)
-    p.add_argument("--token", help="require this token on every request "
-                   "(default: $LMSTREAM_SERVER_TOKEN)")
-    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="allow browser calls from this origin (repeatable; default: none)")
-    p.add_argument("--grace", type=float, default=60.0, metavar="S",
-                   help="seconds a run with no listener goes on before it is cancelled")
+    p.add_argument(
+        "--token", help="require this token on every request (default: $LMSTREAM_SERVER_TOKEN)"
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser calls from this origin (repeatable; default: none)",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds a run with no listener goes on before it is cancelled",
+    )
     p.add_argument("--db", type=Path, help="the prompt and run database (default: the usual one)")
 
 
@@ -618,14 +723,23 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     def ready(url: str) -> None:
         where = url if not token else url + "/?token=..."
-        err.write(f"lmstream serve: listening on {where} (models at "
-                  f"{args.base_url or 'the default base URL'}); press Ctrl-C to stop.\n")
+        err.write(
+            f"lmstream serve: listening on {where} (models at "
+            f"{args.base_url or 'the default base URL'}); press Ctrl-C to stop.\n"
+        )
         err.flush()
 
     try:
-        serve.run(host=args.host, port=args.port, on_ready=ready, store=store,
-                  base_url=args.base_url, token=token, cors_origins=args.cors_origin,
-                  grace=args.grace)
+        serve.run(
+            host=args.host,
+            port=args.port,
+            on_ready=ready,
+            store=store,
+            base_url=args.base_url,
+            token=token,
+            cors_origins=args.cors_origin,
+            grace=args.grace,
+        )
     except OSError as exc:
         err.write(f"lmstream serve: {exc}: pick another --port.\n")
         return EXIT_FAILED
@@ -675,8 +789,12 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return EXIT_USAGE
         try:
             saved = store.save(
-                args.name, template, system=args.system, model=args.model,
-                temperature=args.temperature, max_tokens=args.max_tokens,
+                args.name,
+                template,
+                system=args.system,
+                model=args.model,
+                temperature=args.temperature,
+                max_tokens=args.max_tokens,
                 description=args.description,
             )
         except ValueError as exc:
@@ -689,11 +807,21 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if args.json:
             out.write(json.dumps([p.as_dict() for p in prompts], ensure_ascii=False) + "\n")
         else:
-            out.write(table(
-                [(p.name, p.version, ", ".join(p.variables), p.model,
-                  " ".join((p.description or p.template)[:50].split())) for p in prompts],
-                ["name", "version", "variables", "model", "description"],
-            ))
+            out.write(
+                table(
+                    [
+                        (
+                            p.name,
+                            p.version,
+                            ", ".join(p.variables),
+                            p.model,
+                            " ".join((p.description or p.template)[:50].split()),
+                        )
+                        for p in prompts
+                    ],
+                    ["name", "version", "variables", "model", "description"],
+                )
+            )
     elif action == "show":
         p = store.get(args.name, args.version)
         if args.json:
@@ -713,11 +841,21 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if args.json:
             out.write(json.dumps([p.as_dict() for p in versions], ensure_ascii=False) + "\n")
         else:
-            out.write(table(
-                [(p.version, _when(p.created_at), ", ".join(p.variables), p.model,
-                  " ".join(p.template[:50].split())) for p in versions],
-                ["version", "saved", "variables", "model", "template"],
-            ))
+            out.write(
+                table(
+                    [
+                        (
+                            p.version,
+                            _when(p.created_at),
+                            ", ".join(p.variables),
+                            p.model,
+                            " ".join(p.template[:50].split()),
+                        )
+                        for p in versions
+                    ],
+                    ["version", "saved", "variables", "model", "template"],
+                )
+            )
     elif action == "rm":
         count = store.delete(args.name)
         out.write(f"Deleted {args.name!r} ({count} version{'s' if count != 1 else ''}).\n")
@@ -726,8 +864,10 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write(f"Wrote {len(files)} prompt file(s) to {args.folder}.\n")
     elif action == "import":
         imported = store.import_(args.folder)
-        out.write(f"Imported {len(imported)} prompt(s): "
-                  f"{', '.join(p.label for p in imported) or 'none'}.\n")
+        out.write(
+            f"Imported {len(imported)} prompt(s): "
+            f"{', '.join(p.label for p in imported) or 'none'}.\n"
+        )
     return EXIT_OK
 
 
@@ -741,27 +881,39 @@ def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         label = rec.prompt_name if rec.prompt_name is not None else "(inline)"
         if rec.prompt_version is not None:
             label += f"@{rec.prompt_version}"
-        out.write(f"run #{rec.id}  {rec.status}  {label}  {rec.model or '-'}  "
-                  f"{_when(rec.started_at)}\n")
+        out.write(
+            f"run #{rec.id}  {rec.status}  {label}  {rec.model or '-'}  {_when(rec.started_at)}\n"
+        )
         if rec.error:
             out.write(f"error: {rec.error}\n")
         if rec.reasoning:
             out.write(f"--- reasoning\n{rec.reasoning}\n")
         out.write(f"--- text\n{rec.text}\n")
         return EXIT_OK
-    runs = store.history(
-        prompt=args.prompt, status=args.status, limit=args.limit, model=args.model
-    )
+    runs = store.history(prompt=args.prompt, status=args.status, limit=args.limit, model=args.model)
     if args.json:
         out.write(json.dumps(runs.as_dicts(), ensure_ascii=False) + "\n")
         return EXIT_OK
-    out.write(table(
-        [(r.id, _when(r.started_at), r.status,
-          (r.prompt_name or "(inline)") + (f"@{r.prompt_version}" if r.prompt_version else ""),
-          r.model, _secs(r.ttft_s), _secs(r.duration_s), r.completion_tokens, r.preview[:40])
-         for r in runs],
-        ["id", "started", "status", "prompt", "model", "ttft s", "total s", "tokens", "text"],
-    ))
+    out.write(
+        table(
+            [
+                (
+                    r.id,
+                    _when(r.started_at),
+                    r.status,
+                    (r.prompt_name or "(inline)")
+                    + (f"@{r.prompt_version}" if r.prompt_version else ""),
+                    r.model,
+                    _secs(r.ttft_s),
+                    _secs(r.duration_s),
+                    r.completion_tokens,
+                    r.preview[:40],
+                )
+                for r in runs
+            ],
+            ["id", "started", "status", "prompt", "model", "ttft s", "total s", "tokens", "text"],
+        )
+    )
     return EXIT_OK
 
 
@@ -774,15 +926,36 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     def row(g: GroupStats, label: str) -> tuple[object, ...]:
         failures = ", ".join(f"{k} {v}" for k, v in sorted(g.by_status.items()) if k != "ok")
-        return (label, g.model or ("(all)" if label == "(all)" else "-"), g.runs,
-                f"{g.success_rate:.0%}" if g.runs else "-", _secs(g.ttft_p50),
-                _secs(g.ttft_p95), _secs(g.duration_p50), _secs(g.duration_p95),
-                failures or "-")
+        return (
+            label,
+            g.model or ("(all)" if label == "(all)" else "-"),
+            g.runs,
+            f"{g.success_rate:.0%}" if g.runs else "-",
+            _secs(g.ttft_p50),
+            _secs(g.ttft_p95),
+            _secs(g.duration_p50),
+            _secs(g.duration_p95),
+            failures or "-",
+        )
 
     rows = [row(g, g.prompt or "(inline)") for g in report.groups]
     rows.append(row(report.overall, "(all)"))
-    out.write(table(rows, ["prompt", "model", "runs", "ok", "ttft p50", "ttft p95",
-                           "total p50", "total p95", "failures"]))
+    out.write(
+        table(
+            rows,
+            [
+                "prompt",
+                "model",
+                "runs",
+                "ok",
+                "ttft p50",
+                "ttft p95",
+                "total p50",
+                "total p95",
+                "failures",
+            ],
+        )
+    )
     return EXIT_OK
 
 
@@ -793,21 +966,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sim":
             return _cmd_sim(args, err)
         sync_commands: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
-            "prompts": _cmd_prompts, "history": _cmd_history, "stats": _cmd_stats,
+            "prompts": _cmd_prompts,
+            "history": _cmd_history,
+            "stats": _cmd_stats,
             "serve": _cmd_serve,
         }
         if args.command in sync_commands:
             return sync_commands[args.command](args, out, err)
-        commands = {"run": _cmd_run, "models": _cmd_models, "demo": _cmd_demo,
-                    "batch": _cmd_batch, "bench": _cmd_bench}
+        commands = {
+            "run": _cmd_run,
+            "models": _cmd_models,
+            "demo": _cmd_demo,
+            "batch": _cmd_batch,
+            "bench": _cmd_bench,
+        }
         return asyncio.run(commands[args.command](args, out, err))
     except LMStreamError as exc:
         err.write(f"lmstream: {exc}\n")
         return EXIT_FAILED
     except KeyboardInterrupt:
         out.flush()
-        err.write("\nlmstream: stopped by Ctrl-C; the text received so far is above and "
-                  "recorded in the history.\n")
+        err.write(
+            "\nlmstream: stopped by Ctrl-C; the text received so far is above and "
+            "recorded in the history.\n"
+        )
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK

@@ -12,8 +12,16 @@ from lmstream_nb import simulator
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never pick up a developer's LM Studio settings."""
-    for name in ("LMSTREAM_BASE_URL", "LMSTREAM_API_KEY", "HTTP_PROXY", "HTTPS_PROXY",
-                 "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+    for name in (
+        "LMSTREAM_BASE_URL",
+        "LMSTREAM_API_KEY",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 

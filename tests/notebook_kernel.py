@@ -30,8 +30,11 @@ class Cell:
         return None if self.reply is None else self.reply["content"]["status"]
 
     def displays(self) -> list[dict[str, Any]]:
-        return [o["content"]["data"] for o in self.outputs
-                if o["msg_type"] in ("display_data", "execute_result")]
+        return [
+            o["content"]["data"]
+            for o in self.outputs
+            if o["msg_type"] in ("display_data", "execute_result")
+        ]
 
     def widget_ids(self) -> list[str]:
         ids = []
@@ -43,10 +46,13 @@ class Cell:
 
     def plain(self) -> list[str]:
         """text/plain of display_data outputs that are not widget views (the final answers)."""
-        return [o["content"]["data"]["text/plain"] for o in self.outputs
-                if o["msg_type"] == "display_data"
-                and "application/vnd.jupyter.widget-view+json" not in o["content"]["data"]
-                and "text/plain" in o["content"]["data"]]
+        return [
+            o["content"]["data"]["text/plain"]
+            for o in self.outputs
+            if o["msg_type"] == "display_data"
+            and "application/vnd.jupyter.widget-view+json" not in o["content"]["data"]
+            and "text/plain" in o["content"]["data"]
+        ]
 
     def result(self) -> str | None:
         """text/plain of the cell's value (execute_result), if any."""
@@ -56,8 +62,11 @@ class Cell:
         return None
 
     def stream(self, name: str = "stdout") -> str:
-        return "".join(o["content"]["text"] for o in self.outputs
-                       if o["msg_type"] == "stream" and o["content"]["name"] == name)
+        return "".join(
+            o["content"]["text"]
+            for o in self.outputs
+            if o["msg_type"] == "stream" and o["content"]["name"] == name
+        )
 
     def error(self) -> dict[str, Any] | None:
         for o in self.outputs:
@@ -88,16 +97,22 @@ class Kernel:
         except queue.Empty:
             return None
         self.iopub_count += 1
-        self.iopub_bytes += len(json.dumps(msg["content"], default=str)) + len(
-            json.dumps(msg["header"], default=str)) + len(json.dumps(msg["parent_header"],
-                                                                       default=str))
+        self.iopub_bytes += (
+            len(json.dumps(msg["content"], default=str))
+            + len(json.dumps(msg["header"], default=str))
+            + len(json.dumps(msg["parent_header"], default=str))
+        )
         parent = msg["parent_header"].get("msg_id")
         kind = msg["msg_type"]
         if kind in ("comm_msg", "comm_open"):
             comm_id = msg["content"].get("comm_id", "")
             self.comm_msgs.setdefault(comm_id, []).append(msg)
         elif parent in self.cells and kind in (
-            "stream", "display_data", "execute_result", "error", "update_display_data"
+            "stream",
+            "display_data",
+            "execute_result",
+            "error",
+            "update_display_data",
         ):
             self.cells[parent].outputs.append(msg)
         return msg
@@ -123,9 +138,12 @@ class Kernel:
                 except queue.Empty:
                     pass
             msg = self._pump(min(0.05, max(remaining, 0.001)))
-            if (msg is not None and msg["msg_type"] == "status"
-                    and msg["parent_header"].get("msg_id") == cell.msg_id
-                    and msg["content"]["execution_state"] == "idle"):
+            if (
+                msg is not None
+                and msg["msg_type"] == "status"
+                and msg["parent_header"].get("msg_id") == cell.msg_id
+                and msg["content"]["execution_state"] == "idle"
+            ):
                 idle = True
         return cell
 

@@ -32,8 +32,16 @@ def test_failed_rows_are_recorded_and_the_rest_succeed_in_order(
         {"animal": "eels", "place": "rivers", "extra": ""},
         {"animal": "ants", "place": "hills", "extra": ""},
     ]
-    batch = run_many(prompt, rows, concurrency=3, store=store, base_url=sim.base_url,
-                     budgets=Budgets(idle=0.5), progress=False, max_tokens=8)
+    batch = run_many(
+        prompt,
+        rows,
+        concurrency=3,
+        store=store,
+        base_url=sim.base_url,
+        budgets=Budgets(idle=0.5),
+        progress=False,
+        max_tokens=8,
+    )
     assert isinstance(batch, BatchResult)
     assert [r.status for r in batch] == ["ok", "error", "stalled", "ok", "ok"]
     assert "place" in (batch[1].error or "")
@@ -53,8 +61,15 @@ def test_failed_rows_are_recorded_and_the_rest_succeed_in_order(
 
 def test_dataframe_in_dataframe_out(sim: simulator.SimServer, store: PromptStore) -> None:
     frame = pd.DataFrame({"topic": ["rain", "snow", "hail", "fog"]})
-    out = run_many(Prompt("Write about {{topic}}.", model=MODEL), frame, concurrency=2,
-                   store=store, base_url=sim.base_url, progress=False, max_tokens=5)
+    out = run_many(
+        Prompt("Write about {{topic}}.", model=MODEL),
+        frame,
+        concurrency=2,
+        store=store,
+        base_url=sim.base_url,
+        progress=False,
+        max_tokens=5,
+    )
     assert list(out["topic"]) == ["rain", "snow", "hail", "fog"]
     assert list(out["status"]) == ["ok"] * 4
     assert all(t.strip() for t in out["text"])
@@ -67,13 +82,27 @@ def test_resume_runs_only_the_rows_that_did_not_succeed(
 ) -> None:
     prompt = Prompt("Row {{n}} {{extra}}", model=MODEL)
     first_rows = [{"n": "0", "extra": ""}, {"n": "1", "extra": STALL}, {"n": "2", "extra": ""}]
-    first = run_many(prompt, first_rows, store=store, base_url=sim.base_url,
-                     budgets=Budgets(idle=0.3), progress=False, max_tokens=4)
+    first = run_many(
+        prompt,
+        first_rows,
+        store=store,
+        base_url=sim.base_url,
+        budgets=Budgets(idle=0.3),
+        progress=False,
+        max_tokens=4,
+    )
     assert [r.status for r in first] == ["ok", "stalled", "ok"]
     fixed_rows = [{"n": "0", "extra": ""}, {"n": "1", "extra": ""}, {"n": "2", "extra": ""}]
     before = len(sim.records())
-    again = run_many(prompt, fixed_rows, store=store, base_url=sim.base_url,
-                     resume=first.batch_id, progress=False, max_tokens=4)
+    again = run_many(
+        prompt,
+        fixed_rows,
+        store=store,
+        base_url=sim.base_url,
+        resume=first.batch_id,
+        progress=False,
+        max_tokens=4,
+    )
     assert len(sim.records()) - before == 1, "only the failed row was sent again"
     assert again.batch_id == first.batch_id
     assert [r.status for r in again] == ["ok", "ok", "ok"]
@@ -85,8 +114,15 @@ def test_resume_runs_only_the_rows_that_did_not_succeed(
 def test_two_base_urls_both_receive_rows(store: PromptStore) -> None:
     with simulator.serve(profile="test-fast") as a, simulator.serve(profile="test-fast") as b:
         rows = [{"n": str(i)} for i in range(8)]
-        batch = run_many(Prompt("Item {{n}}", model=MODEL), rows, concurrency=4, store=store,
-                         base_url=[a.base_url, b.base_url], progress=False, max_tokens=3)
+        batch = run_many(
+            Prompt("Item {{n}}", model=MODEL),
+            rows,
+            concurrency=4,
+            store=store,
+            base_url=[a.base_url, b.base_url],
+            progress=False,
+            max_tokens=3,
+        )
         served_a, served_b = len(a.records()), len(b.records())
     assert batch.succeeded == 8
     assert served_a > 0
@@ -102,8 +138,11 @@ async def test_interrupt_mid_batch_keeps_finished_rows_and_cancels_in_flight(
     with simulator.serve(profile="test-fast", defaults=defaults) as paced:
         rows = [{"n": str(i), "size": "5" if i < 2 else "2000"} for i in range(6)]
         prompt = Prompt('Item {{n}} [[sim {"output_tokens": {{size}}}]]', model=MODEL)
-        task = asyncio.create_task(arun_many(prompt, rows, concurrency=3, store=store,
-                                             base_url=paced.base_url, progress=False))
+        task = asyncio.create_task(
+            arun_many(
+                prompt, rows, concurrency=3, store=store, base_url=paced.base_url, progress=False
+            )
+        )
         for _ in range(200):  # bounded: the two short rows finish within about a second
             done = [r for r in store.history(limit=None) if r.status == "ok"]
             if len(done) == 2:
@@ -114,7 +153,8 @@ async def test_interrupt_mid_batch_keeps_finished_rows_and_cancels_in_flight(
         with pytest.raises(asyncio.CancelledError):
             await task
         disconnected = await asyncio.to_thread(
-            paced.wait_for, lambda r: r.outcome == "client_disconnected", 5.0)
+            paced.wait_for, lambda r: r.outcome == "client_disconnected", 5.0
+        )
     assert disconnected.sent_tokens < disconnected.planned_tokens
     statuses = sorted(r.status for r in store.history(limit=None))
     assert statuses.count("ok") == 2

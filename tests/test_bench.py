@@ -38,8 +38,9 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> bench.BenchReport:
 def test_two_scales_give_the_same_success_table(store: PromptStore) -> None:
     tables = []
     for scale in (0.01, 0.02):
-        result = bench.run_benchmark(QUICK, scale=scale, concurrency=(1, 3), timeouts=(30, 300),
-                                     store=store, progress=False)
+        result = bench.run_benchmark(
+            QUICK, scale=scale, concurrency=(1, 3), timeouts=(30, 300), store=store, progress=False
+        )
         assert result.scale == scale
         tables.append(result.success_table())
     assert tables[0] == tables[1]
@@ -57,8 +58,9 @@ def test_streaming_succeeds_where_a_short_blocking_timeout_fails(
     assert table[("stream", "20k", 3)] == {"ok": 3}
     assert table[("blocking 300s", "20k", 3)] == {"ok": 1, "timeout": 2}
     assert table[("blocking 30s", "0.5k", 3)] == {"ok": 2, "timeout": 1}
-    row = next(r for r in report.rows
-               if (r["mode"], r["bucket"], r["concurrency"]) == ("stream", "20k", 1))
+    row = next(
+        r for r in report.rows if (r["mode"], r["bucket"], r["concurrency"]) == ("stream", "20k", 1)
+    )
     # Reported in simulated seconds: 20k tokens at 150 tok/s is 133 s to the first token.
     assert row["ttfv_p50_s"] == pytest.approx(133.3, rel=0.1)
     assert row["total_p50_s"] == pytest.approx(186.7, rel=0.1)
@@ -66,8 +68,9 @@ def test_streaming_succeeds_where_a_short_blocking_timeout_fails(
 
 def test_runs_are_recorded_in_the_history(tmp_path: Path) -> None:
     with PromptStore(tmp_path / "history.db") as s:
-        result = bench.run_benchmark(QUICK, scale=0.004, modes=("stream",), concurrency=(1,),
-                                     store=s, progress=False)
+        result = bench.run_benchmark(
+            QUICK, scale=0.004, modes=("stream",), concurrency=(1,), store=s, progress=False
+        )
         runs = history(bench.BENCH_PROMPT, store=s, limit=None)
         assert len(runs) == len(result.runs) == 2
         recorded = {r.id for r in runs}
@@ -77,12 +80,22 @@ def test_runs_are_recorded_in_the_history(tmp_path: Path) -> None:
 
 def test_faults_are_injected_deterministically(store: PromptStore) -> None:
     work = bench.Workload(buckets=(bench.SizeBucket("0.5k", 500, 250),), rows_per_user=4)
-    result = bench.run_benchmark(work, scale=0.004, modes=("stream",), concurrency=(1,),
-                                 faults=1.0, seed=3, store=store, progress=False)
+    result = bench.run_benchmark(
+        work,
+        scale=0.004,
+        modes=("stream",),
+        concurrency=(1,),
+        faults=1.0,
+        seed=3,
+        store=store,
+        progress=False,
+    )
     # Faults before the first token are transient and retried; after it they are reported.
     expected = {
-        "stall": "stalled", "disconnect_after": "interrupted",
-        "disconnect_before": "ok", "error_before": "ok",
+        "stall": "stalled",
+        "disconnect_after": "interrupted",
+        "disconnect_before": "ok",
+        "error_before": "ok",
     }
     faults = [r["fault"] for r in result.runs]
     assert all(f in bench.FAULT_KINDS for f in faults)
@@ -93,9 +106,16 @@ def test_faults_are_injected_deterministically(store: PromptStore) -> None:
 
 def test_retry_recovers_every_fault_before_the_first_token(store: PromptStore) -> None:
     work = bench.Workload(buckets=(bench.SizeBucket("0.5k", 500, 250),), rows_per_user=3)
-    result = bench.run_benchmark(work, scale=0.004, modes=("stream",), concurrency=(1, 3),
-                                 faults=1.0, fault_kinds=bench.PRE_FIRST_TOKEN_FAULTS,
-                                 store=store, progress=False)
+    result = bench.run_benchmark(
+        work,
+        scale=0.004,
+        modes=("stream",),
+        concurrency=(1, 3),
+        faults=1.0,
+        fault_kinds=bench.PRE_FIRST_TOKEN_FAULTS,
+        store=store,
+        progress=False,
+    )
     assert {r["fault"] for r in result.runs} == set(bench.PRE_FIRST_TOKEN_FAULTS)
     assert [r["status"] for r in result.runs] == ["ok"] * 12
     with pytest.raises(ValueError, match="fault_kinds"):
@@ -106,8 +126,9 @@ def test_queued_streams_outlast_the_first_token_budget(store: PromptStore) -> No
     """Eight 20k-token prompts queue for 25 simulated minutes; none exceeds the 600 s budget
     of silence, so all succeed, while a 300 s blocking timeout loses the queued ones."""
     work = bench.Workload(buckets=(bench.SizeBucket("20k", 20_000, 1_600),))
-    result = bench.run_benchmark(work, scale=0.004, concurrency=(8,), timeouts=(300,),
-                                 store=store, progress=False)
+    result = bench.run_benchmark(
+        work, scale=0.004, concurrency=(8,), timeouts=(300,), store=store, progress=False
+    )
     table = result.success_table()
     assert table[("stream", "20k", 8)] == {"ok": 8}
     assert table[("blocking 300s", "20k", 8)] == {"ok": 1, "timeout": 7}
@@ -119,9 +140,19 @@ def test_csv_json_and_table(report: bench.BenchReport, tmp_path: Path) -> None:
     with report.to_csv(tmp_path / "b.csv").open(encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(report.rows) == 12
-    assert {"mode", "bucket", "concurrency", "runs", "success_rate", "timeout_rate",
-            "other_failures", "ttfv_p50_s", "ttfv_p95_s", "total_p50_s",
-            "total_p95_s"} <= set(rows[0])
+    assert {
+        "mode",
+        "bucket",
+        "concurrency",
+        "runs",
+        "success_rate",
+        "timeout_rate",
+        "other_failures",
+        "ttfv_p50_s",
+        "ttfv_p95_s",
+        "total_p50_s",
+        "total_p95_s",
+    } <= set(rows[0])
     document = json.loads(report.to_json(tmp_path / "b.json").read_text(encoding="utf-8"))
     assert document["rows"] == report.rows
     assert len(document["runs"]) == len(report.runs)
@@ -161,9 +192,25 @@ def test_the_default_workload_spans_the_issue_sizes() -> None:
 def test_cli_bench_prints_the_table_and_writes_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["bench", "--quick", "--scale", "0.004", "--concurrency", "1",
-                 "--timeouts", "30", "--no-progress", "--csv", str(tmp_path / "t.csv"),
-                 "--json", str(tmp_path / "t.json"), "--plot-dir", str(tmp_path / "plots")])
+    code = main(
+        [
+            "bench",
+            "--quick",
+            "--scale",
+            "0.004",
+            "--concurrency",
+            "1",
+            "--timeouts",
+            "30",
+            "--no-progress",
+            "--csv",
+            str(tmp_path / "t.csv"),
+            "--json",
+            str(tmp_path / "t.json"),
+            "--plot-dir",
+            str(tmp_path / "plots"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "blocking 30s" in out

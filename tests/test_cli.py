@@ -253,7 +253,11 @@ def test_demo_records_its_run_and_reuses_its_prompt(tmp_path: Path) -> None:
     for _ in range(2):
         result = subprocess.run(
             [sys.executable, "-m", "lmstream_nb", "demo", "--time-scale", "0.05"],
-            capture_output=True, text=True, timeout=60, check=False, env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
         )
         assert result.returncode == 0, result.stderr
     with PromptStore(tmp_path / "lmstream.db") as store:

@@ -21,13 +21,25 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def lmstream(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "lmstream_nb", *args],
-        input=stdin, capture_output=True, text=True, timeout=60, check=False,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
 def test_prompts_lifecycle(home: Path, tmp_path: Path) -> None:
-    added = lmstream("prompts", "add", "greet", "Hello {{name}}, from {{place}}.",
-                     "--description", "a greeting", "--temperature", "0.2")
+    added = lmstream(
+        "prompts",
+        "add",
+        "greet",
+        "Hello {{name}}, from {{place}}.",
+        "--description",
+        "a greeting",
+        "--temperature",
+        "0.2",
+    )
     assert added.returncode == 0, added.stderr
     assert "greet@1" in added.stdout
     assert "name, place" in added.stdout
@@ -74,15 +86,25 @@ def test_import_error_names_file_and_line(home: Path, tmp_path: Path) -> None:
 
 def test_run_prompt_then_history_and_stats(home: Path, sim: simulator.SimServer) -> None:
     lmstream("prompts", "add", "topic", "Tell me about {{t}}.")
-    ok = lmstream("run", "--prompt", "topic", "--var", "t=owls", "--base-url", sim.base_url,
-                  "--max-tokens", "8")
+    ok = lmstream(
+        "run",
+        "--prompt",
+        "topic",
+        "--var",
+        "t=owls",
+        "--base-url",
+        sim.base_url,
+        "--max-tokens",
+        "8",
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip()
     assert "run #1" in ok.stderr
     defaults = simulator.Scenario(disconnect_at=3)
     with simulator.serve(profile="test-fast", defaults=defaults) as broken:
-        failed = lmstream("run", "--prompt", "topic", "--var", "t=bats",
-                          "--base-url", broken.base_url)
+        failed = lmstream(
+            "run", "--prompt", "topic", "--var", "t=bats", "--base-url", broken.base_url
+        )
     assert failed.returncode == 1
     assert failed.stdout.strip()
     missing = lmstream("run", "--prompt", "topic", "--base-url", sim.base_url)
@@ -126,8 +148,17 @@ def test_batch_command_csv_and_jsonl(home: Path, tmp_path: Path, sim: simulator.
     rows = tmp_path / "rows.csv"
     rows.write_text("animal\nowls\nbats\n\ncats\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    done = lmstream("batch", "pet", str(rows), "--base-url", sim.base_url, "--max-tokens", "4",
-                    "--out", str(out))
+    done = lmstream(
+        "batch",
+        "pet",
+        str(rows),
+        "--base-url",
+        sim.base_url,
+        "--max-tokens",
+        "4",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     assert "3 ok, 0 failed" in done.stderr
     results = [json.loads(line) for line in out.read_text().splitlines()]

@@ -95,7 +95,8 @@ async def test_max_tokens_gives_length_finish(sim: simulator.SimServer) -> None:
 async def test_reasoning_arrives_separately(sim: simulator.SimServer) -> None:
     async with LMStudioClient(sim.base_url) as client:
         stream = client.stream_chat(
-            "Think", model=MODEL,
+            "Think",
+            model=MODEL,
             sim={"reasoning": "separate", "reasoning_tokens": 6, "output_tokens": 4},
         )
         events = await drain(stream)
@@ -129,7 +130,8 @@ async def test_line_endings_and_bom_end_to_end(sim: simulator.SimServer, line_en
 async def test_keepalive_comments_during_prompt_processing(sim: simulator.SimServer) -> None:
     async with LMStudioClient(sim.base_url) as client:
         done = await client.stream_chat(
-            "x" * 400, model=MODEL,
+            "x" * 400,
+            model=MODEL,
             sim={"prefill_tps": 500, "ping_s": 0.02, "output_tokens": 3},
         ).collect()
     assert done.finish_reason == "stop"
@@ -213,8 +215,11 @@ async def test_connection_refused_is_retried_until_the_server_is_up() -> None:
 
 
 async def test_model_not_found_404(sim: simulator.SimServer) -> None:
-    scenario = {"http_status": 404, "error_body": "string",
-                "error_message": 'Model "nope" not found'}
+    scenario = {
+        "http_status": 404,
+        "error_body": "string",
+        "error_message": 'Model "nope" not found',
+    }
     async with LMStudioClient(sim.base_url) as client:
         with pytest.raises(ModelNotFound) as info:
             await client.stream_chat("Hi", model="nope", sim=scenario).collect()
@@ -327,9 +332,7 @@ async def test_first_token_timeout_is_not_retried(sim: simulator.SimServer) -> N
     budgets = Budgets(first_token=0.3, idle=5)
     async with LMStudioClient(sim.base_url, budgets=budgets, retries=FAST_RETRIES) as client:
         with pytest.raises(FirstTokenTimeout) as info:
-            await client.stream_chat(
-                "x" * 400, model=MODEL, sim={"prefill_tps": 10}
-            ).collect()
+            await client.stream_chat("x" * 400, model=MODEL, sim={"prefill_tps": 10}).collect()
     assert info.value.budget == 0.3
     assert "first_token_timeout" in str(info.value)
     assert len(sim.records()) - before == 1
@@ -343,7 +346,8 @@ async def test_transient_failures_before_the_first_token_are_retried(
         for i, fault in enumerate(({"disconnect_at": 0}, {"end_at": 0}, {"http_status": 503})):
             before = len(sim.records())
             done = await client.stream_chat(
-                f"transient {i}", model=MODEL,
+                f"transient {i}",
+                model=MODEL,
                 sim={**fault, "fault_attempts": 1, "output_tokens": 4},
             ).collect()
             assert done.finish_reason == "stop", fault
@@ -371,10 +375,12 @@ async def test_a_queued_request_waits_while_the_one_ahead_is_answered() -> None:
     budgets = Budgets(first_token=0.6, idle=5)
     with simulator.serve(profile="test-fast", max_parallel=1) as server:
         async with LMStudioClient(server.base_url, budgets=budgets) as client:
-            done = await asyncio.gather(*(
-                client.stream_chat("q" * 400, model=MODEL, seed=i, sim=_QUEUED).collect()
-                for i in range(2)
-            ))
+            done = await asyncio.gather(
+                *(
+                    client.stream_chat("q" * 400, model=MODEL, seed=i, sim=_QUEUED).collect()
+                    for i in range(2)
+                )
+            )
     assert [d.finish_reason for d in done] == ["stop", "stop"]
     assert max(d.stats.ttft_s or 0.0 for d in done) > 0.6  # it did wait past the budget
 
@@ -386,8 +392,10 @@ async def test_without_a_sibling_stream_the_queue_wait_counts() -> None:
         clients = [LMStudioClient(server.base_url, budgets=budgets) for _ in range(2)]
         try:
             outcomes = await asyncio.gather(
-                *(c.stream_chat("q" * 400, model=MODEL, seed=i, sim=_QUEUED).collect()
-                  for i, c in enumerate(clients)),
+                *(
+                    c.stream_chat("q" * 400, model=MODEL, seed=i, sim=_QUEUED).collect()
+                    for i, c in enumerate(clients)
+                ),
                 return_exceptions=True,
             )
         finally:
@@ -402,8 +410,12 @@ async def test_a_silent_server_still_times_out_with_a_sibling_waiting() -> None:
     with simulator.serve(profile="test-fast") as server:
         async with LMStudioClient(server.base_url, budgets=budgets) as client:
             outcomes = await asyncio.gather(
-                *(client.stream_chat("x" * 400, model=MODEL, seed=i,
-                                     sim={"prefill_tps": 10}).collect() for i in range(2)),
+                *(
+                    client.stream_chat(
+                        "x" * 400, model=MODEL, seed=i, sim={"prefill_tps": 10}
+                    ).collect()
+                    for i in range(2)
+                ),
                 return_exceptions=True,
             )
     assert [type(o).__name__ for o in outcomes] == ["FirstTokenTimeout"] * 2
@@ -413,7 +425,10 @@ async def test_a_silent_server_still_times_out_with_a_sibling_waiting() -> None:
 
 
 async def expect_partial(
-    sim: simulator.SimServer, error: type[Exception], scenario: dict[str, Any], tokens: int,
+    sim: simulator.SimServer,
+    error: type[Exception],
+    scenario: dict[str, Any],
+    tokens: int,
     budgets: Budgets | None = None,
 ) -> Any:
     async with LMStudioClient(sim.base_url, budgets=budgets, retries=FAST_RETRIES) as client:
@@ -535,7 +550,8 @@ async def test_breaking_without_async_with_still_closes(sim: simulator.SimServer
             if isinstance(event, TextDelta):
                 break
         record = await asyncio.to_thread(
-            sim.wait_for, lambda r: r.outcome == "client_disconnected" and r.sent_tokens < 5000,
+            sim.wait_for,
+            lambda r: r.outcome == "client_disconnected" and r.sent_tokens < 5000,
             5.0,
         )
         response_id = record.id

@@ -235,7 +235,10 @@ def test_terminal_ipython_streams_plain_text(tmp_path: Path, msim: simulator.Sim
     )
     result = subprocess.run(
         [sys.executable, "-m", "IPython", "--no-banner", "--colors=NoColor", str(script)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
         env={**os.environ, "LMSTREAM_HOME": str(tmp_path)},
     )
     assert result.returncode == 0, result.stderr
@@ -267,8 +270,12 @@ def test_headless_execution_saves_the_final_text(
     spec.argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     client.execute()
     outputs = nb.cells[1].outputs
-    finals = [o for o in outputs if o.output_type == "display_data"
-              and "application/vnd.jupyter.widget-view+json" not in o.data]
+    finals = [
+        o
+        for o in outputs
+        if o.output_type == "display_data"
+        and "application/vnd.jupyter.widget-view+json" not in o.data
+    ]
     [final] = finals
     printed = nb.cells[2].outputs[0].text
     assert final.data["text/plain"] + "\n" == printed

@@ -61,14 +61,43 @@ def test_a_fresh_database_ends_at_the_latest_schema(conn: sqlite3.Connection) ->
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert tables == {"schema_migrations", "prompts", "prompt_names", "runs", "run_chunks"}
     assert columns(conn, "prompts") == [
-        "id", "name", "version", "template", "system", "model", "temperature", "max_tokens",
-        "description", "created_at",
+        "id",
+        "name",
+        "version",
+        "template",
+        "system",
+        "model",
+        "temperature",
+        "max_tokens",
+        "description",
+        "created_at",
     ]
     assert columns(conn, "runs") == [
-        "id", "prompt_name", "prompt_version", "template", "system", "messages", "variables",
-        "model", "base_url", "started_at", "ttft_s", "duration_s", "chunks", "prompt_tokens",
-        "completion_tokens", "tokens_per_s", "finish_reason", "status", "error", "text",
-        "reasoning", "text_chars", "preview", "batch_id", "batch_row",
+        "id",
+        "prompt_name",
+        "prompt_version",
+        "template",
+        "system",
+        "messages",
+        "variables",
+        "model",
+        "base_url",
+        "started_at",
+        "ttft_s",
+        "duration_s",
+        "chunks",
+        "prompt_tokens",
+        "completion_tokens",
+        "tokens_per_s",
+        "finish_reason",
+        "status",
+        "error",
+        "text",
+        "reasoning",
+        "text_chars",
+        "preview",
+        "batch_id",
+        "batch_row",
     ]
     assert columns(conn, "run_chunks") == ["run_id", "seq", "text", "reasoning"]
     run_indexes = indexes(conn, "runs")
@@ -78,9 +107,7 @@ def test_a_fresh_database_ends_at_the_latest_schema(conn: sqlite3.Connection) ->
     assert run_indexes["runs_status_started_at"] == ["status", "started_at"]
     # Stats reads only these columns; the two main indexes cover them.
     for name in ("runs_started_at", "runs_prompt_started_at"):
-        assert {"prompt_name", "model", "status", "ttft_s", "duration_s"} <= set(
-            run_indexes[name]
-        )
+        assert {"prompt_name", "model", "status", "ttft_s", "duration_s"} <= set(run_indexes[name])
 
 
 def test_running_migrations_twice_is_a_no_op(conn: sqlite3.Connection) -> None:

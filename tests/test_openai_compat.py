@@ -26,8 +26,12 @@ async def test_openai_sdk_streams_the_same_text(sim: simulator.SimServer, dialec
     sdk = openai.AsyncOpenAI(base_url=sim.base_url, api_key="lm-studio", max_retries=0)
     try:
         chunks = await sdk.chat.completions.create(
-            model=MODEL, messages=MESSAGES, stream=True, seed=7,  # type: ignore[arg-type]
-            stream_options={"include_usage": True}, extra_body={"sim": scenario},
+            model=MODEL,
+            messages=MESSAGES,
+            stream=True,
+            seed=7,  # type: ignore[arg-type]
+            stream_options={"include_usage": True},
+            extra_body={"sim": scenario},
         )
         sdk_text = ""
         usage = None
@@ -52,7 +56,9 @@ async def test_openai_sdk_sees_in_stream_error_as_api_error(sim: simulator.SimSe
 
     async def consume() -> None:
         chunks = await sdk.chat.completions.create(
-            model=MODEL, messages=MESSAGES, stream=True,  # type: ignore[arg-type]
+            model=MODEL,
+            messages=MESSAGES,
+            stream=True,  # type: ignore[arg-type]
             extra_body={"sim": {"error_at": 3}},
         )
         async for _ in chunks:
@@ -69,7 +75,9 @@ async def test_openai_sdk_non_streaming_matches(sim: simulator.SimServer) -> Non
     sdk = openai.AsyncOpenAI(base_url=sim.base_url, api_key="lm-studio", max_retries=0)
     try:
         reply = await sdk.chat.completions.create(
-            model=MODEL, messages=MESSAGES, seed=3,  # type: ignore[arg-type]
+            model=MODEL,
+            messages=MESSAGES,
+            seed=3,  # type: ignore[arg-type]
             extra_body={"sim": {"output_tokens": 30}},
         )
     finally:

@@ -77,7 +77,11 @@ def real_server() -> Iterator[RealServer]:
     env = {**os.environ, "RS_HOME": str(home), "PYTHON": sys.executable}
     started = subprocess.run(
         ["bash", str(SCRIPT), str(port)],
-        env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+        check=False,
     )
     if started.returncode != 0:
         pytest.fail(f"the reference server did not start: {started.stderr[-2000:]}")
@@ -158,16 +162,33 @@ async def test_prompt_longer_than_context_is_one_clear_sentence(real_server: Rea
 
 def test_cli_run_and_models(real_server: RealServer) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "lmstream_nb", "run", "Say hello to {{name}}.", "--var",
-         "name=Ada", "--base-url", real_server.base_url, "--max-tokens", "16"],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "lmstream_nb",
+            "run",
+            "Say hello to {{name}}.",
+            "--var",
+            "name=Ada",
+            "--base-url",
+            real_server.base_url,
+            "--max-tokens",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip()
     assert "tokens/s" in run.stderr
     models = subprocess.run(
         [sys.executable, "-m", "lmstream_nb", "models", "--base-url", real_server.base_url],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert models.returncode == 0
     assert MODEL in models.stdout.split()
@@ -175,9 +196,22 @@ def test_cli_run_and_models(real_server: RealServer) -> None:
 
 def test_cli_prompt_too_long_exits_with_one_sentence(real_server: RealServer) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "lmstream_nb", "run", "-", "--base-url", real_server.base_url,
-         "--model", MODEL],
-        input="word " * 12000, capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "lmstream_nb",
+            "run",
+            "-",
+            "--base-url",
+            real_server.base_url,
+            "--model",
+            MODEL,
+        ],
+        input="word " * 12000,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert run.returncode == 1
     assert run.stderr.strip().count("\n") == 0

@@ -47,14 +47,16 @@ def sync_client(sim: simulator.SimServer, **kwargs: Any) -> SyncLMStudioClient:
     return SyncLMStudioClient(sim.base_url, **kwargs)
 
 
-def test_run_stored_prompt_records_everything(
-    sim: simulator.SimServer, store: PromptStore
-) -> None:
+def test_run_stored_prompt_records_everything(sim: simulator.SimServer, store: PromptStore) -> None:
     seen: list[Any] = []
     with sync_client(sim) as client:
         result = run(
-            "summary", {"topic": "rivers", "audience": "kids", "team": "docs"},
-            store=store, client=client, on_event=seen.append, sim={"output_tokens": 25},
+            "summary",
+            {"topic": "rivers", "audience": "kids", "team": "docs"},
+            store=store,
+            client=client,
+            on_event=seen.append,
+            sim={"output_tokens": 25},
         )
     assert result.ok
     assert result.status == "ok"
@@ -85,8 +87,13 @@ def test_run_records_the_exact_version(sim: simulator.SimServer, store: PromptSt
     store.save("summary", "Version two about {{topic}}.")
     with sync_client(sim) as client:
         latest = run("summary", {"topic": "x"}, store=store, client=client)
-        first = run("summary", {"topic": "x", "audience": "a", "team": "t"}, version=1,
-                    store=store, client=client)
+        first = run(
+            "summary",
+            {"topic": "x", "audience": "a", "team": "t"},
+            version=1,
+            store=store,
+            client=client,
+        )
     assert store.get_run(latest.run_id).prompt_version == 2
     assert store.get_run(first.run_id).prompt_version == 1
 
@@ -95,8 +102,11 @@ def test_run_records_the_exact_version(sim: simulator.SimServer, store: PromptSt
 async def test_arun_inline_prompt(sim: simulator.SimServer, store: PromptStore) -> None:
     async with LMStudioClient(sim.base_url) as client:
         result = await arun(
-            Prompt("Tell me about {{x}}", model=MODEL), {"x": "{{y}}"}, store=store,
-            client=client, sim={"output_tokens": 5},
+            Prompt("Tell me about {{x}}", model=MODEL),
+            {"x": "{{y}}"},
+            store=store,
+            client=client,
+            sim={"output_tokens": 5},
         )
     rec = store.get_run(result.run_id)
     assert rec.prompt_name is None
@@ -131,15 +141,20 @@ def test_unknown_prompt_suggests_close_names(store: PromptStore) -> None:
     ],
 )
 def test_failures_are_recorded_with_partial_text(
-    sim: simulator.SimServer, store: PromptStore, scenario: dict[str, Any],
-    budgets: Budgets | None, error: type[Exception], status: str,
+    sim: simulator.SimServer,
+    store: PromptStore,
+    scenario: dict[str, Any],
+    budgets: Budgets | None,
+    error: type[Exception],
+    status: str,
 ) -> None:
     values = {"topic": "x", "audience": "y", "team": "z"}
     with sync_client(sim, budgets=budgets) as client:
         with pytest.raises(error) as info:
             run("summary", values, store=store, client=client, sim=scenario)
-        returned = run("summary", values, store=store, client=client, sim=scenario,
-                       raise_errors=False)
+        returned = run(
+            "summary", values, store=store, client=client, sim=scenario, raise_errors=False
+        )
     run_id = info.value.run_id  # type: ignore[attr-defined]
     assert run_id is not None
     rec = store.get_run(run_id)
@@ -154,8 +169,13 @@ def test_failures_are_recorded_with_partial_text(
 
 def test_first_token_timeout_is_recorded(sim: simulator.SimServer, store: PromptStore) -> None:
     with sync_client(sim, budgets=Budgets(first_token=0.3)) as client:
-        result = run(Prompt("z" * 400, model=MODEL), store=store, client=client,
-                     sim={"prefill_tps": 10}, raise_errors=False)
+        result = run(
+            Prompt("z" * 400, model=MODEL),
+            store=store,
+            client=client,
+            sim={"prefill_tps": 10},
+            raise_errors=False,
+        )
     assert result.status == "first_token_timeout"
     assert store.get_run(result.run_id).status == "first_token_timeout"
 
@@ -171,10 +191,15 @@ async def test_cancelled_run_is_recorded_then_reraised(
             got_text.set()
 
     async with LMStudioClient(sim.base_url) as client:
-        task = asyncio.create_task(arun(
-            Prompt("long", model=MODEL), store=store, client=client, on_event=on_event,
-            sim={"output_tokens": 5000},
-        ))
+        task = asyncio.create_task(
+            arun(
+                Prompt("long", model=MODEL),
+                store=store,
+                client=client,
+                on_event=on_event,
+                sim={"output_tokens": 5000},
+            )
+        )
         await asyncio.wait_for(got_text.wait(), 5)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -238,7 +263,9 @@ CHILD = textwrap.dedent(
 def start_child(db: Path, base_url: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(db), base_url],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 20)
@@ -327,7 +354,9 @@ def test_two_processes_with_eight_concurrent_runs_each_lose_nothing(
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", BATCH_CHILD, str(db), sim.base_url, str(runs_each)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for _ in range(2)
     ]
@@ -362,10 +391,23 @@ def test_blocking_mode_records_timeouts_and_answers(
     sim: simulator.SimServer, store: PromptStore
 ) -> None:
     with sync_client(sim) as client:
-        done = run(Prompt("Hi", model=MODEL), store=store, client=client, mode="blocking",
-                   timeout=10, sim={"output_tokens": 6})
-        late = run(Prompt("z" * 400, model=MODEL), store=store, client=client,
-                   mode="blocking", timeout=0.3, sim={"prefill_tps": 10}, raise_errors=False)
+        done = run(
+            Prompt("Hi", model=MODEL),
+            store=store,
+            client=client,
+            mode="blocking",
+            timeout=10,
+            sim={"output_tokens": 6},
+        )
+        late = run(
+            Prompt("z" * 400, model=MODEL),
+            store=store,
+            client=client,
+            mode="blocking",
+            timeout=0.3,
+            sim={"prefill_tps": 10},
+            raise_errors=False,
+        )
     assert done.ok
     assert done.stats.completion_tokens == 6
     assert store.get_run(done.run_id).text == done.text

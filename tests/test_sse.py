@@ -170,7 +170,9 @@ def _chunk(content: str | None = None, **delta_extra: object) -> bytes:
         delta["content"] = content
     delta.update(delta_extra)
     obj = {
-        "id": "chatcmpl-x", "object": "chat.completion.chunk", "model": "m",
+        "id": "chatcmpl-x",
+        "object": "chat.completion.chunk",
+        "model": "m",
         "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
     }
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
@@ -211,7 +213,10 @@ def test_chat_variants_role_only_null_content_usage_and_reasoning() -> None:
         + b"data:[DONE]\n\n"
     )
     assert events == [
-        ReasoningDelta("think "), ReasoningDelta("more "), TextDelta("Hel"), TextDelta("lo")
+        ReasoningDelta("think "),
+        ReasoningDelta("more "),
+        TextDelta("Hel"),
+        TextDelta("lo"),
     ]
     assert (dec.text, dec.reasoning, dec.finish_reason) == ("Hello", "think more ", "stop")
     assert dec.usage == {"prompt_tokens": 3, "completion_tokens": 2}
@@ -283,14 +288,20 @@ def test_error_message_shapes(body: object, message: str | None) -> None:
 
 def test_whole_completion_object() -> None:
     dec = ChatStreamDecoder()
-    events = dec.feed_completion({
-        "id": "chatcmpl-y", "model": "m",
-        "choices": [{"message": {"role": "assistant", "content": "Hi!", "reasoning_content": "r"},
-                     "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 2},
-    })
+    events = dec.feed_completion(
+        {
+            "id": "chatcmpl-y",
+            "model": "m",
+            "choices": [
+                {
+                    "message": {"role": "assistant", "content": "Hi!", "reasoning_content": "r"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2},
+        }
+    )
     assert events == [ReasoningDelta("r"), TextDelta("Hi!")]
     assert dec.complete
     assert dec.text == "Hi!"
-    assert dec.usage == {"prompt_tokens": 1,
-                                                                 "completion_tokens": 2}
+    assert dec.usage == {"prompt_tokens": 1, "completion_tokens": 2}

@@ -121,8 +121,13 @@ def test_default_path_without_home_is_the_user_data_dir(
 
 
 def test_the_store_imports_no_client_or_front_end_code() -> None:
-    forbidden = ("lmstream_nb._client", "lmstream_nb._sse", "lmstream_nb.cli",
-                 "lmstream_nb.simulator", "httpx")
+    forbidden = (
+        "lmstream_nb._client",
+        "lmstream_nb._sse",
+        "lmstream_nb.cli",
+        "lmstream_nb.simulator",
+        "httpx",
+    )
     for module in ("_store.py", "_migrations.py"):
         tree = ast.parse((PACKAGE / module).read_text(encoding="utf-8"))
         found: set[str] = set()
@@ -173,7 +178,9 @@ def test_list_gives_the_latest_version_of_each_name_sorted(store: PromptStore) -
     store.save("Émile", "e1")
     listed = store.list()
     assert [(p.name, p.version, p.template) for p in listed] == [
-        ("alpha", 1, "a1"), ("zeta", 2, "z2"), ("Émile", 1, "e1")
+        ("alpha", 1, "a1"),
+        ("zeta", 2, "z2"),
+        ("Émile", 1, "e1"),
     ]
 
 
@@ -197,8 +204,9 @@ def test_delete_removes_all_versions_keeps_runs_and_never_reuses_versions(
 
 
 def test_save_prompt_takes_name_from_argument_or_prompt(store: PromptStore) -> None:
-    prompt = Prompt(template="T {{x}}", system="S", model="m", temperature=1, max_tokens=5,
-                    description="d")
+    prompt = Prompt(
+        template="T {{x}}", system="S", model="m", temperature=1, max_tokens=5, description="d"
+    )
     saved = store.save_prompt(prompt, name="given")
     assert (saved.name, saved.version, saved.template, saved.system) == ("given", 1, "T {{x}}", "S")
     assert saved.temperature == 1.0
@@ -304,8 +312,7 @@ def test_export_then_import_into_a_fresh_store_round_trips(
     with PromptStore(tmp_path / "fresh.db") as fresh:
         imported = fresh.import_(folder)
         assert [p.name for p in imported] == ["old", "plain", "trailing"]
-        fields = ("name", "template", "system", "model", "temperature", "max_tokens",
-                  "description")
+        fields = ("name", "template", "system", "model", "temperature", "max_tokens", "description")
         for original in store.list():
             copy = fresh.get(original.name or "")
             assert copy.version == 1
@@ -328,13 +335,15 @@ def test_import_names_from_file_stem_and_adds_versions(store: PromptStore, tmp_p
 BAD_FILES = [
     pytest.param('template = "a"\nmodel = = 3\n', 2, "not valid TOML", id="syntax"),
     pytest.param('template = """never closed\n\nstill open\n', 3, "not valid TOML", id="eof"),
-    pytest.param('template = "a"\n\ntemprature = 0.5\n', 3, "unknown key 'temprature'",
-                 id="unknown-key"),
+    pytest.param(
+        'template = "a"\n\ntemprature = 0.5\n', 3, "unknown key 'temprature'", id="unknown-key"
+    ),
     pytest.param('template = "a"\n[extra]\nx = 1\n', 2, "unknown key 'extra'", id="table"),
     pytest.param('description = "no template"\n', 1, "no 'template' key", id="missing"),
     pytest.param('template = "a"\nmodel = 3\n', 2, "'model' an integer", id="wrong-type"),
-    pytest.param('template = "a"\n\n\ntemperature = "hot"\n', 4, "'temperature'",
-                 id="wrong-type-number"),
+    pytest.param(
+        'template = "a"\n\n\ntemperature = "hot"\n', 4, "'temperature'", id="wrong-type-number"
+    ),
     pytest.param('template = "a"\nmax_tokens = 0\n', 2, "'max_tokens'", id="range"),
     pytest.param('name = "a/b"\ntemplate = "a"\n', 1, "contains '/'", id="bad-name"),
     pytest.param(b'template = "caf\xe9"\n', 1, "not UTF-8", id="encoding"),
@@ -566,8 +575,10 @@ def test_a_run_is_recorded_at_start_grows_and_is_finished(store: PromptStore) ->
         store,
         system="You are {{role}}",
         variables={"x": "hi", "role": "kind"},
-        messages=[{"role": "system", "content": "You are kind"},
-                  {"role": "user", "content": "Say hi"}],
+        messages=[
+            {"role": "system", "content": "You are kind"},
+            {"role": "user", "content": "Say hi"},
+        ],
         started_at=t0,
         batch_id="b1",
     )
@@ -584,18 +595,34 @@ def test_a_run_is_recorded_at_start_grows_and_is_finished(store: PromptStore) ->
     assert chunk_rows(store) == 2
     [summary] = store.history()
     assert (summary.status, summary.text_chars, summary.preview) == (
-        "unfinished", 14, "Hello world"
+        "unfinished",
+        14,
+        "Hello world",
     )
 
-    finish(store, run_id, text="Hello world!", reasoning="think more", model="m-reported",
-           ttft_s=0.25, duration_s=2.0, chunks=7, prompt_tokens=11, completion_tokens=4,
-           tokens_per_s=2.5, finish_reason="length")
+    finish(
+        store,
+        run_id,
+        text="Hello world!",
+        reasoning="think more",
+        model="m-reported",
+        ttft_s=0.25,
+        duration_s=2.0,
+        chunks=7,
+        prompt_tokens=11,
+        completion_tokens=4,
+        tokens_per_s=2.5,
+        finish_reason="length",
+    )
     record = store.get_run(run_id)
     assert record.status == "ok"
     assert record.error is None
     assert (record.text, record.reasoning) == ("Hello world!", "think more")
     assert (record.model, record.ttft_s, record.duration_s, record.chunks) == (
-        "m-reported", 0.25, 2.0, 7
+        "m-reported",
+        0.25,
+        2.0,
+        7,
     )
     assert (record.prompt_tokens, record.completion_tokens, record.tokens_per_s) == (11, 4, 2.5)
     assert record.finish_reason == "length"
@@ -604,11 +631,23 @@ def test_a_run_is_recorded_at_start_grows_and_is_finished(store: PromptStore) ->
 
 def test_a_failed_run_keeps_its_error_and_the_start_model(store: PromptStore) -> None:
     run_id = start(store, model="requested")
-    finish(store, run_id, status="stalled", text="part", error="No text for 120 s.",
-           model=None, finish_reason=None, ttft_s=0.3, duration_s=120.5)
+    finish(
+        store,
+        run_id,
+        status="stalled",
+        text="part",
+        error="No text for 120 s.",
+        model=None,
+        finish_reason=None,
+        ttft_s=0.3,
+        duration_s=120.5,
+    )
     record = store.get_run(run_id)
     assert (record.status, record.error, record.model, record.text) == (
-        "stalled", "No text for 120 s.", "requested", "part"
+        "stalled",
+        "No text for 120 s.",
+        "requested",
+        "part",
     )
 
 
@@ -661,10 +700,22 @@ def populate(store: PromptStore) -> dict[str, int]:
     ]
     ids: dict[str, int] = {}
     for i, (name, model, started, status, text) in enumerate(plan):
-        run_id = start(store, prompt_name=name, prompt_version=1 if name else None,
-                       model=model, started_at=started)
-        finish(store, run_id, status=status, text=text, ttft_s=0.1 * (i + 1),
-               duration_s=float(i + 1), error="boom" if status == "error" else None)
+        run_id = start(
+            store,
+            prompt_name=name,
+            prompt_version=1 if name else None,
+            model=model,
+            started_at=started,
+        )
+        finish(
+            store,
+            run_id,
+            status=status,
+            text=text,
+            ttft_s=0.1 * (i + 1),
+            duration_s=float(i + 1),
+            error="boom" if status == "error" else None,
+        )
         ids[f"{name}@{started:g}"] = run_id
     ids["unfinished"] = start(store, prompt_name="b", model="m2", started_at=1500.0)
     store.append_run_text(ids["unfinished"], "streaming   now")
@@ -698,7 +749,8 @@ def test_history_is_newest_first_and_filters(store: PromptStore) -> None:
     assert store.history(limit=0) == []
     assert [r.started_at for r in store.history(model="m2")] == [1500, 1300, 1200]
     assert [r.started_at for r in store.history(prompt="a", model="m1", status="ok")] == [
-        1400, 1000
+        1400,
+        1000,
     ]
     assert store.history(prompt="nobody") == []
     with pytest.raises(ValueError, match="not known"):
@@ -748,7 +800,10 @@ def test_stats_on_a_hand_made_set_of_runs(store: PromptStore) -> None:
 
     groups = {(g.prompt, g.model): g for g in report.groups}
     assert [(g.prompt, g.model) for g in report.groups] == [
-        (None, "m1"), ("a", "m1"), ("a", "m2"), ("b", "m2")
+        (None, "m1"),
+        ("a", "m1"),
+        ("a", "m2"),
+        ("b", "m2"),
     ]
     a_m1 = groups[("a", "m1")]
     assert (a_m1.runs, a_m1.ok, a_m1.by_status) == (3, 2, {"ok": 2, "stalled": 1})
@@ -889,9 +944,22 @@ def test_history_and_stats_stay_fast_over_100k_runs(tmp_path: Path) -> None:
     statuses = ["ok"] * 8 + ["stalled", "error"]
     rows = [
         (
-            f"prompt{i % 20}", 1, "Summarize {{x}}", None, "[]", "{}", f"model{i % 3}", "u",
-            1_000_000.0 + i, rng.random(), rng.random() * 10, 10, statuses[i % 10],
-            "answer " * 40, 280, "answer " * 11,
+            f"prompt{i % 20}",
+            1,
+            "Summarize {{x}}",
+            None,
+            "[]",
+            "{}",
+            f"model{i % 3}",
+            "u",
+            1_000_000.0 + i,
+            rng.random(),
+            rng.random() * 10,
+            10,
+            statuses[i % 10],
+            "answer " * 40,
+            280,
+            "answer " * 11,
         )
         for i in range(100_000)
     ]

@@ -27,9 +27,7 @@ def test_render_builds_system_and_user_messages() -> None:
         {"role": "system", "content": "You are kind."},
         {"role": "user", "content": "Hi Ada"},
     ]
-    assert Prompt(template="no variables").render() == [
-        {"role": "user", "content": "no variables"}
-    ]
+    assert Prompt(template="no variables").render() == [{"role": "user", "content": "no variables"}]
 
 
 def test_every_missing_variable_is_named_at_once() -> None:

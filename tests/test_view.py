@@ -54,8 +54,11 @@ async def test_sink_paints_first_chunk_then_coalesces() -> None:
     # 100 chunks over 100 ms: paints at +50 ms and +100 ms, nothing in between.
     assert len(view.sent) == 3
     clock.now += 0.2
-    sink.handle(StreamFinished("stop", Stats(ttft_s=0.1, duration_s=1.0, chunks=101,
-                                             text_chars=10), "m", "id"))
+    sink.handle(
+        StreamFinished(
+            "stop", Stats(ttft_s=0.1, duration_s=1.0, chunks=101, text_chars=10), "m", "id"
+        )
+    )
     text = "".join(m.get("t", "") for m in view.sent)
     assert text == sink.text == "first " + "".join(f"{i} " for i in range(100))
     sink.close(state="done", run_id=7)

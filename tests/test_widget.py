@@ -91,7 +91,8 @@ async def test_stop_cancels_within_a_second_and_keeps_partial_text(store: Prompt
             await asyncio.wait_for(task, 5)
         assert loop.time() - stopped_at < 1.0
         record = await asyncio.to_thread(
-            slow.wait_for, lambda r: r.outcome == "client_disconnected", 5.0)
+            slow.wait_for, lambda r: r.outcome == "client_disconnected", 5.0
+        )
     assert record.sent_tokens < record.planned_tokens
     assert view.status["state"] == "cancelled"
     [summary] = store.history()

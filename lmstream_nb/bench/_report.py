@@ -60,24 +60,26 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         timeouts = sum(c for s, c in statuses.items() if s in TIMEOUT_STATUSES)
         ttfv = [float(r["ttfv_s"]) for r in ok if r["ttfv_s"] is not None]
         total = [float(r["total_s"]) for r in ok]
-        rows.append({
-            "mode": first["mode"],
-            "timeout_s": first["timeout_s"],
-            "bucket": first["bucket"],
-            "prompt_tokens": first["prompt_tokens"],
-            "answer_tokens": first["answer_tokens"],
-            "concurrency": first["concurrency"],
-            "runs": n,
-            "ok": len(ok),
-            "success_rate": len(ok) / n,
-            "timeout_rate": timeouts / n,
-            "other_failures": n - len(ok) - timeouts,
-            "ttfv_p50_s": _percentile(ttfv, 50),
-            "ttfv_p95_s": _percentile(ttfv, 95),
-            "total_p50_s": _percentile(total, 50),
-            "total_p95_s": _percentile(total, 95),
-            "statuses": " ".join(f"{s}:{c}" for s, c in sorted(statuses.items())),
-        })
+        rows.append(
+            {
+                "mode": first["mode"],
+                "timeout_s": first["timeout_s"],
+                "bucket": first["bucket"],
+                "prompt_tokens": first["prompt_tokens"],
+                "answer_tokens": first["answer_tokens"],
+                "concurrency": first["concurrency"],
+                "runs": n,
+                "ok": len(ok),
+                "success_rate": len(ok) / n,
+                "timeout_rate": timeouts / n,
+                "other_failures": n - len(ok) - timeouts,
+                "ttfv_p50_s": _percentile(ttfv, 50),
+                "ttfv_p95_s": _percentile(ttfv, 95),
+                "total_p50_s": _percentile(total, 50),
+                "total_p95_s": _percentile(total, 95),
+                "statuses": " ".join(f"{s}:{c}" for s, c in sorted(statuses.items())),
+            }
+        )
     return rows
 
 
@@ -129,14 +131,35 @@ class BenchReport:
 
     def table(self) -> str:
         """The summary as an aligned text table for a terminal."""
-        head = ["mode", "size", "conc", "runs", "success", "timeouts", "other",
-                "ttfv p50", "ttfv p95", "total p50", "total p95"]
-        lines = [[
-            str(r["mode"]), str(r["bucket"]), str(r["concurrency"]), str(r["runs"]),
-            f"{r['success_rate']:.0%}", f"{r['timeout_rate']:.0%}", str(r["other_failures"]),
-            _duration(r["ttfv_p50_s"]), _duration(r["ttfv_p95_s"]),
-            _duration(r["total_p50_s"]), _duration(r["total_p95_s"]),
-        ] for r in self.rows]
+        head = [
+            "mode",
+            "size",
+            "conc",
+            "runs",
+            "success",
+            "timeouts",
+            "other",
+            "ttfv p50",
+            "ttfv p95",
+            "total p50",
+            "total p95",
+        ]
+        lines = [
+            [
+                str(r["mode"]),
+                str(r["bucket"]),
+                str(r["concurrency"]),
+                str(r["runs"]),
+                f"{r['success_rate']:.0%}",
+                f"{r['timeout_rate']:.0%}",
+                str(r["other_failures"]),
+                _duration(r["ttfv_p50_s"]),
+                _duration(r["ttfv_p95_s"]),
+                _duration(r["total_p50_s"]),
+                _duration(r["total_p95_s"]),
+            ]
+            for r in self.rows
+        ]
         widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
         text_cols = {0, 1}
 
@@ -175,9 +198,13 @@ class BenchReport:
         document = {
             "scale": self.scale,
             "base_url": self.base_url,
-            "profile": None if self.profile is None else {
-                "name": self.profile.name, "prefill_tps": self.profile.prefill_tps,
-                "gen_tps": self.profile.gen_tps, "load_s": self.profile.load_s,
+            "profile": None
+            if self.profile is None
+            else {
+                "name": self.profile.name,
+                "prefill_tps": self.profile.prefill_tps,
+                "gen_tps": self.profile.gen_tps,
+                "load_s": self.profile.load_s,
                 "source": self.profile.source,
             },
             "wall_s": self.wall_s,
@@ -220,8 +247,9 @@ class BenchReport:
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("success rate")
         levels = sorted({int(r["concurrency"]) for r in self.rows})
-        ax.set_title(f"Success rate by prompt size (concurrency {', '.join(map(str, levels))}"
-                     " pooled)")
+        ax.set_title(
+            f"Success rate by prompt size (concurrency {', '.join(map(str, levels))} pooled)"
+        )
         ax.grid(True, alpha=0.3)
         ax.legend()
         _save(fig, target)
@@ -243,18 +271,35 @@ class BenchReport:
         for m, mode in enumerate(modes):
             for b, bucket in enumerate(buckets):
                 runs = [r for r in self.runs if r["mode"] == mode and r["bucket"] == bucket]
-                times = [float(r["ttfv_s"]) for r in runs
-                         if r["status"] == "ok" and r["ttfv_s"] is not None]
+                times = [
+                    float(r["ttfv_s"])
+                    for r in runs
+                    if r["status"] == "ok" and r["ttfv_s"] is not None
+                ]
                 x = b + (m - (len(modes) - 1) / 2) * width
                 if times:
-                    box = ax.boxplot([times], positions=[x], widths=width * 0.8,
-                                     patch_artist=True, manage_ticks=False)
+                    box = ax.boxplot(
+                        [times],
+                        positions=[x],
+                        widths=width * 0.8,
+                        patch_artist=True,
+                        manage_ticks=False,
+                    )
                     for patch in box["boxes"]:
                         patch.set_facecolor(colors[m])
                         patch.set_alpha(0.6)
-                ax.annotate(f"{len(times)}/{len(runs)}", (x, 0), xycoords=("data", "axes fraction"),
-                            xytext=(0, 3), textcoords="offset points", ha="center",
-                            va="bottom", rotation=90, fontsize=7, color=colors[m])
+                ax.annotate(
+                    f"{len(times)}/{len(runs)}",
+                    (x, 0),
+                    xycoords=("data", "axes fraction"),
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    rotation=90,
+                    fontsize=7,
+                    color=colors[m],
+                )
         ax.set_xticks(range(len(buckets)), [f"{b} tokens" for b in buckets])
         ax.set_yscale("log")
         ax.set_ylabel("time to first visible output (simulated s)")
@@ -262,9 +307,13 @@ class BenchReport:
         ax.grid(True, axis="y", alpha=0.3)
         from matplotlib.patches import Patch
 
-        ax.legend(handles=[Patch(color=c, alpha=0.6, label=m) for c, m in zip(colors, modes,
-                                                                              strict=True)],
-                  fontsize=8, loc="upper left")
+        ax.legend(
+            handles=[
+                Patch(color=c, alpha=0.6, label=m) for c, m in zip(colors, modes, strict=True)
+            ],
+            fontsize=8,
+            loc="upper left",
+        )
         _save(fig, target)
         return fig
 

@@ -89,14 +89,17 @@ def _bench_prompt(store: PromptStore) -> Prompt:
         prompt = None
     if prompt is None or prompt.template != template:
         prompt = store.save(
-            BENCH_PROMPT, template,
+            BENCH_PROMPT,
+            template,
             description="lmstream bench workload: the prompt text is the whole variable",
         )
     return prompt
 
 
 def _cells(
-    workload: Workload, modes: Sequence[str], concurrency: Sequence[int],
+    workload: Workload,
+    modes: Sequence[str],
+    concurrency: Sequence[int],
     timeouts: Sequence[float],
 ) -> list[_Cell]:
     cells: list[_Cell] = []
@@ -104,7 +107,8 @@ def _cells(
         if kind not in ("stream", "blocking"):
             raise ValueError(f"modes must be 'stream' and/or 'blocking', not {kind!r}")
         variants: list[tuple[str, float | None]] = (
-            [("stream", None)] if kind == "stream"
+            [("stream", None)]
+            if kind == "stream"
             else [(f"blocking {t:g}s", float(t)) for t in timeouts]
         )
         for label, timeout in variants:
@@ -144,15 +148,17 @@ async def arun_benchmark(
     kinds = tuple(fault_kinds)
     unknown = sorted(set(kinds) - set(FAULT_KINDS)) or ([] if kinds else ["(none)"])
     if unknown:
-        raise ValueError(f"fault_kinds must be among {', '.join(FAULT_KINDS)}, not "
-                         f"{', '.join(unknown)}")
+        raise ValueError(
+            f"fault_kinds must be among {', '.join(FAULT_KINDS)}, not {', '.join(unknown)}"
+        )
     retries = retries or Retries()
     if base_url is not None:
         if scale not in (None, 1, 1.0):
             raise ValueError("a real server runs in real time: leave scale unset with base_url")
         if faults:
-            raise ValueError("faults are injected by the simulator: leave faults at 0 with "
-                             "base_url")
+            raise ValueError(
+                "faults are injected by the simulator: leave faults at 0 with base_url"
+            )
         scale = 1.0
     scale = DEFAULT_SCALE if scale is None else float(scale)
     if not scale > 0:
@@ -168,8 +174,11 @@ async def arun_benchmark(
         idle=None if budgets.idle is None else budgets.idle * scale,
     )
     idle_sim = budgets.idle if budgets.idle is not None else 120.0
-    scaled_retries = Retries(attempts=retries.attempts, backoff=retries.backoff * scale,
-                             max_backoff=retries.max_backoff * scale)
+    scaled_retries = Retries(
+        attempts=retries.attempts,
+        backoff=retries.backoff * scale,
+        max_backoff=retries.max_backoff * scale,
+    )
     bar = _Bar(sum(c.rows for c in cells), progress)
     slots = asyncio.Semaphore(parallel)
     results: dict[int, list[dict[str, Any]]] = {}
@@ -179,8 +188,21 @@ async def arun_benchmark(
         async with slots:
             bar.note(cell)
             results[index] = await _run_cell(
-                cell, workload, prompt, store, base_url, scale, scaled, scaled_retries,
-                profile, max_parallel, faults, kinds, seed, idle_sim, model,
+                cell,
+                workload,
+                prompt,
+                store,
+                base_url,
+                scale,
+                scaled,
+                scaled_retries,
+                profile,
+                max_parallel,
+                faults,
+                kinds,
+                seed,
+                idle_sim,
+                model,
             )
             bar.done(cell)
 
@@ -191,20 +213,41 @@ async def arun_benchmark(
         bar.close()
     runs = [run for i in range(len(cells)) for run in results[i]]
     return BenchReport(
-        rows=summarize(runs), runs=runs, scale=scale, base_url=base_url,
-        profile=None if base_url is not None else profile, wall_s=time.monotonic() - t0,
-        meta={"seed": seed, "faults": faults, "fault_kinds": list(kinds),
-              "retries": retries.attempts, "max_parallel": max_parallel,
-              "first_token_budget_s": budgets.first_token, "idle_budget_s": budgets.idle,
-              "prompt": prompt.label},
+        rows=summarize(runs),
+        runs=runs,
+        scale=scale,
+        base_url=base_url,
+        profile=None if base_url is not None else profile,
+        wall_s=time.monotonic() - t0,
+        meta={
+            "seed": seed,
+            "faults": faults,
+            "fault_kinds": list(kinds),
+            "retries": retries.attempts,
+            "max_parallel": max_parallel,
+            "first_token_budget_s": budgets.first_token,
+            "idle_budget_s": budgets.idle,
+            "prompt": prompt.label,
+        },
     )
 
 
 async def _run_cell(
-    cell: _Cell, workload: Workload, prompt: Prompt, store: PromptStore, base_url: str | None,
-    scale: float, budgets: Budgets, retries: Retries, profile: SpeedProfile,
-    max_parallel: int | None, faults: float, fault_kinds: tuple[str, ...], seed: int,
-    idle_sim: float, model: str | None,
+    cell: _Cell,
+    workload: Workload,
+    prompt: Prompt,
+    store: PromptStore,
+    base_url: str | None,
+    scale: float,
+    budgets: Budgets,
+    retries: Retries,
+    profile: SpeedProfile,
+    max_parallel: int | None,
+    faults: float,
+    fault_kinds: tuple[str, ...],
+    seed: int,
+    idle_sim: float,
+    model: str | None,
 ) -> list[dict[str, Any]]:
     bucket = cell.bucket
     kinds = [workload.fault(bucket, row, faults, seed, fault_kinds) for row in range(cell.rows)]
@@ -212,8 +255,10 @@ async def _run_cell(
     for row, kind in enumerate(kinds):
         overrides: dict[str, object] | None = None
         if base_url is None:
-            overrides = {"output_tokens": bucket.answer_tokens,
-                         **fault_overrides(kind, bucket, idle_sim)}
+            overrides = {
+                "output_tokens": bucket.answer_tokens,
+                **fault_overrides(kind, bucket, idle_sim),
+            }
         rows.append({"text": workload.prompt_text(bucket, row, overrides=overrides)})
     sim: simulator.SimServer | None = None
     url = base_url
@@ -221,18 +266,34 @@ async def _run_cell(
         # The speeds come from ``profile`` through the default scenario; jitter 0 keeps every
         # cell the same at any scale.
         sim = await asyncio.to_thread(
-            simulator.serve, time_scale=scale, max_parallel=max_parallel, seed=seed,
-            defaults=simulator.Scenario(prefill_tps=profile.prefill_tps, gen_tps=profile.gen_tps,
-                                        load_s=profile.load_s, jitter=0.0),
+            simulator.serve,
+            time_scale=scale,
+            max_parallel=max_parallel,
+            seed=seed,
+            defaults=simulator.Scenario(
+                prefill_tps=profile.prefill_tps,
+                gen_tps=profile.gen_tps,
+                load_s=profile.load_s,
+                jitter=0.0,
+            ),
         )
         url = sim.base_url
     batch_id = new_batch_id()
     try:
         batch: BatchResult = await arun_many(
-            prompt, rows, concurrency=cell.concurrency, store=store, base_url=url,
-            budgets=budgets, retries=retries, batch_id=batch_id, progress=False, mode=cell.kind,
+            prompt,
+            rows,
+            concurrency=cell.concurrency,
+            store=store,
+            base_url=url,
+            budgets=budgets,
+            retries=retries,
+            batch_id=batch_id,
+            progress=False,
+            mode=cell.kind,
             timeout=None if cell.timeout_s is None else cell.timeout_s * scale,
-            max_tokens=bucket.answer_tokens, model=model or (_SIM_MODEL if sim else None),
+            max_tokens=bucket.answer_tokens,
+            model=model or (_SIM_MODEL if sim else None),
         )
     finally:
         if sim is not None:
@@ -241,14 +302,23 @@ async def _run_cell(
     for row, (result, kind) in enumerate(zip(batch.results, kinds, strict=True)):
         stats = result.stats
         first = stats.ttft_s if cell.kind == "stream" else stats.duration_s
-        out.append({
-            "mode": cell.mode, "timeout_s": cell.timeout_s, "bucket": bucket.name,
-            "prompt_tokens": bucket.prompt_tokens, "answer_tokens": bucket.answer_tokens,
-            "concurrency": cell.concurrency, "row": row, "fault": kind,
-            "status": result.status, "run_id": result.run_id, "batch_id": batch_id,
-            "ttfv_s": None if first is None else first / scale,
-            "total_s": stats.duration_s / scale,
-        })
+        out.append(
+            {
+                "mode": cell.mode,
+                "timeout_s": cell.timeout_s,
+                "bucket": bucket.name,
+                "prompt_tokens": bucket.prompt_tokens,
+                "answer_tokens": bucket.answer_tokens,
+                "concurrency": cell.concurrency,
+                "row": row,
+                "fault": kind,
+                "status": result.status,
+                "run_id": result.run_id,
+                "batch_id": batch_id,
+                "ttfv_s": None if first is None else first / scale,
+                "total_s": stats.duration_s / scale,
+            }
+        )
     return out
 
 

@@ -121,7 +121,11 @@ class Workload:
         return "".join(pieces)[:target]
 
     def fault(
-        self, bucket: SizeBucket, row: int, rate: float, seed: int,
+        self,
+        bucket: SizeBucket,
+        row: int,
+        rate: float,
+        seed: int,
         kinds: tuple[str, ...] = FAULT_KINDS,
     ) -> str | None:
         """The fault injected into one row, the same in every mode and at every scale."""

@@ -104,60 +104,83 @@ async def _read_json(request: Request, limit: int) -> Any:
     """The request body as JSON, refusing more than ``limit`` bytes before reading them all."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, f"The request body has {length} bytes, more than the {limit} "
-                            "this server accepts: send fewer or shorter variables.")
+        raise ApiError(
+            413,
+            f"The request body has {length} bytes, more than the {limit} "
+            "this server accepts: send fewer or shorter variables.",
+        )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ApiError(413, f"The request body is longer than the {limit} bytes this "
-                                "server accepts: send fewer or shorter variables.")
+            raise ApiError(
+                413,
+                f"The request body is longer than the {limit} bytes this "
+                "server accepts: send fewer or shorter variables.",
+            )
     if not body:
         return {}
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"The request body is not valid JSON ({exc}): send a JSON object "
-                            'such as {"variables": {"name": "value"}}.') from None
+        raise ApiError(
+            400,
+            f"The request body is not valid JSON ({exc}): send a JSON object "
+            'such as {"variables": {"name": "value"}}.',
+        ) from None
 
 
 def _run_request(body: Any) -> dict[str, Any]:
     """Check a run request's fields; every value is data, and only scalars are variables."""
     if not isinstance(body, dict):
-        raise ApiError(400, 'The request body must be a JSON object such as '
-                            '{"variables": {"name": "value"}}.')
+        raise ApiError(
+            400, 'The request body must be a JSON object such as {"variables": {"name": "value"}}.'
+        )
     unknown = sorted(set(body) - _RUN_FIELDS)
     if unknown:
-        raise ApiError(400, f"The request body has unknown field(s) {', '.join(unknown)}: use "
-                            f"{', '.join(sorted(_RUN_FIELDS))}.")
+        raise ApiError(
+            400,
+            f"The request body has unknown field(s) {', '.join(unknown)}: use "
+            f"{', '.join(sorted(_RUN_FIELDS))}.",
+        )
     variables = body.get("variables", {})
     if not isinstance(variables, dict):
         raise ApiError(400, '"variables" must be a JSON object of names to values.')
     for key, value in variables.items():
         if value is None or isinstance(value, (dict, list)):
-            raise ApiError(400, f"The variable {key!r} must be a string, number or boolean, "
-                                "not a JSON object, array or null.")
+            raise ApiError(
+                400,
+                f"The variable {key!r} must be a string, number or boolean, "
+                "not a JSON object, array or null.",
+            )
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or not model):
         raise ApiError(400, '"model" must be a model id (a non-empty string).')
     version = body.get("version")
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int)
-                                or version < 1):
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or version < 1
+    ):
         raise ApiError(400, '"version" must be a whole number of 1 or more.')
     temperature = body.get("temperature")
     if temperature is not None and (
-        isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-        or not math.isfinite(temperature) or temperature < 0
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature < 0
     ):
         raise ApiError(400, '"temperature" must be a number of 0 or more.')
     max_tokens = body.get("max_tokens")
-    if max_tokens is not None and (isinstance(max_tokens, bool)
-                                   or not isinstance(max_tokens, int) or max_tokens < 1):
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
         raise ApiError(400, '"max_tokens" must be a whole number of 1 or more.')
     return {
-        "variables": {str(k): v if isinstance(v, str) else json.dumps(v)
-                      for k, v in variables.items()},
-        "model": model, "version": version, "temperature": temperature,
+        "variables": {
+            str(k): v if isinstance(v, str) else json.dumps(v) for k, v in variables.items()
+        },
+        "model": model,
+        "version": version,
+        "temperature": temperature,
         "max_tokens": max_tokens,
     }
 
@@ -181,8 +204,10 @@ class _Api:
         try:
             html = resource.read_text(encoding="utf-8")
         except (FileNotFoundError, OSError):
-            html = ("<!doctype html><title>lmstream serve</title><p>The page is not installed; "
-                    "the API is at <a href=\"/api/openapi.json\">/api/openapi.json</a>.</p>")
+            html = (
+                "<!doctype html><title>lmstream serve</title><p>The page is not installed; "
+                'the API is at <a href="/api/openapi.json">/api/openapi.json</a>.</p>'
+            )
         return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
 
     async def openapi(self, request: Request) -> Response:
@@ -196,10 +221,12 @@ class _Api:
         name = request.path_params["name"]
         versions = await asyncio.to_thread(self.store.versions, name)
         latest = max(versions, key=lambda p: p.version or 0)
-        return JSONResponse({
-            **latest.as_dict(),
-            "versions": sorted(p.version for p in versions if p.version is not None),
-        })
+        return JSONResponse(
+            {
+                **latest.as_dict(),
+                "versions": sorted(p.version for p in versions if p.version is not None),
+            }
+        )
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"models": await self.hub.client.list_models()})
@@ -211,13 +238,17 @@ class _Api:
         prompt.render(fields["variables"])  # refuse missing or unknown variables before a run
         model = fields["model"] or prompt.model or await self.hub.client.default_model()
         live = await self.hub.start(
-            prompt, fields["variables"], model=model,
-            temperature=fields["temperature"], max_tokens=fields["max_tokens"],
+            prompt,
+            fields["variables"],
+            model=model,
+            temperature=fields["temperature"],
+            max_tokens=fields["max_tokens"],
         )
         url = f"/api/runs/{live.run_id}"
         return JSONResponse(
             {"run_id": live.run_id, "events_url": url + "/events", "url": url},
-            status_code=201, headers={"Location": url},
+            status_code=201,
+            headers={"Location": url},
         )
 
     async def runs(self, request: Request) -> Response:
@@ -227,8 +258,11 @@ class _Api:
             raise ApiError(400, f"limit is {limit_text!r}: use a whole number of runs.")
         try:
             runs = await asyncio.to_thread(
-                self.store.history, prompt=query.get("prompt"), status=query.get("status"),
-                model=query.get("model"), limit=int(limit_text),
+                self.store.history,
+                prompt=query.get("prompt"),
+                status=query.get("status"),
+                model=query.get("model"),
+                limit=int(limit_text),
             )
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
@@ -250,18 +284,24 @@ class _Api:
             return JSONResponse({"run_id": run_id, "status": "cancelled"})
         record = await asyncio.to_thread(self.store.get_run, run_id)
         if record.status == "unfinished":
-            raise ApiError(409, f"Run {run_id} is not running in this server (another process "
-                                "runs it, or it stopped without finishing), so it cannot be "
-                                "cancelled here.")
-        raise ApiError(409, f"Run {run_id} has already ended (status {record.status}): there "
-                            "is nothing to cancel.")
+            raise ApiError(
+                409,
+                f"Run {run_id} is not running in this server (another process "
+                "runs it, or it stopped without finishing), so it cannot be "
+                "cancelled here.",
+            )
+        raise ApiError(
+            409,
+            f"Run {run_id} has already ended (status {record.status}): there is nothing to cancel.",
+        )
 
     async def events(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         run_id = _run_id(request)
         try:
-            cursor = Cursor.parse(request.headers.get("last-event-id")
-                                  or request.query_params.get("last_event_id"))
+            cursor = Cursor.parse(
+                request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+            )
             live, record = await find_run(self.hub, run_id)
             if live is not None:
                 cursor.check(run_id, len(live.text), len(live.reasoning))
@@ -284,8 +324,11 @@ def _lmstream_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, LMStreamError)
     if isinstance(exc, PromptNotFound) and exc.version is None:
         # The store's sentence names its file; a web client gets the API's own way to look.
-        fix = ("did you mean " + " or ".join(repr(s) for s in exc.suggestions) + "?"
-               if exc.suggestions else "see GET /api/prompts for the names there are.")
+        fix = (
+            "did you mean " + " or ".join(repr(s) for s in exc.suggestions) + "?"
+            if exc.suggestions
+            else "see GET /api/prompts for the names there are."
+        )
         return _error(404, f"No prompt is named {exc.name!r}: {fix}")
     if isinstance(exc, (PromptNotFound, RunNotFound)):
         return _error(404, str(exc))
@@ -358,14 +401,19 @@ def create_app(
     - ``abort``: drops the connection of a request scope (set by :func:`serve`).
     """
     if keepalive <= 0 or status_interval <= 0 or slow_client_limit <= 0 or grace < 0:
-        raise ValueError("keepalive, status_interval and slow_client_limit must be positive, "
-                         "and grace 0 or more.")
+        raise ValueError(
+            "keepalive, status_interval and slow_client_limit must be positive, "
+            "and grace 0 or more."
+        )
     store = store or default_store()
     client = LMStudioClient(base_url, api_key=api_key, budgets=budgets)
     hub = Hub(store, client, grace=grace, budgets=budgets)
     settings = StreamSettings(
-        keepalive=keepalive, status_interval=status_interval,
-        slow_client_limit=slow_client_limit, retry_ms=retry_ms, max_event_chars=max_event_chars,
+        keepalive=keepalive,
+        status_interval=status_interval,
+        slow_client_limit=slow_client_limit,
+        retry_ms=retry_ms,
+        max_event_chars=max_event_chars,
     )
     api = _Api(hub, EventStream(hub, settings, abort), max_body)
 
@@ -392,10 +440,14 @@ def create_app(
     origins = list(cors_origins)
     middleware = []
     if origins:  # outermost, so a preflight (which carries no token) is answered
-        middleware.append(Middleware(
-            CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
-        ))
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=origins,
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            )
+        )
     if token:
         middleware.append(Middleware(TokenGuard, token=token))
     app = Starlette(

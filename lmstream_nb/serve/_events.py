@@ -29,6 +29,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+
 class SlowClient(Exception):
     """The client did not accept a write within the limit."""
 
@@ -75,9 +76,9 @@ class StreamSettings:
     max_event_chars: int
 
 
-def start_data(run_id: int, prompt: str | None, version: int | None, model: str | None) -> dict[
-    str, Any
-]:
+def start_data(
+    run_id: int, prompt: str | None, version: int | None, model: str | None
+) -> dict[str, Any]:
     return {"run_id": run_id, "prompt": prompt, "version": version, "model": model}
 
 

@@ -309,9 +309,7 @@ class Hub:
         """Nobody listens: keep the run going for ``grace`` seconds (a reconnect), then cancel."""
         if live.grace_timer is not None:
             live.grace_timer.cancel()
-        live.grace_timer = asyncio.get_running_loop().call_later(
-            self.grace, self._grace_over, live
-        )
+        live.grace_timer = asyncio.get_running_loop().call_later(self.grace, self._grace_over, live)
 
     def _grace_over(self, live: LiveRun) -> None:
         live.grace_timer = None

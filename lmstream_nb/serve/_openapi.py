@@ -62,56 +62,109 @@ def openapi() -> dict[str, Any]:
             "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}},
         },
         "paths": {
-            "/": {"get": {"summary": "The browser page", "responses": {
-                "200": {"description": "HTML", "content": {"text/html": {}}}}}},
-            "/api/openapi.json": {"get": {"summary": "This description", "responses": {
-                "200": _json("OpenAPI 3.1", obj)}}},
-            "/api/prompts": {"get": {"summary": "Stored prompts (latest versions)", "responses": {
-                "200": _json("{prompts: [...]}", obj)}}},
-            "/api/prompts/{name}": {"get": {
-                "summary": "One prompt: latest version, its variables and every version number",
-                "parameters": [_NAME],
-                "responses": {"200": _json("The prompt", obj), "404": _ERROR}}},
-            "/api/prompts/{name}/runs": {"post": {
-                "summary": "Start a run; answers at once with its id and events URL",
-                "parameters": [_NAME],
-                "requestBody": {"content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/RunRequest"}}}},
-                "responses": {
-                    "201": _json("{run_id, events_url, url}", obj),
-                    "400": _ERROR, "404": _ERROR, "413": _ERROR, "422": _ERROR, "502": _ERROR,
-                }}},
-            "/api/models": {"get": {"summary": "Model ids of the model server", "responses": {
-                "200": _json("{models: [...]}", obj), "502": _ERROR}}},
-            "/api/runs": {"get": {
-                "summary": "Recorded runs, newest first (as `lmstream history --json`)",
-                "parameters": [
-                    {"name": n, "in": "query", "schema": {"type": t}}
-                    for n, t in (("prompt", "string"), ("status", "string"),
-                                 ("model", "string"), ("limit", "integer"))
-                ],
-                "responses": {"200": _json("{runs: [...]}", obj), "400": _ERROR}}},
-            "/api/runs/{run_id}": {
-                "get": {"summary": "One run in full", "parameters": [_RUN_ID], "responses": {
-                    "200": _json("The run", obj), "404": _ERROR}},
-                "delete": {"summary": "Cancel a running run", "parameters": [_RUN_ID],
-                           "responses": {"200": _json("{run_id, status: cancelled}", obj),
-                                         "404": _ERROR, "409": _ERROR}},
+            "/": {
+                "get": {
+                    "summary": "The browser page",
+                    "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
+                }
             },
-            "/api/runs/{run_id}/events": {"get": {
-                "summary": "The run as Server-Sent Events",
-                "description": _EVENTS_DOC,
-                "parameters": [
-                    _RUN_ID,
-                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
-                    {"name": "last_event_id", "in": "query", "schema": {"type": "string"}},
-                ],
-                "responses": {
-                    "200": {"description": "The event stream",
-                            "content": {"text/event-stream": {}}},
-                    "204": {"description": "The client has seen the end already"},
-                    "400": _ERROR, "404": _ERROR,
-                }}},
+            "/api/openapi.json": {
+                "get": {
+                    "summary": "This description",
+                    "responses": {"200": _json("OpenAPI 3.1", obj)},
+                }
+            },
+            "/api/prompts": {
+                "get": {
+                    "summary": "Stored prompts (latest versions)",
+                    "responses": {"200": _json("{prompts: [...]}", obj)},
+                }
+            },
+            "/api/prompts/{name}": {
+                "get": {
+                    "summary": "One prompt: latest version, its variables and every version number",
+                    "parameters": [_NAME],
+                    "responses": {"200": _json("The prompt", obj), "404": _ERROR},
+                }
+            },
+            "/api/prompts/{name}/runs": {
+                "post": {
+                    "summary": "Start a run; answers at once with its id and events URL",
+                    "parameters": [_NAME],
+                    "requestBody": {
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/RunRequest"}
+                            }
+                        }
+                    },
+                    "responses": {
+                        "201": _json("{run_id, events_url, url}", obj),
+                        "400": _ERROR,
+                        "404": _ERROR,
+                        "413": _ERROR,
+                        "422": _ERROR,
+                        "502": _ERROR,
+                    },
+                }
+            },
+            "/api/models": {
+                "get": {
+                    "summary": "Model ids of the model server",
+                    "responses": {"200": _json("{models: [...]}", obj), "502": _ERROR},
+                }
+            },
+            "/api/runs": {
+                "get": {
+                    "summary": "Recorded runs, newest first (as `lmstream history --json`)",
+                    "parameters": [
+                        {"name": n, "in": "query", "schema": {"type": t}}
+                        for n, t in (
+                            ("prompt", "string"),
+                            ("status", "string"),
+                            ("model", "string"),
+                            ("limit", "integer"),
+                        )
+                    ],
+                    "responses": {"200": _json("{runs: [...]}", obj), "400": _ERROR},
+                }
+            },
+            "/api/runs/{run_id}": {
+                "get": {
+                    "summary": "One run in full",
+                    "parameters": [_RUN_ID],
+                    "responses": {"200": _json("The run", obj), "404": _ERROR},
+                },
+                "delete": {
+                    "summary": "Cancel a running run",
+                    "parameters": [_RUN_ID],
+                    "responses": {
+                        "200": _json("{run_id, status: cancelled}", obj),
+                        "404": _ERROR,
+                        "409": _ERROR,
+                    },
+                },
+            },
+            "/api/runs/{run_id}/events": {
+                "get": {
+                    "summary": "The run as Server-Sent Events",
+                    "description": _EVENTS_DOC,
+                    "parameters": [
+                        _RUN_ID,
+                        {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                        {"name": "last_event_id", "in": "query", "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The event stream",
+                            "content": {"text/event-stream": {}},
+                        },
+                        "204": {"description": "The client has seen the end already"},
+                        "400": _ERROR,
+                        "404": _ERROR,
+                    },
+                }
+            },
         },
         "security": [{}, {"token": []}],
     }

@@ -65,8 +65,13 @@ class ServeHandle:
         # Before uvicorn waits for connections: end the event streams (they would hold a
         # graceful shutdown for its whole timeout) and record the running runs as cancelled.
         self._runner = ThreadedServer(
-            self.app, host=host, port=port, what="lmstream serve", lifespan="on",
-            send_buffer=send_buffer, before_shutdown=self.hub.aclose,
+            self.app,
+            host=host,
+            port=port,
+            what="lmstream serve",
+            lifespan="on",
+            send_buffer=send_buffer,
+            before_shutdown=self.hub.aclose,
         )
 
     @property

@@ -170,8 +170,15 @@ class Scenario:
     def without_faults(self) -> Scenario:
         """The same scenario with every fault switched off (a retry after a transient fault)."""
         return dataclasses.replace(
-            self, stall_at=None, disconnect_at=None, end_at=None, error_at=None,
-            malformed_at=None, http_status=None, content_type=None, no_model=False,
+            self,
+            stall_at=None,
+            disconnect_at=None,
+            end_at=None,
+            error_at=None,
+            malformed_at=None,
+            http_status=None,
+            content_type=None,
+            no_model=False,
         )
 
 

@@ -25,6 +25,7 @@ from ._scenario import SimConfig
 
 __all__ = ["SimServer", "run", "serve"]
 
+
 def summary(record: RequestRecord) -> str:
     """One line about a finished request, e.g. for the ``lmstream sim`` log."""
     seconds = (record.ended_at or time.monotonic()) - (record.started_at or time.monotonic())
@@ -52,7 +53,9 @@ class SimServer:
         self.config = config
         self._recorder = Recorder(on_finish)
         self._runner = ThreadedServer(
-            build_app(config, self._recorder), host=config.host, port=config.port,
+            build_app(config, self._recorder),
+            host=config.host,
+            port=config.port,
             what="the simulator",
         )
 

@@ -31,8 +31,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-REPLY = ('Hello <img src=x onerror="window.__xss=1;alert(1)"> and <script>window.__xss=2'
-         "</script> - the answer keeps going, word after word, so the text grows.")
+REPLY = (
+    'Hello <img src=x onerror="window.__xss=1;alert(1)"> and <script>window.__xss=2'
+    "</script> - the answer keeps going, word after word, so the text grows."
+)
 
 NOTEBOOK_CELL = f"""
 from lmstream_nb import PromptRunner, PromptStore, simulator
@@ -82,15 +84,17 @@ def _api(base: str, token: str, path: str, method: str = "GET") -> Any:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
     if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium); .ci/run "
-                    "installs it")
+        pytest.skip(
+            "Debian's chromium is not installed (apt-get install chromium); .ci/run installs it"
+        )
     tmp = tmp_path_factory.mktemp("lab")
     root = tmp / "root"
     root.mkdir()
     config = tmp / "config"
     (config / "labconfig").mkdir(parents=True)
-    (config / "labconfig" / "page_config.json").write_text(json.dumps(
-        {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
+    (config / "labconfig" / "page_config.json").write_text(
+        json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}})
+    )
     env = {
         **os.environ,
         "JUPYTER_CONFIG_DIR": str(config),
@@ -104,9 +108,16 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Pa
     }
     port, token = _free_port(), secrets.token_hex(16)
     command = [
-        sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-        "--port-retries=0", f"--IdentityProvider.token={token}",
-        f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        "--port-retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        "--LabApp.expose_app_in_browser=True",
     ]
     if os.geteuid() == 0:
         command.append("--allow-root")
@@ -143,10 +154,19 @@ def browser_page(lab: tuple[str, str, Path], tmp_path_factory: pytest.TempPathFa
     profile = tmp_path_factory.mktemp("chromium-profile")
     with playwright_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
+            str(profile),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
             viewport={"width": 1280, "height": 1000},
         )
         try:
@@ -166,8 +186,11 @@ def test_runner_streams_stops_and_keeps_html_as_text(
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nb.cells = [nbformat.v4.new_code_cell(NOTEBOOK_CELL.strip())]
     nbformat.write(nb, str(root / "runner.ipynb"))
     try:
@@ -179,15 +202,18 @@ def test_runner_streams_stops_and_keeps_html_as_text(
         page.fill(".lmstream-runner .lmstream-var-name textarea", "World")
         page.wait_for_function(
             "() => [...document.querySelectorAll('.lmstream-runner select option')]"
-            ".some(o => o.textContent.includes('lmstream-sim-8b'))", timeout=30_000)
+            ".some(o => o.textContent.includes('lmstream-sim-8b'))",
+            timeout=30_000,
+        )
         page.evaluate(SAMPLER_JS)
         page.click(".lmstream-runner button:has-text('Run')")
         page.wait_for_function(
             "() => { const t = document.querySelector('.lmstream-runner .lmstream-text');"
-            " return t && t.textContent.length > 40; }", timeout=30_000)
+            " return t && t.textContent.length > 40; }",
+            timeout=30_000,
+        )
         page.screenshot(path=str(ARTIFACTS / "runner-streaming.png"))
-        page.wait_for_selector(".lmstream-runner .lmstream-view[data-state='done']",
-                               timeout=60_000)
+        page.wait_for_selector(".lmstream-runner .lmstream-view[data-state='done']", timeout=60_000)
         lengths = page.evaluate("window.__lengths")
         page.screenshot(path=str(ARTIFACTS / "runner-done.png"))
         grown = [n for n in lengths if n > 1]
@@ -202,15 +228,19 @@ def test_runner_streams_stops_and_keeps_html_as_text(
         assert dialogs == []
 
         page.click(".lmstream-runner button:has-text('Run')")
-        page.wait_for_selector(".lmstream-runner .lmstream-view[data-state='generating']",
-                               timeout=30_000)
+        page.wait_for_selector(
+            ".lmstream-runner .lmstream-view[data-state='generating']", timeout=30_000
+        )
         page.wait_for_function(
             "() => document.querySelector('.lmstream-runner .lmstream-text')"
-            ".textContent.length > 20", timeout=30_000)
+            ".textContent.length > 20",
+            timeout=30_000,
+        )
         clicked = time.monotonic()
         page.click(".lmstream-runner button:has-text('Stop')")
-        page.wait_for_selector(".lmstream-runner .lmstream-view[data-state='cancelled']",
-                               timeout=10_000)
+        page.wait_for_selector(
+            ".lmstream-runner .lmstream-view[data-state='cancelled']", timeout=10_000
+        )
         assert time.monotonic() - clicked < 3.0
         status = page.inner_text(".lmstream-runner .lmstream-status")
         assert "cancelled" in status

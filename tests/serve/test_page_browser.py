@@ -31,8 +31,10 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 MODEL = "lmstream-sim-8b"
 TOKEN = secrets.token_hex(8)
 # The simulator streams this answer verbatim for the "html" prompt ([[sim …]] marker).
-HTML_REPLY = ("Look: <img src=x onerror='window.__xss=1'> and <script>window.__xss=2</script>"
-              " <b>bold?</b> & done.")
+HTML_REPLY = (
+    "Look: <img src=x onerror='window.__xss=1'> and <script>window.__xss=2</script>"
+    " <b>bold?</b> & done."
+)
 
 # Records every state the status line takes, so the test can check the sequence afterwards.
 PHASES_JS = """() => {
@@ -54,8 +56,12 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any
     # About 1 s of prompt processing (the template is ~50 characters, 4 per token), then 60
     # tokens at 12 tokens/s: 5 s of steady text, time enough to drop the connection mid-way.
     store.save("greet", "Write a short note to {{name}} about {{topic}}.", model=MODEL)
-    store.save("html", '[[sim {"reply": "' + HTML_REPLY + '", "output_tokens": null, '
-               '"gen_tps": 100, "prefill_tps": 100000}]] Repeat after me: {{what}}', model=MODEL)
+    store.save(
+        "html",
+        '[[sim {"reply": "' + HTML_REPLY + '", "output_tokens": null, '
+        '"gen_tps": 100, "prefill_tps": 100000}]] Repeat after me: {{what}}',
+        model=MODEL,
+    )
     defaults = simulator.Scenario(prefill_tps=12, gen_tps=12, output_tokens=60, jitter=0)
     with (
         simulator.serve(profile="test-fast", seed=7, defaults=defaults) as sim,
@@ -67,16 +73,25 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any
 @pytest.fixture(scope="module")
 def page(service: tuple[Any, Any, PromptStore]) -> Iterator[Any]:
     if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium); .ci/run "
-                    "installs it")
+        pytest.skip(
+            "Debian's chromium is not installed (apt-get install chromium); .ci/run installs it"
+        )
     playwright_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')"
+    )
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"],
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
         )
         try:
             context = browser.new_context(viewport={"width": 1100, "height": 900})
@@ -119,8 +134,7 @@ def test_page_runs_reconnects_escapes_and_stops(
         page.wait_for_selector("#prompt option[value='greet']", state="attached", timeout=10_000)
         page.select_option("#prompt", "greet")
         page.wait_for_selector("[data-testid='var-topic']", timeout=10_000)
-        page.wait_for_selector(f"#model option[value='{MODEL}']", state="attached",
-                               timeout=10_000)
+        page.wait_for_selector(f"#model option[value='{MODEL}']", state="attached", timeout=10_000)
         page.fill("[data-testid='var-name']", "Ada")
         page.fill("[data-testid='var-topic']", "rivers & <bridges>")
         page.evaluate(PHASES_JS)
@@ -140,7 +154,8 @@ def test_page_runs_reconnects_escapes_and_stops(
         shown = page.evaluate("document.getElementById('output').textContent")
         text = page.evaluate("window.lmstream.text")
         counters = page.evaluate(
-            "({resynced: window.lmstream.resynced, opens: window.lmstream.opens})")
+            "({resynced: window.lmstream.resynced, opens: window.lmstream.opens})"
+        )
         record = _recorded(store, run_id)
         assert record.status == "ok", record.error
         assert text == record.text, "the page got exactly the recorded text"
@@ -157,8 +172,11 @@ def test_page_runs_reconnects_escapes_and_stops(
         assert "last-event-id" not in event_requests[0].all_headers()
         assert event_requests[1].all_headers().get("last-event-id")
         phases = page.evaluate("window.__phases")
-        for earlier, later in [("waiting", "streaming"), ("streaming", "reconnecting"),
-                               ("reconnecting", "done")]:
+        for earlier, later in [
+            ("waiting", "streaming"),
+            ("streaming", "reconnecting"),
+            ("reconnecting", "done"),
+        ]:
             assert earlier in phases, phases
             assert later in phases, phases
             assert phases.index(earlier) < len(phases) - 1 - phases[::-1].index(later), phases
@@ -214,8 +232,9 @@ def test_page_runs_reconnects_escapes_and_stops(
         page.wait_for_function("() => window.lmstream.text.length > 10", timeout=15_000)
         lost_run = page.evaluate("window.lmstream.runId")
         assert handle.drop_listeners(lost_run) == 1
-        page.wait_for_selector("#status:is([data-state='error'], [data-state='done'])",
-                               timeout=15_000)
+        page.wait_for_selector(
+            "#status:is([data-state='error'], [data-state='done'])", timeout=15_000
+        )
         status = page.inner_text("#status")
         if page.get_attribute("#status", "data-state") == "error":  # the run was still going
             assert f"Lost the event stream; run #{lost_run} goes on" in status, status

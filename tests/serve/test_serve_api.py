@@ -26,8 +26,13 @@ MODEL = "lmstream-sim-8b"
 def store_path(tmp_path: Path) -> Path:
     store = PromptStore(tmp_path / "lmstream.db")
     store.save("greet", "Say hello to {{who}} in {{lang}}.", system="You are {{role}}.")
-    store.save("greet", "Say hello to {{who}} in {{lang}}, briefly.", system="You are {{role}}.",
-               model=MODEL, description="v2")
+    store.save(
+        "greet",
+        "Say hello to {{who}} in {{lang}}, briefly.",
+        system="You are {{role}}.",
+        model=MODEL,
+        description="v2",
+    )
     store.save("plain", "Tell me about rivers.")
     store.close()
     return tmp_path / "lmstream.db"
@@ -78,18 +83,22 @@ def test_models(client: httpx.Client) -> None:
 def test_run_answers_at_once_streams_and_is_recorded(
     client: httpx.Client, store_path: Path
 ) -> None:
-    response = client.post("/api/prompts/greet/runs",
-                           json={"variables": {"who": "Ada", "lang": "Welsh", "role": "kind"}})
+    response = client.post(
+        "/api/prompts/greet/runs",
+        json={"variables": {"who": "Ada", "lang": "Welsh", "role": "kind"}},
+    )
     assert response.status_code == 201
     body = response.json()
     run_id = body["run_id"]
-    assert body == {"run_id": run_id, "events_url": f"/api/runs/{run_id}/events",
-                    "url": f"/api/runs/{run_id}"}
+    assert body == {
+        "run_id": run_id,
+        "events_url": f"/api/runs/{run_id}/events",
+        "url": f"/api/runs/{run_id}",
+    }
     events, _ = read_events(client, body["events_url"])
     assert events[0].event == "start"
     assert events[0].retry is not None
-    assert events[0].json() == {"run_id": run_id, "prompt": "greet", "version": 2,
-                                "model": MODEL}
+    assert events[0].json() == {"run_id": run_id, "prompt": "greet", "version": 2, "model": MODEL}
     assert events[-1].event == "done"
     assert all(e.id for e in events)
     text = text_of(events)
@@ -111,10 +120,16 @@ def test_run_answers_at_once_streams_and_is_recorded(
 
 
 def test_run_options_and_an_older_version(client: httpx.Client) -> None:
-    response = client.post("/api/prompts/greet/runs", json={
-        "variables": {"who": "Ada", "lang": "Welsh", "role": "kind"}, "version": 1,
-        "model": MODEL, "max_tokens": 5, "temperature": 0.5,
-    })
+    response = client.post(
+        "/api/prompts/greet/runs",
+        json={
+            "variables": {"who": "Ada", "lang": "Welsh", "role": "kind"},
+            "version": 1,
+            "model": MODEL,
+            "max_tokens": 5,
+            "temperature": 0.5,
+        },
+    )
     assert response.status_code == 201, response.text
     events, _ = read_events(client, response.json()["events_url"])
     assert events[0].json()["version"] == 1
@@ -125,8 +140,11 @@ def test_run_options_and_an_older_version(client: httpx.Client) -> None:
     ("body", "status", "expected"),
     [
         ({"variables": {"who": "Ada"}}, 422, str(MissingVariables(["lang", "role"]))),
-        ({"variables": {"who": "A", "lang": "B", "role": "C", "whom": "D"}}, 422,
-         str(UnknownVariables(["whom"], ["role", "who", "lang"]))),
+        (
+            {"variables": {"who": "A", "lang": "B", "role": "C", "whom": "D"}},
+            422,
+            str(UnknownVariables(["whom"], ["role", "who", "lang"])),
+        ),
         ({"variables": ["who"]}, 400, '"variables" must be a JSON object of names to values.'),
         ({"variables": {"who": {"a": 1}, "lang": "B", "role": "C"}}, 400, None),
         ({"variables": {}, "surprise": 1}, 400, None),
@@ -154,23 +172,30 @@ def test_unknown_prompt_bad_json_and_big_bodies_start_nothing(
     response = client.post("/api/prompts/nope/runs", json={"variables": {}})
     assert response.status_code == 404
     assert response.json()["error"].startswith("No prompt is named 'nope'")
-    response = client.post("/api/prompts/plain/runs", content=b"{not json",
-                           headers={"content-type": "application/json"})
+    response = client.post(
+        "/api/prompts/plain/runs",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == 400
     assert response.json()["error"].startswith("The request body is not valid JSON")
-    response = client.post("/api/prompts/plain/runs",
-                           json={"variables": {"x": "y" * 5000}})
+    response = client.post("/api/prompts/plain/runs", json={"variables": {"x": "y" * 5000}})
     assert response.status_code == 413
     # Without a Content-Length (chunked upload) the limit holds while reading.
-    response = client.post("/api/prompts/plain/runs",
-                           content=iter([b'{"variables": {"x": "', b"y" * 4096, b'"}}']))
+    response = client.post(
+        "/api/prompts/plain/runs", content=iter([b'{"variables": {"x": "', b"y" * 4096, b'"}}'])
+    )
     assert response.status_code == 413
     assert client.get("/api/runs").json()["runs"] == []
 
 
 def test_unknown_runs_and_routes_are_json_404s(client: httpx.Client) -> None:
-    for method, url in [("GET", "/api/runs/999"), ("GET", "/api/runs/999/events"),
-                        ("DELETE", "/api/runs/999"), ("GET", "/api/nothing")]:
+    for method, url in [
+        ("GET", "/api/runs/999"),
+        ("GET", "/api/runs/999/events"),
+        ("DELETE", "/api/runs/999"),
+        ("GET", "/api/nothing"),
+    ]:
         response = client.request(method, url)
         assert response.status_code == 404, url
         assert response.json()["error"].endswith(".")
@@ -205,16 +230,20 @@ def test_page_is_served(client: httpx.Client) -> None:
 
 
 def test_token_is_required_on_every_request(store_path: Path, sim: simulator.SimServer) -> None:
-    with service(store_path, sim.base_url, token="s3cret") as server, \
-            httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
+    with (
+        service(store_path, sim.base_url, token="s3cret") as server,
+        httpx.Client(base_url=server.url, timeout=TIMEOUT) as client,
+    ):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
             response = client.get("/api/prompts", headers=headers)
             assert response.status_code == 401
             assert response.headers["www-authenticate"] == "Bearer"
             assert "token" in response.json()["error"]
         assert client.get("/", params={"token": "nope"}).status_code == 401
-        assert client.get("/api/prompts",
-                          headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert (
+            client.get("/api/prompts", headers={"Authorization": "Bearer s3cret"}).status_code
+            == 200
+        )
         run = client.post("/api/prompts/plain/runs", params={"token": "s3cret"}, json={})
         assert run.status_code == 201
         events_url = run.json()["events_url"]
@@ -234,18 +263,27 @@ def test_cors_is_off_unless_origins_are_listed(
 ) -> None:
     origin = {"Origin": "http://example.test"}
     assert "access-control-allow-origin" not in client.get("/api/prompts", headers=origin).headers
-    with service(store_path, sim.base_url, token="t",
-                 cors_origins=["http://example.test"]) as server, \
-            httpx.Client(base_url=server.url, timeout=TIMEOUT) as other:
-        preflight = other.options("/api/prompts/plain/runs", headers={
-            **origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type"})
+    with (
+        service(
+            store_path, sim.base_url, token="t", cors_origins=["http://example.test"]
+        ) as server,
+        httpx.Client(base_url=server.url, timeout=TIMEOUT) as other,
+    ):
+        preflight = other.options(
+            "/api/prompts/plain/runs",
+            headers={
+                **origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] == "http://example.test"
         response = other.get("/api/prompts", headers={**origin, "Authorization": "Bearer t"})
         assert response.headers["access-control-allow-origin"] == "http://example.test"
-        elsewhere = other.get("/api/prompts", headers={"Origin": "http://evil.test",
-                                                       "Authorization": "Bearer t"})
+        elsewhere = other.get(
+            "/api/prompts", headers={"Origin": "http://evil.test", "Authorization": "Bearer t"}
+        )
         assert "access-control-allow-origin" not in elsewhere.headers
 
 

@@ -30,9 +30,20 @@ def test_lmstream_serve_serves_until_ctrl_c(tmp_path: Path, sim: simulator.SimSe
     db = tmp_path / "prompts.db"
     PromptStore(db).save("plain", "Tell me about rivers.")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lmstream_nb", "serve", "--port", "0",
-         "--base-url", sim.base_url, "--db", str(db)],
-        stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "lmstream_nb",
+            "serve",
+            "--port",
+            "0",
+            "--base-url",
+            sim.base_url,
+            "--db",
+            str(db),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = _read_line(proc, 20)

@@ -38,8 +38,10 @@ SLOW = '[[sim {"gen_tps": 150, "output_tokens": 150, "jitter": 0}]] '
 CRAWL = '[[sim {"gen_tps": 20, "output_tokens": 2000, "jitter": 0}]] '
 # About 0.8 s of prompt processing (the prompt is ~200 characters, ~4 per token).
 PONDER = '[[sim {"prefill_tps": 60, "output_tokens": 20}]] ' + "Consider this slowly. " * 8
-HUGE = ('[[sim {"chunk_chars": 1000, "output_tokens": 800, "gen_tps": 500, '
-        '"prefill_tps": 1000000000, "jitter": 0}]] ')
+HUGE = (
+    '[[sim {"chunk_chars": 1000, "output_tokens": 800, "gen_tps": 500, '
+    '"prefill_tps": 1000000000, "jitter": 0}]] '
+)
 
 
 @pytest.fixture
@@ -76,8 +78,10 @@ def start(client: httpx.Client, prompt: str, **variables: Any) -> dict[str, Any]
 async def simulator_answer(sim: simulator.SimServer, messages: list[dict[str, str]]) -> str:
     """What the seeded simulator says to these messages (asked again, without streaming)."""
     async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-        response = await client.post(sim.base_url + "/chat/completions", json={
-            "model": MODEL, "messages": messages, "stream": False})
+        response = await client.post(
+            sim.base_url + "/chat/completions",
+            json={"model": MODEL, "messages": messages, "stream": False},
+        )
     content: str = response.json()["choices"][0]["message"]["content"]
     return content
 
@@ -185,8 +189,10 @@ def test_resume_after_the_run_finished_and_after_a_restart(
         assert "Last-Event-ID" in response.json()["error"]
 
     server.stop()  # a new server process on the same database
-    with service(store_path, sim.base_url) as again, \
-            httpx.Client(base_url=again.url, timeout=TIMEOUT) as other:
+    with (
+        service(store_path, sim.base_url) as again,
+        httpx.Client(base_url=again.url, timeout=TIMEOUT) as other,
+    ):
         rest2, _ = read_events(other, run["events_url"], last_id=middle.id)
         assert seen + text_of(rest2) == stored
 
@@ -223,7 +229,8 @@ def test_delete_cancels_the_run_and_closes_the_simulator_connection(
     run_id = run["run_id"]
     got: list[list[SSE]] = []
     listener = threading.Thread(
-        target=lambda: got.append(read_events(client, run["events_url"])[0]))
+        target=lambda: got.append(read_events(client, run["events_url"])[0])
+    )
     listener.start()
     wait_until(lambda: server.snapshot()[run_id]["text_chars"] > 0, what="text arrives")
     response = client.delete(run["url"])
@@ -237,8 +244,14 @@ def test_delete_cancels_the_run_and_closes_the_simulator_connection(
     assert events[-1].json() == {"status": "cancelled", "message": record.error}
     assert record.status == "cancelled"
     assert text_of(events) == record.text
-    sim.wait_for(lambda r: r.outcome == "client_disconnected" and (r.started_at or 0) > t0
-                 and r.disconnect_phase == "generation", timeout=10)
+    sim.wait_for(
+        lambda r: (
+            r.outcome == "client_disconnected"
+            and (r.started_at or 0) > t0
+            and r.disconnect_phase == "generation"
+        ),
+        timeout=10,
+    )
     assert client.delete(run["url"]).status_code == 409
 
 
@@ -246,13 +259,16 @@ def test_a_run_nobody_listens_to_is_cancelled_after_the_grace_period(
     store_path: Path, sim: simulator.SimServer
 ) -> None:
     t0 = time.monotonic()
-    with service(store_path, sim.base_url, grace=0.3) as server, \
-            httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
+    with (
+        service(store_path, sim.base_url, grace=0.3) as server,
+        httpx.Client(base_url=server.url, timeout=TIMEOUT) as client,
+    ):
         run = start(client, "crawl", topic="dust")
         store = PromptStore(store_path)
         wait_until(lambda: store.get_run(run["run_id"]).status == "cancelled", what="cancelled")
-        sim.wait_for(lambda r: r.outcome == "client_disconnected" and (r.started_at or 0) > t0,
-                     timeout=10)
+        sim.wait_for(
+            lambda r: r.outcome == "client_disconnected" and (r.started_at or 0) > t0, timeout=10
+        )
         # A listener that comes back later still gets the whole (partial) run from the store.
         events, _ = read_events(client, run["events_url"])
         assert events[-1].json()["status"] == "cancelled"
@@ -264,19 +280,32 @@ def test_a_stalled_client_is_bounded_then_dropped_and_can_resume(
 ) -> None:
     limit, event_chars = 0.3, 4096
     # A small kernel send buffer, so the server's own write buffer fills quickly.
-    with service(store_path, sim.base_url, slow_client_limit=limit,
-                 max_event_chars=event_chars, send_buffer=16384) as server, \
-            httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
+    with (
+        service(
+            store_path,
+            sim.base_url,
+            slow_client_limit=limit,
+            max_event_chars=event_chars,
+            send_buffer=16384,
+        ) as server,
+        httpx.Client(base_url=server.url, timeout=TIMEOUT) as client,
+    ):
         run = start(client, "huge", topic="everything")
         run_id = run["run_id"]
         # Two clients with tiny receive windows that read nothing, and one normal client.
-        stalled = httpx.Client(base_url=server.url, timeout=TIMEOUT, transport=httpx.HTTPTransport(
-            socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]))
+        stalled = httpx.Client(
+            base_url=server.url,
+            timeout=TIMEOUT,
+            transport=httpx.HTTPTransport(
+                socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]
+            ),
+        )
         streams = [stalled.stream("GET", run["events_url"]) for _ in range(2)]
         responses = [s.__enter__() for s in streams]
         normal: list[list[SSE]] = []
         reader_thread = threading.Thread(
-            target=lambda: normal.append(read_events(client, run["events_url"])[0]))
+            target=lambda: normal.append(read_events(client, run["events_url"])[0])
+        )
         reader_thread.start()
 
         high = behind = 0
@@ -329,7 +358,8 @@ def test_stopping_the_server_cancels_and_records_running_runs(
     run_id = run["run_id"]
     got: list[list[SSE]] = []
     listener = threading.Thread(
-        target=lambda: got.append(read_events(client, run["events_url"])[0]))
+        target=lambda: got.append(read_events(client, run["events_url"])[0])
+    )
     listener.start()
     wait_until(lambda: server.snapshot()[run_id]["text_chars"] > 0, what="text arrives")
     server.stop()
@@ -339,5 +369,6 @@ def test_stopping_the_server_cancels_and_records_running_runs(
     assert record.status == "cancelled"
     assert got[0][-1].json() == {"status": "cancelled", "message": record.error}
     assert text_of(got[0]) == record.text
-    sim.wait_for(lambda r: r.outcome == "client_disconnected" and (r.started_at or 0) > t0,
-                 timeout=10)
+    sim.wait_for(
+        lambda r: r.outcome == "client_disconnected" and (r.started_at or 0) > t0, timeout=10
+    )

@@ -199,12 +199,16 @@ def test_scenario_marker_in_the_prompt_applies_to_that_request() -> None:
 
     with sim_mod.serve(profile="test-fast") as server:
         body = {
-            "model": "lmstream-sim-8b", "stream": False,
+            "model": "lmstream-sim-8b",
+            "stream": False,
             "messages": [{"role": "user", "content": 'Go [[sim {"output_tokens": 3}]] now'}],
         }
         reply = httpx.post(server.base_url + "/chat/completions", json=body, timeout=10)
-        bad = httpx.post(server.base_url + "/chat/completions", timeout=10, json={
-            **body, "messages": [{"role": "user", "content": "[[sim {nope}]]"}]})
+        bad = httpx.post(
+            server.base_url + "/chat/completions",
+            timeout=10,
+            json={**body, "messages": [{"role": "user", "content": "[[sim {nope}]]"}]},
+        )
     assert reply.json()["usage"]["completion_tokens"] == 3
     assert bad.status_code == 400
     assert "marker" in bad.text
@@ -212,8 +216,7 @@ def test_scenario_marker_in_the_prompt_applies_to_that_request() -> None:
 
 def test_fault_attempts_makes_a_fault_transient(sim, client):
     """The first request with these messages meets the fault; the retry is answered in full."""
-    body = chat_body(stream=True, sim={"output_tokens": 5, "http_status": 503,
-                                       "fault_attempts": 1})
+    body = chat_body(stream=True, sim={"output_tokens": 5, "http_status": 503, "fault_attempts": 1})
     body["messages"] = [{"role": "user", "content": "transient fault, unique text 7f3a"}]
     url = sim.base_url + "/chat/completions"
     assert client.post(url, json=body).status_code == 503
