@@ -1,107 +1,55 @@
 """The client and the CLI against a server nobody here wrote: llama.cpp's own ``llama-server``.
 
-``../shared/tools/real-server.sh PORT`` builds it once (about 6 minutes on 2 cores, then
-cached) and serves SmolLM2-135M as ``smollm2`` on 127.0.0.1. Its wire format differs from LM
-Studio's (``content: null`` openers, ``timings``, plain-JSON 400s on stream requests), which is
-the point. These tests are skipped, with the reason shown, only when the build is impossible
-here (no script, no compiler); a build that fails is a test failure.
+``tools/llama_server.py`` (the project's launcher) builds it once (about 6 minutes on 2 cores,
+then cached) and serves SmolLM2-135M as ``smollm2`` on 127.0.0.1. Its wire format differs from
+LM Studio's (``content: null`` openers, ``timings``, plain-JSON 400s on stream requests), which
+is the point. These tests are skipped, with the reason shown, only when the build is impossible
+here (no compiler or cmake); a build that fails is a test failure.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
+from real_llama import Server, launcher
 
 from lmstream_nb import Budgets, LMStudioClient, PromptTooLong, TextDelta
 
 # The first test also pays for the one-time build; the clients below carry their own budgets.
 pytestmark = [pytest.mark.real_server, pytest.mark.anyio, pytest.mark.timeout(1700)]
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = Path(
-    os.environ.get("LMSTREAM_REAL_SERVER_SCRIPT")
-    or ROOT.parent / "shared" / "tools" / "real-server.sh"
-)
 MODEL = "smollm2"
 BUDGETS = Budgets(connect=10, first_token=120, idle=30)
-BUILD_TIMEOUT_S = 1500
 
 
-@dataclass
-class RealServer:
-    base_url: str
-    log: Path
-
-    def log_size(self) -> int:
-        return self.log.stat().st_size
-
-    def wait_for_log(self, needle: str, offset: int, timeout: float) -> str:
-        """Bounded poll of the server's log (an external process offers no event to wait on)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.log.read_bytes()[offset:].decode("utf-8", "replace")
-            if needle in text or time.monotonic() > deadline:
-                return text
-            time.sleep(0.1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
+def wait_for_log(server: Server, needle: str, offset: int, timeout: float) -> str:
+    """Bounded poll of the server's log (an external process offers no event to wait on)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = server.log_text(offset)
+        if needle in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
-def real_server() -> Iterator[RealServer]:
-    if not SCRIPT.is_file():
-        pytest.skip(f"llama.cpp reference server script not found at {SCRIPT}")
-    missing = [tool for tool in ("cmake", "g++", "make", "curl") if shutil.which(tool) is None]
-    home = Path(
-        os.environ.get("RS_HOME")
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-ref-server"
-    )
-    if missing and not (home / "bin" / "llama-server").exists():
-        pytest.skip(f"cannot build llama.cpp's server here: {', '.join(missing)} not installed")
-    port = _free_port()
-    env = {**os.environ, "RS_HOME": str(home), "PYTHON": sys.executable}
-    started = subprocess.run(
-        ["bash", str(SCRIPT), str(port)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=BUILD_TIMEOUT_S,
-        check=False,
-    )
-    if started.returncode != 0:
-        pytest.fail(f"the reference server did not start: {started.stderr[-2000:]}")
-    pid = int((home / f"server-{port}.pid").read_text().strip())
+def real_server() -> Iterator[Server]:
+    reason = launcher.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
     try:
-        yield RealServer(f"http://127.0.0.1:{port}/v1", home / f"server-{port}.log")
-    finally:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(pid, signal.SIGKILL)
+        server = launcher.start()
+    except launcher.Unavailable as exc:
+        pytest.fail(f"llama.cpp's server did not start: {exc}")
+    with server:
+        yield server
 
 
-async def test_streams_text_with_usage(real_server: RealServer) -> None:
+async def test_streams_text_with_usage(real_server: Server) -> None:
     async with LMStudioClient(real_server.base_url, budgets=BUDGETS) as client:
         assert MODEL in await client.list_models()
         stream = client.stream_chat(
@@ -119,7 +67,7 @@ async def test_streams_text_with_usage(real_server: RealServer) -> None:
     assert done.stats.ttft_s is not None
 
 
-async def test_streamed_text_equals_blocking_text(real_server: RealServer) -> None:
+async def test_streamed_text_equals_blocking_text(real_server: Server) -> None:
     prompt = "Name three colours."
     async with LMStudioClient(real_server.base_url, budgets=BUDGETS) as client:
         streamed = await client.stream_chat(
@@ -131,8 +79,8 @@ async def test_streamed_text_equals_blocking_text(real_server: RealServer) -> No
     assert streamed.text == blocking.text
 
 
-async def test_cancellation_stops_generation_on_the_server(real_server: RealServer) -> None:
-    offset = real_server.log_size()
+async def test_cancellation_stops_generation_on_the_server(real_server: Server) -> None:
+    offset = real_server.log.stat().st_size
     async with LMStudioClient(real_server.base_url, budgets=BUDGETS) as client:
         stream = client.stream_chat(
             "Write a very long story about a lighthouse keeper.", model=MODEL, max_tokens=4000
@@ -144,12 +92,12 @@ async def test_cancellation_stops_generation_on_the_server(real_server: RealServ
                     received += 1
                     if received == 5:
                         break
-    log = real_server.wait_for_log("cancel task", offset, timeout=10)
+    log = wait_for_log(real_server, "cancel task", offset, timeout=10)
     assert "cancel task" in log, log[-2000:]
     assert received == 5
 
 
-async def test_prompt_longer_than_context_is_one_clear_sentence(real_server: RealServer) -> None:
+async def test_prompt_longer_than_context_is_one_clear_sentence(real_server: Server) -> None:
     async with LMStudioClient(real_server.base_url, budgets=BUDGETS) as client:
         with pytest.raises(PromptTooLong) as info:
             await client.stream_chat("word " * 12000, model=MODEL, max_tokens=8).collect()
@@ -160,7 +108,7 @@ async def test_prompt_longer_than_context_is_one_clear_sentence(real_server: Rea
     assert message.count(". ") == 0, "one sentence"
 
 
-def test_cli_run_and_models(real_server: RealServer) -> None:
+def test_cli_run_and_models(real_server: Server) -> None:
     run = subprocess.run(
         [
             sys.executable,
@@ -194,7 +142,7 @@ def test_cli_run_and_models(real_server: RealServer) -> None:
     assert MODEL in models.stdout.split()
 
 
-def test_cli_prompt_too_long_exits_with_one_sentence(real_server: RealServer) -> None:
+def test_cli_prompt_too_long_exits_with_one_sentence(real_server: Server) -> None:
     run = subprocess.run(
         [
             sys.executable,
