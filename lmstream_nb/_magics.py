@@ -32,6 +32,7 @@ from ._loop import shared_loop
 from ._run import RunResult, arun, default_store
 from ._store import PromptStore
 from ._template import Prompt
+from ._terminal import TerminalSink, format_stats, table
 from ._view import NotebookSink, StreamView, final_bundle
 
 FORMATS = ("text", "markdown", "code", "json")
@@ -357,8 +358,6 @@ class LMStreamMagics(Magics):
         """Terminal IPython: plain text to stdout as it arrives, stats on one line after."""
         import sys
 
-        from .cli import TerminalSink, format_stats
-
         sink = TerminalSink(sys.stdout, sys.stderr, as_json=False)
 
         async def go() -> RunResult:
@@ -531,8 +530,6 @@ def _table(rows: Any, headers: list[str], cells: Any) -> Any:
     try:
         import pandas as pd
     except ImportError:
-        from .cli import table
-
         print(table(data, headers), end="")
         return None
     return pd.DataFrame(data, columns=headers)

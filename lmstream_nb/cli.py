@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -25,10 +24,10 @@ from . import simulator
 from ._client import LMStudioClient
 from ._config import Budgets
 from ._errors import LMStreamError, PromptNotFound, TemplateError
-from ._events import Event, ReasoningDelta, Stats, StreamFinished, StreamStarted, TextDelta
 from ._run import arun, default_store
 from ._store import GroupStats, PromptStore
 from ._template import Prompt
+from ._terminal import TerminalSink, dim, format_stats, secs, table, when
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -304,139 +303,6 @@ def _budgets(args: argparse.Namespace) -> Budgets:
 
 
 # ---------------------------------------------------------------------------------------------
-# Streaming to a terminal
-
-
-def format_stats(stats: Stats, finished: StreamFinished | None = None) -> str:
-    """One human line: tokens, time, TTFT, speed, chunks, model, finish reason."""
-    parts = stats.summary()
-    if stats.prompt_tokens is not None:
-        parts.append(f"{stats.prompt_tokens} prompt tokens")
-    parts.append(f"{stats.chunks} chunks")
-    if finished is not None:
-        if finished.model:
-            parts.append(f"model {finished.model}")
-        parts.append(f"finish: {finished.finish_reason or 'unknown'}")
-    return ", ".join(parts)
-
-
-class _Waiting:
-    """Shows "waiting for the first token… N s" on a terminal's stderr until text arrives."""
-
-    def __init__(self, err: TextIO, enabled: bool) -> None:
-        self._err = err
-        self._enabled = enabled
-        self._task: asyncio.Task[None] | None = None
-        self._shown = False
-
-    def start(self) -> None:
-        if self._enabled and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._tick())
-
-    async def _tick(self) -> None:
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        while True:
-            elapsed = loop.time() - t0
-            self._err.write(f"\r\033[2mwaiting for the first token… {elapsed:.0f} s\033[0m\033[K")
-            self._err.flush()
-            self._shown = True
-            await asyncio.sleep(1.0)
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-        if self._shown:
-            self._err.write("\r\033[K")
-            self._err.flush()
-            self._shown = False
-
-
-class TerminalSink:
-    """Writes a stream's events to a terminal as they arrive: text to ``out`` (flushed per
-    chunk), reasoning dimmed on ``err``, or one JSON object per event with ``as_json``."""
-
-    def __init__(self, out: TextIO, err: TextIO, *, as_json: bool) -> None:
-        self.out = out
-        self.err = err
-        self.as_json = as_json
-        self.tty = err.isatty()
-        self.waiting = _Waiting(err, self.tty and not as_json)
-        self.in_reasoning = False
-        self.wrote_text = False
-        self.finished: StreamFinished | None = None
-
-    def _json(self, record: dict[str, Any]) -> None:
-        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.out.flush()
-
-    def handle(self, event: Event) -> None:
-        if isinstance(event, TextDelta):
-            self.waiting.stop()
-            if self.in_reasoning:
-                self.err.write("\033[0m\n" if self.tty else "\n")
-                self.in_reasoning = False
-            if self.as_json:
-                self._json({"event": "text", "content": event.content})
-            else:
-                self.out.write(event.content)
-                self.out.flush()
-                self.wrote_text = True
-        elif isinstance(event, ReasoningDelta):
-            self.waiting.stop()
-            if self.as_json:
-                self._json({"event": "reasoning", "content": event.content})
-                return
-            if not self.in_reasoning and self.tty:
-                self.err.write("\033[2m")
-            self.in_reasoning = True
-            self.err.write(event.content)
-            self.err.flush()
-        elif isinstance(event, StreamStarted):
-            if self.as_json:
-                self._json(
-                    {
-                        "event": "start",
-                        "model": event.model,
-                        "request_id": event.request_id,
-                        "url": event.url,
-                    }
-                )
-            self.waiting.start()
-        elif isinstance(event, StreamFinished):
-            self.finished = event
-            self.close()
-            if self.as_json:
-                self._json(
-                    {
-                        "event": "done",
-                        "finish_reason": event.finish_reason,
-                        "model": event.model,
-                        "response_id": event.response_id,
-                        "stats": event.stats.as_dict(),
-                    }
-                )
-
-    def close(self) -> None:
-        self.waiting.stop()
-        if self.in_reasoning:
-            self.err.write("\033[0m\n" if self.tty else "\n")
-            self.in_reasoning = False
-
-    def end_text(self) -> None:
-        """Finish the text with a newline so the shell prompt starts on its own line."""
-        if self.wrote_text:
-            self.out.write("\n")
-            self.out.flush()
-            self.wrote_text = False
-
-
-def _dim(err: TextIO, text: str) -> str:
-    return f"\033[2m{text}\033[0m" if err.isatty() else text
-
-
-# ---------------------------------------------------------------------------------------------
 # Commands
 
 
@@ -489,7 +355,7 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if not args.json:
         sink.end_text()
         err.write(
-            _dim(err, f"{format_stats(result.stats, sink.finished)}, run #{result.run_id}") + "\n"
+            dim(err, f"{format_stats(result.stats, sink.finished)}, run #{result.run_id}") + "\n"
         )
     return EXIT_OK
 
@@ -749,31 +615,6 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 # -- prompts, history, stats ------------------------------------------------------------------
 
 
-def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    """A plain fixed-width table (None shows as a dash)."""
-    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in cells:
-        for i, v in enumerate(row):
-            widths[i] = max(widths[i], len(v))
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend(
-        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    )
-    return "\n".join(lines) + "\n"
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _secs(value: float | None) -> str | None:
-    return None if value is None else f"{value:.2f}"
-
-
 def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     store = default_store()
     action = args.action
@@ -827,7 +668,7 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if args.json:
             out.write(json.dumps(p.as_dict(), ensure_ascii=False) + "\n")
         else:
-            out.write(f"{p.label}  saved {_when(p.created_at)}\n")
+            out.write(f"{p.label}  saved {when(p.created_at)}\n")
             for key in ("description", "model", "temperature", "max_tokens"):
                 value = getattr(p, key)
                 if value is not None:
@@ -846,7 +687,7 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     [
                         (
                             p.version,
-                            _when(p.created_at),
+                            when(p.created_at),
                             ", ".join(p.variables),
                             p.model,
                             " ".join(p.template[:50].split()),
@@ -882,7 +723,7 @@ def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if rec.prompt_version is not None:
             label += f"@{rec.prompt_version}"
         out.write(
-            f"run #{rec.id}  {rec.status}  {label}  {rec.model or '-'}  {_when(rec.started_at)}\n"
+            f"run #{rec.id}  {rec.status}  {label}  {rec.model or '-'}  {when(rec.started_at)}\n"
         )
         if rec.error:
             out.write(f"error: {rec.error}\n")
@@ -899,13 +740,13 @@ def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             [
                 (
                     r.id,
-                    _when(r.started_at),
+                    when(r.started_at),
                     r.status,
                     (r.prompt_name or "(inline)")
                     + (f"@{r.prompt_version}" if r.prompt_version else ""),
                     r.model,
-                    _secs(r.ttft_s),
-                    _secs(r.duration_s),
+                    secs(r.ttft_s),
+                    secs(r.duration_s),
                     r.completion_tokens,
                     r.preview[:40],
                 )
@@ -931,10 +772,10 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             g.model or ("(all)" if label == "(all)" else "-"),
             g.runs,
             f"{g.success_rate:.0%}" if g.runs else "-",
-            _secs(g.ttft_p50),
-            _secs(g.ttft_p95),
-            _secs(g.duration_p50),
-            _secs(g.duration_p95),
+            secs(g.ttft_p50),
+            secs(g.ttft_p95),
+            secs(g.duration_p50),
+            secs(g.duration_p95),
             failures or "-",
         )
 
