@@ -9,6 +9,7 @@ no client code.
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,23 +17,31 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "lmstream_nb"
 
 
-def imports_of(path: Path) -> set[str]:
-    """Absolute module names imported by a file (relative imports resolved in the package)."""
+def import_statements(path: Path) -> Iterator[tuple[str, list[str]]]:
+    """(absolute module, names taken from it) for every import in a file, lazy ones included;
+    relative imports are resolved in the package, and ``import x`` takes no names."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     package = parts[:-1]
-    names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
+            for alias in node.names:
+                yield alias.name, []
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - node.level + 1]
                 module = ".".join([*base, node.module] if node.module else base)
             else:
                 module = node.module or ""
-            names.add(module)
-            names.update(f"{module}.{alias.name}" for alias in node.names)
+            yield module, [alias.name for alias in node.names]
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute module names imported by a file, and ``module.name`` for each name taken."""
+    names: set[str] = set()
+    for module, taken in import_statements(path):
+        names.add(module)
+        names.update(f"{module}.{name}" for name in taken)
     return names
 
 
@@ -228,35 +237,16 @@ def _known_modules() -> dict[str, str]:
 def package_imports_of(relative: str) -> set[str]:
     """The package files a file imports (``from . import x`` resolved to ``x`` when a module)."""
     known = _known_modules()
-    path = PACKAGE / relative
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    package = _module_name(relative).split(".")
-    if not relative.endswith("__init__.py"):
-        package = package[:-1]
     found: set[str] = set()
-
-    def add(name: str) -> None:
-        while name and name not in known:
-            name = name.rpartition(".")[0]
-        if name:
+    for module, taken in import_statements(PACKAGE / relative):
+        if module.split(".")[0] != "lmstream_nb":
+            continue
+        submodules = [f"{module}.{t}" for t in taken if f"{module}.{t}" in known]
+        plain = len(submodules) < len(taken) or not taken  # names from the module itself
+        for name in [*submodules, *([module] if plain else [])]:
+            while name not in known:
+                name = name.rpartition(".")[0]
             found.add(known[name])
-
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.startswith("lmstream_nb"):
-                    add(alias.name)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[: len(package) - node.level + 1]
-                module = ".".join([*base, node.module] if node.module else base)
-            else:
-                module = node.module or ""
-            if not module.startswith("lmstream_nb"):
-                continue
-            for alias in node.names:
-                candidate = f"{module}.{alias.name}"
-                add(candidate if candidate in known else module)
     found.discard(relative)
     return found
 
