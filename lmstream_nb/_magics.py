@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -26,7 +26,7 @@ from IPython.display import display
 
 from . import simulator
 from ._client import LMStudioClient
-from ._config import Budgets, resolve_base_url
+from ._config import Budgets, parse_seconds, resolve_base_url, seconds_argument
 from ._errors import LMStreamError
 from ._loop import shared_loop
 from ._run import RunResult, arun, default_store
@@ -36,6 +36,16 @@ from ._terminal import TerminalSink, format_stats, table
 from ._view import NotebookSink, StreamView, final_bundle
 
 FORMATS = ("text", "markdown", "code", "json")
+
+
+class _SessionDefault:
+    """The default of the budget options: "the session's setting" (``None`` is no limit)."""
+
+    def __repr__(self) -> str:
+        return "the session's"
+
+
+SESSION = _SessionDefault()
 
 
 @dataclass
@@ -49,10 +59,16 @@ class SessionConfig:
     format: str = "text"
     sim: Any = field(default=None, repr=False)
 
-    def budgets(self, first: float | None = None, idle: float | None = None) -> Budgets:
+    def budgets(
+        self,
+        first: float | _SessionDefault | None = SESSION,
+        idle: float | _SessionDefault | None = SESSION,
+    ) -> Budgets:
+        """The session's budgets, with those given on the magic's line instead (``None``
+        there means no limit, so "not given" is the ``SESSION`` marker)."""
         return Budgets(
-            first_token=first if first is not None else self.first_token_timeout,
-            idle=idle if idle is not None else self.idle_timeout,
+            first_token=self.first_token_timeout if isinstance(first, _SessionDefault) else first,
+            idle=self.idle_timeout if isinstance(idle, _SessionDefault) else idle,
         )
 
 
@@ -179,8 +195,20 @@ class LMStreamMagics(Magics):
         action="store_true",
         help="return at once; the answer keeps streaming into this cell's output",
     )
-    @argument("--first-token-timeout", type=float, metavar="S")
-    @argument("--idle-timeout", type=float, metavar="S")
+    @argument(
+        "--first-token-timeout",
+        type=seconds_argument,
+        default=SESSION,
+        metavar="S",
+        help="seconds to wait for the first token, or none for no limit",
+    )
+    @argument(
+        "--idle-timeout",
+        type=seconds_argument,
+        default=SESSION,
+        metavar="S",
+        help="seconds between chunks once text flows, or none for no limit",
+    )
     @no_var_expand
     @line_cell_magic
     def lmstream(self, line: str, cell: str | None = None) -> Any:
@@ -470,7 +498,10 @@ class LMStreamMagics(Magics):
             if key in ("base_url", "model"):
                 setattr(conf, key, value or None)
             elif key in ("first_token_timeout", "idle_timeout"):
-                setattr(conf, key, None if value.lower() in ("", "none", "inf") else float(value))
+                try:
+                    setattr(conf, key, parse_seconds(value))
+                except ValueError as exc:
+                    raise UsageError(f"The setting {key}: {exc}") from None
             elif key == "format":
                 if value not in FORMATS:
                     raise UsageError(f"format must be one of {', '.join(FORMATS)}, not {value!r}.")
@@ -501,7 +532,18 @@ class LMStreamMagics(Magics):
                 options[key.strip()] = _number_or_text(value)
             else:
                 options["profile"] = word
-        conf.sim = simulator.serve(**options)
+        try:
+            conf.sim = simulator.serve(**options)
+        except TypeError:  # a keyword SimConfig does not have
+            known = ", ".join(f.name for f in fields(simulator.SimConfig))
+            unknown = ", ".join(
+                sorted(set(options) - {f.name for f in fields(simulator.SimConfig)})
+            )
+            raise UsageError(
+                f"The simulator has no setting {unknown}: use a profile name or {known}."
+            ) from None
+        except ValueError as exc:  # a value the simulator refuses; its message names it
+            raise UsageError(f"The simulator cannot start: {exc}.") from None
         conf.base_url = conf.sim.base_url
         print(f"Simulator listening on {conf.sim.base_url}; this session's runs go there.")
         return None

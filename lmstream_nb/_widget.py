@@ -18,7 +18,7 @@ from typing import Any
 import ipywidgets as w
 
 from ._client import LMStudioClient
-from ._config import Budgets, resolve_base_url
+from ._config import Budgets, parse_seconds, resolve_base_url
 from ._errors import LMStreamError
 from ._run import RunResult, arun, default_store
 from ._store import PromptStore
@@ -267,15 +267,10 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         self.budget_error.value = ""
         budgets: dict[str, float | None] = {}
         for field, key in ((self.first_token_timeout, "first_token"), (self.idle_timeout, "idle")):
-            text = field.value.strip().lower()
             try:
-                budgets[key] = None if text in ("", "none", "inf") else float(text)
-                if budgets[key] is not None and budgets[key] <= 0:  # type: ignore[operator]
-                    raise ValueError(text)
-            except ValueError:
-                self.budget_error.value = _error_html(
-                    f"{field.description} must be a positive number of seconds or 'none'."
-                )
+                budgets[key] = parse_seconds(field.value)
+            except ValueError as exc:
+                self.budget_error.value = _error_html(f"{field.description}: {exc}")
                 ok = False
         if ok:
             settings["budgets"] = Budgets(first_token=budgets["first_token"], idle=budgets["idle"])

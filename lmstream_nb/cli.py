@@ -14,15 +14,16 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from . import simulator
 from ._client import LMStudioClient
-from ._config import Budgets
+from ._config import Budgets, seconds_argument
 from ._errors import LMStreamError, PromptNotFound, TemplateError
 from ._run import arun, default_store
 from ._store import GroupStats, PromptStore
@@ -39,17 +40,43 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-def _seconds_or_none(text: str) -> float | None:
-    if text.lower() in ("none", "inf", "0"):
-        return None
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("a budget must be a positive number of seconds")
+def _whole_number(minimum: int, noun: str) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number of ``noun`` that is at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number of {noun}: use a whole number, {minimum} or more."
+            )
+        return value
+
+    return parse
+
+
+def _not_negative(text: str) -> float:
+    """An argparse ``type`` for a duration or scale that may be 0 but not below."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number 0 or more: use one.")
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (no usage block), with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message.rstrip('.')} (see {self.prog} --help).\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lmstream",
         description="Stream prompts to LM Studio (or its embedded simulator) from a terminal.",
     )
@@ -118,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_batch.add_argument("prompt", metavar="PROMPT")
     p_batch.add_argument("file", type=Path, metavar="FILE")
-    p_batch.add_argument("--concurrency", "-c", type=int, default=3)
+    p_batch.add_argument(
+        "--concurrency", "-c", type=_whole_number(1, "rows at once"), default=3, metavar="N"
+    )
     p_batch.add_argument("--out", "-o", type=Path, help="write rows + results (.csv or .jsonl)")
     p_batch.add_argument("--resume", metavar="BATCH_ID", help="run only rows that did not succeed")
     p_batch.add_argument("--model", "-m")
@@ -135,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_history.add_argument("--prompt", help="only runs of this stored prompt")
     p_history.add_argument("--status", help="only runs with this status (ok, stalled, ...)")
     p_history.add_argument("--model")
-    p_history.add_argument("--limit", type=int, default=20)
+    p_history.add_argument("--limit", type=_whole_number(0, "runs"), default=20)
     p_history.add_argument("--run", type=int, metavar="ID", help="show one run in full")
     p_history.add_argument("--json", action="store_true")
 
@@ -167,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_demo.add_argument(
         "--time-scale",
-        type=float,
+        type=_not_negative,
         default=1.0,
         help="multiply every simulated duration (0.1 runs ten times faster)",
     )
@@ -193,7 +222,13 @@ def _add_bench_parser(sub: Any) -> None:
         default=None,
         help="simulator time scale (default 0.015; ignored with a real server)",
     )
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 3, 8], metavar="N")
+    p.add_argument(
+        "--concurrency",
+        type=_whole_number(1, "requests at once"),
+        nargs="+",
+        default=[1, 3, 8],
+        metavar="N",
+    )
     p.add_argument(
         "--timeouts",
         type=float,
@@ -275,24 +310,24 @@ def _add_budget_options(p: argparse.ArgumentParser) -> None:
     defaults = Budgets()
     p.add_argument(
         "--first-token-timeout",
-        type=_seconds_or_none,
+        type=seconds_argument,
         default=defaults.first_token,
         metavar="S",
-        help=f"budget for the first token (default {defaults.first_token:g}; none)",
+        help=f"seconds to wait for the first token, or none (default {defaults.first_token:g})",
     )
     p.add_argument(
         "--idle-timeout",
-        type=_seconds_or_none,
+        type=seconds_argument,
         default=defaults.idle,
         metavar="S",
-        help=f"budget between chunks once text flows (default {defaults.idle:g})",
+        help=f"seconds between chunks once text flows, or none (default {defaults.idle:g})",
     )
     p.add_argument(
         "--connect-timeout",
-        type=_seconds_or_none,
+        type=seconds_argument,
         default=defaults.connect,
         metavar="S",
-        help=f"budget to connect (default {defaults.connect:g})",
+        help=f"seconds to connect, or none (default {defaults.connect:g})",
     )
 
 
@@ -566,7 +601,7 @@ def _add_serve_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--grace",
-        type=float,
+        type=_not_negative,
         default=60.0,
         metavar="S",
         help="seconds a run with no listener goes on before it is cancelled",
@@ -731,7 +766,13 @@ def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             out.write(f"--- reasoning\n{rec.reasoning}\n")
         out.write(f"--- text\n{rec.text}\n")
         return EXIT_OK
-    runs = store.history(prompt=args.prompt, status=args.status, limit=args.limit, model=args.model)
+    try:
+        runs = store.history(
+            prompt=args.prompt, status=args.status, limit=args.limit, model=args.model
+        )
+    except ValueError as exc:  # an unknown --status: the store names the known ones
+        err.write(f"lmstream: {exc}\n")
+        return EXIT_USAGE
     if args.json:
         out.write(json.dumps(runs.as_dicts(), ensure_ascii=False) + "\n")
         return EXIT_OK

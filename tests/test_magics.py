@@ -280,3 +280,59 @@ def test_headless_execution_saves_the_final_text(
     printed = nb.cells[2].outputs[0].text
     assert final.data["text/plain"] + "\n" == printed
     assert len(printed.split()) >= 10
+
+
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        ("%%lmstream --first-token-timeout 0\nHi", "'0' is not a time budget: use a positive"),
+        ("%%lmstream --idle-timeout soon\nHi", "'soon' is not a time budget"),
+        ("%%lmstream --max-tokens many\nHi", "invalid int value: 'many'"),
+        ("%%lmstream --temperature warm\nHi", "invalid float value: 'warm'"),
+        (
+            "%lmstream config first_token_timeout=abc",
+            "The setting first_token_timeout: 'abc' is not a time budget",
+        ),
+        ("%lmstream config idle_timeout=0", "The setting idle_timeout: '0' is not a time budget"),
+        ("%lmstream sim start time_scale=-1", "The simulator cannot start: time_scale must be"),
+        ("%lmstream sim start warp=9", "The simulator has no setting warp: use a profile name"),
+    ],
+)
+def test_a_bad_value_is_one_usage_sentence(
+    kernel: Kernel, msim: simulator.SimServer, line: str, said: str
+) -> None:
+    before = len(msim.records())
+    cell = kernel.execute(line)
+    assert cell.status == "error"
+    stderr = cell.stream("stderr")
+    assert said in stderr
+    assert stderr.startswith("UsageError: ")
+    assert stderr.count("\n") == 1, "one sentence"
+    assert "Traceback" not in stderr
+    assert len(msim.records()) == before, "nothing was sent"
+
+
+def test_budgets_from_config_and_options(kernel: Kernel) -> None:
+    """A session budget applies to the next run; ``none`` on the line lifts it for that run."""
+    slow_prefill = simulator.Scenario(prefill_tps=20, output_tokens=3)  # ~2 s for this prompt
+    prompt = "z" * 160
+    with simulator.serve(profile="test-fast", defaults=slow_prefill) as slow:
+        config = kernel.execute("%lmstream config first_token_timeout=0.2 idle_timeout=none")
+        assert config.status == "ok", config.error()
+        assert "first_token_timeout=0.2, idle_timeout=None" in (config.result() or "")
+        try:
+            timed_out = kernel.execute(
+                f"%%lmstream --base-url {slow.base_url}\n{prompt}", timeout=30
+            )
+            assert timed_out.status == "error"
+            err = timed_out.error()
+            assert err is not None
+            assert err["ename"] == "FirstTokenTimeout"
+            lifted = kernel.execute(
+                f"%%lmstream --base-url {slow.base_url} --first-token-timeout none\n{prompt}",
+                timeout=30,
+            )
+            assert lifted.status == "ok", lifted.error()
+        finally:
+            reset = kernel.execute("%lmstream config first_token_timeout=600 idle_timeout=120")
+            assert reset.status == "ok", reset.error()
