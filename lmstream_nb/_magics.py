@@ -29,6 +29,7 @@ from ._client import LMStudioClient
 from ._config import Budgets, parse_seconds, resolve_base_url, seconds_argument
 from ._errors import LMStreamError
 from ._loop import shared_loop
+from ._outcome import ending
 from ._run import RunResult, arun, default_store
 from ._store import PromptStore
 from ._template import Prompt
@@ -294,30 +295,25 @@ class LMStreamMagics(Magics):
     def _finish_view(
         self,
         sink: NotebookSink,
-        result: RunResult | None,
-        error: BaseException | None,
+        outcome: RunResult | BaseException,
         fmt: str,
         *,
         background: bool,
     ) -> None:
-        if result is not None:
-            sink.close(
-                state="done" if result.ok else _state(result.status),
-                stats=result.stats,
-                model=result.model,
-                run_id=result.run_id,
-                message=result.error if background else None,
-            )
-            display(final_bundle(result.text, fmt if result.ok else "text"), raw=True)
-            return
-        state = (
-            "cancelled"
-            if isinstance(error, (KeyboardInterrupt, asyncio.CancelledError))
-            else "failed"
+        """Paint the ending and write the text as an ordinary output. A blocking cell's error
+        is printed by IPython right below, so only a background view repeats the sentence."""
+        end = ending(outcome)
+        result = outcome if isinstance(outcome, RunResult) else None
+        sink.close(
+            state=end.state,
+            stats=result.stats if result is not None else None,
+            model=result.model if result is not None else None,
+            run_id=end.run_id,
+            message=end.message if background else None,
         )
-        message = str(error) if background and isinstance(error, LMStreamError) else None
-        sink.close(state=state, run_id=getattr(error, "run_id", None), message=message)
-        if sink.text:
+        if result is not None:
+            display(final_bundle(result.text, fmt if end.ok else "text"), raw=True)
+        elif sink.text:
             display(final_bundle(sink.text, "text"), raw=True)
 
     def _run_blocking(
@@ -335,10 +331,10 @@ class LMStreamMagics(Magics):
 
         try:
             result = shared_loop().run(go())
-        except (LMStreamError, KeyboardInterrupt) as exc:
-            self._finish_view(sink, None, exc, fmt, background=False)
+        except BaseException as exc:  # shown as it ended, then raised as it came
+            self._finish_view(sink, exc, fmt, background=False)
             raise
-        self._finish_view(sink, result, None, fmt, background=False)
+        self._finish_view(sink, result, fmt, background=False)
         if args.output:
             self._user_ns()[args.output] = result
             return None
@@ -360,12 +356,12 @@ class LMStreamMagics(Magics):
                 result = await arun(
                     prompt, variables, base_url=base_url, on_event=sink.handle, **kwargs
                 )
-            except (LMStreamError, asyncio.CancelledError) as exc:
-                self._finish_view(sink, None, exc, fmt, background=True)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                return None
-            self._finish_view(sink, result, None, fmt, background=True)
+            except BaseException as exc:
+                self._finish_view(sink, exc, fmt, background=True)
+                if isinstance(exc, LMStreamError):
+                    return None  # said in the view; the kernel has nowhere else to show it
+                raise  # a cancellation goes on; a bug stays visible in .result()
+            self._finish_view(sink, result, fmt, background=True)
             if args.output:
                 self._user_ns()[args.output] = result
             return result
@@ -556,10 +552,6 @@ def _number_or_text(value: str) -> Any:
         except ValueError:
             pass
     return value
-
-
-def _state(status: str) -> str:
-    return "cancelled" if status == "cancelled" else "failed"
 
 
 def _round(value: float | None) -> str:

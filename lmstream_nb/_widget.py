@@ -20,6 +20,7 @@ import ipywidgets as w
 from ._client import LMStudioClient
 from ._config import Budgets, parse_seconds, resolve_base_url
 from ._errors import LMStreamError
+from ._outcome import ending
 from ._run import RunResult, arun, default_store
 from ._store import PromptStore
 from ._template import Prompt
@@ -316,27 +317,22 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
                     on_event=sink.handle,
                     **settings,
                 )
-            except asyncio.CancelledError:
-                sink.close(
-                    state="cancelled",
-                    show_text=True,
-                    message="Stopped: the text received so far is kept.",
-                )
-                raise
-            except LMStreamError as exc:
-                sink.close(state="failed", show_text=True, run_id=exc.run_id, message=str(exc))
-                return None
-            except Exception as exc:  # a runner must keep working after any error
-                sink.close(state="failed", show_text=True, message=f"Unexpected error: {exc!r}")
-                return None
+            except BaseException as exc:
+                end = ending(exc)
+                sink.close(state=end.state, show_text=True, run_id=end.run_id, message=end.message)
+                if isinstance(exc, Exception):
+                    return None  # a runner must keep working after any error
+                raise  # a cancellation (Stop) goes on
             finally:
                 self._set_running(False)
                 self.refresh_history()
+            end = ending(result)
             sink.close(
-                state="done",
+                state=end.state,
                 stats=result.stats,
                 model=result.model,
-                run_id=result.run_id,
+                run_id=end.run_id,
+                message=end.message,
                 show_text=True,
             )
             self.last_result = result

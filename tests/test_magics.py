@@ -336,3 +336,38 @@ def test_budgets_from_config_and_options(kernel: Kernel) -> None:
         finally:
             reset = kernel.execute("%lmstream config first_token_timeout=600 idle_timeout=120")
             assert reset.status == "ok", reset.error()
+
+
+def test_background_views_show_the_ending_and_its_sentence(kernel: Kernel) -> None:
+    """A background view says why it ended (no cell error will); Stop says it was cancelled."""
+    from lmstream_nb._outcome import CANCELLED_MESSAGE
+
+    def state(cell: object) -> dict[str, object]:
+        [widget] = cell.widget_ids()  # type: ignore[attr-defined]
+        status: dict[str, object] = kernel.widget_state(widget)["status"]
+        return status
+
+    stall = simulator.Scenario(stall_at=3, stall_s=60)
+    endless = simulator.Scenario(output_tokens=100_000, gen_tps=200, jitter=0)
+    with (
+        simulator.serve(profile="test-fast", defaults=stall) as stalling,
+        simulator.serve(profile="test-fast", defaults=endless) as slow,
+    ):
+        stalled = kernel.execute(
+            f"%%lmstream --background --idle-timeout 0.5 --base-url {stalling.base_url}\nGo"
+        )
+        assert stalled.status == "ok", stalled.error()
+        kernel.until(lambda: state(stalled).get("state") == "failed", timeout=20)
+        message = str(state(stalled)["message"])
+        assert message.startswith(f"The stream from {stalling.base_url} stalled: nothing new")
+        assert state(stalled)["run_id"] is not None
+        stopped = kernel.execute(
+            "h = get_ipython().run_cell_magic("
+            f"'lmstream', '--background --base-url {slow.base_url}', 'A long story')"
+        )
+        assert stopped.status == "ok", stopped.error()
+        kernel.until(lambda: bool(kernel.deltas(stopped.widget_ids()[0])), timeout=20)
+        cancel = kernel.execute("h.cancel()")
+        assert cancel.status == "ok", cancel.error()
+        kernel.until(lambda: state(stopped).get("state") == "cancelled", timeout=20)
+    assert state(stopped)["message"] == CANCELLED_MESSAGE

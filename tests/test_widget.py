@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmstream_nb import PromptRunner, PromptStore, simulator
+from lmstream_nb._outcome import CANCELLED_MESSAGE
 
 pytestmark = pytest.mark.anyio
 
@@ -98,6 +99,7 @@ async def test_stop_cancels_within_a_second_and_keeps_partial_text(store: Prompt
     assert view.status["state"] == "cancelled"
     [summary] = store.history()
     assert summary.status == "cancelled"
+    assert view.status["message"] == summary.error == CANCELLED_MESSAGE, "said as recorded"
     assert store.get_run(summary.id).text
     assert not runner.run_button.disabled
 
