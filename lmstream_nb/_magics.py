@@ -32,7 +32,7 @@ from ._loop import shared_loop
 from ._outcome import ending
 from ._run import RunResult, arun, default_store
 from ._store import PromptStore
-from ._template import Prompt
+from ._template import Prompt, prompt_label
 from ._terminal import TerminalSink, format_stats, table
 from ._view import NotebookSink, StreamView, final_bundle
 
@@ -443,7 +443,7 @@ class LMStreamMagics(Magics):
                 lambda r: [
                     r.id,
                     r.status,
-                    r.prompt_name or "(inline)",
+                    prompt_label(r.prompt_name, r.prompt_version),
                     r.model,
                     _round(r.ttft_s),
                     _round(r.duration_s),
@@ -452,11 +452,12 @@ class LMStreamMagics(Magics):
             )
         if command == "stats":
             report = self.store.stats(prompt=rest[0] if rest else None)
+            overall = report.overall
             return _table(
-                [*report.groups, report.overall],
+                [*report.groups, overall],
                 ["prompt", "model", "runs", "ok", "ttft p50", "total p50", "failures"],
                 lambda g: [
-                    g.prompt or "(all)",
+                    "(all)" if g is overall else prompt_label(g.prompt, None),
                     g.model,
                     g.runs,
                     f"{g.success_rate:.0%}",

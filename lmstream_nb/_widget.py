@@ -23,7 +23,7 @@ from ._errors import LMStreamError
 from ._outcome import ending
 from ._run import RunResult, arun, default_store
 from ._store import PromptStore
-from ._template import Prompt
+from ._template import Prompt, prompt_label
 from ._view import NotebookSink, StreamView
 
 _WIDE = {"description_width": "7em"}  # room for "Temperature" and "First token s"
@@ -376,8 +376,13 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
             when = dt.datetime.fromtimestamp(r.started_at).strftime("%H:%M:%S")
             ttft = "-" if r.ttft_s is None else f"{r.ttft_s:.2f}s"
             total = "-" if r.duration_s is None else f"{r.duration_s:.1f}s"
+            label = prompt_label(r.prompt_name, r.prompt_version)
             options.append(
-                (f"#{r.id} {when} {r.status:<10} ttft {ttft} total {total} {r.preview[:40]}", r.id)
+                (
+                    f"#{r.id} {when} {r.status:<10} {label} ttft {ttft} total {total} "
+                    f"{r.preview[:40]}",
+                    r.id,
+                )
             )
         self.history_select.options = options
 
@@ -389,7 +394,9 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         rec = self.store.get_run(run_id)
         error = f"<div>{_error_html(rec.error)}</div>" if rec.error else ""
         self.history_text.value = (
-            f'<div class="lmstream-history-text"><b>run #{rec.id}</b> {html.escape(rec.status)}'
+            f'<div class="lmstream-history-text"><b>run #{rec.id}</b> '
+            f"{html.escape(prompt_label(rec.prompt_name, rec.prompt_version))} "
+            f"{html.escape(rec.status)}"
             f'{error}<pre style="white-space: pre-wrap">{html.escape(rec.text)}</pre></div>'
         )
 

@@ -27,7 +27,7 @@ from ._config import Budgets, seconds_argument
 from ._errors import LMStreamError, PromptNotFound, TemplateError
 from ._run import arun, default_store
 from ._store import GroupStats, PromptStore
-from ._template import Prompt
+from ._template import Prompt, prompt_label
 from ._terminal import TerminalSink, dim, format_stats, secs, table, when
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -754,9 +754,7 @@ def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if args.json:
             out.write(json.dumps(asdict(rec), ensure_ascii=False) + "\n")
             return EXIT_OK
-        label = rec.prompt_name if rec.prompt_name is not None else "(inline)"
-        if rec.prompt_version is not None:
-            label += f"@{rec.prompt_version}"
+        label = prompt_label(rec.prompt_name, rec.prompt_version)
         out.write(
             f"run #{rec.id}  {rec.status}  {label}  {rec.model or '-'}  {when(rec.started_at)}\n"
         )
@@ -783,8 +781,7 @@ def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     r.id,
                     when(r.started_at),
                     r.status,
-                    (r.prompt_name or "(inline)")
-                    + (f"@{r.prompt_version}" if r.prompt_version else ""),
+                    prompt_label(r.prompt_name, r.prompt_version),
                     r.model,
                     secs(r.ttft_s),
                     secs(r.duration_s),
@@ -820,7 +817,7 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             failures or "-",
         )
 
-    rows = [row(g, g.prompt or "(inline)") for g in report.groups]
+    rows = [row(g, prompt_label(g.prompt, None)) for g in report.groups]
     rows.append(row(report.overall, "(all)"))
     out.write(
         table(

@@ -309,3 +309,23 @@ def test_none_is_no_limit_and_zero_is_refused_for_every_budget(sim: simulator.Si
             refused.stderr
         )
         assert "or none for no limit" in refused.stderr
+
+
+def test_runs_are_labelled_name_at_version_everywhere(sim: simulator.SimServer) -> None:
+    with PromptStore() as store:
+        store.save("greet", "Hello {{name}}")
+        label = store.save("greet", "Hi {{name}}").label
+    assert label == "greet@2"
+    base = ["--base-url", sim.base_url, "--model", MODEL, "--max-tokens", "3"]
+    stored = lmstream("run", "--prompt", "greet", "--var", "name=Ada", *base)
+    assert stored.returncode == 0, stored.stderr
+    assert lmstream("run", "Hi", *base).returncode == 0
+    table = lmstream("history").stdout.splitlines()
+    assert " (inline) " in table[2], "newest first"
+    assert f" {label} " in table[3]
+    [newest, older] = json.loads(lmstream("history", "--json").stdout)
+    assert f"  {label}  " in lmstream("history", "--run", str(older["id"])).stdout.splitlines()[0]
+    assert "  (inline)  " in lmstream("history", "--run", str(newest["id"])).stdout
+    stats = lmstream("stats").stdout
+    assert "\ngreet " in stats
+    assert "\n(inline) " in stats

@@ -371,3 +371,16 @@ def test_background_views_show_the_ending_and_its_sentence(kernel: Kernel) -> No
         assert cancel.status == "ok", cancel.error()
         kernel.until(lambda: state(stopped).get("state") == "cancelled", timeout=20)
     assert state(stopped)["message"] == CANCELLED_MESSAGE
+
+
+def test_history_and_stats_label_runs_name_at_version(kernel: Kernel) -> None:
+    saved = kernel.execute("%%lmstream --save labelled --max-tokens 3\nHi")
+    assert saved.status == "ok", saved.error()
+    history = kernel.execute("%lmstream history labelled")
+    assert history.status == "ok", history.error()
+    assert "labelled@1" in history.displays()[0]["text/plain"]
+    stats = kernel.execute("%lmstream stats labelled")
+    assert stats.status == "ok", stats.error()
+    shown = stats.displays()[0]["text/plain"]
+    assert "labelled" in shown
+    assert "(all)" in shown

@@ -69,8 +69,11 @@ async def test_run_streams_and_records_then_history_shows_it(
     assert view.show_text
     assert store.get_run(result.run_id).text == result.text
     assert runner.history_select.options[0][1] == result.run_id
+    assert f" {result.prompt} " in runner.history_select.options[0][0]
+    assert result.prompt == "haiku@1"
     runner.history_select.value = result.run_id
     assert result.text.split()[0] in runner.history_text.value
+    assert "</b> haiku@1 ok" in runner.history_text.value
 
 
 async def test_stop_cancels_within_a_second_and_keeps_partial_text(store: PromptStore) -> None:
