@@ -66,5 +66,10 @@ def ending(outcome: Finished | BaseException) -> Ending:
         return Ending(CANCELLED, CANCELLED_MESSAGE, None)
     if isinstance(outcome, LMStreamError):
         return Ending(FAILED, str(outcome), outcome.run_id)
-    # A bug in lmstream_nb or in a callback: said as arun records it, never hidden.
-    return Ending(FAILED, f"The run failed inside lmstream_nb or a callback ({outcome!r}).", None)
+    return Ending(FAILED, failed_inside(outcome), None)
+
+
+def failed_inside(error: BaseException) -> str:
+    """What a run says when it ended on an error that is not ours: a bug in lmstream_nb or in
+    a callback (the same sentence ``arun`` records), never hidden."""
+    return f"The run failed inside lmstream_nb or a callback ({error!r})."
