@@ -514,6 +514,20 @@ class LMStreamMagics(Magics):
     def _sim(self, words: list[str]) -> Any:
         if not words or words[0] not in ("start", "stop"):
             raise UsageError("Use %lmstream sim start [profile] [time_scale=F] or sim stop.")
+        options: dict[str, Any] = {}
+        for word in words[1:]:
+            if "=" in word:
+                key, _, value = word.partition("=")
+                options[key.strip()] = _number_or_text(value)
+            else:
+                options["profile"] = word
+        settings = [f.name for f in fields(simulator.SimConfig)]
+        unknown = sorted(set(options) - set(settings))
+        if unknown:
+            raise UsageError(
+                f"The simulator has no setting {', '.join(unknown)}: use a profile name or "
+                f"{', '.join(settings)}."
+            )
         conf = self.config_
         if conf.sim is not None:
             conf.sim.stop()
@@ -522,23 +536,8 @@ class LMStreamMagics(Magics):
         if words[0] == "stop":
             print("Simulator stopped; runs go to " + resolve_base_url(None) + " again.")
             return None
-        options: dict[str, Any] = {}
-        for word in words[1:]:
-            if "=" in word:
-                key, _, value = word.partition("=")
-                options[key.strip()] = _number_or_text(value)
-            else:
-                options["profile"] = word
         try:
             conf.sim = simulator.serve(**options)
-        except TypeError:  # a keyword SimConfig does not have
-            known = ", ".join(f.name for f in fields(simulator.SimConfig))
-            unknown = ", ".join(
-                sorted(set(options) - {f.name for f in fields(simulator.SimConfig)})
-            )
-            raise UsageError(
-                f"The simulator has no setting {unknown}: use a profile name or {known}."
-            ) from None
         except ValueError as exc:  # a value the simulator refuses; its message names it
             raise UsageError(f"The simulator cannot start: {exc}.") from None
         conf.base_url = conf.sim.base_url
