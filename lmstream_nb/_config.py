@@ -76,3 +76,45 @@ def redact_url(url: str) -> str:
     if parts.port is not None:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+# -- budgets typed by a person -----------------------------------------------------------------
+
+#: What a person types for "no limit" (compared lower-cased, after stripping spaces).
+NO_LIMIT = ("", "none", "inf", "infinity")
+
+
+def parse_seconds(text: str) -> float | None:
+    """A time budget typed in a front end: a positive number of seconds, or ``none`` (also
+    ``inf`` or nothing) for no limit.
+
+    The one rule for the CLI, the magic and the runner. ``0`` is refused rather than read as
+    "no limit": it reads as "no time at all" just as easily, and a budget that means the
+    opposite of what was typed is worse than a sentence asking for ``none``.
+    """
+    import math
+
+    word = text.strip().lower()
+    if word in NO_LIMIT:
+        return None
+    try:
+        value = float(word)
+    except ValueError:
+        value = math.nan
+    if not value > 0:  # also refuses nan
+        raise ValueError(
+            f"{text.strip()!r} is not a time budget: use a positive number of seconds, "
+            "or none for no limit."
+        )
+    return None if math.isinf(value) else value
+
+
+def seconds_argument(text: str) -> float | None:
+    """:func:`parse_seconds` as an argparse ``type`` (the CLI's and the magic's options), so
+    argparse reports its sentence instead of "invalid value"."""
+    import argparse
+
+    try:
+        return parse_seconds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

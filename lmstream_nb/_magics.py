@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -26,15 +26,27 @@ from IPython.display import display
 
 from . import simulator
 from ._client import LMStudioClient
-from ._config import Budgets, resolve_base_url
+from ._config import Budgets, parse_seconds, resolve_base_url, seconds_argument
 from ._errors import LMStreamError
 from ._loop import shared_loop
+from ._outcome import ending
 from ._run import RunResult, arun, default_store
 from ._store import PromptStore
-from ._template import Prompt
+from ._template import Prompt, prompt_label
+from ._terminal import TerminalSink, format_stats, table
 from ._view import NotebookSink, StreamView, final_bundle
 
 FORMATS = ("text", "markdown", "code", "json")
+
+
+class _SessionDefault:
+    """The default of the budget options: "the session's setting" (``None`` is no limit)."""
+
+    def __repr__(self) -> str:
+        return "the session's"
+
+
+SESSION = _SessionDefault()
 
 
 @dataclass
@@ -48,10 +60,16 @@ class SessionConfig:
     format: str = "text"
     sim: Any = field(default=None, repr=False)
 
-    def budgets(self, first: float | None = None, idle: float | None = None) -> Budgets:
+    def budgets(
+        self,
+        first: float | _SessionDefault | None = SESSION,
+        idle: float | _SessionDefault | None = SESSION,
+    ) -> Budgets:
+        """The session's budgets, with those given on the magic's line instead (``None``
+        there means no limit, so "not given" is the ``SESSION`` marker)."""
         return Budgets(
-            first_token=first if first is not None else self.first_token_timeout,
-            idle=idle if idle is not None else self.idle_timeout,
+            first_token=self.first_token_timeout if isinstance(first, _SessionDefault) else first,
+            idle=self.idle_timeout if isinstance(idle, _SessionDefault) else idle,
         )
 
 
@@ -178,8 +196,20 @@ class LMStreamMagics(Magics):
         action="store_true",
         help="return at once; the answer keeps streaming into this cell's output",
     )
-    @argument("--first-token-timeout", type=float, metavar="S")
-    @argument("--idle-timeout", type=float, metavar="S")
+    @argument(
+        "--first-token-timeout",
+        type=seconds_argument,
+        default=SESSION,
+        metavar="S",
+        help="seconds to wait for the first token, or none for no limit",
+    )
+    @argument(
+        "--idle-timeout",
+        type=seconds_argument,
+        default=SESSION,
+        metavar="S",
+        help="seconds between chunks once text flows, or none for no limit",
+    )
     @no_var_expand
     @line_cell_magic
     def lmstream(self, line: str, cell: str | None = None) -> Any:
@@ -265,30 +295,25 @@ class LMStreamMagics(Magics):
     def _finish_view(
         self,
         sink: NotebookSink,
-        result: RunResult | None,
-        error: BaseException | None,
+        outcome: RunResult | BaseException,
         fmt: str,
         *,
         background: bool,
     ) -> None:
-        if result is not None:
-            sink.close(
-                state="done" if result.ok else _state(result.status),
-                stats=result.stats,
-                model=result.model,
-                run_id=result.run_id,
-                message=result.error if background else None,
-            )
-            display(final_bundle(result.text, fmt if result.ok else "text"), raw=True)
-            return
-        state = (
-            "cancelled"
-            if isinstance(error, (KeyboardInterrupt, asyncio.CancelledError))
-            else "failed"
+        """Paint the ending and write the text as an ordinary output. A blocking cell's error
+        is printed by IPython right below, so only a background view repeats the sentence."""
+        end = ending(outcome)
+        result = outcome if isinstance(outcome, RunResult) else None
+        sink.close(
+            state=end.state,
+            stats=result.stats if result is not None else None,
+            model=result.model if result is not None else None,
+            run_id=end.run_id,
+            message=end.message if background else None,
         )
-        message = str(error) if background and isinstance(error, LMStreamError) else None
-        sink.close(state=state, run_id=getattr(error, "run_id", None), message=message)
-        if sink.text:
+        if result is not None:
+            display(final_bundle(result.text, fmt if end.ok else "text"), raw=True)
+        elif sink.text:
             display(final_bundle(sink.text, "text"), raw=True)
 
     def _run_blocking(
@@ -306,10 +331,10 @@ class LMStreamMagics(Magics):
 
         try:
             result = shared_loop().run(go())
-        except (LMStreamError, KeyboardInterrupt) as exc:
-            self._finish_view(sink, None, exc, fmt, background=False)
+        except BaseException as exc:  # shown as it ended, then raised as it came
+            self._finish_view(sink, exc, fmt, background=False)
             raise
-        self._finish_view(sink, result, None, fmt, background=False)
+        self._finish_view(sink, result, fmt, background=False)
         if args.output:
             self._user_ns()[args.output] = result
             return None
@@ -331,12 +356,12 @@ class LMStreamMagics(Magics):
                 result = await arun(
                     prompt, variables, base_url=base_url, on_event=sink.handle, **kwargs
                 )
-            except (LMStreamError, asyncio.CancelledError) as exc:
-                self._finish_view(sink, None, exc, fmt, background=True)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                return None
-            self._finish_view(sink, result, None, fmt, background=True)
+            except BaseException as exc:
+                self._finish_view(sink, exc, fmt, background=True)
+                if isinstance(exc, LMStreamError):
+                    return None  # said in the view; the kernel has nowhere else to show it
+                raise  # a cancellation goes on; a bug stays visible in .result()
+            self._finish_view(sink, result, fmt, background=True)
             if args.output:
                 self._user_ns()[args.output] = result
             return result
@@ -356,8 +381,6 @@ class LMStreamMagics(Magics):
     ) -> Any:
         """Terminal IPython: plain text to stdout as it arrives, stats on one line after."""
         import sys
-
-        from .cli import TerminalSink, format_stats
 
         sink = TerminalSink(sys.stdout, sys.stderr, as_json=False)
 
@@ -420,7 +443,7 @@ class LMStreamMagics(Magics):
                 lambda r: [
                     r.id,
                     r.status,
-                    r.prompt_name or "(inline)",
+                    prompt_label(r.prompt_name, r.prompt_version),
                     r.model,
                     _round(r.ttft_s),
                     _round(r.duration_s),
@@ -429,11 +452,12 @@ class LMStreamMagics(Magics):
             )
         if command == "stats":
             report = self.store.stats(prompt=rest[0] if rest else None)
+            overall = report.overall
             return _table(
-                [*report.groups, report.overall],
+                [*report.groups, overall],
                 ["prompt", "model", "runs", "ok", "ttft p50", "total p50", "failures"],
                 lambda g: [
-                    g.prompt or "(all)",
+                    "(all)" if g is overall else prompt_label(g.prompt, None),
                     g.model,
                     g.runs,
                     f"{g.success_rate:.0%}",
@@ -471,7 +495,10 @@ class LMStreamMagics(Magics):
             if key in ("base_url", "model"):
                 setattr(conf, key, value or None)
             elif key in ("first_token_timeout", "idle_timeout"):
-                setattr(conf, key, None if value.lower() in ("", "none", "inf") else float(value))
+                try:
+                    setattr(conf, key, parse_seconds(value))
+                except ValueError as exc:
+                    raise UsageError(f"The setting {key}: {exc}") from None
             elif key == "format":
                 if value not in FORMATS:
                     raise UsageError(f"format must be one of {', '.join(FORMATS)}, not {value!r}.")
@@ -487,6 +514,20 @@ class LMStreamMagics(Magics):
     def _sim(self, words: list[str]) -> Any:
         if not words or words[0] not in ("start", "stop"):
             raise UsageError("Use %lmstream sim start [profile] [time_scale=F] or sim stop.")
+        options: dict[str, Any] = {}
+        for word in words[1:]:
+            if "=" in word:
+                key, _, value = word.partition("=")
+                options[key.strip()] = _number_or_text(value)
+            else:
+                options["profile"] = word
+        settings = [f.name for f in fields(simulator.SimConfig)]
+        unknown = sorted(set(options) - set(settings))
+        if unknown:
+            raise UsageError(
+                f"The simulator has no setting {', '.join(unknown)}: use a profile name or "
+                f"{', '.join(settings)}."
+            )
         conf = self.config_
         if conf.sim is not None:
             conf.sim.stop()
@@ -495,14 +536,10 @@ class LMStreamMagics(Magics):
         if words[0] == "stop":
             print("Simulator stopped; runs go to " + resolve_base_url(None) + " again.")
             return None
-        options: dict[str, Any] = {}
-        for word in words[1:]:
-            if "=" in word:
-                key, _, value = word.partition("=")
-                options[key.strip()] = _number_or_text(value)
-            else:
-                options["profile"] = word
-        conf.sim = simulator.serve(**options)
+        try:
+            conf.sim = simulator.serve(**options)
+        except ValueError as exc:  # a value the simulator refuses; its message names it
+            raise UsageError(f"The simulator cannot start: {exc}.") from None
         conf.base_url = conf.sim.base_url
         print(f"Simulator listening on {conf.sim.base_url}; this session's runs go there.")
         return None
@@ -517,10 +554,6 @@ def _number_or_text(value: str) -> Any:
     return value
 
 
-def _state(status: str) -> str:
-    return "cancelled" if status == "cancelled" else "failed"
-
-
 def _round(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -531,8 +564,6 @@ def _table(rows: Any, headers: list[str], cells: Any) -> Any:
     try:
         import pandas as pd
     except ImportError:
-        from .cli import table
-
         print(table(data, headers), end="")
         return None
     return pd.DataFrame(data, columns=headers)

@@ -87,10 +87,8 @@ class Prompt:
 
     @property
     def label(self) -> str:
-        """``name@version`` for a stored prompt, else ``(inline)``."""
-        if self.name is None:
-            return "(inline)"
-        return self.name if self.version is None else f"{self.name}@{self.version}"
+        """``name@version`` for a stored prompt, else ``(inline)`` (see :func:`prompt_label`)."""
+        return prompt_label(self.name, self.version)
 
     def as_dict(self) -> dict[str, Any]:
         """Every field and the variables, as JSON-ready data (``--json`` and the web API)."""
@@ -131,3 +129,15 @@ class Prompt:
         user = Template(self.template).render(values, allow_extra=True)
         messages.append({"role": "user", "content": user})
         return messages
+
+
+def prompt_label(name: str | None, version: int | None) -> str:
+    """How a prompt, or the prompt a run used, is named on screen: ``name@version``, ``name``
+    when the version is not known, ``(inline)`` for a template that was never stored.
+
+    The one label for the CLI, the magic, the runner and run results, so a run reads the same
+    wherever it is listed.
+    """
+    if not name:
+        return "(inline)"
+    return name if version is None else f"{name}@{version}"

@@ -18,11 +18,12 @@ from typing import Any
 import ipywidgets as w
 
 from ._client import LMStudioClient
-from ._config import Budgets, resolve_base_url
+from ._config import Budgets, parse_seconds, resolve_base_url
 from ._errors import LMStreamError
+from ._outcome import ending
 from ._run import RunResult, arun, default_store
 from ._store import PromptStore
-from ._template import Prompt
+from ._template import Prompt, prompt_label
 from ._view import NotebookSink, StreamView
 
 _WIDE = {"description_width": "7em"}  # room for "Temperature" and "First token s"
@@ -267,15 +268,10 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         self.budget_error.value = ""
         budgets: dict[str, float | None] = {}
         for field, key in ((self.first_token_timeout, "first_token"), (self.idle_timeout, "idle")):
-            text = field.value.strip().lower()
             try:
-                budgets[key] = None if text in ("", "none", "inf") else float(text)
-                if budgets[key] is not None and budgets[key] <= 0:  # type: ignore[operator]
-                    raise ValueError(text)
-            except ValueError:
-                self.budget_error.value = _error_html(
-                    f"{field.description} must be a positive number of seconds or 'none'."
-                )
+                budgets[key] = parse_seconds(field.value)
+            except ValueError as exc:
+                self.budget_error.value = _error_html(f"{field.description}: {exc}")
                 ok = False
         if ok:
             settings["budgets"] = Budgets(first_token=budgets["first_token"], idle=budgets["idle"])
@@ -321,27 +317,22 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
                     on_event=sink.handle,
                     **settings,
                 )
-            except asyncio.CancelledError:
-                sink.close(
-                    state="cancelled",
-                    show_text=True,
-                    message="Stopped: the text received so far is kept.",
-                )
-                raise
-            except LMStreamError as exc:
-                sink.close(state="failed", show_text=True, run_id=exc.run_id, message=str(exc))
-                return None
-            except Exception as exc:  # a runner must keep working after any error
-                sink.close(state="failed", show_text=True, message=f"Unexpected error: {exc!r}")
-                return None
+            except BaseException as exc:
+                end = ending(exc)
+                sink.close(state=end.state, show_text=True, run_id=end.run_id, message=end.message)
+                if isinstance(exc, Exception):
+                    return None  # a runner must keep working after any error
+                raise  # a cancellation (Stop) goes on
             finally:
                 self._set_running(False)
                 self.refresh_history()
+            end = ending(result)
             sink.close(
-                state="done",
+                state=end.state,
                 stats=result.stats,
                 model=result.model,
-                run_id=result.run_id,
+                run_id=end.run_id,
+                message=end.message,
                 show_text=True,
             )
             self.last_result = result
@@ -385,8 +376,13 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
             when = dt.datetime.fromtimestamp(r.started_at).strftime("%H:%M:%S")
             ttft = "-" if r.ttft_s is None else f"{r.ttft_s:.2f}s"
             total = "-" if r.duration_s is None else f"{r.duration_s:.1f}s"
+            label = prompt_label(r.prompt_name, r.prompt_version)
             options.append(
-                (f"#{r.id} {when} {r.status:<10} ttft {ttft} total {total} {r.preview[:40]}", r.id)
+                (
+                    f"#{r.id} {when} {r.status:<10} {label} ttft {ttft} total {total} "
+                    f"{r.preview[:40]}",
+                    r.id,
+                )
             )
         self.history_select.options = options
 
@@ -398,7 +394,9 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         rec = self.store.get_run(run_id)
         error = f"<div>{_error_html(rec.error)}</div>" if rec.error else ""
         self.history_text.value = (
-            f'<div class="lmstream-history-text"><b>run #{rec.id}</b> {html.escape(rec.status)}'
+            f'<div class="lmstream-history-text"><b>run #{rec.id}</b> '
+            f"{html.escape(prompt_label(rec.prompt_name, rec.prompt_version))} "
+            f"{html.escape(rec.status)}"
             f'{error}<pre style="white-space: pre-wrap">{html.escape(rec.text)}</pre></div>'
         )
 

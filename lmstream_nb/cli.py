@@ -13,22 +13,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from . import simulator
 from ._client import LMStudioClient
-from ._config import Budgets
+from ._config import Budgets, seconds_argument
 from ._errors import LMStreamError, PromptNotFound, TemplateError
-from ._events import Event, ReasoningDelta, Stats, StreamFinished, StreamStarted, TextDelta
 from ._run import arun, default_store
 from ._store import GroupStats, PromptStore
-from ._template import Prompt
+from ._template import Prompt, prompt_label
+from ._terminal import TerminalSink, dim, format_stats, secs, table, when
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -40,17 +40,43 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-def _seconds_or_none(text: str) -> float | None:
-    if text.lower() in ("none", "inf", "0"):
-        return None
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("a budget must be a positive number of seconds")
+def _whole_number(minimum: int, noun: str) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number of ``noun`` that is at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number of {noun}: use a whole number, {minimum} or more."
+            )
+        return value
+
+    return parse
+
+
+def _not_negative(text: str) -> float:
+    """An argparse ``type`` for a duration or scale that may be 0 but not below."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number 0 or more: use one.")
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (no usage block), with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message.rstrip('.')} (see {self.prog} --help).\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lmstream",
         description="Stream prompts to LM Studio (or its embedded simulator) from a terminal.",
     )
@@ -119,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_batch.add_argument("prompt", metavar="PROMPT")
     p_batch.add_argument("file", type=Path, metavar="FILE")
-    p_batch.add_argument("--concurrency", "-c", type=int, default=3)
+    p_batch.add_argument(
+        "--concurrency", "-c", type=_whole_number(1, "rows at once"), default=3, metavar="N"
+    )
     p_batch.add_argument("--out", "-o", type=Path, help="write rows + results (.csv or .jsonl)")
     p_batch.add_argument("--resume", metavar="BATCH_ID", help="run only rows that did not succeed")
     p_batch.add_argument("--model", "-m")
@@ -136,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_history.add_argument("--prompt", help="only runs of this stored prompt")
     p_history.add_argument("--status", help="only runs with this status (ok, stalled, ...)")
     p_history.add_argument("--model")
-    p_history.add_argument("--limit", type=int, default=20)
+    p_history.add_argument("--limit", type=_whole_number(0, "runs"), default=20)
     p_history.add_argument("--run", type=int, metavar="ID", help="show one run in full")
     p_history.add_argument("--json", action="store_true")
 
@@ -168,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_demo.add_argument(
         "--time-scale",
-        type=float,
+        type=_not_negative,
         default=1.0,
         help="multiply every simulated duration (0.1 runs ten times faster)",
     )
@@ -194,7 +222,13 @@ def _add_bench_parser(sub: Any) -> None:
         default=None,
         help="simulator time scale (default 0.015; ignored with a real server)",
     )
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 3, 8], metavar="N")
+    p.add_argument(
+        "--concurrency",
+        type=_whole_number(1, "requests at once"),
+        nargs="+",
+        default=[1, 3, 8],
+        metavar="N",
+    )
     p.add_argument(
         "--timeouts",
         type=float,
@@ -276,24 +310,24 @@ def _add_budget_options(p: argparse.ArgumentParser) -> None:
     defaults = Budgets()
     p.add_argument(
         "--first-token-timeout",
-        type=_seconds_or_none,
+        type=seconds_argument,
         default=defaults.first_token,
         metavar="S",
-        help=f"budget for the first token (default {defaults.first_token:g}; none)",
+        help=f"seconds to wait for the first token, or none (default {defaults.first_token:g})",
     )
     p.add_argument(
         "--idle-timeout",
-        type=_seconds_or_none,
+        type=seconds_argument,
         default=defaults.idle,
         metavar="S",
-        help=f"budget between chunks once text flows (default {defaults.idle:g})",
+        help=f"seconds between chunks once text flows, or none (default {defaults.idle:g})",
     )
     p.add_argument(
         "--connect-timeout",
-        type=_seconds_or_none,
+        type=seconds_argument,
         default=defaults.connect,
         metavar="S",
-        help=f"budget to connect (default {defaults.connect:g})",
+        help=f"seconds to connect, or none (default {defaults.connect:g})",
     )
 
 
@@ -301,139 +335,6 @@ def _budgets(args: argparse.Namespace) -> Budgets:
     return Budgets(
         connect=args.connect_timeout, first_token=args.first_token_timeout, idle=args.idle_timeout
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Streaming to a terminal
-
-
-def format_stats(stats: Stats, finished: StreamFinished | None = None) -> str:
-    """One human line: tokens, time, TTFT, speed, chunks, model, finish reason."""
-    parts = stats.summary()
-    if stats.prompt_tokens is not None:
-        parts.append(f"{stats.prompt_tokens} prompt tokens")
-    parts.append(f"{stats.chunks} chunks")
-    if finished is not None:
-        if finished.model:
-            parts.append(f"model {finished.model}")
-        parts.append(f"finish: {finished.finish_reason or 'unknown'}")
-    return ", ".join(parts)
-
-
-class _Waiting:
-    """Shows "waiting for the first token… N s" on a terminal's stderr until text arrives."""
-
-    def __init__(self, err: TextIO, enabled: bool) -> None:
-        self._err = err
-        self._enabled = enabled
-        self._task: asyncio.Task[None] | None = None
-        self._shown = False
-
-    def start(self) -> None:
-        if self._enabled and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._tick())
-
-    async def _tick(self) -> None:
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        while True:
-            elapsed = loop.time() - t0
-            self._err.write(f"\r\033[2mwaiting for the first token… {elapsed:.0f} s\033[0m\033[K")
-            self._err.flush()
-            self._shown = True
-            await asyncio.sleep(1.0)
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-        if self._shown:
-            self._err.write("\r\033[K")
-            self._err.flush()
-            self._shown = False
-
-
-class TerminalSink:
-    """Writes a stream's events to a terminal as they arrive: text to ``out`` (flushed per
-    chunk), reasoning dimmed on ``err``, or one JSON object per event with ``as_json``."""
-
-    def __init__(self, out: TextIO, err: TextIO, *, as_json: bool) -> None:
-        self.out = out
-        self.err = err
-        self.as_json = as_json
-        self.tty = err.isatty()
-        self.waiting = _Waiting(err, self.tty and not as_json)
-        self.in_reasoning = False
-        self.wrote_text = False
-        self.finished: StreamFinished | None = None
-
-    def _json(self, record: dict[str, Any]) -> None:
-        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.out.flush()
-
-    def handle(self, event: Event) -> None:
-        if isinstance(event, TextDelta):
-            self.waiting.stop()
-            if self.in_reasoning:
-                self.err.write("\033[0m\n" if self.tty else "\n")
-                self.in_reasoning = False
-            if self.as_json:
-                self._json({"event": "text", "content": event.content})
-            else:
-                self.out.write(event.content)
-                self.out.flush()
-                self.wrote_text = True
-        elif isinstance(event, ReasoningDelta):
-            self.waiting.stop()
-            if self.as_json:
-                self._json({"event": "reasoning", "content": event.content})
-                return
-            if not self.in_reasoning and self.tty:
-                self.err.write("\033[2m")
-            self.in_reasoning = True
-            self.err.write(event.content)
-            self.err.flush()
-        elif isinstance(event, StreamStarted):
-            if self.as_json:
-                self._json(
-                    {
-                        "event": "start",
-                        "model": event.model,
-                        "request_id": event.request_id,
-                        "url": event.url,
-                    }
-                )
-            self.waiting.start()
-        elif isinstance(event, StreamFinished):
-            self.finished = event
-            self.close()
-            if self.as_json:
-                self._json(
-                    {
-                        "event": "done",
-                        "finish_reason": event.finish_reason,
-                        "model": event.model,
-                        "response_id": event.response_id,
-                        "stats": event.stats.as_dict(),
-                    }
-                )
-
-    def close(self) -> None:
-        self.waiting.stop()
-        if self.in_reasoning:
-            self.err.write("\033[0m\n" if self.tty else "\n")
-            self.in_reasoning = False
-
-    def end_text(self) -> None:
-        """Finish the text with a newline so the shell prompt starts on its own line."""
-        if self.wrote_text:
-            self.out.write("\n")
-            self.out.flush()
-            self.wrote_text = False
-
-
-def _dim(err: TextIO, text: str) -> str:
-    return f"\033[2m{text}\033[0m" if err.isatty() else text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,7 +390,7 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if not args.json:
         sink.end_text()
         err.write(
-            _dim(err, f"{format_stats(result.stats, sink.finished)}, run #{result.run_id}") + "\n"
+            dim(err, f"{format_stats(result.stats, sink.finished)}, run #{result.run_id}") + "\n"
         )
     return EXIT_OK
 
@@ -700,7 +601,7 @@ def _add_serve_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--grace",
-        type=float,
+        type=_not_negative,
         default=60.0,
         metavar="S",
         help="seconds a run with no listener goes on before it is cancelled",
@@ -747,31 +648,6 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 # -- prompts, history, stats ------------------------------------------------------------------
-
-
-def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    """A plain fixed-width table (None shows as a dash)."""
-    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in cells:
-        for i, v in enumerate(row):
-            widths[i] = max(widths[i], len(v))
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend(
-        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    )
-    return "\n".join(lines) + "\n"
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _secs(value: float | None) -> str | None:
-    return None if value is None else f"{value:.2f}"
 
 
 def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -827,7 +703,7 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if args.json:
             out.write(json.dumps(p.as_dict(), ensure_ascii=False) + "\n")
         else:
-            out.write(f"{p.label}  saved {_when(p.created_at)}\n")
+            out.write(f"{p.label}  saved {when(p.created_at)}\n")
             for key in ("description", "model", "temperature", "max_tokens"):
                 value = getattr(p, key)
                 if value is not None:
@@ -846,7 +722,7 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     [
                         (
                             p.version,
-                            _when(p.created_at),
+                            when(p.created_at),
                             ", ".join(p.variables),
                             p.model,
                             " ".join(p.template[:50].split()),
@@ -878,11 +754,9 @@ def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if args.json:
             out.write(json.dumps(asdict(rec), ensure_ascii=False) + "\n")
             return EXIT_OK
-        label = rec.prompt_name if rec.prompt_name is not None else "(inline)"
-        if rec.prompt_version is not None:
-            label += f"@{rec.prompt_version}"
+        label = prompt_label(rec.prompt_name, rec.prompt_version)
         out.write(
-            f"run #{rec.id}  {rec.status}  {label}  {rec.model or '-'}  {_when(rec.started_at)}\n"
+            f"run #{rec.id}  {rec.status}  {label}  {rec.model or '-'}  {when(rec.started_at)}\n"
         )
         if rec.error:
             out.write(f"error: {rec.error}\n")
@@ -890,7 +764,13 @@ def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             out.write(f"--- reasoning\n{rec.reasoning}\n")
         out.write(f"--- text\n{rec.text}\n")
         return EXIT_OK
-    runs = store.history(prompt=args.prompt, status=args.status, limit=args.limit, model=args.model)
+    try:
+        runs = store.history(
+            prompt=args.prompt, status=args.status, limit=args.limit, model=args.model
+        )
+    except ValueError as exc:  # an unknown --status: the store names the known ones
+        err.write(f"lmstream: {exc}\n")
+        return EXIT_USAGE
     if args.json:
         out.write(json.dumps(runs.as_dicts(), ensure_ascii=False) + "\n")
         return EXIT_OK
@@ -899,13 +779,12 @@ def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             [
                 (
                     r.id,
-                    _when(r.started_at),
+                    when(r.started_at),
                     r.status,
-                    (r.prompt_name or "(inline)")
-                    + (f"@{r.prompt_version}" if r.prompt_version else ""),
+                    prompt_label(r.prompt_name, r.prompt_version),
                     r.model,
-                    _secs(r.ttft_s),
-                    _secs(r.duration_s),
+                    secs(r.ttft_s),
+                    secs(r.duration_s),
                     r.completion_tokens,
                     r.preview[:40],
                 )
@@ -931,14 +810,14 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             g.model or ("(all)" if label == "(all)" else "-"),
             g.runs,
             f"{g.success_rate:.0%}" if g.runs else "-",
-            _secs(g.ttft_p50),
-            _secs(g.ttft_p95),
-            _secs(g.duration_p50),
-            _secs(g.duration_p95),
+            secs(g.ttft_p50),
+            secs(g.ttft_p95),
+            secs(g.duration_p50),
+            secs(g.duration_p95),
             failures or "-",
         )
 
-    rows = [row(g, g.prompt or "(inline)") for g in report.groups]
+    rows = [row(g, prompt_label(g.prompt, None)) for g in report.groups]
     rows.append(row(report.overall, "(all)"))
     out.write(
         table(

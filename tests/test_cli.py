@@ -265,3 +265,67 @@ def test_demo_records_its_run_and_reuses_its_prompt(tmp_path: Path) -> None:
         runs = store.history()
     assert [r.status for r in runs] == ["ok", "ok"]
     assert runs[0].prompt_name == "release-notes-summary"
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["run", "Hi", "--first-token-timeout", "0"], "'0' is not a time budget"),
+        (["run", "Hi", "--idle-timeout", "-1"], "'-1' is not a time budget"),
+        (["run", "Hi", "--connect-timeout", "soon"], "'soon' is not a time budget"),
+        (["run", "Hi", "--temperature", "warm"], "invalid float value: 'warm'"),
+        (["run", "Hi", "--max-tokens", "many"], "invalid int value: 'many'"),
+        (["history", "--status", "bogus"], "The status 'bogus' is not known: use one of ok"),
+        (["history", "--limit", "-1"], "'-1' is not a number of runs"),
+        (["batch", "p", "rows.csv", "-c", "0"], "'0' is not a number of rows at once"),
+        (["demo", "--time-scale", "-1"], "'-1' is not a number 0 or more"),
+        (["serve", "--grace", "-5"], "'-5' is not a number 0 or more"),
+    ],
+)
+def test_a_bad_value_is_one_line_and_exit_2(
+    sim: simulator.SimServer, args: list[str], said: str
+) -> None:
+    before = len(sim.records())
+    extra = ["--base-url", sim.base_url] if args[0] == "run" else []
+    result = lmstream(*args, *extra)
+    assert result.returncode == 2, result.stderr
+    assert said in result.stderr
+    assert result.stderr.count("\n") == 1, "one line"
+    assert "Traceback" not in result.stderr
+    assert "usage:" not in result.stderr
+    assert result.stdout == ""
+    assert len(sim.records()) == before, "nothing was sent"
+
+
+def test_none_is_no_limit_and_zero_is_refused_for_every_budget(sim: simulator.SimServer) -> None:
+    run = ["run", "Hi", "--base-url", sim.base_url, "--model", MODEL, "--max-tokens", "3"]
+    accepted = lmstream(*run, "--first-token-timeout", "none", "--idle-timeout", "inf")
+    assert accepted.returncode == 0, accepted.stderr
+    assert accepted.stdout.strip()
+    for option in ("--first-token-timeout", "--idle-timeout", "--connect-timeout"):
+        refused = lmstream(*run, option, "0")
+        assert refused.returncode == 2
+        assert f"argument {option}: '0' is not a time budget: use a positive number of " in (
+            refused.stderr
+        )
+        assert "or none for no limit" in refused.stderr
+
+
+def test_runs_are_labelled_name_at_version_everywhere(sim: simulator.SimServer) -> None:
+    with PromptStore() as store:
+        store.save("greet", "Hello {{name}}")
+        label = store.save("greet", "Hi {{name}}").label
+    assert label == "greet@2"
+    base = ["--base-url", sim.base_url, "--model", MODEL, "--max-tokens", "3"]
+    stored = lmstream("run", "--prompt", "greet", "--var", "name=Ada", *base)
+    assert stored.returncode == 0, stored.stderr
+    assert lmstream("run", "Hi", *base).returncode == 0
+    table = lmstream("history").stdout.splitlines()
+    assert " (inline) " in table[2], "newest first"
+    assert f" {label} " in table[3]
+    [newest, older] = json.loads(lmstream("history", "--json").stdout)
+    assert f"  {label}  " in lmstream("history", "--run", str(older["id"])).stdout.splitlines()[0]
+    assert "  (inline)  " in lmstream("history", "--run", str(newest["id"])).stdout
+    stats = lmstream("stats").stdout
+    assert "\ngreet " in stats
+    assert "\n(inline) " in stats

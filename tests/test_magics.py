@@ -280,3 +280,107 @@ def test_headless_execution_saves_the_final_text(
     printed = nb.cells[2].outputs[0].text
     assert final.data["text/plain"] + "\n" == printed
     assert len(printed.split()) >= 10
+
+
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        ("%%lmstream --first-token-timeout 0\nHi", "'0' is not a time budget: use a positive"),
+        ("%%lmstream --idle-timeout soon\nHi", "'soon' is not a time budget"),
+        ("%%lmstream --max-tokens many\nHi", "invalid int value: 'many'"),
+        ("%%lmstream --temperature warm\nHi", "invalid float value: 'warm'"),
+        (
+            "%lmstream config first_token_timeout=abc",
+            "The setting first_token_timeout: 'abc' is not a time budget",
+        ),
+        ("%lmstream config idle_timeout=0", "The setting idle_timeout: '0' is not a time budget"),
+        ("%lmstream sim start time_scale=-1", "The simulator cannot start: time_scale must be"),
+        ("%lmstream sim start warp=9", "The simulator has no setting warp: use a profile name"),
+    ],
+)
+def test_a_bad_value_is_one_usage_sentence(
+    kernel: Kernel, msim: simulator.SimServer, line: str, said: str
+) -> None:
+    before = len(msim.records())
+    cell = kernel.execute(line)
+    assert cell.status == "error"
+    stderr = cell.stream("stderr")
+    assert said in stderr
+    assert stderr.startswith("UsageError: ")
+    assert stderr.count("\n") == 1, "one sentence"
+    assert "Traceback" not in stderr
+    assert len(msim.records()) == before, "nothing was sent"
+
+
+def test_budgets_from_config_and_options(kernel: Kernel) -> None:
+    """A session budget applies to the next run; ``none`` on the line lifts it for that run."""
+    slow_prefill = simulator.Scenario(prefill_tps=20, output_tokens=3)  # ~2 s for this prompt
+    prompt = "z" * 160
+    with simulator.serve(profile="test-fast", defaults=slow_prefill) as slow:
+        config = kernel.execute("%lmstream config first_token_timeout=0.2 idle_timeout=none")
+        assert config.status == "ok", config.error()
+        assert "first_token_timeout=0.2, idle_timeout=None" in (config.result() or "")
+        try:
+            timed_out = kernel.execute(
+                f"%%lmstream --base-url {slow.base_url}\n{prompt}", timeout=30
+            )
+            assert timed_out.status == "error"
+            err = timed_out.error()
+            assert err is not None
+            assert err["ename"] == "FirstTokenTimeout"
+            lifted = kernel.execute(
+                f"%%lmstream --base-url {slow.base_url} --first-token-timeout none\n{prompt}",
+                timeout=30,
+            )
+            assert lifted.status == "ok", lifted.error()
+        finally:
+            reset = kernel.execute("%lmstream config first_token_timeout=600 idle_timeout=120")
+            assert reset.status == "ok", reset.error()
+
+
+def test_background_views_show_the_ending_and_its_sentence(kernel: Kernel) -> None:
+    """A background view says why it ended (no cell error will); Stop says it was cancelled."""
+    from lmstream_nb._outcome import CANCELLED_MESSAGE
+
+    def state(cell: object) -> dict[str, object]:
+        [widget] = cell.widget_ids()  # type: ignore[attr-defined]
+        status: dict[str, object] = kernel.widget_state(widget)["status"]
+        return status
+
+    stall = simulator.Scenario(stall_at=3, stall_s=60)
+    endless = simulator.Scenario(output_tokens=100_000, gen_tps=200, jitter=0)
+    with (
+        simulator.serve(profile="test-fast", defaults=stall) as stalling,
+        simulator.serve(profile="test-fast", defaults=endless) as slow,
+    ):
+        stalled = kernel.execute(
+            f"%%lmstream --background --idle-timeout 0.5 --base-url {stalling.base_url}\nGo"
+        )
+        assert stalled.status == "ok", stalled.error()
+        kernel.until(lambda: state(stalled).get("state") == "failed", timeout=20)
+        message = str(state(stalled)["message"])
+        assert message.startswith(f"The stream from {stalling.base_url} stalled: nothing new")
+        assert state(stalled)["run_id"] is not None
+        stopped = kernel.execute(
+            "h = get_ipython().run_cell_magic("
+            f"'lmstream', '--background --base-url {slow.base_url}', 'A long story')"
+        )
+        assert stopped.status == "ok", stopped.error()
+        kernel.until(lambda: bool(kernel.deltas(stopped.widget_ids()[0])), timeout=20)
+        cancel = kernel.execute("h.cancel()")
+        assert cancel.status == "ok", cancel.error()
+        kernel.until(lambda: state(stopped).get("state") == "cancelled", timeout=20)
+    assert state(stopped)["message"] == CANCELLED_MESSAGE
+
+
+def test_history_and_stats_label_runs_name_at_version(kernel: Kernel) -> None:
+    saved = kernel.execute("%%lmstream --save labelled --max-tokens 3\nHi")
+    assert saved.status == "ok", saved.error()
+    history = kernel.execute("%lmstream history labelled")
+    assert history.status == "ok", history.error()
+    assert "labelled@1" in history.displays()[0]["text/plain"]
+    stats = kernel.execute("%lmstream stats labelled")
+    assert stats.status == "ok", stats.error()
+    shown = stats.displays()[0]["text/plain"]
+    assert "labelled" in shown
+    assert "(all)" in shown

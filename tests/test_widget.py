@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import html
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmstream_nb import PromptRunner, PromptStore, simulator
+from lmstream_nb._outcome import CANCELLED_MESSAGE
 
 pytestmark = pytest.mark.anyio
 
@@ -67,8 +69,11 @@ async def test_run_streams_and_records_then_history_shows_it(
     assert view.show_text
     assert store.get_run(result.run_id).text == result.text
     assert runner.history_select.options[0][1] == result.run_id
+    assert f" {result.prompt} " in runner.history_select.options[0][0]
+    assert result.prompt == "haiku@1"
     runner.history_select.value = result.run_id
     assert result.text.split()[0] in runner.history_text.value
+    assert "</b> haiku@1 ok" in runner.history_text.value
 
 
 async def test_stop_cancels_within_a_second_and_keeps_partial_text(store: PromptStore) -> None:
@@ -97,6 +102,7 @@ async def test_stop_cancels_within_a_second_and_keeps_partial_text(store: Prompt
     assert view.status["state"] == "cancelled"
     [summary] = store.history()
     assert summary.status == "cancelled"
+    assert view.status["message"] == summary.error == CANCELLED_MESSAGE, "said as recorded"
     assert store.get_run(summary.id).text
     assert not runner.run_button.disabled
 
@@ -169,3 +175,39 @@ async def test_two_runners_are_independent(sim: simulator.SimServer, store: Prom
     assert all(r is not None and r.ok for r in results)
     assert results[0].text != results[1].text  # type: ignore[union-attr]
     assert first.view_box.children[0] is not second.view_box.children[0]
+
+
+async def test_budget_fields_follow_the_one_rule(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    """``0`` is refused with the same sentence as everywhere; ``none`` lifts the budget."""
+    runner = await ready(sim.base_url, store)
+    runner.set_variable("topic", "x")
+    for field in (runner.first_token_timeout, runner.idle_timeout):
+        for bad in ("0", "-1", "soon"):
+            field.value = bad
+            assert runner.run() is None
+            shown = html.unescape(runner.budget_error.value)
+            assert f"{field.description}: {bad!r} is not a time budget: use a positive" in shown
+            assert "or none for no limit." in runner.budget_error.value
+        field.value = "none"
+    assert len(store.history()) == 0, "nothing was sent"
+
+    slow_prefill = simulator.Scenario(prefill_tps=20, output_tokens=3)  # ~2 s for this prompt
+    with simulator.serve(profile="test-fast", defaults=slow_prefill) as slow:
+        runner.base_url = slow.base_url
+        runner.set_variable("topic", "z" * 160)
+        runner.first_token_timeout.value = "0.2"
+        timed_out = runner.run()
+        assert timed_out is not None
+        assert await asyncio.wait_for(timed_out, 10) is None
+        [view] = runner.view_box.children
+        assert view.status["state"] == "failed"
+        assert "within the first-token budget of 0.2 s" in view.status["message"]
+        runner.first_token_timeout.value = "None"
+        lifted = runner.run()
+        assert lifted is not None
+        result = await asyncio.wait_for(lifted, 10)
+    assert runner.budget_error.value == ""
+    assert result is not None
+    assert result.ok

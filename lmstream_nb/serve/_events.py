@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import RunNotFound
+from .._outcome import DONE, view_state
 from .._store import RunRecord
 from ._hub import BadCursor, Cursor, Hub, Listener, LiveRun, Outcome, Text, outcome_of
 
@@ -83,7 +84,7 @@ def start_data(
 
 
 def final_event(outcome: Outcome) -> tuple[str, dict[str, Any]]:
-    if outcome.status == "ok":
+    if view_state(outcome.status) == DONE:  # the same ending the notebook views show
         return "done", {
             "status": "ok",
             "finish_reason": outcome.finish_reason,

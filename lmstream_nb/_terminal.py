@@ -1,0 +1,176 @@
+"""Terminal rendering shared by the ``lmstream`` command and the magic in terminal IPython.
+
+A sink in the presentation layer: it consumes run events and formats finished runs (a stats
+line, fixed-width tables), and knows nothing of argparse, IPython or where runs come from, so
+every front end that writes to a terminal can use it without importing another front end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from ._events import Event, ReasoningDelta, Stats, StreamFinished, StreamStarted, TextDelta
+
+
+def format_stats(stats: Stats, finished: StreamFinished | None = None) -> str:
+    """One human line: tokens, time, TTFT, speed, chunks, model, finish reason."""
+    parts = stats.summary()
+    if stats.prompt_tokens is not None:
+        parts.append(f"{stats.prompt_tokens} prompt tokens")
+    parts.append(f"{stats.chunks} chunks")
+    if finished is not None:
+        if finished.model:
+            parts.append(f"model {finished.model}")
+        parts.append(f"finish: {finished.finish_reason or 'unknown'}")
+    return ", ".join(parts)
+
+
+class _Waiting:
+    """Shows "waiting for the first token… N s" on a terminal's stderr until text arrives."""
+
+    def __init__(self, err: TextIO, enabled: bool) -> None:
+        self._err = err
+        self._enabled = enabled
+        self._task: asyncio.Task[None] | None = None
+        self._shown = False
+
+    def start(self) -> None:
+        if self._enabled and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while True:
+            elapsed = loop.time() - t0
+            self._err.write(f"\r\033[2mwaiting for the first token… {elapsed:.0f} s\033[0m\033[K")
+            self._err.flush()
+            self._shown = True
+            await asyncio.sleep(1.0)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self._shown:
+            self._err.write("\r\033[K")
+            self._err.flush()
+            self._shown = False
+
+
+class TerminalSink:
+    """Writes a stream's events to a terminal as they arrive: text to ``out`` (flushed per
+    chunk), reasoning dimmed on ``err``, or one JSON object per event with ``as_json``."""
+
+    def __init__(self, out: TextIO, err: TextIO, *, as_json: bool) -> None:
+        self.out = out
+        self.err = err
+        self.as_json = as_json
+        self.tty = err.isatty()
+        self.waiting = _Waiting(err, self.tty and not as_json)
+        self.in_reasoning = False
+        self.wrote_text = False
+        self.finished: StreamFinished | None = None
+
+    def _json(self, record: dict[str, Any]) -> None:
+        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.out.flush()
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, TextDelta):
+            self.waiting.stop()
+            if self.in_reasoning:
+                self.err.write("\033[0m\n" if self.tty else "\n")
+                self.in_reasoning = False
+            if self.as_json:
+                self._json({"event": "text", "content": event.content})
+            else:
+                self.out.write(event.content)
+                self.out.flush()
+                self.wrote_text = True
+        elif isinstance(event, ReasoningDelta):
+            self.waiting.stop()
+            if self.as_json:
+                self._json({"event": "reasoning", "content": event.content})
+                return
+            if not self.in_reasoning and self.tty:
+                self.err.write("\033[2m")
+            self.in_reasoning = True
+            self.err.write(event.content)
+            self.err.flush()
+        elif isinstance(event, StreamStarted):
+            if self.as_json:
+                self._json(
+                    {
+                        "event": "start",
+                        "model": event.model,
+                        "request_id": event.request_id,
+                        "url": event.url,
+                    }
+                )
+            self.waiting.start()
+        elif isinstance(event, StreamFinished):
+            self.finished = event
+            self.close()
+            if self.as_json:
+                self._json(
+                    {
+                        "event": "done",
+                        "finish_reason": event.finish_reason,
+                        "model": event.model,
+                        "response_id": event.response_id,
+                        "stats": event.stats.as_dict(),
+                    }
+                )
+
+    def close(self) -> None:
+        self.waiting.stop()
+        if self.in_reasoning:
+            self.err.write("\033[0m\n" if self.tty else "\n")
+            self.in_reasoning = False
+
+    def end_text(self) -> None:
+        """Finish the text with a newline so the shell prompt starts on its own line."""
+        if self.wrote_text:
+            self.out.write("\n")
+            self.out.flush()
+            self.wrote_text = False
+
+
+def dim(err: TextIO, text: str) -> str:
+    """``text`` dimmed when ``err`` is a terminal (stats lines), else as it is."""
+    return f"\033[2m{text}\033[0m" if err.isatty() else text
+
+
+# -- tables ----------------------------------------------------------------------------------
+
+
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    """A plain fixed-width table (None shows as a dash)."""
+    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, v in enumerate(row):
+            widths[i] = max(widths[i], len(v))
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend(
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+    return "\n".join(lines) + "\n"
+
+
+def when(ts: float | None) -> str:
+    """A unix time as local ``YYYY-MM-DD HH:MM:SS`` (a dash for none)."""
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def secs(value: float | None) -> str | None:
+    """Seconds with two decimals for a table cell (None stays None: the table shows a dash)."""
+    return None if value is None else f"{value:.2f}"
