@@ -83,6 +83,7 @@ from ._sse import (
     TooLarge,
     error_message_of,
     parse_json,
+    parse_object,
 )
 
 Messages = Sequence[Mapping[str, Any]] | str
@@ -1076,9 +1077,16 @@ class LMStudioClient:
         return body
 
     def _violation(
-        self, exc: StreamViolation, model: str, kept: str, text: str = "", reasoning: str = ""
+        self,
+        exc: StreamViolation,
+        model: str,
+        kept: str,
+        text: str = "",
+        reasoning: str = "",
+        *,
+        where: str | None = None,
     ) -> RequestError:
-        """A broken rule of the stream (or of a whole completion) as a public error."""
+        """A broken rule of the stream (or of a whole completion: ``where``) as a public error."""
         url = self.url
         if isinstance(exc, ServerReported):
             return self._server_reported(exc, model, kept, text, reasoning)
@@ -1091,11 +1099,11 @@ class LMStudioClient:
             line = exc.line
         elif isinstance(exc, BadChunk):
             line = exc.line
-            what = f"a chunk of the wrong shape ({exc.what}: {self._scrub(line)!r})"
+            what = f"{where or 'a chunk'} of the wrong shape ({exc.what}: {self._scrub(line)!r})"
         else:
             assert isinstance(exc, NotJSON)
             line = exc.line
-            what = f"a data line that is not valid JSON ({self._scrub(line)!r})"
+            what = f"{where or 'a data line'} that is not valid JSON ({self._scrub(line)!r})"
         return ProtocolError(
             f"The server at {url} sent {what}, and {kept}: {fix}.",
             url=url,
@@ -1325,8 +1333,14 @@ class LMStudioClient:
                 timeout=timeout or 0.0,
             ) from None
         duration = loop.time() - t0
-        obj = parse_json(content)
-        if not isinstance(obj, dict) or "error" in obj:
+        decoder = ChatStreamDecoder()
+        try:
+            obj = parse_object(content)
+            if "error" not in obj:
+                decoder.feed_completion(obj, content[:400].decode("utf-8", "replace"))
+        except StreamViolation as exc:
+            raise self._violation(exc, model, "no text had arrived", where="an answer") from None
+        if "error" in obj:  # LM Studio answers an unknown path with 200 and an error
             raise _classify(
                 status=response.status_code,
                 message=self._scrub(
@@ -1336,11 +1350,6 @@ class LMStudioClient:
                 url=self.url,
                 model=model,
             )
-        decoder = ChatStreamDecoder()
-        try:
-            decoder.feed_completion(obj, content[:400].decode("utf-8", "replace"))
-        except StreamViolation as exc:
-            raise self._violation(exc, model, "no text had arrived") from None
         usage = decoder.usage or {}
         completion_tokens = usage.get("completion_tokens")
         return Completion(

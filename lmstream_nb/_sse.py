@@ -132,6 +132,13 @@ class SSEDecoder:
             self._pending = pending = bytearray()
         lines = chunk.split(b"\n")
         rest = lines.pop()
+        if len(chunk) > self.max_bytes:  # only then can a finished line be over the limit
+            for i, line in enumerate(lines):
+                if len(line) > self.max_bytes:
+                    events = self._process(lines[:i])
+                    self.overflow = "line"
+                    self._pending = bytearray(line[:200])  # for head()
+                    return events
         if rest:
             pending += rest
         events = self._process(lines)
@@ -319,6 +326,22 @@ def parse_json(data: str | bytes) -> Any:
         return None
 
 
+def parse_object(body: bytes) -> dict[str, Any]:
+    """A whole JSON body that must be an object (a completion): NotJSON or BadChunk if not."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        obj = _loads(text)
+    except TooDeep:
+        raise BadChunk(
+            "its JSON is nested deeper than any chat server sends", _shorten(text)
+        ) from None
+    except ValueError:
+        raise NotJSON(_shorten(text)) from None
+    if type(obj) is not dict:
+        raise NotJSON(_shorten(text))
+    return obj
+
+
 def _shorten(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
@@ -441,6 +464,7 @@ class ChatStreamDecoder:
                 and chunk[-2:] == b"\n\n"
                 and chunk.find(b"\n") == len(chunk) - 2
                 and b"\r" not in chunk
+                and len(chunk) <= sse.max_bytes
             ):
                 start = 6 if chunk[5:6] == b" " else 5
                 self._data(chunk[start:-2].decode("utf-8", "replace"), out)
