@@ -733,6 +733,7 @@ def _completion_body(
 
 _FLOOD_PIECE = 1 << 16
 _FLOOD_LINE = b"data: " + b"a" * 1017 + b"\n"  # 1 KiB: endless data lines, no blank line
+_GZIP_MAX = 1 << 30  # compressing takes ~5 s per GiB, so a bomb inflates to at most this
 
 
 @functools.lru_cache(maxsize=4)
@@ -775,7 +776,8 @@ class _Flood(Response):
         """The whole body for gzip (small), None for the generated floods."""
         if self.kind != "gzip":
             return None
-        bomb = await anyio.to_thread.run_sync(_gzip_bomb, self.prefix, self.total)
+        inflated = min(self.total, _GZIP_MAX)
+        bomb = await anyio.to_thread.run_sync(_gzip_bomb, self.prefix, inflated)
         return [bomb[i : i + _FLOOD_PIECE] for i in range(0, len(bomb), _FLOOD_PIECE)]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -810,9 +812,11 @@ class _Flood(Response):
             if self.kind == "line" or self.prefix[:1] == b"{":
                 await body(self.prefix)
                 piece = b"a" * _FLOOD_PIECE
-            pieces = [piece] * max(1, self.total // len(piece))
-        for data in pieces:
-            await body(data)
+            count = max(1, self.total // len(piece))
+        else:
+            count = len(pieces)
+        for i in range(count):
+            await body(piece if pieces is None else pieces[i])
             # Let a broken connection be noticed before the next write (uvicorn then drops
             # writes quietly instead of asyncio logging each one that fails).
             await asyncio.sleep(0)

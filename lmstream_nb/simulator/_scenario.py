@@ -129,7 +129,8 @@ class Scenario:
       (``Content-Encoding: gzip``) endless line, about 1 KB on the wire per MB inflated.
       A non-streaming request gets the same as an unfinished JSON body. With ``http_status``
       the flood is the error body.
-    - ``flood_bytes``: how much a flood sends (inflated, for ``"gzip"``); default 256 MiB.
+    - ``flood_bytes``: how much a flood sends (inflated, for ``"gzip"``, and then at most
+      1 GiB); default 256 MiB.
     - ``redirect_to``: answer with a redirect (``http_status`` if it is a 3xx, else 307) to
       this ``Location``.
     - ``echo_request``: every error text this scenario sends (``http_status`` bodies,
