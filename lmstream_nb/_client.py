@@ -873,7 +873,9 @@ class LMStudioClient:
                 trust_env=False,
                 follow_redirects=False,
             )
-        except httpx.InvalidURL as exc:  # what our check lets through and httpx does not
+            # httpx parses the host (IDNA) only when it builds a request: do it once now.
+            self._http.build_request("GET", self._path("/models"))
+        except (httpx.InvalidURL, ValueError) as exc:  # what our check lets by and httpx not
             raise InvalidBaseURL(
                 f"The base URL {self.url!r} cannot be used ({self._scrub(str(exc))}): "
                 "write it like http://localhost:1234/v1.",

@@ -47,6 +47,9 @@ BAD_URLS = [
     ("http://:1234/v1", "names no host"),
     ("http://local host:1234/v1", "contains a space or a control character"),
 ]
+# Refused by httpx's stricter host rules (IDNA), caught by the client with the same kind of
+# sentence.
+HTTPX_BAD = [("http://xn--zz:1234/v1", "cannot be used")]
 IDS = [url for url, _ in BAD_URLS]
 
 
@@ -113,6 +116,13 @@ def test_clients_refuse_a_bad_url_at_once(url: str, what: str) -> None:
         LMStudioClient(url)
     with pytest.raises(InvalidBaseURL, match=re.escape(what)):
         SyncLMStudioClient(url)
+
+
+@pytest.mark.parametrize(("url", "what"), HTTPX_BAD)
+def test_a_host_only_httpx_refuses_is_one_sentence_too(url: str, what: str) -> None:
+    with pytest.raises(InvalidBaseURL, match=what) as info:
+        LMStudioClient(url)
+    one_sentence(str(info.value))
 
 
 def test_a_bad_url_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
