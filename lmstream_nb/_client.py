@@ -41,6 +41,7 @@ from urllib.parse import urljoin
 import httpx
 
 from ._config import (
+    MIN_SECRET_CHARS,
     Budgets,
     Retries,
     parse_base_url,
@@ -859,8 +860,11 @@ class LMStudioClient:
             headers["Authorization"] = f"Bearer {key}"
         elif parsed.username is not None:
             auth = httpx.BasicAuth(parsed.username, parsed.password or "")
-        secrets = [*parsed.secrets, key or ""]
-        self._secrets = tuple(sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True))
+        secrets = {*parsed.secrets, key or ""}
+        # Longest first, so a secret that contains another is replaced whole.
+        self._secrets = tuple(
+            sorted((s for s in secrets if len(s) >= MIN_SECRET_CHARS), key=len, reverse=True)
+        )
         try:
             self._http = httpx.AsyncClient(
                 base_url=parsed.url,  # no userinfo: httpx would turn it into Basic auth
@@ -1042,11 +1046,17 @@ class LMStudioClient:
         )
 
     async def _read_body(
-        self, response: httpx.Response, watchdog: _Watchdog | None, limit: int = _ERROR_BODY_LIMIT
+        self,
+        response: httpx.Response,
+        watchdog: _Watchdog | None,
+        limit: int = _ERROR_BODY_LIMIT,
+        *,
+        partial_ok: bool = True,
     ) -> bytes:
         """Up to ``limit + 1`` bytes of a body as sent (never decompressed), then stop reading.
 
-        An error body that breaks off is kept as far as it came: the status says enough.
+        With ``partial_ok`` (error bodies) a body that breaks off is kept as far as it came:
+        the status says enough. Otherwise the break is raised, for the caller to translate.
         """
         body = bytearray()
         if watchdog is not None:
@@ -1057,9 +1067,8 @@ class LMStudioClient:
                 if len(body) > limit:
                     break
         except httpx.HTTPError:
-            if limit == _ERROR_BODY_LIMIT:
-                return bytes(body)
-            raise
+            if not partial_ok:
+                raise
         finally:
             if watchdog is not None:
                 watchdog.waiting = False
@@ -1067,7 +1076,7 @@ class LMStudioClient:
 
     async def _read_json_body(self, response: httpx.Response, watchdog: _Watchdog | None) -> bytes:
         """A whole 2xx JSON body (a completion, the model list), at most ``max_event_bytes``."""
-        body = await self._read_body(response, watchdog, self.max_event_bytes)
+        body = await self._read_body(response, watchdog, self.max_event_bytes, partial_ok=False)
         if len(body) > self.max_event_bytes:
             raise ProtocolError(
                 f"The answer from {self.url} is larger than the limit of "
