@@ -372,6 +372,19 @@ def _check_usage(usage: object, data: str) -> dict[str, Any]:
     return usage
 
 
+def _shape_error(choices: Any, data: str) -> BadChunk:
+    """What made reading ``choices[0].delta.content`` raise, as a sentence naming the field."""
+    if type(choices) is not list:
+        return _bad("choices", choices, "an array", data)
+    choice = choices[0]
+    if type(choice) is not dict:
+        return _bad("choices[0]", choice, "an object", data)
+    delta = choice.get("delta")
+    if type(delta) is not dict:
+        return _bad("choices[0].delta", delta, "an object or null", data)
+    return _bad("choices[0].delta.content", delta.get("content"), "a string or null", data)
+
+
 class ChatStreamDecoder:
     """Turns the bytes of a ``chat.completion.chunk`` stream into text and reasoning deltas.
 
@@ -380,10 +393,11 @@ class ChatStreamDecoder:
     lmstudio-wire.md: role on every delta or only the first, ``content: null``, ``choices: []``
     usage chunks, ``reasoning_content`` or ``reasoning``, comments and unknown keys.
 
-    Every value it reads is type-checked where it reads it: a chunk of the wrong shape is a
-    :class:`BadChunk` naming the field, never an ``AttributeError`` or ``TypeError`` from deep
-    inside. The checks are ``type(x) is ...`` comparisons on the few fields a chunk is read
-    for, which keeps the cost per chunk in the noise (benchmarks/throughput.py).
+    Every value it reads is type-checked: a chunk of the wrong shape is a :class:`BadChunk`
+    naming the field, never an ``AttributeError`` or ``TypeError`` from deep inside. On the
+    path every text chunk takes, a wrong type is caught by the exception it raises anyway, so
+    those chunks cost what they did before the checks (benchmarks/throughput.py); explicit
+    checks cover the rest (falsy wrong types, rarer fields, usage, whole completions).
 
     Text is accumulated as UTF-8 in a ``bytearray``: one compact buffer instead of a list of
     millions of tiny strings, which keeps a 10 MB answer near 10 MB in memory.
@@ -559,15 +573,17 @@ class ChatStreamDecoder:
             self.response_id = _text_field(obj, "id", "", data)
             self.model = _text_field(obj, "model", "", data)
         choices = obj.get("choices")
-        if type(choices) is list:
-            if choices:
+        if choices:
+            # A wrong type that is truthy raises here at once (a string or number has no
+            # .get, a non-string no .encode), so the hot path pays for no extra checks: the
+            # exception is turned into a sentence naming the field. Falsy wrong types do not
+            # raise and are checked where they fall through.
+            try:
                 choice = choices[0]
-                if type(choice) is not dict:
-                    raise _bad("choices[0]", choice, "an object", data)
                 delta = choice.get("delta")
-                if type(delta) is dict:
+                if delta:
                     content = delta.get("content")
-                    if type(content) is str and content:
+                    if content:
                         self._text += content.encode()
                         self.text_chars += len(content)
                         out.append(TextDelta(content))
@@ -576,20 +592,19 @@ class ChatStreamDecoder:
                         n = len(delta)
                         if n > 2 or (n == 2 and "role" not in delta):
                             self._delta_extras(delta, out, data)
-                    elif content is None or type(content) is str:
-                        self._delta_extras(delta, out, data)
                     else:
-                        raise _bad("choices[0].delta.content", content, "a string or null", data)
-                elif delta is not None:
+                        self._delta_extras(delta, out, data)
+                elif delta is not None and type(delta) is not dict:
                     raise _bad("choices[0].delta", delta, "an object or null", data)
                 finish = choice.get("finish_reason")
-                if finish is not None:
+                if finish or (finish is not None and type(finish) is not str):
                     if type(finish) is not str:
                         raise _bad("choices[0].finish_reason", finish, "a string or null", data)
-                    if finish:
-                        self.finish_reason = finish
-                        self.saw_output = True
-        elif choices is not None:
+                    self.finish_reason = finish
+                    self.saw_output = True
+            except (AttributeError, KeyError, TypeError, IndexError):
+                raise _shape_error(choices, data) from None
+        elif choices is not None and type(choices) is not list:
             raise _bad("choices", choices, "an array", data)
         usage = obj.get("usage")
         if usage is not None:
@@ -609,6 +624,7 @@ class ChatStreamDecoder:
         self, delta: dict[str, Any], out: list[TextDelta | ReasoningDelta], data: str
     ) -> None:
         where = "choices[0].delta"
+        _text_field(delta, "content", where, data)  # here content is empty: is it a string?
         reasoning = _text_field(delta, "reasoning_content", where, data) or _text_field(
             delta, "reasoning", where, data
         )
