@@ -1225,13 +1225,25 @@ class LMStudioClient:
         )
 
     async def _fetch(
-        self, request: httpx.Request, model: str | None, *, retry: bool
+        self,
+        request: httpx.Request,
+        model: str | None,
+        broke: _Phrase,
+        failed: _Phrase | None = None,
+        *,
+        retry: bool,
     ) -> tuple[httpx.Response, bytes]:
-        """Send a request whose answer is one JSON body: the 2xx response and its bytes."""
-        response = await self._http.send(request, stream=True)
+        """Send a request whose answer is one JSON body: the 2xx response and its bytes.
+
+        As for a stream, only a connection that breaks while the request is sent may be a
+        stale kept-alive one (retried at once); one that breaks in the answer counts.
+        """
+        with self._translating(broke, failed, retry=retry, stale=True):
+            response = await self._http.send(request, stream=True)
         try:
-            await self._refuse(response, model, retry=retry)
-            return response, await self._read_json_body(response, None)
+            with self._translating(broke, failed, retry=retry):
+                await self._refuse(response, model, retry=retry)
+                return response, await self._read_json_body(response, None)
         finally:
             await response.aclose()
 
@@ -1243,10 +1255,9 @@ class LMStudioClient:
 
         async def attempt() -> AsyncGenerator[tuple[httpx.Response, bytes], None]:
             request = self._http.build_request("POST", self._path("/chat/completions"), json=body)
-            with self._translating(
-                self._broke_before_answer, self._request_failed, retry=True, stale=True
-            ):
-                yield await self._fetch(request, model, retry=True)
+            yield await self._fetch(
+                request, model, self._broke_before_answer, self._request_failed, retry=True
+            )
 
         results = self._retrying(attempt, self.retries)
         async with contextlib.aclosing(results):
@@ -1259,8 +1270,7 @@ class LMStudioClient:
         request = self._http.build_request(
             "GET", self._path("/models"), timeout=httpx.Timeout(self.budgets.connect, read=60.0)
         )
-        with self._translating(self._listing_failed, retry=False):
-            response, body = await self._fetch(request, None, retry=False)
+        response, body = await self._fetch(request, None, self._listing_failed, retry=False)
         obj = parse_json(body)
         if not isinstance(obj, dict) or "error" in obj:
             raise _classify(
