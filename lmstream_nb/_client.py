@@ -1,6 +1,16 @@
 """LMStudioClient: streaming chat completions from LM Studio (or any OpenAI-style server) on httpx.
 
-The one place where httpx exceptions and server replies become lmstream_nb errors.
+The one place where httpx exceptions and server replies become lmstream_nb errors: httpx
+exceptions are mapped by ``LMStudioClient._translate`` (httpx's own ``map_httpcore_exceptions``
+is the model: one table, used by streams, blocking requests and the model list), refusals by
+``LMStudioClient._refuse``, and one retry loop (``LMStudioClient._retrying``) serves the stream
+before its first token and the blocking request alike.
+
+What a server sends is bounded before it is held: one SSE line or event by ``max_event_bytes``,
+a whole JSON body by the same figure, an error body by 1 MiB. A compressed body is refused
+rather than decoded (see ``LMStudioClient``), redirects are reported and never followed, and
+text the server sends back is scrubbed of the client's own credentials before it reaches any
+message or attribute.
 
 Time budgets are enforced by a watchdog timer rather than by httpx's read timeout, for two
 reasons. First, the first-token budget spans several reads (headers, keep-alive comments, a
@@ -13,10 +23,10 @@ early (the deadline has moved on meanwhile).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import enum
 import html
-import json
 import math
 import re
 import time
@@ -25,19 +35,30 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Se
 from dataclasses import replace
 from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urljoin
 
 import httpx
 
-from ._config import Budgets, Retries, redact_url, resolve_api_key, resolve_base_url
+from ._config import (
+    MIN_SECRET_CHARS,
+    Budgets,
+    Retries,
+    parse_base_url,
+    redact_url,
+    resolve_api_key,
+    resolve_base_url,
+)
 from ._errors import (
     AuthenticationError,
     FirstTokenTimeout,
     HTTPStatusError,
+    InvalidBaseURL,
     ModelNotFound,
     ModelNotLoaded,
     PromptTooLong,
     ProtocolError,
+    RedirectNotFollowed,
     RequestError,
     RequestTimedOut,
     ServerStreamError,
@@ -53,13 +74,28 @@ from ._events import (
     StreamFinished,
     StreamStarted,
 )
-from ._sse import ChatStreamDecoder, NotJSON, ServerReported, error_message_of
+from ._sse import (
+    DEFAULT_MAX_BYTES,
+    BadChunk,
+    ChatStreamDecoder,
+    NotJSON,
+    ServerReported,
+    StreamViolation,
+    TooLarge,
+    error_message_of,
+    parse_json,
+    parse_object,
+)
 
 Messages = Sequence[Mapping[str, Any]] | str
+T = TypeVar("T")
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _ERROR_BODY_LIMIT = 1 << 20
 _DRAIN_S = 1.0  # how long to wait for the end of the body after [DONE]
+# httpx exceptions by what happened: the connection could not be made, or it broke.
+_CONNECT = (httpx.ConnectError, httpx.ConnectTimeout)
+_BROKEN = (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError)
 
 
 class _Unset(enum.Enum):
@@ -103,10 +139,9 @@ def _body_message(body: bytes, content_type: str) -> str | None:
     if not text:
         return None
     if "json" in content_type or text[:1] in "{[":
-        try:
-            return error_message_of(json.loads(text)) or text
-        except ValueError:
-            pass
+        obj = parse_json(text)
+        if obj is not None:
+            return error_message_of(obj) or text
     if "html" in content_type or text[:1] == "<":
         text = _SCRIPT.sub(" ", text)
         stripped = " ".join(_TAG.sub(" ", text).split())
@@ -115,10 +150,7 @@ def _body_message(body: bytes, content_type: str) -> str | None:
 
 
 def _error_code(body: bytes) -> str | None:
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return None
+    obj = parse_json(body)
     if isinstance(obj, dict):
         err = obj.get("error")
         if isinstance(err, dict):
@@ -215,6 +247,48 @@ class _Retryable(Exception):
         self.retry_after = retry_after
         # The server closed a kept-alive connection just as we reused it: retry at once.
         self.stale = stale
+
+
+_Phrase = Callable[[BaseException], RequestError]
+
+
+class _Translating:
+    """``with client._translating(...)``: httpx exceptions inside become lmstream errors.
+
+    A class rather than a generator-based context manager: it is entered once per read while
+    a stream waits for its first token, and it must let ``StopAsyncIteration`` pass untouched.
+    """
+
+    __slots__ = ("broke", "client", "failed", "retry", "stale")
+
+    def __init__(
+        self,
+        client: LMStudioClient,
+        broke: _Phrase,
+        failed: _Phrase | None,
+        *,
+        retry: bool,
+        stale: bool,
+    ) -> None:
+        self.client = client
+        self.broke = broke
+        self.failed = failed or broke
+        self.retry = retry
+        self.stale = stale
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, httpx.HTTPError):
+            raise self.client._translate(
+                exc, self.broke, self.failed, retry=self.retry, stale=self.stale
+            ) from exc
 
 
 class _Watchdog:
@@ -391,7 +465,7 @@ class _StreamRun:
         self._retries = retries
         self.model: str = body["model"]
         self.request_id = uuid.uuid4().hex
-        self._decoder = ChatStreamDecoder()
+        self._decoder = ChatStreamDecoder(client.max_event_bytes)
         self._response: httpx.Response | None = None
         self._raw: AsyncIterator[bytes] | None = None
         self._started = False
@@ -451,8 +525,14 @@ class _StreamRun:
             watchdog.extend = partial(client._first_token_deadline, self.t0, first_token)
         answering = False
         try:
-            async for event in self._until_first_token(loop, watchdog):
-                yield event
+            attempts = client._retrying(
+                partial(self._attempt, watchdog),
+                self._retries,
+                deadline=lambda: watchdog.deadline,
+            )
+            async with contextlib.aclosing(attempts):
+                async for event in attempts:
+                    yield event
             watchdog.extend = None
             client._answering += 1
             client._progress_at = loop.time()
@@ -479,7 +559,12 @@ class _StreamRun:
                     break
                 finally:
                     watchdog.waiting = False
-                events = dec.feed(chunk)
+                try:
+                    events = dec.feed(chunk)
+                except StreamViolation as exc:
+                    for event in exc.before:  # the text before the error is the user's
+                        yield event
+                    raise
                 if events:
                     for event in events:
                         yield event
@@ -507,17 +592,15 @@ class _StreamRun:
                 yield self._finish(loop)  # the answer was whole; only [DONE] was late
                 return
             raise self._timeout_error() from None
-        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as exc:
-            if self._decoder.complete:
+        except httpx.HTTPError as exc:
+            if self._decoder.complete and isinstance(exc, _BROKEN):
                 yield self._finish(loop)  # broke after the finish chunk: nothing was lost
                 return
-            raise self._interrupted("broke off", exc) from exc
-        except NotJSON as exc:
-            raise self._protocol_error(exc.line) from None
-        except ServerReported as exc:
-            raise self._server_reported(exc) from None
-        except httpx.HTTPError as exc:
-            raise self._interrupted("failed", exc) from exc
+            raise client._translate(exc, self._broke_off, self._failed) from exc
+        except StreamViolation as exc:
+            raise client._violation(
+                exc, self.model, self._kept(), self.text, self.reasoning
+            ) from None
         finally:
             watchdog.close()
             if answering:
@@ -526,68 +609,36 @@ class _StreamRun:
             if self._response is not None:
                 await self._response.aclose()
 
-    async def _until_first_token(
-        self, loop: asyncio.AbstractEventLoop, watchdog: _Watchdog
-    ) -> AsyncIterator[Event]:
-        """Send the request (retrying what is safe to retry) and read up to the first token."""
-        attempt = 0
-        stale_retried = False
-        while True:
-            attempt += 1
-            try:
-                async for event in self._attempt(watchdog):
+    async def _attempt(self, watchdog: _Watchdog) -> AsyncGenerator[Event, None]:
+        """One request, read up to its first token; a failure that is safe to retry is raised
+        as ``_Retryable`` (with this attempt's response closed)."""
+        try:
+            async with contextlib.aclosing(self._attempt_events(watchdog)) as events:
+                async for event in events:
                     yield event
-                return
-            except _Retryable as failure:
-                if self._response is not None:
-                    await self._response.aclose()
-                    self._response = None
-                if failure.stale and not stale_retried:
-                    stale_retried = True
-                    attempt -= 1
-                    continue
-                if attempt > self._retries.attempts:
-                    raise failure.error from None
-                delay = self._retries.delay(attempt)
-                if failure.retry_after is not None:
-                    delay = max(delay, failure.retry_after)
-                if loop.time() + delay >= watchdog.deadline:
-                    raise failure.error from None
-                await asyncio.sleep(delay)
+        except _Retryable:
+            if self._response is not None:
+                await self._response.aclose()
+                self._response = None
+            raise
 
-    async def _attempt(self, watchdog: _Watchdog) -> AsyncIterator[Event]:
+    async def _attempt_events(self, watchdog: _Watchdog) -> AsyncGenerator[Event, None]:
         client = self._client
         url = client.url
-        self._decoder = dec = ChatStreamDecoder()
+        self._decoder = dec = ChatStreamDecoder(client.max_event_bytes)
         request = client._http.build_request(
             "POST",
-            "/chat/completions",
+            client._path("/chat/completions"),
             json=self._body,
             headers={"X-Request-Id": self.request_id, "Accept": "text/event-stream"},
         )
         watchdog.enter()
         try:
-            self._response = response = await client._http.send(request, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise _Retryable(client._unreachable(exc)) from exc
-        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as exc:
-            raise _Retryable(
-                self._interrupted("was reset before the first token", exc), stale=True
-            ) from exc
+            with client._translating(self._reset, self._failed, retry=True, stale=True):
+                self._response = response = await client._http.send(request, stream=True)
         finally:
             watchdog.waiting = False
-        if response.status_code >= 400:
-            body = await self._read_error_body(response, watchdog)
-            error = _classify(
-                status=response.status_code,
-                message=_body_message(body, response.headers.get("content-type", "")),
-                code=_error_code(body),
-                url=url,
-                model=self.model,
-            )
-            if response.status_code in RETRY_STATUSES:
-                raise _Retryable(error, _retry_after(response))
-            raise error
+        await client._refuse(response, self.model, retry=True, watchdog=watchdog)
         content_type = response.headers.get("content-type", "")
         if content_type and not content_type.startswith("text/event-stream"):
             for event in await self._not_a_stream(response, content_type, watchdog):
@@ -597,29 +648,31 @@ class _StreamRun:
             self._started = True
             yield StreamStarted(model=self.model, request_id=self.request_id, url=url)
         stream = response.stream
-        if (
-            isinstance(stream, httpx.AsyncByteStream)
-            and response.headers.get("content-encoding", "identity") == "identity"
-        ):
-            # The response's own byte stream, without aiter_raw's re-chunking layer: one
-            # async-generator hop less per chunk. response.aclose() still closes it.
+        # The response's own byte stream, without aiter_raw's re-chunking layer: one
+        # async-generator hop less per chunk. response.aclose() still closes it.
+        if isinstance(stream, httpx.AsyncByteStream):
             self._raw = raw = stream.__aiter__()
         else:
-            self._raw = raw = response.aiter_bytes()
+            self._raw = raw = response.aiter_raw()
+        translating = client._translating(self._reset, self._failed, retry=True, stale=False)
         while True:
             watchdog.enter()
             try:
-                chunk = await raw.__anext__()
+                with translating:
+                    chunk = await raw.__anext__()
             except StopAsyncIteration:
                 # Ended cleanly with nothing in it: nothing was received, so a retry is safe.
                 raise _Retryable(self._interrupted("ended before the first token")) from None
-            except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
-                raise _Retryable(
-                    self._interrupted("was reset before the first token", exc)
-                ) from exc
             finally:
                 watchdog.waiting = False
-            events = dec.feed(chunk)
+            try:
+                events = dec.feed(chunk)
+            except StreamViolation as exc:
+                if dec.saw_output:
+                    self._t_first = asyncio.get_running_loop().time()
+                for event in exc.before:
+                    yield event
+                raise
             first = dec.saw_output or dec.done
             if first:
                 self._t_first = asyncio.get_running_loop().time()
@@ -628,35 +681,19 @@ class _StreamRun:
             if first:
                 return
 
-    async def _read_error_body(self, response: httpx.Response, watchdog: _Watchdog) -> bytes:
-        body = bytearray()
-        watchdog.enter()
-        try:
-            async for part in response.aiter_bytes():
-                body += part
-                if len(body) >= _ERROR_BODY_LIMIT:
-                    break
-        except httpx.HTTPError:
-            pass  # the status line already says enough
-        finally:
-            watchdog.waiting = False
-        return bytes(body[:_ERROR_BODY_LIMIT])
-
     async def _not_a_stream(
         self, response: httpx.Response, content_type: str, watchdog: _Watchdog
     ) -> list[Event]:
         """A 2xx answer that is not an event stream: an error in disguise, or a whole answer."""
-        body = await self._read_error_body(response, watchdog)
-        url = self._client.url
+        client = self._client
+        body = await client._read_json_body(response, watchdog)
+        url = client.url
         if "json" in content_type:
-            try:
-                obj = json.loads(body)
-            except ValueError:
-                obj = None
+            obj = parse_json(body)
             if isinstance(obj, dict) and "error" in obj:
                 raise _classify(
                     status=response.status_code,
-                    message=error_message_of(obj),
+                    message=client._scrub(error_message_of(obj)),
                     code=_error_code(body),
                     url=url,
                     model=self.model,
@@ -669,11 +706,12 @@ class _StreamRun:
                     events.append(
                         StreamStarted(model=self.model, request_id=self.request_id, url=url)
                     )
-                events.extend(self._decoder.feed_completion(obj))
+                text = body[:400].decode("utf-8", "replace")
+                events.extend(self._decoder.feed_completion(obj, text))
                 self._t_first = asyncio.get_running_loop().time()
                 self._raw = _empty()
                 return events
-        shown = _body_message(body, content_type)
+        shown = client._scrub(_body_message(body, content_type))
         raise ProtocolError(
             f"The server at {url} answered with {content_type!r} instead of an event stream "
             f"({_quote(shown, 120)}): check that the base URL points at LM Studio's "
@@ -692,14 +730,22 @@ class _StreamRun:
 
     def _interrupted(self, what: str, exc: BaseException | None = None) -> StreamInterrupted:
         url = self._client.url
-        detail = f" ({type(exc).__name__}: {exc})" if exc is not None and str(exc) else ""
         return StreamInterrupted(
-            f"The stream from {url} {what}{detail}, and {self._kept()}: check that the server "
-            "is still running, then run again.",
+            f"The stream from {url} {what}{self._client._detail(exc)}, and {self._kept()}: "
+            "check that the server is still running, then run again.",
             url=url,
             partial_text=self.text,
             partial_reasoning=self.reasoning,
         )
+
+    def _reset(self, exc: BaseException) -> StreamInterrupted:
+        return self._interrupted("was reset before the first token", exc)
+
+    def _broke_off(self, exc: BaseException) -> StreamInterrupted:
+        return self._interrupted("broke off", exc)
+
+    def _failed(self, exc: BaseException) -> StreamInterrupted:
+        return self._interrupted("failed", exc)
 
     def _timeout_error(self) -> StreamError:
         url = self._client.url
@@ -723,37 +769,6 @@ class _StreamRun:
             partial_reasoning=self.reasoning,
         )
 
-    def _protocol_error(self, line: str) -> ProtocolError:
-        url = self._client.url
-        return ProtocolError(
-            f"The server at {url} sent a data line that is not valid JSON ({line!r}), and "
-            f"{self._kept()}: check that the base URL points at an OpenAI-compatible API.",
-            url=url,
-            line=line,
-            partial_text=self.text,
-            partial_reasoning=self.reasoning,
-        )
-
-    def _server_reported(self, exc: ServerReported) -> RequestError:
-        url = self._client.url
-        low = (exc.message or "").lower()
-        if self._decoder.text_chars == 0 and (
-            "no models loaded" in low or any(p in low for p in _CONTEXT_PATTERNS)
-        ):
-            code = None
-            if isinstance(exc.body, dict) and isinstance(exc.body.get("error"), dict):
-                value = exc.body["error"].get("code")
-                code = value if isinstance(value, str) else None
-            return _classify(status=200, message=exc.message, code=code, url=url, model=self.model)
-        return ServerStreamError(
-            f"The server at {url} reported an error during generation ({_quote(exc.message)}), "
-            f"and {self._kept()}: check the server's log, then run again.",
-            url=url,
-            server_message=exc.message,
-            partial_text=self.text,
-            partial_reasoning=self.reasoning,
-        )
-
 
 async def _empty() -> AsyncIterator[bytes]:
     nothing: tuple[bytes, ...] = ()
@@ -761,12 +776,47 @@ async def _empty() -> AsyncIterator[bytes]:
         yield chunk
 
 
+def _size(n: int) -> str:
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n:,} bytes"
+
+
 class LMStudioClient:
     """Async client for LM Studio's OpenAI-compatible server, with one connection pool.
 
-    ``base_url`` defaults to ``LMSTREAM_BASE_URL`` or ``http://localhost:1234/v1``; ``api_key``
-    to ``LMSTREAM_API_KEY`` (sent as a bearer token, never shown in reprs, logs or errors).
-    Use ``async with LMStudioClient() as client:`` so the pool is closed at the end.
+    ``base_url`` defaults to ``LMSTREAM_BASE_URL`` or ``http://localhost:1234/v1``; a URL that
+    cannot work (no ``http://``/``https://``, no host, a port that is not a number, a broken
+    IPv6 literal) is refused at once with :class:`InvalidBaseURL`. ``api_key`` defaults to
+    ``LMSTREAM_API_KEY``. Use ``async with LMStudioClient() as client:`` so the pool is closed
+    at the end.
+
+    Credentials and secrets:
+
+    - The API key is always sent as ``Authorization: Bearer <key>``. ``user:password@`` in the
+      base URL is sent as HTTP Basic authentication only when there is no API key (one
+      Authorization header cannot carry both, and the key is what LM Studio checks).
+    - A query string in the base URL (``?api-version=…&key=…``) is sent with every request.
+    - The key, the userinfo and every query value never appear in messages, reprs, records or
+      error attributes: ``url`` is the base URL with the userinfo removed and each query value
+      shown as ``***``, and text the server sends back (error bodies, in-stream errors,
+      offending lines) has every such secret of four or more characters replaced by ``***``
+      before it is put in an error.
+
+    Limits, so a broken or hostile server cannot make the client hold more than the answer:
+
+    - ``max_event_bytes`` (default 16 MiB): the most one SSE line or one event may take, and
+      the most a whole JSON body (``complete()``, ``list_models()``) may take; past it the
+      request fails with a :class:`ProtocolError` and the text received so far is kept.
+      Error bodies are read up to 1 MiB, which is plenty for a message.
+    - Compressed bodies are refused with one sentence, not decoded. The client asks for
+      ``Accept-Encoding: identity``, so only a server that ignores the request compresses;
+      decoding would need a decompressor of its own that stops at the limit (httpx's expands
+      each network read whole, and a few KB of gzip can expand into gigabytes), for a saving
+      that is nil on a local connection.
+    - Redirects (3xx) are never followed, so the API key cannot travel to another address;
+      they are reported as :class:`RedirectNotFollowed` with the status and the ``Location``.
     """
 
     def __init__(
@@ -779,9 +829,21 @@ class LMStudioClient:
         connect_timeout: float | _Unset | None = _UNSET,
         first_token_timeout: float | _Unset | None = _UNSET,
         idle_timeout: float | _Unset | None = _UNSET,
+        max_event_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.base_url = resolve_base_url(base_url)
-        self.url = redact_url(self.base_url)  # what messages and records show
+        parsed = parse_base_url(self.base_url)
+        self.url = parsed.shown  # what messages and records show
+        self._query = parsed.query
+        if (
+            not isinstance(max_event_bytes, int)
+            or isinstance(max_event_bytes, bool)
+            or max_event_bytes < 1
+        ):
+            raise ValueError(
+                f"max_event_bytes must be a whole number of bytes >= 1, not {max_event_bytes!r}"
+            )
+        self.max_event_bytes = max_event_bytes
         budgets = budgets or Budgets()
         if connect_timeout is not _UNSET:
             budgets = replace(budgets, connect=connect_timeout)
@@ -793,17 +855,36 @@ class LMStudioClient:
         self.retries = retries or Retries()
         headers = {"Accept-Encoding": "identity", "User-Agent": "lmstream_nb"}
         key = resolve_api_key(api_key)
+        auth: httpx.BasicAuth | None = None
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            # read=None: budgets are enforced per phase by the stream's watchdog, not per read.
-            timeout=httpx.Timeout(connect=budgets.connect, read=None, write=60.0, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
-            # A local server must not be routed through a corporate HTTP(S)_PROXY.
-            trust_env=False,
+        elif parsed.username is not None:
+            auth = httpx.BasicAuth(parsed.username, parsed.password or "")
+        secrets = {*parsed.secrets, key or ""}
+        # Longest first, so a secret that contains another is replaced whole.
+        self._secrets = tuple(
+            sorted((s for s in secrets if len(s) >= MIN_SECRET_CHARS), key=len, reverse=True)
         )
+        try:
+            self._http = httpx.AsyncClient(
+                base_url=parsed.url,  # no userinfo: httpx would turn it into Basic auth
+                headers=headers,
+                auth=auth,
+                # read=None: budgets are enforced per phase by the stream's watchdog.
+                timeout=httpx.Timeout(connect=budgets.connect, read=None, write=60.0, pool=None),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+                # A local server must not be routed through a corporate HTTP(S)_PROXY.
+                trust_env=False,
+                follow_redirects=False,
+            )
+            # httpx parses the host (IDNA) only when it builds a request: do it once now.
+            self._http.build_request("GET", self._path("/models"))
+        except (httpx.InvalidURL, ValueError) as exc:  # what our check lets by and httpx not
+            raise InvalidBaseURL(
+                f"The base URL {self.url!r} cannot be used ({self._scrub(str(exc))}): "
+                "write it like http://localhost:1234/v1.",
+                url=self.url,
+            ) from None
         # Streams of this client past their first token, and when one last started or ended:
         # a busy LM Studio queues requests, and a queued one is not stuck while another
         # stream of ours is being answered (see Budgets.first_token).
@@ -834,6 +915,56 @@ class LMStudioClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    def _path(self, endpoint: str) -> str:
+        """An endpoint with the base URL's query string (httpx would put it before the path)."""
+        return f"{endpoint}?{self._query}" if self._query else endpoint
+
+    # -- the boundary: httpx exceptions and refusals become lmstream errors -------------------
+
+    def _scrub(self, text: str | None) -> str | None:
+        """Server text without the client's own secrets (a server may echo a key back)."""
+        if text:
+            for secret in self._secrets:
+                text = text.replace(secret, "***")
+        return text
+
+    def _detail(self, exc: BaseException | None) -> str:
+        if exc is None or not str(exc):
+            return ""
+        return f" ({type(exc).__name__}: {self._scrub(str(exc))})"
+
+    def _translate(
+        self,
+        exc: httpx.HTTPError,
+        broke: _Phrase,
+        failed: _Phrase,
+        *,
+        retry: bool = False,
+        stale: bool = False,
+    ) -> Exception:
+        """The one place an httpx exception becomes an lmstream error.
+
+        No connection → :class:`ServerUnreachable`; the connection broke → ``broke(exc)``;
+        anything else → ``failed(exc)``; each call site words the last two for its phase. With
+        ``retry`` the first two come wrapped as ``_Retryable`` (``stale``: a broken connection
+        may be a kept-alive one the server had just closed, retried at once).
+        """
+        if isinstance(exc, _CONNECT):
+            error: RequestError = self._unreachable(exc)
+        elif isinstance(exc, _BROKEN):
+            error = broke(exc)
+        else:
+            return failed(exc)
+        if retry:
+            return _Retryable(error, stale=stale and isinstance(exc, _BROKEN))
+        return error
+
+    def _translating(
+        self, broke: _Phrase, failed: _Phrase | None = None, *, retry: bool, stale: bool = False
+    ) -> _Translating:
+        """``_translate`` as a context manager, for the call sites that wrap a few lines."""
+        return _Translating(self, broke, failed, retry=retry, stale=stale)
+
     def _unreachable(self, exc: BaseException) -> ServerUnreachable:
         reason = "timed out" if isinstance(exc, httpx.TimeoutException) else "refused or failed"
         return ServerUnreachable(
@@ -842,6 +973,219 @@ class LMStudioClient:
             "or set LMSTREAM_BASE_URL to where it listens.",
             url=self.url,
         )
+
+    async def _refuse(
+        self,
+        response: httpx.Response,
+        model: str | None,
+        *,
+        retry: bool,
+        watchdog: _Watchdog | None = None,
+    ) -> None:
+        """Raise what a response's status line and headers already say is a failure.
+
+        A redirect, an error status (with the server's own message from a bounded read of
+        the body; 429 and 5xx overloads as ``_Retryable`` when ``retry``), or a compressed
+        body. Used by streams, blocking requests and the model list alike.
+        """
+        status = response.status_code
+        if 300 <= status < 400:
+            raise self._redirect(response)
+        compressed = response.headers.get("content-encoding", "identity").strip().lower()
+        compressed = "" if compressed in ("", "identity") else compressed
+        if status >= 400:
+            body = b"" if compressed else await self._read_body(response, watchdog)
+            error = _classify(
+                status=status,
+                message=self._scrub(_body_message(body, response.headers.get("content-type", ""))),
+                code=_error_code(body),
+                url=self.url,
+                model=model,
+            )
+            if retry and status in RETRY_STATUSES:
+                raise _Retryable(error, _retry_after(response))
+            raise error
+        if compressed:
+            raise ProtocolError(
+                f"The server at {self.url} sent a compressed answer (Content-Encoding: "
+                f"{compressed}) although the client asked for none, and lmstream does not "
+                "decode compressed answers (a small one can expand without bound): turn "
+                "compression off in the server or the proxy in front of it.",
+                url=self.url,
+                line="",
+            )
+
+    def _redirect(self, response: httpx.Response) -> RedirectNotFollowed:
+        status = response.status_code
+        location = response.headers.get("location")
+        if not location:
+            return RedirectNotFollowed(
+                f"The server at {self.url} answered HTTP {status}, a redirect without a "
+                "Location, which lmstream does not follow: check the base URL and the "
+                "server's configuration.",
+                url=self.url,
+                status=status,
+                location=None,
+            )
+        target = urljoin(str(response.request.url), location)
+        endpoint = response.request.url.path
+        suggested = target.partition("?")[0].partition("#")[0]
+        for suffix in ("/chat/completions", "/models"):
+            if endpoint.endswith(suffix) and suggested.endswith(suffix):
+                suggested = suggested[: -len(suffix)]
+                break
+        shown = self._scrub(redact_url(target)) or ""
+        return RedirectNotFollowed(
+            f"The server at {self.url} answered HTTP {status}, a redirect to {shown}, which "
+            "lmstream does not follow (the API key must not go to another address): if that "
+            f"is the right server, set the base URL to {self._scrub(redact_url(suggested))} "
+            "and run again.",
+            url=self.url,
+            status=status,
+            location=shown,
+        )
+
+    async def _read_body(
+        self,
+        response: httpx.Response,
+        watchdog: _Watchdog | None,
+        limit: int = _ERROR_BODY_LIMIT,
+        *,
+        partial_ok: bool = True,
+    ) -> bytes:
+        """Up to ``limit + 1`` bytes of a body as sent (never decompressed), then stop reading.
+
+        With ``partial_ok`` (error bodies) a body that breaks off is kept as far as it came:
+        the status says enough. Otherwise the break is raised, for the caller to translate.
+        """
+        body = bytearray()
+        if watchdog is not None:
+            watchdog.enter()
+        try:
+            async for part in response.aiter_raw():
+                body += part
+                if len(body) > limit:
+                    break
+        except httpx.HTTPError:
+            if not partial_ok:
+                raise
+        finally:
+            if watchdog is not None:
+                watchdog.waiting = False
+        return bytes(body[: limit + 1])
+
+    async def _read_json_body(self, response: httpx.Response, watchdog: _Watchdog | None) -> bytes:
+        """A whole 2xx JSON body (a completion, the model list), at most ``max_event_bytes``."""
+        body = await self._read_body(response, watchdog, self.max_event_bytes, partial_ok=False)
+        if len(body) > self.max_event_bytes:
+            raise ProtocolError(
+                f"The answer from {self.url} is larger than the limit of "
+                f"{_size(self.max_event_bytes)} (max_event_bytes): raise max_event_bytes if "
+                "the server really sends answers that large, or stream the answer instead.",
+                url=self.url,
+                line=self._scrub(body[:200].decode("utf-8", "replace")) or "",
+            )
+        return body
+
+    def _violation(
+        self,
+        exc: StreamViolation,
+        model: str,
+        kept: str,
+        text: str = "",
+        reasoning: str = "",
+        *,
+        where: str | None = None,
+    ) -> RequestError:
+        """A broken rule of the stream (or of a whole completion: ``where``) as a public error."""
+        url = self.url
+        if isinstance(exc, ServerReported):
+            return self._server_reported(exc, model, kept, text, reasoning)
+        fix = "check that the base URL points at an OpenAI-compatible API"
+        if isinstance(exc, TooLarge):
+            what = (
+                f"an SSE {exc.kind} longer than the limit of {_size(exc.limit)} (max_event_bytes)"
+            )
+            fix = "check the server, or raise max_event_bytes if its events really are that large"
+            line = exc.line
+        elif isinstance(exc, BadChunk):
+            line = exc.line
+            what = f"{where or 'a chunk'} of the wrong shape ({exc.what}: {self._scrub(line)!r})"
+        else:
+            assert isinstance(exc, NotJSON)
+            line = exc.line
+            what = f"{where or 'a data line'} that is not valid JSON ({self._scrub(line)!r})"
+        return ProtocolError(
+            f"The server at {url} sent {what}, and {kept}: {fix}.",
+            url=url,
+            line=self._scrub(line) or "",
+            partial_text=text,
+            partial_reasoning=reasoning,
+        )
+
+    def _server_reported(
+        self, exc: ServerReported, model: str, kept: str, text: str, reasoning: str
+    ) -> RequestError:
+        url = self.url
+        message = self._scrub(exc.message)
+        low = (message or "").lower()
+        if not text and ("no models loaded" in low or any(p in low for p in _CONTEXT_PATTERNS)):
+            code = None
+            if isinstance(exc.body, dict) and isinstance(exc.body.get("error"), dict):
+                value = exc.body["error"].get("code")
+                code = value if isinstance(value, str) else None
+            return _classify(status=200, message=message, code=code, url=url, model=model)
+        return ServerStreamError(
+            f"The server at {url} reported an error during generation ({_quote(message)}), "
+            f"and {kept}: check the server's log, then run again.",
+            url=url,
+            server_message=message,
+            partial_text=text,
+            partial_reasoning=reasoning,
+        )
+
+    # -- the retry loop ----------------------------------------------------------------------
+
+    async def _retrying(
+        self,
+        attempt: Callable[[], AsyncGenerator[T, None]],
+        retries: Retries,
+        *,
+        deadline: Callable[[], float] | None = None,
+    ) -> AsyncGenerator[T, None]:
+        """The one retry loop, for a stream up to its first token and a blocking request.
+
+        ``attempt()`` yields what it produced; a ``_Retryable`` failure starts it again after
+        the backoff (or the server's Retry-After), at most ``retries.attempts`` times and
+        never past ``deadline()`` (the stream's first-token budget). A kept-alive connection
+        the server had just closed is retried once at once, without counting.
+        """
+        loop = asyncio.get_running_loop()
+        number = 0
+        stale_retried = False
+        while True:
+            number += 1
+            try:
+                items = attempt()
+                async with contextlib.aclosing(items):
+                    async for item in items:
+                        yield item
+                return
+            except _Retryable as failure:
+                if failure.stale and not stale_retried:
+                    stale_retried = True
+                    number -= 1
+                    continue
+                if number > retries.attempts:
+                    raise failure.error from None
+                delay = retries.delay(number)
+                if failure.retry_after is not None:
+                    delay = max(delay, failure.retry_after)
+                if deadline is not None and loop.time() + delay >= deadline():
+                    raise failure.error from None
+                await asyncio.sleep(delay)
+
+    # -- requests ----------------------------------------------------------------------------
 
     def _body(
         self,
@@ -859,75 +1203,79 @@ class LMStudioClient:
         body.update(extra)
         return body
 
-    async def _post_with_retries(self, body: dict[str, Any], model: str) -> httpx.Response:
-        """POST a blocking request, retrying what the stream would retry before its first token."""
-        attempt = 0
-        stale_retried = False
-        while True:
-            attempt += 1
-            retry_after: float | None = None
-            try:
-                response = await self._http.post("/chat/completions", json=body)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                error: RequestError = self._unreachable(exc)
-            except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as exc:
-                if not stale_retried:  # a kept-alive connection the server had just closed
-                    stale_retried = True
-                    attempt -= 1
-                    continue
-                error = RequestError(
-                    f"The connection to {self.url} broke before an answer came "
-                    f"({type(exc).__name__}: {exc}): check that the server is still running "
-                    "and run again.",
-                    url=self.url,
-                )
-            except httpx.HTTPError as exc:
-                raise RequestError(
-                    f"The request to {self.url} failed ({type(exc).__name__}: {exc}): check "
-                    "that the server is running and run again.",
-                    url=self.url,
-                ) from exc
-            else:
-                if response.status_code not in RETRY_STATUSES:
-                    return response
-                content = response.content
-                error = _classify(
-                    status=response.status_code,
-                    message=_body_message(content, response.headers.get("content-type", "")),
-                    code=_error_code(content),
-                    url=self.url,
-                    model=model,
-                )
-                retry_after = _retry_after(response)
-            if attempt > self.retries.attempts:
-                raise error
-            delay = self.retries.delay(attempt)
-            await asyncio.sleep(delay if retry_after is None else max(delay, retry_after))
+    def _broke_before_answer(self, exc: BaseException) -> RequestError:
+        return RequestError(
+            f"The connection to {self.url} broke before an answer came{self._detail(exc)}: "
+            "check that the server is still running and run again.",
+            url=self.url,
+        )
+
+    def _request_failed(self, exc: BaseException) -> RequestError:
+        return RequestError(
+            f"The request to {self.url} failed{self._detail(exc)}: check that the server is "
+            "running and run again.",
+            url=self.url,
+        )
+
+    def _listing_failed(self, exc: BaseException) -> RequestError:
+        return RequestError(
+            f"Listing models at {self.url} failed{self._detail(exc)}: check that the server "
+            "is running and run again.",
+            url=self.url,
+        )
+
+    async def _fetch(
+        self,
+        request: httpx.Request,
+        model: str | None,
+        broke: _Phrase,
+        failed: _Phrase | None = None,
+        *,
+        retry: bool,
+    ) -> tuple[httpx.Response, bytes]:
+        """Send a request whose answer is one JSON body: the 2xx response and its bytes.
+
+        As for a stream, only a connection that breaks while the request is sent may be a
+        stale kept-alive one (retried at once); one that breaks in the answer counts.
+        """
+        with self._translating(broke, failed, retry=retry, stale=True):
+            response = await self._http.send(request, stream=True)
+        try:
+            with self._translating(broke, failed, retry=retry):
+                await self._refuse(response, model, retry=retry)
+                return response, await self._read_json_body(response, None)
+        finally:
+            await response.aclose()
+
+    async def _post(self, body: dict[str, Any], model: str) -> tuple[httpx.Response, bytes]:
+        """POST a blocking request, retrying what the stream would retry before its first token.
+
+        Returns the 2xx response and its body (read whole, within ``max_event_bytes``).
+        """
+
+        async def attempt() -> AsyncGenerator[tuple[httpx.Response, bytes], None]:
+            request = self._http.build_request("POST", self._path("/chat/completions"), json=body)
+            yield await self._fetch(
+                request, model, self._broke_before_answer, self._request_failed, retry=True
+            )
+
+        results = self._retrying(attempt, self.retries)
+        async with contextlib.aclosing(results):
+            async for result in results:
+                return result
+        raise AssertionError("an attempt either yields or raises")  # pragma: no cover
 
     async def list_models(self) -> list[str]:
         """Ids of the models the server offers (with JIT loading on: every downloaded model)."""
-        try:
-            response = await self._http.get(
-                "/models", timeout=httpx.Timeout(self.budgets.connect, read=60.0)
-            )
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise self._unreachable(exc) from exc
-        except httpx.HTTPError as exc:
-            raise RequestError(
-                f"Listing models at {self.url} failed ({type(exc).__name__}: {exc}): check "
-                "that the server is running and run again.",
-                url=self.url,
-            ) from exc
-        body = response.content
-        content_type = response.headers.get("content-type", "")
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            obj = None
-        if response.status_code >= 400 or not isinstance(obj, dict) or "error" in obj:
+        request = self._http.build_request(
+            "GET", self._path("/models"), timeout=httpx.Timeout(self.budgets.connect, read=60.0)
+        )
+        response, body = await self._fetch(request, None, self._listing_failed, retry=False)
+        obj = parse_json(body)
+        if not isinstance(obj, dict) or "error" in obj:
             raise _classify(
-                status=response.status_code if response.status_code >= 400 else 404,
-                message=_body_message(body, content_type),
+                status=404,
+                message=self._scrub(_body_message(body, response.headers.get("content-type", ""))),
                 code=_error_code(body),
                 url=self.url,
                 model=None,
@@ -938,7 +1286,7 @@ class LMStudioClient:
                 f"The model list from {self.url} has no 'data' array: check that the base URL "
                 "points at an OpenAI-compatible API.",
                 url=self.url,
-                line=body[:200].decode("utf-8", "replace"),
+                line=self._scrub(body[:200].decode("utf-8", "replace")) or "",
             )
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
@@ -996,7 +1344,7 @@ class LMStudioClient:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
-            response = await asyncio.wait_for(self._post_with_retries(body, model), timeout)
+            response, content = await asyncio.wait_for(self._post(body, model), timeout)
         except asyncio.TimeoutError:
             raise RequestTimedOut(
                 f"No answer came from {self.url} within the total timeout of {timeout:g} s, "
@@ -1006,21 +1354,23 @@ class LMStudioClient:
                 timeout=timeout or 0.0,
             ) from None
         duration = loop.time() - t0
-        body_bytes = response.content
+        decoder = ChatStreamDecoder()
         try:
-            obj = json.loads(body_bytes)
-        except ValueError:
-            obj = None
-        if response.status_code >= 400 or not isinstance(obj, dict) or "error" in obj:
+            obj = parse_object(content)
+            if "error" not in obj:
+                decoder.feed_completion(obj, content[:400].decode("utf-8", "replace"))
+        except StreamViolation as exc:
+            raise self._violation(exc, model, "no text had arrived", where="an answer") from None
+        if "error" in obj:  # LM Studio answers an unknown path with 200 and an error
             raise _classify(
                 status=response.status_code,
-                message=_body_message(body_bytes, response.headers.get("content-type", "")),
-                code=_error_code(body_bytes),
+                message=self._scrub(
+                    _body_message(content, response.headers.get("content-type", ""))
+                ),
+                code=_error_code(content),
                 url=self.url,
                 model=model,
             )
-        decoder = ChatStreamDecoder()
-        decoder.feed_completion(obj)
         usage = decoder.usage or {}
         completion_tokens = usage.get("completion_tokens")
         return Completion(

@@ -4,6 +4,7 @@
     ├── TemplateError
     │   ├── MissingVariables         .names
     │   └── UnknownVariables         .names
+    ├── InvalidBaseURL               .url (credentials removed)
     ├── StoreError                   .path
     │   ├── PromptNotFound           .name, .suggestions
     │   ├── RunNotFound              .run_id
@@ -14,6 +15,7 @@
         ├── RequestTimedOut          .timeout          (blocking requests only)
         ├── HTTPStatusError          .status, .server_message
         │   ├── AuthenticationError
+        │   ├── RedirectNotFollowed  .location
         │   ├── ModelNotFound        .model
         │   ├── ModelNotLoaded
         │   └── PromptTooLong
@@ -80,6 +82,19 @@ class UnknownVariables(TemplateError):
             f"The template has no variable named {listed} (it uses {uses}): "
             "fix the name, or allow extra variables explicitly."
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+class InvalidBaseURL(LMStreamError):
+    """A base URL that cannot be used (no scheme, a scheme other than http(s), no host, a port
+    that is not a number, a broken IPv6 literal); ``url`` is the URL with credentials removed."""
+
+    def __init__(self, message: str, *, url: str) -> None:
+        super().__init__(message)
+        self.url = url
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +195,15 @@ class HTTPStatusError(RequestError):
 
 class AuthenticationError(HTTPStatusError):
     """The server requires an API token and did not accept ours."""
+
+
+class RedirectNotFollowed(HTTPStatusError):
+    """The server answered with a redirect. It is never followed, so the API key cannot travel
+    to another address; ``location`` (credentials removed) is where the server points."""
+
+    def __init__(self, message: str, *, url: str, status: int, location: str | None) -> None:
+        super().__init__(message, url=url, status=status, server_message=None)
+        self.location = location
 
 
 class ModelNotFound(HTTPStatusError):

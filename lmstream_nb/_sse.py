@@ -14,6 +14,11 @@ space removed; ``data`` lines join with LF; ``event``, ``id`` (ignored if it con
 ``retry`` (ASCII digits only); a blank line dispatches, and an event without data lines is
 dropped; an unfinished event at the end of the stream is discarded.
 
+Limits: one line and one event may each take at most ``max_bytes`` (the client's
+``max_event_bytes``, 16 MiB by default). A server that sends an endless line, or endless
+``data:`` lines without the blank line that ends an event, would otherwise make the decoder
+hold everything it sent; past the limit the decoder stops and says which limit was hit.
+
 No clock, no sockets: feed it chunks in any split and it yields the same events, which is what
 the property test in tests/test_sse.py checks.
 """
@@ -21,12 +26,13 @@ the property test in tests/test_sse.py checks.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from ._events import ReasoningDelta, TextDelta
 
 _BOM = b"\xef\xbb\xbf"
+DEFAULT_MAX_BYTES = 16 * 2**20
 
 
 class ServerSentEvent(NamedTuple):
@@ -39,7 +45,11 @@ class ServerSentEvent(NamedTuple):
 
 
 class SSEDecoder:
-    """Incremental event-stream decoder: ``feed(bytes) -> list[ServerSentEvent]``."""
+    """Incremental event-stream decoder: ``feed(bytes) -> list[ServerSentEvent]``.
+
+    An unfinished line and a multi-line event's data are kept in ``bytearray`` buffers, so what
+    they cost is their size in bytes, however small the reads they arrived in.
+    """
 
     __slots__ = (
         "_bom_checked",
@@ -51,14 +61,21 @@ class SSEDecoder:
         "_retry",
         "_trailing_cr",
         "clean",
+        "max_bytes",
+        "overflow",
     )
 
-    def __init__(self) -> None:
-        self._pending: list[bytes] = []  # pieces of a line not yet terminated
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        # "line" or "event" once that limit was passed; the decoder then takes nothing more.
+        self.overflow: str | None = None
+        self._pending = bytearray()  # a line not yet terminated
         self._trailing_cr = False  # the previous chunk ended in CR: a leading LF is its partner
         self._bom_checked = False
         self._head = b""  # first bytes held back until we know whether they start with a BOM
-        self._data: list[bytes] | None = None
+        # The data of the event being built: the first line as it came, a bytearray from the
+        # second line on (joined with LF as the spec says).
+        self._data: bytes | bytearray | None = None
         self._event = ""
         self._last_id = ""
         self._retry: int | None = None
@@ -71,7 +88,14 @@ class SSEDecoder:
         """True when the bytes fed so far end inside an event (it would be discarded at EOF)."""
         return bool(self._pending) or bool(self._head) or self._data is not None
 
+    def head(self) -> str:
+        """The start of the line or event that passed the limit, to name it in a message."""
+        held = self._pending if self.overflow == "line" else (self._data or b"")
+        return bytes(held[:200]).decode("utf-8", "replace")
+
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
+        if self.overflow is not None:
+            return []
         events = self._feed(chunk)
         self.clean = (
             self._bom_checked
@@ -96,19 +120,31 @@ class SSEDecoder:
             return []
         if self._trailing_cr or b"\r" in chunk:
             chunk = self._normalise_newlines(chunk)
+        pending = self._pending
         if b"\n" not in chunk:
-            if chunk:
-                self._pending.append(chunk)
+            pending += chunk
+            if len(pending) > self.max_bytes:
+                self.overflow = "line"
             return []
-        if self._pending:
-            self._pending.append(chunk)
-            chunk = b"".join(self._pending)
-            self._pending = []
+        if pending:
+            pending += chunk
+            chunk = bytes(pending)
+            self._pending = pending = bytearray()
         lines = chunk.split(b"\n")
         rest = lines.pop()
+        if len(chunk) > self.max_bytes:  # only then can a finished line be over the limit
+            for i, line in enumerate(lines):
+                if len(line) > self.max_bytes:
+                    events = self._process(lines[:i])
+                    self.overflow = "line"
+                    self._pending = bytearray(line[:200])  # for head()
+                    return events
         if rest:
-            self._pending.append(rest)
-        return self._process(lines)
+            pending += rest
+        events = self._process(lines)
+        if len(pending) > self.max_bytes and self.overflow is None:
+            self.overflow = "line"
+        return events
 
     def _normalise_newlines(self, chunk: bytes) -> bytes:
         if self._trailing_cr and chunk[:1] == b"\n":
@@ -129,34 +165,46 @@ class SSEDecoder:
                 if value[:1] == b" ":
                     value = value[1:]
                 if self._data is None:
-                    self._data = [value]
-                else:
-                    self._data.append(value)
-            elif line[:1] != b":":
-                self._field(line)
+                    self._data = value
+                elif self._more_data(value):
+                    break
+            elif line[:1] != b":" and self._field(line):
+                break
         return events
 
-    def _field(self, line: bytes) -> None:
+    def _more_data(self, value: bytes) -> bool:
+        """Add a second or later data line; True when the event has passed the limit."""
+        data = self._data
+        if type(data) is not bytearray:
+            data = self._data = bytearray(data or b"")
+        data += b"\n"
+        data += value
+        if len(data) > self.max_bytes:
+            self.overflow = "event"
+            return True
+        return False
+
+    def _field(self, line: bytes) -> bool:
         name, colon, value = line.partition(b":")
         if colon and value[:1] == b" ":
             value = value[1:]
         if name == b"data":  # "data" with no colon: an empty data line
             if self._data is None:
-                self._data = [value]
-            else:
-                self._data.append(value)
-        elif name == b"event":
+                self._data = value
+                return False
+            return self._more_data(value)
+        if name == b"event":
             self._event = value.decode("utf-8", "replace")
         elif name == b"id":
             if b"\0" not in value:
                 self._last_id = value.decode("utf-8", "replace")
-        elif name == b"retry" and value.isdigit():
+        elif name == b"retry" and value.isdigit() and len(value) <= 15:
             self._retry = int(value)
+        return False
 
     def _dispatch(self) -> ServerSentEvent:
-        parts = self._data
-        assert parts is not None
-        raw = parts[0] if len(parts) == 1 else b"\n".join(parts)
+        raw = self._data
+        assert raw is not None
         event = ServerSentEvent(
             self._event or "message", raw.decode("utf-8", "replace"), self._last_id, self._retry
         )
@@ -170,12 +218,37 @@ class SSEDecoder:
 
 
 class StreamViolation(Exception):
-    """Internal: the stream broke a rule. The client turns it into a public error with context."""
+    """Internal: the stream broke a rule. The client turns it into a public error with context.
+
+    ``before`` holds the deltas decoded from the same read before the violation: the client
+    hands them to the consumer first, so no text that arrived is lost.
+    """
+
+    before: Sequence[TextDelta | ReasoningDelta] = ()
 
 
 class NotJSON(StreamViolation):
     def __init__(self, line: str) -> None:
         super().__init__(line)
+        self.line = line
+
+
+class BadChunk(StreamViolation):
+    """A chunk of the wrong shape: ``what`` says what was wrong, ``line`` shows the chunk."""
+
+    def __init__(self, what: str, line: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.line = line
+
+
+class TooLarge(StreamViolation):
+    """One SSE line or event passed the limit (``kind`` is ``"line"`` or ``"event"``)."""
+
+    def __init__(self, kind: str, limit: int, line: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.limit = limit
         self.line = line
 
 
@@ -212,25 +285,104 @@ def error_message_of(body: Any) -> str | None:
     return None
 
 
+class TooDeep(ValueError):
+    """JSON nested deeper than the parser can follow (it would raise RecursionError)."""
+
+
 # The C scanner behind json.loads (set by JSONDecoder.__init__, so not in the type stubs).
 _scan_once: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def _loads(data: str) -> Any:
-    """``json.loads`` without its two Python-level wrappers (one call per chunk adds up)."""
-    if data[:1] in ("{", "["):
-        try:
-            obj, end = _scan_once(data, 0)
-        except StopIteration:
-            raise ValueError("not JSON") from None
-        if end == len(data) or data[end:].isspace():
-            return obj
-        raise ValueError("extra data after JSON")
-    return json.loads(data)
+    """``json.loads`` without its two Python-level wrappers (one call per chunk adds up).
+
+    JSON nested deeper than the interpreter's recursion limit (about a thousand levels; no
+    chat server nests more than five or six) raises :class:`TooDeep` instead of
+    ``RecursionError``: that is the depth bound, at no cost per chunk.
+    """
+    try:
+        if data[:1] in ("{", "["):
+            try:
+                obj, end = _scan_once(data, 0)
+            except StopIteration:
+                raise ValueError("not JSON") from None
+            if end == len(data) or data[end:].isspace():
+                return obj
+            raise ValueError("extra data after JSON")
+        return json.loads(data)
+    except RecursionError:
+        raise TooDeep("nested too deeply") from None
+
+
+def parse_json(data: str | bytes) -> Any:
+    """Parse a body that should be JSON (an error body, a model list): None if it is not.
+
+    Never raises, also not for nesting deeper than the parser can follow.
+    """
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        return _loads(text.strip())
+    except ValueError:  # UnicodeDecodeError and TooDeep included
+        return None
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    """A whole JSON body that must be an object (a completion): NotJSON or BadChunk if not."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        obj = _loads(text)
+    except TooDeep:
+        raise BadChunk(
+            "its JSON is nested deeper than any chat server sends", _shorten(text)
+        ) from None
+    except ValueError:
+        raise NotJSON(_shorten(text)) from None
+    if type(obj) is not dict:
+        raise NotJSON(_shorten(text))
+    return obj
 
 
 def _shorten(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+_KINDS = {str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+_KINDS.update({list: "an array", dict: "an object", type(None): "null"})
+
+
+def _bad(where: str, value: object, expected: str, data: str) -> BadChunk:
+    kind = _KINDS.get(type(value), type(value).__name__)
+    return BadChunk(f"{where} is {kind}, not {expected}", _shorten(data))
+
+
+def _text_field(obj: dict[str, Any], key: str, where: str, data: str) -> str | None:
+    value = obj.get(key)
+    if value is None or type(value) is str:
+        return value
+    raise _bad(f"{where}.{key}" if where else key, value, "a string or null", data)
+
+
+def _check_usage(usage: object, data: str) -> dict[str, Any]:
+    if type(usage) is not dict:
+        raise _bad("usage", usage, "an object or null", data)
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        count = usage.get(key)
+        if count is not None and (type(count) is not int or count < 0):
+            raise _bad(f"usage.{key}", count, "a whole number >= 0 or null", data)
+    return usage
+
+
+def _shape_error(choices: Any, data: str) -> BadChunk:
+    """What made reading ``choices[0].delta.content`` raise, as a sentence naming the field."""
+    if type(choices) is not list:
+        return _bad("choices", choices, "an array", data)
+    choice = choices[0]
+    if type(choice) is not dict:
+        return _bad("choices[0]", choice, "an object", data)
+    delta = choice.get("delta")
+    if type(delta) is not dict:
+        return _bad("choices[0].delta", delta, "an object or null", data)
+    return _bad("choices[0].delta.content", delta.get("content"), "a string or null", data)
 
 
 class ChatStreamDecoder:
@@ -240,6 +392,12 @@ class ChatStreamDecoder:
     failure at any point still has the partial text, and it tolerates every server variant in
     lmstudio-wire.md: role on every delta or only the first, ``content: null``, ``choices: []``
     usage chunks, ``reasoning_content`` or ``reasoning``, comments and unknown keys.
+
+    Every value it reads is type-checked: a chunk of the wrong shape is a :class:`BadChunk`
+    naming the field, never an ``AttributeError`` or ``TypeError`` from deep inside. On the
+    path every text chunk takes, a wrong type is caught by the exception it raises anyway, so
+    those chunks cost what they did before the checks (benchmarks/throughput.py); explicit
+    checks cover the rest (falsy wrong types, rarer fields, usage, whole completions).
 
     Text is accumulated as UTF-8 in a ``bytearray``: one compact buffer instead of a list of
     millions of tiny strings, which keeps a 10 MB answer near 10 MB in memory.
@@ -260,8 +418,8 @@ class ChatStreamDecoder:
         "usage",
     )
 
-    def __init__(self) -> None:
-        self._sse = SSEDecoder()
+    def __init__(self, max_event_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self._sse = SSEDecoder(max_event_bytes)
         self._text = bytearray()
         self._reasoning = bytearray()
         self.chunks = 0
@@ -305,61 +463,87 @@ class ChatStreamDecoder:
         return self.done or self.finish_reason is not None
 
     def feed(self, chunk: bytes) -> list[TextDelta | ReasoningDelta]:
+        """Decode one network read. A violation is raised only after the whole read was looked
+        at up to it, with the deltas decoded before it in ``before``."""
         out: list[TextDelta | ReasoningDelta] = []
         sse = self._sse
-        # Fast path for the usual read: exactly one whole "data: …\n\n" event, LF endings,
-        # nothing pending in the SSE decoder. It yields what the general path would, without
-        # splitting lines or building an event object (measured: ~0.6 µs of ~10 per chunk).
-        if (
-            sse.clean
-            and chunk[:5] == b"data:"
-            and chunk[-2:] == b"\n\n"
-            and chunk.find(b"\n") == len(chunk) - 2
-            and b"\r" not in chunk
-        ):
-            start = 6 if chunk[5:6] == b" " else 5
-            self._data(chunk[start:-2].decode("utf-8", "replace"), out)
-            return out
-        for event in sse.feed(chunk):
-            if event.event == "error":
-                self._error_event(event.data)
-            self._data(event.data, out)
+        try:
+            # Fast path for the usual read: exactly one whole "data: …\n\n" event, LF endings,
+            # nothing pending in the SSE decoder. It yields what the general path would,
+            # without splitting lines or building an event object (measured: ~0.6 µs of ~10
+            # per chunk).
+            if (
+                sse.clean
+                and chunk[:5] == b"data:"
+                and chunk[-2:] == b"\n\n"
+                and chunk.find(b"\n") == len(chunk) - 2
+                and b"\r" not in chunk
+                and len(chunk) <= sse.max_bytes
+            ):
+                start = 6 if chunk[5:6] == b" " else 5
+                self._data(chunk[start:-2].decode("utf-8", "replace"), out)
+                return out
+            for event in sse.feed(chunk):
+                if event.event == "error":
+                    self._error_event(event.data)
+                self._data(event.data, out)
+            if sse.overflow is not None:
+                raise TooLarge(sse.overflow, sse.max_bytes, _shorten(sse.head()))
+        except StreamViolation as exc:
+            exc.before = out
+            raise
         return out
 
-    def feed_completion(self, obj: dict[str, Any]) -> list[TextDelta | ReasoningDelta]:
-        """Take a whole non-streaming ``chat.completion`` object as if it had been streamed."""
+    def feed_completion(
+        self, obj: dict[str, Any], data: str = ""
+    ) -> list[TextDelta | ReasoningDelta]:
+        """Take a whole non-streaming ``chat.completion`` object as if it had been streamed.
+
+        ``data`` is the body's text (or its start), shown in the message when a field is wrong.
+        """
         if "error" in obj:
             raise ServerReported(error_message_of(obj), obj)
         out: list[TextDelta | ReasoningDelta] = []
         self.chunks += 1
-        rid, model = obj.get("id"), obj.get("model")
-        self.response_id = rid if isinstance(rid, str) else None
-        self.model = model if isinstance(model, str) else None
-        choices = obj.get("choices") or []
-        choice = choices[0] if choices and isinstance(choices[0], dict) else {}
-        message = choice.get("message") or {}
-        reasoning = message.get("reasoning_content") or message.get("reasoning")
-        if isinstance(reasoning, str) and reasoning:
+        self.response_id = _text_field(obj, "id", "", data)
+        self.model = _text_field(obj, "model", "", data)
+        choices = obj.get("choices")
+        if choices is not None and type(choices) is not list:
+            raise _bad("choices", choices, "an array", data)
+        choice = choices[0] if choices else {}
+        if type(choice) is not dict:
+            raise _bad("choices[0]", choice, "an object", data)
+        message = choice.get("message")
+        if message is None:
+            message = {}
+        elif type(message) is not dict:
+            raise _bad("choices[0].message", message, "an object or null", data)
+        where = "choices[0].message"
+        reasoning = _text_field(message, "reasoning_content", where, data) or _text_field(
+            message, "reasoning", where, data
+        )
+        if reasoning:
             self._reasoning += reasoning.encode()
             out.append(ReasoningDelta(reasoning))
-        content = message.get("content")
-        if isinstance(content, str) and content:
+        content = _text_field(message, "content", where, data)
+        if content:
             self._text += content.encode()
             self.text_chars += len(content)
             out.append(TextDelta(content))
-        finish = choice.get("finish_reason")
-        self.finish_reason = finish if isinstance(finish, str) else None
+        tool_calls = message.get("tool_calls")
+        if tool_calls is not None and type(tool_calls) is not list:
+            raise _bad(f"{where}.tool_calls", tool_calls, "an array or null", data)
+        self.finish_reason = _text_field(choice, "finish_reason", "choices[0]", data) or None
         usage = obj.get("usage")
-        self.usage = usage if isinstance(usage, dict) else None
+        self.usage = None if usage is None else _check_usage(usage, data)
         self.saw_output = True
         self.done = True
         return out
 
     @staticmethod
     def _error_event(data: str) -> None:
-        try:
-            body: Any = json.loads(data)
-        except ValueError:
+        body = parse_json(data)
+        if body is None:
             body = data
         raise ServerReported(error_message_of(body), body)
 
@@ -374,6 +558,10 @@ class ChatStreamDecoder:
                 return  # a blank event carries nothing
         try:
             obj = _loads(data)
+        except TooDeep:
+            raise BadChunk(
+                "its JSON is nested deeper than any chat server sends", _shorten(data)
+            ) from None
         except ValueError:
             raise NotJSON(_shorten(data)) from None
         if type(obj) is not dict:
@@ -382,43 +570,71 @@ class ChatStreamDecoder:
             raise ServerReported(error_message_of(obj), obj)
         self.chunks += 1
         if self.response_id is None:
-            rid = obj.get("id")
-            self.response_id = rid if isinstance(rid, str) else None
-            model = obj.get("model")
-            self.model = model if isinstance(model, str) else None
+            self.response_id = _text_field(obj, "id", "", data)
+            self.model = _text_field(obj, "model", "", data)
         choices = obj.get("choices")
         if choices:
-            choice = choices[0]
-            delta = choice.get("delta")
-            if delta:
-                content = delta.get("content")
-                if content:
-                    self._text += content.encode()
-                    self.text_chars += len(content)
-                    out.append(TextDelta(content))
+            # A wrong type that is truthy raises here at once (a string or number has no
+            # .get, a non-string no .encode), so the hot path pays for no extra checks: the
+            # exception is turned into a sentence naming the field. Falsy wrong types do not
+            # raise and are checked where they fall through.
+            try:
+                choice = choices[0]
+                delta = choice.get("delta")
+                if delta:
+                    content = delta.get("content")
+                    if content:
+                        self._text += content.encode()
+                        self.text_chars += len(content)
+                        out.append(TextDelta(content))
+                        self.saw_output = True
+                        # LM Studio's delta is {"role", "content"}: skip the rarer keys then.
+                        n = len(delta)
+                        if n > 2 or (n == 2 and "role" not in delta):
+                            self._delta_extras(delta, out, data)
+                    else:
+                        self._delta_extras(delta, out, data)
+                elif delta is not None and type(delta) is not dict:
+                    raise _bad("choices[0].delta", delta, "an object or null", data)
+                finish = choice.get("finish_reason")
+                if finish or (finish is not None and type(finish) is not str):
+                    if type(finish) is not str:
+                        raise _bad("choices[0].finish_reason", finish, "a string or null", data)
+                    self.finish_reason = finish
                     self.saw_output = True
-                    # LM Studio's delta is {"role", "content"}: skip the rarer keys then.
-                    n = len(delta)
-                    if n > 2 or (n == 2 and "role" not in delta):
-                        self._delta_extras(delta, out)
-                else:
-                    self._delta_extras(delta, out)
-            finish = choice.get("finish_reason")
-            if finish:
-                self.finish_reason = finish
-                self.saw_output = True
+            except (AttributeError, KeyError, TypeError, IndexError):
+                raise _shape_error(choices, data) from None
+        elif choices is not None and type(choices) is not list:
+            raise _bad("choices", choices, "an array", data)
         usage = obj.get("usage")
+        if usage is not None:
+            self._usage(obj, usage, data)
+
+    def _usage(self, obj: dict[str, Any], usage: object, data: str) -> None:
+        usage = _check_usage(usage, data)
+        timings = obj.get("timings")
+        if timings is not None and type(timings) is not dict:
+            raise _bad("timings", timings, "an object or null", data)
         if usage:
             self.usage = usage
-            timings = obj.get("timings")
             if timings:
                 self.timings = timings
 
-    def _delta_extras(self, delta: dict[str, Any], out: list[TextDelta | ReasoningDelta]) -> None:
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+    def _delta_extras(
+        self, delta: dict[str, Any], out: list[TextDelta | ReasoningDelta], data: str
+    ) -> None:
+        where = "choices[0].delta"
+        _text_field(delta, "content", where, data)  # here content is empty: is it a string?
+        reasoning = _text_field(delta, "reasoning_content", where, data) or _text_field(
+            delta, "reasoning", where, data
+        )
         if reasoning:
             self._reasoning += reasoning.encode()
             out.append(ReasoningDelta(reasoning))
             self.saw_output = True
-        if delta.get("tool_calls"):
-            self.saw_output = True
+        tool_calls = delta.get("tool_calls")
+        if tool_calls is not None:
+            if type(tool_calls) is not list:
+                raise _bad(f"{where}.tool_calls", tool_calls, "an array or null", data)
+            if tool_calls:
+                self.saw_output = True

@@ -613,6 +613,7 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import os
 
     from . import serve
+    from ._config import redact_url, resolve_base_url
 
     token = args.token or os.environ.get(serve.TOKEN_ENV) or None
     try:
@@ -626,7 +627,7 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         where = url if not token else url + "/?token=..."
         err.write(
             f"lmstream serve: listening on {where} (models at "
-            f"{args.base_url or 'the default base URL'}); press Ctrl-C to stop.\n"
+            f"{redact_url(resolve_base_url(args.base_url))}); press Ctrl-C to stop.\n"
         )
         err.flush()
 

@@ -18,6 +18,7 @@ from lmstream_nb import (
     ModelNotLoaded,
     ProtocolError,
     ReasoningDelta,
+    RequestError,
     Retries,
     ServerStreamError,
     ServerUnreachable,
@@ -352,6 +353,34 @@ async def test_transient_failures_before_the_first_token_are_retried(
             ).collect()
             assert done.finish_reason == "stop", fault
             assert len(sim.records()) - before == 2, fault
+
+
+@pytest.mark.parametrize(
+    ("fault", "retried"),
+    [
+        ({"http_status": 503}, True),
+        ({"http_status": 429}, True),
+        ({"http_status": 500}, False),
+        ({"http_status": 400}, False),
+        ({"disconnect_at": 0}, True),
+    ],
+)
+async def test_the_stream_and_the_blocking_request_retry_the_same_failures(
+    sim: simulator.SimServer, fault: dict[str, Any], retried: bool
+) -> None:
+    """One retry loop serves both: the same fault is retried (or not) the same way."""
+    counts = []
+    async with LMStudioClient(sim.base_url, retries=FAST_RETRIES) as client:
+        requests = (
+            lambda: client.stream_chat("Hi", model=MODEL, sim=fault).collect(),
+            lambda: client.complete("Hi", model=MODEL, sim=fault),
+        )
+        for request in requests:
+            before = len(sim.records())
+            with pytest.raises(RequestError):
+                await request()
+            counts.append(len(sim.records()) - before)
+    assert counts == [1 + FAST_RETRIES.attempts if retried else 1] * 2
 
 
 async def test_a_body_that_always_ends_empty_is_reported_after_the_retries(

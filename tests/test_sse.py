@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -10,12 +11,16 @@ from hypothesis import strategies as st
 
 from lmstream_nb._events import ReasoningDelta, TextDelta
 from lmstream_nb._sse import (
+    BadChunk,
     ChatStreamDecoder,
     NotJSON,
     ServerReported,
     ServerSentEvent,
     SSEDecoder,
+    StreamViolation,
+    TooLarge,
     error_message_of,
+    parse_json,
 )
 
 
@@ -305,3 +310,181 @@ def test_whole_completion_object() -> None:
     assert dec.complete
     assert dec.text == "Hi!"
     assert dec.usage == {"prompt_tokens": 1, "completion_tokens": 2}
+
+
+# -- limits: what a server sends is bounded before it is held ---------------------------------
+
+
+def test_a_line_of_exactly_the_limit_passes_one_byte_more_does_not() -> None:
+    decoder = SSEDecoder(max_bytes=100)
+    assert decoder.feed(b"data: " + b"x" * 94 + b"\n\n")[0].data == "x" * 94
+    assert decoder.overflow is None
+    assert decoder.feed(b"data: " + b"x" * 95 + b"\n\n") == []
+    assert decoder.overflow == "line"
+
+
+def test_an_endless_line_in_one_byte_reads_stops_at_the_limit() -> None:
+    decoder = SSEDecoder(max_bytes=4096)
+    fed = 0
+    for _ in range(10_000):
+        decoder.feed(b"d" if fed < 4 else b"x")
+        fed += 1
+        if decoder.overflow:
+            break
+    assert decoder.overflow == "line"
+    assert fed == 4097
+    assert decoder.feed(b"\n\n") == [], "nothing more is taken after the limit"
+    assert decoder.head().startswith("ddddxxx")
+
+
+def test_endless_data_lines_without_a_blank_line_stop_at_the_event_limit() -> None:
+    decoder = SSEDecoder(max_bytes=10_000)
+    for _ in range(5_000):
+        decoder.feed(b"data: 0123456789\n")
+        if decoder.overflow:
+            break
+    assert decoder.overflow == "event"
+    assert decoder.head().startswith("0123456789\n0123456789")
+
+
+def test_empty_data_lines_count_too() -> None:
+    """``data`` without a value adds a line feed each: an endless run of them is bounded."""
+    decoder = SSEDecoder(max_bytes=1000)
+    decoder.feed(b"data\n" * 2000)
+    assert decoder.overflow == "event"
+
+
+def test_an_absurd_retry_field_is_ignored_not_fatal() -> None:
+    [event] = decode(b"retry: " + b"9" * 10_000 + b"\ndata: a\n\n")
+    assert event.retry is None
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_the_chat_decoder_names_the_limit(split: bool) -> None:
+    decoder = ChatStreamDecoder(max_event_bytes=200)
+    body = _chunk("a") + b"data: " + b"y" * 300 + b"\n\n"
+    cut = len(_chunk("a")) + 10 if split else 0  # the long line starts in the first read
+    if split:
+        assert [e.content for e in decoder.feed(body[:cut])] == ["a"]
+    with pytest.raises(TooLarge) as info:
+        decoder.feed(body[cut:])
+    assert info.value.kind == "line"
+    assert info.value.limit == 200
+    assert info.value.before == ([] if split else [TextDelta("a")])
+
+
+def test_the_fast_path_respects_a_small_limit() -> None:
+    decoder = ChatStreamDecoder(max_event_bytes=64)
+    decoder.feed(_chunk("a")[:0] + b": hello\n\n")  # settle the BOM question: fast path on
+    with pytest.raises(TooLarge):
+        decoder.feed(b"data: " + json.dumps({"choices": []}).encode() + b" " * 80 + b"\n\n")
+
+
+# -- a violation keeps the deltas decoded before it in the same read --------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"data: {broken\n\n",
+        b'event: error\ndata: {"message": "boom"}\n\n',
+        b'data: {"error": "boom"}\n\n',
+        b'data: {"choices": [{"delta": {"content": 1}}]}\n\n',
+    ],
+)
+def test_a_violation_carries_the_deltas_before_it(bad: bytes) -> None:
+    decoder = ChatStreamDecoder()
+    with pytest.raises(StreamViolation) as info:
+        decoder.feed(_chunk("one ") + _chunk("two") + bad + _chunk("never"))
+    assert [e.content for e in info.value.before] == ["one ", "two"]
+    assert decoder.text == "one two"
+
+
+# -- every shape a chunk can take decodes or is a violation -----------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_delta = st.one_of(
+    _json,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            k: st.one_of(_json, st.text(max_size=4))
+            for k in ("role", "content", "reasoning_content", "reasoning", "tool_calls")
+        },
+    ),
+)
+_choice = st.one_of(
+    _json,
+    st.fixed_dictionaries(
+        {}, optional={"delta": _delta, "message": _delta, "finish_reason": _json, "index": _json}
+    ),
+)
+_usage = st.one_of(
+    _json,
+    st.fixed_dictionaries(
+        {},
+        optional=dict.fromkeys(("prompt_tokens", "completion_tokens", "total_tokens"), _json),
+    ),
+)
+_chunk_shapes = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": _json,
+        "model": _json,
+        "choices": st.one_of(_json, st.lists(_choice, max_size=2)),
+        "usage": _usage,
+        "timings": _json,
+    },
+)
+
+
+def _well_typed(decoder: ChatStreamDecoder) -> None:
+    assert decoder.finish_reason is None or isinstance(decoder.finish_reason, str)
+    assert decoder.model is None or isinstance(decoder.model, str)
+    assert decoder.response_id is None or isinstance(decoder.response_id, str)
+    assert decoder.timings is None or isinstance(decoder.timings, dict)
+    if decoder.usage is not None:
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            assert decoder.usage.get(key) is None or type(decoder.usage[key]) is int
+    assert isinstance(decoder.text, str)
+    assert isinstance(decoder.reasoning, str)
+
+
+@settings(max_examples=400, deadline=None)
+@given(chunks=st.lists(_chunk_shapes, min_size=1, max_size=4), together=st.booleans())
+def test_any_chunk_shape_decodes_or_is_a_violation(
+    chunks: list[dict[str, object]], together: bool
+) -> None:
+    decoder = ChatStreamDecoder()
+    lines = [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks]
+    try:
+        for piece in [b"".join(lines)] if together else lines:
+            for delta in decoder.feed(piece):
+                assert isinstance(delta, TextDelta | ReasoningDelta)
+                assert isinstance(delta.content, str)
+    except StreamViolation:
+        pass  # BadChunk or NotJSON (NaN is not JSON); never AttributeError or TypeError
+    _well_typed(decoder)
+
+
+@settings(max_examples=300, deadline=None)
+@given(completion=_chunk_shapes)
+def test_any_completion_shape_decodes_or_is_a_violation(completion: dict[str, object]) -> None:
+    decoder = ChatStreamDecoder()
+    with contextlib.suppress(BadChunk, ServerReported):
+        decoder.feed_completion(completion, json.dumps(completion))
+    _well_typed(decoder)
+
+
+def test_deep_nesting_is_a_violation_not_a_recursion_error() -> None:
+    decoder = ChatStreamDecoder()
+    with pytest.raises(BadChunk, match="nested deeper"):
+        decoder.feed(b"data: " + b"[" * 200_000 + b"]" * 200_000 + b"\n\n")
+    assert parse_json("[" * 200_000 + "]" * 200_000) is None
+    assert parse_json(b'{"ok": 1}') == {"ok": 1}

@@ -7,6 +7,8 @@ import asyncio
 import pytest
 
 from lmstream_nb import (
+    InvalidBaseURL,
+    ServerStreamError,
     StreamFinished,
     StreamInterrupted,
     SyncLMStudioClient,
@@ -59,3 +61,25 @@ def test_sync_close_mid_stream_stops_generation(sim: simulator.SimServer) -> Non
             5.0,
         )
     assert record.sent_tokens < record.planned_tokens
+
+
+def test_sync_text_in_the_same_read_as_an_error_comes_first(sim: simulator.SimServer) -> None:
+    one_write = {"time_scale": 0, "write_events": 100, "output_tokens": 6, "error_at": 4}
+    seen: list[str] = []
+    with SyncLMStudioClient(sim.base_url) as client:
+        stream = client.stream_chat("Hi", model=MODEL, sim=one_write)
+        with pytest.raises(ServerStreamError) as info, stream:
+            seen.extend(e.content for e in stream if isinstance(e, TextDelta))
+    assert len(seen) == 4
+    assert info.value.partial_text == "".join(seen) == stream.text
+
+
+def test_sync_client_refuses_a_bad_base_url_and_hides_credentials() -> None:
+    with pytest.raises(InvalidBaseURL) as info:
+        SyncLMStudioClient("http://me:secret-pw@localhost:port/v1")
+    assert "secret-pw" not in str(info.value)
+    client = SyncLMStudioClient("http://me:secret-pw@127.0.0.1:9/v1?key=k-123456")
+    try:
+        assert repr(client) == "SyncLMStudioClient(base_url='http://127.0.0.1:9/v1?key=***')"
+    finally:
+        client.close()

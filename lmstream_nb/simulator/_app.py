@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import html
 import http
@@ -28,6 +29,7 @@ import random
 import re
 import string
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -231,6 +233,7 @@ class _Plan:
     pieces: list[tuple[str, str]]  # (kind, text); kind "reasoning" or "content"
     finish_reason: str
     prompt_tokens: int
+    echo: str = ""  # appended to every error text when the scenario echoes the request
 
     @property
     def fingerprint(self) -> str:
@@ -349,6 +352,8 @@ class _EventStream(Response):
         ]
         self._client_gone = False
         self._sent = 0
+        self._batch = plan.scenario.write_events
+        self._held: list[bytes] = []  # events gathered for one write (write_events)
         self._bom = plan.scenario.bom
         self._newline = _LINE_ENDINGS[plan.scenario.line_ending]
         self._opened = plan.scenario.dialect == "lmstudio"  # other dialects send an opening chunk
@@ -384,11 +389,27 @@ class _EventStream(Response):
         if self._bom:
             self._bom = False
             data = _BOM + data
-        await send({"type": "http.response.body", "body": data, "more_body": True})
+        if self._batch is None:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+            return
+        self._held.append(data)
+        if len(self._held) >= self._batch:
+            await self._flush(send)
+
+    async def _flush(self, send: Send) -> None:
+        """Write the events gathered by ``write_events`` (before a pause, an end or a drop)."""
+        if self._held:
+            data, self._held = b"".join(self._held), []
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def _pause_until(self, send: Send, deadline: float) -> None:
+        await self._flush(send)
+        await _sleep_until(deadline)
 
     async def _end(self, send: Send) -> None:
         """End the chunked body cleanly (the terminating zero-length chunk)."""
-        data = _BOM if self._bom else b""  # an empty stream still starts with its BOM
+        data = b"".join(self._held) + (_BOM if self._bom else b"")  # BOM: even when empty
+        self._held = []
         await send({"type": "http.response.body", "body": data, "more_body": False})
 
     async def _emit_data(self, send: Send, obj: object) -> None:
@@ -451,16 +472,16 @@ class _EventStream(Response):
     async def _wait_prefill(self, send: Send, until: float) -> None:
         ping_s = self.plan.scenario.ping_s
         if ping_s is None:
-            await _sleep_until(until)
+            await self._pause_until(send, until)
             return
         loop = asyncio.get_running_loop()
         step = ping_s * self.plan.scale
         next_ping = loop.time() + step
         while step > 0 and next_ping < until:
-            await _sleep_until(next_ping)
+            await self._pause_until(send, next_ping)
             await self._emit(send, ": ping\n\n")
             next_ping += step
-        await _sleep_until(until)
+        await self._pause_until(send, until)
 
     async def _produce(self, send: Send) -> bool:
         """Write the whole stream; return True when the connection must be dropped."""
@@ -482,6 +503,7 @@ class _EventStream(Response):
             await self._wait_prefill(send, deadline)
             for i in range(n + 1):
                 if i > 0 and sc.disconnect_at == i:
+                    await self._flush(send)
                     recorder.finish(index, "fault_disconnect")
                     return True
                 if sc.end_at == i:
@@ -489,7 +511,7 @@ class _EventStream(Response):
                     recorder.finish(index, "truncated")
                     return False
                 if sc.error_at == i:
-                    message = sc.error_message or "Compute error."
+                    message = (sc.error_message or "Compute error.") + plan.echo
                     error = {
                         "error": {"message": message, "type": "server_error"},
                         "message": message,
@@ -502,12 +524,13 @@ class _EventStream(Response):
                     break
                 deadline += plan.intervals[i] + plan.stall(i)
                 if deadline > loop.time():
-                    await _sleep_until(deadline)
+                    await self._pause_until(send, deadline)
                 elif i % _YIELD_EVERY == _YIELD_EVERY - 1:
                     await asyncio.sleep(0)
                 await self._open(send)
                 if sc.malformed_at == i:
-                    await self._emit(send, 'data: {"id": broken\n\n')
+                    bad = sc.malformed_data if sc.malformed_data is not None else '{"id": broken'
+                    await self._emit(send, f"data: {bad}{plan.echo}\n\n")
                 kind, text = plan.pieces[i]
                 await self._emit_data(send, self._chunk(self._delta(kind, text)))
                 now = loop.time()
@@ -625,7 +648,7 @@ async def _complete(sim: _Sim, plan: _Plan, request: Request) -> Response:
             if disconnect is not None:
                 recorder.finish(index, "fault_disconnect", status_code=200)
                 return _AbortAfterHeaders()
-            message = sc.error_message or "Compute error."
+            message = (sc.error_message or "Compute error.") + plan.echo
             body = {
                 "error": {"message": message, "type": "server_error", "param": None, "code": None}
             }
@@ -706,6 +729,123 @@ def _completion_body(
     return body
 
 
+# --- hostile servers ----------------------------------------------------------------------------
+
+_FLOOD_PIECE = 1 << 16
+_FLOOD_LINE = b"data: " + b"a" * 1017 + b"\n"  # 1 KiB: endless data lines, no blank line
+_GZIP_MAX = 1 << 30  # compressing takes ~5 s per GiB, so a bomb inflates to at most this
+
+
+@functools.lru_cache(maxsize=4)
+def _gzip_bomb(prefix: bytes, inflated: int) -> bytes:
+    """``prefix`` and then ``a`` up to ``inflated`` bytes, gzip-compressed (~1 KB per MB)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [compressor.compress(prefix)]
+    block = b"a" * (1 << 20)
+    left = inflated - len(prefix)
+    while left > 0:
+        parts.append(compressor.compress(block if left >= len(block) else block[:left]))
+        left -= len(block)
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+class _Flood(Response):
+    """A body that never ends properly (the ``flood`` scenarios), for clients' memory bounds.
+
+    It stops by itself after ``flood_bytes`` (inflated) or when the client goes away, so a
+    client without a bound costs a test time and memory, but never hangs it.
+    """
+
+    def __init__(self, sim: _Sim, index: int, sc: Scenario, *, stream: bool, status: int) -> None:
+        self.sim = sim
+        self.index = index
+        self.kind = sc.flood
+        self.total = sc.flood_bytes
+        self.status_code = status
+        self.background = None
+        content_type = b"text/event-stream" if stream else _JSON_TYPE.encode()
+        self.raw_headers = [(b"content-type", content_type)]
+        if self.kind == "gzip":
+            self.raw_headers.append((b"content-encoding", b"gzip"))
+        self.prefix = b'data: {"choices":[{"delta":{"content":"' if stream else b""
+        if not stream:
+            self.prefix = b'{"choices":[{"message":{"content":"'
+
+    async def _pieces(self) -> list[bytes] | None:
+        """The whole body for gzip (small), None for the generated floods."""
+        if self.kind != "gzip":
+            return None
+        inflated = min(self.total, _GZIP_MAX)
+        bomb = await anyio.to_thread.run_sync(_gzip_bomb, self.prefix, inflated)
+        return [bomb[i : i + _FLOOD_PIECE] for i in range(0, len(bomb), _FLOOD_PIECE)]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pieces = await self._pieces()
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        gone = False
+        async with anyio.create_task_group() as group:
+
+            async def watch() -> None:
+                nonlocal gone
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone = True
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch)
+            try:
+                await self._write(send, pieces)
+            finally:
+                group.cancel_scope.cancel()
+        if gone:
+            self.sim.recorder.finish(self.index, "client_disconnected")
+
+    async def _write(self, send: Send, pieces: list[bytes] | None) -> None:
+        async def body(data: bytes, more: bool = True) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        if pieces is None:
+            piece = _FLOOD_LINE * (_FLOOD_PIECE // len(_FLOOD_LINE))
+            if self.kind == "line" or self.prefix[:1] == b"{":
+                await body(self.prefix)
+                piece = b"a" * _FLOOD_PIECE
+            count = max(1, self.total // len(piece))
+        else:
+            count = len(pieces)
+        for i in range(count):
+            await body(piece if pieces is None else pieces[i])
+            # Let a broken connection be noticed before the next write (uvicorn then drops
+            # writes quietly instead of asyncio logging each one that fails).
+            await asyncio.sleep(0)
+        await body(b"", more=False)
+
+
+def _with_content_type(response: Response, content_type: str) -> Response:
+    response.raw_headers = [(k, v) for k, v in response.raw_headers if k != b"content-type"]
+    response.raw_headers.append((b"content-type", content_type.encode("latin-1")))
+    return response
+
+
+def _raw_body(sc: Scenario, stream: bool) -> Response:
+    body = (sc.raw_body or "").encode("utf-8")
+    content_type = sc.content_type or ("text/event-stream" if stream else _JSON_TYPE)
+    return _with_content_type(Response(body, 200), content_type)
+
+
+def _redirect(sc: Scenario) -> Response:
+    status = sc.http_status if sc.http_status is not None and 300 <= sc.http_status < 400 else 307
+    return Response(b"", status, headers={"location": sc.redirect_to or "/"})
+
+
+def _echo(request: Request) -> str:
+    """What a careless server repeats back: the credentials and the URL it was sent."""
+    auth = request.headers.get("authorization") or "none"
+    return f" (the request had Authorization: {auth}, URL: {request.url})"
+
+
 # --- request handling ----------------------------------------------------------------------------
 
 
@@ -714,12 +854,12 @@ class _BadRequest(Exception):
         self.response = response
 
 
-def _status_fault(sc: Scenario, status: int) -> Response:
+def _status_fault(sc: Scenario, status: int, echo: str = "") -> Response:
     try:
         phrase = http.HTTPStatus(status).phrase
     except ValueError:
         phrase = "Error"
-    message = sc.error_message or f"Simulated {status} {phrase}."
+    message = (sc.error_message or f"Simulated {status} {phrase}.") + echo
     if sc.error_body == "string":
         return _json({"error": message}, status)
     if sc.error_body == "html":
@@ -731,8 +871,8 @@ def _status_fault(sc: Scenario, status: int) -> Response:
     return _error_object(message, status)
 
 
-def _content_type_fault(sc: Scenario, content_type: str) -> Response:
-    message = sc.error_message or "This reply is not an event stream."
+def _content_type_fault(sc: Scenario, content_type: str, echo: str = "") -> Response:
+    message = (sc.error_message or "This reply is not an event stream.") + echo
     if "html" in content_type:
         body = _html_page("LM Studio", message).encode()
     elif "json" in content_type:
@@ -741,10 +881,7 @@ def _content_type_fault(sc: Scenario, content_type: str) -> Response:
         )
     else:
         body = message.encode()
-    response = Response(body, 200)
-    response.raw_headers = [(k, v) for k, v in response.raw_headers if k != b"content-type"]
-    response.raw_headers.append((b"content-type", content_type.encode("latin-1")))
-    return response
+    return _with_content_type(Response(body, 200), content_type)
 
 
 def _field(body: JSON, name: str, kinds: tuple[type, ...], what: str) -> Any:
@@ -778,7 +915,20 @@ class _Handlers:
             "max_context_length": 2048 if embeddings else self.sim.config.context_length,
         }
 
+    def _hostile_listing(self, request: Request) -> Response | None:
+        """The server-wide ``redirect_to`` and ``flood`` apply to the model lists too."""
+        sc = self.sim.config.defaults
+        if sc.redirect_to is not None:
+            return _redirect(sc)
+        if sc.flood is not None:
+            index: int = request.scope["state"]["sim_record"]
+            return _Flood(self.sim, index, sc, stream=False, status=200)
+        return None
+
     async def list_models(self, request: Request) -> Response:
+        hostile = self._hostile_listing(request)
+        if hostile is not None:
+            return hostile
         data = [
             {"id": m.id, "object": "model", "owned_by": "organization_owner"}
             for m in self.sim.models.values()
@@ -786,6 +936,9 @@ class _Handlers:
         return _json({"data": data, "object": "list"})
 
     async def list_models_v0(self, request: Request) -> Response:
+        hostile = self._hostile_listing(request)
+        if hostile is not None:
+            return hostile
         data = [self._v0_entry(m) for m in self.sim.models.values()]
         return _json({"object": "list", "data": data})
 
@@ -833,12 +986,21 @@ class _Handlers:
         stream = _field(body, "stream", (bool,), "true or false") or False
         recorder.update(index, stream=stream)
         sc = sim.transient(sc, body.get("messages"))
+        echo = _echo(request) if sc.echo_request else ""
 
+        if sc.redirect_to is not None:
+            return _redirect(sc)
         if sc.http_status is not None:
             recorder.finish(index, "http_error", status_code=sc.http_status)
-            return _status_fault(sc, sc.http_status)
+            if sc.flood is not None:
+                return _Flood(sim, index, sc, stream=stream, status=sc.http_status)
+            return _status_fault(sc, sc.http_status, echo)
         if sc.no_model:
             return _json({"error": _NO_MODELS}, 400)
+        if sc.raw_body is not None:
+            return _raw_body(sc, stream)
+        if sc.flood is not None:
+            return _Flood(sim, index, sc, stream=stream, status=200)
 
         messages = body.get("messages")
         if messages is None:
@@ -889,12 +1051,13 @@ class _Handlers:
             pieces=pieces,
             finish_reason=finish_reason,
             prompt_tokens=prompt_tokens,
+            echo=echo,
         )
         recorder.update(index, id=plan.id, planned_tokens=len(pieces))
 
         if stream:
             if sc.content_type is not None:
-                return _content_type_fault(sc, sc.content_type)
+                return _content_type_fault(sc, sc.content_type, echo)
             return _EventStream(sim, plan)
         return await _complete(sim, plan, request)
 
@@ -942,7 +1105,12 @@ class _FrontDoor:
             await self.app(scope, receive, send)
             return
         recorder = self.sim.recorder
-        index = recorder.add(scope["method"], scope["path"])
+        auth = None
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                auth = value.decode("latin-1").partition(" ")[0] or None
+        query = scope.get("query_string", b"").decode("latin-1")
+        index = recorder.add(scope["method"], scope["path"], auth=auth, query=query)
         scope.setdefault("state", {})["sim_record"] = index
 
         async def send_with_headers(message: Message) -> None:

@@ -6,7 +6,15 @@ import argparse
 import dataclasses
 from typing import Any
 
-from ._scenario import DIALECTS, LINE_ENDINGS, PROFILES, REASONING_MODES, Scenario, SimConfig
+from ._scenario import (
+    DIALECTS,
+    FLOODS,
+    LINE_ENDINGS,
+    PROFILES,
+    REASONING_MODES,
+    Scenario,
+    SimConfig,
+)
 
 __all__ = ["add_cli_arguments", "config_from_cli"]
 
@@ -32,6 +40,10 @@ _SCENARIO_FLAGS: tuple[tuple[str, type, str, str], ...] = (
     ("error_at", int, "N", "after N tokens send an 'event: error' frame and end the stream"),
     ("error_message", str, "TEXT", "message for --error-at and --http-status bodies"),
     ("malformed_at", int, "N", "before token N send a data line that is not JSON"),
+    ("malformed_data", str, "TEXT", "the data line --malformed-at sends (default: broken JSON)"),
+    ("write_events", int, "N", "gather up to N SSE events into one network write"),
+    ("flood_bytes", int, "N", "how many bytes a --flood sends before it ends (default 256 MiB)"),
+    ("redirect_to", str, "URL", "answer every request with a redirect to URL"),
     ("http_status", int, "STATUS", "answer every chat request with this HTTP status"),
     ("content_type", str, "TYPE", "answer streaming requests with this content type, not SSE"),
     ("fault_attempts", int, "N", "faults act only on the first N requests with the same messages"),
@@ -123,6 +135,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     behaviour.add_argument(
         "--bom", action="store_true", help="start every stream with a UTF-8 byte-order mark"
     )
+    behaviour.add_argument(
+        "--flood",
+        choices=FLOODS,
+        help="a hostile body that never ends properly: one endless line, endless data lines "
+        "without a blank line, or a gzip bomb",
+    )
+    behaviour.add_argument(
+        "--echo-request",
+        action="store_true",
+        help="repeat the request's Authorization header and URL in every error text",
+    )
     for name, kind, metavar, text in _SCENARIO_FLAGS:
         behaviour.add_argument("--" + name.replace("_", "-"), type=kind, metavar=metavar, help=text)
 
@@ -138,6 +161,8 @@ def config_from_cli(ns: argparse.Namespace) -> SimConfig:
         "line_ending": ns.line_ending,
         "bom": ns.bom,
         "no_model": ns.no_model,
+        "flood": ns.flood,
+        "echo_request": ns.echo_request,
     }
     for name, *_ in _SCENARIO_FLAGS:
         value = getattr(ns, name)

@@ -46,6 +46,8 @@ class RequestRecord:
     - ``started_at``, ``ended_at``: :func:`time.monotonic` times; ``ended_at`` is ``None`` while
       running.
     - ``status_code``: the HTTP status sent, ``None`` before the headers went out.
+    - ``auth``: the scheme of the request's ``Authorization`` header (``"Bearer"``,
+      ``"Basic"``), ``None`` without one; ``query``: the query string as received.
     """
 
     id: str
@@ -61,6 +63,8 @@ class RequestRecord:
     started_at: float | None = None
     ended_at: float | None = None
     status_code: int | None = None
+    auth: str | None = None
+    query: str = ""
 
 
 class Recorder:
@@ -75,9 +79,16 @@ class Recorder:
         self._records: list[RequestRecord] = []
         self._on_finish = on_finish
 
-    def add(self, method: str, path: str) -> int:
+    def add(self, method: str, path: str, *, auth: str | None = None, query: str = "") -> int:
         """Start a record for a request that just arrived; return its index."""
-        record = RequestRecord(id="", method=method, path=path, started_at=time.monotonic())
+        record = RequestRecord(
+            id="",
+            method=method,
+            path=path,
+            started_at=time.monotonic(),
+            auth=auth,
+            query=query,
+        )
         with self._cond:
             self._records.append(record)
             self._cond.notify_all()

@@ -17,6 +17,7 @@ from typing import NamedTuple
 __all__ = [
     "DIALECTS",
     "ERROR_BODIES",
+    "FLOODS",
     "LINE_ENDINGS",
     "PROFILES",
     "REASONING_MODES",
@@ -56,6 +57,7 @@ REASONING_MODES = ("off", "separate", "inline", "reasoning")
 DIALECTS = ("lmstudio", "openai", "llamacpp")
 LINE_ENDINGS = ("lf", "crlf", "cr")
 ERROR_BODIES = ("string", "object", "html", "empty")
+FLOODS = ("line", "data", "gzip")
 
 
 class ScenarioError(ValueError):
@@ -111,6 +113,32 @@ class Scenario:
       ``http_status`` / ``content_type`` bodies.
     - ``malformed_at``: just before that token, send a data line that is not JSON
       (``data: {"id": broken``), then continue normally.
+    - ``malformed_data``: the data that ``malformed_at`` sends instead (any text, e.g. a chunk
+      of the wrong shape such as ``{"choices": "x"}``).
+    - ``write_events``: gather up to this many SSE events (text, faults and framing alike)
+      into one network write, so that text and the error after it arrive in one read.
+      Pending events are written before any pause, so no text waits longer than it would.
+
+    Hostile servers (each bounded, so a test that meets one still ends by itself):
+
+    - ``raw_body``: answer 200 with exactly this body, written in one piece (``text/event-
+      stream`` for a streaming request, ``application/json`` otherwise, or ``content_type``).
+    - ``flood``: send a body that never ends properly until ``flood_bytes`` are out or the
+      client leaves: ``"line"`` one ``data:`` line without a line ending, ``"data"`` endless
+      ``data:`` lines without the blank line that ends an event, ``"gzip"`` a gzip-compressed
+      (``Content-Encoding: gzip``) endless line, about 1 KB on the wire per MB inflated.
+      A non-streaming request gets the same as an unfinished JSON body. With ``http_status``
+      the flood is the error body.
+    - ``flood_bytes``: how much a flood sends (inflated, for ``"gzip"``, and then at most
+      1 GiB); default 256 MiB.
+    - ``redirect_to``: answer with a redirect (``http_status`` if it is a 3xx, else 307) to
+      this ``Location``.
+    - ``echo_request``: every error text this scenario sends (``http_status`` bodies,
+      ``error_at`` frames, ``malformed_at`` lines, ``content_type`` bodies) ends with the
+      request's ``Authorization`` header and full URL, as careless servers do.
+
+    A server's default scenario (``SimConfig.defaults``) also applies ``redirect_to`` and
+    ``flood`` to the model lists (``GET /v1/models``, ``/api/v0/models``).
 
     Whole-response faults:
 
@@ -154,6 +182,13 @@ class Scenario:
     error_at: int | None = None
     error_message: str | None = None
     malformed_at: int | None = None
+    malformed_data: str | None = None
+    write_events: int | None = None
+    raw_body: str | None = None
+    flood: str | None = None
+    flood_bytes: int = 256 * 2**20
+    redirect_to: str | None = None
+    echo_request: bool = False
     http_status: int | None = None
     error_body: str = "object"
     content_type: str | None = None
@@ -176,6 +211,9 @@ class Scenario:
             end_at=None,
             error_at=None,
             malformed_at=None,
+            raw_body=None,
+            flood=None,
+            redirect_to=None,
             http_status=None,
             content_type=None,
             no_model=False,
@@ -267,6 +305,13 @@ _RULES: dict[str, _Rule] = {
     "error_at": _count,
     "error_message": _text,
     "malformed_at": _count,
+    "malformed_data": _text,
+    "write_events": lambda n, v: _count(n, v, minimum=1),
+    "raw_body": _text,
+    "flood": lambda n, v: None if v is None else _choice(FLOODS)(n, v),
+    "flood_bytes": lambda n, v: _count(n, v, optional=False, minimum=1),
+    "redirect_to": _text,
+    "echo_request": _flag,
     "http_status": _status,
     "error_body": _choice(ERROR_BODIES),
     "content_type": _text,
