@@ -90,6 +90,7 @@ class InvalidPlaceholder(TemplateError):
     def __init__(self, placeholder: str, *, line: int, where: str = "template") -> None:
         self.placeholder = placeholder
         self.line = line
+        self.where = where
         super().__init__(
             f"The {where} has the placeholder {placeholder} at line {line}, whose inside is not "
             "a variable name: use ASCII letters, digits, _, . or - starting with a letter or _ "

@@ -17,8 +17,8 @@ Why SQLite, and why this shape:
   corrupt, foreign, newer or unwritable file is refused with ``StoreUnavailable`` naming the
   file and what to do.
 
-History and stats read only summary columns (the text length and a preview are stored beside
-the text), with one query per call, so both stay fast over a hundred thousand runs.
+Prompt files (export and import) live in ``_prompt_files``, history and stats queries in
+``_history``; the methods here delegate to them, so ``PromptStore`` stays the one way in.
 """
 
 from __future__ import annotations
@@ -26,16 +26,12 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import difflib
-import importlib
 import json
-import math
 import os
-import re
 import sqlite3
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,17 +40,24 @@ from types import TracebackType
 from typing import Any
 
 import platformdirs
-import tomli_w
 
-from ._errors import PromptFileError, PromptNotFound, RunNotFound, StoreError, StoreUnavailable
+from ._errors import PromptNotFound, RunNotFound, StoreError, StoreUnavailable
 from ._events import Stats
+from ._history import (
+    STATUSES,
+    GroupStats,
+    History,
+    RunStats,
+    RunSummary,
+    percentile,
+    preview,
+    query_history,
+    query_stats,
+)
 from ._migrations import APPLICATION_ID, LATEST_VERSION, migrate
+from ._prompt_fields import PromptFields, validate_fields
+from ._prompt_files import export_prompts, import_prompts
 from ._template import Prompt
-
-# tomllib is in the standard library from Python 3.11; tomli is the same parser for 3.10.
-_tomllib: Any = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
-_toml_loads: Callable[[str], dict[str, Any]] = _tomllib.loads
-_TOMLDecodeError: type[ValueError] = _tomllib.TOMLDecodeError
 
 __all__ = [
     "HOME_ENV",
@@ -66,31 +69,14 @@ __all__ = [
     "RunStats",
     "RunSummary",
     "default_path",
+    "percentile",
 ]
 
 #: Environment variable naming the folder that holds the database (overrides the default).
 HOME_ENV = "LMSTREAM_HOME"
 DB_NAME = "lmstream.db"
 
-#: Every status a run can have. ``unfinished`` is written when a run starts; a process killed
-#: mid-run leaves it so. The others are final.
-STATUSES: tuple[str, ...] = (
-    "ok",
-    "first_token_timeout",
-    "stalled",
-    "interrupted",
-    "error",
-    "cancelled",
-    "timeout",  # a blocking (non-streaming) request ran past its total timeout
-    "unfinished",
-)
-
-MAX_NAME_LENGTH = 200
-PREVIEW_CHARS = 80
 BUSY_TIMEOUT_S = 30.0
-
-# Keys of a prompt file, in the order export writes them.
-_FILE_KEYS = ("name", "description", "model", "temperature", "max_tokens", "system", "template")
 
 # SQLite primary result codes (the low byte of an extended code).
 _SQLITE_PERM = 3
@@ -162,271 +148,6 @@ class RunRecord:
             completion_tokens=self.completion_tokens,
             tokens_per_s=self.tokens_per_s,
         )
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """One line of history: a run without its text (``preview`` is its first 80 characters)."""
-
-    id: int
-    prompt_name: str | None
-    prompt_version: int | None
-    model: str | None
-    started_at: float
-    status: str
-    ttft_s: float | None
-    duration_s: float | None
-    chunks: int
-    completion_tokens: int | None
-    tokens_per_s: float | None
-    finish_reason: str | None
-    error: str | None
-    text_chars: int
-    preview: str
-    batch_id: str | None
-    batch_row: int | None = None
-
-
-def _load_pandas() -> Any:
-    try:
-        return importlib.import_module("pandas")
-    except ImportError as exc:
-        raise ImportError(
-            f"to_pandas() needs pandas, which is not installed ({exc}): run "
-            "`pip install pandas` and try again."
-        ) from exc
-
-
-class History(list[RunSummary]):
-    """Runs, newest first, as returned by ``PromptStore.history``."""
-
-    def as_dicts(self) -> list[dict[str, Any]]:
-        """One plain dict per run (JSON-ready: ``started_at`` stays unix time)."""
-        return [dataclasses.asdict(run) for run in self]
-
-    def to_pandas(self) -> Any:
-        """A pandas DataFrame, one row per run; ``started_at`` becomes a UTC datetime."""
-        pd = _load_pandas()
-        columns = [field.name for field in dataclasses.fields(RunSummary)]
-        frame = pd.DataFrame(self.as_dicts(), columns=columns)
-        frame["started_at"] = pd.to_datetime(frame["started_at"], unit="s", utc=True)
-        return frame
-
-
-@dataclass(frozen=True)
-class GroupStats:
-    """Outcome counts and timing percentiles for a set of runs.
-
-    ``prompt`` and ``model`` name the group (both ``None`` for the overall figures). Percentiles
-    use linear interpolation between the nearest ranks (numpy's default) over every run in the
-    group that measured the value, whatever its status; ``None`` when no run did.
-    """
-
-    prompt: str | None
-    model: str | None
-    runs: int
-    ok: int
-    success_rate: float
-    by_status: dict[str, int]
-    ttft_p50: float | None
-    ttft_p95: float | None
-    duration_p50: float | None
-    duration_p95: float | None
-
-
-@dataclass(frozen=True)
-class RunStats:
-    """``overall`` figures, and one group per (prompt name, model) pair, sorted (``None`` first)."""
-
-    overall: GroupStats
-    groups: list[GroupStats]
-
-    def as_dicts(self) -> list[dict[str, Any]]:
-        """One plain dict per group."""
-        return [dataclasses.asdict(group) for group in self.groups]
-
-    def to_pandas(self) -> Any:
-        """A pandas DataFrame, one row per group (``by_status`` stays a dict column)."""
-        pd = _load_pandas()
-        columns = [field.name for field in dataclasses.fields(GroupStats)]
-        return pd.DataFrame(self.as_dicts(), columns=columns)
-
-
-def percentile(values: Sequence[float], p: float) -> float | None:
-    """The ``p``-th percentile (0..100) of sorted ``values`` by linear interpolation."""
-    if not values:
-        return None
-    k = (len(values) - 1) * p / 100.0
-    low = math.floor(k)
-    high = min(low + 1, len(values) - 1)
-    return float(values[low] + (values[high] - values[low]) * (k - low))
-
-
-def _group_stats(
-    prompt: str | None,
-    model: str | None,
-    statuses: Sequence[str],
-    ttfts: list[float],
-    durations: list[float],
-) -> GroupStats:
-    by_status: dict[str, int] = {}
-    for status in statuses:
-        by_status[status] = by_status.get(status, 0) + 1
-    runs = len(statuses)
-    ok = by_status.get("ok", 0)
-    ttfts.sort()
-    durations.sort()
-    return GroupStats(
-        prompt=prompt,
-        model=model,
-        runs=runs,
-        ok=ok,
-        success_rate=ok / runs if runs else 0.0,
-        by_status=dict(sorted(by_status.items())),
-        ttft_p50=percentile(ttfts, 50),
-        ttft_p95=percentile(ttfts, 95),
-        duration_p50=percentile(durations, 50),
-        duration_p95=percentile(durations, 95),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-
-
-class _FieldError(ValueError):
-    """A bad prompt field; ``key`` lets import point at the line, ``fact`` is the bare fact."""
-
-    def __init__(self, key: str, fact: str, fix: str) -> None:
-        super().__init__(f"{fact}: {fix}.")
-        self.key = key
-        self.fact = fact
-
-
-_BAD_NAME_CHAR = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
-
-
-def _validate_name(name: object) -> str:
-    if not isinstance(name, str):
-        raise _FieldError(
-            "name", f"The prompt name must be text, not {_kind(name)}", "give the prompt a name"
-        )
-    if not name:
-        raise _FieldError("name", "The prompt name is empty", "give the prompt a name")
-    if len(name) > MAX_NAME_LENGTH:
-        raise _FieldError(
-            "name",
-            f"The prompt name is {len(name)} characters long, more than {MAX_NAME_LENGTH}",
-            "use a shorter name",
-        )
-    bad = _BAD_NAME_CHAR.search(name)
-    if bad:
-        raise _FieldError(
-            "name",
-            f"The prompt name {name!r} contains {bad.group()!r}",
-            "use a name without slashes, backslashes or control characters, since it becomes "
-            "a file name on export",
-        )
-    return name
-
-
-def _validate_fields(
-    name: object,
-    template: object,
-    system: object,
-    model: object,
-    temperature: object,
-    max_tokens: object,
-    description: object,
-) -> tuple[str, str, str | None, str | None, float | None, int | None, str | None]:
-    """The fields of a prompt, checked; raises _FieldError (a ValueError) on the first bad one."""
-    checked_name = _validate_name(name)
-    if not isinstance(template, str):
-        raise _FieldError(
-            "template",
-            f"The template must be text, not {_kind(template)}",
-            "pass the prompt text as a string",
-        )
-    texts: dict[str, str | None] = {}
-    for key, value in (("system", system), ("model", model), ("description", description)):
-        if value is not None and not isinstance(value, str):
-            raise _FieldError(
-                key,
-                f"The {key} must be text or None, not {_kind(value)}",
-                f"pass {key} as a string",
-            )
-        texts[key] = value
-    checked_temperature: float | None = None
-    if temperature is not None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise _FieldError(
-                "temperature",
-                f"The temperature must be a number, not {_kind(temperature)}",
-                "use a value from 0 to 2",
-            )
-        if not 0 <= temperature <= 2:
-            raise _FieldError(
-                "temperature",
-                f"The temperature {temperature!r} is outside 0 to 2",
-                "use a value from 0 (most predictable) to 2",
-            )
-        checked_temperature = float(temperature)
-    if max_tokens is not None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-            raise _FieldError(
-                "max_tokens",
-                f"max_tokens must be an integer, not {_kind(max_tokens)}",
-                "use a positive number of tokens, or -1 for no limit",
-            )
-        if max_tokens <= 0 and max_tokens != -1:
-            raise _FieldError(
-                "max_tokens",
-                f"max_tokens is {max_tokens}",
-                "use a positive number of tokens, or -1 for no limit",
-            )
-    return (
-        checked_name,
-        template,
-        texts["system"],
-        texts["model"],
-        checked_temperature,
-        max_tokens,
-        texts["description"],
-    )
-
-
-def _kind(value: object) -> str:
-    """How TOML (and a user) would name the type of ``value``."""
-    kinds: list[tuple[type | tuple[type, ...], str]] = [
-        (bool, "a boolean"),
-        (int, "an integer"),
-        (float, "a float"),
-        (str, "a string"),
-        (dict, "a table"),
-        (list, "an array"),
-        (datetime, "a date-time"),
-    ]
-    for cls, name in kinds:
-        if isinstance(value, cls):
-            return name
-    if value is None:
-        return "None"
-    return f"a {type(value).__name__}"
-
-
-def _preview(text: str) -> str:
-    """The first 80 characters of ``text`` with runs of whitespace collapsed to one space."""
-    head = text[:4096]
-    collapsed = " ".join(head.split())
-    if len(collapsed) <= PREVIEW_CHARS and len(head) < len(text):
-        collapsed = " ".join(text.split())  # mostly whitespace so far: look at all of it
-    return collapsed[:PREVIEW_CHARS]
-
-
-def _timestamp(since: float | datetime) -> float:
-    if isinstance(since, datetime):
-        return since.timestamp()
-    return float(since)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,11 +229,6 @@ def _is_environmental(exc: BaseException) -> bool:
 _PROMPT_COLUMNS = (
     "name, version, template, system, model, temperature, max_tokens, description, created_at"
 )
-_SUMMARY_COLUMNS = (
-    "id, prompt_name, prompt_version, model, started_at, status, ttft_s, duration_s, chunks, "
-    "completion_tokens, tokens_per_s, finish_reason, error, text_chars, preview, batch_id, "
-    "batch_row"
-)
 _RECORD_COLUMNS = (
     "id, prompt_name, prompt_version, template, system, messages, variables, model, base_url, "
     "started_at, ttft_s, duration_s, chunks, prompt_tokens, completion_tokens, tokens_per_s, "
@@ -533,12 +249,6 @@ def _prompt_from_row(row: Sequence[Any]) -> Prompt:
         description=description,
         created_at=created,
     )
-
-
-@dataclass(frozen=True)
-class _ParsedFile:
-    file: Path
-    fields: tuple[str, str, str | None, str | None, float | None, int | None, str | None]
 
 
 class PromptStore:
@@ -715,14 +425,21 @@ class PromptStore:
         Versions count up from 1 and are never reused, not even after ``delete``: a recorded
         run's ``name@version`` always refers to one text.
 
-        Raises ValueError for a name that cannot be a file name, a temperature outside 0..2, or
-        max_tokens that is neither positive nor -1.
+        Raises ValueError for a name that cannot be a file name (a separator, a control or
+        invisible character, ``.`` or ``..``), a temperature outside 0..2, or max_tokens that
+        is neither positive nor -1; InvalidPlaceholder for a ``{{...}}`` that is not a name.
         """
-        fields = _validate_fields(
+        fields = validate_fields(
             name, template, system, model, temperature, max_tokens, description
         )
         with self._write() as conn:
             return self._insert_prompt(conn, fields)
+
+    def save_all(self, prompts: Sequence[PromptFields]) -> builtins.list[Prompt]:
+        """Store checked prompts (from ``validate_fields``) as new versions in one transaction:
+        all of them or, if the write fails, none."""
+        with self._write() as conn:
+            return [self._insert_prompt(conn, fields) for fields in prompts]
 
     def save_prompt(self, prompt: Prompt, name: str | None = None) -> Prompt:
         """Store ``prompt`` as a new version of ``name`` (default: the prompt's own name)."""
@@ -745,7 +462,7 @@ class PromptStore:
     @staticmethod
     def _insert_prompt(
         conn: sqlite3.Connection,
-        fields: tuple[str, str, str | None, str | None, float | None, int | None, str | None],
+        fields: PromptFields,
     ) -> Prompt:
         name, template, system, model, temperature, max_tokens, description = fields
         row = conn.execute(
@@ -849,19 +566,7 @@ class PromptStore:
         template (keys without a value are left out); multi-line text is written as TOML
         multi-line strings so the files read well and diff well.
         """
-        target = Path(folder)
-        target.mkdir(parents=True, exist_ok=True)
-        written: list[Path] = []
-        for prompt in self.list():
-            document: dict[str, Any] = {}
-            for key in _FILE_KEYS:
-                value = getattr(prompt, key)
-                if value is not None:
-                    document[key] = value
-            file = target / f"{prompt.name}.toml"
-            file.write_bytes(tomli_w.dumps(document, multiline_strings=True).encode("utf-8"))
-            written.append(file)
-        return sorted(written)
+        return export_prompts(self, folder)
 
     def import_(self, folder: str | os.PathLike[str]) -> builtins.list[Prompt]:
         """Store every ``*.toml`` prompt file in ``folder`` as a new version; all or nothing.
@@ -870,85 +575,7 @@ class PromptStore:
         PromptFileError naming the file and line, and nothing is imported. ``name`` defaults to
         the file name without ``.toml``; unknown keys are refused (they are usually typos).
         """
-        source = Path(folder)
-        if not source.is_dir():
-            raise PromptFileError(
-                f"The folder {source} does not exist or is not a folder: pass the folder that "
-                "holds the .toml prompt files.",
-                path=str(self.path),
-                file=str(source),
-                line=None,
-            )
-        parsed = [self._parse_file(file) for file in sorted(source.glob("*.toml"))]
-        with self._write() as conn:
-            return [self._insert_prompt(conn, item.fields) for item in parsed]
-
-    def _parse_file(self, file: Path) -> _ParsedFile:
-        def fail(problem: str, line: int | None, fix: str = "fix it") -> PromptFileError:
-            where = f" at line {line}" if line is not None else ""
-            return PromptFileError(
-                f"The prompt file {file} {problem}{where}: {fix} and import again "
-                "(nothing was imported).",
-                path=str(self.path),
-                file=str(file),
-                line=line,
-            )
-
-        try:
-            data = file.read_bytes()
-        except OSError as exc:
-            raise fail(f"cannot be read ({exc.strerror or exc})", None) from exc
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = data[: exc.start].count(b"\n") + 1
-            raise fail("is not UTF-8 text", line, "save it as UTF-8") from exc
-        try:
-            document = _toml_loads(text)
-        except _TOMLDecodeError as exc:
-            message = str(exc)
-            match = re.search(r"\(at line (\d+), column \d+\)", message)
-            # Errors at the very end say "(at end of document)": point at the last line.
-            line = int(match.group(1)) if match else max(1, len(text.splitlines()))
-            reason = re.sub(r"\s*\(at [^)]*\)$", "", message)
-            raise fail(f"is not valid TOML ({reason})", line) from exc
-
-        for key in document:
-            if key not in _FILE_KEYS:
-                raise fail(
-                    f"has the unknown key {key!r} (allowed: {', '.join(_FILE_KEYS)})",
-                    _key_line(text, key),
-                    "fix or remove the key",
-                )
-        if "template" not in document:
-            raise fail("has no 'template' key", 1, 'add template = "..."')
-        values = {"name": file.stem, **document}
-        for key in ("name", "description", "model", "system", "template"):
-            if key in values and not isinstance(values[key], str):
-                raise fail(
-                    f"gives {key!r} {_kind(values[key])} where text is expected",
-                    _key_line(text, key),
-                    "write the value in quotes",
-                )
-        try:
-            fields = _validate_fields(
-                values["name"],
-                values["template"],
-                values.get("system"),
-                values.get("model"),
-                values.get("temperature"),
-                values.get("max_tokens"),
-                values.get("description"),
-            )
-        except _FieldError as exc:
-            line = _key_line(text, exc.key) if exc.key in document else 1
-            if exc.key == "name" and "name" not in document:
-                problem = f"has a file name that is not a valid prompt name ({exc.fact})"
-                raise fail(
-                    problem, line, 'add a valid name = "..." key or rename the file'
-                ) from exc
-            raise fail(f"has a bad {exc.key!r} ({exc.fact})", line) from exc
-        return _ParsedFile(file=file, fields=fields)
+        return import_prompts(self, folder)
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -1067,7 +694,7 @@ class PromptStore:
                     completion_tokens,
                     tokens_per_s,
                     len(text),
-                    _preview(text),
+                    preview(text),
                     run_id,
                 ),
             ).rowcount
@@ -1114,43 +741,10 @@ class PromptStore:
         ``since`` is unix time or a datetime (runs started at or after it); ``limit=None``
         returns every match.
         """
-        if status is not None and status not in STATUSES:
-            known = ", ".join(STATUSES)
-            raise ValueError(f"The status {status!r} is not known: use one of {known}.")
-        if limit is not None and (isinstance(limit, bool) or limit < 0):
-            raise ValueError(f"limit is {limit!r}: use a number of runs (0 or more) or None.")
-        where, params = self._filters(prompt=prompt, model=model, since=since, status=status)
-        sql = f"SELECT {_SUMMARY_COLUMNS} FROM runs{where} ORDER BY started_at DESC, id DESC"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(int(limit))
         with self._read() as conn:
-            rows = conn.execute(sql, params).fetchall()
-            summaries = History()
-            for row in rows:
-                summary = RunSummary(*row)
-                if summary.status == "unfinished":
-                    chars, preview = self._partial_summary(conn, summary.id)
-                    summary = dataclasses.replace(summary, text_chars=chars, preview=preview)
-                summaries.append(summary)
-        return summaries
-
-    @staticmethod
-    def _partial_summary(conn: sqlite3.Connection, run_id: int) -> tuple[int, str]:
-        """Length and preview of an unfinished run's text, read from its chunks."""
-        row = conn.execute(
-            "SELECT coalesce(sum(length(text)), 0) FROM run_chunks WHERE run_id = ?", (run_id,)
-        ).fetchone()
-        head: list[str] = []
-        size = 0
-        for (text,) in conn.execute(
-            "SELECT text FROM run_chunks WHERE run_id = ? ORDER BY seq", (run_id,)
-        ):
-            head.append(text)
-            size += len(text)
-            if size >= 4096:
-                break
-        return int(row[0]), _preview("".join(head))
+            return query_history(
+                conn, prompt=prompt, status=status, since=since, limit=limit, model=model
+            )
 
     def stats(
         self,
@@ -1159,71 +753,5 @@ class PromptStore:
         since: float | datetime | None = None,
     ) -> RunStats:
         """Success rate, outcome counts and timing percentiles, overall and per (prompt, model)."""
-        where, params = self._filters(prompt=prompt, model=model, since=since, status=None)
         with self._read() as conn:
-            rows = conn.execute(
-                f"SELECT prompt_name, model, status, ttft_s, duration_s FROM runs{where}", params
-            ).fetchall()
-        statuses: dict[tuple[str | None, str | None], list[str]] = {}
-        ttfts: dict[tuple[str | None, str | None], list[float]] = {}
-        durations: dict[tuple[str | None, str | None], list[float]] = {}
-        all_ttfts: list[float] = []
-        all_durations: list[float] = []
-        for prompt_name, run_model, status, ttft, duration in rows:
-            key = (prompt_name, run_model)
-            if key not in statuses:
-                statuses[key], ttfts[key], durations[key] = [], [], []
-            statuses[key].append(status)
-            if ttft is not None:
-                ttfts[key].append(ttft)
-                all_ttfts.append(ttft)
-            if duration is not None:
-                durations[key].append(duration)
-                all_durations.append(duration)
-        overall = _group_stats(None, None, [row[2] for row in rows], all_ttfts, all_durations)
-
-        def order(key: tuple[str | None, str | None]) -> tuple[bool, str, bool, str]:
-            return (key[0] is not None, key[0] or "", key[1] is not None, key[1] or "")
-
-        groups = [
-            _group_stats(key[0], key[1], statuses[key], ttfts[key], durations[key])
-            for key in sorted(statuses, key=order)
-        ]
-        return RunStats(overall=overall, groups=groups)
-
-    @staticmethod
-    def _filters(
-        *,
-        prompt: str | None,
-        model: str | None,
-        since: float | datetime | None,
-        status: str | None,
-    ) -> tuple[str, builtins.list[Any]]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if prompt is not None:
-            clauses.append("prompt_name = ?")
-            params.append(prompt)
-        if model is not None:
-            clauses.append("model = ?")
-            params.append(model)
-        if status is not None:
-            clauses.append("status = ?")
-            params.append(status)
-        if since is not None:
-            clauses.append("started_at >= ?")
-            params.append(_timestamp(since))
-        where = " WHERE " + " AND ".join(clauses) if clauses else ""
-        return where, params
-
-
-def _key_line(text: str, key: str) -> int:
-    """The line where a top-level ``key`` (or table ``[key]``) is written, else 1."""
-    quoted = re.escape(key)
-    pattern = re.compile(
-        rf"^[ \t]*\[*[ \t]*(?:{quoted}|\"{quoted}\"|'{quoted}')[ \t]*[.=\]]", re.MULTILINE
-    )
-    match = pattern.search(text)
-    if match is None:
-        return 1
-    return text.count("\n", 0, match.start()) + 1
+            return query_stats(conn, prompt=prompt, model=model, since=since)

@@ -797,7 +797,7 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 max_tokens=args.max_tokens,
                 description=args.description,
             )
-        except ValueError as exc:
+        except (ValueError, TemplateError) as exc:
             err.write(f"lmstream: {exc}\n")
             return EXIT_USAGE
         variables = ", ".join(saved.variables) or "none"

@@ -1,0 +1,320 @@
+"""Looking back over recorded runs: history (one line per run) and stats (counts, percentiles).
+
+These are read-only queries over the ``runs`` table of a ``PromptStore``, kept apart from the
+store so the store stays about writing prompts and runs. Both read only summary columns (the
+text length and a preview are stored beside the text, and the started_at and prompt indexes
+cover what stats reads), with one query per call, so both stay fast over a hundred thousand
+runs. The functions take an open connection inside a read transaction; ``PromptStore.history``
+and ``PromptStore.stats`` are the public way in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+__all__ = [
+    "PREVIEW_CHARS",
+    "STATUSES",
+    "GroupStats",
+    "History",
+    "RunStats",
+    "RunSummary",
+    "percentile",
+    "preview",
+    "query_history",
+    "query_stats",
+]
+
+#: Every status a run can have. ``unfinished`` is written when a run starts; a run whose
+#: recording process was killed stays so until a store is opened again on that machine, which
+#: marks it ``interrupted``. The others are final.
+STATUSES: tuple[str, ...] = (
+    "ok",
+    "first_token_timeout",
+    "stalled",
+    "interrupted",
+    "error",
+    "cancelled",
+    "timeout",  # a blocking (non-streaming) request ran past its total timeout
+    "unfinished",
+)
+
+PREVIEW_CHARS = 80
+# How much of the start of a text a preview looks at before collapsing whitespace.
+PREVIEW_HEAD = 4096
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One line of history: a run without its text (``preview`` is its first 80 characters)."""
+
+    id: int
+    prompt_name: str | None
+    prompt_version: int | None
+    model: str | None
+    started_at: float
+    status: str
+    ttft_s: float | None
+    duration_s: float | None
+    chunks: int
+    completion_tokens: int | None
+    tokens_per_s: float | None
+    finish_reason: str | None
+    error: str | None
+    text_chars: int
+    preview: str
+    batch_id: str | None
+    batch_row: int | None = None
+
+
+def _load_pandas() -> Any:
+    try:
+        return importlib.import_module("pandas")
+    except ImportError as exc:
+        raise ImportError(
+            f"to_pandas() needs pandas, which is not installed ({exc}): run "
+            "`pip install pandas` and try again."
+        ) from exc
+
+
+class History(list[RunSummary]):
+    """Runs, newest first, as returned by ``PromptStore.history``."""
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        """One plain dict per run (JSON-ready: ``started_at`` stays unix time)."""
+        return [dataclasses.asdict(run) for run in self]
+
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame, one row per run; ``started_at`` becomes a UTC datetime."""
+        pd = _load_pandas()
+        columns = [field.name for field in dataclasses.fields(RunSummary)]
+        frame = pd.DataFrame(self.as_dicts(), columns=columns)
+        frame["started_at"] = pd.to_datetime(frame["started_at"], unit="s", utc=True)
+        return frame
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Outcome counts and timing percentiles for a set of runs.
+
+    ``prompt`` and ``model`` name the group (both ``None`` for the overall figures). Percentiles
+    use linear interpolation between the nearest ranks (numpy's default) over every run in the
+    group that measured the value, whatever its status; ``None`` when no run did.
+    """
+
+    prompt: str | None
+    model: str | None
+    runs: int
+    ok: int
+    success_rate: float
+    by_status: dict[str, int]
+    ttft_p50: float | None
+    ttft_p95: float | None
+    duration_p50: float | None
+    duration_p95: float | None
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """``overall`` figures, and one group per (prompt name, model) pair, sorted (``None`` first)."""
+
+    overall: GroupStats
+    groups: list[GroupStats]
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        """One plain dict per group."""
+        return [dataclasses.asdict(group) for group in self.groups]
+
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame, one row per group (``by_status`` stays a dict column)."""
+        pd = _load_pandas()
+        columns = [field.name for field in dataclasses.fields(GroupStats)]
+        return pd.DataFrame(self.as_dicts(), columns=columns)
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """The ``p``-th percentile (0..100) of sorted ``values`` by linear interpolation."""
+    if not values:
+        return None
+    k = (len(values) - 1) * p / 100.0
+    low = math.floor(k)
+    high = min(low + 1, len(values) - 1)
+    return float(values[low] + (values[high] - values[low]) * (k - low))
+
+
+def preview(text: str) -> str:
+    """The first 80 characters of ``text`` with runs of whitespace collapsed to one space."""
+    head = text[:PREVIEW_HEAD]
+    collapsed = " ".join(head.split())
+    if len(collapsed) <= PREVIEW_CHARS and len(head) < len(text):
+        collapsed = " ".join(text.split())  # mostly whitespace so far: look at all of it
+    return collapsed[:PREVIEW_CHARS]
+
+
+def _timestamp(since: float | datetime) -> float:
+    if isinstance(since, datetime):
+        return since.timestamp()
+    return float(since)
+
+
+def _filters(
+    *,
+    prompt: str | None,
+    model: str | None,
+    since: float | datetime | None,
+    status: str | None,
+) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if prompt is not None:
+        clauses.append("prompt_name = ?")
+        params.append(prompt)
+    if model is not None:
+        clauses.append("model = ?")
+        params.append(model)
+    if status is not None:
+        clauses.append("status = ?")
+        params.append(status)
+    if since is not None:
+        clauses.append("started_at >= ?")
+        params.append(_timestamp(since))
+    where = " WHERE " + " AND ".join(clauses) if clauses else ""
+    return where, params
+
+
+# ---------------------------------------------------------------------------------------------
+# History
+
+
+_SUMMARY_COLUMNS = (
+    "id, prompt_name, prompt_version, model, started_at, status, ttft_s, duration_s, chunks, "
+    "completion_tokens, tokens_per_s, finish_reason, error, text_chars, preview, batch_id, "
+    "batch_row"
+)
+
+
+def query_history(
+    conn: sqlite3.Connection,
+    *,
+    prompt: str | None,
+    status: str | None,
+    since: float | datetime | None,
+    limit: int | None,
+    model: str | None,
+) -> History:
+    """Recorded runs, newest first, without their text (see ``PromptStore.history``)."""
+    if status is not None and status not in STATUSES:
+        known = ", ".join(STATUSES)
+        raise ValueError(f"The status {status!r} is not known: use one of {known}.")
+    if limit is not None and (isinstance(limit, bool) or limit < 0):
+        raise ValueError(f"limit is {limit!r}: use a number of runs (0 or more) or None.")
+    where, params = _filters(prompt=prompt, model=model, since=since, status=status)
+    sql = f"SELECT {_SUMMARY_COLUMNS} FROM runs{where} ORDER BY started_at DESC, id DESC"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(int(limit))
+    rows = conn.execute(sql, params).fetchall()
+    summaries = History()
+    for row in rows:
+        summary = RunSummary(*row)
+        if summary.status == "unfinished":
+            chars, head = _partial_summary(conn, summary.id)
+            summary = dataclasses.replace(summary, text_chars=chars, preview=head)
+        summaries.append(summary)
+    return summaries
+
+
+def _partial_summary(conn: sqlite3.Connection, run_id: int) -> tuple[int, str]:
+    """Length and preview of an unfinished run's text, read from its chunks."""
+    row = conn.execute(
+        "SELECT coalesce(sum(length(text)), 0) FROM run_chunks WHERE run_id = ?", (run_id,)
+    ).fetchone()
+    head: list[str] = []
+    size = 0
+    for (text,) in conn.execute(
+        "SELECT text FROM run_chunks WHERE run_id = ? ORDER BY seq", (run_id,)
+    ):
+        head.append(text)
+        size += len(text)
+        if size >= PREVIEW_HEAD:
+            break
+    return int(row[0]), preview("".join(head))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stats
+
+
+def _group_stats(
+    prompt: str | None,
+    model: str | None,
+    statuses: Sequence[str],
+    ttfts: list[float],
+    durations: list[float],
+) -> GroupStats:
+    by_status: dict[str, int] = {}
+    for status in statuses:
+        by_status[status] = by_status.get(status, 0) + 1
+    runs = len(statuses)
+    ok = by_status.get("ok", 0)
+    ttfts.sort()
+    durations.sort()
+    return GroupStats(
+        prompt=prompt,
+        model=model,
+        runs=runs,
+        ok=ok,
+        success_rate=ok / runs if runs else 0.0,
+        by_status=dict(sorted(by_status.items())),
+        ttft_p50=percentile(ttfts, 50),
+        ttft_p95=percentile(ttfts, 95),
+        duration_p50=percentile(durations, 50),
+        duration_p95=percentile(durations, 95),
+    )
+
+
+def query_stats(
+    conn: sqlite3.Connection,
+    *,
+    prompt: str | None,
+    model: str | None,
+    since: float | datetime | None,
+) -> RunStats:
+    """Success rate, outcome counts and timing percentiles (see ``PromptStore.stats``)."""
+    where, params = _filters(prompt=prompt, model=model, since=since, status=None)
+    rows = conn.execute(
+        f"SELECT prompt_name, model, status, ttft_s, duration_s FROM runs{where}", params
+    ).fetchall()
+    statuses: dict[tuple[str | None, str | None], list[str]] = {}
+    ttfts: dict[tuple[str | None, str | None], list[float]] = {}
+    durations: dict[tuple[str | None, str | None], list[float]] = {}
+    all_ttfts: list[float] = []
+    all_durations: list[float] = []
+    for prompt_name, run_model, status, ttft, duration in rows:
+        key = (prompt_name, run_model)
+        if key not in statuses:
+            statuses[key], ttfts[key], durations[key] = [], [], []
+        statuses[key].append(status)
+        if ttft is not None:
+            ttfts[key].append(ttft)
+            all_ttfts.append(ttft)
+        if duration is not None:
+            durations[key].append(duration)
+            all_durations.append(duration)
+    overall = _group_stats(None, None, [row[2] for row in rows], all_ttfts, all_durations)
+
+    def order(key: tuple[str | None, str | None]) -> tuple[bool, str, bool, str]:
+        return (key[0] is not None, key[0] or "", key[1] is not None, key[1] or "")
+
+    groups = [
+        _group_stats(key[0], key[1], statuses[key], ttfts[key], durations[key])
+        for key in sorted(statuses, key=order)
+    ]
+    return RunStats(overall=overall, groups=groups)
