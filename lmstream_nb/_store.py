@@ -559,21 +559,25 @@ class PromptStore:
 
     # -- prompt files -------------------------------------------------------------------------
 
-    def export(self, folder: str | os.PathLike[str]) -> builtins.list[Path]:
+    def export(self, folder: str | os.PathLike[str], *, force: bool = False) -> builtins.list[Path]:
         """Write the latest version of every prompt to ``<folder>/<name>.toml``; return the files.
 
         Each file holds the keys name, description, model, temperature, max_tokens, system and
         template (keys without a value are left out); multi-line text is written as TOML
-        multi-line strings so the files read well and diff well.
+        multi-line strings so the files read well and diff well. A symbolic link at a file's
+        name is never written through, and an existing file that is not the prompt file of
+        that prompt is left alone unless ``force``: PromptFileError names it, and every file
+        is checked before any is written.
         """
-        return export_prompts(self, folder)
+        return export_prompts(self, folder, force=force)
 
     def import_(self, folder: str | os.PathLike[str]) -> builtins.list[Prompt]:
         """Store every ``*.toml`` prompt file in ``folder`` as a new version; all or nothing.
 
         Every file is read and checked before anything is written; the first bad file raises
         PromptFileError naming the file and line, and nothing is imported. ``name`` defaults to
-        the file name without ``.toml``; unknown keys are refused (they are usually typos).
+        the file name without ``.toml``; unknown keys are refused (they are usually typos), and
+        so are files over 1 MiB, TOML nested too deeply, and two files with the same name.
         """
         return import_prompts(self, folder)
 

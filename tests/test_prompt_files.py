@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from store_helpers import (
 )
 
 from lmstream_nb._errors import PromptFileError
+from lmstream_nb._prompt_files import MAX_FILE_BYTES, MAX_NESTING
 from lmstream_nb._store import PromptStore
 
 
@@ -138,3 +141,180 @@ def test_a_placeholder_that_is_no_name_is_named_by_file_and_line(
     assert "at line 4" in str(caught.value)
     one_sentence(str(caught.value))
     assert store.list() == []
+
+
+def bad_import(store: PromptStore, folder: Path) -> PromptFileError:
+    with pytest.raises(PromptFileError) as caught:
+        store.import_(folder)
+    one_sentence(str(caught.value))
+    assert "nothing was imported" in str(caught.value)
+    assert store.list() == []
+    return caught.value
+
+
+def test_a_file_over_the_size_limit_is_refused_by_name(store: PromptStore, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.toml").write_text('template = "fine"\n', encoding="utf-8")
+    limit_file = folder / "b.toml"
+    body = 'template = """' + "x" * (MAX_FILE_BYTES - 20) + '"""\n'
+    limit_file.write_text(body, encoding="utf-8")
+    assert limit_file.stat().st_size <= MAX_FILE_BYTES
+    assert [p.name for p in store.import_(folder)] == ["a", "b"]  # at the limit: fine
+    big = folder / "c.toml"
+    big.write_text('template = """' + "x" * (3 * MAX_FILE_BYTES) + '"""\n', encoding="utf-8")
+    error = bad_import(PromptStore(tmp_path / "other.db"), folder)
+    assert error.file == str(big)
+    assert "more than the 1 MiB a prompt file may hold" in str(error)
+    assert "3.0 MiB" in str(error)
+
+
+def test_two_files_with_the_same_prompt_name_are_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "greet.toml").write_text('template = "Hi"\n', encoding="utf-8")
+    (folder / "hello.toml").write_text('description = "d"\nname = "greet"\ntemplate = "Hello"\n')
+    with PromptStore(tmp_path / "s.db") as store:
+        error = bad_import(store, folder)
+    assert error.file == str(folder / "hello.toml")
+    assert str(folder / "greet.toml") in str(error)
+    assert "holds the prompt 'greet', and so does" in str(error)
+    assert error.line == 2
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "[" * 5000 + "]" * 5000,
+        "{a = " * 3000 + "1" + "}" * 3000,
+        "[" * (MAX_NESTING + 1) + "]" * (MAX_NESTING + 1),
+    ],
+    ids=["arrays", "inline-tables", "just-over"],
+)
+def test_deeply_nested_toml_is_invalid_with_file_and_line(
+    store: PromptStore, tmp_path: Path, value: str
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    deep = folder / "deep.toml"
+    deep.write_text(f'template = "t"\n\nx = {value}\n', encoding="utf-8")
+    error = bad_import(store, folder)  # never a RecursionError
+    assert error.file == str(deep)
+    assert error.line == 3
+    assert "not valid TOML" in str(error)
+    assert "nested" in str(error)
+
+
+def test_brackets_inside_strings_and_comments_do_not_count_as_nesting(
+    store: PromptStore, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    many = "[{" * 100
+    (folder / "p.toml").write_text(
+        f"# {many}\n"
+        f'description = "{many} \\" {many}"\n'
+        f"model = '{many}'\n"
+        f"system = '''{many}\n{many}'''\n"
+        f'template = """{many}\n\\""" {many}\n"""\n',
+        encoding="utf-8",
+    )
+    [prompt] = store.import_(folder)
+    assert prompt.template.startswith(many)
+    assert prompt.model == many
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_named_like_a_prompt_file_is_refused_without_waiting(
+    store: PromptStore, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe.toml")
+    error = bad_import(store, folder)  # reading a FIFO would block until someone writes
+    assert "not a regular file" in str(error)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export writes only its own files
+
+
+def saved_two(store: PromptStore) -> None:
+    store.save("alpha", "A {{x}}")
+    store.save("beta", "B")
+
+
+def test_export_never_writes_through_a_symbolic_link(store: PromptStore, tmp_path: Path) -> None:
+    saved_two(store)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious", encoding="utf-8")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "beta.toml").symlink_to(outside)
+    for force in (False, True):
+        with pytest.raises(PromptFileError, match="symbolic link") as caught:
+            store.export(folder, force=force)
+        one_sentence(str(caught.value))
+        assert caught.value.file == str(folder / "beta.toml")
+        assert "nothing was written" in str(caught.value)
+    assert outside.read_text(encoding="utf-8") == "precious"
+    assert sorted(p.name for p in folder.iterdir()) == ["beta.toml"]  # alpha not written either
+    (folder / "beta.toml").unlink()
+    (folder / "beta.toml").symlink_to(tmp_path / "dangling")  # a link to nothing: same answer
+    with pytest.raises(PromptFileError, match="symbolic link"):
+        store.export(folder)
+    assert not (tmp_path / "dangling").exists()
+
+
+def test_export_leaves_files_it_did_not_write_unless_forced(
+    store: PromptStore, tmp_path: Path
+) -> None:
+    saved_two(store)
+    folder = tmp_path / "out"
+    assert store.export(folder) == [folder / "alpha.toml", folder / "beta.toml"]
+    store.save("alpha", "A again {{x}}")
+    store.export(folder)  # its own files: overwritten without asking
+    assert "A again" in (folder / "alpha.toml").read_text(encoding="utf-8")
+
+    notes = folder / "beta.toml"
+    notes.write_text("my notes, not TOML at all", encoding="utf-8")
+    with pytest.raises(PromptFileError) as caught:
+        store.export(folder)
+    message = str(caught.value)
+    one_sentence(message)
+    assert f"The file {notes} exists and is not a prompt file for 'beta'" in message
+    assert "--force" in message
+    assert notes.read_text(encoding="utf-8") == "my notes, not TOML at all"
+
+    notes.write_text('name = "gamma"\ntemplate = "G"\n', encoding="utf-8")  # another prompt's
+    with pytest.raises(PromptFileError, match="prompt file of 'gamma'"):
+        store.export(folder)
+
+    assert store.export(folder, force=True) == [folder / "alpha.toml", folder / "beta.toml"]
+    assert 'template = "B"' in notes.read_text(encoding="utf-8")
+
+
+def test_export_refuses_a_folder_where_a_file_should_be(store: PromptStore, tmp_path: Path) -> None:
+    saved_two(store)
+    folder = tmp_path / "out"
+    (folder / "alpha.toml").mkdir(parents=True)
+    with pytest.raises(PromptFileError, match="not a regular file"):
+        store.export(folder, force=True)
+    assert not (folder / "beta.toml").exists()
+
+
+def test_export_refuses_a_stored_name_that_cannot_be_a_file_name(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with PromptStore(path) as store:
+        store.save("fine", "t")
+    conn = sqlite3.connect(path)  # as an older version, which allowed these names, left it
+    with conn:
+        conn.execute(
+            "INSERT INTO prompts (name, version, template, created_at) VALUES ('..', 1, 't', 0)"
+        )
+    conn.close()
+    with PromptStore(path) as store, pytest.raises(PromptFileError) as caught:
+        store.export(tmp_path / "out")
+    assert "cannot be a file name" in str(caught.value)
+    one_sentence(str(caught.value))
+    assert not (tmp_path / "out" / "fine.toml").exists()
