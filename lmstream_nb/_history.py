@@ -26,6 +26,7 @@ __all__ = [
     "History",
     "RunStats",
     "RunSummary",
+    "chunks_preview",
     "percentile",
     "preview",
     "query_history",
@@ -234,18 +235,22 @@ def query_history(
 def _partial_summary(conn: sqlite3.Connection, run_id: int) -> tuple[int, str]:
     """Length and preview of an unfinished run's text, read from its chunks."""
     row = conn.execute(
-        "SELECT coalesce(sum(length(text)), 0) FROM run_chunks WHERE run_id = ?", (run_id,)
+        "SELECT text_end FROM run_chunks WHERE run_id = ? ORDER BY seq DESC LIMIT 1", (run_id,)
     ).fetchone()
-    head: list[str] = []
-    size = 0
-    for (text,) in conn.execute(
-        "SELECT text FROM run_chunks WHERE run_id = ? ORDER BY seq", (run_id,)
-    ):
-        head.append(text)
-        size += len(text)
-        if size >= PREVIEW_HEAD:
-            break
-    return int(row[0]), preview("".join(head))
+    return (0 if row is None else int(row[0])), chunks_preview(conn, run_id)
+
+
+def chunks_preview(conn: sqlite3.Connection, run_id: int) -> str:
+    """The preview of a text kept in ``run_chunks``, reading only the pieces it needs."""
+    head = "".join(
+        text
+        for (text,) in conn.execute(
+            "SELECT substr(text, 1, ?) FROM run_chunks WHERE run_id = ? AND text_end - "
+            "length(text) < ? ORDER BY seq",
+            (PREVIEW_HEAD, run_id, PREVIEW_HEAD),
+        )
+    )
+    return preview(head)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,10 +5,15 @@ Why SQLite, and why this shape:
 * Prompts are versioned, never overwritten: a saved change is a new version, and a version
   number is never reused (not even after the prompt is deleted), so ``summarize@3`` in a
   recorded run always means one text.
-* A run is recorded *before* it starts (status ``unfinished``) and its text is appended as it
-  arrives, one small row per append into ``run_chunks``: a kernel that dies mid-answer leaves
-  the partial answer on disk, and appending stays cheap however long the answer grows. Finishing
-  a run writes the full text into the run row and drops its chunks in one transaction.
+* A run is recorded *before* it starts (status ``unfinished``, with the process that owns it)
+  and its text is appended as it arrives, one row per append into ``run_chunks`` holding only
+  the new text: a kernel that dies mid-answer leaves the partial answer on disk, and nothing is
+  ever read back or rewritten, so recording costs time and space in proportion to the answer.
+  Finishing writes only what was not appended yet; a short answer (``INLINE_TEXT_CHARS``) is
+  moved into the run row instead, which is cheap at that size. The write-ahead log is cut back
+  after checkpoints (``journal_size_limit``), so a long answer does not leave a log as large.
+* A run whose owner has died (``_owners``) is ended as ``interrupted`` when a store is opened,
+  keeping its text.
 * The file is shared by notebooks, the CLI and background threads. One connection per store
   serves all threads behind a lock; every write is ``BEGIN IMMEDIATE`` so two processes queue
   for the write lock instead of deadlocking while upgrading a read lock, WAL keeps readers from
@@ -24,10 +29,12 @@ Prompt files (export and import) live in ``_prompt_files``, history and stats qu
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import difflib
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -37,11 +44,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, overload
 
 import platformdirs
 
-from ._errors import PromptNotFound, RunNotFound, StoreError, StoreUnavailable
+from ._errors import LMStreamError, PromptNotFound, RunNotFound, StoreError, StoreUnavailable
 from ._events import Stats
 from ._history import (
     STATUSES,
@@ -49,12 +56,14 @@ from ._history import (
     History,
     RunStats,
     RunSummary,
+    chunks_preview,
     percentile,
     preview,
     query_history,
     query_stats,
 )
 from ._migrations import APPLICATION_ID, LATEST_VERSION, migrate
+from ._owners import Owner, current_owner
 from ._prompt_fields import PromptFields, validate_fields
 from ._prompt_files import export_prompts, import_prompts
 from ._template import Prompt
@@ -77,6 +86,20 @@ HOME_ENV = "LMSTREAM_HOME"
 DB_NAME = "lmstream.db"
 
 BUSY_TIMEOUT_S = 30.0
+#: A finished answer (text and reasoning) up to this many characters is moved into its run's
+#: row; a longer one stays in the pieces it was appended as, so it is never copied again.
+INLINE_TEXT_CHARS = 64 * 1024
+#: After a checkpoint the write-ahead log is cut back to this size (SQLite leaves it at its
+#: largest otherwise), so a long answer does not leave a WAL as large as itself.
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+#: The error recorded on a run whose recording process ended before the run did.
+ORPHANED_ERROR = (
+    "The process recording this run ended before the run finished (it was killed or crashed): "
+    "the text received until then is kept; run the prompt again for a complete answer."
+)
+
+# Code points UTF-8 cannot encode (lone surrogates, which JSON escapes can produce).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # SQLite primary result codes (the low byte of an extended code).
 _SQLITE_PERM = 3
@@ -84,6 +107,17 @@ _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 _SQLITE_READONLY = 8
 _SQLITE_CANTOPEN = 14
+
+
+@overload
+def _storable(text: str) -> str: ...
+@overload
+def _storable(text: None) -> None: ...
+def _storable(text: str | None) -> str | None:
+    """``text`` with lone surrogates replaced by U+FFFD (same length), so SQLite can store it."""
+    if text is None or _SURROGATE.search(text) is None:
+        return text
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def default_path() -> Path:
@@ -262,7 +296,12 @@ class PromptStore:
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = default_path() if path is None else Path(path)
         self._lock = threading.RLock()
+        #: True when the database could only be opened for reading (see ``_open``).
+        self.read_only = False
         self._conn: sqlite3.Connection | None = self._open()
+        # Tidying up must not stop anyone reading (a full disk, say): it is tried again later.
+        with contextlib.suppress(StoreError):
+            self.end_orphaned_runs()
 
     def __repr__(self) -> str:
         return f"PromptStore({str(self.path)!r})"
@@ -349,6 +388,7 @@ class PromptStore:
         try:
             _enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT:d}")
             conn.execute("PRAGMA foreign_keys = ON")
             migrate(conn)
             # Probe: a read-only file still accepts BEGIN IMMEDIATE, but not a write.
@@ -598,24 +638,26 @@ class PromptStore:
         batch_id: str | None = None,
         batch_row: int | None = None,
     ) -> int:
-        """Record a run that is about to start (status ``unfinished``); return its id."""
+        """Record a run that is about to start (status ``unfinished``, owned by this process);
+        return its id."""
         with self._write() as conn:
             cursor = conn.execute(
                 "INSERT INTO runs (prompt_name, prompt_version, template, system, messages, "
-                "variables, model, base_url, started_at, status, batch_id, batch_row) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'unfinished', ?, ?)",
+                "variables, model, base_url, started_at, status, batch_id, batch_row, owner, "
+                "text_in_chunks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'unfinished', ?, ?, ?, 1)",
                 (
                     prompt_name,
                     prompt_version,
-                    template,
-                    system,
-                    json.dumps(messages, ensure_ascii=False),
-                    json.dumps(variables, ensure_ascii=False),
+                    _storable(template),
+                    _storable(system),
+                    _storable(json.dumps(messages, ensure_ascii=False)),
+                    _storable(json.dumps(variables, ensure_ascii=False)),
                     model,
                     base_url,
                     float(started_at),
                     batch_id,
                     batch_row,
+                    current_owner().to_json(),
                 ),
             )
             run_id = cursor.lastrowid
@@ -633,24 +675,60 @@ class PromptStore:
         return {int(row): int(run_id) for row, run_id in rows}
 
     def append_run_text(self, run_id: int, text: str, reasoning: str = "") -> None:
-        """Add text that arrived for an unfinished run (one small row; never rewrites the rest)."""
+        """Add text that arrived for an unfinished run: one row holding only the new text.
+
+        Nothing recorded before is read or rewritten (the run's own row is not touched
+        either), so recording an answer costs time and space in proportion to its length.
+        """
         if not text and not reasoning:
             return
         with self._write() as conn:
-            inserted = conn.execute(
-                "INSERT INTO run_chunks (run_id, seq, text, reasoning) "
-                "SELECT id, (SELECT coalesce(max(seq), 0) + 1 FROM run_chunks WHERE run_id = ?),"
-                " ?, ? FROM runs WHERE id = ? AND status = 'unfinished'",
-                (run_id, text, reasoning, run_id),
-            ).rowcount
-            if inserted == 0:
-                row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
-                if row is None:
-                    raise RunNotFound(run_id, path=str(self.path))
-                raise ValueError(
-                    f"The run {run_id} is already finished (status {row[0]}), so no text can be "
-                    "appended: start a new run for new text."
-                )
+            if not self._is_open(conn, run_id):
+                raise self._not_open(conn, run_id)
+            seq, text_end, reasoning_end = self._last_chunk(conn, run_id)
+            conn.execute(
+                "INSERT INTO run_chunks (run_id, seq, text, reasoning, text_end, reasoning_end)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    seq + 1,
+                    _storable(text),
+                    _storable(reasoning),
+                    text_end + len(text),
+                    reasoning_end + len(reasoning),
+                ),
+            )
+
+    @staticmethod
+    def _is_open(conn: sqlite3.Connection, run_id: int) -> bool:
+        # The partial index holds only unfinished runs, so this never reads the run's row.
+        return (
+            conn.execute(
+                "SELECT 1 FROM runs INDEXED BY runs_unfinished "
+                "WHERE status = 'unfinished' AND id = ?",
+                (run_id,),
+            ).fetchone()
+            is not None
+        )
+
+    def _not_open(self, conn: sqlite3.Connection, run_id: int) -> LMStreamError | ValueError:
+        row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            return RunNotFound(run_id, path=str(self.path))
+        return ValueError(
+            f"The run {run_id} is already finished (status {row[0]}), so no text can be "
+            "appended: start a new run for new text."
+        )
+
+    @staticmethod
+    def _last_chunk(conn: sqlite3.Connection, run_id: int) -> tuple[int, int, int]:
+        """(seq, text_end, reasoning_end) of a run's last piece; zeros when it has none."""
+        row = conn.execute(
+            "SELECT seq, text_end, reasoning_end FROM run_chunks WHERE run_id = ? "
+            "ORDER BY seq DESC LIMIT 1",
+            (run_id,),
+        ).fetchone()
+        return (0, 0, 0) if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
     def finish_run(
         self,
@@ -669,9 +747,14 @@ class PromptStore:
         completion_tokens: int | None,
         tokens_per_s: float | None,
     ) -> None:
-        """Write a run's outcome and full text, and drop its chunks, in one transaction.
+        """Write a run's outcome; ``text`` and ``reasoning`` are the run's whole text.
 
-        ``model`` is what the server reported; ``None`` keeps the model recorded at the start.
+        Only what was not appended yet is written: the text appended so far is kept where it
+        is, and the rest becomes one more piece. An answer of at most INLINE_TEXT_CHARS is
+        moved into the run's row instead (cheap at that size, and one row is quicker to
+        read). If ``text`` does not continue what was appended (a caller that passes another
+        text), the recorded text is replaced by it. ``model`` is what the server reported;
+        ``None`` keeps the model recorded at the start.
         """
         if status not in STATUSES or status == "unfinished":
             final = ", ".join(s for s in STATUSES if s != "unfinished")
@@ -679,16 +762,21 @@ class PromptStore:
                 f"The status {status!r} is not a final run status: use one of {final}."
             )
         with self._write() as conn:
+            seq, text_end, reasoning_end = self._last_chunk(conn, run_id)
+            if seq and not self._continues(conn, run_id, seq, text, reasoning):
+                seq = text_end = reasoning_end = 0  # another text: it replaces the pieces
+            inline = len(text) + len(reasoning) <= INLINE_TEXT_CHARS
             updated = conn.execute(
-                "UPDATE runs SET status = ?, text = ?, reasoning = ?, error = ?, "
-                "finish_reason = ?, model = coalesce(?, model), ttft_s = ?, duration_s = ?, "
-                "chunks = ?, prompt_tokens = ?, completion_tokens = ?, tokens_per_s = ?, "
-                "text_chars = ?, preview = ? WHERE id = ?",
+                "UPDATE runs SET status = ?, text = ?, reasoning = ?, text_in_chunks = ?, "
+                "error = ?, finish_reason = ?, model = coalesce(?, model), ttft_s = ?, "
+                "duration_s = ?, chunks = ?, prompt_tokens = ?, completion_tokens = ?, "
+                "tokens_per_s = ?, text_chars = ?, preview = ? WHERE id = ?",
                 (
                     status,
-                    text,
-                    reasoning,
-                    error,
+                    _storable(text) if inline else "",
+                    _storable(reasoning) if inline else "",
+                    0 if inline else 1,
+                    _storable(error),
                     finish_reason,
                     model,
                     ttft_s,
@@ -698,27 +786,65 @@ class PromptStore:
                     completion_tokens,
                     tokens_per_s,
                     len(text),
-                    preview(text),
+                    _storable(preview(text)),
                     run_id,
                 ),
             ).rowcount
             if updated == 0:
                 raise RunNotFound(run_id, path=str(self.path))
-            conn.execute("DELETE FROM run_chunks WHERE run_id = ?", (run_id,))
+            if inline or seq == 0:
+                conn.execute("DELETE FROM run_chunks WHERE run_id = ?", (run_id,))
+            if not inline and (len(text) > text_end or len(reasoning) > reasoning_end):
+                conn.execute(
+                    "INSERT INTO run_chunks (run_id, seq, text, reasoning, text_end, "
+                    "reasoning_end) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        run_id,
+                        seq + 1,
+                        _storable(text[text_end:]),
+                        _storable(reasoning[reasoning_end:]),
+                        len(text),
+                        len(reasoning),
+                    ),
+                )
+
+    @staticmethod
+    def _continues(
+        conn: sqlite3.Connection, run_id: int, seq: int, text: str, reasoning: str
+    ) -> bool:
+        """Whether ``text`` and ``reasoning`` extend what the run has recorded so far.
+
+        Checked against the last piece only (at most about a second of text), which is what
+        a caller passing another text would break.
+        """
+        last_text: str
+        last_reasoning: str
+        last_text, last_reasoning, text_end, reasoning_end = conn.execute(
+            "SELECT text, reasoning, text_end, reasoning_end FROM run_chunks "
+            "WHERE run_id = ? AND seq = ?",
+            (run_id, seq),
+        ).fetchone()
+        return (
+            len(text) >= text_end
+            and len(reasoning) >= reasoning_end
+            and _storable(text[text_end - len(last_text) : text_end]) == last_text
+            and _storable(reasoning[reasoning_end - len(last_reasoning) : reasoning_end])
+            == last_reasoning
+        )
 
     def get_run(self, run_id: int) -> RunRecord:
         """Everything recorded about one run; RunNotFound if there is no such run."""
         with self._read() as conn:
             row = conn.execute(
-                f"SELECT {_RECORD_COLUMNS} FROM runs WHERE id = ?", (run_id,)
+                f"SELECT {_RECORD_COLUMNS}, text_in_chunks FROM runs WHERE id = ?", (run_id,)
             ).fetchone()
             if row is None:
                 raise RunNotFound(run_id, path=str(self.path))
-            values = list(row)
+            values = list(row[:-1])
             values[5] = json.loads(values[5])
             values[6] = json.loads(values[6])
             record = RunRecord(*values)
-            if record.status == "unfinished":
+            if row[-1]:
                 texts: list[str] = []
                 reasonings: list[str] = []
                 for text, reasoning in conn.execute(
@@ -731,6 +857,40 @@ class PromptStore:
                     record, text="".join(texts), reasoning="".join(reasonings)
                 )
         return record
+
+    def end_orphaned_runs(self) -> builtins.list[int]:
+        """Finish every unfinished run whose recording process on this host has ended.
+
+        Such a run (its process was killed or crashed mid-answer) becomes ``interrupted``
+        with the text recorded until then and an error saying so; its id is returned. Runs
+        of live processes, of other hosts and runs recorded before owners were (no owner) are
+        left alone. Called when a store is opened; cheap, since only unfinished runs are read.
+        """
+        if self.read_only:
+            return []
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT id, owner FROM runs INDEXED BY runs_unfinished "
+                "WHERE status = 'unfinished' AND owner IS NOT NULL"
+            ).fetchall()
+        gone = [
+            int(run_id)
+            for run_id, text in rows
+            if (owner := Owner.from_json(text)) is not None and owner.is_gone()
+        ]
+        ended: list[int] = []
+        for run_id in gone:
+            with self._write() as conn:
+                if not self._is_open(conn, run_id):
+                    continue  # another process ended it meanwhile
+                _, text_end, _ = self._last_chunk(conn, run_id)
+                conn.execute(
+                    "UPDATE runs SET status = 'interrupted', error = ?, text_in_chunks = 1, "
+                    "text_chars = ?, preview = ? WHERE id = ?",
+                    (ORPHANED_ERROR, text_end, chunks_preview(conn, run_id), run_id),
+                )
+            ended.append(run_id)
+        return ended
 
     def history(
         self,

@@ -9,13 +9,14 @@ import os
 import random
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from store_helpers import (
     store_fixture,  # noqa: F401 (the `store` fixture)
 )
 
+from lmstream_nb import run, simulator
 from lmstream_nb._errors import (
     InvalidPlaceholder,
     PromptNotFound,
@@ -36,7 +38,14 @@ from lmstream_nb._errors import (
     StoreUnavailable,
 )
 from lmstream_nb._migrations import APPLICATION_ID, LATEST_VERSION
-from lmstream_nb._store import STATUSES, PromptStore, default_path
+from lmstream_nb._owners import current_owner
+from lmstream_nb._store import (
+    ORPHANED_ERROR,
+    STATUSES,
+    WAL_SIZE_LIMIT,
+    PromptStore,
+    default_path,
+)
 from lmstream_nb._template import Prompt
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lmstream_nb"
@@ -548,6 +557,114 @@ def test_appending_is_linear_not_a_rewrite(store: PromptStore) -> None:
     elapsed = time.perf_counter() - began
     assert len(store.get_run(run_id).text) == 2_000_000
     assert elapsed < 10, elapsed  # a rewrite of the whole text per append would be quadratic
+    assert stored_chars(store) == 2_000_000  # every character once
+    assert database_bytes(store) < 1.3 * 2_000_000 + 200_000
+
+
+def database_bytes(store: PromptStore) -> int:
+    """Pages in use (the file less its free pages): what the text really occupies."""
+    conn = sqlite3.connect(store.path)
+    try:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
+    finally:
+        conn.close()
+
+
+def stored_chars(store: PromptStore) -> int:
+    """Characters of answer text held anywhere in the database (chunks and run rows)."""
+    conn = sqlite3.connect(store.path)
+    try:
+        chunks = conn.execute("SELECT coalesce(sum(length(text)), 0) FROM run_chunks")
+        rows = conn.execute("SELECT coalesce(sum(length(text)), 0) FROM runs")
+        return int(chunks.fetchone()[0]) + int(rows.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_a_long_answer_is_kept_as_appended_and_finishing_writes_only_the_rest(
+    store: PromptStore,
+) -> None:
+    run_id = start(store)
+    pieces = [f"{i:05d}" + "ü" * 19_995 for i in range(60)]  # 1.2 M characters, 60 appends
+    for piece in pieces:
+        store.append_run_text(run_id, piece, "r")
+    rest = " and the last words."
+    text = "".join(pieces) + rest
+    finish(store, run_id, text=text, reasoning="r" * 60 + "R", chunks=61)
+
+    assert stored_chars(store) == len(text)  # each character once: nothing was copied
+    conn = sqlite3.connect(store.path)
+    try:
+        last = conn.execute(
+            "SELECT text, reasoning, text_end FROM run_chunks ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        row = conn.execute("SELECT text, text_in_chunks FROM runs").fetchone()
+    finally:
+        conn.close()
+    assert last == (rest, "R", len(text))  # the final write carried only what was missing
+    assert row == ("", 1)
+    record = store.get_run(run_id)
+    assert (record.status, record.text, record.reasoning) == ("ok", text, "r" * 60 + "R")
+    [summary] = store.history()
+    assert (summary.text_chars, summary.preview) == (len(text), text[:80])
+    assert database_bytes(store) < 1.3 * len(text.encode("utf-8")) + 200_000
+
+
+def test_one_huge_append_does_not_leave_a_wal_as_large(store: PromptStore) -> None:
+    run_id = start(store)
+    store.append_run_text(run_id, "y" * 20_000_000)  # one write of 20 MB fills the WAL
+    wal = Path(f"{store.path}-wal")
+    assert wal.stat().st_size > 20_000_000
+    store.append_run_text(run_id, "z")  # after the checkpoint, the log starts over, cut back
+    finish(store, run_id, text="y" * 20_000_000 + "z!")
+    assert wal.stat().st_size <= WAL_SIZE_LIMIT
+    assert len(store.get_run(run_id).text) == 20_000_002
+
+
+def test_finishing_with_another_text_replaces_what_was_appended(store: PromptStore) -> None:
+    run_id = start(store)
+    store.append_run_text(run_id, "draft " * 20_000)
+    finish(store, run_id, text="final " * 20_000)  # long: stays in pieces
+    assert store.get_run(run_id).text == "final " * 20_000
+    assert stored_chars(store) == 120_000
+    other = start(store)
+    store.append_run_text(other, "abc")
+    finish(store, other, text="")  # what a caller that appended nothing final passes
+    assert store.get_run(other).text == ""
+
+
+def test_text_utf8_cannot_hold_is_stored_as_replacement_characters(store: PromptStore) -> None:
+    run_id = start(store, variables={"x": "lone \ud800"})
+    store.append_run_text(run_id, "a\udc00b", "\ud83d")
+    assert store.get_run(run_id).text == "a\ufffdb"
+    finish(store, run_id, text="a\udc00b and more", reasoning="\ud83d", error="bad \udfff")
+    record = store.get_run(run_id)
+    assert (record.text, record.reasoning) == ("a\ufffdb and more", "\ufffd")
+    assert record.error == "bad \ufffd"
+    assert record.variables == {"x": "lone \ufffd"}
+
+
+def test_a_recorded_stream_reads_back_the_same_text(
+    store: PromptStore, sim: simulator.SimServer
+) -> None:
+    """Through arun: a 200,000-character answer over about 2.5 s is appended at least twice,
+    finished with only its tail, and reads back exactly as it was received."""
+    result = run(
+        Prompt("Go", model="lmstream-sim-8b"),
+        store=store,
+        base_url=sim.base_url,
+        sim={"output_tokens": 200, "chunk_chars": 1000, "gen_tps": 80, "jitter": 0},
+    )
+    assert result.ok
+    assert len(result.text) == 200_000
+    record = store.get_run(result.run_id)
+    assert record.text == result.text
+    assert chunk_rows(store) >= 2
+    assert stored_chars(store) == len(result.text)
+    assert store.history()[0].text_chars == len(result.text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,3 +805,119 @@ def test_processes_creating_the_same_fresh_database_at_once(tmp_path: Path) -> N
         )
     finally:
         conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs whose recording process died
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``predicate`` until it returns something true, for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_a_run_whose_process_was_killed_is_interrupted_with_its_text(tmp_path: Path) -> None:
+    """`lmstream run` streams from a slow simulator and is killed with SIGKILL mid-answer; the
+    next store opened ends its run as interrupted, keeping the text recorded until then."""
+    home = tmp_path / "home"
+    with simulator.serve(profile="laptop-gpu") as slow:  # 30 tokens a second
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lmstream_nb",
+                "run",
+                'Tell me about owls [[sim {"output_tokens": 100000}]]',
+                "--base-url",
+                slow.base_url,
+            ],
+            env={**os.environ, "LMSTREAM_HOME": str(home)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            db = home / "lmstream.db"
+            wait_for(db.exists, 30, "the database")
+            with PromptStore(db) as watcher:  # the owner is alive: this open leaves it alone
+                [running] = wait_for(
+                    lambda: [r for r in watcher.history() if r.text_chars > 0], 30, "text"
+                )
+                assert running.status == "unfinished"
+                before = watcher.get_run(running.id).text
+            proc.send_signal(signal.SIGKILL)
+            printed, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    with PromptStore(db) as reopened:
+        record = reopened.get_run(running.id)
+        assert record.status == "interrupted"
+        assert record.error == ORPHANED_ERROR
+        one_sentence(record.error)
+        assert record.text.startswith(before)
+        assert printed.startswith(record.text)  # the text it showed before it died, or less
+        [summary] = reopened.history()
+        assert (summary.status, summary.text_chars) == ("interrupted", len(record.text))
+        assert summary.preview == " ".join(record.text.split())[:80]
+        assert reopened.end_orphaned_runs() == []  # done once
+
+
+def set_owner(store: PromptStore, run_id: int, owner: dict[str, Any] | None) -> None:
+    conn = sqlite3.connect(store.path)
+    with conn:
+        conn.execute(
+            "UPDATE runs SET owner = ? WHERE id = ?",
+            (None if owner is None else json.dumps(owner), run_id),
+        )
+    conn.close()
+
+
+def test_only_runs_of_ended_processes_on_this_host_are_ended(store: PromptStore) -> None:
+    me = current_owner()
+    mine = {"host": me.host, "boot": me.boot, "pid": me.pid, "start": me.start}
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=30)  # a pid that has ended (and been reaped)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # ends; not reaped until wait()
+    proc_stat = Path(f"/proc/{zombie.pid}/stat")
+    if proc_stat.exists():
+        wait_for(lambda: proc_stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", 30, "zombie")
+    cases: dict[str, dict[str, Any] | None] = {
+        "this process": mine,
+        "no owner (an older run)": None,
+        "another host": {**mine, "host": me.host + "-elsewhere", "pid": child.pid},
+        "ended": {**mine, "pid": child.pid},
+        "killed, not reaped": {**mine, "pid": zombie.pid},
+        "pid reused": {**mine, "start": (me.start or 0) + 1},
+        "rebooted": {**mine, "boot": "another-boot"},
+        "unreadable": {"pid": "x"},
+    }
+    ids = {}
+    for label, owner in cases.items():
+        ids[label] = start(store)
+        store.append_run_text(ids[label], f"text of {label}")
+        set_owner(store, ids[label], owner)
+    try:
+        ended = store.end_orphaned_runs()
+    finally:
+        zombie.wait(timeout=30)
+    expected = {"ended", "killed, not reaped", "pid reused"}
+    if me.boot is not None:
+        expected.add("rebooted")
+    if me.start is None:  # no /proc: start times cannot be compared
+        expected -= {"pid reused", "killed, not reaped"}
+    assert sorted(ended) == sorted(ids[label] for label in expected)
+    for label, run_id in ids.items():
+        record = store.get_run(run_id)
+        assert record.status == ("interrupted" if label in expected else "unfinished"), label
+        assert record.text == f"text of {label}"
