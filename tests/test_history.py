@@ -8,6 +8,7 @@ import sqlite3
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from store_helpers import (
@@ -15,7 +16,7 @@ from store_helpers import (
     store_fixture,  # noqa: F401 (the `store` fixture)
 )
 
-from lmstream_nb._history import History, RunStats, percentile
+from lmstream_nb._history import GroupStats, History, RunStats, percentile
 from lmstream_nb._store import PromptStore
 
 
@@ -200,3 +201,80 @@ def test_history_and_stats_stay_fast_over_100k_runs(tmp_path: Path) -> None:
         assert report.overall.runs == 100_000
         assert len(report.groups) == 60
         assert report.overall.success_rate == pytest.approx(0.8)
+
+
+def reference_stats(
+    rows: list[tuple[str | None, str | None, str, float | None, float | None, float]],
+    prompt: str | None = None,
+    model: str | None = None,
+    since: float | None = None,
+) -> RunStats:
+    """What stats computed before it moved into SQL: every run into Python lists, sorted."""
+    chosen = [
+        r
+        for r in rows
+        if (prompt is None or r[0] == prompt)
+        and (model is None or r[1] == model)
+        and (since is None or r[5] >= since)
+    ]
+
+    def group(name: str | None, group_model: str | None, part: list[Any]) -> GroupStats:
+        by_status: dict[str, int] = {}
+        for r in part:
+            by_status[r[2]] = by_status.get(r[2], 0) + 1
+        ttfts = sorted(r[3] for r in part if r[3] is not None)
+        durations = sorted(r[4] for r in part if r[4] is not None)
+        ok = by_status.get("ok", 0)
+        return GroupStats(
+            prompt=name,
+            model=group_model,
+            runs=len(part),
+            ok=ok,
+            success_rate=ok / len(part) if part else 0.0,
+            by_status=dict(sorted(by_status.items())),
+            ttft_p50=percentile(ttfts, 50),
+            ttft_p95=percentile(ttfts, 95),
+            duration_p50=percentile(durations, 50),
+            duration_p95=percentile(durations, 95),
+        )
+
+    keys = sorted(
+        {(r[0], r[1]) for r in chosen},
+        key=lambda k: (k[0] is not None, k[0] or "", k[1] is not None, k[1] or ""),
+    )
+    groups = [group(k[0], k[1], [r for r in chosen if (r[0], r[1]) == k]) for k in keys]
+    return RunStats(overall=group(None, None, chosen), groups=groups)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_stats_in_sql_match_a_python_reference_on_random_runs(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    prompts = ["a", "b", "c", None]
+    models = ["m1", "m2", None]
+    statuses = ["ok", "ok", "ok", "stalled", "error", "unfinished", "first_token_timeout"]
+    rows = []
+    for i in range(rng.randint(1, 3000)):
+        ttft = rng.choice([None, round(rng.random() * 10, rng.choice([0, 1, 6]))])
+        duration = rng.choice([None, rng.random() * 100, float(rng.randint(0, 3))])
+        row = (rng.choice(prompts), rng.choice(models), rng.choice(statuses), ttft, duration)
+        rows.append((*row, float(i % 97)))
+    path = tmp_path / "random.db"
+    PromptStore(path).close()
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.executemany(
+            "INSERT INTO runs (prompt_name, model, status, ttft_s, duration_s, started_at, "
+            "template, messages, variables, base_url) VALUES (?, ?, ?, ?, ?, ?, 't', '[]', "
+            "'{}', 'u')",
+            rows,
+        )
+    conn.close()
+    with PromptStore(path) as store:
+        assert store.stats() == reference_stats(rows)
+        assert store.stats(prompt="a") == reference_stats(rows, prompt="a")
+        assert store.stats(model="m2") == reference_stats(rows, model="m2")
+        assert store.stats(since=50) == reference_stats(rows, since=50)
+        assert store.stats(prompt="b", model="m1", since=20) == reference_stats(
+            rows, prompt="b", model="m1", since=20
+        )
+        assert store.stats(prompt="nobody") == reference_stats(rows, prompt="nobody")

@@ -120,6 +120,10 @@ def test_a_fresh_database_ends_at_the_latest_schema(conn: sqlite3.Connection) ->
     assert run_indexes["runs_unfinished"] == ["id", "owner"]
     partial = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'runs_unfinished'")
     assert "WHERE status = 'unfinished'" in partial.fetchone()[0]
+    # Each timing in order within its group and overall, for stats' percentiles.
+    for column in ("ttft_s", "duration_s"):
+        assert run_indexes[f"runs_{column}_in_group"][:3] == ["prompt_name", "model", column]
+        assert run_indexes[f"runs_{column}_overall"][0] == column
     # Stats reads only these columns; the two main indexes cover them.
     for name in ("runs_started_at", "runs_prompt_started_at"):
         assert {"prompt_name", "model", "status", "ttft_s", "duration_s"} <= set(run_indexes[name])
