@@ -106,6 +106,7 @@ _SQLITE_PERM = 3
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 _SQLITE_READONLY = 8
+_SQLITE_FULL = 13
 _SQLITE_CANTOPEN = 14
 
 
@@ -195,6 +196,23 @@ def _unwritable(path: Path | str, reason: str) -> StoreUnavailable:
     )
 
 
+def _read_only(path: Path | str, reason: str) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"The database {path} is in a read-only location ({reason}), so it can be read but "
+        "nothing can be saved or run: make the folder and the file writable, or copy the "
+        f"database to a writable folder and set {HOME_ENV} to it.",
+        path=str(path),
+    )
+
+
+def _full(path: Path | str, reason: str) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"The disk that holds the database {path} is full ({reason}): free some space and try "
+        "again (everything stored before is kept).",
+        path=str(path),
+    )
+
+
 def _unusable(path: Path | str, reason: str) -> StoreUnavailable:
     return StoreUnavailable(
         f"The file {path} is not a usable lmstream_nb database ({reason}): move it aside or set "
@@ -203,16 +221,34 @@ def _unusable(path: Path | str, reason: str) -> StoreUnavailable:
     )
 
 
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    """SQLite's primary result code (Python 3.11+ reports it; before that, None)."""
+    code: int | None = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if code is not None else None
+
+
+def _cannot_write(exc: sqlite3.Error) -> bool:
+    """The file or its folder cannot be written (or a -shm file cannot be made there)."""
+    primary = _primary_code(exc)
+    if primary is not None:
+        return primary in (_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_CANTOPEN)
+    lowered = str(exc).lower()
+    return any(word in lowered for word in ("readonly", "unable to open", "permission"))
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    primary = _primary_code(exc)
+    if primary is not None:
+        return primary == _SQLITE_FULL
+    return "disk is full" in str(exc).lower()
+
+
 def _translate(exc: sqlite3.Error, path: Path | str) -> StoreError:
     """Turn a SQLite failure into the StoreUnavailable that says what to do about it."""
     reason = str(exc)
-    code: int | None = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    primary = code & 0xFF if code is not None else None
-    lowered = reason.lower()
-    if primary in (_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_CANTOPEN) or (
-        primary is None
-        and any(word in lowered for word in ("readonly", "unable to open", "permission"))
-    ):
+    if _is_full(exc):
+        return _full(path, reason)
+    if _cannot_write(exc):
         return _unwritable(path, reason)
     if _is_busy(exc):
         return StoreUnavailable(
@@ -224,10 +260,10 @@ def _translate(exc: sqlite3.Error, path: Path | str) -> StoreError:
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
-    code: int | None = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    if code is None:
+    primary = _primary_code(exc)
+    if primary is None:
         return "locked" in str(exc).lower()
-    return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return primary in (_SQLITE_BUSY, _SQLITE_LOCKED)
 
 
 def _enable_wal(conn: sqlite3.Connection) -> None:
@@ -247,6 +283,21 @@ def _enable_wal(conn: sqlite3.Connection) -> None:
             if not _is_busy(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.005)
+
+
+class _CannotWrite(Exception):
+    """Opening for writing failed because the file or folder cannot be written."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _has_content(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _is_environmental(exc: BaseException) -> bool:
@@ -298,6 +349,7 @@ class PromptStore:
         self._lock = threading.RLock()
         #: True when the database could only be opened for reading (see ``_open``).
         self.read_only = False
+        self._read_only_reason = ""
         self._conn: sqlite3.Connection | None = self._open()
         # Tidying up must not stop anyone reading (a full disk, say): it is tried again later.
         with contextlib.suppress(StoreError):
@@ -327,6 +379,8 @@ class PromptStore:
     # -- opening ------------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
+        """Open for reading and writing, or, where the file or folder cannot be written, for
+        reading only (``read_only``), or refuse with StoreUnavailable saying why."""
         path = self.path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -334,21 +388,87 @@ class PromptStore:
             raise _unwritable(path, exc.strerror or str(exc)) from exc
         try:
             conn = sqlite3.connect(
-                str(path),
-                timeout=BUSY_TIMEOUT_S,
-                isolation_level=None,
-                check_same_thread=False,
+                str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
             raise _translate(exc, path) from exc
         try:
             self._prepare(conn)
+        except _CannotWrite as exc:
+            conn.close()
+            if not _has_content(path):
+                raise _unwritable(path, exc.reason) from exc
+            return self._open_read_only(exc.reason)
         except BaseException:
             conn.close()
             raise
         return conn
 
-    def _prepare(self, conn: sqlite3.Connection) -> None:
+    def _open_read_only(self, reason: str) -> sqlite3.Connection:
+        """Open the existing database for reading where it cannot be written.
+
+        ``mode=ro`` reads a WAL database where its ``-shm`` file exists or can be made. In a
+        read-only folder it can be neither, and ``immutable=1`` tells SQLite that the file
+        cannot change, so it reads without the ``-shm`` file and without locks. That is safe
+        only if nobody is writing it, which holds there: no writer can work without a ``-shm``
+        file either. It is not safe if a ``-wal`` file holds changes not yet copied into the
+        database (immutable ignores them), so that case is refused.
+        """
+        path = self.path
+        uri = Path(os.path.abspath(path)).as_uri() + "?mode=ro"
+        try:
+            try:
+                conn = self._connect_read_only(uri)
+            except sqlite3.Error as exc:
+                if not _cannot_write(exc):
+                    raise
+                wal = Path(f"{path}-wal")
+                if wal.exists() and wal.stat().st_size > 0:
+                    raise StoreUnavailable(
+                        f"The database {path} has changes in {wal.name} that cannot be read "
+                        "from a read-only folder: make the folder writable once (any lmstream "
+                        f"command then folds them in), or copy the database and {wal.name} to a "
+                        f"writable folder and set {HOME_ENV} to it.",
+                        path=str(path),
+                    ) from exc
+                conn = self._connect_read_only(uri + "&immutable=1")
+        except sqlite3.Error as exc:
+            raise _unwritable(path, reason) from exc
+        try:
+            version = self._check_header(conn)
+        except _CannotWrite as exc:
+            conn.close()
+            raise _unwritable(path, exc.reason) from exc
+        except BaseException:
+            conn.close()
+            raise
+        if version != LATEST_VERSION:
+            conn.close()
+            raise StoreUnavailable(
+                f"The database {path} has schema version {version}, older than the "
+                f"{LATEST_VERSION} this lmstream_nb reads, and it cannot be upgraded where it is "
+                f"({reason}): make it writable once, or copy it to a writable folder and set "
+                f"{HOME_ENV} to it.",
+                path=str(path),
+            )
+        self.read_only = True
+        self._read_only_reason = reason
+        return conn
+
+    @staticmethod
+    def _connect_read_only(uri: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_header(self, conn: sqlite3.Connection) -> int:
+        """The schema version, once the file is known to be ours (or empty); else refused."""
         path = self.path
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000):d}")
@@ -363,6 +483,8 @@ class PromptStore:
                 if conn.in_transaction:
                     conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            if _cannot_write(exc):
+                raise _CannotWrite(str(exc)) from exc
             raise _translate(exc, path) from exc
 
         fresh = application_id == 0 and version == 0 and objects == 0
@@ -385,6 +507,10 @@ class PromptStore:
                 f"(pip install -U lmstream_nb) or set {HOME_ENV} to another folder.",
                 path=str(path),
             )
+        return version
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        self._check_header(conn)
         try:
             _enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -398,7 +524,9 @@ class PromptStore:
             finally:
                 conn.execute("ROLLBACK")
         except sqlite3.Error as exc:
-            raise _translate(exc, path) from exc
+            if _cannot_write(exc):
+                raise _CannotWrite(str(exc)) from exc
+            raise _translate(exc, self.path) from exc
 
     # -- transactions -------------------------------------------------------------------------
 
@@ -415,6 +543,8 @@ class PromptStore:
         """A write transaction, taken with BEGIN IMMEDIATE; rolled back if the block fails."""
         with self._lock:
             conn = self._connection()
+            if self.read_only:
+                raise _read_only(self.path, self._read_only_reason)
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:

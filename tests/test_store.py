@@ -357,8 +357,12 @@ from lmstream_nb._store import PromptStore
 out = {}
 for path in sys.argv[1:]:
     try:
-        PromptStore(path).close()
-        out[path] = "opened"
+        with PromptStore(path) as store:
+            out[path] = {"read_only": store.read_only, "prompts": [p.name for p in store.list()]}
+            try:
+                store.save("new", "t")
+            except StoreUnavailable as exc:
+                out[path]["save"] = str(exc)
     except StoreUnavailable as exc:
         out[path] = str(exc)
 print(json.dumps(out))
@@ -401,7 +405,7 @@ def shared_tmp() -> Iterator[Path]:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
-def test_an_unwritable_location_is_refused(shared_tmp: Path) -> None:
+def test_an_unwritable_location_is_refused_or_read_only(shared_tmp: Path) -> None:
     read_only_dir = shared_tmp / "ro"
     read_only_dir.mkdir()
     with PromptStore(read_only_dir / "existing.db") as created:
@@ -416,20 +420,22 @@ def test_an_unwritable_location_is_refused(shared_tmp: Path) -> None:
     (read_only_dir / "existing.db").chmod(0o644)
     read_only_dir.chmod(0o555)
 
-    targets = [
-        str(read_only_dir / "new.db"),
-        str(read_only_dir / "sub" / "new.db"),
-        str(read_only_dir / "existing.db"),
-        str(read_only_file),
-    ]
-    result = run_without_root_powers(targets)
+    refused = [str(read_only_dir / "new.db"), str(read_only_dir / "sub" / "new.db")]
+    readable = [str(read_only_dir / "existing.db"), str(read_only_file)]
+    result = run_without_root_powers([*refused, *readable])
     assert result.returncode == 0, result.stderr
     outcome = json.loads(result.stdout)
-    for target in targets:
+    for target in refused:  # nothing there to read, and nothing can be created
         message = outcome[target]
         assert "cannot be written" in message, (target, message)
         assert "set LMSTREAM_HOME to a writable folder" in message
         one_sentence(message)
+    for target in readable:  # an existing database opens for reading, and says so on a write
+        opened = outcome[target]
+        assert opened["read_only"] is True, (target, opened)
+        assert opened["prompts"] == ["p"]
+        assert "is in a read-only location" in opened["save"]
+        one_sentence(opened["save"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -921,3 +927,180 @@ def test_only_runs_of_ended_processes_on_this_host_are_ended(store: PromptStore)
         record = store.get_run(run_id)
         assert record.status == ("interrupted" if label in expected else "unfinished"), label
         assert record.text == f"text of {label}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Read-only locations
+
+
+_BIND_READ_ONLY = (
+    'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1" && shift && exec "$@"'
+)
+
+
+def read_only_runner(target: Path) -> Callable[[list[str]], subprocess.CompletedProcess[str]]:
+    """A way to run commands for which ``target`` (a folder or a file) really is read-only.
+
+    Tests run as root here, and root writes through permission bits (``os.access`` says yes,
+    too), so ``chmod`` alone proves nothing. So each command runs in a private mount namespace
+    (``unshare --mount``) in which ``target`` is bind-mounted onto itself read-only: the kernel
+    answers EROFS to every write there, root's included, and the rest of the machine is not
+    affected. Where mount namespaces are not allowed, ``target`` is made read-only with
+    ``chmod`` and the command runs without the capabilities that bypass permission bits
+    (``setpriv``), so writes fail with EACCES. Without either, the test is skipped.
+    """
+    unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
+    bind = [unshare or "unshare", "--mount", "--propagation", "private", "sh", "-c"]
+    bind += [_BIND_READ_ONLY, "sh", str(target)]
+    probe_file = target / "probe" if target.is_dir() else target
+    if unshare is not None and os.geteuid() == 0:
+        probe = subprocess.run(
+            [*bind, sys.executable, "-c", f"open({str(probe_file)!r}, 'a')"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if probe.returncode != 0 and "Read-only file system" in probe.stderr:
+
+            def in_namespace(command: list[str]) -> subprocess.CompletedProcess[str]:
+                return subprocess.run(
+                    [*bind, *command], capture_output=True, text=True, timeout=60, check=False
+                )
+
+            return in_namespace
+    if setpriv is None and os.geteuid() == 0:
+        pytest.skip("no mount namespace and no setpriv: cannot make a location read-only")
+    target.chmod(0o555 if target.is_dir() else 0o444)
+    drop = [setpriv or "setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    prefix = drop if os.geteuid() == 0 else []
+
+    def without_powers(command: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*prefix, *command], capture_output=True, text=True, timeout=60, check=False
+        )
+
+    return without_powers
+
+
+READ_SCRIPT = """
+import json, sys
+from lmstream_nb._errors import StoreUnavailable
+from lmstream_nb._store import PromptStore
+with PromptStore(sys.argv[1]) as store:
+    out = {
+        "read_only": store.read_only,
+        "prompts": [p.name for p in store.list()],
+        "text": store.get_run(int(sys.argv[2])).text,
+        "history": [r.id for r in store.history()],
+        "runs": store.stats().overall.runs,
+        "orphans": store.end_orphaned_runs(),
+    }
+    for name, write in [
+        ("save", lambda: store.save("new", "t")),
+        ("start", lambda: store.start_run(
+            prompt_name=None, prompt_version=None, template="t", system=None, messages=[],
+            variables={}, model=None, base_url="u", started_at=0.0)),
+    ]:
+        try:
+            write()
+        except StoreUnavailable as exc:
+            out[name] = str(exc)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mount namespaces or setpriv (Linux)")
+@pytest.mark.parametrize("what", ["folder", "file"])
+def test_a_read_only_location_can_be_read_and_refuses_writes_in_one_sentence(
+    tmp_path: Path, sim: simulator.SimServer, what: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    db = home / "lmstream.db"
+    with PromptStore(db) as store:
+        store.save("greet", "Hello {{name}}")
+        long_run = start(store)
+        store.append_run_text(long_run, "long " * 20_000)  # kept in pieces
+        finish(store, long_run, text="long " * 20_000 + "end")
+        finish(store, start(store), text="short")
+    monkeypatch.setenv("LMSTREAM_HOME", str(home))
+    before = db.read_bytes()
+    writable = {
+        args: subprocess.run(
+            [sys.executable, "-m", "lmstream_nb", *args.split()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        for args in ("prompts list --json", "history --json", "stats --json")
+    }
+    run_read_only = read_only_runner(home if what == "folder" else db)
+    lmstream = [sys.executable, "-m", "lmstream_nb"]
+    for args, expected in writable.items():
+        result = run_read_only([*lmstream, *args.split()])
+        assert result.returncode == 0, (args, result.stderr)
+        assert json.loads(result.stdout) == json.loads(expected), args
+    shown = run_read_only([*lmstream, "history", "--run", str(long_run)])
+    assert shown.returncode == 0, shown.stderr
+    assert "long long" in shown.stdout
+    assert shown.stdout.rstrip().endswith("end")
+
+    requests = len(sim.records())
+    for args in (
+        ["prompts", "add", "other", "t"],
+        ["run", "--prompt", "greet", "--var", "name=Ada", "--base-url", sim.base_url],
+    ):
+        refused = run_read_only([*lmstream, *args])
+        assert refused.returncode == 1, (args, refused.stdout, refused.stderr)
+        assert refused.stderr.count("\n") == 1, refused.stderr
+        assert "is in a read-only location" in refused.stderr
+        assert "LMSTREAM_HOME" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        one_sentence(refused.stderr.strip().removeprefix("lmstream: "))
+    assert len(sim.records()) == requests  # refused before anything was sent
+
+    api = run_read_only([sys.executable, "-c", READ_SCRIPT, str(db), str(long_run)])
+    assert api.returncode == 0, api.stderr
+    seen = json.loads(api.stdout)
+    assert seen["read_only"] is True
+    assert seen["prompts"] == ["greet"]
+    assert seen["text"] == "long " * 20_000 + "end"
+    assert len(seen["history"]) == 2
+    assert (seen["runs"], seen["orphans"]) == (2, [])
+    for write in ("save", "start"):
+        assert "is in a read-only location" in seen[write]
+        one_sentence(seen[write])
+    assert db.read_bytes() == before
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mount namespaces or setpriv (Linux)")
+def test_unsaved_changes_in_a_read_only_folder_are_read_or_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write-ahead log left beside the database (a crash, or a copy taken while it was open)
+    holds committed changes: read with its -shm file they are seen; without one SQLite could
+    only open the folder as immutable, which would ignore them, so that is refused instead."""
+    live, home = tmp_path / "live", tmp_path / "home"
+    home.mkdir()
+    with PromptStore(live / "lmstream.db") as store:
+        store._connection().execute("PRAGMA wal_autocheckpoint = 0")
+        store.save("only_in_the_wal", "t")
+        for suffix in ("", "-wal", "-shm"):
+            shutil.copy(f"{store.path}{suffix}", home / f"lmstream.db{suffix}")
+    run_read_only = read_only_runner(home)
+    listing = [sys.executable, "-m", "lmstream_nb", "prompts", "list", "--json"]
+    monkeypatch.setenv("LMSTREAM_HOME", str(home))
+    seen = run_read_only(listing)
+    assert seen.returncode == 0, seen.stderr
+    assert [p["name"] for p in json.loads(seen.stdout)] == ["only_in_the_wal"]
+    if home.stat().st_mode & 0o200 == 0:
+        home.chmod(0o755)  # the chmod fallback: let the test remove the -shm file
+    (home / "lmstream.db-shm").unlink()
+    run_read_only = read_only_runner(home)
+    refused = run_read_only(listing)
+    assert refused.returncode == 1
+    assert "has changes in lmstream.db-wal that cannot be read from a read-only folder" in (
+        refused.stderr
+    )
+    one_sentence(refused.stderr.strip().removeprefix("lmstream: "))
