@@ -1104,3 +1104,86 @@ def test_unsaved_changes_in_a_read_only_folder_are_read_or_named(
         refused.stderr
     )
     one_sentence(refused.stderr.strip().removeprefix("lmstream: "))
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk
+
+
+def limit_pages(store: PromptStore, extra: int) -> None:
+    """Let the database grow by only ``extra`` pages: SQLite then fails writes with SQLITE_FULL,
+    exactly as on a full disk (``max_page_count`` holds for this connection only)."""
+    conn = store._connection()
+    pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+    conn.execute(f"PRAGMA max_page_count = {pages + extra}")
+
+
+def test_a_full_disk_says_so_and_keeps_what_was_stored(store: PromptStore) -> None:
+    store.save("kept", "t {{x}}")
+    earlier = start(store)
+    finish(store, earlier, text="earlier answer")
+    limit_pages(store, 2)
+    with pytest.raises(StoreUnavailable) as caught:
+        store.save("big", "x" * 100_000)
+    message = str(caught.value)
+    assert "is full (database or disk is full)" in message
+    assert "not a usable" not in message  # it used to blame the file and advise moving it
+    one_sentence(message)
+    run_id = start(store)
+    with pytest.raises(StoreUnavailable, match="is full"):
+        store.append_run_text(run_id, "y" * 100_000)
+    assert [p.name for p in store.list()] == ["kept"]
+    assert store.get_run(earlier).text == "earlier answer"
+    assert store.get_run(run_id).text == ""
+    limit_pages(store, 1000)  # space again: the same store carries on
+    store.append_run_text(run_id, "y" * 100_000)
+    assert len(store.get_run(run_id).text) == 100_000
+
+
+FULL_DISK_SCRIPT = """
+import sys
+from lmstream_nb import cli
+from lmstream_nb._run import default_store
+store = default_store()
+conn = store._connection()
+pages = conn.execute("PRAGMA page_count").fetchone()[0]
+conn.execute(f"PRAGMA max_page_count = {pages + int(sys.argv[2])}")
+sys.exit(cli.main(["run", "--prompt", "long", "--base-url", sys.argv[1]]))
+"""
+
+
+def test_a_run_that_fills_the_disk_reports_it_once_without_stray_tracebacks(
+    tmp_path: Path, sim: simulator.SimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lmstream run` on a disk with room for about 320 KB while a 600,000-character answer
+    streams for about 3 s: the first append fits, the next ones from the worker thread fail
+    once the disk is full, the final write too, and all the user sees is the text and one
+    sentence (no "Task exception was never retrieved")."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("LMSTREAM_HOME", str(home))
+    scenario = '[[sim {"output_tokens": 600, "chunk_chars": 1000, "gen_tps": 200, "jitter": 0}]]'
+    with PromptStore(home / "lmstream.db") as store:
+        store.save("long", f"Go {scenario}")
+        earlier = start(store)
+        finish(store, earlier, text="earlier answer")
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_SCRIPT, sim.base_url, "80"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert len(result.stdout) == 600_000  # the answer was shown whole
+    [line] = result.stderr.splitlines()
+    assert line.startswith("lmstream: The disk that holds the database")
+    assert "is full" in line
+    assert "Traceback" not in result.stderr
+    with PromptStore(home / "lmstream.db") as store:  # the writer has exited: its run ends
+        assert [p.name for p in store.list()] == ["long"]
+        assert store.get_run(earlier).text == "earlier answer"
+        [failed] = [r for r in store.history() if r.id != earlier]
+        record = store.get_run(failed.id)
+        assert record.status == "interrupted"
+        assert 0 < len(record.text) < 600_000  # what fitted before the disk was full
+        assert result.stdout.startswith(record.text)
