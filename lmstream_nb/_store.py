@@ -115,10 +115,18 @@ def _storable(text: str) -> str: ...
 @overload
 def _storable(text: None) -> None: ...
 def _storable(text: str | None) -> str | None:
-    """``text`` with lone surrogates replaced by U+FFFD (same length), so SQLite can store it."""
-    if text is None or _SURROGATE.search(text) is None:
+    """``text`` with lone surrogates replaced by U+FFFD (same length), so SQLite can store it.
+
+    The checks are the fast ones first (ASCII, then UTF-8 encoding, both in C); the pattern
+    runs only on text that has a surrogate in it.
+    """
+    if text is None or text.isascii():
         return text
-    return _SURROGATE.sub("\ufffd", text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def default_path() -> Path:
