@@ -348,8 +348,10 @@ class PromptStore:
     """Versioned prompts and recorded runs in one SQLite file (safe across threads and processes).
 
     ``PromptStore()`` opens the default database (``$LMSTREAM_HOME/lmstream.db`` or the per-user
-    data folder), creating and migrating it as needed. Close it with ``close()`` or use it as a
-    context manager.
+    data folder), creating and migrating it as needed, and ends the runs whose recording
+    process has died (``end_orphaned_runs``). Where the file or its folder cannot be written, an
+    existing database is opened for reading only (``read_only``): reads work, and every write
+    raises StoreUnavailable saying so. Close it with ``close()`` or use it as a context manager.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:

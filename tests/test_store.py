@@ -87,7 +87,8 @@ def test_the_store_imports_no_client_or_front_end_code() -> None:
         "lmstream_nb.simulator",
         "httpx",
     )
-    for module in ("_store.py", "_migrations.py", "_history.py", "_prompt_files.py"):
+    modules = ("_store.py", "_migrations.py", "_history.py", "_prompt_files.py")
+    for module in (*modules, "_prompt_fields.py", "_owners.py"):
         tree = ast.parse((PACKAGE / module).read_text(encoding="utf-8"))
         found: set[str] = set()
         for node in ast.walk(tree):
