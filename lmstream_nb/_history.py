@@ -246,22 +246,29 @@ def query_history(
 def _partial_summary(conn: sqlite3.Connection, run_id: int) -> tuple[int, str]:
     """Length and preview of an unfinished run's text, read from its chunks."""
     row = conn.execute(
-        "SELECT text_end FROM run_chunks WHERE run_id = ? ORDER BY seq DESC LIMIT 1", (run_id,)
+        "SELECT text_end FROM run_chunks INDEXED BY run_chunks_ends WHERE run_id = ? "
+        "ORDER BY seq DESC LIMIT 1",
+        (run_id,),
     ).fetchone()
     return (0 if row is None else int(row[0])), chunks_preview(conn, run_id)
 
 
 def chunks_preview(conn: sqlite3.Connection, run_id: int) -> str:
-    """The preview of a text kept in ``run_chunks``, reading only the pieces it needs."""
-    head = "".join(
-        text
-        for (text,) in conn.execute(
-            "SELECT substr(text, 1, ?) FROM run_chunks WHERE run_id = ? AND text_end - "
-            "length(text) < ? ORDER BY seq",
-            (PREVIEW_HEAD, run_id, PREVIEW_HEAD),
-        )
+    """The preview of a text kept in ``run_chunks``, reading only the pieces it needs.
+
+    Which pieces those are is found in the index of piece ends, so the text of the pieces
+    after them is never read.
+    """
+    (last,) = conn.execute(
+        "SELECT min(seq) FROM run_chunks INDEXED BY run_chunks_ends "
+        "WHERE run_id = ? AND text_end >= ?",
+        (run_id, PREVIEW_HEAD),
+    ).fetchone()
+    rows = conn.execute(
+        "SELECT substr(text, 1, ?) FROM run_chunks WHERE run_id = ? AND seq <= ? ORDER BY seq",
+        (PREVIEW_HEAD, run_id, last if last is not None else 2**62),
     )
-    return preview(head)
+    return preview("".join(text for (text,) in rows))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -129,8 +129,10 @@ def m003_owners_and_chunked_text(conn: sqlite3.Connection) -> None:
     ``runs.text_in_chunks`` says where a run's text is: 0 in ``runs.text`` (short answers,
     moved there when the run finishes), 1 in its ``run_chunks`` rows in order (unfinished runs
     and long answers, which are never copied or rewritten). ``run_chunks.text_end`` and
-    ``reasoning_end`` are the characters recorded up to and including each piece, so the
-    length so far is one index lookup. Chunks left by unfinished runs get both filled in.
+    ``reasoning_end`` are the characters recorded up to and including each piece. Added
+    columns come after the text in each row, where reading them would mean reading the whole
+    piece, so the index ``run_chunks_ends`` carries them: the length so far is one lookup in
+    it. Chunks left by unfinished runs get both filled in.
     """
     conn.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
     conn.execute("ALTER TABLE runs ADD COLUMN text_in_chunks INTEGER NOT NULL DEFAULT 0")
@@ -152,6 +154,9 @@ def m003_owners_and_chunked_text(conn: sqlite3.Connection) -> None:
         updates,
     )
     conn.execute("CREATE INDEX runs_unfinished ON runs (id, owner) WHERE status = 'unfinished'")
+    conn.execute(
+        "CREATE INDEX run_chunks_ends ON run_chunks (run_id, seq, text_end, reasoning_end)"
+    )
 
 
 def m004_timings_in_order(conn: sqlite3.Connection) -> None:

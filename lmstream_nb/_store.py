@@ -864,8 +864,8 @@ class PromptStore:
     def _last_chunk(conn: sqlite3.Connection, run_id: int) -> tuple[int, int, int]:
         """(seq, text_end, reasoning_end) of a run's last piece; zeros when it has none."""
         row = conn.execute(
-            "SELECT seq, text_end, reasoning_end FROM run_chunks WHERE run_id = ? "
-            "ORDER BY seq DESC LIMIT 1",
+            "SELECT seq, text_end, reasoning_end FROM run_chunks INDEXED BY run_chunks_ends "
+            "WHERE run_id = ? ORDER BY seq DESC LIMIT 1",
             (run_id,),
         ).fetchone()
         return (0, 0, 0) if row is None else (int(row[0]), int(row[1]), int(row[2]))

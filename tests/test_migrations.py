@@ -120,6 +120,13 @@ def test_a_fresh_database_ends_at_the_latest_schema(conn: sqlite3.Connection) ->
     assert run_indexes["runs_unfinished"] == ["id", "owner"]
     partial = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'runs_unfinished'")
     assert "WHERE status = 'unfinished'" in partial.fetchone()[0]
+    # Where each piece of a run's text ends, without reading the pieces.
+    assert indexes(conn, "run_chunks")["run_chunks_ends"] == [
+        "run_id",
+        "seq",
+        "text_end",
+        "reasoning_end",
+    ]
     # Each timing in order within its group and overall, for stats' percentiles.
     for column in ("ttft_s", "duration_s"):
         assert run_indexes[f"runs_{column}_in_group"][:3] == ["prompt_name", "model", column]
