@@ -106,7 +106,8 @@ class _Recorder:
     worker thread. A tick is skipped while the previous write is still going. The offsets move
     on only when a write succeeded, so what the store holds is always the start of the text:
     after a failed write (a full disk) the next one carries that text again, and the final
-    write carries whatever is still missing. A failure is kept, never raised from the timer.
+    write carries whatever is still missing. A failed append is never raised from the timer:
+    the final write reports what is still wrong (it raises the store's error itself).
     """
 
     def __init__(self, store: PromptStore, run_id: int, loop: asyncio.AbstractEventLoop) -> None:
@@ -118,8 +119,6 @@ class _Recorder:
         self._reasoning_pos = 0
         self._writing: asyncio.Task[None] | None = None
         self._timer = loop.call_later(FLUSH_INTERVAL_S, self._tick)
-        #: The last append that failed (it is retried by the next tick and the final write).
-        self.failure: Exception | None = None
 
     def watch(self, stream: ChatStream) -> None:
         self._stream = stream
@@ -139,10 +138,8 @@ class _Recorder:
     async def _append(self, text: str, reasoning: str, text_pos: int, reasoning_pos: int) -> None:
         try:
             await asyncio.to_thread(self._store.append_run_text, self._run_id, text, reasoning)
-        except Exception as exc:  # kept for the caller; the final write carries the text
-            self.failure = exc
+        except Exception:  # nobody awaits this task but the last: it must not fail; retried
             return
-        self.failure = None
         self._text_pos, self._reasoning_pos = text_pos, reasoning_pos
 
     async def settle(self) -> None:
