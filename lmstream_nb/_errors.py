@@ -3,7 +3,9 @@
     LMStreamError                    .run_id (set when a recorded run failed)
     ├── TemplateError
     │   ├── MissingVariables         .names
-    │   └── UnknownVariables         .names
+    │   ├── UnknownVariables         .names
+    │   ├── InvalidPlaceholder       .placeholder, .line  ({{my var}}: not a variable name)
+    │   └── InvalidVariables         .names  (values that are not text, numbers or booleans)
     ├── InvalidBaseURL               .url (credentials removed)
     ├── StoreError                   .path
     │   ├── PromptNotFound           .name, .suggestions
@@ -81,6 +83,41 @@ class UnknownVariables(TemplateError):
         super().__init__(
             f"The template has no variable named {listed} (it uses {uses}): "
             "fix the name, or allow extra variables explicitly."
+        )
+
+
+class InvalidPlaceholder(TemplateError):
+    """A ``{{...}}`` whose inside is not a variable name, which would otherwise be sent as typed."""
+
+    def __init__(self, placeholder: str, *, line: int, where: str = "template") -> None:
+        self.placeholder = placeholder
+        self.line = line
+        self.where = where
+        super().__init__(
+            f"The {where} has the placeholder {placeholder} at line {line}, whose inside is not "
+            "a variable name: use ASCII letters, digits, _, . or - starting with a letter or _ "
+            "(such as {{my_var}}), or write \\{{ for a literal {{."
+        )
+
+
+def _value_kind(value: object) -> str:
+    if value is None:
+        return "None"
+    article = "an" if type(value).__name__[:1].lower() in "aeiou" else "a"
+    return f"{article} {type(value).__name__}"
+
+
+class InvalidVariables(TemplateError):
+    """Values that are not text, numbers or booleans (``None``, dicts, lists, bytes, objects)."""
+
+    def __init__(self, values: dict[str, object]) -> None:
+        self.names = tuple(sorted(values))
+        listed = ", ".join(f"{name} ({_value_kind(values[name])})" for name in self.names)
+        what = "values of the variables" if len(self.names) > 1 else "value of the variable"
+        verb = "are" if len(self.names) > 1 else "is"
+        super().__init__(
+            f"The {what} {listed} {verb} not text, a number or a boolean: pass a string "
+            "(str(value) converts anything) and run again."
         )
 
 

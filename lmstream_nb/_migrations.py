@@ -116,10 +116,77 @@ def m002_batch_rows(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX runs_batch ON runs (batch_id, batch_row)")
 
 
+def m003_owners_and_chunked_text(conn: sqlite3.Connection) -> None:
+    """Who records a running run, and text kept as appended pieces instead of rewritten.
+
+    ``runs.owner`` names the process recording an unfinished run (host, boot, pid and the
+    process's start time, as JSON), so a run whose recording process died can be told from one
+    still streaming; runs recorded before this step have none and are left alone. The partial
+    index ``runs_unfinished`` holds only unfinished runs, so finding them is cheap however long
+    the history, and it covers the owner, so checking a run is still open before an append
+    never reads the wide run row (which holds the rendered prompt).
+
+    ``runs.text_in_chunks`` says where a run's text is: 0 in ``runs.text`` (short answers,
+    moved there when the run finishes), 1 in its ``run_chunks`` rows in order (unfinished runs
+    and long answers, which are never copied or rewritten). ``run_chunks.text_end`` and
+    ``reasoning_end`` are the characters recorded up to and including each piece. Added
+    columns come after the text in each row, where reading them would mean reading the whole
+    piece, so the index ``run_chunks_ends`` carries them: the length so far is one lookup in
+    it. Chunks left by unfinished runs get both filled in.
+    """
+    conn.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
+    conn.execute("ALTER TABLE runs ADD COLUMN text_in_chunks INTEGER NOT NULL DEFAULT 0")
+    conn.execute("ALTER TABLE run_chunks ADD COLUMN text_end INTEGER NOT NULL DEFAULT 0")
+    conn.execute("ALTER TABLE run_chunks ADD COLUMN reasoning_end INTEGER NOT NULL DEFAULT 0")
+    conn.execute("UPDATE runs SET text_in_chunks = 1 WHERE status = 'unfinished'")
+    totals: dict[int, tuple[int, int]] = {}
+    updates: list[tuple[int, int, int, int]] = []
+    for run_id, seq, text_chars, reasoning_chars in conn.execute(
+        "SELECT run_id, seq, length(text), length(reasoning) FROM run_chunks ORDER BY run_id, seq"
+    ).fetchall():
+        text_end, reasoning_end = totals.get(run_id, (0, 0))
+        text_end += text_chars
+        reasoning_end += reasoning_chars
+        totals[run_id] = (text_end, reasoning_end)
+        updates.append((text_end, reasoning_end, run_id, seq))
+    conn.executemany(
+        "UPDATE run_chunks SET text_end = ?, reasoning_end = ? WHERE run_id = ? AND seq = ?",
+        updates,
+    )
+    conn.execute("CREATE INDEX runs_unfinished ON runs (id, owner) WHERE status = 'unfinished'")
+    conn.execute(
+        "CREATE INDEX run_chunks_ends ON run_chunks (run_id, seq, text_end, reasoning_end)"
+    )
+
+
+def m004_timings_in_order(conn: sqlite3.Connection) -> None:
+    """Indexes that keep each timing in order, within its (prompt, model) group and overall.
+
+    Stats reads a percentile as the values at its rank (``ORDER BY ttft_s LIMIT 2 OFFSET k``),
+    which these make a short walk along an index instead of a sort of every run. They are
+    partial (runs that measured the timing), so a query that does not ask for the timing never
+    picks them, and they carry the columns stats filters on, so the walk never reads a run row.
+    """
+    for column in ("ttft_s", "duration_s"):
+        conn.execute(
+            f"CREATE INDEX runs_{column}_in_group ON runs "
+            f"(prompt_name, model, {column}, started_at) WHERE {column} IS NOT NULL"
+        )
+        conn.execute(
+            f"CREATE INDEX runs_{column}_overall ON runs "
+            f"({column}, started_at, prompt_name, model) WHERE {column} IS NOT NULL"
+        )
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 #: Every schema step in order; step ``i`` (0-based) brings the database to version ``i + 1``.
-MIGRATIONS: tuple[Migration, ...] = (m001_initial, m002_batch_rows)
+MIGRATIONS: tuple[Migration, ...] = (
+    m001_initial,
+    m002_batch_rows,
+    m003_owners_and_chunked_text,
+    m004_timings_in_order,
+)
 
 LATEST_VERSION = len(MIGRATIONS)
 

@@ -11,7 +11,6 @@ loop (and with it the stream and the notebook) never waits on the disk.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from ._errors import (
     FirstTokenTimeout,
     LMStreamError,
     RequestTimedOut,
+    StoreError,
     StreamInterrupted,
     StreamStalled,
 )
@@ -103,7 +103,11 @@ class _Recorder:
 
     A timer does the work, so streaming pays nothing per chunk: at each tick the text that
     arrived since the last tick is read from the stream's own buffer and written from a
-    worker thread. A tick is skipped while the previous write is still going.
+    worker thread. A tick is skipped while the previous write is still going. The offsets move
+    on only when a write succeeded, so what the store holds is always the start of the text:
+    after a failed write (a full disk) the next one carries that text again, and the final
+    write carries whatever is still missing. A failed append is never raised from the timer:
+    the final write reports what is still wrong (it raises the store's error itself).
     """
 
     def __init__(self, store: PromptStore, run_id: int, loop: asyncio.AbstractEventLoop) -> None:
@@ -113,7 +117,7 @@ class _Recorder:
         self._stream: ChatStream | None = None
         self._text_pos = 0
         self._reasoning_pos = 0
-        self._writing: asyncio.Future[None] | None = None
+        self._writing: asyncio.Task[None] | None = None
         self._timer = loop.call_later(FLUSH_INTERVAL_S, self._tick)
 
     def watch(self, stream: ChatStream) -> None:
@@ -123,21 +127,26 @@ class _Recorder:
         self._timer = self._loop.call_later(FLUSH_INTERVAL_S, self._tick)
         if self._stream is None or (self._writing is not None and not self._writing.done()):
             return
-        text, reasoning, self._text_pos, self._reasoning_pos = self._stream.tail(
+        text, reasoning, text_pos, reasoning_pos = self._stream.tail(
             self._text_pos, self._reasoning_pos
         )
         if text or reasoning:
-            self._writing = asyncio.ensure_future(
-                asyncio.to_thread(self._store.append_run_text, self._run_id, text, reasoning)
+            self._writing = self._loop.create_task(
+                self._append(text, reasoning, text_pos, reasoning_pos)
             )
+
+    async def _append(self, text: str, reasoning: str, text_pos: int, reasoning_pos: int) -> None:
+        try:
+            await asyncio.to_thread(self._store.append_run_text, self._run_id, text, reasoning)
+        except Exception:  # nobody awaits this task but the last: it must not fail; retried
+            return
+        self._text_pos, self._reasoning_pos = text_pos, reasoning_pos
 
     async def settle(self) -> None:
         """Stop ticking and wait for a write in flight."""
         self._timer.cancel()
         if self._writing is not None:
-            # A failed append loses nothing: the final write carries the whole text anyway.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._writing)
+            await asyncio.shield(self._writing)
 
 
 async def arun(
@@ -281,7 +290,8 @@ async def arun(
         )
     await recorder.settle()
     # The final write runs even if the task is being cancelled, and completes before we go on.
-    await asyncio.shield(
+    # It carries whatever the appends did not (all of it, if they failed).
+    finishing = asyncio.shield(
         asyncio.to_thread(
             store.finish_run,
             run_id,
@@ -299,6 +309,15 @@ async def arun(
             tokens_per_s=stats.tokens_per_s,
         )
     )
+    try:
+        await finishing
+    except StoreError as exc:
+        # The run could not be recorded (a full disk, a read-only folder): that is what the
+        # caller must hear about, unless the run was cancelled, which must stay a cancellation.
+        exc.run_id = run_id
+        if isinstance(failure, (asyncio.CancelledError, KeyboardInterrupt)):
+            raise failure from exc
+        raise
     if failure is not None and (raise_errors or not isinstance(failure, LMStreamError)):
         raise failure
     return result

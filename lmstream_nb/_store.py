@@ -5,10 +5,15 @@ Why SQLite, and why this shape:
 * Prompts are versioned, never overwritten: a saved change is a new version, and a version
   number is never reused (not even after the prompt is deleted), so ``summarize@3`` in a
   recorded run always means one text.
-* A run is recorded *before* it starts (status ``unfinished``) and its text is appended as it
-  arrives, one small row per append into ``run_chunks``: a kernel that dies mid-answer leaves
-  the partial answer on disk, and appending stays cheap however long the answer grows. Finishing
-  a run writes the full text into the run row and drops its chunks in one transaction.
+* A run is recorded *before* it starts (status ``unfinished``, with the process that owns it)
+  and its text is appended as it arrives, one row per append into ``run_chunks`` holding only
+  the new text: a kernel that dies mid-answer leaves the partial answer on disk, and nothing is
+  ever read back or rewritten, so recording costs time and space in proportion to the answer.
+  Finishing writes only what was not appended yet; a short answer (``INLINE_TEXT_CHARS``) is
+  moved into the run row instead, which is cheap at that size. The write-ahead log is cut back
+  after checkpoints (``journal_size_limit``), so a long answer does not leave a log as large.
+* A run whose owner has died (``_owners``) is ended as ``interrupted`` when a store is opened,
+  keeping its text.
 * The file is shared by notebooks, the CLI and background threads. One connection per store
   serves all threads behind a lock; every write is ``BEGIN IMMEDIATE`` so two processes queue
   for the write lock instead of deadlocking while upgrading a read lock, WAL keeps readers from
@@ -17,44 +22,51 @@ Why SQLite, and why this shape:
   corrupt, foreign, newer or unwritable file is refused with ``StoreUnavailable`` naming the
   file and what to do.
 
-History and stats read only summary columns (the text length and a preview are stored beside
-the text), with one query per call, so both stay fast over a hundred thousand runs.
+Prompt files (export and import) live in ``_prompt_files``, history and stats queries in
+``_history``; the methods here delegate to them, so ``PromptStore`` stays the one way in.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import difflib
-import importlib
 import json
-import math
 import os
 import re
 import sqlite3
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, overload
 
 import platformdirs
-import tomli_w
 
-from ._errors import PromptFileError, PromptNotFound, RunNotFound, StoreError, StoreUnavailable
+from ._errors import LMStreamError, PromptNotFound, RunNotFound, StoreError, StoreUnavailable
 from ._events import Stats
+from ._history import (
+    STATUSES,
+    GroupStats,
+    History,
+    RunStats,
+    RunSummary,
+    chunks_preview,
+    percentile,
+    preview,
+    query_history,
+    query_stats,
+)
 from ._migrations import APPLICATION_ID, LATEST_VERSION, migrate
+from ._owners import Owner, current_owner
+from ._prompt_fields import PromptFields, validate_fields
+from ._prompt_files import export_prompts, import_prompts
 from ._template import Prompt
-
-# tomllib is in the standard library from Python 3.11; tomli is the same parser for 3.10.
-_tomllib: Any = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
-_toml_loads: Callable[[str], dict[str, Any]] = _tomllib.loads
-_TOMLDecodeError: type[ValueError] = _tomllib.TOMLDecodeError
 
 __all__ = [
     "HOME_ENV",
@@ -66,38 +78,55 @@ __all__ = [
     "RunStats",
     "RunSummary",
     "default_path",
+    "percentile",
 ]
 
 #: Environment variable naming the folder that holds the database (overrides the default).
 HOME_ENV = "LMSTREAM_HOME"
 DB_NAME = "lmstream.db"
 
-#: Every status a run can have. ``unfinished`` is written when a run starts; a process killed
-#: mid-run leaves it so. The others are final.
-STATUSES: tuple[str, ...] = (
-    "ok",
-    "first_token_timeout",
-    "stalled",
-    "interrupted",
-    "error",
-    "cancelled",
-    "timeout",  # a blocking (non-streaming) request ran past its total timeout
-    "unfinished",
+BUSY_TIMEOUT_S = 30.0
+#: A finished answer (text and reasoning) up to this many characters is moved into its run's
+#: row; a longer one stays in the pieces it was appended as, so it is never copied again.
+INLINE_TEXT_CHARS = 64 * 1024
+#: After a checkpoint the write-ahead log is cut back to this size (SQLite leaves it at its
+#: largest otherwise), so a long answer does not leave a WAL as large as itself.
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+#: The error recorded on a run whose recording process ended before the run did.
+ORPHANED_ERROR = (
+    "The process recording this run ended before the run finished (it was killed or crashed): "
+    "the text received until then is kept; run the prompt again for a complete answer."
 )
 
-MAX_NAME_LENGTH = 200
-PREVIEW_CHARS = 80
-BUSY_TIMEOUT_S = 30.0
-
-# Keys of a prompt file, in the order export writes them.
-_FILE_KEYS = ("name", "description", "model", "temperature", "max_tokens", "system", "template")
+# Code points UTF-8 cannot encode (lone surrogates, which JSON escapes can produce).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # SQLite primary result codes (the low byte of an extended code).
 _SQLITE_PERM = 3
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 _SQLITE_READONLY = 8
+_SQLITE_FULL = 13
 _SQLITE_CANTOPEN = 14
+
+
+@overload
+def _storable(text: str) -> str: ...
+@overload
+def _storable(text: None) -> None: ...
+def _storable(text: str | None) -> str | None:
+    """``text`` with lone surrogates replaced by U+FFFD (same length), so SQLite can store it.
+
+    The checks are the fast ones first (ASCII, then UTF-8 encoding, both in C); the pattern
+    runs only on text that has a surrogate in it.
+    """
+    if text is None or text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def default_path() -> Path:
@@ -164,271 +193,6 @@ class RunRecord:
         )
 
 
-@dataclass(frozen=True)
-class RunSummary:
-    """One line of history: a run without its text (``preview`` is its first 80 characters)."""
-
-    id: int
-    prompt_name: str | None
-    prompt_version: int | None
-    model: str | None
-    started_at: float
-    status: str
-    ttft_s: float | None
-    duration_s: float | None
-    chunks: int
-    completion_tokens: int | None
-    tokens_per_s: float | None
-    finish_reason: str | None
-    error: str | None
-    text_chars: int
-    preview: str
-    batch_id: str | None
-    batch_row: int | None = None
-
-
-def _load_pandas() -> Any:
-    try:
-        return importlib.import_module("pandas")
-    except ImportError as exc:
-        raise ImportError(
-            f"to_pandas() needs pandas, which is not installed ({exc}): run "
-            "`pip install pandas` and try again."
-        ) from exc
-
-
-class History(list[RunSummary]):
-    """Runs, newest first, as returned by ``PromptStore.history``."""
-
-    def as_dicts(self) -> list[dict[str, Any]]:
-        """One plain dict per run (JSON-ready: ``started_at`` stays unix time)."""
-        return [dataclasses.asdict(run) for run in self]
-
-    def to_pandas(self) -> Any:
-        """A pandas DataFrame, one row per run; ``started_at`` becomes a UTC datetime."""
-        pd = _load_pandas()
-        columns = [field.name for field in dataclasses.fields(RunSummary)]
-        frame = pd.DataFrame(self.as_dicts(), columns=columns)
-        frame["started_at"] = pd.to_datetime(frame["started_at"], unit="s", utc=True)
-        return frame
-
-
-@dataclass(frozen=True)
-class GroupStats:
-    """Outcome counts and timing percentiles for a set of runs.
-
-    ``prompt`` and ``model`` name the group (both ``None`` for the overall figures). Percentiles
-    use linear interpolation between the nearest ranks (numpy's default) over every run in the
-    group that measured the value, whatever its status; ``None`` when no run did.
-    """
-
-    prompt: str | None
-    model: str | None
-    runs: int
-    ok: int
-    success_rate: float
-    by_status: dict[str, int]
-    ttft_p50: float | None
-    ttft_p95: float | None
-    duration_p50: float | None
-    duration_p95: float | None
-
-
-@dataclass(frozen=True)
-class RunStats:
-    """``overall`` figures, and one group per (prompt name, model) pair, sorted (``None`` first)."""
-
-    overall: GroupStats
-    groups: list[GroupStats]
-
-    def as_dicts(self) -> list[dict[str, Any]]:
-        """One plain dict per group."""
-        return [dataclasses.asdict(group) for group in self.groups]
-
-    def to_pandas(self) -> Any:
-        """A pandas DataFrame, one row per group (``by_status`` stays a dict column)."""
-        pd = _load_pandas()
-        columns = [field.name for field in dataclasses.fields(GroupStats)]
-        return pd.DataFrame(self.as_dicts(), columns=columns)
-
-
-def percentile(values: Sequence[float], p: float) -> float | None:
-    """The ``p``-th percentile (0..100) of sorted ``values`` by linear interpolation."""
-    if not values:
-        return None
-    k = (len(values) - 1) * p / 100.0
-    low = math.floor(k)
-    high = min(low + 1, len(values) - 1)
-    return float(values[low] + (values[high] - values[low]) * (k - low))
-
-
-def _group_stats(
-    prompt: str | None,
-    model: str | None,
-    statuses: Sequence[str],
-    ttfts: list[float],
-    durations: list[float],
-) -> GroupStats:
-    by_status: dict[str, int] = {}
-    for status in statuses:
-        by_status[status] = by_status.get(status, 0) + 1
-    runs = len(statuses)
-    ok = by_status.get("ok", 0)
-    ttfts.sort()
-    durations.sort()
-    return GroupStats(
-        prompt=prompt,
-        model=model,
-        runs=runs,
-        ok=ok,
-        success_rate=ok / runs if runs else 0.0,
-        by_status=dict(sorted(by_status.items())),
-        ttft_p50=percentile(ttfts, 50),
-        ttft_p95=percentile(ttfts, 95),
-        duration_p50=percentile(durations, 50),
-        duration_p95=percentile(durations, 95),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-
-
-class _FieldError(ValueError):
-    """A bad prompt field; ``key`` lets import point at the line, ``fact`` is the bare fact."""
-
-    def __init__(self, key: str, fact: str, fix: str) -> None:
-        super().__init__(f"{fact}: {fix}.")
-        self.key = key
-        self.fact = fact
-
-
-_BAD_NAME_CHAR = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
-
-
-def _validate_name(name: object) -> str:
-    if not isinstance(name, str):
-        raise _FieldError(
-            "name", f"The prompt name must be text, not {_kind(name)}", "give the prompt a name"
-        )
-    if not name:
-        raise _FieldError("name", "The prompt name is empty", "give the prompt a name")
-    if len(name) > MAX_NAME_LENGTH:
-        raise _FieldError(
-            "name",
-            f"The prompt name is {len(name)} characters long, more than {MAX_NAME_LENGTH}",
-            "use a shorter name",
-        )
-    bad = _BAD_NAME_CHAR.search(name)
-    if bad:
-        raise _FieldError(
-            "name",
-            f"The prompt name {name!r} contains {bad.group()!r}",
-            "use a name without slashes, backslashes or control characters, since it becomes "
-            "a file name on export",
-        )
-    return name
-
-
-def _validate_fields(
-    name: object,
-    template: object,
-    system: object,
-    model: object,
-    temperature: object,
-    max_tokens: object,
-    description: object,
-) -> tuple[str, str, str | None, str | None, float | None, int | None, str | None]:
-    """The fields of a prompt, checked; raises _FieldError (a ValueError) on the first bad one."""
-    checked_name = _validate_name(name)
-    if not isinstance(template, str):
-        raise _FieldError(
-            "template",
-            f"The template must be text, not {_kind(template)}",
-            "pass the prompt text as a string",
-        )
-    texts: dict[str, str | None] = {}
-    for key, value in (("system", system), ("model", model), ("description", description)):
-        if value is not None and not isinstance(value, str):
-            raise _FieldError(
-                key,
-                f"The {key} must be text or None, not {_kind(value)}",
-                f"pass {key} as a string",
-            )
-        texts[key] = value
-    checked_temperature: float | None = None
-    if temperature is not None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise _FieldError(
-                "temperature",
-                f"The temperature must be a number, not {_kind(temperature)}",
-                "use a value from 0 to 2",
-            )
-        if not 0 <= temperature <= 2:
-            raise _FieldError(
-                "temperature",
-                f"The temperature {temperature!r} is outside 0 to 2",
-                "use a value from 0 (most predictable) to 2",
-            )
-        checked_temperature = float(temperature)
-    if max_tokens is not None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-            raise _FieldError(
-                "max_tokens",
-                f"max_tokens must be an integer, not {_kind(max_tokens)}",
-                "use a positive number of tokens, or -1 for no limit",
-            )
-        if max_tokens <= 0 and max_tokens != -1:
-            raise _FieldError(
-                "max_tokens",
-                f"max_tokens is {max_tokens}",
-                "use a positive number of tokens, or -1 for no limit",
-            )
-    return (
-        checked_name,
-        template,
-        texts["system"],
-        texts["model"],
-        checked_temperature,
-        max_tokens,
-        texts["description"],
-    )
-
-
-def _kind(value: object) -> str:
-    """How TOML (and a user) would name the type of ``value``."""
-    kinds: list[tuple[type | tuple[type, ...], str]] = [
-        (bool, "a boolean"),
-        (int, "an integer"),
-        (float, "a float"),
-        (str, "a string"),
-        (dict, "a table"),
-        (list, "an array"),
-        (datetime, "a date-time"),
-    ]
-    for cls, name in kinds:
-        if isinstance(value, cls):
-            return name
-    if value is None:
-        return "None"
-    return f"a {type(value).__name__}"
-
-
-def _preview(text: str) -> str:
-    """The first 80 characters of ``text`` with runs of whitespace collapsed to one space."""
-    head = text[:4096]
-    collapsed = " ".join(head.split())
-    if len(collapsed) <= PREVIEW_CHARS and len(head) < len(text):
-        collapsed = " ".join(text.split())  # mostly whitespace so far: look at all of it
-    return collapsed[:PREVIEW_CHARS]
-
-
-def _timestamp(since: float | datetime) -> float:
-    if isinstance(since, datetime):
-        return since.timestamp()
-    return float(since)
-
-
 # ---------------------------------------------------------------------------------------------
 # Translating SQLite's errors (the one place this happens)
 
@@ -436,6 +200,23 @@ def _timestamp(since: float | datetime) -> float:
 def _unwritable(path: Path | str, reason: str) -> StoreUnavailable:
     return StoreUnavailable(
         f"The database {path} cannot be written ({reason}): set {HOME_ENV} to a writable folder.",
+        path=str(path),
+    )
+
+
+def _read_only(path: Path | str, reason: str) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"The database {path} is in a read-only location ({reason}), so it can be read but "
+        "nothing can be saved or run: make the folder and the file writable, or copy the "
+        f"database to a writable folder and set {HOME_ENV} to it.",
+        path=str(path),
+    )
+
+
+def _full(path: Path | str, reason: str) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"The disk that holds the database {path} is full ({reason}): free some space and try "
+        "again (everything stored before is kept).",
         path=str(path),
     )
 
@@ -448,16 +229,34 @@ def _unusable(path: Path | str, reason: str) -> StoreUnavailable:
     )
 
 
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    """SQLite's primary result code (Python 3.11+ reports it; before that, None)."""
+    code: int | None = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if code is not None else None
+
+
+def _cannot_write(exc: sqlite3.Error) -> bool:
+    """The file or its folder cannot be written (or a -shm file cannot be made there)."""
+    primary = _primary_code(exc)
+    if primary is not None:
+        return primary in (_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_CANTOPEN)
+    lowered = str(exc).lower()
+    return any(word in lowered for word in ("readonly", "unable to open", "permission"))
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    primary = _primary_code(exc)
+    if primary is not None:
+        return primary == _SQLITE_FULL
+    return "disk is full" in str(exc).lower()
+
+
 def _translate(exc: sqlite3.Error, path: Path | str) -> StoreError:
     """Turn a SQLite failure into the StoreUnavailable that says what to do about it."""
     reason = str(exc)
-    code: int | None = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    primary = code & 0xFF if code is not None else None
-    lowered = reason.lower()
-    if primary in (_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_CANTOPEN) or (
-        primary is None
-        and any(word in lowered for word in ("readonly", "unable to open", "permission"))
-    ):
+    if _is_full(exc):
+        return _full(path, reason)
+    if _cannot_write(exc):
         return _unwritable(path, reason)
     if _is_busy(exc):
         return StoreUnavailable(
@@ -469,10 +268,10 @@ def _translate(exc: sqlite3.Error, path: Path | str) -> StoreError:
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
-    code: int | None = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    if code is None:
+    primary = _primary_code(exc)
+    if primary is None:
         return "locked" in str(exc).lower()
-    return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return primary in (_SQLITE_BUSY, _SQLITE_LOCKED)
 
 
 def _enable_wal(conn: sqlite3.Connection) -> None:
@@ -494,6 +293,21 @@ def _enable_wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.005)
 
 
+class _CannotWrite(Exception):
+    """Opening for writing failed because the file or folder cannot be written."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _has_content(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
+
+
 def _is_environmental(exc: BaseException) -> bool:
     """SQLite errors caused by the file or the machine, not by a bug in our SQL."""
     return isinstance(exc, sqlite3.DatabaseError) and not isinstance(
@@ -507,11 +321,6 @@ def _is_environmental(exc: BaseException) -> bool:
 
 _PROMPT_COLUMNS = (
     "name, version, template, system, model, temperature, max_tokens, description, created_at"
-)
-_SUMMARY_COLUMNS = (
-    "id, prompt_name, prompt_version, model, started_at, status, ttft_s, duration_s, chunks, "
-    "completion_tokens, tokens_per_s, finish_reason, error, text_chars, preview, batch_id, "
-    "batch_row"
 )
 _RECORD_COLUMNS = (
     "id, prompt_name, prompt_version, template, system, messages, variables, model, base_url, "
@@ -535,24 +344,26 @@ def _prompt_from_row(row: Sequence[Any]) -> Prompt:
     )
 
 
-@dataclass(frozen=True)
-class _ParsedFile:
-    file: Path
-    fields: tuple[str, str, str | None, str | None, float | None, int | None, str | None]
-
-
 class PromptStore:
     """Versioned prompts and recorded runs in one SQLite file (safe across threads and processes).
 
     ``PromptStore()`` opens the default database (``$LMSTREAM_HOME/lmstream.db`` or the per-user
-    data folder), creating and migrating it as needed. Close it with ``close()`` or use it as a
-    context manager.
+    data folder), creating and migrating it as needed, and ends the runs whose recording
+    process has died (``end_orphaned_runs``). Where the file or its folder cannot be written, an
+    existing database is opened for reading only (``read_only``): reads work, and every write
+    raises StoreUnavailable saying so. Close it with ``close()`` or use it as a context manager.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = default_path() if path is None else Path(path)
         self._lock = threading.RLock()
+        #: True when the database could only be opened for reading (see ``_open``).
+        self.read_only = False
+        self._read_only_reason = ""
         self._conn: sqlite3.Connection | None = self._open()
+        # Tidying up must not stop anyone reading (a full disk, say): it is tried again later.
+        with contextlib.suppress(StoreError):
+            self.end_orphaned_runs()
 
     def __repr__(self) -> str:
         return f"PromptStore({str(self.path)!r})"
@@ -578,6 +389,8 @@ class PromptStore:
     # -- opening ------------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
+        """Open for reading and writing, or, where the file or folder cannot be written, for
+        reading only (``read_only``), or refuse with StoreUnavailable saying why."""
         path = self.path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -585,21 +398,87 @@ class PromptStore:
             raise _unwritable(path, exc.strerror or str(exc)) from exc
         try:
             conn = sqlite3.connect(
-                str(path),
-                timeout=BUSY_TIMEOUT_S,
-                isolation_level=None,
-                check_same_thread=False,
+                str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
             raise _translate(exc, path) from exc
         try:
             self._prepare(conn)
+        except _CannotWrite as exc:
+            conn.close()
+            if not _has_content(path):
+                raise _unwritable(path, exc.reason) from exc
+            return self._open_read_only(exc.reason)
         except BaseException:
             conn.close()
             raise
         return conn
 
-    def _prepare(self, conn: sqlite3.Connection) -> None:
+    def _open_read_only(self, reason: str) -> sqlite3.Connection:
+        """Open the existing database for reading where it cannot be written.
+
+        ``mode=ro`` reads a WAL database where its ``-shm`` file exists or can be made. In a
+        read-only folder it can be neither, and ``immutable=1`` tells SQLite that the file
+        cannot change, so it reads without the ``-shm`` file and without locks. That is safe
+        only if nobody is writing it, which holds there: no writer can work without a ``-shm``
+        file either. It is not safe if a ``-wal`` file holds changes not yet copied into the
+        database (immutable ignores them), so that case is refused.
+        """
+        path = self.path
+        uri = Path(os.path.abspath(path)).as_uri() + "?mode=ro"
+        try:
+            try:
+                conn = self._connect_read_only(uri)
+            except sqlite3.Error as exc:
+                if not _cannot_write(exc):
+                    raise
+                wal = Path(f"{path}-wal")
+                if wal.exists() and wal.stat().st_size > 0:
+                    raise StoreUnavailable(
+                        f"The database {path} has changes in {wal.name} that cannot be read "
+                        "from a read-only folder: make the folder writable once (any lmstream "
+                        f"command then folds them in), or copy the database and {wal.name} to a "
+                        f"writable folder and set {HOME_ENV} to it.",
+                        path=str(path),
+                    ) from exc
+                conn = self._connect_read_only(uri + "&immutable=1")
+        except sqlite3.Error as exc:
+            raise _unwritable(path, reason) from exc
+        try:
+            version = self._check_header(conn)
+        except _CannotWrite as exc:
+            conn.close()
+            raise _unwritable(path, exc.reason) from exc
+        except BaseException:
+            conn.close()
+            raise
+        if version != LATEST_VERSION:
+            conn.close()
+            raise StoreUnavailable(
+                f"The database {path} has schema version {version}, older than the "
+                f"{LATEST_VERSION} this lmstream_nb reads, and it cannot be upgraded where it is "
+                f"({reason}): make it writable once, or copy it to a writable folder and set "
+                f"{HOME_ENV} to it.",
+                path=str(path),
+            )
+        self.read_only = True
+        self._read_only_reason = reason
+        return conn
+
+    @staticmethod
+    def _connect_read_only(uri: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_header(self, conn: sqlite3.Connection) -> int:
+        """The schema version, once the file is known to be ours (or empty); else refused."""
         path = self.path
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000):d}")
@@ -614,6 +493,8 @@ class PromptStore:
                 if conn.in_transaction:
                     conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            if _cannot_write(exc):
+                raise _CannotWrite(str(exc)) from exc
             raise _translate(exc, path) from exc
 
         fresh = application_id == 0 and version == 0 and objects == 0
@@ -636,9 +517,14 @@ class PromptStore:
                 f"(pip install -U lmstream_nb) or set {HOME_ENV} to another folder.",
                 path=str(path),
             )
+        return version
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        self._check_header(conn)
         try:
             _enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT:d}")
             conn.execute("PRAGMA foreign_keys = ON")
             migrate(conn)
             # Probe: a read-only file still accepts BEGIN IMMEDIATE, but not a write.
@@ -648,7 +534,9 @@ class PromptStore:
             finally:
                 conn.execute("ROLLBACK")
         except sqlite3.Error as exc:
-            raise _translate(exc, path) from exc
+            if _cannot_write(exc):
+                raise _CannotWrite(str(exc)) from exc
+            raise _translate(exc, self.path) from exc
 
     # -- transactions -------------------------------------------------------------------------
 
@@ -665,6 +553,8 @@ class PromptStore:
         """A write transaction, taken with BEGIN IMMEDIATE; rolled back if the block fails."""
         with self._lock:
             conn = self._connection()
+            if self.read_only:
+                raise _read_only(self.path, self._read_only_reason)
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -715,14 +605,21 @@ class PromptStore:
         Versions count up from 1 and are never reused, not even after ``delete``: a recorded
         run's ``name@version`` always refers to one text.
 
-        Raises ValueError for a name that cannot be a file name, a temperature outside 0..2, or
-        max_tokens that is neither positive nor -1.
+        Raises ValueError for a name that cannot be a file name (a separator, a control or
+        invisible character, ``.`` or ``..``), a temperature outside 0..2, or max_tokens that
+        is neither positive nor -1; InvalidPlaceholder for a ``{{...}}`` that is not a name.
         """
-        fields = _validate_fields(
+        fields = validate_fields(
             name, template, system, model, temperature, max_tokens, description
         )
         with self._write() as conn:
             return self._insert_prompt(conn, fields)
+
+    def save_all(self, prompts: Sequence[PromptFields]) -> builtins.list[Prompt]:
+        """Store checked prompts (from ``validate_fields``) as new versions in one transaction:
+        all of them or, if the write fails, none."""
+        with self._write() as conn:
+            return [self._insert_prompt(conn, fields) for fields in prompts]
 
     def save_prompt(self, prompt: Prompt, name: str | None = None) -> Prompt:
         """Store ``prompt`` as a new version of ``name`` (default: the prompt's own name)."""
@@ -745,7 +642,7 @@ class PromptStore:
     @staticmethod
     def _insert_prompt(
         conn: sqlite3.Connection,
-        fields: tuple[str, str, str | None, str | None, float | None, int | None, str | None],
+        fields: PromptFields,
     ) -> Prompt:
         name, template, system, model, temperature, max_tokens, description = fields
         row = conn.execute(
@@ -842,113 +739,27 @@ class PromptStore:
 
     # -- prompt files -------------------------------------------------------------------------
 
-    def export(self, folder: str | os.PathLike[str]) -> builtins.list[Path]:
+    def export(self, folder: str | os.PathLike[str], *, force: bool = False) -> builtins.list[Path]:
         """Write the latest version of every prompt to ``<folder>/<name>.toml``; return the files.
 
         Each file holds the keys name, description, model, temperature, max_tokens, system and
         template (keys without a value are left out); multi-line text is written as TOML
-        multi-line strings so the files read well and diff well.
+        multi-line strings so the files read well and diff well. A symbolic link at a file's
+        name is never written through, and an existing file that is not the prompt file of
+        that prompt is left alone unless ``force``: PromptFileError names it, and every file
+        is checked before any is written.
         """
-        target = Path(folder)
-        target.mkdir(parents=True, exist_ok=True)
-        written: list[Path] = []
-        for prompt in self.list():
-            document: dict[str, Any] = {}
-            for key in _FILE_KEYS:
-                value = getattr(prompt, key)
-                if value is not None:
-                    document[key] = value
-            file = target / f"{prompt.name}.toml"
-            file.write_bytes(tomli_w.dumps(document, multiline_strings=True).encode("utf-8"))
-            written.append(file)
-        return sorted(written)
+        return export_prompts(self, folder, force=force)
 
     def import_(self, folder: str | os.PathLike[str]) -> builtins.list[Prompt]:
         """Store every ``*.toml`` prompt file in ``folder`` as a new version; all or nothing.
 
         Every file is read and checked before anything is written; the first bad file raises
         PromptFileError naming the file and line, and nothing is imported. ``name`` defaults to
-        the file name without ``.toml``; unknown keys are refused (they are usually typos).
+        the file name without ``.toml``; unknown keys are refused (they are usually typos), and
+        so are files over 1 MiB, TOML nested too deeply, and two files with the same name.
         """
-        source = Path(folder)
-        if not source.is_dir():
-            raise PromptFileError(
-                f"The folder {source} does not exist or is not a folder: pass the folder that "
-                "holds the .toml prompt files.",
-                path=str(self.path),
-                file=str(source),
-                line=None,
-            )
-        parsed = [self._parse_file(file) for file in sorted(source.glob("*.toml"))]
-        with self._write() as conn:
-            return [self._insert_prompt(conn, item.fields) for item in parsed]
-
-    def _parse_file(self, file: Path) -> _ParsedFile:
-        def fail(problem: str, line: int | None, fix: str = "fix it") -> PromptFileError:
-            where = f" at line {line}" if line is not None else ""
-            return PromptFileError(
-                f"The prompt file {file} {problem}{where}: {fix} and import again "
-                "(nothing was imported).",
-                path=str(self.path),
-                file=str(file),
-                line=line,
-            )
-
-        try:
-            data = file.read_bytes()
-        except OSError as exc:
-            raise fail(f"cannot be read ({exc.strerror or exc})", None) from exc
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = data[: exc.start].count(b"\n") + 1
-            raise fail("is not UTF-8 text", line, "save it as UTF-8") from exc
-        try:
-            document = _toml_loads(text)
-        except _TOMLDecodeError as exc:
-            message = str(exc)
-            match = re.search(r"\(at line (\d+), column \d+\)", message)
-            # Errors at the very end say "(at end of document)": point at the last line.
-            line = int(match.group(1)) if match else max(1, len(text.splitlines()))
-            reason = re.sub(r"\s*\(at [^)]*\)$", "", message)
-            raise fail(f"is not valid TOML ({reason})", line) from exc
-
-        for key in document:
-            if key not in _FILE_KEYS:
-                raise fail(
-                    f"has the unknown key {key!r} (allowed: {', '.join(_FILE_KEYS)})",
-                    _key_line(text, key),
-                    "fix or remove the key",
-                )
-        if "template" not in document:
-            raise fail("has no 'template' key", 1, 'add template = "..."')
-        values = {"name": file.stem, **document}
-        for key in ("name", "description", "model", "system", "template"):
-            if key in values and not isinstance(values[key], str):
-                raise fail(
-                    f"gives {key!r} {_kind(values[key])} where text is expected",
-                    _key_line(text, key),
-                    "write the value in quotes",
-                )
-        try:
-            fields = _validate_fields(
-                values["name"],
-                values["template"],
-                values.get("system"),
-                values.get("model"),
-                values.get("temperature"),
-                values.get("max_tokens"),
-                values.get("description"),
-            )
-        except _FieldError as exc:
-            line = _key_line(text, exc.key) if exc.key in document else 1
-            if exc.key == "name" and "name" not in document:
-                problem = f"has a file name that is not a valid prompt name ({exc.fact})"
-                raise fail(
-                    problem, line, 'add a valid name = "..." key or rename the file'
-                ) from exc
-            raise fail(f"has a bad {exc.key!r} ({exc.fact})", line) from exc
-        return _ParsedFile(file=file, fields=fields)
+        return import_prompts(self, folder)
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -967,24 +778,26 @@ class PromptStore:
         batch_id: str | None = None,
         batch_row: int | None = None,
     ) -> int:
-        """Record a run that is about to start (status ``unfinished``); return its id."""
+        """Record a run that is about to start (status ``unfinished``, owned by this process);
+        return its id."""
         with self._write() as conn:
             cursor = conn.execute(
                 "INSERT INTO runs (prompt_name, prompt_version, template, system, messages, "
-                "variables, model, base_url, started_at, status, batch_id, batch_row) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'unfinished', ?, ?)",
+                "variables, model, base_url, started_at, status, batch_id, batch_row, owner, "
+                "text_in_chunks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'unfinished', ?, ?, ?, 1)",
                 (
                     prompt_name,
                     prompt_version,
-                    template,
-                    system,
-                    json.dumps(messages, ensure_ascii=False),
-                    json.dumps(variables, ensure_ascii=False),
+                    _storable(template),
+                    _storable(system),
+                    _storable(json.dumps(messages, ensure_ascii=False)),
+                    _storable(json.dumps(variables, ensure_ascii=False)),
                     model,
                     base_url,
                     float(started_at),
                     batch_id,
                     batch_row,
+                    current_owner().to_json(),
                 ),
             )
             run_id = cursor.lastrowid
@@ -1002,24 +815,60 @@ class PromptStore:
         return {int(row): int(run_id) for row, run_id in rows}
 
     def append_run_text(self, run_id: int, text: str, reasoning: str = "") -> None:
-        """Add text that arrived for an unfinished run (one small row; never rewrites the rest)."""
+        """Add text that arrived for an unfinished run: one row holding only the new text.
+
+        Nothing recorded before is read or rewritten (the run's own row is not touched
+        either), so recording an answer costs time and space in proportion to its length.
+        """
         if not text and not reasoning:
             return
         with self._write() as conn:
-            inserted = conn.execute(
-                "INSERT INTO run_chunks (run_id, seq, text, reasoning) "
-                "SELECT id, (SELECT coalesce(max(seq), 0) + 1 FROM run_chunks WHERE run_id = ?),"
-                " ?, ? FROM runs WHERE id = ? AND status = 'unfinished'",
-                (run_id, text, reasoning, run_id),
-            ).rowcount
-            if inserted == 0:
-                row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
-                if row is None:
-                    raise RunNotFound(run_id, path=str(self.path))
-                raise ValueError(
-                    f"The run {run_id} is already finished (status {row[0]}), so no text can be "
-                    "appended: start a new run for new text."
-                )
+            if not self._is_open(conn, run_id):
+                raise self._not_open(conn, run_id)
+            seq, text_end, reasoning_end = self._last_chunk(conn, run_id)
+            conn.execute(
+                "INSERT INTO run_chunks (run_id, seq, text, reasoning, text_end, reasoning_end)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    seq + 1,
+                    _storable(text),
+                    _storable(reasoning),
+                    text_end + len(text),
+                    reasoning_end + len(reasoning),
+                ),
+            )
+
+    @staticmethod
+    def _is_open(conn: sqlite3.Connection, run_id: int) -> bool:
+        # The partial index holds only unfinished runs, so this never reads the run's row.
+        return (
+            conn.execute(
+                "SELECT 1 FROM runs INDEXED BY runs_unfinished "
+                "WHERE status = 'unfinished' AND id = ?",
+                (run_id,),
+            ).fetchone()
+            is not None
+        )
+
+    def _not_open(self, conn: sqlite3.Connection, run_id: int) -> LMStreamError | ValueError:
+        row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            return RunNotFound(run_id, path=str(self.path))
+        return ValueError(
+            f"The run {run_id} is already finished (status {row[0]}), so no text can be "
+            "appended: start a new run for new text."
+        )
+
+    @staticmethod
+    def _last_chunk(conn: sqlite3.Connection, run_id: int) -> tuple[int, int, int]:
+        """(seq, text_end, reasoning_end) of a run's last piece; zeros when it has none."""
+        row = conn.execute(
+            "SELECT seq, text_end, reasoning_end FROM run_chunks INDEXED BY run_chunks_ends "
+            "WHERE run_id = ? ORDER BY seq DESC LIMIT 1",
+            (run_id,),
+        ).fetchone()
+        return (0, 0, 0) if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
     def finish_run(
         self,
@@ -1038,9 +887,14 @@ class PromptStore:
         completion_tokens: int | None,
         tokens_per_s: float | None,
     ) -> None:
-        """Write a run's outcome and full text, and drop its chunks, in one transaction.
+        """Write a run's outcome; ``text`` and ``reasoning`` are the run's whole text.
 
-        ``model`` is what the server reported; ``None`` keeps the model recorded at the start.
+        Only what was not appended yet is written: the text appended so far is kept where it
+        is, and the rest becomes one more piece. An answer of at most INLINE_TEXT_CHARS is
+        moved into the run's row instead (cheap at that size, and one row is quicker to
+        read). If ``text`` does not continue what was appended (a caller that passes another
+        text), the recorded text is replaced by it. ``model`` is what the server reported;
+        ``None`` keeps the model recorded at the start.
         """
         if status not in STATUSES or status == "unfinished":
             final = ", ".join(s for s in STATUSES if s != "unfinished")
@@ -1048,16 +902,21 @@ class PromptStore:
                 f"The status {status!r} is not a final run status: use one of {final}."
             )
         with self._write() as conn:
+            seq, text_end, reasoning_end = self._last_chunk(conn, run_id)
+            if seq and not self._continues(conn, run_id, seq, text, reasoning):
+                seq = text_end = reasoning_end = 0  # another text: it replaces the pieces
+            inline = len(text) + len(reasoning) <= INLINE_TEXT_CHARS
             updated = conn.execute(
-                "UPDATE runs SET status = ?, text = ?, reasoning = ?, error = ?, "
-                "finish_reason = ?, model = coalesce(?, model), ttft_s = ?, duration_s = ?, "
-                "chunks = ?, prompt_tokens = ?, completion_tokens = ?, tokens_per_s = ?, "
-                "text_chars = ?, preview = ? WHERE id = ?",
+                "UPDATE runs SET status = ?, text = ?, reasoning = ?, text_in_chunks = ?, "
+                "error = ?, finish_reason = ?, model = coalesce(?, model), ttft_s = ?, "
+                "duration_s = ?, chunks = ?, prompt_tokens = ?, completion_tokens = ?, "
+                "tokens_per_s = ?, text_chars = ?, preview = ? WHERE id = ?",
                 (
                     status,
-                    text,
-                    reasoning,
-                    error,
+                    _storable(text) if inline else "",
+                    _storable(reasoning) if inline else "",
+                    0 if inline else 1,
+                    _storable(error),
                     finish_reason,
                     model,
                     ttft_s,
@@ -1067,27 +926,65 @@ class PromptStore:
                     completion_tokens,
                     tokens_per_s,
                     len(text),
-                    _preview(text),
+                    _storable(preview(text)),
                     run_id,
                 ),
             ).rowcount
             if updated == 0:
                 raise RunNotFound(run_id, path=str(self.path))
-            conn.execute("DELETE FROM run_chunks WHERE run_id = ?", (run_id,))
+            if inline or seq == 0:
+                conn.execute("DELETE FROM run_chunks WHERE run_id = ?", (run_id,))
+            if not inline and (len(text) > text_end or len(reasoning) > reasoning_end):
+                conn.execute(
+                    "INSERT INTO run_chunks (run_id, seq, text, reasoning, text_end, "
+                    "reasoning_end) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        run_id,
+                        seq + 1,
+                        _storable(text[text_end:]),
+                        _storable(reasoning[reasoning_end:]),
+                        len(text),
+                        len(reasoning),
+                    ),
+                )
+
+    @staticmethod
+    def _continues(
+        conn: sqlite3.Connection, run_id: int, seq: int, text: str, reasoning: str
+    ) -> bool:
+        """Whether ``text`` and ``reasoning`` extend what the run has recorded so far.
+
+        Checked against the last piece only (at most about a second of text), which is what
+        a caller passing another text would break.
+        """
+        last_text: str
+        last_reasoning: str
+        last_text, last_reasoning, text_end, reasoning_end = conn.execute(
+            "SELECT text, reasoning, text_end, reasoning_end FROM run_chunks "
+            "WHERE run_id = ? AND seq = ?",
+            (run_id, seq),
+        ).fetchone()
+        return (
+            len(text) >= text_end
+            and len(reasoning) >= reasoning_end
+            and _storable(text[text_end - len(last_text) : text_end]) == last_text
+            and _storable(reasoning[reasoning_end - len(last_reasoning) : reasoning_end])
+            == last_reasoning
+        )
 
     def get_run(self, run_id: int) -> RunRecord:
         """Everything recorded about one run; RunNotFound if there is no such run."""
         with self._read() as conn:
             row = conn.execute(
-                f"SELECT {_RECORD_COLUMNS} FROM runs WHERE id = ?", (run_id,)
+                f"SELECT {_RECORD_COLUMNS}, text_in_chunks FROM runs WHERE id = ?", (run_id,)
             ).fetchone()
             if row is None:
                 raise RunNotFound(run_id, path=str(self.path))
-            values = list(row)
+            values = list(row[:-1])
             values[5] = json.loads(values[5])
             values[6] = json.loads(values[6])
             record = RunRecord(*values)
-            if record.status == "unfinished":
+            if row[-1]:
                 texts: list[str] = []
                 reasonings: list[str] = []
                 for text, reasoning in conn.execute(
@@ -1100,6 +997,40 @@ class PromptStore:
                     record, text="".join(texts), reasoning="".join(reasonings)
                 )
         return record
+
+    def end_orphaned_runs(self) -> builtins.list[int]:
+        """Finish every unfinished run whose recording process on this host has ended.
+
+        Such a run (its process was killed or crashed mid-answer) becomes ``interrupted``
+        with the text recorded until then and an error saying so; its id is returned. Runs
+        of live processes, of other hosts and runs recorded before owners were (no owner) are
+        left alone. Called when a store is opened; cheap, since only unfinished runs are read.
+        """
+        if self.read_only:
+            return []
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT id, owner FROM runs INDEXED BY runs_unfinished "
+                "WHERE status = 'unfinished' AND owner IS NOT NULL"
+            ).fetchall()
+        gone = [
+            int(run_id)
+            for run_id, text in rows
+            if (owner := Owner.from_json(text)) is not None and owner.is_gone()
+        ]
+        ended: list[int] = []
+        for run_id in gone:
+            with self._write() as conn:
+                if not self._is_open(conn, run_id):
+                    continue  # another process ended it meanwhile
+                _, text_end, _ = self._last_chunk(conn, run_id)
+                conn.execute(
+                    "UPDATE runs SET status = 'interrupted', error = ?, text_in_chunks = 1, "
+                    "text_chars = ?, preview = ? WHERE id = ?",
+                    (ORPHANED_ERROR, text_end, chunks_preview(conn, run_id), run_id),
+                )
+            ended.append(run_id)
+        return ended
 
     def history(
         self,
@@ -1114,43 +1045,10 @@ class PromptStore:
         ``since`` is unix time or a datetime (runs started at or after it); ``limit=None``
         returns every match.
         """
-        if status is not None and status not in STATUSES:
-            known = ", ".join(STATUSES)
-            raise ValueError(f"The status {status!r} is not known: use one of {known}.")
-        if limit is not None and (isinstance(limit, bool) or limit < 0):
-            raise ValueError(f"limit is {limit!r}: use a number of runs (0 or more) or None.")
-        where, params = self._filters(prompt=prompt, model=model, since=since, status=status)
-        sql = f"SELECT {_SUMMARY_COLUMNS} FROM runs{where} ORDER BY started_at DESC, id DESC"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(int(limit))
         with self._read() as conn:
-            rows = conn.execute(sql, params).fetchall()
-            summaries = History()
-            for row in rows:
-                summary = RunSummary(*row)
-                if summary.status == "unfinished":
-                    chars, preview = self._partial_summary(conn, summary.id)
-                    summary = dataclasses.replace(summary, text_chars=chars, preview=preview)
-                summaries.append(summary)
-        return summaries
-
-    @staticmethod
-    def _partial_summary(conn: sqlite3.Connection, run_id: int) -> tuple[int, str]:
-        """Length and preview of an unfinished run's text, read from its chunks."""
-        row = conn.execute(
-            "SELECT coalesce(sum(length(text)), 0) FROM run_chunks WHERE run_id = ?", (run_id,)
-        ).fetchone()
-        head: list[str] = []
-        size = 0
-        for (text,) in conn.execute(
-            "SELECT text FROM run_chunks WHERE run_id = ? ORDER BY seq", (run_id,)
-        ):
-            head.append(text)
-            size += len(text)
-            if size >= 4096:
-                break
-        return int(row[0]), _preview("".join(head))
+            return query_history(
+                conn, prompt=prompt, status=status, since=since, limit=limit, model=model
+            )
 
     def stats(
         self,
@@ -1159,71 +1057,5 @@ class PromptStore:
         since: float | datetime | None = None,
     ) -> RunStats:
         """Success rate, outcome counts and timing percentiles, overall and per (prompt, model)."""
-        where, params = self._filters(prompt=prompt, model=model, since=since, status=None)
         with self._read() as conn:
-            rows = conn.execute(
-                f"SELECT prompt_name, model, status, ttft_s, duration_s FROM runs{where}", params
-            ).fetchall()
-        statuses: dict[tuple[str | None, str | None], list[str]] = {}
-        ttfts: dict[tuple[str | None, str | None], list[float]] = {}
-        durations: dict[tuple[str | None, str | None], list[float]] = {}
-        all_ttfts: list[float] = []
-        all_durations: list[float] = []
-        for prompt_name, run_model, status, ttft, duration in rows:
-            key = (prompt_name, run_model)
-            if key not in statuses:
-                statuses[key], ttfts[key], durations[key] = [], [], []
-            statuses[key].append(status)
-            if ttft is not None:
-                ttfts[key].append(ttft)
-                all_ttfts.append(ttft)
-            if duration is not None:
-                durations[key].append(duration)
-                all_durations.append(duration)
-        overall = _group_stats(None, None, [row[2] for row in rows], all_ttfts, all_durations)
-
-        def order(key: tuple[str | None, str | None]) -> tuple[bool, str, bool, str]:
-            return (key[0] is not None, key[0] or "", key[1] is not None, key[1] or "")
-
-        groups = [
-            _group_stats(key[0], key[1], statuses[key], ttfts[key], durations[key])
-            for key in sorted(statuses, key=order)
-        ]
-        return RunStats(overall=overall, groups=groups)
-
-    @staticmethod
-    def _filters(
-        *,
-        prompt: str | None,
-        model: str | None,
-        since: float | datetime | None,
-        status: str | None,
-    ) -> tuple[str, builtins.list[Any]]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if prompt is not None:
-            clauses.append("prompt_name = ?")
-            params.append(prompt)
-        if model is not None:
-            clauses.append("model = ?")
-            params.append(model)
-        if status is not None:
-            clauses.append("status = ?")
-            params.append(status)
-        if since is not None:
-            clauses.append("started_at >= ?")
-            params.append(_timestamp(since))
-        where = " WHERE " + " AND ".join(clauses) if clauses else ""
-        return where, params
-
-
-def _key_line(text: str, key: str) -> int:
-    """The line where a top-level ``key`` (or table ``[key]``) is written, else 1."""
-    quoted = re.escape(key)
-    pattern = re.compile(
-        rf"^[ \t]*\[*[ \t]*(?:{quoted}|\"{quoted}\"|'{quoted}')[ \t]*[.=\]]", re.MULTILINE
-    )
-    match = pattern.search(text)
-    if match is None:
-        return 1
-    return text.count("\n", 0, match.start()) + 1
+            return query_stats(conn, prompt=prompt, model=model, since=since)

@@ -1,60 +1,149 @@
 """``{{variable}}`` templates: list the variables, render with values, refuse what is missing.
 
-Rendering is one pass over the template: a value is inserted as it is and never read again,
-so a value that itself contains ``{{x}}`` stays as typed, and nothing in a template or value
-can run code or read files. ``\\{{`` writes a literal ``{{``. Single braces are ordinary text,
-so code, JSON and LaTeX in a prompt need no escaping.
+The rules, which the README repeats:
+
+* ``{{`` starts a placeholder that ends at the next ``}}`` on the same line (at most 256
+  characters later; spaces and tabs inside the braces are ignored). What is inside must be a
+  variable name: ASCII letters, digits, ``_``, ``.`` and ``-``, starting with a letter or
+  ``_`` (``{{doc}}``, ``{{user.name}}``, ``{{top-k}}``). ``{{my var}}``, ``{{ü}}``, ``{{1x}}`` and
+  ``{{}}`` are refused with ``InvalidPlaceholder`` instead of being sent as typed. Names stay
+  ASCII because they are typed on command lines (``--var name=...``) and in JSON, where a
+  look-alike letter from another script would make two names that read the same.
+* In a run of three or more ``{``, the placeholder starts at the last two, so ``{{{x}}}`` is
+  the value in single braces. A ``{{`` with no ``}}`` after it on its line is plain text.
+* Before a ``{{``, ``\\{{`` writes a literal ``{{`` and ``\\\\`` writes one backslash, so
+  ``\\\\{{x}}`` is a backslash followed by the value. Backslashes anywhere else are plain text.
+* Values are inserted as they are and never read again, so a value that itself contains
+  ``{{x}}`` stays as typed, and nothing in a template or value can run code or read files.
+  A value must be text, a number or a boolean (``str(value)`` is inserted); ``None``, dicts,
+  lists, bytes and other objects are refused, as ``lmstream serve`` refuses them.
+
+A template is parsed once into literal pieces and names, so rendering is one join, linear in
+the length of the text and in the number of placeholders.
 """
 
 from __future__ import annotations
 
+import functools
+import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import MissingVariables, UnknownVariables
+from ._errors import InvalidPlaceholder, InvalidVariables, MissingVariables, UnknownVariables
 
-_TOKEN = re.compile(r"\\\{\{|\{\{\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*\}\}")
+# The opening braces (the last two of a run of "{"), then optionally the inside and "}}".
+# The inside may not contain "{{" or "}}" and is bounded, so scanning stays linear.
+_PLACEHOLDER = re.compile(r"\{\{(?!\{)(?:[ \t]*((?:(?!\{\{|\}\})[^\n]){0,256}?)[ \t]*\}\})?")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+
+
+def variable_text(name: str, value: object) -> str:
+    """The text a variable's value is rendered as; InvalidVariables for a non-text value."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, numbers.Real)):
+        return str(value)
+    raise InvalidVariables({name: value})
+
+
+def _texts(values: Mapping[str, Any]) -> dict[str, str]:
+    texts: dict[str, str] = {}
+    bad: dict[str, object] = {}
+    for name, value in values.items():
+        try:
+            texts[name] = variable_text(name, value)
+        except InvalidVariables:
+            bad[name] = value
+    if bad:
+        raise InvalidVariables(bad)
+    return texts
 
 
 class Template:
     """A prompt text with ``{{name}}`` placeholders (whitespace inside the braces allowed)."""
 
-    __slots__ = ("text", "variables")
+    __slots__ = ("_invalid", "_parts", "text", "variables")
 
     def __init__(self, text: str) -> None:
         self.text = text
+        # Literal text at even indices, variable names at odd ones.
+        parts: list[str] = []
+        literal: list[str] = []
         seen: dict[str, None] = {}
-        for match in _TOKEN.finditer(text):
-            name = match.group(1)
-            if name is not None:
-                seen.setdefault(name, None)
+        self._invalid: tuple[str, int] | None = None
+        pos = 0
+        for match in _PLACEHOLDER.finditer(text):
+            start = match.start()
+            slashes = start
+            while slashes > pos and text[slashes - 1] == "\\":
+                slashes -= 1
+            count = start - slashes
+            literal.append(text[pos:slashes])
+            literal.append("\\" * (count // 2))
+            inside = match.group(1)
+            if count % 2 or inside is None:  # escaped, or no closing braces: plain text
+                literal.append(match.group())
+            elif _NAME.fullmatch(inside):
+                parts.append("".join(literal))
+                parts.append(inside)
+                literal = []
+                seen.setdefault(inside, None)
+            else:
+                if self._invalid is None:
+                    self._invalid = (match.group(), text.count("\n", 0, start) + 1)
+                literal.append(match.group())
+            pos = match.end()
+        literal.append(text[pos:])
+        parts.append("".join(literal))
+        self._parts = parts
         self.variables: tuple[str, ...] = tuple(seen)
 
     def __repr__(self) -> str:
         return f"Template(variables={list(self.variables)!r})"
 
+    def check(self, where: str = "template") -> None:
+        """Raise InvalidPlaceholder if a ``{{...}}`` holds something that is not a name."""
+        if self._invalid is not None:
+            placeholder, line = self._invalid
+            raise InvalidPlaceholder(placeholder, line=line, where=where)
+
     def render(self, values: Mapping[str, Any] | None = None, *, allow_extra: bool = False) -> str:
         """The text with every placeholder replaced by ``str(value)``.
 
-        Raises MissingVariables naming every placeholder without a value, and (unless
-        ``allow_extra``) UnknownVariables for values the template does not use.
+        Raises InvalidPlaceholder for a placeholder that is not a name, MissingVariables
+        naming every placeholder without a value, UnknownVariables (unless ``allow_extra``)
+        for values the template does not use, and InvalidVariables for values that are not
+        text, numbers or booleans.
         """
+        self.check()
         values = values or {}
-        missing = [name for name in self.variables if name not in values]
-        if missing:
-            raise MissingVariables(missing)
-        if not allow_extra:
-            extra = [name for name in values if name not in self.variables]
-            if extra:
-                raise UnknownVariables(extra, self.variables)
+        _check_names(self.variables, values, allow_extra=allow_extra)
+        return self._fill(_texts(values))
 
-        def substitute(match: re.Match[str]) -> str:
-            name = match.group(1)
-            return "{{" if name is None else str(values[name])
+    def _fill(self, texts: Mapping[str, str]) -> str:
+        parts = self._parts
+        out = parts.copy()
+        for i in range(1, len(parts), 2):
+            out[i] = texts[parts[i]]
+        return "".join(out)
 
-        return _TOKEN.sub(substitute, self.text)
+
+def _check_names(used: tuple[str, ...], values: Mapping[str, Any], *, allow_extra: bool) -> None:
+    missing = [name for name in used if name not in values]
+    if missing:
+        raise MissingVariables(missing)
+    if not allow_extra:
+        known = frozenset(used)
+        extra = [name for name in values if name not in known]
+        if extra:
+            raise UnknownVariables(extra, used)
+
+
+def check_placeholders(text: str, *, where: str = "template") -> None:
+    """Raise InvalidPlaceholder if ``text`` has a placeholder that is not a variable name."""
+    Template(text).check(where)
 
 
 @dataclass(frozen=True)
@@ -75,14 +164,18 @@ class Prompt:
     description: str | None = None
     created_at: float | None = None  # unix time the version was saved
 
+    @functools.cached_property
+    def _templates(self) -> tuple[Template | None, Template]:
+        """The system prompt and the template, parsed once per Prompt."""
+        return (Template(self.system) if self.system else None, Template(self.template))
+
     @property
     def variables(self) -> tuple[str, ...]:
         """Placeholders of the system prompt, then of the template, each once, in order."""
         seen: dict[str, None] = {}
-        for text in (self.system, self.template):
-            if text:
-                for name in Template(text).variables:
-                    seen.setdefault(name, None)
+        for template in self._templates:
+            if template is not None:
+                seen.update(dict.fromkeys(template.variables))
         return tuple(seen)
 
     @property
@@ -111,23 +204,20 @@ class Prompt:
         """The chat messages with every placeholder filled (system message first, if any).
 
         Every missing variable is named at once; values the prompt does not use are refused
-        unless ``allow_extra``.
+        unless ``allow_extra``; a placeholder that is not a name and a value that is not text,
+        a number or a boolean are refused too (see the module docstring for the rules).
         """
+        system, user = self._templates
+        if system is not None:
+            system.check("system prompt")
+        user.check()
         values = dict(variables or {})
-        used = self.variables
-        missing = [name for name in used if name not in values]
-        if missing:
-            raise MissingVariables(missing)
-        if not allow_extra:
-            extra = [name for name in values if name not in used]
-            if extra:
-                raise UnknownVariables(extra, used)
+        _check_names(self.variables, values, allow_extra=allow_extra)
+        texts = _texts(values)
         messages: list[dict[str, str]] = []
-        if self.system:
-            system = Template(self.system).render(values, allow_extra=True)
-            messages.append({"role": "system", "content": system})
-        user = Template(self.template).render(values, allow_extra=True)
-        messages.append({"role": "user", "content": user})
+        if system is not None:
+            messages.append({"role": "system", "content": system._fill(texts)})
+        messages.append({"role": "user", "content": user._fill(texts)})
         return messages
 
 

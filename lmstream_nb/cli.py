@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_rm.add_argument("name")
     p_export = psub.add_parser("export", help="write every prompt to FOLDER as TOML files")
     p_export.add_argument("folder", type=Path)
+    p_export.add_argument(
+        "--force", action="store_true", help="overwrite files that are not this prompt's file"
+    )
     p_import = psub.add_parser("import", help="read every FOLDER/*.toml (all or nothing)")
     p_import.add_argument("folder", type=Path)
 
@@ -674,7 +677,7 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 max_tokens=args.max_tokens,
                 description=args.description,
             )
-        except ValueError as exc:
+        except (ValueError, TemplateError) as exc:
             err.write(f"lmstream: {exc}\n")
             return EXIT_USAGE
         variables = ", ".join(saved.variables) or "none"
@@ -737,7 +740,7 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         count = store.delete(args.name)
         out.write(f"Deleted {args.name!r} ({count} version{'s' if count != 1 else ''}).\n")
     elif action == "export":
-        files = store.export(args.folder)
+        files = store.export(args.folder, force=args.force)
         out.write(f"Wrote {len(files)} prompt file(s) to {args.folder}.\n")
     elif action == "import":
         imported = store.import_(args.folder)

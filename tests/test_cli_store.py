@@ -170,3 +170,28 @@ def test_batch_command_csv_and_jsonl(home: Path, tmp_path: Path, sim: simulator.
     assert partial.returncode == 1
     assert "1 ok, 1 failed" in partial.stderr
     assert "--resume" in partial.stderr
+
+
+def test_export_refuses_a_foreign_file_unless_forced(home: Path, tmp_path: Path) -> None:
+    assert lmstream("prompts", "add", "greet", "Hi {{name}}").returncode == 0
+    folder = tmp_path / "library"
+    folder.mkdir()
+    foreign = folder / "greet.toml"
+    foreign.write_text("not mine\n", encoding="utf-8")
+    refused = lmstream("prompts", "export", str(folder))
+    assert refused.returncode == 1
+    assert refused.stderr.count("\n") == 1
+    assert "--force" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert foreign.read_text(encoding="utf-8") == "not mine\n"
+    forced = lmstream("prompts", "export", str(folder), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "Hi {{name}}" in foreign.read_text(encoding="utf-8")
+
+
+def test_a_placeholder_that_is_no_name_is_a_usage_error(home: Path) -> None:
+    result = lmstream("prompts", "add", "greet", "Hi {{first name}}")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "{{first name}}" in result.stderr
+    assert json.loads(lmstream("prompts", "list", "--json").stdout) == []

@@ -11,6 +11,7 @@ import pytest
 from lmstream_nb import _migrations
 from lmstream_nb._errors import StoreUnavailable
 from lmstream_nb._migrations import APPLICATION_ID, LATEST_VERSION, MIGRATIONS, migrate
+from lmstream_nb._store import PromptStore
 
 
 @pytest.fixture
@@ -98,13 +99,38 @@ def test_a_fresh_database_ends_at_the_latest_schema(conn: sqlite3.Connection) ->
         "preview",
         "batch_id",
         "batch_row",
+        "owner",
+        "text_in_chunks",
     ]
-    assert columns(conn, "run_chunks") == ["run_id", "seq", "text", "reasoning"]
+    assert columns(conn, "run_chunks") == [
+        "run_id",
+        "seq",
+        "text",
+        "reasoning",
+        "text_end",
+        "reasoning_end",
+    ]
     run_indexes = indexes(conn, "runs")
     assert run_indexes["runs_started_at"][:2] == ["started_at", "id"]
     assert run_indexes["runs_batch"] == ["batch_id", "batch_row"]
     assert run_indexes["runs_prompt_started_at"][:3] == ["prompt_name", "started_at", "id"]
     assert run_indexes["runs_status_started_at"] == ["status", "started_at"]
+    # Only unfinished runs, with their owner: finding orphans and checking a run is still open
+    # never read the wide run rows.
+    assert run_indexes["runs_unfinished"] == ["id", "owner"]
+    partial = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'runs_unfinished'")
+    assert "WHERE status = 'unfinished'" in partial.fetchone()[0]
+    # Where each piece of a run's text ends, without reading the pieces.
+    assert indexes(conn, "run_chunks")["run_chunks_ends"] == [
+        "run_id",
+        "seq",
+        "text_end",
+        "reasoning_end",
+    ]
+    # Each timing in order within its group and overall, for stats' percentiles.
+    for column in ("ttft_s", "duration_s"):
+        assert run_indexes[f"runs_{column}_in_group"][:3] == ["prompt_name", "model", column]
+        assert run_indexes[f"runs_{column}_overall"][0] == column
     # Stats reads only these columns; the two main indexes cover them.
     for name in ("runs_started_at", "runs_prompt_started_at"):
         assert {"prompt_name", "model", "status", "ttft_s", "duration_s"} <= set(run_indexes[name])
@@ -184,3 +210,39 @@ def test_a_newer_database_is_refused(conn: sqlite3.Connection) -> None:
 def test_target_out_of_range_is_refused(conn: sqlite3.Connection) -> None:
     with pytest.raises(ValueError, match="target"):
         migrate(conn, target=LATEST_VERSION + 1)
+
+
+def test_a_version_2_database_with_an_unfinished_run_keeps_its_text(tmp_path: Path) -> None:
+    """Chunks of a run left unfinished before owners were recorded get their offsets, the run
+    reads as before through the store, and (having no owner) it is left unfinished."""
+    path = tmp_path / "v2.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, target=2)
+    conn.execute(
+        "INSERT INTO runs (prompt_name, template, messages, variables, base_url, started_at, "
+        "status, text, text_chars, preview) VALUES "
+        "('done', 't', '[]', '{}', 'u', 1.0, 'ok', 'finished text', 13, 'finished text'), "
+        "('left', 't', '[]', '{}', 'u', 2.0, 'unfinished', '', 0, '')"
+    )
+    conn.executemany(
+        "INSERT INTO run_chunks (run_id, seq, text, reasoning) VALUES (2, ?, ?, ?)",
+        [(1, "Hel", "th"), (2, "lo ", ""), (3, "wörld", "ink")],
+    )
+    conn.close()
+    with PromptStore(path) as store:
+        assert store.end_orphaned_runs() == []
+        done, left = store.get_run(1), store.get_run(2)
+        assert (done.status, done.text) == ("ok", "finished text")
+        assert (left.status, left.text, left.reasoning) == ("unfinished", "Hello wörld", "think")
+        summary = {r.id: r for r in store.history()}
+        assert (summary[2].text_chars, summary[2].preview) == (11, "Hello wörld")
+        store.append_run_text(2, "!")
+        assert store.get_run(2).text == "Hello wörld!"
+    check = sqlite3.connect(path)
+    try:
+        ends = check.execute("SELECT seq, text_end, reasoning_end FROM run_chunks ORDER BY seq")
+        assert ends.fetchall() == [(1, 3, 2), (2, 6, 2), (3, 11, 5), (4, 12, 5)]
+        flags = check.execute("SELECT id, text_in_chunks, owner FROM runs ORDER BY id")
+        assert flags.fetchall() == [(1, 0, None), (2, 1, None)]
+    finally:
+        check.close()

@@ -286,7 +286,7 @@ def wait_for_flushed_text(db: Path, timeout: float) -> int:
     raise AssertionError("no text was flushed to the database in time")
 
 
-def test_killed_process_leaves_unfinished_run_with_its_text(
+def test_a_killed_process_leaves_its_run_with_its_text_and_the_next_store_ends_it(
     sim: simulator.SimServer, tmp_path: Path
 ) -> None:
     db = tmp_path / "crash.db"
@@ -297,9 +297,9 @@ def test_killed_process_leaves_unfinished_run_with_its_text(
     finally:
         proc.kill()
         proc.communicate(timeout=10)
-    with PromptStore(db) as reader:
+    with PromptStore(db) as reader:  # the owner is gone: opening ends the run
         rec = reader.get_run(run_id)
-    assert rec.status == "unfinished"
+    assert rec.status == "interrupted"
     assert len(rec.text) > 10
 
 

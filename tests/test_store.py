@@ -1,4 +1,4 @@
-"""PromptStore on real SQLite files: versions, files, refusals, runs, history, stats, load."""
+"""PromptStore on real SQLite files: location, versions, refusals, runs, load."""
 
 from __future__ import annotations
 
@@ -9,87 +9,46 @@ import os
 import random
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 import pytest
+from store_helpers import (
+    finish,
+    one_sentence,
+    start,
+    store_fixture,  # noqa: F401 (the `store` fixture)
+)
 
+from lmstream_nb import run, simulator
 from lmstream_nb._errors import (
-    PromptFileError,
+    InvalidPlaceholder,
     PromptNotFound,
     RunNotFound,
     StoreError,
     StoreUnavailable,
 )
 from lmstream_nb._migrations import APPLICATION_ID, LATEST_VERSION
+from lmstream_nb._owners import current_owner
 from lmstream_nb._store import (
+    ORPHANED_ERROR,
     STATUSES,
-    History,
+    WAL_SIZE_LIMIT,
     PromptStore,
-    RunStats,
     default_path,
-    percentile,
 )
 from lmstream_nb._template import Prompt
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lmstream_nb"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[PromptStore]:
-    with PromptStore(tmp_path / "data" / "lmstream.db") as opened:
-        yield opened
-
-
-def start(store: PromptStore, **overrides: Any) -> int:
-    values: dict[str, Any] = {
-        "prompt_name": "p",
-        "prompt_version": 1,
-        "template": "Say {{x}}",
-        "system": None,
-        "messages": [{"role": "user", "content": "Say hi"}],
-        "variables": {"x": "hi"},
-        "model": "m",
-        "base_url": "http://127.0.0.1:1234/v1",
-        "started_at": time.time(),
-    }
-    values.update(overrides)
-    return store.start_run(**values)
-
-
-def finish(store: PromptStore, run_id: int, **overrides: Any) -> None:
-    values: dict[str, Any] = {
-        "status": "ok",
-        "text": "hi",
-        "reasoning": "",
-        "error": None,
-        "finish_reason": "stop",
-        "model": None,
-        "ttft_s": 0.1,
-        "duration_s": 0.5,
-        "chunks": 2,
-        "prompt_tokens": 3,
-        "completion_tokens": 2,
-        "tokens_per_s": 4.0,
-    }
-    values.update(overrides)
-    store.finish_run(run_id, **values)
-
-
-def one_sentence(message: str) -> None:
-    """Our messages are one line: what happened, the fact, then ``: what to do.``"""
-    assert "\n" not in message, message
-    assert ": " in message, message
-    assert message.endswith((".", "?")), message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +87,8 @@ def test_the_store_imports_no_client_or_front_end_code() -> None:
         "lmstream_nb.simulator",
         "httpx",
     )
-    for module in ("_store.py", "_migrations.py"):
+    modules = ("_store.py", "_migrations.py", "_history.py", "_prompt_files.py")
+    for module in (*modules, "_prompt_fields.py", "_owners.py"):
         tree = ast.parse((PACKAGE / module).read_text(encoding="utf-8"))
         found: set[str] = set()
         for node in ast.walk(tree):
@@ -228,6 +188,15 @@ def test_save_prompt_takes_name_from_argument_or_prompt(store: PromptStore) -> N
         ({"name": "tab\there"}, "'\\t'"),
         ({"name": "bell\x7f"}, "'\\x7f'"),
         ({"name": "n" * 201}, "201 characters"),
+        ({"name": "."}, "names a folder"),
+        ({"name": ".."}, "names a folder"),
+        ({"name": "line\u2028sep"}, "'\\u2028'"),
+        ({"name": "abc\u202edcba"}, "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+        ({"name": "zero\u200bwidth"}, "U+200B (ZERO WIDTH SPACE)"),
+        ({"name": "join\u200dme"}, "U+200D (ZERO WIDTH JOINER)"),
+        ({"name": "\ufeffbom"}, "U+FEFF (ZERO WIDTH NO-BREAK SPACE)"),
+        ({"name": "iso\u2066late"}, "U+2066 (LEFT-TO-RIGHT ISOLATE)"),
+        ({"name": "soft\u00adhyphen"}, "U+00AD (SOFT HYPHEN)"),
         ({"temperature": -0.1}, "outside 0 to 2"),
         ({"temperature": 2.5}, "outside 0 to 2"),
         ({"temperature": math.nan}, "outside 0 to 2"),
@@ -251,8 +220,28 @@ def test_save_refuses_bad_values_with_one_sentence(
     assert store.list() == []
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"template": "Hi {{my name}}"}, "The template has the placeholder {{my name}}"),
+        ({"system": "You are {{1x}}"}, "The system prompt has the placeholder {{1x}}"),
+    ],
+)
+def test_save_refuses_a_placeholder_that_is_no_name(
+    store: PromptStore, kwargs: dict[str, Any], fragment: str
+) -> None:
+    values: dict[str, Any] = {"name": "ok", "template": "t", **kwargs}
+    with pytest.raises(InvalidPlaceholder, match=re.escape(fragment)) as caught:
+        store.save(**values)
+    one_sentence(str(caught.value))
+    assert store.list() == []
+
+
 def test_save_accepts_edge_values(store: PromptStore) -> None:
     assert store.save("n" * 200, "t").version == 1
+    assert store.save("...", "t").version == 1  # not a folder name
+    assert store.save(".hidden", "t").version == 1
+    assert store.save("日本語 ✓ Ελληνικά", "t {{x}}").variables == ("x",)
     assert store.save("résumé ✓ (v2)", "t", temperature=0, max_tokens=-1).temperature == 0.0
     assert store.save("hot", "t", temperature=2, max_tokens=1).max_tokens == 1
 
@@ -277,119 +266,6 @@ def test_prompt_not_found_suggests_close_names(store: PromptStore) -> None:
         store.versions("zzz")
     assert caught.value.suggestions == ()
     assert "lmstream prompts list" in str(caught.value)
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompt files
-
-
-def test_export_then_import_into_a_fresh_store_round_trips(
-    store: PromptStore, tmp_path: Path
-) -> None:
-    store.save("old", "replaced")
-    store.save(
-        "old",
-        "Línea 1 {{x}}\n\tindented \"quoted\" 'single' \\ backslash\n\nlast line ✓ 🦉",
-        system="Système:\nbe brief",
-        model="qwen2.5-7b",
-        temperature=0.7,
-        max_tokens=-1,
-        description="with ünïcode",
-    )
-    store.save("plain", "one line only")
-    store.save("trailing", "ends with newline\n", description='"""triple"""')
-    folder = tmp_path / "exported" / "deep"
-    files = store.export(folder)
-    assert files == [folder / "old.toml", folder / "plain.toml", folder / "trailing.toml"]
-    old_text = (folder / "old.toml").read_text(encoding="utf-8")
-    assert '"""' in old_text
-    assert "Línea 1 {{x}}" in old_text
-    assert old_text.index("name") < old_text.index("description") < old_text.index("template")
-    plain_text = (folder / "plain.toml").read_text(encoding="utf-8")
-    assert "model" not in plain_text
-    assert "system" not in plain_text
-
-    with PromptStore(tmp_path / "fresh.db") as fresh:
-        imported = fresh.import_(folder)
-        assert [p.name for p in imported] == ["old", "plain", "trailing"]
-        fields = ("name", "template", "system", "model", "temperature", "max_tokens", "description")
-        for original in store.list():
-            copy = fresh.get(original.name or "")
-            assert copy.version == 1
-            assert [getattr(copy, f) for f in fields] == [getattr(original, f) for f in fields]
-
-
-def test_import_names_from_file_stem_and_adds_versions(store: PromptStore, tmp_path: Path) -> None:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    (folder / "greet.toml").write_text('template = "Hi {{name}}"\n', encoding="utf-8")
-    (folder / "x.toml").write_text('name = "named"\ntemplate = "t"\n', encoding="utf-8")
-    (folder / "notes.txt").write_text("not a prompt", encoding="utf-8")
-    store.save("greet", "older")
-    imported = store.import_(folder)
-    assert [(p.name, p.version) for p in imported] == [("greet", 2), ("named", 1)]
-    assert store.get("greet").template == "Hi {{name}}"
-    assert store.import_(tmp_path / "in" / "..") == []  # no *.toml there
-
-
-BAD_FILES = [
-    pytest.param('template = "a"\nmodel = = 3\n', 2, "not valid TOML", id="syntax"),
-    pytest.param('template = """never closed\n\nstill open\n', 3, "not valid TOML", id="eof"),
-    pytest.param(
-        'template = "a"\n\ntemprature = 0.5\n', 3, "unknown key 'temprature'", id="unknown-key"
-    ),
-    pytest.param('template = "a"\n[extra]\nx = 1\n', 2, "unknown key 'extra'", id="table"),
-    pytest.param('description = "no template"\n', 1, "no 'template' key", id="missing"),
-    pytest.param('template = "a"\nmodel = 3\n', 2, "'model' an integer", id="wrong-type"),
-    pytest.param(
-        'template = "a"\n\n\ntemperature = "hot"\n', 4, "'temperature'", id="wrong-type-number"
-    ),
-    pytest.param('template = "a"\nmax_tokens = 0\n', 2, "'max_tokens'", id="range"),
-    pytest.param('name = "a/b"\ntemplate = "a"\n', 1, "contains '/'", id="bad-name"),
-    pytest.param(b'template = "caf\xe9"\n', 1, "not UTF-8", id="encoding"),
-]
-
-
-@pytest.mark.parametrize(("content", "line", "fragment"), BAD_FILES)
-def test_a_bad_prompt_file_names_file_and_line_and_imports_nothing(
-    store: PromptStore, tmp_path: Path, content: str | bytes, line: int, fragment: str
-) -> None:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    (folder / "a_good.toml").write_text('template = "fine {{x}}"\n', encoding="utf-8")
-    bad = folder / "b_bad.toml"
-    if isinstance(content, bytes):
-        bad.write_bytes(content)
-    else:
-        bad.write_text(content, encoding="utf-8")
-    (folder / "c_good.toml").write_text('template = "also fine"\n', encoding="utf-8")
-    with pytest.raises(PromptFileError) as caught:
-        store.import_(folder)
-    error = caught.value
-    assert error.file == str(bad)
-    assert error.line == line
-    assert str(bad) in str(error)
-    assert f"at line {line}" in str(error)
-    assert fragment in str(error)
-    assert "nothing was imported" in str(error)
-    one_sentence(str(error))
-    assert store.list() == []
-
-
-def test_a_file_name_that_is_no_prompt_name_is_reported(store: PromptStore, tmp_path: Path) -> None:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    (folder / ("n" * 201 + ".toml")).write_text('template = "t"\n', encoding="utf-8")
-    with pytest.raises(PromptFileError, match="file name") as caught:
-        store.import_(folder)
-    assert caught.value.line == 1
-
-
-def test_import_from_a_missing_folder(store: PromptStore, tmp_path: Path) -> None:
-    with pytest.raises(PromptFileError, match="does not exist") as caught:
-        store.import_(tmp_path / "nowhere")
-    assert caught.value.line is None
-    one_sentence(str(caught.value))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,8 +358,12 @@ from lmstream_nb._store import PromptStore
 out = {}
 for path in sys.argv[1:]:
     try:
-        PromptStore(path).close()
-        out[path] = "opened"
+        with PromptStore(path) as store:
+            out[path] = {"read_only": store.read_only, "prompts": [p.name for p in store.list()]}
+            try:
+                store.save("new", "t")
+            except StoreUnavailable as exc:
+                out[path]["save"] = str(exc)
     except StoreUnavailable as exc:
         out[path] = str(exc)
 print(json.dumps(out))
@@ -526,7 +406,7 @@ def shared_tmp() -> Iterator[Path]:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
-def test_an_unwritable_location_is_refused(shared_tmp: Path) -> None:
+def test_an_unwritable_location_is_refused_or_read_only(shared_tmp: Path) -> None:
     read_only_dir = shared_tmp / "ro"
     read_only_dir.mkdir()
     with PromptStore(read_only_dir / "existing.db") as created:
@@ -541,20 +421,22 @@ def test_an_unwritable_location_is_refused(shared_tmp: Path) -> None:
     (read_only_dir / "existing.db").chmod(0o644)
     read_only_dir.chmod(0o555)
 
-    targets = [
-        str(read_only_dir / "new.db"),
-        str(read_only_dir / "sub" / "new.db"),
-        str(read_only_dir / "existing.db"),
-        str(read_only_file),
-    ]
-    result = run_without_root_powers(targets)
+    refused = [str(read_only_dir / "new.db"), str(read_only_dir / "sub" / "new.db")]
+    readable = [str(read_only_dir / "existing.db"), str(read_only_file)]
+    result = run_without_root_powers([*refused, *readable])
     assert result.returncode == 0, result.stderr
     outcome = json.loads(result.stdout)
-    for target in targets:
+    for target in refused:  # nothing there to read, and nothing can be created
         message = outcome[target]
         assert "cannot be written" in message, (target, message)
         assert "set LMSTREAM_HOME to a writable folder" in message
         one_sentence(message)
+    for target in readable:  # an existing database opens for reading, and says so on a write
+        opened = outcome[target]
+        assert opened["read_only"] is True, (target, opened)
+        assert opened["prompts"] == ["p"]
+        assert "is in a read-only location" in opened["save"]
+        one_sentence(opened["save"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -682,168 +564,114 @@ def test_appending_is_linear_not_a_rewrite(store: PromptStore) -> None:
     elapsed = time.perf_counter() - began
     assert len(store.get_run(run_id).text) == 2_000_000
     assert elapsed < 10, elapsed  # a rewrite of the whole text per append would be quadratic
+    assert stored_chars(store) == 2_000_000  # every character once
+    assert database_bytes(store) < 1.3 * 2_000_000 + 200_000
 
 
-# ---------------------------------------------------------------------------------------------
-# History and stats
+def database_bytes(store: PromptStore) -> int:
+    """Pages in use (the file less its free pages): what the text really occupies."""
+    conn = sqlite3.connect(store.path)
+    try:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
+    finally:
+        conn.close()
 
 
-def populate(store: PromptStore) -> dict[str, int]:
-    """Six runs at known times (unix 1000..1500) over two prompts, two models, four statuses."""
-    plan = [
-        ("a", "m1", 1000.0, "ok", "First   answer\n\nwith  spaces " + "y" * 100),
-        ("a", "m1", 1100.0, "stalled", "half"),
-        ("b", "m2", 1200.0, "ok", "b ok"),
-        ("a", "m2", 1300.0, "error", ""),
-        (None, "m1", 1400.0, "ok", "inline"),
-        ("a", "m1", 1400.0, "ok", "same start, later id"),
-    ]
-    ids: dict[str, int] = {}
-    for i, (name, model, started, status, text) in enumerate(plan):
-        run_id = start(
-            store,
-            prompt_name=name,
-            prompt_version=1 if name else None,
-            model=model,
-            started_at=started,
-        )
-        finish(
-            store,
-            run_id,
-            status=status,
-            text=text,
-            ttft_s=0.1 * (i + 1),
-            duration_s=float(i + 1),
-            error="boom" if status == "error" else None,
-        )
-        ids[f"{name}@{started:g}"] = run_id
-    ids["unfinished"] = start(store, prompt_name="b", model="m2", started_at=1500.0)
-    store.append_run_text(ids["unfinished"], "streaming   now")
-    return ids
+def stored_chars(store: PromptStore) -> int:
+    """Characters of answer text held anywhere in the database (chunks and run rows)."""
+    conn = sqlite3.connect(store.path)
+    try:
+        chunks = conn.execute("SELECT coalesce(sum(length(text)), 0) FROM run_chunks")
+        rows = conn.execute("SELECT coalesce(sum(length(text)), 0) FROM runs")
+        return int(chunks.fetchone()[0]) + int(rows.fetchone()[0])
+    finally:
+        conn.close()
 
 
-def test_history_is_newest_first_and_filters(store: PromptStore) -> None:
-    ids = populate(store)
-    runs = store.history()
-    assert isinstance(runs, History)
-    assert [r.started_at for r in runs] == [1500, 1400, 1400, 1300, 1200, 1100, 1000]
-    assert runs[1].id > runs[2].id  # same start: the later run first
-    assert runs[0].status == "unfinished"
-    assert runs[0].preview == "streaming now"
-    assert runs[0].text_chars == len("streaming   now")
-    oldest = runs[-1]
-    assert oldest.preview == ("First answer with spaces " + "y" * 100)[:80]
-    assert oldest.text_chars == len("First   answer\n\nwith  spaces ") + 100
-    assert (oldest.prompt_name, oldest.prompt_version, oldest.model) == ("a", 1, "m1")
-    assert (oldest.chunks, oldest.completion_tokens, oldest.tokens_per_s) == (2, 2, 4.0)
+def test_a_long_answer_is_kept_as_appended_and_finishing_writes_only_the_rest(
+    store: PromptStore,
+) -> None:
+    run_id = start(store)
+    pieces = [f"{i:05d}" + "ü" * 19_995 for i in range(60)]  # 1.2 M characters, 60 appends
+    for piece in pieces:
+        store.append_run_text(run_id, piece, "r")
+    rest = " and the last words."
+    text = "".join(pieces) + rest
+    finish(store, run_id, text=text, reasoning="r" * 60 + "R", chunks=61)
 
-    assert [r.started_at for r in store.history(prompt="a")] == [1400, 1300, 1100, 1000]
-    assert [r.status for r in store.history(status="ok")] == ["ok"] * 4
-    assert [r.id for r in store.history(status="error")] == [ids["a@1300"]]
-    assert store.history(status="error")[0].error == "boom"
-    assert [r.started_at for r in store.history(since=1300)] == [1500, 1400, 1400, 1300]
-    since = datetime.fromtimestamp(1300, tz=timezone.utc)
-    assert [r.started_at for r in store.history(since=since)] == [1500, 1400, 1400, 1300]
-    assert [r.started_at for r in store.history(limit=2)] == [1500, 1400]
-    assert len(store.history(limit=None)) == 7
-    assert store.history(limit=0) == []
-    assert [r.started_at for r in store.history(model="m2")] == [1500, 1300, 1200]
-    assert [r.started_at for r in store.history(prompt="a", model="m1", status="ok")] == [
-        1400,
-        1000,
-    ]
-    assert store.history(prompt="nobody") == []
-    with pytest.raises(ValueError, match="not known"):
-        store.history(status="okay")
-    with pytest.raises(ValueError, match="limit"):
-        store.history(limit=-1)
+    assert stored_chars(store) == len(text)  # each character once: nothing was copied
+    conn = sqlite3.connect(store.path)
+    try:
+        last = conn.execute(
+            "SELECT text, reasoning, text_end FROM run_chunks ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        row = conn.execute("SELECT text, text_in_chunks FROM runs").fetchone()
+    finally:
+        conn.close()
+    assert last == (rest, "R", len(text))  # the final write carried only what was missing
+    assert row == ("", 1)
+    record = store.get_run(run_id)
+    assert (record.status, record.text, record.reasoning) == ("ok", text, "r" * 60 + "R")
+    [summary] = store.history()
+    assert (summary.text_chars, summary.preview) == (len(text), text[:80])
+    assert database_bytes(store) < 1.3 * len(text.encode("utf-8")) + 200_000
 
 
-def test_history_as_dicts_and_pandas(store: PromptStore) -> None:
-    populate(store)
-    runs = store.history()
-    dicts = runs.as_dicts()
-    assert dicts[0]["status"] == "unfinished"
-    assert dicts[0]["started_at"] == 1500.0
-    json.dumps(dicts)
-    frame = runs.to_pandas()
-    assert len(frame) == 7
-    assert list(frame.columns) == list(dicts[0])
-    assert str(frame["started_at"].dtype).startswith("datetime64")
-    assert frame["started_at"].iloc[0] == datetime.fromtimestamp(1500, tz=timezone.utc)
-    empty = History().to_pandas()
-    assert len(empty) == 0
-    assert "preview" in empty.columns
+def test_one_huge_append_does_not_leave_a_wal_as_large(store: PromptStore) -> None:
+    run_id = start(store)
+    store.append_run_text(run_id, "y" * 20_000_000)  # one write of 20 MB fills the WAL
+    wal = Path(f"{store.path}-wal")
+    assert wal.stat().st_size > 20_000_000
+    store.append_run_text(run_id, "z")  # after the checkpoint, the log starts over, cut back
+    finish(store, run_id, text="y" * 20_000_000 + "z!")
+    assert wal.stat().st_size <= WAL_SIZE_LIMIT
+    assert len(store.get_run(run_id).text) == 20_000_002
 
 
-def test_percentile_interpolates_linearly() -> None:
-    assert percentile([], 50) is None
-    assert percentile([3.0], 95) == 3.0
-    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
-    assert percentile([1.0, 2.0, 3.0, 4.0], 95) == pytest.approx(3.85)
-    assert percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+def test_finishing_with_another_text_replaces_what_was_appended(store: PromptStore) -> None:
+    run_id = start(store)
+    store.append_run_text(run_id, "draft " * 20_000)
+    finish(store, run_id, text="final " * 20_000)  # long: stays in pieces
+    assert store.get_run(run_id).text == "final " * 20_000
+    assert stored_chars(store) == 120_000
+    other = start(store)
+    store.append_run_text(other, "abc")
+    finish(store, other, text="")  # what a caller that appended nothing final passes
+    assert store.get_run(other).text == ""
 
 
-def test_stats_on_a_hand_made_set_of_runs(store: PromptStore) -> None:
-    populate(store)
-    report = store.stats()
-    assert isinstance(report, RunStats)
-    overall = report.overall
-    assert (overall.prompt, overall.model, overall.runs, overall.ok) == (None, None, 7, 4)
-    assert overall.success_rate == pytest.approx(4 / 7)
-    assert overall.by_status == {"error": 1, "ok": 4, "stalled": 1, "unfinished": 1}
-    # The six finished runs measured ttft 0.1..0.6 and durations 1..6; the unfinished none.
-    assert overall.ttft_p50 == pytest.approx(0.35)
-    assert overall.ttft_p95 == pytest.approx(0.575)
-    assert overall.duration_p50 == pytest.approx(3.5)
-    assert overall.duration_p95 == pytest.approx(5.75)
-
-    groups = {(g.prompt, g.model): g for g in report.groups}
-    assert [(g.prompt, g.model) for g in report.groups] == [
-        (None, "m1"),
-        ("a", "m1"),
-        ("a", "m2"),
-        ("b", "m2"),
-    ]
-    a_m1 = groups[("a", "m1")]
-    assert (a_m1.runs, a_m1.ok, a_m1.by_status) == (3, 2, {"ok": 2, "stalled": 1})
-    assert a_m1.success_rate == pytest.approx(2 / 3)
-    assert a_m1.duration_p50 == 2.0  # durations 1, 2, 6
-    assert a_m1.duration_p95 == pytest.approx(5.6)
-    b_m2 = groups[("b", "m2")]
-    assert (b_m2.runs, b_m2.ok, b_m2.success_rate) == (2, 1, 0.5)
-    assert b_m2.ttft_p50 == pytest.approx(0.3)
-    assert b_m2.ttft_p95 == pytest.approx(0.3)
-    assert groups[("a", "m2")].success_rate == 0.0
-
-    only_a = store.stats(prompt="a")
-    assert only_a.overall.runs == 4
-    assert {g.prompt for g in only_a.groups} == {"a"}
-    assert store.stats(model="m2").overall.runs == 3
-    assert store.stats(since=1400).overall.runs == 3
-    assert store.stats(since=datetime.fromtimestamp(1400, tz=timezone.utc)).overall.runs == 3
+def test_text_utf8_cannot_hold_is_stored_as_replacement_characters(store: PromptStore) -> None:
+    run_id = start(store, variables={"x": "lone \ud800"})
+    store.append_run_text(run_id, "a\udc00b", "\ud83d")
+    assert store.get_run(run_id).text == "a\ufffdb"
+    finish(store, run_id, text="a\udc00b and more", reasoning="\ud83d", error="bad \udfff")
+    record = store.get_run(run_id)
+    assert (record.text, record.reasoning) == ("a\ufffdb and more", "\ufffd")
+    assert record.error == "bad \ufffd"
+    assert record.variables == {"x": "lone \ufffd"}
 
 
-def test_stats_with_no_runs(store: PromptStore) -> None:
-    report = store.stats()
-    assert report.groups == []
-    assert report.overall.runs == 0
-    assert report.overall.success_rate == 0.0
-    assert report.overall.ttft_p50 is None
-    assert report.to_pandas().empty
-
-
-def test_stats_as_dicts_and_pandas(store: PromptStore) -> None:
-    populate(store)
-    report = store.stats()
-    dicts = report.as_dicts()
-    assert len(dicts) == 4
-    assert dicts[1]["prompt"] == "a"
-    assert dicts[1]["by_status"]["ok"] == 2
-    json.dumps(dicts)
-    frame = report.to_pandas()
-    assert list(frame["runs"]) == [1, 3, 1, 2]
-    assert frame.loc[1, "success_rate"] == pytest.approx(2 / 3)
+def test_a_recorded_stream_reads_back_the_same_text(
+    store: PromptStore, sim: simulator.SimServer
+) -> None:
+    """Through arun: a 200,000-character answer over about 2.5 s is appended at least twice,
+    finished with only its tail, and reads back exactly as it was received."""
+    result = run(
+        Prompt("Go", model="lmstream-sim-8b"),
+        store=store,
+        base_url=sim.base_url,
+        sim={"output_tokens": 200, "chunk_chars": 1000, "gen_tps": 80, "jitter": 0},
+    )
+    assert result.ok
+    assert len(result.text) == 200_000
+    record = store.get_run(result.run_id)
+    assert record.text == result.text
+    assert chunk_rows(store) >= 2
+    assert stored_chars(store) == len(result.text)
+    assert store.history()[0].text_chars == len(result.text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -937,65 +765,6 @@ def test_two_processes_and_eight_threads_write_at_once(tmp_path: Path) -> None:
         assert chunk_rows(shared) == 0
 
 
-def test_history_and_stats_stay_fast_over_100k_runs(tmp_path: Path) -> None:
-    path = tmp_path / "big.db"
-    PromptStore(path).close()
-    rng = random.Random(3)
-    statuses = ["ok"] * 8 + ["stalled", "error"]
-    rows = [
-        (
-            f"prompt{i % 20}",
-            1,
-            "Summarize {{x}}",
-            None,
-            "[]",
-            "{}",
-            f"model{i % 3}",
-            "u",
-            1_000_000.0 + i,
-            rng.random(),
-            rng.random() * 10,
-            10,
-            statuses[i % 10],
-            "answer " * 40,
-            280,
-            "answer " * 11,
-        )
-        for i in range(100_000)
-    ]
-    conn = sqlite3.connect(path)
-    conn.executemany(
-        "INSERT INTO runs (prompt_name, prompt_version, template, system, messages, variables,"
-        " model, base_url, started_at, ttft_s, duration_s, chunks, status, text, text_chars,"
-        " preview) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        rows,
-    )
-    conn.commit()
-    conn.close()
-
-    with PromptStore(path) as store:
-        timings: dict[str, float] = {}
-        for label, call in [
-            ("history", lambda: store.history()),
-            ("history prompt", lambda: store.history(prompt="prompt7")),
-            ("history status", lambda: store.history(status="error")),
-            ("history since", lambda: store.history(since=1_050_000.0)),
-            ("history model", lambda: store.history(model="model1")),
-            ("stats", lambda: store.stats()),
-            ("stats prompt", lambda: store.stats(prompt="prompt7")),
-            ("stats since", lambda: store.stats(since=1_050_000.0)),
-        ]:
-            began = time.perf_counter()
-            result = call()
-            timings[label] = time.perf_counter() - began
-            assert result
-        assert max(timings.values()) < 1.0, timings
-        report = store.stats()
-        assert report.overall.runs == 100_000
-        assert len(report.groups) == 60
-        assert report.overall.success_rate == pytest.approx(0.8)
-
-
 OPENER = """
 import os, sys, time
 from lmstream_nb._store import PromptStore
@@ -1043,3 +812,379 @@ def test_processes_creating_the_same_fresh_database_at_once(tmp_path: Path) -> N
         )
     finally:
         conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs whose recording process died
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``predicate`` until it returns something true, for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_a_run_whose_process_was_killed_is_interrupted_with_its_text(tmp_path: Path) -> None:
+    """`lmstream run` streams from a slow simulator and is killed with SIGKILL mid-answer; the
+    next store opened ends its run as interrupted, keeping the text recorded until then."""
+    home = tmp_path / "home"
+    with simulator.serve(profile="laptop-gpu") as slow:  # 30 tokens a second
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lmstream_nb",
+                "run",
+                'Tell me about owls [[sim {"output_tokens": 100000}]]',
+                "--base-url",
+                slow.base_url,
+            ],
+            env={**os.environ, "LMSTREAM_HOME": str(home)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            db = home / "lmstream.db"
+            wait_for(db.exists, 30, "the database")
+            with PromptStore(db) as watcher:  # the owner is alive: this open leaves it alone
+                [running] = wait_for(
+                    lambda: [r for r in watcher.history() if r.text_chars > 0], 30, "text"
+                )
+                assert running.status == "unfinished"
+                before = watcher.get_run(running.id).text
+            proc.send_signal(signal.SIGKILL)
+            printed, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    with PromptStore(db) as reopened:
+        record = reopened.get_run(running.id)
+        assert record.status == "interrupted"
+        assert record.error == ORPHANED_ERROR
+        one_sentence(record.error)
+        assert record.text.startswith(before)
+        assert printed.startswith(record.text)  # the text it showed before it died, or less
+        [summary] = reopened.history()
+        assert (summary.status, summary.text_chars) == ("interrupted", len(record.text))
+        assert summary.preview == " ".join(record.text.split())[:80]
+        assert reopened.end_orphaned_runs() == []  # done once
+
+
+def set_owner(store: PromptStore, run_id: int, owner: dict[str, Any] | None) -> None:
+    conn = sqlite3.connect(store.path)
+    with conn:
+        conn.execute(
+            "UPDATE runs SET owner = ? WHERE id = ?",
+            (None if owner is None else json.dumps(owner), run_id),
+        )
+    conn.close()
+
+
+def test_only_runs_of_ended_processes_on_this_host_are_ended(store: PromptStore) -> None:
+    me = current_owner()
+    mine = {"host": me.host, "boot": me.boot, "pid": me.pid, "start": me.start}
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=30)  # a pid that has ended (and been reaped)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # ends; not reaped until wait()
+    proc_stat = Path(f"/proc/{zombie.pid}/stat")
+    if proc_stat.exists():
+        wait_for(lambda: proc_stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", 30, "zombie")
+    cases: dict[str, dict[str, Any] | None] = {
+        "this process": mine,
+        "no owner (an older run)": None,
+        "another host": {**mine, "host": me.host + "-elsewhere", "pid": child.pid},
+        "ended": {**mine, "pid": child.pid},
+        "killed, not reaped": {**mine, "pid": zombie.pid},
+        "pid reused": {**mine, "start": (me.start or 0) + 1},
+        "rebooted": {**mine, "boot": "another-boot"},
+        "unreadable": {"pid": "x"},
+    }
+    ids = {}
+    for label, owner in cases.items():
+        ids[label] = start(store)
+        store.append_run_text(ids[label], f"text of {label}")
+        set_owner(store, ids[label], owner)
+    try:
+        ended = store.end_orphaned_runs()
+    finally:
+        zombie.wait(timeout=30)
+    expected = {"ended", "killed, not reaped", "pid reused"}
+    if me.boot is not None:
+        expected.add("rebooted")
+    if me.start is None:  # no /proc: start times cannot be compared
+        expected -= {"pid reused", "killed, not reaped"}
+    assert sorted(ended) == sorted(ids[label] for label in expected)
+    for label, run_id in ids.items():
+        record = store.get_run(run_id)
+        assert record.status == ("interrupted" if label in expected else "unfinished"), label
+        assert record.text == f"text of {label}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Read-only locations
+
+
+_BIND_READ_ONLY = (
+    'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1" && shift && exec "$@"'
+)
+
+
+def read_only_runner(target: Path) -> Callable[[list[str]], subprocess.CompletedProcess[str]]:
+    """A way to run commands for which ``target`` (a folder or a file) really is read-only.
+
+    Tests run as root here, and root writes through permission bits (``os.access`` says yes,
+    too), so ``chmod`` alone proves nothing. So each command runs in a private mount namespace
+    (``unshare --mount``) in which ``target`` is bind-mounted onto itself read-only: the kernel
+    answers EROFS to every write there, root's included, and the rest of the machine is not
+    affected. Where mount namespaces are not allowed, ``target`` is made read-only with
+    ``chmod`` and the command runs without the capabilities that bypass permission bits
+    (``setpriv``), so writes fail with EACCES. Without either, the test is skipped.
+    """
+    unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
+    bind = [unshare or "unshare", "--mount", "--propagation", "private", "sh", "-c"]
+    bind += [_BIND_READ_ONLY, "sh", str(target)]
+    probe_file = target / "probe" if target.is_dir() else target
+    if unshare is not None and os.geteuid() == 0:
+        probe = subprocess.run(
+            [*bind, sys.executable, "-c", f"open({str(probe_file)!r}, 'a')"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if probe.returncode != 0 and "Read-only file system" in probe.stderr:
+
+            def in_namespace(command: list[str]) -> subprocess.CompletedProcess[str]:
+                return subprocess.run(
+                    [*bind, *command], capture_output=True, text=True, timeout=60, check=False
+                )
+
+            return in_namespace
+    if setpriv is None and os.geteuid() == 0:
+        pytest.skip("no mount namespace and no setpriv: cannot make a location read-only")
+    target.chmod(0o555 if target.is_dir() else 0o444)
+    drop = [setpriv or "setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    prefix = drop if os.geteuid() == 0 else []
+
+    def without_powers(command: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*prefix, *command], capture_output=True, text=True, timeout=60, check=False
+        )
+
+    return without_powers
+
+
+READ_SCRIPT = """
+import json, sys
+from lmstream_nb._errors import StoreUnavailable
+from lmstream_nb._store import PromptStore
+with PromptStore(sys.argv[1]) as store:
+    out = {
+        "read_only": store.read_only,
+        "prompts": [p.name for p in store.list()],
+        "text": store.get_run(int(sys.argv[2])).text,
+        "history": [r.id for r in store.history()],
+        "runs": store.stats().overall.runs,
+        "orphans": store.end_orphaned_runs(),
+    }
+    for name, write in [
+        ("save", lambda: store.save("new", "t")),
+        ("start", lambda: store.start_run(
+            prompt_name=None, prompt_version=None, template="t", system=None, messages=[],
+            variables={}, model=None, base_url="u", started_at=0.0)),
+    ]:
+        try:
+            write()
+        except StoreUnavailable as exc:
+            out[name] = str(exc)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mount namespaces or setpriv (Linux)")
+@pytest.mark.parametrize("what", ["folder", "file"])
+def test_a_read_only_location_can_be_read_and_refuses_writes_in_one_sentence(
+    tmp_path: Path, sim: simulator.SimServer, what: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    db = home / "lmstream.db"
+    with PromptStore(db) as store:
+        store.save("greet", "Hello {{name}}")
+        long_run = start(store)
+        store.append_run_text(long_run, "long " * 20_000)  # kept in pieces
+        finish(store, long_run, text="long " * 20_000 + "end")
+        finish(store, start(store), text="short")
+    monkeypatch.setenv("LMSTREAM_HOME", str(home))
+    before = db.read_bytes()
+    writable = {
+        args: subprocess.run(
+            [sys.executable, "-m", "lmstream_nb", *args.split()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        for args in ("prompts list --json", "history --json", "stats --json")
+    }
+    run_read_only = read_only_runner(home if what == "folder" else db)
+    lmstream = [sys.executable, "-m", "lmstream_nb"]
+    for args, expected in writable.items():
+        result = run_read_only([*lmstream, *args.split()])
+        assert result.returncode == 0, (args, result.stderr)
+        assert json.loads(result.stdout) == json.loads(expected), args
+    shown = run_read_only([*lmstream, "history", "--run", str(long_run)])
+    assert shown.returncode == 0, shown.stderr
+    assert "long long" in shown.stdout
+    assert shown.stdout.rstrip().endswith("end")
+
+    requests = len(sim.records())
+    for args in (
+        ["prompts", "add", "other", "t"],
+        ["run", "--prompt", "greet", "--var", "name=Ada", "--base-url", sim.base_url],
+    ):
+        refused = run_read_only([*lmstream, *args])
+        assert refused.returncode == 1, (args, refused.stdout, refused.stderr)
+        assert refused.stderr.count("\n") == 1, refused.stderr
+        assert "is in a read-only location" in refused.stderr
+        assert "LMSTREAM_HOME" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        one_sentence(refused.stderr.strip().removeprefix("lmstream: "))
+    assert len(sim.records()) == requests  # refused before anything was sent
+
+    api = run_read_only([sys.executable, "-c", READ_SCRIPT, str(db), str(long_run)])
+    assert api.returncode == 0, api.stderr
+    seen = json.loads(api.stdout)
+    assert seen["read_only"] is True
+    assert seen["prompts"] == ["greet"]
+    assert seen["text"] == "long " * 20_000 + "end"
+    assert len(seen["history"]) == 2
+    assert (seen["runs"], seen["orphans"]) == (2, [])
+    for write in ("save", "start"):
+        assert "is in a read-only location" in seen[write]
+        one_sentence(seen[write])
+    assert db.read_bytes() == before
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mount namespaces or setpriv (Linux)")
+def test_unsaved_changes_in_a_read_only_folder_are_read_or_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write-ahead log left beside the database (a crash, or a copy taken while it was open)
+    holds committed changes: read with its -shm file they are seen; without one SQLite could
+    only open the folder as immutable, which would ignore them, so that is refused instead."""
+    live, home = tmp_path / "live", tmp_path / "home"
+    home.mkdir()
+    with PromptStore(live / "lmstream.db") as store:
+        store._connection().execute("PRAGMA wal_autocheckpoint = 0")
+        store.save("only_in_the_wal", "t")
+        for suffix in ("", "-wal", "-shm"):
+            shutil.copy(f"{store.path}{suffix}", home / f"lmstream.db{suffix}")
+    run_read_only = read_only_runner(home)
+    listing = [sys.executable, "-m", "lmstream_nb", "prompts", "list", "--json"]
+    monkeypatch.setenv("LMSTREAM_HOME", str(home))
+    seen = run_read_only(listing)
+    assert seen.returncode == 0, seen.stderr
+    assert [p["name"] for p in json.loads(seen.stdout)] == ["only_in_the_wal"]
+    if home.stat().st_mode & 0o200 == 0:
+        home.chmod(0o755)  # the chmod fallback: let the test remove the -shm file
+    (home / "lmstream.db-shm").unlink()
+    run_read_only = read_only_runner(home)
+    refused = run_read_only(listing)
+    assert refused.returncode == 1
+    assert "has changes in lmstream.db-wal that cannot be read from a read-only folder" in (
+        refused.stderr
+    )
+    one_sentence(refused.stderr.strip().removeprefix("lmstream: "))
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk
+
+
+def limit_pages(store: PromptStore, extra: int) -> None:
+    """Let the database grow by only ``extra`` pages: SQLite then fails writes with SQLITE_FULL,
+    exactly as on a full disk (``max_page_count`` holds for this connection only)."""
+    conn = store._connection()
+    pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+    conn.execute(f"PRAGMA max_page_count = {pages + extra}")
+
+
+def test_a_full_disk_says_so_and_keeps_what_was_stored(store: PromptStore) -> None:
+    store.save("kept", "t {{x}}")
+    earlier = start(store)
+    finish(store, earlier, text="earlier answer")
+    limit_pages(store, 2)
+    with pytest.raises(StoreUnavailable) as caught:
+        store.save("big", "x" * 100_000)
+    message = str(caught.value)
+    assert "is full (database or disk is full)" in message
+    assert "not a usable" not in message  # it used to blame the file and advise moving it
+    one_sentence(message)
+    run_id = start(store)
+    with pytest.raises(StoreUnavailable, match="is full"):
+        store.append_run_text(run_id, "y" * 100_000)
+    assert [p.name for p in store.list()] == ["kept"]
+    assert store.get_run(earlier).text == "earlier answer"
+    assert store.get_run(run_id).text == ""
+    limit_pages(store, 1000)  # space again: the same store carries on
+    store.append_run_text(run_id, "y" * 100_000)
+    assert len(store.get_run(run_id).text) == 100_000
+
+
+FULL_DISK_SCRIPT = """
+import sys
+from lmstream_nb import cli
+from lmstream_nb._run import default_store
+store = default_store()
+conn = store._connection()
+pages = conn.execute("PRAGMA page_count").fetchone()[0]
+conn.execute(f"PRAGMA max_page_count = {pages + int(sys.argv[2])}")
+sys.exit(cli.main(["run", "--prompt", "long", "--base-url", sys.argv[1]]))
+"""
+
+
+def test_a_run_that_fills_the_disk_reports_it_once_without_stray_tracebacks(
+    tmp_path: Path, sim: simulator.SimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lmstream run` on a disk with room for about 320 KB while a 600,000-character answer
+    streams for about 3 s: the first append fits, the next ones from the worker thread fail
+    once the disk is full, the final write too, and all the user sees is the text and one
+    sentence (no "Task exception was never retrieved")."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("LMSTREAM_HOME", str(home))
+    scenario = '[[sim {"output_tokens": 600, "chunk_chars": 1000, "gen_tps": 200, "jitter": 0}]]'
+    with PromptStore(home / "lmstream.db") as store:
+        store.save("long", f"Go {scenario}")
+        earlier = start(store)
+        finish(store, earlier, text="earlier answer")
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_SCRIPT, sim.base_url, "80"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert len(result.stdout) == 600_000  # the answer was shown whole
+    [line] = result.stderr.splitlines()
+    assert line.startswith("lmstream: The disk that holds the database")
+    assert "is full" in line
+    assert "Traceback" not in result.stderr
+    with PromptStore(home / "lmstream.db") as store:  # the writer has exited: its run ends
+        assert [p.name for p in store.list()] == ["long"]
+        assert store.get_run(earlier).text == "earlier answer"
+        [failed] = [r for r in store.history() if r.id != earlier]
+        record = store.get_run(failed.id)
+        assert record.status == "interrupted"
+        assert 0 < len(record.text) < 600_000  # what fitted before the disk was full
+        assert result.stdout.startswith(record.text)

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from lmstream_nb._errors import MissingVariables, UnknownVariables
+from lmstream_nb import run
+from lmstream_nb._errors import (
+    InvalidPlaceholder,
+    InvalidVariables,
+    MissingVariables,
+    TemplateError,
+    UnknownVariables,
+)
 from lmstream_nb._store import PromptStore
 from lmstream_nb._template import Prompt, Template
+
+
+def one_sentence(message: str) -> None:
+    assert "\n" not in message, message
+    assert ": " in message, message
+    assert message.endswith("."), message
 
 
 def test_variables_are_listed_once_in_order_system_first() -> None:
@@ -93,3 +107,130 @@ def test_a_10_mb_value_renders_and_round_trips_through_the_store(tmp_path: Path)
     assert record.messages == messages
     assert record.variables == variables
     assert record.system == "Reader of {{kind}}"
+
+
+@pytest.mark.parametrize(
+    ("text", "placeholder", "line"),
+    [
+        ("Hello {{my var}}!", "{{my var}}", 1),
+        ("Hello {{ü}}", "{{ü}}", 1),
+        ("first\nsecond {{1x}}", "{{1x}}", 2),
+        ("{{}}", "{{}}", 1),
+        ("{{   }}", "{{   }}", 1),
+        ('JSON {{"k": 1}}', '{{"k": 1}}', 1),
+        ("{{a{b}}", "{{a{b}}", 1),
+        ("{{ok}} then {{not ok}} and {{bad too}}", "{{not ok}}", 1),
+    ],
+)
+def test_a_placeholder_that_is_no_name_is_refused(text: str, placeholder: str, line: int) -> None:
+    with pytest.raises(InvalidPlaceholder) as caught:
+        Template(text).render({"ok": 1}, allow_extra=True)
+    assert (caught.value.placeholder, caught.value.line) == (placeholder, line)
+    assert placeholder in str(caught.value)
+    assert f"line {line}" in str(caught.value)
+    one_sentence(str(caught.value))
+    with pytest.raises(InvalidPlaceholder):
+        Prompt(template=text).render({"ok": 1}, allow_extra=True)
+    # Listing what a (perhaps older, stored) template uses still works: only names count.
+    assert "my var" not in Prompt(template=text).variables
+
+
+def test_an_invalid_placeholder_in_the_system_prompt_says_so() -> None:
+    with pytest.raises(InvalidPlaceholder, match=r"^The system prompt has") as caught:
+        Prompt(template="{{x}}", system="You are {{a role}}.").render({"x": 1})
+    assert isinstance(caught.value, TemplateError)
+
+
+def test_valid_names_and_brace_runs() -> None:
+    template = Template("{{a.b}} {{top-k}} {{ _x }} {{\tT9 }} {{{v}}} {{{{v}}}}")
+    assert template.variables == ("a.b", "top-k", "_x", "T9", "v")
+    values = {"a.b": 1, "top-k": 2, "_x": 3, "T9": 4, "v": "V"}
+    assert template.render(values) == "1 2 3 4 {V} {{V}}"
+
+
+@pytest.mark.parametrize(
+    ("text", "rendered"),
+    [
+        ("\\{{x}}", "{{x}}"),  # an escaped placeholder is literal text
+        ("\\\\{{x}}", "\\X"),  # an escaped backslash, then the value
+        ("\\\\\\{{x}}", "\\{{x}}"),  # an escaped backslash, then a literal {{
+        ("\\\\\\\\{{x}}", "\\\\X"),
+        ("C:\\dir\\ {{x}} \\n \\\\", "C:\\dir\\ X \\n \\\\"),  # elsewhere: untouched
+        ("a {{ b", "a {{ b"),  # no closing braces on the line: plain text
+        ("a {{ b\n}}", "a {{ b\n}}"),
+        ("\\{{ no close", "{{ no close"),
+        ("{{x}}}", "X}"),
+    ],
+)
+def test_backslashes_before_a_placeholder(text: str, rendered: str) -> None:
+    assert Template(text).render({"x": "X"}, allow_extra=True) == rendered
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        (None, "None"),
+        ({"k": 1}, "a dict"),
+        (["a"], "a list"),
+        (b"bytes", "a bytes"),
+        (object(), "an object"),
+        ({1, 2}, "a set"),
+    ],
+)
+def test_values_that_are_not_text_are_refused(value: object, kind: str) -> None:
+    prompt = Prompt(template="Say {{x}} and {{y}}")
+    with pytest.raises(InvalidVariables) as caught:
+        prompt.render({"x": value, "y": "fine"})
+    assert caught.value.names == ("x",)
+    assert f"x ({kind})" in str(caught.value)
+    one_sentence(str(caught.value))
+    with pytest.raises(InvalidVariables):
+        Template("{{x}}").render({"x": value})
+    with pytest.raises(InvalidVariables):  # also a value nobody uses
+        prompt.render({"x": 1, "y": 2, "z": value}, allow_extra=True)
+
+
+def test_text_numbers_and_booleans_are_accepted() -> None:
+    rendered = Template("{{s}} {{i}} {{f}} {{b}}").render({"s": "a", "i": 3, "f": 0.5, "b": True})
+    assert rendered == "a 3 0.5 True"
+
+
+def test_run_refuses_a_non_text_value_before_anything_is_recorded(tmp_path: Path) -> None:
+    with PromptStore(tmp_path / "refuse.db") as store:
+        with pytest.raises(InvalidVariables, match="x \\(None\\)"):
+            # No server listens on port 9: the refusal comes before any request is made.
+            run(Prompt("Say {{x}}"), {"x": None}, store=store, base_url="http://127.0.0.1:9/v1")
+        assert store.history() == []
+
+
+class CountingName(str):
+    """A variable name that counts how often it is compared or hashed."""
+
+    calls = 0
+
+    def __eq__(self, other: object) -> bool:
+        CountingName.calls += 1
+        return str.__eq__(self, other)
+
+    def __hash__(self) -> int:
+        CountingName.calls += 1
+        return str.__hash__(self)
+
+
+def comparisons_to_render(count: int) -> int:
+    names = [f"v{i}" for i in range(count)]
+    prompt = Prompt(template=" ".join(f"{{{{{n}}}}}" for n in names), system="{{v0}}")
+    values: dict[str, Any] = {CountingName(n): n for n in names}
+    CountingName.calls = 0
+    messages = prompt.render(values)
+    Template(prompt.template).render(values)
+    assert messages[-1]["content"] == " ".join(names)
+    return CountingName.calls
+
+
+def test_rendering_is_linear_in_the_number_of_placeholders() -> None:
+    """Counts name comparisons, not time: a membership test on a tuple per name (as once) would
+    make 4,000 placeholders cost about 8 million comparisons instead of a few per name."""
+    small, large = comparisons_to_render(1000), comparisons_to_render(4000)
+    assert large <= 20 * 4000, large  # two renders, a handful of look-ups per name each
+    assert large <= 5 * small, (small, large)

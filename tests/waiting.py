@@ -21,7 +21,7 @@ POLL_S = 0.02
 
 
 def wait_until(
-    check: Callable[[], T | None | bool],
+    check: Callable[[], T | bool | None],
     *,
     timeout: float,
     what: str,
@@ -42,7 +42,7 @@ def wait_until(
 
 
 async def await_until(
-    check: Callable[[], T | None | bool],
+    check: Callable[[], T | bool | None],
     *,
     timeout: float,
     what: str,

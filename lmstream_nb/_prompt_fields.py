@@ -1,0 +1,175 @@
+"""What a prompt's fields may hold: one set of checks for saving, importing and exporting.
+
+A prompt name becomes a file name on export and a path segment in ``lmstream serve``'s URLs,
+and it is shown in tables and messages, so it must be something a person can read and type
+back: no separators, no control characters, nothing invisible or direction-changing (Unicode
+format characters, category Cf: bidi controls, zero-width spaces and joiners, the BOM), and not
+``.`` or ``..``. The checks raise ``FieldError`` (a ``ValueError``) whose ``key`` lets an import
+point at the line of the offending key.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from datetime import datetime
+from typing import NamedTuple
+
+from ._template import check_placeholders
+
+MAX_NAME_LENGTH = 200
+
+
+class PromptFields(NamedTuple):
+    """The checked fields of one prompt version, in the order they are stored."""
+
+    name: str
+    template: str
+    system: str | None
+    model: str | None
+    temperature: float | None
+    max_tokens: int | None
+    description: str | None
+
+
+class FieldError(ValueError):
+    """A bad prompt field; ``key`` lets import point at the line, ``fact`` is the bare fact."""
+
+    def __init__(self, key: str, fact: str, fix: str) -> None:
+        super().__init__(f"{fact}: {fix}.")
+        self.key = key
+        self.fact = fact
+
+
+_BAD_NAME_CHAR = re.compile(r"[/\\\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def validate_name(name: object) -> str:
+    """``name`` if it can be a prompt name; FieldError saying why not otherwise."""
+    if not isinstance(name, str):
+        raise FieldError(
+            "name", f"The prompt name must be text, not {kind(name)}", "give the prompt a name"
+        )
+    if not name:
+        raise FieldError("name", "The prompt name is empty", "give the prompt a name")
+    if len(name) > MAX_NAME_LENGTH:
+        raise FieldError(
+            "name",
+            f"The prompt name is {len(name)} characters long, more than {MAX_NAME_LENGTH}",
+            "use a shorter name",
+        )
+    if name in (".", ".."):
+        raise FieldError(
+            "name",
+            f"The prompt name {name!r} names a folder, not a file",
+            "use a name with letters or digits in it",
+        )
+    bad = _BAD_NAME_CHAR.search(name)
+    if bad:
+        raise FieldError(
+            "name",
+            f"The prompt name {name!r} contains {bad.group()!r}",
+            "use a name without slashes, backslashes or control characters, since it becomes "
+            "a file name on export",
+        )
+    for char in name:
+        if unicodedata.category(char) == "Cf":
+            raise FieldError(
+                "name",
+                f"The prompt name {name!r} contains the invisible character "
+                f"U+{ord(char):04X} ({unicodedata.name(char, 'a format character')})",
+                "type the name again without it, since invisible or direction-changing "
+                "characters make two different names look the same",
+            )
+    return name
+
+
+def validate_fields(
+    name: object,
+    template: object,
+    system: object,
+    model: object,
+    temperature: object,
+    max_tokens: object,
+    description: object,
+) -> PromptFields:
+    """The fields of a prompt, checked; raises FieldError (a ValueError) on the first bad one.
+
+    A template or system prompt whose placeholders are not valid names raises
+    ``InvalidPlaceholder`` (a TemplateError, also a ValueError) instead.
+    """
+    checked_name = validate_name(name)
+    if not isinstance(template, str):
+        raise FieldError(
+            "template",
+            f"The template must be text, not {kind(template)}",
+            "pass the prompt text as a string",
+        )
+    texts: dict[str, str | None] = {}
+    for key, value in (("system", system), ("model", model), ("description", description)):
+        if value is not None and not isinstance(value, str):
+            raise FieldError(
+                key,
+                f"The {key} must be text or None, not {kind(value)}",
+                f"pass {key} as a string",
+            )
+        texts[key] = value
+    checked_temperature: float | None = None
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise FieldError(
+                "temperature",
+                f"The temperature must be a number, not {kind(temperature)}",
+                "use a value from 0 to 2",
+            )
+        if not 0 <= temperature <= 2:
+            raise FieldError(
+                "temperature",
+                f"The temperature {temperature!r} is outside 0 to 2",
+                "use a value from 0 (most predictable) to 2",
+            )
+        checked_temperature = float(temperature)
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            raise FieldError(
+                "max_tokens",
+                f"max_tokens must be an integer, not {kind(max_tokens)}",
+                "use a positive number of tokens, or -1 for no limit",
+            )
+        if max_tokens <= 0 and max_tokens != -1:
+            raise FieldError(
+                "max_tokens",
+                f"max_tokens is {max_tokens}",
+                "use a positive number of tokens, or -1 for no limit",
+            )
+    check_placeholders(template, where="template")
+    if texts["system"] is not None:
+        check_placeholders(texts["system"], where="system prompt")
+    return PromptFields(
+        checked_name,
+        template,
+        texts["system"],
+        texts["model"],
+        checked_temperature,
+        max_tokens,
+        texts["description"],
+    )
+
+
+def kind(value: object) -> str:
+    """How TOML (and a user) would name the type of ``value``."""
+    kinds: list[tuple[type | tuple[type, ...], str]] = [
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (dict, "a table"),
+        (list, "an array"),
+        (datetime, "a date-time"),
+    ]
+    for cls, name in kinds:
+        if isinstance(value, cls):
+            return name
+    if value is None:
+        return "None"
+    return f"a {type(value).__name__}"
