@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from waiting import await_until
 
 from lmstream_nb import BatchResult, Budgets, Prompt, PromptStore, arun_many, run_many, simulator
 
@@ -143,12 +144,16 @@ async def test_interrupt_mid_batch_keeps_finished_rows_and_cancels_in_flight(
                 prompt, rows, concurrency=3, store=store, base_url=paced.base_url, progress=False
             )
         )
-        for _ in range(200):  # bounded: the two short rows finish within about a second
-            done = [r for r in store.history(limit=None) if r.status == "ok"]
-            if len(done) == 2:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)
+        await await_until(
+            lambda: sum(r.status == "ok" for r in store.history(limit=None)) == 2,
+            timeout=10,
+            what="the two short rows finished",
+        )
+        await await_until(
+            lambda: any(r.outcome == "running" and r.sent_tokens for r in paced.records()),
+            timeout=10,
+            what="a long row is streaming",
+        )
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

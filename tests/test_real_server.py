@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
 from real_llama import Server, launcher
+from waiting import wait_until
 
 from lmstream_nb import Budgets, LMStudioClient, PromptTooLong, TextDelta
 
@@ -27,13 +27,13 @@ BUDGETS = Budgets(connect=10, first_token=120, idle=30)
 
 
 def wait_for_log(server: Server, needle: str, offset: int, timeout: float) -> str:
-    """Bounded poll of the server's log (an external process offers no event to wait on)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = server.log_text(offset)
-        if needle in text or time.monotonic() > deadline:
-            return text
-        time.sleep(0.1)
+    """The server's log after ``offset`` once it holds ``needle`` (an external process offers
+    no event to wait on, so this polls, bounded)."""
+    return wait_until(
+        lambda: needle in (text := server.log_text(offset)) and text,
+        timeout=timeout,
+        what=f"the server logged {needle!r}",
+    )
 
 
 @pytest.fixture(scope="module")

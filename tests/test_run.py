@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_until
 
 from lmstream_nb import (
     Budgets,
@@ -275,15 +275,15 @@ def start_child(db: Path, base_url: str) -> subprocess.Popen[str]:
 
 
 def wait_for_flushed_text(db: Path, timeout: float) -> int:
-    """Bounded poll of the database another process writes to (no event crosses processes)."""
-    deadline = time.monotonic() + timeout
+    """The id of the run another process is recording, once some of its text is on disk (no
+    event crosses processes, so this polls, bounded)."""
+
+    def flushed() -> int | None:
+        runs = reader.history()
+        return runs[0].id if runs and runs[0].text_chars > 0 else None
+
     with PromptStore(db) as reader:
-        while time.monotonic() < deadline:
-            runs = reader.history()
-            if runs and runs[0].text_chars > 0:
-                return runs[0].id
-            time.sleep(0.1)
-    raise AssertionError("no text was flushed to the database in time")
+        return wait_until(flushed, timeout=timeout, what="text was flushed to the database")
 
 
 def test_a_killed_process_leaves_its_run_with_its_text_and_the_next_store_ends_it(

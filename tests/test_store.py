@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from store_helpers import (
     start,
     store_fixture,  # noqa: F401 (the `store` fixture)
 )
+from waiting import wait_until
 
 from lmstream_nb import run, simulator
 from lmstream_nb._errors import (
@@ -678,15 +680,22 @@ def test_a_recorded_stream_reads_back_the_same_text(
 # Load: several processes and threads, many runs
 
 
+def start_all(processes: list[subprocess.Popen[str]]) -> None:
+    """Send each waiting child its start line (a closed pipe also releases it)."""
+    for process in processes:
+        assert process.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            process.stdin.write("go\n")
+            process.stdin.flush()
+
+
 WORKER = """
 import os, sys, time
 from lmstream_nb._store import PromptStore
-path, tag, count, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+path, tag, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with PromptStore(path) as store:
     print("ready", flush=True)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(go) and time.monotonic() < deadline:
-        time.sleep(0.001)
+    sys.stdin.readline()  # the start signal (or end of input if the test gave up)
     for i in range(count):
         run_id = store.start_run(
             prompt_name=tag, prompt_version=None, template="t", system=None, messages=[],
@@ -704,12 +713,12 @@ with PromptStore(path) as store:
 
 def test_two_processes_and_eight_threads_write_at_once(tmp_path: Path) -> None:
     path = tmp_path / "busy.db"
-    go = tmp_path / "go"
     per_process, per_thread, threads_n = 300, 100, 8
     with PromptStore(path) as shared:
         processes = [
             subprocess.Popen(
-                [sys.executable, "-c", WORKER, str(path), f"proc{n}", str(per_process), str(go)],
+                [sys.executable, "-c", WORKER, str(path), f"proc{n}", str(per_process)],
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -735,12 +744,12 @@ def test_two_processes_and_eight_threads_write_at_once(tmp_path: Path) -> None:
         for thread in threads:
             thread.start()
         try:
-            # Everyone starts writing at the same moment: processes once the go file exists.
+            # Everyone starts writing at the same moment: processes once they read a line.
             for process in processes:
                 assert process.stdout is not None
                 assert process.stdout.readline() == "ready\n"
         finally:
-            go.touch()
+            start_all(processes)
             started.set()
         for thread in threads:
             thread.join(timeout=45)
@@ -768,11 +777,9 @@ def test_two_processes_and_eight_threads_write_at_once(tmp_path: Path) -> None:
 OPENER = """
 import os, sys, time
 from lmstream_nb._store import PromptStore
-path, go = sys.argv[1], sys.argv[2]
+path = sys.argv[1]
 print("ready", flush=True)
-deadline = time.monotonic() + 30
-while not os.path.exists(go) and time.monotonic() < deadline:
-    time.sleep(0.001)
+sys.stdin.readline()  # the start signal (or end of input if the test gave up)
 with PromptStore(path) as store:
     store.save("shared", "t")
 """
@@ -780,10 +787,10 @@ with PromptStore(path) as store:
 
 def test_processes_creating_the_same_fresh_database_at_once(tmp_path: Path) -> None:
     path = tmp_path / "new" / "lmstream.db"
-    go = tmp_path / "go"
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", OPENER, str(path), str(go)],
+            [sys.executable, "-c", OPENER, str(path)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -795,7 +802,7 @@ def test_processes_creating_the_same_fresh_database_at_once(tmp_path: Path) -> N
             assert process.stdout is not None
             assert process.stdout.readline() == "ready\n"
     finally:
-        go.touch()
+        start_all(processes)
     errors = []
     for process in processes:
         try:
@@ -816,18 +823,6 @@ def test_processes_creating_the_same_fresh_database_at_once(tmp_path: Path) -> N
 
 # ---------------------------------------------------------------------------------------------
 # Runs whose recording process died
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` until it returns something true, for at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_a_run_whose_process_was_killed_is_interrupted_with_its_text(tmp_path: Path) -> None:
@@ -852,10 +847,12 @@ def test_a_run_whose_process_was_killed_is_interrupted_with_its_text(tmp_path: P
         )
         try:
             db = home / "lmstream.db"
-            wait_for(db.exists, 30, "the database")
+            wait_until(db.exists, timeout=30, what="the database exists")
             with PromptStore(db) as watcher:  # the owner is alive: this open leaves it alone
-                [running] = wait_for(
-                    lambda: [r for r in watcher.history() if r.text_chars > 0], 30, "text"
+                [running] = wait_until(
+                    lambda: [r for r in watcher.history() if r.text_chars > 0],
+                    timeout=30,
+                    what="the run's first text is recorded",
                 )
                 assert running.status == "unfinished"
                 before = watcher.get_run(running.id).text
@@ -898,7 +895,11 @@ def test_only_runs_of_ended_processes_on_this_host_are_ended(store: PromptStore)
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # ends; not reaped until wait()
     proc_stat = Path(f"/proc/{zombie.pid}/stat")
     if proc_stat.exists():
-        wait_for(lambda: proc_stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", 30, "zombie")
+        wait_until(
+            lambda: proc_stat.read_text().rsplit(")", 1)[1].split()[0] == "Z",
+            timeout=30,
+            what="the child is a zombie",
+        )
     cases: dict[str, dict[str, Any] | None] = {
         "this process": mine,
         "no owner (an older run)": None,

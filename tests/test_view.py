@@ -3,13 +3,13 @@ and the final output bundles."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from waiting import await_until
 
 from lmstream_nb import Stats, StreamFinished, StreamStarted, TextDelta
 from lmstream_nb._view import NotebookSink, final_bundle, strip_fences
@@ -74,10 +74,7 @@ async def test_sink_timer_paints_the_tail_of_a_burst() -> None:
     sink.handle(TextDelta("a"))
     sink.handle(TextDelta("b"))  # waits for the timer
     assert [m["t"] for m in view.sent] == ["a"]
-    for _ in range(100):  # bounded: the timer fires after ~20 ms
-        if len(view.sent) == 2:
-            break
-        await asyncio.sleep(0.01)
+    await await_until(lambda: len(view.sent) == 2, timeout=5, what="the timer painted the tail")
     assert [m["t"] for m in view.sent] == ["a", "b"]
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from waiting import await_until
 
 from lmstream_nb import PromptRunner, PromptStore, simulator
 from lmstream_nb._outcome import CANCELLED_MESSAGE
@@ -84,11 +85,14 @@ async def test_stop_cancels_within_a_second_and_keeps_partial_text(store: Prompt
         task = runner.run()
         assert task is not None
         [view] = runner.view_box.children
-        for _ in range(200):  # bounded: text arrives within a few hundred ms
-            if view.status.get("state") != "connecting" and runner.store.history():
-                await asyncio.sleep(0.2)
-                break
-            await asyncio.sleep(0.05)
+        await await_until(
+            lambda: (
+                view.status.get("state") == "processing"
+                and any(r.sent_tokens > 20 for r in slow.records())
+            ),
+            timeout=10,
+            what="the runner's run is streaming text",
+        )
         loop = asyncio.get_running_loop()
         stopped_at = loop.time()
         runner.stop_button.click()
