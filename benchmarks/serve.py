@@ -407,7 +407,7 @@ async def _close_listeners(
     await asyncio.gather(*tasks, return_exceptions=True)
     for c in created:
         with contextlib.suppress(Exception):
-            await paths.http.delete(c["url"])
+            await paths.http.request("DELETE", c["url"], json={})
 
 
 async def memory(

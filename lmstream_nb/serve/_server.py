@@ -10,7 +10,6 @@ slow-client detection possible at all.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, MutableMapping
 from types import TracebackType
 from typing import Any
@@ -18,28 +17,25 @@ from typing import Any
 from .._uvicorn import ThreadedServer
 from ._app import create_app
 from ._hub import Hub
+from ._security import TOKEN_ENV, check_token, host_name, is_loopback, is_wildcard
 
-__all__ = ["ServeHandle", "check_host", "run", "serve"]
-
-TOKEN_ENV = "LMSTREAM_SERVER_TOKEN"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+__all__ = ["TOKEN_ENV", "ServeHandle", "check_host", "run", "serve"]
 
 
 def check_host(host: str, token: str | None) -> None:
-    """Refuse to listen beyond this machine without a token (anyone could run prompts)."""
+    """Refuse to listen beyond this machine without a token (anyone could run prompts), and a
+    token that is weak there or that no client could send back (``_security.check_token``)."""
     if not is_loopback(host) and not token:
         raise ValueError(
             f"Listening on {host} makes the server reachable from other machines, so it needs a "
             f"token: pass --token or set {TOKEN_ENV}, or listen on 127.0.0.1."
         )
+    check_token(token, host)
+
+
+def _hosts(host: str) -> list[str]:
+    """Host-header names for a server listening on ``host`` (any, on every address)."""
+    return ["*"] if is_wildcard(host) else [host_name(host)]
 
 
 class ServeHandle:
@@ -60,7 +56,8 @@ class ServeHandle:
     ) -> None:
         check_host(host, app_kwargs.get("token"))
         self.host = host
-        self.app = create_app(abort=self._abort, **app_kwargs)
+        hosts = [*_hosts(host), *app_kwargs.pop("allowed_hosts", ())]
+        self.app = create_app(abort=self._abort, allowed_hosts=hosts, **app_kwargs)
         self.hub: Hub = self.app.state.hub
         # Before uvicorn waits for connections: end the event streams (they would hold a
         # graceful shutdown for its whole timeout) and record the running runs as cancelled.
