@@ -201,6 +201,19 @@ def raw_request(server: ServeHandle, data: bytes) -> bytes:
     return b"".join(chunks)
 
 
+def test_requests_that_are_not_http_get_a_json_400(server: ServeHandle) -> None:
+    for data in (
+        b"GET /api/r\xffns HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # not ASCII in the target
+        b"NONSENSE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 20000,  # headers past 16 KiB, still unfinished
+    ):
+        answer = raw_request(server, data)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert b"application/json" in head
+        assert b"not valid HTTP/1.1" in body
+
+
 # -- cross-site requests ---------------------------------------------------------------------
 
 
