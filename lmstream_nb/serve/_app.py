@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.resources
+import inspect
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 from starlette.applications import Starlette
@@ -90,7 +91,7 @@ class _Api:
         return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
 
     async def openapi(self, request: Request, args: Args) -> Response:
-        return JSONResponse(openapi(self.max_body))
+        return JSONResponse(request.app.state.openapi)
 
     async def prompts(self, request: Request, args: Args) -> Response:
         prompts = await asyncio.to_thread(self.store.list)
@@ -259,28 +260,33 @@ class _Checked:
     """A route endpoint that checks its request against its operation, then calls the handler.
 
     A plain ASGI app rather than a Starlette request/response endpoint, so that the events
-    handler can own every ``send`` (``_events``).
+    handler (which takes ``send`` as well) can own every write (``_events``).
     """
 
-    def __init__(
-        self,
-        operation: Operation,
-        handler: Handler | None = None,
-        stream: StreamHandler | None = None,
-    ) -> None:
+    def __init__(self, operation: Operation, handler: Handler | StreamHandler) -> None:
         self.operation = operation
         self.handler = handler
-        self.stream = stream
+        self.streams = len(inspect.signature(handler).parameters) == 3
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         args = await self.operation.check(request)
-        if self.stream is not None:
-            await self.stream(request, args, send)
+        if self.streams:
+            await cast(StreamHandler, self.handler)(request, args, send)
             return
-        assert self.handler is not None
-        response = await self.handler(request, args)
+        response = await cast(Handler, self.handler)(request, args)
         await response(scope, receive, send)
+
+
+class _Methods:
+    """The endpoints of one path by method (HEAD is GET without the body, as Starlette does)."""
+
+    def __init__(self, endpoints: dict[str, _Checked]) -> None:
+        self.endpoints = endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        await self.endpoints["GET" if method == "HEAD" else method](scope, receive, send)
 
 
 def create_app(
@@ -336,7 +342,8 @@ def create_app(
         max_event_chars=max_event_chars,
     )
     api = _Api(hub, EventStream(hub, settings, abort), max_body)
-    operations = Operations(openapi(max_body), max_body)
+    description = openapi(max_body)
+    operations = Operations(description, max_body)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -347,24 +354,24 @@ def create_app(
             await hub.aclose()
             await client.aclose()
 
-    def route(path: str, method: str, handler: Handler) -> Route:
-        return Route(path, _Checked(operations[method, path], handler), methods=[method])
+    def route(path: str, **handlers: Handler | StreamHandler) -> Route:
+        """One route per path, whatever its methods, so a 405 lists them all in ``Allow``."""
+        endpoints = {
+            method.upper(): _Checked(operations[method.upper(), path], handler)
+            for method, handler in handlers.items()
+        }
+        return Route(path, _Methods(endpoints), methods=list(endpoints))
 
     routes = [
-        route("/", "GET", api.page),
-        route("/api/openapi.json", "GET", api.openapi),
-        route("/api/prompts", "GET", api.prompts),
-        route("/api/prompts/{name}", "GET", api.prompt),
-        route("/api/prompts/{name}/runs", "POST", api.start_run),
-        route("/api/models", "GET", api.models),
-        route("/api/runs", "GET", api.runs),
-        route("/api/runs/{run_id}", "GET", api.run),
-        route("/api/runs/{run_id}", "DELETE", api.cancel),
-        Route(
-            "/api/runs/{run_id}/events",
-            _Checked(operations["GET", "/api/runs/{run_id}/events"], stream=api.events),
-            methods=["GET"],
-        ),
+        route("/", get=api.page),
+        route("/api/openapi.json", get=api.openapi),
+        route("/api/prompts", get=api.prompts),
+        route("/api/prompts/{name}", get=api.prompt),
+        route("/api/prompts/{name}/runs", post=api.start_run),
+        route("/api/models", get=api.models),
+        route("/api/runs", get=api.runs),
+        route("/api/runs/{run_id}", get=api.run, delete=api.cancel),
+        route("/api/runs/{run_id}/events", get=api.events),
     ]
     origins = list(cors_origins)
     # Outermost first: foreign hosts and origins are refused before anything else runs.
@@ -392,6 +399,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.hub = hub
+    app.state.openapi = description
     return app
 
 
