@@ -246,7 +246,7 @@ class Hub:
             live.task = tasks[0]
             current.append(live)
             self._runs[run_id] = live
-            self._arm_grace(live)
+            self._arm_grace(live)  # nobody listens yet: the grace period runs from the POST
             recorded.set_result(live)
 
         def on_event(event: Event) -> None:
@@ -333,7 +333,8 @@ class Hub:
             self._arm_grace(live)
 
     def _arm_grace(self, live: LiveRun) -> None:
-        """Nobody listens: keep the run going for ``grace`` seconds (a reconnect), then cancel."""
+        """Nobody listens (since the POST, or since the last listener left): keep the run going
+        for ``grace`` seconds, in case a client comes (back), then cancel it."""
         if live.grace_timer is not None:
             live.grace_timer.cancel()
         live.grace_timer = asyncio.get_running_loop().call_later(self.grace, self._grace_over, live)
