@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import select
@@ -64,6 +65,7 @@ common.ensure_repo_on_path()
 MODEL = common.MODEL
 TARGET_RATIO = 0.5
 TARGET_P50_MS = 5.0
+TARGET_LONG_RATIO = 3.0
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
 RUN_TIMEOUT_S = 60.0
@@ -132,11 +134,15 @@ class Child:
         self.proc.stdin.flush()
         return read_line(self.proc, timeout)
 
-    def rss_kib(self) -> int:
+    def rss_kib(self, field: str = "VmRSS") -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-        raise RuntimeError("no VmRSS in /proc/PID/status")
+        raise RuntimeError(f"no {field} in /proc/PID/status")
+
+    def reset_peak(self) -> None:
+        """Start VmHWM (peak RSS) again from the current RSS ("5" to clear_refs, Linux 4.0+)."""
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
 
 
 def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
@@ -453,6 +459,91 @@ async def memory(
     return rows
 
 
+@dataclass
+class LongRow:
+    text_bytes: int
+    chars: int
+    events: int
+    seconds: float
+    before_kib: int
+    received_chars: int  # what the service had received then (as its store says)
+    streaming_kib: int  # VmRSS when three quarters of the text had been sent
+    peak_kib: int  # VmHWM during the run (reset at its start)
+    end_kib: int  # VmRSS when the done event arrived
+    after_kib: int  # VmRSS 2 s after the run ended
+
+
+async def long_answer(
+    sim: Child,
+    prompt: Any,
+    start_service: Callable[[], Child],
+    db: str,
+    args: argparse.Namespace,
+) -> tuple[list[LongRow], bool]:
+    """Long answers through one fresh service, one after another: what holding one costs per
+    byte of text, and whether what a run leaves behind is reused by the next (not a leak)."""
+    from lmstream_nb import PromptStore
+
+    chunk = args.long_chunk
+    tokens = int(args.long_mib * 1024 * 1024 / chunk)
+    service = await asyncio.to_thread(start_service)
+    paths = Paths(sim.url, service.url, prompt)
+    rows: list[LongRow] = []
+    same = True
+    try:
+        await paths.run_service(marker(output_tokens=200))  # warm-up: imports, first writes
+        await asyncio.sleep(1.0)
+        for _ in range(args.long_runs):
+            before = service.rss_kib()
+            service.reset_peak()
+            t0 = time.perf_counter()
+            created = await paths.start_run(marker(output_tokens=tokens, chunk_chars=chunk))
+            chars = events = end = streaming = received = 0
+            digest = hashlib.sha256()
+            async with contextlib.aclosing(paths.events(created["events_url"])) as stream:
+                async for name, data in stream:
+                    if name == "delta":
+                        text = json.loads(data)["text"]
+                        chars += len(text)
+                        events += 1
+                        digest.update(text.encode())
+                        if not streaming and chars >= tokens * chunk * 3 // 4:
+                            streaming = service.rss_kib()
+                            # What the service has received by now (its store lags <= 1 s).
+                            runs = await paths.http.get("/api/runs", params={"limit": 1})
+                            received = runs.json()["runs"][0]["text_chars"]
+                    elif name in ("done", "error"):
+                        end = service.rss_kib()
+                        if name == "error":
+                            raise RuntimeError(f"the long run failed: {data}")
+                        break
+            seconds = time.perf_counter() - t0
+            peak = service.rss_kib("VmHWM")
+            await asyncio.sleep(2.0)  # the run is recorded and forgotten by the hub
+            after = service.rss_kib()
+            # Read in this process, so the service holds nothing more for it.
+            stored = PromptStore(db).get_run(created["run_id"]).text.encode()
+            same = same and hashlib.sha256(stored).digest() == digest.digest()
+            rows.append(
+                LongRow(
+                    len(stored),
+                    chars,
+                    events,
+                    seconds,
+                    before,
+                    received,
+                    streaming,
+                    peak,
+                    end,
+                    after,
+                )
+            )
+    finally:
+        await paths.aclose()
+        await asyncio.to_thread(stop_child, service.proc)
+    return rows, same
+
+
 # ---------------------------------------------------------------------------------------------
 # The conductor
 
@@ -463,7 +554,10 @@ async def measure(
     service: Child,
     prompt: Any,
     start_service: Callable[[], Child],
+    db: str,
 ) -> int:
+    if args.long_only:
+        return await report_long(args, sim, prompt, start_service, db)
     paths = Paths(sim.url, service.url, prompt)
     status = 0
     try:
@@ -584,7 +678,74 @@ async def measure(
         f"verdict: added latency p50 = {p50_added:.2f} ms (target <= {TARGET_P50_MS:g} ms): "
         f"{'MET' if p50_added <= TARGET_P50_MS else 'NOT MET'}"
     )
-    return status
+    return max(status, await report_long(args, sim, prompt, start_service, db))
+
+
+def verdict(met: bool) -> str:
+    return "MET" if met else "NOT MET"
+
+
+async def report_long(
+    args: argparse.Namespace,
+    sim: Child,
+    prompt: Any,
+    start_service: Callable[[], Child],
+    db: str,
+) -> int:
+    print(
+        f"\n(d) long answers: {args.long_runs} x {args.long_mib:g} MiB in deltas of "
+        f"{args.long_chunk} characters, one listener, one fresh service"
+    )
+    rows, same = await long_answer(sim, prompt, start_service, db, args)
+    first = rows[0]
+    size = first.text_bytes
+    for n, row in enumerate(rows, 1):
+        print(
+            f"  run {n}: {row.chars:,} characters ({row.text_bytes / 2**20:.1f} MiB of UTF-8) in "
+            f"{row.events:,} events, {row.seconds:.1f} s "
+            f"({row.text_bytes / 2**20 / row.seconds:.1f} MiB/s)"
+        )
+    print(
+        f"\n{'service VmRSS, growth over run 1 start':<40} {'MiB':>8} {'x text':>8}"
+        "   (text: one run's UTF-8 bytes)"
+    )
+    lines = [("before run 1", first.before_kib)]
+    for n, row in enumerate(rows, 1):
+        lines += [
+            (f"run {n}: streaming, 3/4 of the text sent", row.streaming_kib),
+            (f"run {n}: peak (VmHWM, reset at its start)", row.peak_kib),
+            (f"run {n}: when the done event arrived", row.end_kib),
+            (f"run {n}: 2 s after it ended", row.after_kib),
+        ]
+    for label, kib in lines:
+        growth = (kib - first.before_kib) * 1024 / size
+        print(f"  {label:<38} {kib / 1024:>8.1f} {growth:>8.2f}")
+    received = max(first.received_chars, first.chars * 3 // 4) * size / first.chars
+    streaming = (first.streaming_kib - first.before_kib) * 1024 / received
+    print(
+        f"  (at the 3/4 sample the service had received {first.received_chars:,} characters, "
+        "as its store said)"
+    )
+    peak = (first.peak_kib - first.before_kib) * 1024 / size
+    print(
+        f"\nverdict: while streaming, the service holds {streaming:.2f}x the text it received "
+        f"(target <= {TARGET_LONG_RATIO:g}x): {verdict(streaming <= TARGET_LONG_RATIO)}"
+    )
+    print(
+        f"verdict: peak, as the run is finished and recorded, {peak:.2f}x the text "
+        f"(target <= {TARGET_LONG_RATIO:g}x): {verdict(peak <= TARGET_LONG_RATIO)}"
+    )
+    if len(rows) > 1:
+        kept = (rows[-1].after_kib - rows[0].after_kib) * 1024 / size
+        print(
+            f"after run {len(rows)} against after run 1: {kept:+.2f}x the text "
+            "(about 0: what a run leaves is reused, not leaked)"
+        )
+    if not same:
+        print("CORRECTNESS: FAILED: the stored text is not the text the listener received")
+        return 1
+    print("correctness: the listener received exactly the stored text, every run")
+    return 0
 
 
 def main() -> int:
@@ -595,6 +756,10 @@ def main() -> int:
     parser.add_argument("--tps", type=float, default=200.0)
     parser.add_argument("--tokens", type=int, default=400)
     parser.add_argument("--listeners", type=int, default=200)
+    parser.add_argument("--long-mib", type=float, default=48.0, help="size of a long answer")
+    parser.add_argument("--long-chunk", type=int, default=128, help="characters per delta")
+    parser.add_argument("--long-runs", type=int, default=1, help="long answers in a row")
+    parser.add_argument("--long-only", action="store_true", help="measure only (d)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -625,7 +790,7 @@ def main() -> int:
                 f"simulator {sim.url} (pid {sim.proc.pid}), service {service.url} "
                 f"(pid {service.proc.pid}), client pid {os.getpid()}"
             )
-            status = asyncio.run(measure(args, sim, service, prompt, start_service))
+            status = asyncio.run(measure(args, sim, service, prompt, start_service, db))
         finally:
             if service is not None:
                 stop_child(service.proc)

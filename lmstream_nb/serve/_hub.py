@@ -26,8 +26,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import ctypes
 import re
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,24 +44,54 @@ from .._template import Prompt
 
 #: Characters per block of a live run's text (see :class:`Text`).
 BLOCK = 16384
+#: A run at least this long gives the memory it freed back to the system when it is over.
+_RELEASE_AFTER_CHARS = 1 << 20
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None)
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without it)
+        return None
+    return trim
+
+
+_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give memory that was freed back to the system, where the C library allows it.
+
+    Why: glibc keeps freed blocks in its heaps (one per thread that allocated them) for reuse,
+    so after a long answer (the text, the recording's buffers, the store's writes from worker
+    threads) the service would go on holding hundreds of MB it no longer uses. ``malloc_trim``
+    returns every free page of every heap; elsewhere this does nothing.
+    """
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 _CANCELLED_MESSAGE = "Cancelled before the answer was complete; the text received is kept."
 
 
 class Text:
     """Append-only text, sliceable by character offset without joining it all.
 
-    Stored as :data:`BLOCK` -character blocks plus a short tail of the deltas since the last
-    full block: a delta is often a few characters, and a Python str costs about 50 bytes of
-    overhead plus an offset entry, which made a long answer cost 15 times its size when every
-    delta was kept as its own piece. Once the tail holds a block's worth it is joined and cut
-    into blocks, so each character is copied once more, in total, and an offset finds its
-    block by division.
+    Stored as blocks of :data:`BLOCK` characters each, encoded as UTF-8, plus a short tail of
+    the deltas since the last full block. Why: a delta is often a few characters, and a Python
+    str costs about 50 bytes of overhead plus an offset entry, which made a long answer cost 15
+    times its size when every delta was kept as its own piece; and a str holding one emoji
+    stores every character in 4 bytes, so even joined text would cost up to 4 times its UTF-8
+    size. Once the tail holds a block's worth it is joined, cut and encoded, so each character
+    is copied a bounded number of times in all. An offset finds its block by division; a slice
+    decodes only the blocks it overlaps (an event is at most a block, so at most two).
     """
 
     __slots__ = ("_blocks", "_tail", "_tail_ends")
 
     def __init__(self) -> None:
-        self._blocks: list[str] = []  # each exactly BLOCK characters
+        self._blocks: list[bytes] = []  # each exactly BLOCK characters, as UTF-8
         self._tail: list[str] = []  # the deltas after the last block
         self._tail_ends: list[int] = []  # cumulative length within the tail, per delta
 
@@ -73,10 +106,15 @@ class Text:
         if self._tail_ends[-1] >= BLOCK:
             joined = "".join(self._tail)
             cut = len(joined) - len(joined) % BLOCK
-            self._blocks.extend(joined[i : i + BLOCK] for i in range(0, cut, BLOCK))
+            self._blocks.extend(
+                joined[i : i + BLOCK].encode("utf-8", "surrogatepass") for i in range(0, cut, BLOCK)
+            )
             rest = joined[cut:]
             self._tail = [rest] if rest else []
             self._tail_ends = [len(rest)] if rest else []
+
+    def _block(self, index: int) -> str:
+        return self._blocks[index].decode("utf-8", "surrogatepass")
 
     def slice(self, start: int, stop: int) -> str:
         """``text[start:stop]``, touching only the blocks and deltas that overlap it."""
@@ -89,7 +127,7 @@ class Text:
             first, last = start // BLOCK, (min(stop, in_blocks) - 1) // BLOCK
             for index in range(first, last + 1):
                 offset = index * BLOCK
-                parts.append(self._blocks[index][max(0, start - offset) : stop - offset])
+                parts.append(self._block(index)[max(0, start - offset) : stop - offset])
         if stop > in_blocks:
             start, stop = max(0, start - in_blocks), stop - in_blocks
             index = bisect.bisect_right(self._tail_ends, start)
@@ -102,7 +140,7 @@ class Text:
         return "".join(parts)
 
     def __str__(self) -> str:
-        return "".join([*self._blocks, *self._tail])
+        return "".join([*(self._block(i) for i in range(len(self._blocks))), *self._tail])
 
 
 @dataclass(frozen=True)
@@ -314,6 +352,9 @@ class Hub:
         # The final row is written (arun returns after it), so new clients read the store.
         self._runs.pop(live.run_id, None)
         live.notify()
+        if len(live.text) + len(live.reasoning) >= _RELEASE_AFTER_CHARS:
+            # Once its last listener is done with it (the text goes with it).
+            weakref.finalize(live, release_freed_memory)
 
     # -- listeners ------------------------------------------------------------------------------
 
