@@ -112,7 +112,7 @@ DEEP = b"[" * 20000 + b"]" * 20000
         (rb'{"variables": {"topic": "\ud800"}}', 400, "not Unicode text"),
         (rb'{"variables": {"\udfff": "x"}}', 400, "not Unicode text"),
         (rb'{"variables": {"topic": "x"}, "model": "\ud83d"}', 400, "not Unicode text"),
-        (rb'{"variables": {"topic": "x"}, "\ud800": 1}', 400, "unknown field"),
+        (rb'{"variables": {"topic": "x"}, "\ud800": 1}', 400, "not Unicode text"),
         (b'{"variables": {"topic": ' + DEEP + b"}}", 400, "levels deep"),
         (b'{"variables": {"topic": ' + b"[" * 200 + b"]" * 200 + b"}}", 400, "levels deep"),
         (DEEP, 400, "levels deep"),
