@@ -34,8 +34,21 @@ marker (a variable).
     received its first event. Reported: MiB added and KiB per listener, and VmRSS after the
     listeners closed and the runs were stopped.
 
+(d) Memory for a long answer. In one fresh service process, ``--long-runs`` answers of
+    ``--long-mib`` MiB each (default 48, in deltas of ``--long-chunk`` = 128 characters; the
+    simulator's text has a few non-ASCII words, so a character is ~1.02 bytes), each read by one
+    listener. The service's VmRSS is sampled every 0.25 s with what its store has received
+    (``GET /api/runs``), and reported against the text's UTF-8 size: the growth per byte
+    received while streaming (between a quarter and 95% of the text: before that fixed costs
+    dominate, after it the run is being finished), the peak (VmHWM, reset when the run starts),
+    at the done event and 2 s after the run. A second run shows whether what the first left is
+    reused or leaked. The listener's text must equal the stored text (correctness). Before it,
+    the hub's own copy of a 10 MB text is measured with tracemalloc in this process, against a
+    baseline of one str per delta (the layout it had). Target: at most 3x the text.
+
     python benchmarks/serve.py [--rounds 5] [--chunks 100000] [--tps 200] [--tokens 400]
-                               [--listeners 200]
+                               [--listeners 200] [--long-mib 48] [--long-chunk 128]
+                               [--long-runs 1] [--long-only]
 
 Exit status 0 whether or not the targets are met; 1 if a path failed or delivered the wrong text.
 """
@@ -567,6 +580,47 @@ async def long_answer(
     return rows, same
 
 
+class PieceList:
+    """The baseline: a text kept as its deltas plus their cumulative ends (the hub's old
+    layout), sliceable the same way."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.ends: list[int] = []
+
+    def append(self, piece: str) -> None:
+        self.pieces.append(piece)
+        self.ends.append((self.ends[-1] if self.ends else 0) + len(piece))
+
+
+def hub_copy(size: int = 10_000_000) -> list[tuple[str, float, float]]:
+    """(delta shape, baseline bytes per text byte, hub bytes per text byte), by tracemalloc."""
+    import tracemalloc
+
+    from lmstream_nb.serve._hub import Text
+
+    words = [" the", " river", " café", " runs", " →", " 🙂", " stone", "s", " and"]
+    shapes = {"word pieces (~5 chars)": words, "128-character deltas": [("".join(words) * 4)[:128]]}
+    rows = []
+    for label, pieces in shapes.items():
+        ratios = []
+        for kind in (PieceList, Text):
+            tracemalloc.start()
+            text: Any = kind()
+            total = i = 0
+            while total < size:
+                piece = (pieces[i % len(pieces)] + "x")[:-1]  # a new str, as every delta is
+                i += 1
+                text.append(piece)
+                total += len(piece.encode())
+            del piece
+            ratios.append(tracemalloc.get_traced_memory()[0] / total)
+            tracemalloc.stop()
+            del text
+        rows.append((label, ratios[0], ratios[1]))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # The conductor
 
@@ -719,6 +773,9 @@ async def report_long(
         f"\n(d) long answers: {args.long_runs} x {args.long_mib:g} MiB in deltas of "
         f"{args.long_chunk} characters, one listener, one fresh service"
     )
+    print("  the hub's own copy of a 10 MB text (tracemalloc, in this process):")
+    for label, baseline, hub in hub_copy():
+        print(f"    {label:<24} one str per delta {baseline:5.2f}x   blocks {hub:5.2f}x the text")
     rows, same = await long_answer(sim, prompt, start_service, db, args)
     first = rows[0]
     size = first.text_bytes
