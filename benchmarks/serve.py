@@ -34,8 +34,21 @@ marker (a variable).
     received its first event. Reported: MiB added and KiB per listener, and VmRSS after the
     listeners closed and the runs were stopped.
 
+(d) Memory for a long answer. In one fresh service process, ``--long-runs`` answers of
+    ``--long-mib`` MiB each (default 48, in deltas of ``--long-chunk`` = 128 characters; the
+    simulator's text has a few non-ASCII words, so a character is ~1.02 bytes), each read by one
+    listener. The service's VmRSS is sampled every 0.25 s with what its store has received
+    (``GET /api/runs``), and reported against the text's UTF-8 size: the growth per byte
+    received while streaming (between a quarter and 95% of the text: before that fixed costs
+    dominate, after it the run is being finished), the peak (VmHWM, reset when the run starts),
+    at the done event and 2 s after the run. A second run shows whether what the first left is
+    reused or leaked. The listener's text must equal the stored text (correctness). Before it,
+    the hub's own copy of a 10 MB text is measured with tracemalloc in this process, against a
+    baseline of one str per delta (the layout it had). Target: at most 3x the text.
+
     python benchmarks/serve.py [--rounds 5] [--chunks 100000] [--tps 200] [--tokens 400]
-                               [--listeners 200]
+                               [--listeners 200] [--long-mib 48] [--long-chunk 128]
+                               [--long-runs 1] [--long-only]
 
 Exit status 0 whether or not the targets are met; 1 if a path failed or delivered the wrong text.
 """
@@ -45,6 +58,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import select
@@ -64,6 +78,7 @@ common.ensure_repo_on_path()
 MODEL = common.MODEL
 TARGET_RATIO = 0.5
 TARGET_P50_MS = 5.0
+TARGET_LONG_RATIO = 3.0
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
 RUN_TIMEOUT_S = 60.0
@@ -132,11 +147,15 @@ class Child:
         self.proc.stdin.flush()
         return read_line(self.proc, timeout)
 
-    def rss_kib(self) -> int:
+    def rss_kib(self, field: str = "VmRSS") -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-        raise RuntimeError("no VmRSS in /proc/PID/status")
+        raise RuntimeError(f"no {field} in /proc/PID/status")
+
+    def reset_peak(self) -> None:
+        """Start VmHWM (peak RSS) again from the current RSS ("5" to clear_refs, Linux 4.0+)."""
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
 
 
 def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
@@ -407,7 +426,7 @@ async def _close_listeners(
     await asyncio.gather(*tasks, return_exceptions=True)
     for c in created:
         with contextlib.suppress(Exception):
-            await paths.http.delete(c["url"])
+            await paths.http.request("DELETE", c["url"], json={})
 
 
 async def memory(
@@ -453,6 +472,155 @@ async def memory(
     return rows
 
 
+@dataclass
+class LongRow:
+    text_bytes: int
+    chars: int
+    events: int
+    seconds: float
+    before_kib: int
+    early_chars: int  # the text the service had received at the first streaming sample
+    early_kib: int  # VmRSS then
+    received_chars: int  # the same at the last streaming sample
+    streaming_kib: int
+    peak_kib: int  # VmHWM during the run (reset at its start)
+    end_kib: int  # VmRSS when the done event arrived
+    after_kib: int  # VmRSS 2 s after the run ended
+
+
+async def sample_streaming(paths: Paths, service: Child, samples: list[tuple[int, int]]) -> None:
+    """Every 0.25 s: (characters the service has received, its VmRSS) while the run streams.
+
+    The received text is what its store holds (appended once a second), so the figure per byte
+    is, if anything, too high."""
+    while True:
+        await asyncio.sleep(0.25)
+        rss = service.rss_kib()
+        runs = (await paths.http.get("/api/runs", params={"limit": 1})).json()["runs"]
+        if runs and runs[0]["status"] == "unfinished":
+            samples.append((runs[0]["text_chars"], rss))
+
+
+async def long_answer(
+    sim: Child,
+    prompt: Any,
+    start_service: Callable[[], Child],
+    db: str,
+    args: argparse.Namespace,
+) -> tuple[list[LongRow], bool]:
+    """Long answers through one fresh service, one after another: what holding one costs per
+    byte of text, and whether what a run leaves behind is reused by the next (not a leak)."""
+    from lmstream_nb import PromptStore
+
+    chunk = args.long_chunk
+    tokens = int(args.long_mib * 1024 * 1024 / chunk)
+    service = await asyncio.to_thread(start_service)
+    paths = Paths(sim.url, service.url, prompt)
+    rows: list[LongRow] = []
+    same = True
+    try:
+        await paths.run_service(marker(output_tokens=200))  # warm-up: imports, first writes
+        await asyncio.sleep(1.0)
+        for _ in range(args.long_runs):
+            before = service.rss_kib()
+            service.reset_peak()
+            t0 = time.perf_counter()
+            created = await paths.start_run(marker(output_tokens=tokens, chunk_chars=chunk))
+            chars = events = end = 0
+            digest = hashlib.sha256()
+            samples: list[tuple[int, int]] = []
+            sampler = asyncio.create_task(sample_streaming(paths, service, samples))
+            async with contextlib.aclosing(paths.events(created["events_url"])) as stream:
+                async for name, data in stream:
+                    if name == "delta":
+                        text = json.loads(data)["text"]
+                        chars += len(text)
+                        events += 1
+                        digest.update(text.encode())
+                    elif name in ("done", "error"):
+                        end = service.rss_kib()
+                        if name == "error":
+                            raise RuntimeError(f"the long run failed: {data}")
+                        break
+            seconds = time.perf_counter() - t0
+            sampler.cancel()
+            peak = service.rss_kib("VmHWM")
+            # While streaming: the samples between a quarter and 95% of the text received
+            # (before that, fixed costs dominate; after it, the run is being finished).
+            inside = [
+                (r, k) for r, k in samples if tokens * chunk // 4 <= r <= tokens * chunk * 0.95
+            ]
+            (early, early_kib), (received, streaming) = (
+                (inside[0], inside[-1]) if len(inside) >= 2 else ((0, 0), (0, 0))
+            )
+            await asyncio.sleep(2.0)  # the run is recorded and forgotten by the hub
+            after = service.rss_kib()
+            # Read in this process, so the service holds nothing more for it.
+            stored = PromptStore(db).get_run(created["run_id"]).text.encode()
+            same = same and hashlib.sha256(stored).digest() == digest.digest()
+            rows.append(
+                LongRow(
+                    len(stored),
+                    chars,
+                    events,
+                    seconds,
+                    before,
+                    early,
+                    early_kib,
+                    received,
+                    streaming,
+                    peak,
+                    end,
+                    after,
+                )
+            )
+    finally:
+        await paths.aclose()
+        await asyncio.to_thread(stop_child, service.proc)
+    return rows, same
+
+
+class PieceList:
+    """The baseline: a text kept as its deltas plus their cumulative ends (the hub's old
+    layout), sliceable the same way."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.ends: list[int] = []
+
+    def append(self, piece: str) -> None:
+        self.pieces.append(piece)
+        self.ends.append((self.ends[-1] if self.ends else 0) + len(piece))
+
+
+def hub_copy(size: int = 10_000_000) -> list[tuple[str, float, float]]:
+    """(delta shape, baseline bytes per text byte, hub bytes per text byte), by tracemalloc."""
+    import tracemalloc
+
+    from lmstream_nb.serve._hub import Text
+
+    words = [" the", " river", " café", " runs", " →", " 🙂", " stone", "s", " and"]
+    shapes = {"word pieces (~5 chars)": words, "128-character deltas": [("".join(words) * 4)[:128]]}
+    rows = []
+    for label, pieces in shapes.items():
+        ratios = []
+        for kind in (PieceList, Text):
+            tracemalloc.start()
+            text: Any = kind()
+            total = i = 0
+            while total < size:
+                piece = (pieces[i % len(pieces)] + "x")[:-1]  # a new str, as every delta is
+                i += 1
+                text.append(piece)
+                total += len(piece.encode())
+            del piece
+            ratios.append(tracemalloc.get_traced_memory()[0] / total)
+            tracemalloc.stop()
+            del text
+        rows.append((label, ratios[0], ratios[1]))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # The conductor
 
@@ -463,7 +631,10 @@ async def measure(
     service: Child,
     prompt: Any,
     start_service: Callable[[], Child],
+    db: str,
 ) -> int:
+    if args.long_only:
+        return await report_long(args, sim, prompt, start_service, db)
     paths = Paths(sim.url, service.url, prompt)
     status = 0
     try:
@@ -584,7 +755,87 @@ async def measure(
         f"verdict: added latency p50 = {p50_added:.2f} ms (target <= {TARGET_P50_MS:g} ms): "
         f"{'MET' if p50_added <= TARGET_P50_MS else 'NOT MET'}"
     )
-    return status
+    return max(status, await report_long(args, sim, prompt, start_service, db))
+
+
+def verdict(met: bool) -> str:
+    return "MET" if met else "NOT MET"
+
+
+async def report_long(
+    args: argparse.Namespace,
+    sim: Child,
+    prompt: Any,
+    start_service: Callable[[], Child],
+    db: str,
+) -> int:
+    print(
+        f"\n(d) long answers: {args.long_runs} x {args.long_mib:g} MiB in deltas of "
+        f"{args.long_chunk} characters, one listener, one fresh service"
+    )
+    print("  the hub's own copy of a 10 MB text (tracemalloc, in this process):")
+    for label, baseline, hub in hub_copy():
+        print(f"    {label:<24} one str per delta {baseline:5.2f}x   blocks {hub:5.2f}x the text")
+    rows, same = await long_answer(sim, prompt, start_service, db, args)
+    first = rows[0]
+    size = first.text_bytes
+    for n, row in enumerate(rows, 1):
+        print(
+            f"  run {n}: {row.chars:,} characters ({row.text_bytes / 2**20:.1f} MiB of UTF-8) in "
+            f"{row.events:,} events, {row.seconds:.1f} s "
+            f"({row.text_bytes / 2**20 / row.seconds:.1f} MiB/s)"
+        )
+    print(
+        f"\n{'service VmRSS, growth over run 1 start':<40} {'MiB':>8} {'x text':>8}"
+        "   (text: one run's UTF-8 bytes)"
+    )
+    lines = [("before run 1", first.before_kib)]
+    for n, row in enumerate(rows, 1):
+        lines += [
+            (f"run {n}: streaming (see below)", row.streaming_kib),
+            (f"run {n}: peak (VmHWM, reset at its start)", row.peak_kib),
+            (f"run {n}: when the done event arrived", row.end_kib),
+            (f"run {n}: 2 s after it ended", row.after_kib),
+        ]
+    for label, kib in lines:
+        growth = (kib - first.before_kib) * 1024 / size
+        print(f"  {label:<38} {kib / 1024:>8.1f} {growth:>8.2f}")
+    per_char = size / first.chars
+    received = first.received_chars * per_char
+    streaming = (first.streaming_kib - first.before_kib) * 1024 / max(received, 1)
+    slope = (
+        (first.streaming_kib - first.early_kib)
+        * 1024
+        / max((first.received_chars - first.early_chars) * per_char, 1)
+    )
+    peak = (first.peak_kib - first.before_kib) * 1024 / size
+    print(
+        "  (streaming: sampled every 0.25 s; the first and last samples between 1/4 and 95% of "
+        "the text, as the service's store had it)"
+    )
+    print(
+        f"  while streaming: {streaming:.2f}x the text received at {first.received_chars:,} "
+        f"characters; growth per byte received from {first.early_chars:,} on: {slope:.2f}x"
+    )
+    print(
+        f"\nverdict: while streaming, the service grows by {slope:.2f}x each byte it receives "
+        f"(target <= {TARGET_LONG_RATIO:g}x): {verdict(slope <= TARGET_LONG_RATIO)}"
+    )
+    print(
+        f"verdict: peak, as the run is finished and recorded, {peak:.2f}x the text "
+        f"(target <= {TARGET_LONG_RATIO:g}x): {verdict(peak <= TARGET_LONG_RATIO)}"
+    )
+    if len(rows) > 1:
+        kept = (rows[-1].after_kib - rows[0].after_kib) * 1024 / size
+        print(
+            f"after run {len(rows)} against after run 1: {kept:+.2f}x the text "
+            "(about 0: what a run leaves is reused, not leaked)"
+        )
+    if not same:
+        print("CORRECTNESS: FAILED: the stored text is not the text the listener received")
+        return 1
+    print("correctness: the listener received exactly the stored text, every run")
+    return 0
 
 
 def main() -> int:
@@ -595,6 +846,10 @@ def main() -> int:
     parser.add_argument("--tps", type=float, default=200.0)
     parser.add_argument("--tokens", type=int, default=400)
     parser.add_argument("--listeners", type=int, default=200)
+    parser.add_argument("--long-mib", type=float, default=48.0, help="size of a long answer")
+    parser.add_argument("--long-chunk", type=int, default=128, help="characters per delta")
+    parser.add_argument("--long-runs", type=int, default=1, help="long answers in a row")
+    parser.add_argument("--long-only", action="store_true", help="measure only (d)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -625,7 +880,7 @@ def main() -> int:
                 f"simulator {sim.url} (pid {sim.proc.pid}), service {service.url} "
                 f"(pid {service.proc.pid}), client pid {os.getpid()}"
             )
-            status = asyncio.run(measure(args, sim, service, prompt, start_service))
+            status = asyncio.run(measure(args, sim, service, prompt, start_service, db))
         finally:
             if service is not None:
                 stop_child(service.proc)

@@ -83,7 +83,11 @@ def _bind(host: str, port: int, what: str, send_buffer: int | None) -> socket.so
 
 
 class ThreadedServer:
-    """One uvicorn server for ``app``; ``what`` names it in messages ("the simulator")."""
+    """One uvicorn server for ``app``; ``what`` names it in messages ("the simulator").
+
+    ``http`` is uvicorn's HTTP protocol: ``"h11"``, or a subclass of its h11 protocol (the
+    service's adds request deadlines and a connection cap; see ``serve._server``).
+    """
 
     def __init__(
         self,
@@ -95,6 +99,7 @@ class ThreadedServer:
         lifespan: Literal["on", "off"] = "off",
         send_buffer: int | None = None,
         before_shutdown: Callable[[], Awaitable[None]] | None = None,
+        http: type[asyncio.Protocol] | str = "h11",
     ) -> None:
         self.host = host
         self.what = what
@@ -102,7 +107,7 @@ class ThreadedServer:
         self._send_buffer = send_buffer
         config = uvicorn.Config(
             app,
-            http="h11",
+            http=http,
             loop="asyncio",
             ws="none",
             lifespan=lifespan,
@@ -220,6 +225,11 @@ class ThreadedServer:
 
         result: list[int] = self.call(sizes)
         return result
+
+    def connections(self) -> int:
+        """Connections open right now (each one waiting, reading or answering)."""
+        count: int = self.call(lambda: len(self._server.server_state.connections))
+        return count
 
     def abort(self, scope: MutableMapping[str, Any]) -> bool:
         """Drop the connection serving ``scope`` at once, unsent bytes and all.

@@ -174,7 +174,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "serve/_events.py",
         "serve/_hub.py",
         "serve/_openapi.py",
+        "serve/_security.py",
         "serve/_server.py",
+        "serve/_validate.py",
     ),
 }
 

@@ -4,22 +4,23 @@ Why Starlette: a small, well-kept ASGI toolkit (routing, requests, CORS) that th
 already depends on for the simulator, with no framework-level magic between a request and our
 code; the events endpoint is plain ASGI so it controls every write (see ``_events``).
 
-Every error is JSON ``{"error": "<one sentence>"}`` and reuses the LMStreamError sentence when
-there is one. Prompt names and variables are only ever data: names are SQL parameters, values
-are inserted into the template literally.
+Every request is checked against the OpenAPI description first (``_validate``), and every
+error is JSON ``{"error": "<one sentence>"}``, reusing the LMStreamError sentence when there is
+one; even a bug answers so (500). Prompt names and variables are only ever data: names are SQL
+parameters, values are inserted into the template literally.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import importlib.resources
+import inspect
 import json
-import math
-from collections.abc import AsyncIterator, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
+from urllib.parse import quote
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,7 +29,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from .._client import LMStudioClient
 from .._config import Budgets
@@ -38,59 +39,11 @@ from .._store import PromptStore
 from .._template import Prompt
 from ._events import BadCursor, Cursor, EventStream, StreamSettings, find_run
 from ._hub import Hub
-from ._openapi import openapi
+from ._openapi import DEFAULT_MAX_BODY, openapi
+from ._security import SiteGuard, TokenGuard, check_token
+from ._validate import ApiError, Operation, Operations, error_response
 
 __all__ = ["create_app"]
-
-_RUN_FIELDS = {"variables", "model", "version", "temperature", "max_tokens"}
-
-
-class ApiError(Exception):
-    """An answer other than success: an HTTP status and one sentence."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-class TokenGuard:
-    """Every request needs the token (``Authorization: Bearer`` or ``?token=``) when one is set.
-
-    EventSource cannot send headers, hence the query form. Compared in constant time.
-    """
-
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app = app
-        self._token = token.encode("utf-8")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request = Request(scope)
-        given = ""
-        header = request.headers.get("authorization", "")
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer":
-            given = value.strip()
-        else:
-            given = request.query_params.get("token", "")
-        if not hmac.compare_digest(given.encode("utf-8"), self._token):
-            what = "a wrong token" if given else "no token"
-            response = _error(
-                401,
-                f"This server needs its token and the request had {what}: send "
-                "'Authorization: Bearer TOKEN' or add ?token=TOKEN to the URL.",
-                {"WWW-Authenticate": "Bearer"},
-            )
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
 
 
 def _prompt_summary(p: Prompt) -> dict[str, Any]:
@@ -100,98 +53,25 @@ def _prompt_summary(p: Prompt) -> dict[str, Any]:
     return summary
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON, refusing more than ``limit`` bytes before reading them all."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(
-            413,
-            f"The request body has {length} bytes, more than the {limit} "
-            "this server accepts: send fewer or shorter variables.",
-        )
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(
-                413,
-                f"The request body is longer than the {limit} bytes this "
-                "server accepts: send fewer or shorter variables.",
-            )
-    if not body:
-        return {}
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(
-            400,
-            f"The request body is not valid JSON ({exc}): send a JSON object "
-            'such as {"variables": {"name": "value"}}.',
-        ) from None
-
-
-def _run_request(body: Any) -> dict[str, Any]:
-    """Check a run request's fields; every value is data, and only scalars are variables."""
-    if not isinstance(body, dict):
-        raise ApiError(
-            400, 'The request body must be a JSON object such as {"variables": {"name": "value"}}.'
-        )
-    unknown = sorted(set(body) - _RUN_FIELDS)
-    if unknown:
-        raise ApiError(
-            400,
-            f"The request body has unknown field(s) {', '.join(unknown)}: use "
-            f"{', '.join(sorted(_RUN_FIELDS))}.",
-        )
-    variables = body.get("variables", {})
-    if not isinstance(variables, dict):
-        raise ApiError(400, '"variables" must be a JSON object of names to values.')
-    for key, value in variables.items():
-        if value is None or isinstance(value, (dict, list)):
-            raise ApiError(
-                400,
-                f"The variable {key!r} must be a string, number or boolean, "
-                "not a JSON object, array or null.",
-            )
-    model = body.get("model")
-    if model is not None and (not isinstance(model, str) or not model):
-        raise ApiError(400, '"model" must be a model id (a non-empty string).')
-    version = body.get("version")
-    if version is not None and (
-        isinstance(version, bool) or not isinstance(version, int) or version < 1
-    ):
-        raise ApiError(400, '"version" must be a whole number of 1 or more.')
-    temperature = body.get("temperature")
-    if temperature is not None and (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not math.isfinite(temperature)
-        or temperature < 0
-    ):
-        raise ApiError(400, '"temperature" must be a number of 0 or more.')
-    max_tokens = body.get("max_tokens")
-    if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
-    ):
-        raise ApiError(400, '"max_tokens" must be a whole number of 1 or more.')
+def _variables(body: dict[str, Any]) -> dict[str, str]:
+    """Variables as the template gets them: strings as they are, numbers and booleans as JSON."""
     return {
-        "variables": {
-            str(k): v if isinstance(v, str) else json.dumps(v) for k, v in variables.items()
-        },
-        "model": model,
-        "version": version,
-        "temperature": temperature,
-        "max_tokens": max_tokens,
+        key: value if isinstance(value, str) else json.dumps(value)
+        for key, value in body.get("variables", {}).items()
     }
 
 
-def _run_id(request: Request) -> int:
-    value: int = request.path_params["run_id"]
-    return value
+def _integer(value: Any) -> int | None:
+    """A validated JSON integer (``1.0`` is one too) as an int."""
+    return None if value is None else int(value)
+
+
+Args = dict[str, Any]
 
 
 class _Api:
-    """The route handlers; each maps our errors to a status and keeps their sentence."""
+    """The route handlers; each gets the request's checked arguments (``_validate``) and maps
+    our errors to a status, keeping their sentence."""
 
     def __init__(self, hub: Hub, stream: EventStream, max_body: int) -> None:
         self.hub = hub
@@ -199,7 +79,7 @@ class _Api:
         self.stream = stream
         self.max_body = max_body
 
-    async def page(self, request: Request) -> Response:
+    async def page(self, request: Request, args: Args) -> Response:
         resource = importlib.resources.files("lmstream_nb.serve") / "page.html"
         try:
             html = resource.read_text(encoding="utf-8")
@@ -210,16 +90,15 @@ class _Api:
             )
         return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
 
-    async def openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi())
+    async def openapi(self, request: Request, args: Args) -> Response:
+        return JSONResponse(request.app.state.openapi)
 
-    async def prompts(self, request: Request) -> Response:
+    async def prompts(self, request: Request, args: Args) -> Response:
         prompts = await asyncio.to_thread(self.store.list)
         return JSONResponse({"prompts": [_prompt_summary(p) for p in prompts]})
 
-    async def prompt(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        versions = await asyncio.to_thread(self.store.versions, name)
+    async def prompt(self, request: Request, args: Args) -> Response:
+        versions = await asyncio.to_thread(self.store.versions, args["name"])
         latest = max(versions, key=lambda p: p.version or 0)
         return JSONResponse(
             {
@@ -228,21 +107,24 @@ class _Api:
             }
         )
 
-    async def models(self, request: Request) -> Response:
+    async def models(self, request: Request, args: Args) -> Response:
         return JSONResponse({"models": await self.hub.client.list_models()})
 
-    async def start_run(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        fields = _run_request(await _read_json(request, self.max_body))
-        prompt = await asyncio.to_thread(self.store.get, name, fields["version"])
-        prompt.render(fields["variables"])  # refuse missing or unknown variables before a run
-        model = fields["model"] or prompt.model or await self.hub.client.default_model()
+    async def start_run(self, request: Request, args: Args) -> Response:
+        body = args["body"]
+        variables = _variables(body)
+        prompt = await asyncio.to_thread(
+            self.store.get, args["name"], _integer(body.get("version"))
+        )
+        prompt.render(variables)  # refuse missing or unknown variables before a run
+        model = body.get("model") or prompt.model or await self.hub.client.default_model()
+        temperature = body.get("temperature")
         live = await self.hub.start(
             prompt,
-            fields["variables"],
+            variables,
             model=model,
-            temperature=fields["temperature"],
-            max_tokens=fields["max_tokens"],
+            temperature=None if temperature is None else float(temperature),
+            max_tokens=_integer(body.get("max_tokens")),
         )
         url = f"/api/runs/{live.run_id}"
         return JSONResponse(
@@ -251,25 +133,21 @@ class _Api:
             headers={"Location": url},
         )
 
-    async def runs(self, request: Request) -> Response:
-        query = request.query_params
-        limit_text = query.get("limit", "50")
-        if not limit_text.isdigit():
-            raise ApiError(400, f"limit is {limit_text!r}: use a whole number of runs.")
+    async def runs(self, request: Request, args: Args) -> Response:
         try:
             runs = await asyncio.to_thread(
                 self.store.history,
-                prompt=query.get("prompt"),
-                status=query.get("status"),
-                model=query.get("model"),
-                limit=int(limit_text),
+                prompt=args.get("prompt"),
+                status=args.get("status"),
+                model=args.get("model"),
+                limit=args.get("limit", 50),
             )
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
         return JSONResponse({"runs": runs.as_dicts()})
 
-    async def run(self, request: Request) -> Response:
-        run_id = _run_id(request)
+    async def run(self, request: Request, args: Args) -> Response:
+        run_id = args["run_id"]
         record = await asyncio.to_thread(self.store.get_run, run_id)
         live = self.hub.get(run_id)
         data = asdict(record)
@@ -278,8 +156,8 @@ class _Api:
         data["events_url"] = f"/api/runs/{run_id}/events"
         return JSONResponse(data)
 
-    async def cancel(self, request: Request) -> Response:
-        run_id = _run_id(request)
+    async def cancel(self, request: Request, args: Args) -> Response:
+        run_id = args["run_id"]
         if await self.hub.cancel(run_id):
             return JSONResponse({"run_id": run_id, "status": "cancelled"})
         record = await asyncio.to_thread(self.store.get_run, run_id)
@@ -295,33 +173,28 @@ class _Api:
             f"Run {run_id} has already ended (status {record.status}): there is nothing to cancel.",
         )
 
-    async def events(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        run_id = _run_id(request)
+    async def events(self, request: Request, args: Args, send: Send) -> None:
+        scope, receive = request.scope, request.receive
+        run_id = args["run_id"]
         try:
-            cursor = Cursor.parse(
-                request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-            )
-            live, record = await find_run(self.hub, run_id)
-            if live is not None:
-                cursor.check(run_id, len(live.text), len(live.reasoning))
-            elif record is not None:
-                cursor.check(run_id, len(record.text), len(record.reasoning))
+            cursor = Cursor.parse(args.get("Last-Event-ID") or args.get("last_event_id"))
         except BadCursor as exc:
-            await _error(400, str(exc))(scope, receive, send)
+            await error_response(400, str(exc))(scope, receive, send)
             return
-        except LMStreamError as exc:
-            await _lmstream_error(request, exc)(scope, receive, send)
-            return
+        # Raises RunNotFound before the response starts (the handlers answer 404).
+        live, record = await find_run(self.hub, run_id)
         if cursor.phase == "e":
             # The client saw the end; 204 tells an EventSource to stop reconnecting.
             await Response(status_code=204)(scope, receive, send)
             return
+        # An id beyond the text is not refused: the store lags up to a second behind what a
+        # crashed server had sent, so such a client gets what follows its id, and the end.
         await self.stream.respond(scope, receive, send, cursor=cursor, live=live, record=record)
 
 
-def _lmstream_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, LMStreamError)
+def _lmstream_error(exc: LMStreamError) -> Response:
+    """The status for one of our errors, and its sentence in the API's terms: a web client is
+    told where to look in the API, never the path of the server's database."""
     if isinstance(exc, PromptNotFound) and exc.version is None:
         # The store's sentence names its file; a web client gets the API's own way to look.
         fix = (
@@ -329,44 +202,91 @@ def _lmstream_error(request: Request, exc: Exception) -> Response:
             if exc.suggestions
             else "see GET /api/prompts for the names there are."
         )
-        return _error(404, f"No prompt is named {exc.name!r}: {fix}")
-    if isinstance(exc, (PromptNotFound, RunNotFound)):
-        return _error(404, str(exc))
+        return error_response(404, f"No prompt is named {exc.name!r}: {fix}")
+    if isinstance(exc, PromptNotFound):
+        return error_response(
+            404,
+            f"The prompt {exc.name!r} has no version {exc.version}: see GET "
+            f"/api/prompts/{quote(exc.name, safe='')} for the versions it has.",
+        )
+    if isinstance(exc, RunNotFound):
+        return error_response(
+            404, f"No run has id {exc.run_id}: see GET /api/runs for the runs there are."
+        )
     if isinstance(exc, TemplateError):
-        return _error(422, str(exc))
+        return error_response(422, str(exc))
     if isinstance(exc, StoreError):
-        return _error(500, str(exc))
-    return _error(502, str(exc))  # the model server refused or could not be reached
+        return error_response(503, str(exc))  # the database, not the request, is at fault
+    return error_response(502, str(exc))  # the model server refused or could not be reached
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return _error(exc.status, exc.message)
+    return error_response(exc.status, exc.message, exc.headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        message = f"There is no {request.url.path}: see /api/openapi.json for the routes."
+        message = f"There is no {request.url.path[:200]}: see /api/openapi.json for the routes."
     elif exc.status_code == 405:
-        message = f"{request.method} is not allowed on {request.url.path}: see /api/openapi.json."
+        message = (
+            f"{request.method} is not allowed on {request.url.path[:200]}: see /api/openapi.json."
+        )
     else:
         message = str(exc.detail)
-    return _error(exc.status_code, message, dict(exc.headers or {}))
+    return error_response(exc.status_code, message, exc.headers)
 
 
 async def _lmstream_error_handler(request: Request, exc: Exception) -> Response:
-    return _lmstream_error(request, exc)
+    assert isinstance(exc, LMStreamError)
+    return _lmstream_error(exc)
 
 
-class _AsgiRoute:
-    """Adapts a bound ``(scope, receive, send)`` method to a Starlette route endpoint."""
+async def _bug(request: Request, exc: Exception) -> Response:
+    """Whatever no check foresaw is still one JSON sentence (and is logged as the bug it is)."""
+    return error_response(
+        500,
+        f"lmstream serve failed on this request ({type(exc).__name__}), which is a bug in it: "
+        "please report it with the request that caused it.",
+    )
 
-    def __init__(self, handler: Callable[[Scope, Receive, Send], Any]) -> None:
+
+Handler = Callable[[Request, Args], Awaitable[Response]]
+StreamHandler = Callable[[Request, Args, Send], Awaitable[None]]
+
+
+class _Checked:
+    """A route endpoint that checks its request against its operation, then calls the handler.
+
+    A plain ASGI app rather than a Starlette request/response endpoint, so that the events
+    handler (which takes ``send`` as well) can own every write (``_events``).
+    """
+
+    def __init__(self, operation: Operation, handler: Handler | StreamHandler) -> None:
+        self.operation = operation
         self.handler = handler
+        self.streams = len(inspect.signature(handler).parameters) == 3
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.handler(scope, receive, send)
+        request = Request(scope, receive)
+        args = await self.operation.check(request)
+        if self.streams:
+            await cast(StreamHandler, self.handler)(request, args, send)
+            return
+        response = await cast(Handler, self.handler)(request, args)
+        await response(scope, receive, send)
+
+
+class _Methods:
+    """The endpoints of one path by method (HEAD is GET without the body, as Starlette does)."""
+
+    def __init__(self, endpoints: dict[str, _Checked]) -> None:
+        self.endpoints = endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        await self.endpoints["GET" if method == "HEAD" else method](scope, receive, send)
 
 
 def create_app(
@@ -376,10 +296,11 @@ def create_app(
     api_key: str | None = None,
     token: str | None = None,
     cors_origins: Iterable[str] = (),
+    allowed_hosts: Iterable[str] = (),
     grace: float = 60.0,
     keepalive: float = 15.0,
     status_interval: float = 5.0,
-    max_body: int = 65536,
+    max_body: int = DEFAULT_MAX_BODY,
     slow_client_limit: float = 30.0,
     max_event_chars: int = 16384,
     retry_ms: int = 3000,
@@ -391,8 +312,10 @@ def create_app(
     - ``store``: the prompt and run database (default: the default location); ``base_url`` and
       ``api_key``: the model server (defaults as for ``LMStudioClient``).
     - ``token``: required on every request when set; ``cors_origins``: origins allowed to call
-      the API from a browser (none: CORS off).
-    - ``grace``: seconds a run with no listener goes on before it is cancelled.
+      the API from a browser (none: CORS off); ``allowed_hosts``: names accepted in the Host
+      header besides 127.0.0.1, localhost and [::1] (``"*"``: any; see ``_security``).
+    - ``grace``: seconds a run with no listener goes on before it is cancelled, counted from
+      the POST for a run nobody has listened to yet, and from the moment the last listener left.
     - ``keepalive``: seconds between comment lines on an events stream (proxies close idle
       connections); ``status_interval``: seconds between ``status`` events while waiting.
     - ``max_body``: request body limit in bytes (413 beyond).
@@ -405,6 +328,9 @@ def create_app(
             "keepalive, status_interval and slow_client_limit must be positive, "
             "and grace 0 or more."
         )
+    if max_body < 2:
+        raise ValueError(f"max_body is {max_body}: allow at least the 2 bytes of {{}}.")
+    check_token(token, "127.0.0.1")
     store = store or default_store()
     client = LMStudioClient(base_url, api_key=api_key, budgets=budgets)
     hub = Hub(store, client, grace=grace, budgets=budgets)
@@ -416,30 +342,41 @@ def create_app(
         max_event_chars=max_event_chars,
     )
     api = _Api(hub, EventStream(hub, settings, abort), max_body)
+    description = openapi(max_body)
+    operations = Operations(description, max_body)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await _end_orphaned_runs(store)
         try:
             yield
         finally:
             await hub.aclose()
             await client.aclose()
 
+    def route(path: str, **handlers: Handler | StreamHandler) -> Route:
+        """One route per path, whatever its methods, so a 405 lists them all in ``Allow``."""
+        endpoints = {
+            method.upper(): _Checked(operations[method.upper(), path], handler)
+            for method, handler in handlers.items()
+        }
+        return Route(path, _Methods(endpoints), methods=list(endpoints))
+
     routes = [
-        Route("/", api.page, methods=["GET"]),
-        Route("/api/openapi.json", api.openapi, methods=["GET"]),
-        Route("/api/prompts", api.prompts, methods=["GET"]),
-        Route("/api/prompts/{name}", api.prompt, methods=["GET"]),
-        Route("/api/prompts/{name}/runs", api.start_run, methods=["POST"]),
-        Route("/api/models", api.models, methods=["GET"]),
-        Route("/api/runs", api.runs, methods=["GET"]),
-        Route("/api/runs/{run_id:int}", api.run, methods=["GET"]),
-        Route("/api/runs/{run_id:int}", api.cancel, methods=["DELETE"]),
-        Route("/api/runs/{run_id:int}/events", _AsgiRoute(api.events), methods=["GET"]),
+        route("/", get=api.page),
+        route("/api/openapi.json", get=api.openapi),
+        route("/api/prompts", get=api.prompts),
+        route("/api/prompts/{name}", get=api.prompt),
+        route("/api/prompts/{name}/runs", post=api.start_run),
+        route("/api/models", get=api.models),
+        route("/api/runs", get=api.runs),
+        route("/api/runs/{run_id}", get=api.run, delete=api.cancel),
+        route("/api/runs/{run_id}/events", get=api.events),
     ]
     origins = list(cors_origins)
-    middleware = []
-    if origins:  # outermost, so a preflight (which carries no token) is answered
+    # Outermost first: foreign hosts and origins are refused before anything else runs.
+    middleware = [Middleware(SiteGuard, hosts=list(allowed_hosts), origins=origins)]
+    if origins:  # before the token, so a preflight (which carries no token) is answered
         middleware.append(
             Middleware(
                 CORSMiddleware,
@@ -457,8 +394,18 @@ def create_app(
             ApiError: _api_error,
             HTTPException: _http_error,
             LMStreamError: _lmstream_error_handler,
+            Exception: _bug,
         },
         lifespan=lifespan,
     )
     app.state.hub = hub
+    app.state.openapi = description
     return app
+
+
+async def _end_orphaned_runs(store: PromptStore) -> None:
+    """Runs left ``unfinished`` by a server that was killed end now, as ``interrupted``, with
+    the text they had, when the store can tell a dead owner from a live one."""
+    end_orphaned: Callable[[], list[int]] | None = getattr(store, "end_orphaned_runs", None)
+    if end_orphaned is not None:
+        await asyncio.to_thread(end_orphaned)

@@ -1,17 +1,24 @@
 """The run hub: every live run of this server, and the cursors of the clients that follow it.
 
 A live run is one asyncio task calling :func:`arun` (``raise_errors=False``). Its text and
-reasoning are kept once, as appended pieces; nothing is copied per client. A client (a
-*listener*) is a cursor, the character offsets of text and reasoning it has been sent, plus a
-wake-up event. When new text arrives the run only sets the wake-up events; each listener then
-sends everything between its cursor and the end as one event. A slow client therefore gets its
-pending deltas merged for free, and what the server holds per client stays O(1), however far it
-falls behind.
+reasoning are kept once, in compact blocks (:class:`Text`); nothing is copied per client. A
+client (a *listener*) is a cursor, the character offsets of text and reasoning it has been
+sent, plus a wake-up event. When new text arrives the run only sets the wake-up events; each
+listener then sends everything between its cursor and the end as one event. A slow client
+therefore gets its pending deltas merged for free, and what the server holds per client stays
+O(1), however far it falls behind.
 
 Event ids say where a client is: ``"<phase>:<text offset>:<reasoning offset>"``, with phase
 ``s`` (the start event was sent), ``d`` (text flowing) or ``e`` (the final event was sent).
 What a reconnecting client missed is then just ``text[t:]`` and ``reasoning[r:]``, which the
-hub has while the run is live and the store has once it is over (also after a restart).
+hub has while the run is live and the store has once it is over (also after a restart). An id
+beyond the text is not an error: after a crash the store has up to a second less than the
+client saw, and such a client simply gets what follows its offsets, then the final event.
+
+The grace period (``grace``): a run nobody listens to is cancelled ``grace`` seconds after the
+moment nobody was listening, which is the POST itself for a run nobody ever connected to (a
+client that starts runs and never reads them cannot keep the model busy), and the moment the
+last listener left otherwise. A listener that connects within it disarms it.
 """
 
 from __future__ import annotations
@@ -19,8 +26,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import ctypes
 import re
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,43 +42,105 @@ from .._run import RunResult, arun
 from .._store import PromptStore, RunRecord
 from .._template import Prompt
 
+#: Characters per block of a live run's text (see :class:`Text`).
+BLOCK = 16384
+#: A run at least this long gives the memory it freed back to the system when it is over.
+_RELEASE_AFTER_CHARS = 1 << 20
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None)
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without it)
+        return None
+    return trim
+
+
+_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give memory that was freed back to the system, where the C library allows it.
+
+    Why: glibc keeps freed blocks in its heaps (one per thread that allocated them) for reuse,
+    so after a long answer (the text, the recording's buffers, the store's writes from worker
+    threads) the service would go on holding hundreds of MB it no longer uses. ``malloc_trim``
+    returns every free page of every heap; elsewhere this does nothing.
+    """
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 _CANCELLED_MESSAGE = "Cancelled before the answer was complete; the text received is kept."
 
 
 class Text:
-    """Append-only text kept as pieces, sliceable by character offset without joining it all."""
+    """Append-only text, sliceable by character offset without joining it all.
 
-    __slots__ = ("_ends", "_pieces")
+    Stored as blocks of :data:`BLOCK` characters each, encoded as UTF-8, plus a short tail of
+    the deltas since the last full block. Why: a delta is often a few characters, and a Python
+    str costs about 50 bytes of overhead plus an offset entry, which made a long answer cost 15
+    times its size when every delta was kept as its own piece; and a str holding one emoji
+    stores every character in 4 bytes, so even joined text would cost up to 4 times its UTF-8
+    size. Once the tail holds a block's worth it is joined, cut and encoded, so each character
+    is copied a bounded number of times in all. An offset finds its block by division; a slice
+    decodes only the blocks it overlaps (an event is at most a block, so at most two).
+    """
+
+    __slots__ = ("_blocks", "_tail", "_tail_ends")
 
     def __init__(self) -> None:
-        self._pieces: list[str] = []
-        self._ends: list[int] = []  # cumulative length after each piece
+        self._blocks: list[bytes] = []  # each exactly BLOCK characters, as UTF-8
+        self._tail: list[str] = []  # the deltas after the last block
+        self._tail_ends: list[int] = []  # cumulative length within the tail, per delta
 
     def __len__(self) -> int:
-        return self._ends[-1] if self._ends else 0
+        return len(self._blocks) * BLOCK + (self._tail_ends[-1] if self._tail_ends else 0)
 
     def append(self, piece: str) -> None:
-        if piece:
-            self._pieces.append(piece)
-            self._ends.append(len(self) + len(piece))
+        if not piece:
+            return
+        self._tail.append(piece)
+        self._tail_ends.append((self._tail_ends[-1] if self._tail_ends else 0) + len(piece))
+        if self._tail_ends[-1] >= BLOCK:
+            joined = "".join(self._tail)
+            cut = len(joined) - len(joined) % BLOCK
+            self._blocks.extend(
+                joined[i : i + BLOCK].encode("utf-8", "surrogatepass") for i in range(0, cut, BLOCK)
+            )
+            rest = joined[cut:]
+            self._tail = [rest] if rest else []
+            self._tail_ends = [len(rest)] if rest else []
+
+    def _block(self, index: int) -> str:
+        return self._blocks[index].decode("utf-8", "surrogatepass")
 
     def slice(self, start: int, stop: int) -> str:
-        """``text[start:stop]``, touching only the pieces that overlap it."""
+        """``text[start:stop]``, touching only the blocks and deltas that overlap it."""
+        stop = min(stop, len(self))
         if start >= stop:
             return ""
-        first = bisect.bisect_right(self._ends, start)
         parts: list[str] = []
-        offset = self._ends[first - 1] if first else 0
-        for index in range(first, len(self._pieces)):
-            piece = self._pieces[index]
-            parts.append(piece[max(0, start - offset) : stop - offset])
-            offset += len(piece)
-            if offset >= stop:
-                break
+        in_blocks = len(self._blocks) * BLOCK
+        if start < in_blocks:
+            first, last = start // BLOCK, (min(stop, in_blocks) - 1) // BLOCK
+            for index in range(first, last + 1):
+                offset = index * BLOCK
+                parts.append(self._block(index)[max(0, start - offset) : stop - offset])
+        if stop > in_blocks:
+            start, stop = max(0, start - in_blocks), stop - in_blocks
+            index = bisect.bisect_right(self._tail_ends, start)
+            offset = self._tail_ends[index - 1] if index else 0
+            while offset < stop:
+                piece = self._tail[index]
+                parts.append(piece[max(0, start - offset) : stop - offset])
+                offset += len(piece)
+                index += 1
         return "".join(parts)
 
     def __str__(self) -> str:
-        return "".join(self._pieces)
+        return "".join([*(self._block(i) for i in range(len(self._blocks))), *self._tail])
 
 
 @dataclass(frozen=True)
@@ -82,7 +154,7 @@ class Outcome:
     text_length: int
 
 
-_ID = re.compile(r"([sde]):(\d{1,12}):(\d{1,12})")
+_ID = re.compile(r"([sde]):([0-9]{1,12}):([0-9]{1,12})")
 
 
 class BadCursor(ValueError):
@@ -112,13 +184,6 @@ class Cursor:
                 "without Last-Event-ID to get the run from its start."
             )
         return cls(match[1], int(match[2]), int(match[3]))
-
-    def check(self, run_id: int, text_len: int, reasoning_len: int) -> None:
-        if self.text > text_len or self.reasoning > reasoning_len:
-            raise BadCursor(
-                f"The last event id {self.id!r} points beyond the text of run {run_id}: "
-                "reconnect without Last-Event-ID to get the run from its start."
-            )
 
 
 class Listener:
@@ -219,7 +284,7 @@ class Hub:
             live.task = tasks[0]
             current.append(live)
             self._runs[run_id] = live
-            self._arm_grace(live)
+            self._arm_grace(live)  # nobody listens yet: the grace period runs from the POST
             recorded.set_result(live)
 
         def on_event(event: Event) -> None:
@@ -287,6 +352,9 @@ class Hub:
         # The final row is written (arun returns after it), so new clients read the store.
         self._runs.pop(live.run_id, None)
         live.notify()
+        if len(live.text) + len(live.reasoning) >= _RELEASE_AFTER_CHARS:
+            # Once its last listener is done with it (the text goes with it).
+            weakref.finalize(live, release_freed_memory)
 
     # -- listeners ------------------------------------------------------------------------------
 
@@ -306,7 +374,8 @@ class Hub:
             self._arm_grace(live)
 
     def _arm_grace(self, live: LiveRun) -> None:
-        """Nobody listens: keep the run going for ``grace`` seconds (a reconnect), then cancel."""
+        """Nobody listens (since the POST, or since the last listener left): keep the run going
+        for ``grace`` seconds, in case a client comes (back), then cancel it."""
         if live.grace_timer is not None:
             live.grace_timer.cancel()
         live.grace_timer = asyncio.get_running_loop().call_later(self.grace, self._grace_over, live)

@@ -145,7 +145,11 @@ def test_run_options_and_an_older_version(client: httpx.Client) -> None:
             422,
             str(UnknownVariables(["whom"], ["role", "who", "lang"])),
         ),
-        ({"variables": ["who"]}, 400, '"variables" must be a JSON object of names to values.'),
+        (
+            {"variables": ["who"]},
+            400,
+            '"variables" is ["who"]: it must be a JSON object of names to values (at most 256).',
+        ),
         ({"variables": {"who": {"a": 1}, "lang": "B", "role": "C"}}, 400, None),
         ({"variables": {}, "surprise": 1}, 400, None),
         ({"variables": {}, "version": 0}, 400, None),
@@ -183,7 +187,9 @@ def test_unknown_prompt_bad_json_and_big_bodies_start_nothing(
     assert response.status_code == 413
     # Without a Content-Length (chunked upload) the limit holds while reading.
     response = client.post(
-        "/api/prompts/plain/runs", content=iter([b'{"variables": {"x": "', b"y" * 4096, b'"}}'])
+        "/api/prompts/plain/runs",
+        content=iter([b'{"variables": {"x": "', b"y" * 4096, b'"}}']),
+        headers={"content-type": "application/json"},
     )
     assert response.status_code == 413
     assert client.get("/api/runs").json()["runs"] == []
@@ -196,7 +202,7 @@ def test_unknown_runs_and_routes_are_json_404s(client: httpx.Client) -> None:
         ("DELETE", "/api/runs/999"),
         ("GET", "/api/nothing"),
     ]:
-        response = client.request(method, url)
+        response = client.request(method, url, json={} if method == "DELETE" else None)
         assert response.status_code == 404, url
         assert response.json()["error"].endswith(".")
     assert client.put("/api/runs").status_code == 405
@@ -207,7 +213,7 @@ def test_unknown_runs_and_routes_are_json_404s(client: httpx.Client) -> None:
 def test_delete_of_a_finished_run_is_409(client: httpx.Client) -> None:
     run = client.post("/api/prompts/plain/runs", json={}).json()
     read_events(client, run["events_url"])
-    response = client.delete(run["url"])
+    response = client.request("DELETE", run["url"], json={})
     assert response.status_code == 409
     assert "already ended (status ok)" in response.json()["error"]
 

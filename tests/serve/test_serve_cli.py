@@ -1,4 +1,5 @@
-"""``lmstream serve`` as a command: a real process on a free port, stopped with Ctrl-C (SIGINT)."""
+"""``lmstream serve`` as a command: a real process on a free port, stopped with Ctrl-C (SIGINT),
+and killed (SIGKILL) mid-run, then restarted on the same database."""
 
 from __future__ import annotations
 
@@ -8,12 +9,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from serve_helpers import TIMEOUT, read_events, text_of
+from serve_helpers import SSE, TIMEOUT, read_events, text_of
 
 from lmstream_nb import PromptStore, simulator
+
+MODEL = "lmstream-sim-8b"
+# 20 tokens a second for 100 s: still running when the service is killed.
+CRAWL = '[[sim {"gen_tps": 20, "output_tokens": 2000, "jitter": 0}]] '
 
 
 def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
@@ -26,9 +33,10 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     return proc.stderr.readline()
 
 
-def test_lmstream_serve_serves_until_ctrl_c(tmp_path: Path, sim: simulator.SimServer) -> None:
-    db = tmp_path / "prompts.db"
-    PromptStore(db).save("plain", "Tell me about rivers.")
+@contextmanager
+def lmstream_serve(db: Path, base_url: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``lmstream serve`` on a free port as a child process; yields it and its URL, and
+    makes sure it is gone at the end (killed if it is still running)."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -38,7 +46,7 @@ def test_lmstream_serve_serves_until_ctrl_c(tmp_path: Path, sim: simulator.SimSe
             "--port",
             "0",
             "--base-url",
-            sim.base_url,
+            base_url,
             "--db",
             str(db),
         ],
@@ -49,7 +57,20 @@ def test_lmstream_serve_serves_until_ctrl_c(tmp_path: Path, sim: simulator.SimSe
         line = _read_line(proc, 20)
         match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
         assert match, line
-        with httpx.Client(base_url=match[1], timeout=TIMEOUT) as client:
+        yield proc, match[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_lmstream_serve_serves_until_ctrl_c(tmp_path: Path, sim: simulator.SimServer) -> None:
+    db = tmp_path / "prompts.db"
+    PromptStore(db).save("plain", "Tell me about rivers.")
+    with lmstream_serve(db, sim.base_url) as (proc, url):
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as client:
             run = client.post("/api/prompts/plain/runs", json={}).json()
             events, _ = read_events(client, run["events_url"])
         assert events[-1].event == "done"
@@ -58,9 +79,65 @@ def test_lmstream_serve_serves_until_ctrl_c(tmp_path: Path, sim: simulator.SimSe
         proc.send_signal(signal.SIGINT)
         assert proc.wait(15) == 0
         assert time.monotonic() - started < 10
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
+
+
+def test_after_a_kill_and_a_restart_every_event_id_resumes_to_an_end(
+    tmp_path: Path, sim: simulator.SimServer
+) -> None:
+    """The service dies mid-run (SIGKILL: no clean-up at all) and a new one opens the same
+    database. A client that resumes with whatever id it holds, even one ahead of what the store
+    got (it appends once a second, so it lags what was sent), gets the stored text after its id
+    and a final event, never a 400; one that has seen the final event gets 204."""
+    db = tmp_path / "prompts.db"
+    PromptStore(db).save("crawl", CRAWL + "Write forever about {{topic}}.", model=MODEL)
+    with lmstream_serve(db, sim.base_url) as (proc, url):
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as client:
+            created = client.post("/api/prompts/crawl/runs", json={"variables": {"topic": "ice"}})
+            run = created.json()
+            # 1.5 s of text: the store has had at least one append by then.
+            seen_events, reader = read_events(
+                client,
+                run["events_url"],
+                stop=lambda events: sum(e.event == "delta" for e in events) >= 30,
+            )
+        proc.kill()
+        assert proc.wait(10) == -signal.SIGKILL
+    seen = text_of(seen_events)
+    assert reader.last_id == f"d:{len(seen)}:0"
+    stored = PromptStore(db).get_run(run["run_id"])
+    assert stored.text  # recorded while it streamed
+    assert seen.startswith(stored.text) or stored.text.startswith(seen)
+
+    ids = {
+        "the last one seen": reader.last_id,
+        "far ahead of the store": f"d:{len(seen) + 100_000}:0",
+        "reasoning ahead": f"d:{len(seen)}:50",
+        "the start event": "s:0:0",
+        "none": None,
+    }
+    with (
+        lmstream_serve(db, sim.base_url) as (_, url),
+        httpx.Client(base_url=url, timeout=TIMEOUT) as client,
+    ):
+        finals: list[SSE] = []
+        for what, last_id in ids.items():
+            events, _ = read_events(client, run["events_url"], last_id=last_id)
+            assert events[-1].event == "error", what
+            finals.append(events[-1])
+            offset = 0 if last_id in (None, "s:0:0") else len(seen)
+            record = PromptStore(db).get_run(run["run_id"])
+            assert text_of(events) == record.text[offset:], what
+            assert (events[0].event == "start") == (last_id is None), what
+        record = PromptStore(db).get_run(run["run_id"])
+        assert record.text == stored.text  # nothing lost, nothing made up
+        if hasattr(PromptStore, "end_orphaned_runs"):
+            # The store tells a dead owner from a live one: the restart ended the run.
+            assert record.status == "interrupted"
+            assert {e.json()["status"] for e in finals} == {"interrupted"}
+        else:
+            assert record.status == "unfinished"
+            assert {e.json()["status"] for e in finals} == {"unfinished"}
+            assert "not running in this server" in finals[0].json()["message"]
+        # A client that saw the final event is told to stop.
+        end = client.get(run["events_url"], headers={"Last-Event-ID": finals[0].id or ""})
+        assert end.status_code == 204
