@@ -405,7 +405,6 @@ def create_app(
 
 async def _end_orphaned_runs(store: PromptStore) -> None:
     """Runs left ``unfinished`` by a server that was killed end now, as ``interrupted``, with
-    the text they had, when the store can tell a dead owner from a live one."""
-    end_orphaned: Callable[[], list[int]] | None = getattr(store, "end_orphaned_runs", None)
-    if end_orphaned is not None:
-        await asyncio.to_thread(end_orphaned)
+    the text they had (the store tells a dead owner from a live one). Opening a store does this
+    too; a service handed a store opened long before its start does it again here."""
+    await asyncio.to_thread(store.end_orphaned_runs)

@@ -130,14 +130,10 @@ def test_after_a_kill_and_a_restart_every_event_id_resumes_to_an_end(
             assert (events[0].event == "start") == (last_id is None), what
         record = PromptStore(db).get_run(run["run_id"])
         assert record.text == stored.text  # nothing lost, nothing made up
-        if hasattr(PromptStore, "end_orphaned_runs"):
-            # The store tells a dead owner from a live one: the restart ended the run.
-            assert record.status == "interrupted"
-            assert {e.json()["status"] for e in finals} == {"interrupted"}
-        else:
-            assert record.status == "unfinished"
-            assert {e.json()["status"] for e in finals} == {"unfinished"}
-            assert "not running in this server" in finals[0].json()["message"]
+        # The store tells a dead owner from a live one: the restart ended the run.
+        assert record.status == "interrupted"
+        assert {e.json()["status"] for e in finals} == {"interrupted"}
+        assert "ended before the run finished" in finals[0].json()["message"]
         # A client that saw the final event is told to stop.
         end = client.get(run["events_url"], headers={"Last-Event-ID": finals[0].id or ""})
         assert end.status_code == 204
