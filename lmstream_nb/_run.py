@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,19 +52,60 @@ def status_of(error: BaseException) -> str:
     return "error"
 
 
-@dataclass(frozen=True)
 class RunResult:
-    """What one run produced. ``str(result)`` is the text; the repr is a one-line summary."""
+    """What one run produced. ``str(result)`` is the text; the repr is a one-line summary.
 
-    run_id: int
-    status: str
-    text: str
-    reasoning: str
-    error: str | None
-    stats: Stats
-    finish_reason: str | None
-    model: str | None
-    prompt: str  # "name@version" or "(inline)"
+    ``text`` and ``reasoning`` may be given as a function that returns them: a streamed run
+    hands over its stream's buffer that way, so an answer is decoded into one string only if
+    someone reads it (``lmstream serve`` never does; it has the text already).
+    """
+
+    __slots__ = (
+        "_reasoning",
+        "_text",
+        "error",
+        "finish_reason",
+        "model",
+        "prompt",
+        "run_id",
+        "stats",
+        "status",
+    )
+
+    def __init__(
+        self,
+        *,
+        run_id: int,
+        status: str,
+        text: str | Callable[[], str],
+        reasoning: str | Callable[[], str],
+        error: str | None,
+        stats: Stats,
+        finish_reason: str | None,
+        model: str | None,
+        prompt: str,
+    ) -> None:
+        self.run_id = run_id
+        self.status = status
+        self._text = text
+        self._reasoning = reasoning
+        self.error = error
+        self.stats = stats
+        self.finish_reason = finish_reason
+        self.model = model
+        self.prompt = prompt  # "name@version" or "(inline)"
+
+    @property
+    def text(self) -> str:
+        if not isinstance(self._text, str):
+            self._text = self._text()
+        return self._text
+
+    @property
+    def reasoning(self) -> str:
+        if not isinstance(self._reasoning, str):
+            self._reasoning = self._reasoning()
+        return self._reasoning
 
     @property
     def ok(self) -> bool:
@@ -84,6 +124,13 @@ class RunResult:
         if self.error:
             line += f": {self.error}"
         return line + ">"
+
+
+def _read(stream: ChatStream | None, what: str) -> str | Callable[[], str]:
+    """The stream's text or reasoning, read when first asked for (see RunResult)."""
+    if stream is None:
+        return ""
+    return lambda: str(getattr(stream, what))
 
 
 _stores: dict[Path, PromptStore] = {}
@@ -147,6 +194,15 @@ class _Recorder:
         self._timer.cancel()
         if self._writing is not None:
             await asyncio.shield(self._writing)
+
+    async def append_rest(self) -> bool:
+        """Append what the ticks have not, so the store holds the whole text; False when no
+        stream was watched. A failure here is raised (the store's one sentence)."""
+        if self._stream is None:
+            return False
+        text, reasoning, _, _ = self._stream.tail(self._text_pos, self._reasoning_pos)
+        await asyncio.to_thread(self._store.append_run_text, self._run_id, text, reasoning)
+        return True
 
 
 async def arun(
@@ -280,8 +336,8 @@ async def arun(
         result = RunResult(
             run_id=run_id,
             status=status,
-            text=stream.text if stream is not None else "",
-            reasoning=stream.reasoning if stream is not None else "",
+            text=_read(stream, "text"),
+            reasoning=_read(stream, "reasoning"),
             error=error_text,
             stats=stats,
             finish_reason=finished.finish_reason if finished is not None else None,
@@ -289,15 +345,17 @@ async def arun(
             prompt=prompt.label,
         )
     await recorder.settle()
-    # The final write runs even if the task is being cancelled, and completes before we go on.
-    # It carries whatever the appends did not (all of it, if they failed).
-    finishing = asyncio.shield(
-        asyncio.to_thread(
+
+    async def record() -> None:
+        # The stream's text goes to the store as pieces, then the outcome: a long answer is
+        # never decoded or bound whole just to finish its row.
+        whole = blocking is not None or not await recorder.append_rest()
+        await asyncio.to_thread(
             store.finish_run,
             run_id,
             status=result.status,
-            text=result.text,
-            reasoning=result.reasoning,
+            text=result.text if whole else None,
+            reasoning=result.reasoning if whole else None,
             error=result.error,
             finish_reason=result.finish_reason,
             model=result.model,
@@ -308,7 +366,10 @@ async def arun(
             completion_tokens=stats.completion_tokens,
             tokens_per_s=stats.tokens_per_s,
         )
-    )
+
+    # The final write runs even if the task is being cancelled, and completes before we go on.
+    # It carries whatever the appends did not (all of it, if they failed).
+    finishing = asyncio.shield(record())
     try:
         await finishing
     except StoreError as exc:

@@ -875,8 +875,8 @@ class PromptStore:
         run_id: int,
         *,
         status: str,
-        text: str,
-        reasoning: str,
+        text: str | None,
+        reasoning: str | None,
         error: str | None,
         finish_reason: str | None,
         model: str | None,
@@ -887,7 +887,9 @@ class PromptStore:
         completion_tokens: int | None,
         tokens_per_s: float | None,
     ) -> None:
-        """Write a run's outcome; ``text`` and ``reasoning`` are the run's whole text.
+        """Write a run's outcome; ``text`` and ``reasoning`` are the run's whole text, or
+        ``None`` when the pieces appended so far are the whole text (the caller appended the
+        rest first, so a long answer is never held or bound whole once more to finish it).
 
         Only what was not appended yet is written: the text appended so far is kept where it
         is, and the rest becomes one more piece. An answer of at most INLINE_TEXT_CHARS is
@@ -901,11 +903,31 @@ class PromptStore:
             raise ValueError(
                 f"The status {status!r} is not a final run status: use one of {final}."
             )
+        if (text is None) != (reasoning is None):
+            raise ValueError("Pass both text and reasoning, or neither (the appended pieces).")
         with self._write() as conn:
             seq, text_end, reasoning_end = self._last_chunk(conn, run_id)
-            if seq and not self._continues(conn, run_id, seq, text, reasoning):
-                seq = text_end = reasoning_end = 0  # another text: it replaces the pieces
-            inline = len(text) + len(reasoning) <= INLINE_TEXT_CHARS
+            if text is None or reasoning is None:  # the pieces hold it all
+                chars = text_end
+                inline = text_end + reasoning_end <= INLINE_TEXT_CHARS
+                if inline:  # small: read back and moved into the row
+                    pieces = conn.execute(
+                        "SELECT text, reasoning FROM run_chunks WHERE run_id = ? ORDER BY seq",
+                        (run_id,),
+                    ).fetchall()
+                    text = "".join(piece for piece, _ in pieces)
+                    reasoning = "".join(piece for _, piece in pieces)
+                head = preview(text) if text is not None else chunks_preview(conn, run_id)
+                tail: tuple[str, str] | None = None
+            else:
+                if seq and not self._continues(conn, run_id, seq, text, reasoning):
+                    seq = text_end = reasoning_end = 0  # another text: it replaces the pieces
+                chars = len(text)
+                inline = len(text) + len(reasoning) <= INLINE_TEXT_CHARS
+                head = preview(text)
+                tail = None
+                if not inline and (len(text) > text_end or len(reasoning) > reasoning_end):
+                    tail = (text[text_end:], reasoning[reasoning_end:])
             updated = conn.execute(
                 "UPDATE runs SET status = ?, text = ?, reasoning = ?, text_in_chunks = ?, "
                 "error = ?, finish_reason = ?, model = coalesce(?, model), ttft_s = ?, "
@@ -913,8 +935,8 @@ class PromptStore:
                 "tokens_per_s = ?, text_chars = ?, preview = ? WHERE id = ?",
                 (
                     status,
-                    _storable(text) if inline else "",
-                    _storable(reasoning) if inline else "",
+                    _storable(text) if inline and text is not None else "",
+                    _storable(reasoning) if inline and reasoning is not None else "",
                     0 if inline else 1,
                     _storable(error),
                     finish_reason,
@@ -925,8 +947,8 @@ class PromptStore:
                     prompt_tokens,
                     completion_tokens,
                     tokens_per_s,
-                    len(text),
-                    _storable(preview(text)),
+                    chars,
+                    _storable(head),
                     run_id,
                 ),
             ).rowcount
@@ -934,17 +956,17 @@ class PromptStore:
                 raise RunNotFound(run_id, path=str(self.path))
             if inline or seq == 0:
                 conn.execute("DELETE FROM run_chunks WHERE run_id = ?", (run_id,))
-            if not inline and (len(text) > text_end or len(reasoning) > reasoning_end):
+            if tail is not None:
                 conn.execute(
                     "INSERT INTO run_chunks (run_id, seq, text, reasoning, text_end, "
                     "reasoning_end) VALUES (?, ?, ?, ?, ?, ?)",
                     (
                         run_id,
                         seq + 1,
-                        _storable(text[text_end:]),
-                        _storable(reasoning[reasoning_end:]),
-                        len(text),
-                        len(reasoning),
+                        _storable(tail[0]),
+                        _storable(tail[1]),
+                        text_end + len(tail[0]),
+                        reasoning_end + len(tail[1]),
                     ),
                 )
 

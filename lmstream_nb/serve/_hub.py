@@ -322,7 +322,7 @@ class Hub:
                     message=result.error,
                     finish_reason=result.finish_reason,
                     stats=result.stats.as_dict(),
-                    text_length=len(result.text),
+                    text_length=result.stats.text_chars,
                 )
             else:
                 # The record has the exact sentence arun wrote; the write is already done.
