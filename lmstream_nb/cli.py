@@ -57,6 +57,16 @@ def _whole_number(minimum: int, noun: str) -> Callable[[str], int]:
     return parse
 
 
+def _limit_seconds(text: str) -> float:
+    """An argparse ``type`` for a limit that must exist: a positive number of seconds."""
+    value = seconds_argument(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} would mean no limit here: use a positive number of seconds."
+        )
+    return value
+
+
 def _not_negative(text: str) -> float:
     """An argparse ``type`` for a duration or scale that may be 0 but not below."""
     try:
@@ -609,6 +619,29 @@ def _add_serve_parser(sub: Any) -> None:
         metavar="S",
         help="seconds a run with no listener goes on before it is cancelled",
     )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also accept requests whose Host header names this (a DNS name the server is "
+        "reached by; repeatable; default: the listening address and loopback names)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=_limit_seconds,
+        default=5.0,
+        metavar="S",
+        help="seconds a client has to send a whole request before it is answered 408 and "
+        "closed (default 5)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=_whole_number(1, "connections"),
+        default=1000,
+        metavar="N",
+        help="open connections at most; beyond it the longest idle one is closed (default 1000)",
+    )
     p.add_argument("--db", type=Path, help="the prompt and run database (default: the usual one)")
 
 
@@ -644,6 +677,9 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             token=token,
             cors_origins=args.cors_origin,
             grace=args.grace,
+            allowed_hosts=args.allow_host,
+            request_timeout=args.request_timeout,
+            max_connections=args.max_connections,
         )
     except OSError as exc:
         err.write(f"lmstream serve: {exc}: pick another --port.\n")

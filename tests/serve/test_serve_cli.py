@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 from serve_helpers import SSE, TIMEOUT, read_events, text_of
 
 from lmstream_nb import PromptStore, simulator
@@ -34,7 +36,9 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
 
 
 @contextmanager
-def lmstream_serve(db: Path, base_url: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def lmstream_serve(
+    db: Path, base_url: str, *options: str
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """``lmstream serve`` on a free port as a child process; yields it and its URL, and
     makes sure it is gone at the end (killed if it is still running)."""
     proc = subprocess.Popen(
@@ -49,6 +53,7 @@ def lmstream_serve(db: Path, base_url: str) -> Iterator[tuple[subprocess.Popen[s
             base_url,
             "--db",
             str(db),
+            *options,
         ],
         stderr=subprocess.PIPE,
         text=True,
@@ -64,6 +69,47 @@ def lmstream_serve(db: Path, base_url: str) -> Iterator[tuple[subprocess.Popen[s
             proc.wait(10)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_connection_limits_and_extra_host_names_come_from_the_command_line(
+    tmp_path: Path, sim: simulator.SimServer
+) -> None:
+    """--allow-host adds a name the Host header may carry; --request-timeout cuts a client that
+    never finishes its request (a 408, then the connection closes)."""
+    db = tmp_path / "prompts.db"
+    PromptStore(db).save("plain", "Tell me about rivers.")
+    options = ("--allow-host", "lmstream.test", "--request-timeout", "1", "--max-connections", "8")
+    with lmstream_serve(db, sim.base_url, *options) as (_, url):
+        port = url.rsplit(":", 1)[1]
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as client:
+            named = client.get("/api/prompts", headers={"Host": f"lmstream.test:{port}"})
+            other = client.get("/api/prompts", headers={"Host": f"evil.test:{port}"})
+        assert named.status_code == 200
+        assert other.status_code == 421
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=10) as slow:
+            slow.sendall(b"GET /api/prompts HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never ends
+            answer = b""
+            while chunk := slow.recv(4096):  # bounded: the server closes within ~1 s
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408")
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--request-timeout", "0"), ("--request-timeout", "none"), ("--max-connections", "0")],
+)
+def test_a_bad_connection_limit_is_one_line_and_exit_2(option: str, value: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lmstream_nb", "serve", "--port", "0", option, value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert option in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_lmstream_serve_serves_until_ctrl_c(tmp_path: Path, sim: simulator.SimServer) -> None:
