@@ -30,7 +30,7 @@ from ._events import Completion, Event, Stats
 from ._loop import shared_loop
 from ._store import History, PromptStore, RunStats, default_path
 from ._sync import SyncLMStudioClient
-from ._template import Prompt
+from ._template import Prompt, variable_text
 
 FLUSH_INTERVAL_S = 1.0
 
@@ -245,7 +245,7 @@ async def arun(
     if isinstance(prompt, str):
         prompt = await asyncio.to_thread(store.get, prompt, version)
     messages = prompt.render(variables, allow_extra=allow_extra)  # refuses before anything
-    recorded_vars = {k: str(v) for k, v in (variables or {}).items()}
+    recorded_vars = {k: variable_text(k, v) for k, v in (variables or {}).items()}
     own_client = client is None
     http = client if client is not None else LMStudioClient(base_url, budgets=budgets)
     chosen_model = model or prompt.model

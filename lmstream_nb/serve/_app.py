@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import importlib.resources
 import inspect
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import asdict
 from typing import Any, cast
@@ -36,7 +35,7 @@ from .._config import Budgets
 from .._errors import LMStreamError, PromptNotFound, RunNotFound, StoreError, TemplateError
 from .._run import default_store
 from .._store import PromptStore
-from .._template import Prompt
+from .._template import Prompt, variable_text
 from ._events import BadCursor, Cursor, EventStream, StreamSettings, find_run
 from ._hub import Hub
 from ._openapi import DEFAULT_MAX_BODY, openapi
@@ -54,11 +53,9 @@ def _prompt_summary(p: Prompt) -> dict[str, Any]:
 
 
 def _variables(body: dict[str, Any]) -> dict[str, str]:
-    """Variables as the template gets them: strings as they are, numbers and booleans as JSON."""
-    return {
-        key: value if isinstance(value, str) else json.dumps(value)
-        for key, value in body.get("variables", {}).items()
-    }
+    """Variables as the template gets them, by the template's own rule (the request's schema
+    already allows only strings, numbers and booleans)."""
+    return {key: variable_text(key, value) for key, value in body.get("variables", {}).items()}
 
 
 def _integer(value: Any) -> int | None:

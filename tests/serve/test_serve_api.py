@@ -14,7 +14,7 @@ import httpx
 import pytest
 from serve_helpers import TIMEOUT, read_events, service, text_of
 
-from lmstream_nb import PromptStore, simulator
+from lmstream_nb import PromptStore, run, simulator
 from lmstream_nb._errors import MissingVariables, UnknownVariables
 from lmstream_nb.cli import main
 from lmstream_nb.serve import ServeHandle, create_app, serve
@@ -134,6 +134,22 @@ def test_run_options_and_an_older_version(client: httpx.Client) -> None:
     events, _ = read_events(client, response.json()["events_url"])
     assert events[0].json()["version"] == 1
     assert events[-1].json()["finish_reason"] == "length"
+
+
+def test_numbers_and_booleans_become_the_same_text_as_in_python(
+    client: httpx.Client, store_path: Path, sim: simulator.SimServer
+) -> None:
+    """One rule for a value that is not a string, whichever front end it came through."""
+    values = {"who": 3, "lang": True, "role": 2.5}
+    response = client.post("/api/prompts/greet/runs", json={"variables": values})
+    assert response.status_code == 201, response.text
+    read_events(client, response.json()["events_url"])
+    with PromptStore(store_path) as store:
+        served = store.get_run(response.json()["run_id"])
+        direct = run("greet", values, store=store, base_url=sim.base_url, model=MODEL)
+        in_python = store.get_run(direct.run_id)
+    assert served.variables == in_python.variables == {"who": "3", "lang": "True", "role": "2.5"}
+    assert served.messages == in_python.messages
 
 
 @pytest.mark.parametrize(
