@@ -26,7 +26,7 @@ from IPython.display import display
 
 from . import simulator
 from ._client import LMStudioClient
-from ._config import Budgets, parse_seconds, resolve_base_url, seconds_argument
+from ._config import Budgets, parse_seconds, redact_url, resolve_base_url, seconds_argument
 from ._errors import LMStreamError
 from ._loop import shared_loop
 from ._outcome import ending
@@ -59,6 +59,15 @@ class SessionConfig:
     idle_timeout: float | None = Budgets().idle
     format: str = "text"
     sim: Any = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        # The base URL may carry credentials: they are never shown.
+        shown = None if self.base_url is None else redact_url(self.base_url)
+        return (
+            f"SessionConfig(base_url={shown!r}, model={self.model!r}, "
+            f"first_token_timeout={self.first_token_timeout!r}, "
+            f"idle_timeout={self.idle_timeout!r}, format={self.format!r})"
+        )
 
     def budgets(
         self,
@@ -492,8 +501,14 @@ class LMStreamMagics(Magics):
     def _config(self, items: list[str]) -> SessionConfig:
         conf = self.config_
         for key, value in _key_values(items).items():
-            if key in ("base_url", "model"):
-                setattr(conf, key, value or None)
+            if key == "base_url":
+                # Checked now, with the client's own sentence, not at the first run.
+                try:
+                    conf.base_url = resolve_base_url(value) if value else None
+                except LMStreamError as exc:
+                    raise UsageError(str(exc)) from None
+            elif key == "model":
+                conf.model = value or None
             elif key in ("first_token_timeout", "idle_timeout"):
                 try:
                     setattr(conf, key, parse_seconds(value))

@@ -28,6 +28,7 @@ from ._errors import (
 )
 from ._events import Completion, Event, Stats
 from ._loop import shared_loop
+from ._outcome import CANCELLED_MESSAGE, failed_inside
 from ._store import History, PromptStore, RunStats, default_path
 from ._sync import SyncLMStudioClient
 from ._template import Prompt, variable_text
@@ -307,9 +308,9 @@ async def arun(
             error_text = str(exc)
             exc.run_id = run_id
         elif status == "cancelled":
-            error_text = "Cancelled before the answer was complete; the text received is kept."
+            error_text = CANCELLED_MESSAGE
         else:
-            error_text = f"The run failed inside lmstream_nb or a callback ({exc!r})."
+            error_text = failed_inside(exc)
     finally:
         if own_client:
             await asyncio.shield(http.aclose())

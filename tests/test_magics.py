@@ -294,6 +294,7 @@ def test_headless_execution_saves_the_final_text(
             "The setting first_token_timeout: 'abc' is not a time budget",
         ),
         ("%lmstream config idle_timeout=0", "The setting idle_timeout: '0' is not a time budget"),
+        ("%lmstream config base_url=ftp://x/v1", "uses the scheme 'ftp', and only http and https"),
         ("%lmstream sim start time_scale=-1", "The simulator cannot start: time_scale must be"),
         ("%lmstream sim start warp=9", "The simulator has no setting warp: use a profile name"),
     ],
@@ -310,6 +311,18 @@ def test_a_bad_value_is_one_usage_sentence(
     assert stderr.count("\n") == 1, "one sentence"
     assert "Traceback" not in stderr
     assert len(msim.records()) == before, "nothing was sent"
+
+
+def test_config_never_shows_credentials_of_the_base_url(kernel: Kernel) -> None:
+    shown = kernel.execute("%lmstream config base_url=http://ada:s3cret-pw@127.0.0.1:9/v1")
+    try:
+        assert shown.status == "ok", shown.error()
+        text = shown.result() or ""
+        assert "base_url='http://127.0.0.1:9/v1'" in text
+        assert "s3cret-pw" not in text
+    finally:
+        reset = kernel.execute("%lmstream config base_url=")
+        assert reset.status == "ok", reset.error()
 
 
 def test_budgets_from_config_and_options(kernel: Kernel) -> None:

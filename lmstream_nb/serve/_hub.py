@@ -38,6 +38,7 @@ from .._client import LMStudioClient
 from .._config import Budgets
 from .._errors import LMStreamError
 from .._events import Event, ReasoningDelta, StreamStarted, TextDelta
+from .._outcome import CANCELLED_MESSAGE
 from .._run import RunResult, arun
 from .._store import PromptStore, RunRecord
 from .._template import Prompt
@@ -70,9 +71,6 @@ def release_freed_memory() -> None:
     """
     if _TRIM is not None:
         _TRIM(0)
-
-
-_CANCELLED_MESSAGE = "Cancelled before the answer was complete; the text received is kept."
 
 
 class Text:
@@ -332,9 +330,7 @@ class Hub:
                     )
                     live.outcome = outcome_of(record)
                 except (LMStreamError, asyncio.CancelledError):
-                    live.outcome = Outcome(
-                        "cancelled", _CANCELLED_MESSAGE, None, {}, len(live.text)
-                    )
+                    live.outcome = Outcome("cancelled", CANCELLED_MESSAGE, None, {}, len(live.text))
             self._finished(live)
 
         task = loop.create_task(drive(), name="lmstream-serve-run")
