@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -368,11 +368,9 @@ async def arun(
             tokens_per_s=stats.tokens_per_s,
         )
 
-    # The final write runs even if the task is being cancelled, and completes before we go on.
-    # It carries whatever the appends did not (all of it, if they failed).
-    finishing = asyncio.shield(record())
+    # The final write carries whatever the appends did not (all of it, if they failed).
     try:
-        await finishing
+        await _despite_cancellation(record())
     except StoreError as exc:
         # The run could not be recorded (a full disk, a read-only folder): that is what the
         # caller must hear about, unless the run was cancelled, which must stay a cancellation.
@@ -383,6 +381,27 @@ async def arun(
     if failure is not None and (raise_errors or not isinstance(failure, LMStreamError)):
         raise failure
     return result
+
+
+async def _despite_cancellation(write: Coroutine[Any, Any, None]) -> None:
+    """Run ``write`` to its end even if this task is cancelled meanwhile (once or again), then
+    let the cancellation go on: a run is recorded before its caller hears that it ended.
+
+    ``asyncio.shield`` alone is not enough: a second cancellation would return at once and
+    leave the write running behind a caller that believes the run is recorded.
+    """
+    task = asyncio.ensure_future(write)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            if task.cancelled():
+                raise
+            cancelled = exc
+    if cancelled is not None:  # a cancellation stays one, even if the write failed too
+        raise cancelled from task.exception()
+    task.result()  # the write's own error, if it failed
 
 
 def run(

@@ -416,3 +416,29 @@ def test_blocking_mode_records_timeouts_and_answers(
     assert store.get_run(late.run_id).status == "timeout"
     with pytest.raises(ValueError, match="mode"):
         run(Prompt("Hi"), store=store, mode="sideways")
+
+
+@pytest.mark.anyio
+async def test_a_run_is_recorded_before_a_repeated_cancellation_goes_on() -> None:
+    """The final write is not abandoned by a second cancel (``asyncio.shield`` alone would be):
+    the cancelled caller hears of it only once the write is done."""
+    from lmstream_nb._run import _despite_cancellation
+
+    release = asyncio.Event()
+    written: list[str] = []
+
+    async def write() -> None:
+        await release.wait()
+        written.append("row")
+
+    task = asyncio.create_task(_despite_cancellation(write()))
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.sleep(0)
+    assert not task.done(), "a cancel must not cut the write short"
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert written == ["row"]
