@@ -110,15 +110,11 @@ class Workload:
             head = f"[[sim {json.dumps(overrides, sort_keys=True)}]]\n" + head
         target = max(bucket.prompt_tokens * 4, len(head))
         words = ("note", "river", "ledger", "signal", "harbour", "matrix", "amber", "quiet")
-        pieces = [head]
-        size = len(head)
-        i = row
-        while size < target:
-            word = words[i % len(words)] + " "
-            pieces.append(word)
-            size += len(word)
-            i += 1
-        return "".join(pieces)[:target]
+        # The words cycle from ``row`` on; repeating one turn of the cycle is the same text as
+        # appending word after word, without a Python loop over a 64k-token prompt.
+        turn = "".join(words[(row + i) % len(words)] + " " for i in range(len(words)))
+        body = turn * ((target - len(head)) // len(turn) + 1)
+        return (head + body)[:target]
 
     def fault(
         self,
