@@ -19,7 +19,15 @@ the history like any other.
 """
 
 from ._report import TIMEOUT_STATUSES, BenchReport
-from ._runner import BENCH_PROMPT, DEFAULT_SCALE, arun_benchmark, run_benchmark
+from ._runner import (
+    BENCH_PROMPT,
+    DEFAULT_MARGIN,
+    DEFAULT_SCALE,
+    CellPlan,
+    arun_benchmark,
+    plan_benchmark,
+    run_benchmark,
+)
 from ._workload import (
     FAULT_KINDS,
     LAPTOP_GPU,
@@ -33,17 +41,20 @@ from ._workload import (
 
 __all__ = [
     "BENCH_PROMPT",
+    "DEFAULT_MARGIN",
     "DEFAULT_SCALE",
     "FAULT_KINDS",
     "LAPTOP_GPU",
     "PRE_FIRST_TOKEN_FAULTS",
     "TIMEOUT_STATUSES",
     "BenchReport",
+    "CellPlan",
     "SizeBucket",
     "SpeedProfile",
     "Workload",
     "arun_benchmark",
     "default_workload",
+    "plan_benchmark",
     "quick_workload",
     "run_benchmark",
 ]
