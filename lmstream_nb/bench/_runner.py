@@ -438,7 +438,7 @@ async def arun_benchmark(
             "first_token_budget_s": budgets.first_token,
             "idle_budget_s": budgets.idle,
             "prompt": prompt.label,
-            "margin_s": margin if simulated else None,
+            "margin_real_s": margin if simulated else None,
             "tokens_per_event": _TOKENS_PER_EVENT if simulated else None,
         },
     )

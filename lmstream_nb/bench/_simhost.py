@@ -84,12 +84,12 @@ class SimHost:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(proc.wait(), _EXIT_TIMEOUT_S)
         finally:
-            if proc.returncode is None:
-                proc.kill()
-                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(asyncio.shield(proc.wait()), _EXIT_TIMEOUT_S)
             if self._drain is not None:
                 self._drain.cancel()
+            if proc.returncode is None:
+                proc.kill()  # a kill is not refused; reap it without waiting long
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(proc.wait(), _EXIT_TIMEOUT_S)
 
     async def _keep_stderr(self) -> None:
         stderr = self._proc.stderr if self._proc is not None else None
@@ -104,10 +104,17 @@ class SimHost:
             raise RuntimeError("SimHost is used outside its `async with` block")
         async with self._lock:
             line = b""
-            with contextlib.suppress(ConnectionError):
+            try:
                 proc.stdin.write((json.dumps(request) + "\n").encode("utf-8"))
                 await proc.stdin.drain()
                 line = await asyncio.wait_for(proc.stdout.readline(), _REPLY_TIMEOUT_S)
+            except ConnectionError:
+                pass  # it is gone: said below
+            except asyncio.TimeoutError:
+                raise RuntimeError(
+                    f"The benchmark's simulator process did not answer within "
+                    f"{_REPLY_TIMEOUT_S:g} s; run the benchmark again on a less busy machine."
+                ) from None
         if not line:
             await asyncio.sleep(0.1)  # let the last lines of its stderr arrive
             tail = " | ".join(self._stderr) or "no output"
