@@ -7,19 +7,30 @@ first-token and an idle budget? It sends a workload of prompts from about 500 to
 tabulates success rate, timeouts and the time to first visible output.
 
 By default it runs on the embedded simulator at a documented speed profile, time-scaled so the
-whole benchmark takes about two minutes; with ``base_url`` it runs the same workload against a
-real LM Studio in real time. It is built on :func:`lmstream_nb.run_many`, so every run is in
-the history like any other.
+whole benchmark takes about 75 s: each cell at the scale that keeps its closest verdict at least
+2 s of real time from its boundary (:func:`plan_benchmark` shows the plan), so that a loaded
+machine cannot flip one. With ``base_url`` it runs the same workload against a real LM Studio
+in real time. It is built on :func:`lmstream_nb.run_many`, so every run is in the history like
+any other.
 
     from lmstream_nb import bench
 
     report = bench.run_benchmark(bench.quick_workload(), concurrency=(1, 3))
     print(report.table())
+    assert report.success_table() == report.predicted_table()
     report.plot_success("success.png")
 """
 
 from ._report import TIMEOUT_STATUSES, BenchReport
-from ._runner import BENCH_PROMPT, DEFAULT_SCALE, arun_benchmark, run_benchmark
+from ._runner import (
+    BENCH_PROMPT,
+    DEFAULT_MARGIN,
+    DEFAULT_SCALE,
+    CellPlan,
+    arun_benchmark,
+    plan_benchmark,
+    run_benchmark,
+)
 from ._workload import (
     FAULT_KINDS,
     LAPTOP_GPU,
@@ -33,17 +44,20 @@ from ._workload import (
 
 __all__ = [
     "BENCH_PROMPT",
+    "DEFAULT_MARGIN",
     "DEFAULT_SCALE",
     "FAULT_KINDS",
     "LAPTOP_GPU",
     "PRE_FIRST_TOKEN_FAULTS",
     "TIMEOUT_STATUSES",
     "BenchReport",
+    "CellPlan",
     "SizeBucket",
     "SpeedProfile",
     "Workload",
     "arun_benchmark",
     "default_workload",
+    "plan_benchmark",
     "quick_workload",
     "run_benchmark",
 ]

@@ -60,6 +60,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         timeouts = sum(c for s, c in statuses.items() if s in TIMEOUT_STATUSES)
         ttfv = [float(r["ttfv_s"]) for r in ok if r["ttfv_s"] is not None]
         total = [float(r["total_s"]) for r in ok]
+        late = [float(r["late_ms"]) for r in members if r.get("late_ms") is not None]
         rows.append(
             {
                 "mode": first["mode"],
@@ -78,6 +79,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "total_p50_s": _percentile(total, 50),
                 "total_p95_s": _percentile(total, 95),
                 "statuses": " ".join(f"{s}:{c}" for s, c in sorted(statuses.items())),
+                "scale": first.get("scale"),
+                "margin_ms": first.get("margin_ms"),
+                "gap_margin_ms": first.get("gap_margin_ms"),
+                "late_ms": max(late) if late else None,
             }
         )
     return rows
@@ -109,7 +114,9 @@ class BenchReport:
     ``rows``: the tidy summary, one dict per mode x size bucket x concurrency.
     ``runs``: one dict per run (mode, bucket, concurrency, row, fault, status, run id, batch
     id, time to first visible output and total time in simulated seconds).
-    ``scale``: the time scale the simulator ran at (1.0 against a real server).
+    ``scale``: the time scale of the cells far from any verdict boundary (each run records its
+    cell's own ``scale``; 1.0 against a real server). ``predicted``: the statuses the timing
+    model expected per (mode, bucket, concurrency), on the simulator.
     """
 
     rows: list[dict[str, Any]]
@@ -119,6 +126,7 @@ class BenchReport:
     profile: SpeedProfile | None
     wall_s: float
     meta: dict[str, Any] = field(default_factory=dict)
+    predicted: dict[tuple[str, str, int], dict[str, int]] = field(default_factory=dict)
 
     def success_table(self) -> dict[tuple[str, str, int], dict[str, int]]:
         """Statuses counted per (mode, bucket, concurrency): the verdicts, without any times."""
@@ -128,6 +136,32 @@ class BenchReport:
             counts = table.setdefault(key, {})
             counts[str(run["status"])] = counts.get(str(run["status"]), 0) + 1
         return table
+
+    def predicted_table(self) -> dict[tuple[str, str, int], dict[str, int]]:
+        """The :meth:`success_table` the timing model predicted (empty against a real server)."""
+        return {key: dict(counts) for key, counts in self.predicted.items()}
+
+    def _least(self, key: str) -> float | None:
+        values = [float(r[key]) for r in self.runs if r.get(key) is not None]
+        return min(values) if values else None
+
+    @property
+    def margin_ms(self) -> float | None:
+        """The closest a verdict on a whole request (a total timeout, a first-token budget) was
+        designed to be to its boundary, in real milliseconds (``None`` if none was predicted)."""
+        return self._least("margin_ms")
+
+    @property
+    def gap_margin_ms(self) -> float | None:
+        """The same for a verdict on one gap between two events of a stream (the idle budget)."""
+        return self._least("gap_margin_ms")
+
+    @property
+    def late_ms(self) -> float | None:
+        """The most any successful blocking answer came after its predicted time, in real
+        milliseconds: how much of the margin the machine used up."""
+        late = [float(r["late_ms"]) for r in self.runs if r.get("late_ms") is not None]
+        return max(late) if late else None
 
     def table(self) -> str:
         """The summary as an aligned text table for a terminal."""
@@ -171,14 +205,40 @@ class BenchReport:
 
         out = [fmt(head), fmt(["-" * w for w in widths])]
         out += [fmt(line) for line in lines]
-        where = self.base_url or (
-            f"embedded simulator, profile {self.profile.name}" if self.profile else "simulator"
-        )
-        out.append(
-            f"({where}; time scale {self.scale:g}; times in simulated seconds, successful runs "
-            f"only; ttfv = time to first visible output; wall time {self.wall_s:.1f} s)"
-        )
+        out.append(f"({'; '.join(self._footnotes())})")
         return "\n".join(out)
+
+    def _footnotes(self) -> list[str]:
+        if self.base_url is not None:
+            notes = [self.base_url, "real time"]
+        else:
+            scales = [float(r["scale"]) for r in self.runs if r.get("scale") is not None]
+            low, high = (min(scales), max(scales)) if scales else (self.scale, self.scale)
+            where = f"embedded simulator, profile {self.profile.name}" if self.profile else ""
+            notes = [where or "simulator"]
+            notes.append(
+                f"time scale {low:.3g}" if high == low else f"time scale {low:.3g} to {high:.3g}"
+            )
+            margins = [
+                f"{what} at least {value:.0f} ms"
+                for what, value in (
+                    ("on a request", self.margin_ms),
+                    ("on a gap", self.gap_margin_ms),
+                )
+                if value is not None
+            ]
+            if margins:
+                late = self.late_ms
+                notes.append(
+                    f"every verdict {' and '.join(margins)} of real time from its boundary"
+                    + ("" if late is None else f", blocking answers at most {late:.0f} ms late")
+                )
+        notes += [
+            "times in simulated seconds, successful runs only",
+            "ttfv = time to first visible output",
+            f"wall time {self.wall_s:.1f} s",
+        ]
+        return notes
 
     def __str__(self) -> str:
         return self.table()
@@ -209,6 +269,10 @@ class BenchReport:
             },
             "wall_s": self.wall_s,
             "meta": self.meta,
+            "predicted": [
+                {"mode": mode, "bucket": bucket, "concurrency": conc, "statuses": counts}
+                for (mode, bucket, conc), counts in self.predicted.items()
+            ],
             "rows": self.rows,
             "runs": self.runs,
         }

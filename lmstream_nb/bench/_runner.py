@@ -3,7 +3,7 @@
 Why one fresh simulator per cell: a real server keeps processing a prompt after a blocking
 client gave up (prefill cannot be interrupted), so a timed-out 64k-token prompt would still
 occupy the model when the next cell starts, and each cell's verdict would depend on the one
-before. A fresh simulator per cell keeps cells independent, which also lets a few of them run
+before. A fresh simulator per cell keeps cells independent, which also lets several of them run
 side by side. Against a real server (``base_url``) the cells run one after another, unscaled.
 
 Why queueing (``max_parallel=1``) by default: LM Studio answers one request per loaded model
@@ -12,22 +12,61 @@ at once therefore wait for each other, and a blocking client's total timeout cou
 wait. That is the honest result, so it is what the benchmark shows; ``max_parallel=None``
 models a server that serves everyone at once at full speed.
 
-Why time scaling is safe: the simulator multiplies every duration by ``scale`` and the
-benchmark multiplies every budget and timeout it gives the client by the same ``scale``, then
-divides the measured times back. The verdicts are the same at any scale as long as the scaled
-times stay well above the event loop's own overhead (milliseconds), which the default scale
-does with a wide margin. The client's retry back-off is scaled the same way.
-
 Why the streams survive queueing: a stream's first-token budget counts from the moment the
 server last started or finished answering another stream of the same client (see
 ``Budgets.first_token``), and each cell's rows share one client. So the eighth of eight queued
 64k-token prompts waits over an hour for its first token without failing, while the server is
 visibly working through the queue; a server that goes silent still fails after the budget.
+
+Why every cell has its own time scale. The simulator multiplies every duration by a scale and
+the benchmark multiplies every budget, timeout and back-off it gives the client by the same
+scale, so the verdicts do not depend on it. But each verdict is a race between the client's
+clock and the server's answer, run in real time: at one scale of 0.015 for every cell, a
+blocking answer due 3.3 simulated seconds before its 30 s timeout was due 50 ms of real time
+before it, and on a loaded machine it came later than that (a cell read 0 % instead of 100 %).
+Since the simulator is deterministic, ``_timeline`` works out each row's outcome and margin
+(the simulated time between the event that decides its verdict and the boundary that would
+flip it) before the cell runs, and the cell runs at the scale that puts its closest verdict
+``margin`` (2 s) of real time from its boundary, never faster than ``scale``. Only the cells
+with close verdicts slow down: the tightest thirty-second timeout runs at about half real
+time, the 92 simulated minutes of eight queued 64k-token streams at 1/80. What the model
+predicts is only used to choose the scales and to compare with (``BenchReport.predicted``);
+the table is what the client did.
+
+Two kinds of verdict are told apart because they are exposed to different delays. One on a
+whole request (a total timeout, a first-token budget) is exposed to everything between
+sending and the answer: connecting, the server's queue, the event loop being busy with other
+cells. Measured on a 2-core machine with two busy loops and other test suites beside it
+(load average 5 to 8), the latest blocking answer came 0.2 to 0.44 s after its predicted time,
+so ``margin`` is 2 s. One on a single gap between two events of a flowing stream (the idle
+budget) is exposed to one wake-up of the event loop: the longest gap measured under the same
+load was 0.18 s for an expected 4 ms, so it gets half of ``margin`` (1.5 s at the default
+scale, where the 120 s idle budget is 1.5 s long).
+
+Weighed and not taken: measuring the machine's lateness at start and scaling to it (the
+lateness that mattered came later, from the benchmark's own work and from whatever else
+started meanwhile, and a table that takes a different time on every run is harder to trust);
+starting all cells at once so none starts in the middle of another's requests (the burst made
+the first answers 0.7 to 1.6 s late). What was taken besides the margins: the simulators run
+in a process of their own (``_simhost``), and the simulated answers come ten tokens to an
+event. Time-scaled, 30 tokens/s are 2400 events/s per stream, a rate no server sends, which
+makes the benchmark measure the interpreter instead of the budgets; an event every third of a
+simulated second is still far inside the 120 s idle budget, and it halved the benchmark's CPU
+time. The simulator counts an event as a token, so the history shows a tenth of the answer
+tokens for a simulated benchmark run (the text itself is the whole answer).
+
+Cells that depend on arrival order: the rows of a cell are sent at the same moment, and when
+they differ (one has a fault) the order in which they reach the server can decide how many
+succeed. That race is not the benchmark's to win, so such a cell is not predicted and runs
+at ``scale``; notebook 03 shows those counts without comparing them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +81,8 @@ from .._run import default_store
 from .._store import PromptStore
 from .._template import Prompt
 from ._report import BenchReport, summarize
+from ._simhost import SimHost
+from ._timeline import Forecast, Rules, TimedRow, forecast_cell
 from ._workload import (
     FAULT_KINDS,
     LAPTOP_GPU,
@@ -52,13 +93,32 @@ from ._workload import (
     fault_overrides,
 )
 
-__all__ = ["BENCH_PROMPT", "DEFAULT_SCALE", "arun_benchmark", "run_benchmark"]
+__all__ = [
+    "BENCH_PROMPT",
+    "DEFAULT_MARGIN",
+    "DEFAULT_SCALE",
+    "CellPlan",
+    "arun_benchmark",
+    "plan_benchmark",
+    "run_benchmark",
+]
 
-#: At this scale the default workload (its longest cell, eight queued 64k-token prompts, is 88
-#: minutes of simulated work) takes about 90 s with four cells side by side, and a 30-minute
-#: generation takes 27 s. The scaled times stay far above the event loop's overhead: the
-#: closest verdict boundary is 50 ms of real time away.
-DEFAULT_SCALE = 0.015
+#: The fastest a cell runs: one simulated second in 12.5 ms of real time, which makes the
+#: 120 s idle budget 1.5 s long. Cells with a verdict near its boundary run slower.
+DEFAULT_SCALE = 0.0125
+
+#: The least real time, in seconds, between a verdict on a whole request (a total timeout, a
+#: first-token budget) and the boundary that would flip it; see the module docstring.
+DEFAULT_MARGIN = 2.0
+
+#: A cell never runs slower than real time.
+_MAX_SCALE = 1.0
+
+#: The share of ``margin`` a verdict on one gap between two events (the idle budget) needs.
+_GAP_SHARE = 0.5
+
+#: Answer tokens per server-sent event on the simulator (see the module docstring).
+_TOKENS_PER_EVENT = 10
 
 #: The stored prompt every benchmark run is recorded under (``lmstream history bench``).
 BENCH_PROMPT = "lmstream-bench"
@@ -67,18 +127,57 @@ _SIM_MODEL = simulator.SimConfig().models[0]
 
 
 @dataclass(frozen=True)
-class _Cell:
+class CellPlan:
+    """One cell of the benchmark (mode x size x concurrency) as planned before it runs.
+
+    ``texts`` are the prompts of its rows and ``faults`` their injected faults. ``scale`` is the
+    cell's time scale (1.0 against a real server). ``forecast`` is what the timing model
+    predicts on the simulator (``None`` against a real server).
+    """
+
     mode: str  # label: "stream" or "blocking 30s"
     kind: str  # "stream" or "blocking"
     timeout_s: float | None
     bucket: SizeBucket
     concurrency: int
-    rows: int
+    texts: tuple[str, ...]
+    faults: tuple[str | None, ...]
+    scale: float
+    forecast: Forecast | None
 
-    def estimate_s(self, profile: SpeedProfile) -> float:
-        """Rough simulated length, to start the longest cells first."""
-        busy = self.rows * profile.service_s(self.bucket.prompt_tokens, self.bucket.answer_tokens)
-        return busy if self.timeout_s is None else min(busy, self.timeout_s)
+    @property
+    def rows(self) -> int:
+        return len(self.texts)
+
+    @property
+    def predicted(self) -> dict[str, int] | None:
+        """How many rows the timing model expects to end with each status; ``None`` against a
+        real server, or when the order in which rows sent together arrive decides it."""
+        return None if self.forecast is None else self.forecast.statuses
+
+    @property
+    def margin_ms(self) -> float:
+        """The closest a verdict on a whole request (a total timeout, a first-token budget) is
+        to its boundary, in milliseconds of real time at the cell's scale (``inf`` if none)."""
+        if self.forecast is None or self.forecast.statuses is None:
+            return math.inf
+        return self.forecast.margin_s * self.scale * 1000
+
+    @property
+    def gap_margin_ms(self) -> float:
+        """The closest a verdict on one gap between two events (the idle budget) is to its
+        boundary, in milliseconds of real time."""
+        if self.forecast is None:
+            return math.inf
+        return self.forecast.gap_margin_s * self.scale * 1000
+
+    @property
+    def real_s(self) -> float:
+        """About how long the cell takes in real time (its timeout, unscaled, on a real
+        server)."""
+        if self.forecast is None:
+            return self.timeout_s or math.inf
+        return self.forecast.decided_s * self.scale
 
 
 def _bench_prompt(store: PromptStore) -> Prompt:
@@ -96,13 +195,79 @@ def _bench_prompt(store: PromptStore) -> Prompt:
     return prompt
 
 
-def _cells(
-    workload: Workload,
-    modes: Sequence[str],
-    concurrency: Sequence[int],
-    timeouts: Sequence[float],
-) -> list[_Cell]:
-    cells: list[_Cell] = []
+def _events(bucket: SizeBucket) -> int:
+    return max(1, math.ceil(bucket.answer_tokens / _TOKENS_PER_EVENT))
+
+
+def _overrides(
+    bucket: SizeBucket, kind: str | None, profile: SpeedProfile, idle_sim: float
+) -> dict[str, object]:
+    """The simulator scenario of one row (simulated seconds), written into its prompt."""
+    events = _events(bucket)
+    fields: dict[str, object] = {"output_tokens": events}
+    if _TOKENS_PER_EVENT > 1:
+        fields["gen_tps"] = profile.gen_tps / _TOKENS_PER_EVENT
+        fields["chunk_chars"] = 4 * _TOKENS_PER_EVENT
+    return {**fields, **fault_overrides(kind, events, idle_sim)}
+
+
+def _cell_scale(base: float, margin: float, forecast: Forecast) -> float:
+    """The slowest of ``base``, the scale that puts the closest verdict on a whole request
+    ``margin`` real seconds from its boundary, and the one that puts the closest gap verdict
+    ``_GAP_SHARE * margin`` from its own (never slower than real time). The outcome of a cell
+    that depends on the order its rows arrive in is not made reproducible by any margin, so
+    its request verdicts do not slow it down."""
+    needed = base
+    request = math.inf if forecast.statuses is None else forecast.margin_s
+    for margin_s, wanted in ((request, margin), (forecast.gap_margin_s, _GAP_SHARE * margin)):
+        if wanted > 0 and not math.isinf(margin_s):
+            needed = max(needed, _MAX_SCALE if margin_s <= 0 else wanted / margin_s)
+    return max(base, min(_MAX_SCALE, needed))
+
+
+def plan_benchmark(
+    workload: Workload | None = None,
+    *,
+    base_url: str | None = None,
+    scale: float | None = None,
+    margin: float = DEFAULT_MARGIN,
+    modes: Sequence[str] = ("blocking", "stream"),
+    concurrency: Sequence[int] = (1, 3, 8),
+    timeouts: Sequence[float] = (30, 120, 300),
+    budgets: Budgets | None = None,
+    faults: float = 0.0,
+    fault_kinds: Sequence[str] = FAULT_KINDS,
+    retries: Retries | None = None,
+    seed: int = 0,
+    profile: SpeedProfile = LAPTOP_GPU,
+    max_parallel: int | None = 1,
+) -> list[CellPlan]:
+    """The cells :func:`run_benchmark` would run with these arguments, without running them:
+    their prompts, faults, predicted outcomes, margins and time scales."""
+    workload = workload or default_workload()
+    budgets = budgets or Budgets()
+    retries = retries or Retries()
+    if not 0.0 <= faults <= 1.0:
+        raise ValueError("faults is a rate between 0 and 1")
+    kinds = tuple(fault_kinds)
+    unknown = sorted(set(kinds) - set(FAULT_KINDS)) or ([] if kinds else ["(none)"])
+    if unknown:
+        raise ValueError(
+            f"fault_kinds must be among {', '.join(FAULT_KINDS)}, not {', '.join(unknown)}"
+        )
+    if base_url is not None:
+        if scale not in (None, 1, 1.0):
+            raise ValueError("a real server runs in real time: leave scale unset with base_url")
+        if faults:
+            raise ValueError(
+                "faults are injected by the simulator: leave faults at 0 with base_url"
+            )
+    base = DEFAULT_SCALE if scale is None else float(scale)
+    if not base > 0:
+        raise ValueError("scale must be a positive number")
+    if not margin >= 0:
+        raise ValueError("margin must be a number of seconds >= 0")
+    plans: list[CellPlan] = []
     for kind in modes:
         if kind not in ("stream", "blocking"):
             raise ValueError(f"modes must be 'stream' and/or 'blocking', not {kind!r}")
@@ -116,8 +281,68 @@ def _cells(
                 for c in concurrency:
                     if c < 1:
                         raise ValueError("every concurrency must be at least 1")
-                    cells.append(_Cell(label, kind, timeout, bucket, c, workload.rows(c)))
-    return cells
+                    cell = CellPlan(label, kind, timeout, bucket, c, (), (), 1.0, None)
+                    faulty = tuple(
+                        workload.fault(bucket, row, faults, seed, kinds)
+                        for row in range(workload.rows(c))
+                    )
+                    if base_url is None:
+                        rules = Rules(
+                            kind=kind,
+                            concurrency=c,
+                            timeout_s=timeout,
+                            first_token_s=budgets.first_token,
+                            idle_s=budgets.idle,
+                            retries=retries,
+                            max_parallel=max_parallel,
+                        )
+                        cell = _on_simulator(cell, workload, faulty, rules, profile, base, margin)
+                    else:
+                        texts = tuple(
+                            workload.prompt_text(bucket, row, overrides=None)
+                            for row in range(len(faulty))
+                        )
+                        cell = dataclasses.replace(cell, texts=texts, faults=faulty)
+                    plans.append(cell)
+    return plans
+
+
+def _on_simulator(
+    cell: CellPlan,
+    workload: Workload,
+    faults: tuple[str | None, ...],
+    rules: Rules,
+    profile: SpeedProfile,
+    base: float,
+    margin: float,
+) -> CellPlan:
+    """``cell`` with its simulator prompts, its forecast and the time scale it needs."""
+    idle = rules.idle_s if rules.idle_s is not None else 120.0
+    texts = tuple(
+        workload.prompt_text(
+            cell.bucket, row, overrides=_overrides(cell.bucket, fault, profile, idle)
+        )
+        for row, fault in enumerate(faults)
+    )
+    timed = [
+        TimedRow(
+            # the simulator counts a prompt's characters / 4 as its tokens
+            prefill_s=max(1, len(text) // 4) / profile.prefill_tps,
+            events=_events(cell.bucket),
+            event_s=_TOKENS_PER_EVENT / profile.gen_tps,
+            fault=fault,
+            stall_s=3 * idle if fault == "stall" else 0.0,
+        )
+        for text, fault in zip(texts, faults, strict=True)
+    ]
+    forecast = forecast_cell(timed, rules)
+    return dataclasses.replace(
+        cell,
+        texts=texts,
+        faults=faults,
+        scale=_cell_scale(base, margin, forecast),
+        forecast=forecast,
+    )
 
 
 async def arun_benchmark(
@@ -125,6 +350,7 @@ async def arun_benchmark(
     *,
     base_url: str | None = None,
     scale: float | None = None,
+    margin: float = DEFAULT_MARGIN,
     modes: Sequence[str] = ("blocking", "stream"),
     concurrency: Sequence[int] = (1, 3, 8),
     timeouts: Sequence[float] = (30, 120, 300),
@@ -141,185 +367,217 @@ async def arun_benchmark(
     model: str | None = None,
 ) -> BenchReport:
     """The async form of :func:`run_benchmark`."""
-    workload = workload or default_workload()
     budgets = budgets or Budgets()
-    if not 0.0 <= faults <= 1.0:
-        raise ValueError("faults is a rate between 0 and 1")
-    kinds = tuple(fault_kinds)
-    unknown = sorted(set(kinds) - set(FAULT_KINDS)) or ([] if kinds else ["(none)"])
-    if unknown:
-        raise ValueError(
-            f"fault_kinds must be among {', '.join(FAULT_KINDS)}, not {', '.join(unknown)}"
-        )
     retries = retries or Retries()
-    if base_url is not None:
-        if scale not in (None, 1, 1.0):
-            raise ValueError("a real server runs in real time: leave scale unset with base_url")
-        if faults:
-            raise ValueError(
-                "faults are injected by the simulator: leave faults at 0 with base_url"
-            )
-        scale = 1.0
-    scale = DEFAULT_SCALE if scale is None else float(scale)
-    if not scale > 0:
-        raise ValueError("scale must be a positive number")
-    parallel = parallel_cells or (1 if base_url is not None else 4)
+    if parallel_cells is not None and parallel_cells < 1:
+        raise ValueError("parallel_cells must be at least 1")
+    plans = await asyncio.to_thread(
+        plan_benchmark,
+        workload,
+        base_url=base_url,
+        scale=scale,
+        margin=margin,
+        modes=modes,
+        concurrency=concurrency,
+        timeouts=timeouts,
+        budgets=budgets,
+        faults=faults,
+        fault_kinds=fault_kinds,
+        retries=retries,
+        seed=seed,
+        profile=profile,
+        max_parallel=max_parallel,
+    )
+    simulated = base_url is None
+    parallel = parallel_cells or (_PARALLEL_CELLS if simulated else 1)
     store = store or default_store()
     prompt = await asyncio.to_thread(_bench_prompt, store)
-    cells = _cells(workload, modes, concurrency, timeouts)
-    order = sorted(range(len(cells)), key=lambda i: -cells[i].estimate_s(profile))
-    scaled = Budgets(
-        connect=budgets.connect,  # opening a TCP connection is real time at any scale
-        first_token=None if budgets.first_token is None else budgets.first_token * scale,
-        idle=None if budgets.idle is None else budgets.idle * scale,
-    )
-    idle_sim = budgets.idle if budgets.idle is not None else 120.0
-    scaled_retries = Retries(
-        attempts=retries.attempts,
-        backoff=retries.backoff * scale,
-        max_backoff=retries.max_backoff * scale,
-    )
-    bar = _Bar(sum(c.rows for c in cells), progress)
+    bar = _Bar(sum(p.rows for p in plans), progress)
     slots = asyncio.Semaphore(parallel)
-    results: dict[int, list[dict[str, Any]]] = {}
-
-    async def one_cell(index: int) -> None:
-        cell = cells[index]
-        async with slots:
-            bar.note(cell)
-            results[index] = await _run_cell(
-                cell,
-                workload,
-                prompt,
-                store,
-                base_url,
-                scale,
-                scaled,
-                scaled_retries,
-                profile,
-                max_parallel,
-                faults,
-                kinds,
-                seed,
-                idle_sim,
-                model,
-            )
-            bar.done(cell)
-
     t0 = time.monotonic()
-    try:
-        await asyncio.gather(*(one_cell(i) for i in order))
-    finally:
-        bar.close()
-    runs = [run for i in range(len(cells)) for run in results[i]]
+    async with contextlib.AsyncExitStack() as stack:
+        host = await stack.enter_async_context(SimHost()) if simulated else None
+        cell = _CellRunner(
+            prompt, store, base_url, host, budgets, retries, profile, max_parallel, seed, model
+        )
+
+        async def one(plan: CellPlan) -> list[dict[str, Any]]:
+            async with slots:
+                return await cell.run(plan, bar)
+
+        # The longest cells first, so that the short ones fill in around them.
+        order = sorted(plans, key=lambda p: -p.real_s)
+        tasks = [asyncio.ensure_future(one(plan)) for plan in order]
+        try:
+            done = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            bar.close()
+    results = {id(plan): rows for plan, rows in zip(order, done, strict=True)}
+    runs = [run for plan in plans for run in results[id(plan)]]
     return BenchReport(
         rows=summarize(runs),
         runs=runs,
-        scale=scale,
+        scale=1.0 if not simulated else (DEFAULT_SCALE if scale is None else float(scale)),
         base_url=base_url,
-        profile=None if base_url is not None else profile,
+        profile=profile if simulated else None,
         wall_s=time.monotonic() - t0,
+        predicted={
+            (p.mode, p.bucket.name, p.concurrency): p.predicted
+            for p in plans
+            if p.predicted is not None
+        },
         meta={
             "seed": seed,
             "faults": faults,
-            "fault_kinds": list(kinds),
+            "fault_kinds": list(fault_kinds),
             "retries": retries.attempts,
             "max_parallel": max_parallel,
             "first_token_budget_s": budgets.first_token,
             "idle_budget_s": budgets.idle,
             "prompt": prompt.label,
+            "margin_real_s": margin if simulated else None,
+            "tokens_per_event": _TOKENS_PER_EVENT if simulated else None,
         },
     )
 
 
-async def _run_cell(
-    cell: _Cell,
-    workload: Workload,
-    prompt: Prompt,
-    store: PromptStore,
-    base_url: str | None,
-    scale: float,
-    budgets: Budgets,
-    retries: Retries,
-    profile: SpeedProfile,
-    max_parallel: int | None,
-    faults: float,
-    fault_kinds: tuple[str, ...],
-    seed: int,
-    idle_sim: float,
-    model: str | None,
-) -> list[dict[str, Any]]:
-    bucket = cell.bucket
-    kinds = [workload.fault(bucket, row, faults, seed, fault_kinds) for row in range(cell.rows)]
-    rows: list[dict[str, Any]] = []
-    for row, kind in enumerate(kinds):
-        overrides: dict[str, object] | None = None
-        if base_url is None:
-            overrides = {
-                "output_tokens": bucket.answer_tokens,
-                **fault_overrides(kind, bucket, idle_sim),
-            }
-        rows.append({"text": workload.prompt_text(bucket, row, overrides=overrides)})
-    sim: simulator.SimServer | None = None
-    url = base_url
-    if base_url is None:
-        # The speeds come from ``profile`` through the default scenario; jitter 0 keeps every
-        # cell the same at any scale.
-        sim = await asyncio.to_thread(
-            simulator.serve,
-            time_scale=scale,
-            max_parallel=max_parallel,
-            seed=seed,
-            defaults=simulator.Scenario(
-                prefill_tps=profile.prefill_tps,
-                gen_tps=profile.gen_tps,
-                load_s=profile.load_s,
-                jitter=0.0,
-            ),
-        )
-        url = sim.base_url
-    batch_id = new_batch_id()
-    try:
+#: Cells side by side on the simulator, each on its own server.
+_PARALLEL_CELLS = 6
+
+
+@dataclass(frozen=True)
+class _CellRunner:
+    """What every cell of one benchmark shares: the prompt, the store, the servers' settings."""
+
+    prompt: Prompt
+    store: PromptStore
+    base_url: str | None
+    host: SimHost | None  # the simulators' process, unless against a real server
+    budgets: Budgets
+    retries: Retries
+    profile: SpeedProfile
+    max_parallel: int | None
+    seed: int
+    model: str | None
+
+    async def run(self, plan: CellPlan, bar: _Bar) -> list[dict[str, Any]]:
+        """One cell, on a fresh simulator unless against a real server; its run records."""
+        url = self.base_url
+        if self.host is not None:
+            # The speeds come from ``profile`` through the default scenario; jitter 0 keeps
+            # every cell the same at any scale.
+            url = await self.host.start(
+                simulator.SimConfig(
+                    time_scale=plan.scale,
+                    max_parallel=self.max_parallel,
+                    seed=self.seed,
+                    defaults=simulator.Scenario(
+                        prefill_tps=self.profile.prefill_tps,
+                        gen_tps=self.profile.gen_tps,
+                        load_s=self.profile.load_s,
+                        jitter=0.0,
+                    ),
+                )
+            )
+        bar.note(plan)
+        try:
+            batch = await self._batch(plan, url)
+        finally:
+            if self.host is not None and url is not None:
+                await self.host.stop(url)
+        bar.done(plan)
+        return _records(plan, batch)
+
+    async def _batch(self, plan: CellPlan, url: str | None) -> BatchResult:
+        """One cell as one ``arun_many`` batch, with every budget and timeout scaled."""
+        scale, budgets, retries = plan.scale, self.budgets, self.retries
         batch: BatchResult = await arun_many(
-            prompt,
-            rows,
-            concurrency=cell.concurrency,
-            store=store,
+            self.prompt,
+            [{"text": text} for text in plan.texts],
+            concurrency=plan.concurrency,
+            store=self.store,
             base_url=url,
-            budgets=budgets,
-            retries=retries,
-            batch_id=batch_id,
+            budgets=Budgets(
+                connect=budgets.connect,  # opening a TCP connection is real time at any scale
+                first_token=None if budgets.first_token is None else budgets.first_token * scale,
+                idle=None if budgets.idle is None else budgets.idle * scale,
+            ),
+            retries=Retries(
+                attempts=retries.attempts,
+                backoff=retries.backoff * scale,
+                max_backoff=retries.max_backoff * scale,
+            ),
+            batch_id=new_batch_id(),
             progress=False,
-            mode=cell.kind,
-            timeout=None if cell.timeout_s is None else cell.timeout_s * scale,
-            max_tokens=bucket.answer_tokens,
-            model=model or (_SIM_MODEL if sim else None),
+            mode=plan.kind,
+            timeout=None if plan.timeout_s is None else plan.timeout_s * scale,
+            max_tokens=plan.bucket.answer_tokens,
+            model=self.model or (_SIM_MODEL if self.host is not None else None),
         )
-    finally:
-        if sim is not None:
-            await asyncio.to_thread(sim.stop)
+        return batch
+
+
+def _records(plan: CellPlan, batch: BatchResult) -> list[dict[str, Any]]:
+    """One record per run of a cell, times in simulated seconds."""
+    scale, bucket = plan.scale, plan.bucket
+    late = _lateness(plan, batch)
     out: list[dict[str, Any]] = []
-    for row, (result, kind) in enumerate(zip(batch.results, kinds, strict=True)):
+    for row, (result, kind) in enumerate(zip(batch.results, plan.faults, strict=True)):
         stats = result.stats
-        first = stats.ttft_s if cell.kind == "stream" else stats.duration_s
+        first = stats.ttft_s if plan.kind == "stream" else stats.duration_s
         out.append(
             {
-                "mode": cell.mode,
-                "timeout_s": cell.timeout_s,
+                "mode": plan.mode,
+                "timeout_s": plan.timeout_s,
                 "bucket": bucket.name,
                 "prompt_tokens": bucket.prompt_tokens,
                 "answer_tokens": bucket.answer_tokens,
-                "concurrency": cell.concurrency,
+                "concurrency": plan.concurrency,
                 "row": row,
                 "fault": kind,
                 "status": result.status,
                 "run_id": result.run_id,
-                "batch_id": batch_id,
+                "batch_id": batch.batch_id,
                 "ttfv_s": None if first is None else first / scale,
                 "total_s": stats.duration_s / scale,
+                "scale": scale,
+                "margin_ms": _finite(plan.margin_ms),
+                "gap_margin_ms": _finite(plan.gap_margin_ms),
+                "late_ms": late.get(row),
             }
         )
     return out
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isinf(value) else value
+
+
+def _lateness(plan: CellPlan, batch: BatchResult) -> dict[int, float]:
+    """Real milliseconds by which each successful blocking answer came after its predicted time.
+
+    The rows of a cell are sent together and the server takes them in whatever order they
+    arrive, so the n-th fastest answer is compared with the n-th earliest prediction. This is
+    the part of the margin the machine used up; a stream's verdicts depend on single gaps, not
+    on its total time, so streams are not counted.
+    """
+    if plan.predicted is None or plan.forecast is None or plan.kind != "blocking":
+        return {}
+    got = sorted(
+        (r.stats.duration_s / plan.scale, row)
+        for row, r in enumerate(batch.results)
+        if r.status == "ok"
+    )
+    due = sorted(
+        e.total_s for e in plan.forecast.rows if e.status == "ok" and e.total_s is not None
+    )
+    return {
+        row: (total - want) * plan.scale * 1000
+        for (total, row), want in zip(got, due, strict=False)
+    }
 
 
 class _Bar:
@@ -334,18 +592,25 @@ class _Bar:
             self.bar = tqdm(total=total, desc="lmstream bench", unit="run", leave=True)
 
     @staticmethod
-    def _label(cell: _Cell) -> str:
+    def _label(cell: CellPlan) -> str:
         return f"{cell.mode} {cell.bucket.name} x{cell.concurrency}"
 
-    def note(self, cell: _Cell) -> None:
+    def _show(self) -> None:
+        more = len(self.running) - 1
+        text = self.running[0] if self.running else ""
+        if more > 0:
+            text += f" and {more} more"
+        self.bar.set_postfix_str(text, refresh=False)
+
+    def note(self, cell: CellPlan) -> None:
         self.running.append(self._label(cell))
         if self.bar is not None:
-            self.bar.set_postfix_str(", ".join(self.running))
+            self._show()
 
-    def done(self, cell: _Cell) -> None:
+    def done(self, cell: CellPlan) -> None:
         self.running.remove(self._label(cell))
         if self.bar is not None:
-            self.bar.set_postfix_str(", ".join(self.running), refresh=False)
+            self._show()
             self.bar.update(cell.rows)
 
     def close(self) -> None:
@@ -357,9 +622,13 @@ def run_benchmark(workload: Workload | None = None, **kwargs: Any) -> BenchRepor
     """Run the benchmark and return its :class:`BenchReport`.
 
     By default on a fresh embedded simulator per cell, at the ``profile``'s speed with every
-    duration multiplied by ``scale`` (budgets and timeouts too; reported times are divided
-    back, so they read as real seconds on the imagined machine). With ``base_url`` the same
-    workload runs against a real server, in real time, one cell after another.
+    duration multiplied by the cell's time scale (budgets and timeouts too; reported times are
+    divided back, so they read as real seconds on the imagined machine). A cell's scale is
+    ``scale`` (default ``DEFAULT_SCALE``), or slower where a verdict would otherwise be less
+    than ``margin`` seconds of real time from its boundary (default ``DEFAULT_MARGIN``;
+    ``margin=0`` runs every cell at ``scale``); :func:`plan_benchmark` shows the scales and
+    margins without running anything. With ``base_url`` the same workload runs against a real
+    server, in real time, one cell after another.
 
     Each cell is ``mode x size bucket x concurrency``: ``modes`` ``"blocking"`` (one cell per
     total ``timeouts`` value) and ``"stream"`` (the first-token and idle ``budgets``),
@@ -370,8 +639,8 @@ def run_benchmark(workload: Workload | None = None, **kwargs: Any) -> BenchRepor
     ``lmstream-bench``.
 
     ``max_parallel`` is how many requests the simulated server serves at once (1, LM Studio's
-    queue, by default); ``parallel_cells`` how many cells run side by side (4 on the
-    simulator, each on its own server; always 1 against a real server unless given);
-    ``progress`` shows one bar over all runs.
+    queue, by default); ``parallel_cells`` how many cells run side by side (6 on the
+    simulator, each on its own server in a separate process; 1 against a real server unless
+    given); ``progress`` shows one bar over all runs.
     """
     return shared_loop().run(arun_benchmark(workload, **kwargs))
