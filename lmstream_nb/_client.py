@@ -26,9 +26,11 @@ import asyncio
 import contextlib
 import email.utils
 import enum
+import functools
 import html
 import math
 import re
+import ssl
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
@@ -38,6 +40,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import urljoin
 
+import certifi
 import httpx
 
 from ._config import (
@@ -96,6 +99,17 @@ _DRAIN_S = 1.0  # how long to wait for the end of the body after [DONE]
 # httpx exceptions by what happened: the connection could not be made, or it broke.
 _CONNECT = (httpx.ConnectError, httpx.ConnectTimeout)
 _BROKEN = (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError)
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context for every client of the process, with the CA bundle httpx itself uses.
+
+    httpx builds a context per client by default, which loads the whole bundle: about 100 ms a
+    client here, more under load, and with the event loop blocked meanwhile (a batch or the
+    benchmark makes clients as it goes). A local server is usually plain http anyway.
+    """
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 class _Unset(enum.Enum):
@@ -876,6 +890,7 @@ class LMStudioClient:
                 # A local server must not be routed through a corporate HTTP(S)_PROXY.
                 trust_env=False,
                 follow_redirects=False,
+                verify=_tls_context(),
             )
             # httpx parses the host (IDNA) only when it builds a request: do it once now.
             self._http.build_request("GET", self._path("/models"))

@@ -67,6 +67,17 @@ def _limit_seconds(text: str) -> float:
     return value
 
 
+def _positive_number(text: str) -> float:
+    """An argparse ``type`` for a finite number above 0 (a scale, a factor)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0: use one.")
+    return value
+
+
 def _not_negative(text: str) -> float:
     """An argparse ``type`` for a duration or scale that may be 0 but not below."""
     try:
@@ -231,9 +242,11 @@ def _add_bench_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--scale",
-        type=float,
+        type=_positive_number,
         default=None,
-        help="simulator time scale (default 0.015; ignored with a real server)",
+        help="the fastest simulator time scale (default 0.0125; a cell runs slower where its "
+        "closest verdict would be under 2 s of real time from its boundary; ignored with a "
+        "real server)",
     )
     p.add_argument(
         "--concurrency",

@@ -168,6 +168,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "bench/__init__.py",
         "bench/_report.py",
         "bench/_runner.py",
+        "bench/_simhost.py",
+        "bench/_timeline.py",
         "bench/_workload.py",
         "serve/__init__.py",
         "serve/_app.py",
