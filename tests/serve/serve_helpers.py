@@ -8,7 +8,6 @@ event), so what the tests see is what a page would see.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -124,15 +123,3 @@ def service(store_path: Path, base_url: str, **kwargs: Any) -> Iterator[ServeHan
     """The service over loopback on a free port, stopped at the end."""
     with serve(store=PromptStore(store_path), base_url=base_url, **kwargs) as handle:
         yield handle
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    """Poll ``predicate`` until it is truthy (bounded); return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout} s: {what}")
-        time.sleep(0.01)

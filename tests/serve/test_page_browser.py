@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_until
 
 from lmstream_nb import PromptStore, simulator
 
@@ -101,13 +102,13 @@ def page(service: tuple[Any, Any, PromptStore]) -> Iterator[Any]:
 
 
 def _recorded(store: PromptStore, run_id: int, timeout: float = 10.0) -> Any:
-    """The run's row once the server has completed it (it ends the stream right after)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        record = store.get_run(run_id)
-        if record.status != "unfinished" or time.monotonic() > deadline:
-            return record
-        time.sleep(0.05)  # the row is written on the server's loop; no event to wait on
+    """The run's row once the server has completed it (the row is written on the server's
+    loop, which offers this test no event to wait on)."""
+    return wait_until(
+        lambda: (record := store.get_run(run_id)).status != "unfinished" and record,
+        timeout=timeout,
+        what=f"run {run_id} is recorded as ended",
+    )
 
 
 def test_page_runs_reconnects_escapes_and_stops(

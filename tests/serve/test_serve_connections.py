@@ -18,7 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import SSE, TIMEOUT, read_events, service, wait_until
+from serve_helpers import SSE, TIMEOUT, read_events, service
+from waiting import await_until, wait_until
 
 from lmstream_nb import PromptStore, simulator
 from lmstream_nb.serve import ServeHandle
@@ -117,7 +118,11 @@ def test_slowloris_clients_are_timed_out_while_real_ones_are_answered(
                 for _ in range(SLOW_CLIENTS)
             ]
             gathered = asyncio.gather(*slow)
-            await asyncio.sleep(0.5)  # all 300 are open and trickling
+            await await_until(
+                lambda: server.connections() > SLOW_CLIENTS,
+                timeout=10,
+                what="all the slow clients are connected",
+            )
             real = await real_requests(server.url, count=15, every=0.2)
             return await gathered, real
 
@@ -152,6 +157,7 @@ def test_beyond_the_cap_the_idle_connections_make_room(
             lambda: (
                 server.snapshot() and all(run["listeners"] for run in server.snapshot().values())
             ),
+            timeout=10,
             what="the follower is attached",
         )
 
@@ -190,6 +196,7 @@ def test_when_every_connection_is_busy_a_new_one_gets_a_503(
         other, got_other = follow_in_thread(server, second)
         wait_until(
             lambda: sum(run["listeners"] for run in server.snapshot().values()) == 2,
+            timeout=10,
             what="both streams are attached",
         )
 

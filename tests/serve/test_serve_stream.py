@@ -27,8 +27,8 @@ from serve_helpers import (
     read_events,
     service,
     text_of,
-    wait_until,
 )
+from waiting import wait_until
 
 from lmstream_nb import PromptStore, simulator
 from lmstream_nb.serve import ServeHandle
@@ -234,7 +234,7 @@ def test_delete_cancels_the_run_and_closes_the_simulator_connection(
         target=lambda: got.append(read_events(client, run["events_url"])[0])
     )
     listener.start()
-    wait_until(lambda: server.snapshot()[run_id]["text_chars"] > 0, what="text arrives")
+    wait_until(lambda: server.snapshot()[run_id]["text_chars"] > 0, timeout=10, what="text arrives")
     response = client.request("DELETE", run["url"], json={})
     assert response.status_code == 200
     assert response.json() == {"run_id": run_id, "status": "cancelled"}
@@ -270,7 +270,9 @@ def test_a_run_nobody_listens_to_is_cancelled_grace_seconds_after_the_post(
         posted = time.monotonic()
         run = start(client, "crawl", topic="dust")
         store = PromptStore(store_path)
-        wait_until(lambda: store.get_run(run["run_id"]).status == "cancelled", what="cancelled")
+        wait_until(
+            lambda: store.get_run(run["run_id"]).status == "cancelled", timeout=10, what="cancelled"
+        )
         cancelled_after = time.monotonic() - posted
         sim.wait_for(
             lambda r: r.outcome == "client_disconnected" and (r.started_at or 0) > posted,
@@ -310,7 +312,9 @@ def test_the_grace_period_starts_again_when_the_last_listener_leaves(
             client, run["events_url"], last_id=reader.last_id, stop=deltas(10)
         )
         left_again = time.monotonic()
-        wait_until(lambda: store.get_run(run["run_id"]).status == "cancelled", what="cancelled")
+        wait_until(
+            lambda: store.get_run(run["run_id"]).status == "cancelled", timeout=10, what="cancelled"
+        )
         cancelled = time.monotonic()
         record = store.get_run(run["run_id"])
     assert cancelled - left_again >= grace  # counted from the last listener leaving...
@@ -404,7 +408,7 @@ def test_stopping_the_server_cancels_and_records_running_runs(
         target=lambda: got.append(read_events(client, run["events_url"])[0])
     )
     listener.start()
-    wait_until(lambda: server.snapshot()[run_id]["text_chars"] > 0, what="text arrives")
+    wait_until(lambda: server.snapshot()[run_id]["text_chars"] > 0, timeout=10, what="text arrives")
     server.stop()
     listener.join(10)
     assert got, "the listener did not finish"
