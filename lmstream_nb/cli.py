@@ -67,26 +67,25 @@ def _limit_seconds(text: str) -> float:
     return value
 
 
-def _positive_number(text: str) -> float:
-    """An argparse ``type`` for a finite number above 0 (a scale, a factor)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0: use one.")
-    return value
+def _number(*, zero: bool) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number above 0, or from 0 when ``zero`` (a duration, a
+    scale, a factor)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (value >= 0 if zero else value > 0) or math.isinf(value):
+            noun = "a number 0 or more" if zero else "a number above 0"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}: use one.")
+        return value
+
+    return parse
 
 
-def _not_negative(text: str) -> float:
-    """An argparse ``type`` for a duration or scale that may be 0 but not below."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value >= 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number 0 or more: use one.")
-    return value
+_positive_number = _number(zero=False)
+_not_negative = _number(zero=True)
 
 
 class _Parser(argparse.ArgumentParser):
