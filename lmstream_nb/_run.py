@@ -251,20 +251,32 @@ async def arun(
     http = client if client is not None else LMStudioClient(base_url, budgets=budgets)
     chosen_model = model or prompt.model
     loop = asyncio.get_running_loop()
-    run_id = await asyncio.to_thread(
-        store.start_run,
-        prompt_name=prompt.name,
-        prompt_version=prompt.version,
-        template=prompt.template,
-        system=prompt.system,
-        messages=messages,
-        variables=recorded_vars,
-        model=chosen_model,
-        base_url=http.url,
-        started_at=time.time(),
-        batch_id=batch_id,
-        batch_row=batch_row,
+    starting = asyncio.ensure_future(
+        asyncio.to_thread(
+            store.start_run,
+            prompt_name=prompt.name,
+            prompt_version=prompt.version,
+            template=prompt.template,
+            system=prompt.system,
+            messages=messages,
+            variables=recorded_vars,
+            model=chosen_model,
+            base_url=http.url,
+            started_at=time.time(),
+            batch_id=batch_id,
+            batch_row=batch_row,
+        )
     )
+    try:
+        run_id = await asyncio.shield(starting)
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError):
+            # Cancelled while the row was being written: the thread writes it anyway, so it
+            # is ended as cancelled before the cancellation goes on (never left unfinished).
+            await _despite_cancellation(_end_cancelled(store, starting))
+        if own_client:
+            await asyncio.shield(http.aclose())
+        raise
     if on_run is not None:
         on_run(run_id)
     recorder = _Recorder(store, run_id, loop)
@@ -381,6 +393,30 @@ async def arun(
     if failure is not None and (raise_errors or not isinstance(failure, LMStreamError)):
         raise failure
     return result
+
+
+async def _end_cancelled(store: PromptStore, starting: asyncio.Future[int]) -> None:
+    """Record as cancelled a run whose row was still being written when it was cancelled."""
+    try:
+        run_id = await starting
+    except Exception:  # the row was never written: nothing to end
+        return
+    await asyncio.to_thread(
+        store.finish_run,
+        run_id,
+        status="cancelled",
+        text="",
+        reasoning="",
+        error=CANCELLED_MESSAGE,
+        finish_reason=None,
+        model=None,
+        ttft_s=None,
+        duration_s=0.0,
+        chunks=0,
+        prompt_tokens=None,
+        completion_tokens=None,
+        tokens_per_s=None,
+    )
 
 
 async def _despite_cancellation(write: Coroutine[Any, Any, None]) -> None:

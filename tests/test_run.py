@@ -442,3 +442,32 @@ async def test_a_run_is_recorded_before_a_repeated_cancellation_goes_on() -> Non
     with pytest.raises(asyncio.CancelledError):
         await task
     assert written == ["row"]
+
+
+@pytest.mark.anyio
+async def test_a_run_cancelled_while_its_row_is_written_is_recorded_as_cancelled(
+    sim: simulator.SimServer, tmp_path: Path
+) -> None:
+    """The row is written in a worker thread, which finishes even when the run is cancelled
+    meanwhile (a batch being stopped): the run must then end as cancelled, not unfinished."""
+    import threading
+
+    class SlowToRecord(PromptStore):
+        entered = threading.Event()
+        release = threading.Event()
+
+        def start_run(self, **fields: Any) -> int:
+            self.entered.set()
+            assert self.release.wait(10)
+            return super().start_run(**fields)
+
+    store = SlowToRecord(tmp_path / "slow.db")
+    task = asyncio.create_task(arun(Prompt("Hi"), store=store, base_url=sim.base_url, model=MODEL))
+    assert await asyncio.to_thread(store.entered.wait, 10)
+    task.cancel()
+    store.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [run] = store.history()
+    assert run.status == "cancelled"
+    store.close()
