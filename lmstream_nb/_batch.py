@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ._client import LMStudioClient
 from ._config import Budgets, Retries
-from ._errors import LMStreamError, TemplateError
+from ._errors import LMStreamError, TemplateError, rerun_could_help
 from ._events import Stats
 from ._loop import shared_loop
 from ._run import RunResult, arun, default_store, status_of
@@ -46,6 +47,22 @@ class BatchResult:
     @property
     def failed(self) -> int:
         return len(self.results) - self.succeeded
+
+    def failures(self) -> list[tuple[str, int]]:
+        """Why rows failed: each distinct error sentence with how many rows it ended, most
+        frequent first (a batch of 500 rows that all miss one variable says so once)."""
+        counts = Counter(r.error or r.status for r in self.results if not r.ok)
+        return counts.most_common()
+
+    @property
+    def rerun_could_help(self) -> bool:
+        """Whether resuming could turn a failed row into a success: some row was cancelled or
+        ended on a failure of the moment (see ``rerun_could_help`` in the error module)."""
+        return any(
+            r.status == "cancelled" or rerun_could_help(r.exception)
+            for r in self.results
+            if not r.ok
+        )
 
     def __len__(self) -> int:
         return len(self.results)
@@ -111,7 +128,9 @@ class _Progress:
         if enabled and total:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc="lmstream batch", unit="row", leave=True)
+            self.bar = tqdm(
+                total=total, desc="lmstream batch", unit="row", leave=True, dynamic_ncols=True
+            )
 
     def _post(self) -> None:
         if self.bar is not None:
@@ -138,8 +157,15 @@ class _Progress:
             self.failed += 1
         self.tokens += result.stats.completion_tokens or 0
         self._post()
-        if self.bar is not None:
+        if self.bar is None:
+            return
+        if self.bar.n + 1 < self.bar.total:
             self.bar.update(1)
+        else:
+            # The last row is counted without drawing: close() draws the finished bar once
+            # (drawing it here too printed 100% twice wherever a line cannot be redrawn in
+            # place: a log, a pipe, a line wider than the terminal).
+            self.bar.n += 1
 
     def close(self) -> None:
         if self.bar is not None:
@@ -286,6 +312,7 @@ def _record_refused(
         finish_reason=None,
         model=None,
         prompt=prompt.label,
+        exception=error,
     )
 
 

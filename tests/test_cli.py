@@ -64,9 +64,15 @@ def test_run_json_prints_one_event_per_line(sim: simulator.SimServer) -> None:
     )
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [e["event"] for e in events] == ["start"] + ["text"] * 6 + ["done"]
-    assert events[-1]["stats"]["completion_tokens"] == 6
+    assert [e["event"] for e in events] == ["start"] + ["text"] * 6 + ["done", "recorded"]
+    assert events[-2]["stats"]["completion_tokens"] == 6
     assert events[0]["model"] == MODEL
+    recorded = events[-1]
+    assert recorded["status"] == "ok"
+    with PromptStore() as store:
+        run = store.get_run(recorded["run_id"])
+    assert run.status == "ok"
+    assert run.text == "".join(e["content"] for e in events if e["event"] == "text")
 
 
 def test_run_reads_template_from_stdin(sim: simulator.SimServer) -> None:
@@ -124,7 +130,10 @@ def test_unreachable_server_is_one_sentence() -> None:
 def test_models_lists_the_servers_models(sim: simulator.SimServer) -> None:
     result = lmstream("models", "--base-url", sim.base_url)
     assert result.returncode == 0
-    assert result.stdout.split() == ["lmstream-sim-8b", "lmstream-sim-embed"]
+    assert result.stdout.splitlines() == [
+        "lmstream-sim-8b",
+        "lmstream-sim-embed  (embedding model, not for chat)",
+    ]
 
 
 def test_base_url_from_environment(
@@ -265,36 +274,6 @@ def test_demo_records_its_run_and_reuses_its_prompt(tmp_path: Path) -> None:
         runs = store.history()
     assert [r.status for r in runs] == ["ok", "ok"]
     assert runs[0].prompt_name == "release-notes-summary"
-
-
-@pytest.mark.parametrize(
-    ("args", "said"),
-    [
-        (["run", "Hi", "--first-token-timeout", "0"], "'0' is not a time budget"),
-        (["run", "Hi", "--idle-timeout", "-1"], "'-1' is not a time budget"),
-        (["run", "Hi", "--connect-timeout", "soon"], "'soon' is not a time budget"),
-        (["run", "Hi", "--temperature", "warm"], "invalid float value: 'warm'"),
-        (["run", "Hi", "--max-tokens", "many"], "invalid int value: 'many'"),
-        (["history", "--status", "bogus"], "The status 'bogus' is not known: use one of ok"),
-        (["history", "--limit", "-1"], "'-1' is not a number of runs"),
-        (["batch", "p", "rows.csv", "-c", "0"], "'0' is not a number of rows at once"),
-        (["demo", "--time-scale", "-1"], "'-1' is not a number 0 or more"),
-        (["serve", "--grace", "-5"], "'-5' is not a number 0 or more"),
-    ],
-)
-def test_a_bad_value_is_one_line_and_exit_2(
-    sim: simulator.SimServer, args: list[str], said: str
-) -> None:
-    before = len(sim.records())
-    extra = ["--base-url", sim.base_url] if args[0] == "run" else []
-    result = lmstream(*args, *extra)
-    assert result.returncode == 2, result.stderr
-    assert said in result.stderr
-    assert result.stderr.count("\n") == 1, "one line"
-    assert "Traceback" not in result.stderr
-    assert "usage:" not in result.stderr
-    assert result.stdout == ""
-    assert len(sim.records()) == before, "nothing was sent"
 
 
 def test_none_is_no_limit_and_zero_is_refused_for_every_budget(sim: simulator.SimServer) -> None:
