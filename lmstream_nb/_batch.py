@@ -14,6 +14,7 @@ a terminal.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections import Counter
@@ -48,11 +49,23 @@ class BatchResult:
     def failed(self) -> int:
         return len(self.results) - self.succeeded
 
-    def failures(self) -> list[tuple[str, int]]:
-        """Why rows failed: each distinct error sentence with how many rows it ended, most
-        frequent first (a batch of 500 rows that all miss one variable says so once)."""
-        counts = Counter(r.error or r.status for r in self.results if not r.ok)
-        return counts.most_common()
+    def failures(self) -> list[tuple[str, int, bool]]:
+        """Why rows failed: each kind of error sentence, how many rows it ended and whether
+        they all said exactly that, most frequent first (500 rows that all miss one variable
+        say so once). Sentences that differ only in their numbers (characters received, a
+        row's token count) are one kind; the first row's sentence stands for them."""
+        first: dict[str, str] = {}
+        counts: Counter[str] = Counter()
+        alike: dict[str, bool] = {}
+        for r in self.results:
+            if r.ok:
+                continue
+            sentence = r.error or r.status
+            key = re.sub(r"\d+", "#", sentence)
+            first.setdefault(key, sentence)
+            alike[key] = alike.get(key, True) and first[key] == sentence
+            counts[key] += 1
+        return [(first[key], count, alike[key]) for key, count in counts.most_common()]
 
     @property
     def rerun_could_help(self) -> bool:

@@ -725,8 +725,9 @@ def batch_summary(batch: Any, command: str) -> str:
     """The lines a finished batch ends with: counts, why rows failed (each error sentence
     once, with how many rows it ended), and ``--resume`` only when a rerun could help."""
     lines = [f"batch {batch.batch_id}: {batch.succeeded} ok, {batch.failed} failed"]
-    for sentence, count in batch.failures():
-        lines.append(f"  {count} row{'s' if count != 1 else ''}: {sentence}")
+    for sentence, count, alike in batch.failures():
+        rows = f"{count} row{'s' if count != 1 else ''}"
+        lines.append(f"  {rows}: {sentence}" if alike else f"  {rows}, the first: {sentence}")
     if batch.failed:
         where = f"`lmstream history --batch {batch.batch_id}`"
         if batch.rerun_could_help:
