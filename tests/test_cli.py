@@ -308,3 +308,55 @@ def test_runs_are_labelled_name_at_version_everywhere(sim: simulator.SimServer) 
     stats = lmstream("stats").stdout
     assert "\ngreet " in stats
     assert "\n(inline) " in stats
+
+
+@pytest.mark.parametrize("command", [["models"], ["run", "Hi"]])
+def test_a_base_url_without_v1_is_named_as_the_problem(
+    sim: simulator.SimServer, command: list[str]
+) -> None:
+    """LM Studio answers "Unexpected endpoint or method. (GET /models)" there: that is no
+    missing model, and the sentence says which URL to use instead."""
+    root = sim.base_url.removesuffix("/v1")
+    result = lmstream(*command, "--base-url", root)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert f"The server at {root} does not know this endpoint" in result.stderr
+    assert f"use {root}/v1 as the base URL" in result.stderr
+    assert "model None" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_base_url_without_a_scheme_is_a_sentence_about_the_url(
+    sim: simulator.SimServer,
+) -> None:
+    address = sim.base_url.removeprefix("http://")
+    for command in (["models"], ["run", "Hi"]):
+        result = lmstream(*command, "--base-url", address)
+        assert result.returncode == 2
+        assert f"The base URL {address!r} does not start with http:// or https://" in (
+            result.stderr
+        )
+        assert result.stderr.count("\n") == 1
+
+
+def test_the_batch_bar_shows_100_percent_once(tmp_path: Path) -> None:
+    """Each row takes long enough that the bar is drawn for it, so the last row's drawing and
+    the closing one would both show 100%."""
+    slow = simulator.Scenario(output_tokens=20, gen_tps=100, jitter=0)
+    with simulator.serve(profile="test-fast", defaults=slow) as server:
+        with PromptStore() as store:
+            store.save("pet", "Tell me about {{animal}}.")
+        rows = tmp_path / "rows.csv"
+        rows.write_text("animal\nowls\nbats\ncats\n", encoding="utf-8")
+        result = lmstream("batch", "pet", str(rows), "-c", "1", "--base-url", server.base_url)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("100%") == 1, result.stderr
+    assert result.stderr.count("3/3") == 1
+
+
+def test_the_demo_says_its_answer_is_filler_and_ends_a_sentence() -> None:
+    result = lmstream("demo", "--time-scale", "0.05", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "simulated filler text" in result.stderr
+    assert "finish: stop" in result.stderr
+    assert result.stdout.rstrip()[-1] in ".!🙂", result.stdout[-80:]

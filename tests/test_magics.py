@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -397,3 +398,9 @@ def test_history_and_stats_label_runs_name_at_version(kernel: Kernel) -> None:
     shown = stats.displays()[0]["text/plain"]
     assert "labelled" in shown
     assert "(all)" in shown
+    inline = kernel.execute("%%lmstream --max-tokens 3\nHi")
+    assert inline.status == "ok", inline.error()
+    every = kernel.execute("print(list(get_ipython().run_line_magic('lmstream', 'stats').prompt))")
+    rows = ast.literal_eval(every.stream())  # a printed list of labels
+    assert rows[-1] == "(all)", "the overall row, as the CLI labels it"
+    assert "(inline)" in rows, "an inline template's group, as the CLI labels it"
