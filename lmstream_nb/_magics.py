@@ -142,6 +142,15 @@ class BackgroundRun:
         return f"<BackgroundRun {self.label} {state}>"
 
 
+def _usage_first(doc: str) -> str:
+    """A magic_arguments docstring without its leading ``::`` and the usage's indent."""
+    if not doc.startswith("::"):
+        return doc
+    usage, _, rest = doc.removeprefix("::").lstrip("\n").partition("\n\n")
+    lines = [line.removeprefix("  ") for line in usage.splitlines()]
+    return "\n".join(lines) + "\n\n" + rest
+
+
 @magics_class
 class LMStreamMagics(Magics):
     """``%%lmstream`` runs the cell as a prompt; ``%lmstream`` manages prompts and settings."""
@@ -261,6 +270,10 @@ class LMStreamMagics(Magics):
         if cell is None:
             return self._line(args, line)
         return self._cell(args, cell)
+
+    # IPython's magic_arguments writes the usage as a reST literal block ("::" and an indent),
+    # which `%lmstream?` shows as a stray "::": the help starts with the usage itself instead.
+    lmstream.__doc__ = _usage_first(lmstream.__doc__ or "")
 
     def _cell(self, args: Any, cell: str) -> Any:
         if args.words:

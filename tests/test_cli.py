@@ -360,3 +360,47 @@ def test_the_demo_says_its_answer_is_filler_and_ends_a_sentence() -> None:
     assert "simulated filler text" in result.stderr
     assert "finish: stop" in result.stderr
     assert result.stdout.rstrip()[-1] in ".!🙂", result.stdout[-80:]
+
+
+def _imported(*argv: str) -> set[str]:
+    """The modules a fresh interpreter imports for ``argv`` (from ``-X importtime``)."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
+HEAVY = {"httpx", "uvicorn", "starlette", "IPython", "ipywidgets", "anywidget", "tqdm"}
+
+
+def test_help_imports_no_client_server_or_notebook_module() -> None:
+    modules = _imported("-m", "lmstream_nb", "--help")
+    assert "lmstream_nb.cli" in modules
+    assert not HEAVY & modules, HEAVY & modules
+    assert not {"lmstream_nb._client", "lmstream_nb._store", "lmstream_nb.simulator._server"} & (
+        modules
+    )
+
+
+def test_run_imports_the_client_but_no_server_or_notebook_module() -> None:
+    modules = _imported("-m", "lmstream_nb", "run", "Hi", "--base-url", "http://127.0.0.1:9/v1")
+    assert "httpx" in modules
+    assert not {"uvicorn", "starlette", "IPython", "ipywidgets", "anywidget"} & modules
+
+
+def test_load_ext_imports_no_client_or_widgets() -> None:
+    code = (
+        "from IPython.core.interactiveshell import InteractiveShell; "
+        "InteractiveShell.instance().run_line_magic('load_ext', 'lmstream_nb')"
+    )
+    modules = _imported("-c", code)
+    assert "lmstream_nb._magics" in modules
+    assert not {"httpx", "ipywidgets", "anywidget", "uvicorn", "lmstream_nb._client"} & modules
