@@ -915,7 +915,10 @@ class LMStudioClient:
                 # A local server must not be routed through a corporate HTTP(S)_PROXY.
                 trust_env=False,
                 follow_redirects=False,
-                verify=_tls_context(),
+                # A plain-http server (the usual local one) never needs the CA bundle, whose
+                # loading is a good part of a command's start-up: redirects are not followed,
+                # so this client makes no TLS connection.
+                verify=_tls_context() if parsed.url.startswith("https://") else False,
             )
             # httpx parses the host (IDNA) only when it builds a request: do it once now.
             self._http.build_request("GET", self._path("/models"))

@@ -1179,6 +1179,9 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # httpcore imports trio, when it is installed, only to learn whether it runs under trio
+    # (about 100 ms of start-up); every command here runs on asyncio, so none needs it.
+    sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
     args = build_parser().parse_args(argv)
     out, err = sys.stdout, sys.stderr
     import asyncio
