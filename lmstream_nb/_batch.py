@@ -131,6 +131,24 @@ def _result_from_record(store: PromptStore, run_id: int, label: str) -> RunResul
     )
 
 
+def progress_bar(total: int, desc: str, unit: str) -> Any:
+    """A tqdm bar (``auto``: a widget in a notebook, text in a terminal) as wide as the
+    terminal at most, left in place when it closes."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
+
+
+def advance(bar: Any, count: int = 1) -> None:
+    """Count ``count`` more on ``bar``; the step that completes it is counted without drawing,
+    so ``close()`` draws the finished bar once (drawing it here too printed 100% twice wherever
+    a line cannot be redrawn in place: a log, a pipe, a line wider than the terminal)."""
+    if bar.total is not None and bar.n + count >= bar.total:
+        bar.n += count
+    else:
+        bar.update(count)
+
+
 class _Progress:
     """done / failed / in flight and tokens per second, on one tqdm bar (or nothing)."""
 
@@ -139,11 +157,7 @@ class _Progress:
         self.done = self.failed = self.running = self.tokens = 0
         self.t0 = time.monotonic()
         if enabled and total:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=total, desc="lmstream batch", unit="row", leave=True, dynamic_ncols=True
-            )
+            self.bar = progress_bar(total, "lmstream batch", "row")
 
     def _post(self) -> None:
         if self.bar is not None:
@@ -170,15 +184,8 @@ class _Progress:
             self.failed += 1
         self.tokens += result.stats.completion_tokens or 0
         self._post()
-        if self.bar is None:
-            return
-        if self.bar.n + 1 < self.bar.total:
-            self.bar.update(1)
-        else:
-            # The last row is counted without drawing: close() draws the finished bar once
-            # (drawing it here too printed 100% twice wherever a line cannot be redrawn in
-            # place: a log, a pipe, a line wider than the terminal).
-            self.bar.n += 1
+        if self.bar is not None:
+            advance(self.bar)
 
     def close(self) -> None:
         if self.bar is not None:
