@@ -10,8 +10,9 @@ By default it runs on the embedded simulator at a documented speed profile, time
 whole benchmark takes about 75 s: each cell at the scale that keeps its closest verdict at least
 2 s of real time from its boundary (:func:`plan_benchmark` shows the plan), so that a loaded
 machine cannot flip one. With ``base_url`` it runs the same workload against a real LM Studio
-in real time. It is built on :func:`lmstream_nb.run_many`, so every run is in the history like
-any other.
+in real time. It is built on :func:`lmstream_nb.run_many`, so every run is recorded like any
+other, in ``store`` (``lmstream bench`` gives it a temporary database unless ``--db``, so a
+user's own history is left alone).
 
     from lmstream_nb import bench
 

@@ -120,7 +120,7 @@ _GAP_SHARE = 0.5
 #: Answer tokens per server-sent event on the simulator (see the module docstring).
 _TOKENS_PER_EVENT = 10
 
-#: The stored prompt every benchmark run is recorded under (``lmstream history bench``).
+#: The stored prompt every benchmark run is recorded under, in the benchmark's store.
 BENCH_PROMPT = "lmstream-bench"
 
 _SIM_MODEL = simulator.SimConfig().models[0]
