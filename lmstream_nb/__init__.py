@@ -1,75 +1,134 @@
 """lmstream_nb: stream prompts to LM Studio from Jupyter, honestly and without a total timeout."""
 
-import contextlib
+import importlib as _importlib
+import typing as _typing
+from contextlib import suppress as _suppress
 
-from ._batch import BatchResult, arun_many, run_many
-from ._client import ChatStream, LMStudioClient
-from ._config import Budgets, Retries
-from ._errors import (
-    AuthenticationError,
-    FirstTokenTimeout,
-    HTTPStatusError,
-    InvalidBaseURL,
-    InvalidPlaceholder,
-    InvalidVariables,
-    LMStreamError,
-    MissingVariables,
-    ModelNotFound,
-    ModelNotLoaded,
-    PromptFileError,
-    PromptNotFound,
-    PromptTooLong,
-    ProtocolError,
-    RedirectNotFollowed,
-    RequestError,
-    RequestTimedOut,
-    RunNotFound,
-    ServerStreamError,
-    ServerUnreachable,
-    StoreError,
-    StoreUnavailable,
-    StreamError,
-    StreamInterrupted,
-    StreamStalled,
-    TemplateError,
-    UnknownVariables,
-)
-from ._events import (
-    Completion,
-    Event,
-    ReasoningDelta,
-    Stats,
-    StreamFinished,
-    StreamStarted,
-    TextDelta,
-)
-from ._run import RunResult, arun, history, run, stats
-from ._store import (
-    GroupStats,
-    History,
-    PromptStore,
-    RunRecord,
-    RunStats,
-    RunSummary,
-)
-from ._sync import SyncChatStream, SyncLMStudioClient
-from ._template import Prompt, Template
+if _typing.TYPE_CHECKING:
+    from ._batch import BatchResult, arun_many, run_many
+    from ._client import ChatStream, LMStudioClient
+    from ._config import Budgets, Retries
+    from ._errors import (
+        AuthenticationError,
+        FirstTokenTimeout,
+        HTTPStatusError,
+        InvalidBaseURL,
+        InvalidPlaceholder,
+        InvalidVariables,
+        LMStreamError,
+        MissingVariables,
+        ModelNotFound,
+        ModelNotLoaded,
+        PromptFileError,
+        PromptNotFound,
+        PromptTooLong,
+        ProtocolError,
+        RedirectNotFollowed,
+        RequestError,
+        RequestTimedOut,
+        RunNotFound,
+        ServerStreamError,
+        ServerUnreachable,
+        StoreError,
+        StoreUnavailable,
+        StreamError,
+        StreamInterrupted,
+        StreamStalled,
+        TemplateError,
+        UnknownVariables,
+    )
+    from ._events import (
+        Completion,
+        Event,
+        ReasoningDelta,
+        Stats,
+        StreamFinished,
+        StreamStarted,
+        TextDelta,
+    )
+    from ._run import RunResult, arun, history, run, stats
+    from ._store import GroupStats, History, PromptStore, RunRecord, RunStats, RunSummary
+    from ._sync import SyncChatStream, SyncLMStudioClient
+    from ._template import Prompt, Template
+    from ._widget import PromptRunner
 
 __version__ = "0.1.0"
 
+#: Where each public name lives. Names are imported on first use (PEP 562), so ``import
+#: lmstream_nb`` (and so every ``lmstream`` command, ``--help`` too) pays only for what it uses:
+#: the HTTP client, the database, IPython and widgets are loaded when something needs them.
+_HOMES: dict[str, tuple[str, ...]] = {
+    "_batch": ("BatchResult", "arun_many", "run_many"),
+    "_client": ("ChatStream", "LMStudioClient"),
+    "_config": ("Budgets", "Retries"),
+    "_errors": (
+        "AuthenticationError",
+        "FirstTokenTimeout",
+        "HTTPStatusError",
+        "InvalidBaseURL",
+        "InvalidPlaceholder",
+        "InvalidVariables",
+        "LMStreamError",
+        "MissingVariables",
+        "ModelNotFound",
+        "ModelNotLoaded",
+        "PromptFileError",
+        "PromptNotFound",
+        "PromptTooLong",
+        "ProtocolError",
+        "RedirectNotFollowed",
+        "RequestError",
+        "RequestTimedOut",
+        "RunNotFound",
+        "ServerStreamError",
+        "ServerUnreachable",
+        "StoreError",
+        "StoreUnavailable",
+        "StreamError",
+        "StreamInterrupted",
+        "StreamStalled",
+        "TemplateError",
+        "UnknownVariables",
+    ),
+    "_events": (
+        "Completion",
+        "Event",
+        "ReasoningDelta",
+        "Stats",
+        "StreamFinished",
+        "StreamStarted",
+        "TextDelta",
+    ),
+    "_run": ("RunResult", "arun", "history", "run", "stats"),
+    "_store": ("GroupStats", "History", "PromptStore", "RunRecord", "RunStats", "RunSummary"),
+    "_sync": ("SyncChatStream", "SyncLMStudioClient"),
+    "_template": ("Prompt", "Template"),
+    "_widget": ("PromptRunner",),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+_SUBMODULES = ("bench", "cli", "serve", "simulator")
 
-def __getattr__(name: str) -> object:
-    """``lmstream_nb.PromptRunner`` is imported on first use (it pulls in ipywidgets)."""
-    if name == "PromptRunner":
-        from ._widget import PromptRunner
 
-        PromptRunner.__module__ = "lmstream_nb"
-        return PromptRunner
-    raise AttributeError(f"module 'lmstream_nb' has no attribute {name!r}")
+def __getattr__(name: str) -> _typing.Any:
+    """Import a public name's module on first use; its classes then claim the package (so
+    reprs and docs say ``lmstream_nb.Prompt``, not a private module)."""
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"{__name__}.{name}")
+    module_name = _HOME_OF.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'lmstream_nb' has no attribute {name!r}")
+    module = _importlib.import_module(f"{__name__}.{module_name}")
+    for exported in _HOMES[module_name]:
+        value = getattr(module, exported)
+        if isinstance(value, type) or callable(value):
+            with _suppress(AttributeError, TypeError):
+                value.__module__ = __name__
+        globals()[exported] = value
+    return globals()[name]
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), "PromptRunner"})
+    return sorted({*globals(), *_HOME_OF})
 
 
 def load_ipython_extension(ipython: object) -> None:
@@ -139,12 +198,3 @@ __all__ = [
     "run_many",
     "stats",
 ]
-
-for _name in __all__:
-    if _name not in globals():
-        continue  # provided lazily by __getattr__
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("lmstream_nb._"):
-        with contextlib.suppress(AttributeError, TypeError):
-            _obj.__module__ = "lmstream_nb"
-del _name, _obj

@@ -14,15 +14,17 @@ a terminal.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ._client import LMStudioClient
 from ._config import Budgets, Retries
-from ._errors import LMStreamError, TemplateError
+from ._errors import LMStreamError, TemplateError, rerun_could_help
 from ._events import Stats
 from ._loop import shared_loop
 from ._run import RunResult, arun, default_store, status_of
@@ -46,6 +48,34 @@ class BatchResult:
     @property
     def failed(self) -> int:
         return len(self.results) - self.succeeded
+
+    def failures(self) -> list[tuple[str, int, bool]]:
+        """Why rows failed: each kind of error sentence, how many rows it ended and whether
+        they all said exactly that, most frequent first (500 rows that all miss one variable
+        say so once). Sentences that differ only in their numbers (characters received, a
+        row's token count) are one kind; the first row's sentence stands for them."""
+        first: dict[str, str] = {}
+        counts: Counter[str] = Counter()
+        alike: dict[str, bool] = {}
+        for r in self.results:
+            if r.ok:
+                continue
+            sentence = r.error or r.status
+            key = re.sub(r"\d+", "#", sentence)
+            first.setdefault(key, sentence)
+            alike[key] = alike.get(key, True) and first[key] == sentence
+            counts[key] += 1
+        return [(first[key], count, alike[key]) for key, count in counts.most_common()]
+
+    @property
+    def rerun_could_help(self) -> bool:
+        """Whether resuming could turn a failed row into a success: some row was cancelled or
+        ended on a failure of the moment (see ``rerun_could_help`` in the error module)."""
+        return any(
+            r.status == "cancelled" or rerun_could_help(r.exception)
+            for r in self.results
+            if not r.ok
+        )
 
     def __len__(self) -> int:
         return len(self.results)
@@ -101,6 +131,24 @@ def _result_from_record(store: PromptStore, run_id: int, label: str) -> RunResul
     )
 
 
+def progress_bar(total: int, desc: str, unit: str) -> Any:
+    """A tqdm bar (``auto``: a widget in a notebook, text in a terminal) as wide as the
+    terminal at most, left in place when it closes."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
+
+
+def advance(bar: Any, count: int = 1) -> None:
+    """Count ``count`` more on ``bar``; the step that completes it is counted without drawing,
+    so ``close()`` draws the finished bar once (drawing it here too printed 100% twice wherever
+    a line cannot be redrawn in place: a log, a pipe, a line wider than the terminal)."""
+    if bar.total is not None and bar.n + count >= bar.total:
+        bar.n += count
+    else:
+        bar.update(count)
+
+
 class _Progress:
     """done / failed / in flight and tokens per second, on one tqdm bar (or nothing)."""
 
@@ -109,9 +157,7 @@ class _Progress:
         self.done = self.failed = self.running = self.tokens = 0
         self.t0 = time.monotonic()
         if enabled and total:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc="lmstream batch", unit="row", leave=True)
+            self.bar = progress_bar(total, "lmstream batch", "row")
 
     def _post(self) -> None:
         if self.bar is not None:
@@ -139,7 +185,7 @@ class _Progress:
         self.tokens += result.stats.completion_tokens or 0
         self._post()
         if self.bar is not None:
-            self.bar.update(1)
+            advance(self.bar)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -286,6 +332,7 @@ def _record_refused(
         finish_reason=None,
         model=None,
         prompt=prompt.label,
+        exception=error,
     )
 
 

@@ -38,7 +38,7 @@ from dataclasses import replace
 from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import certifi
 import httpx
@@ -197,6 +197,8 @@ def _classify(
             status=status,
             server_message=message,
         )
+    if "unexpected endpoint" in low:  # LM Studio's answer; "(GET /models)" is no model
+        return _unknown_endpoint(status, message, url)
     if (
         code in ("model_not_found", "not_found_error")
         or "invalid model identifier" in low
@@ -218,14 +220,8 @@ def _classify(
             status=status,
             server_message=message,
         )
-    if "unexpected endpoint" in low or status == 404:
-        return HTTPStatusError(
-            f"The server at {url} does not know this endpoint (HTTP {status}: {said}): check "
-            "that the base URL points at the OpenAI-compatible API, usually ending in /v1.",
-            url=url,
-            status=status,
-            server_message=message,
-        )
+    if status == 404:
+        return _unknown_endpoint(status, message, url)
     return HTTPStatusError(
         f"The server at {url} answered HTTP {status} ({said}): check the server's log, fix "
         "the request or wait until the server is ready, then run again.",
@@ -233,6 +229,35 @@ def _classify(
         status=status,
         server_message=message,
     )
+
+
+def _unknown_endpoint(status: int, message: str | None, url: str) -> HTTPStatusError:
+    """The server has no such endpoint: almost always a base URL without its ``/v1``."""
+    path = urlsplit(url).path.rstrip("/")
+    if not path.endswith("/v1"):
+        fix = f"use {url.rstrip('/')}/v1 as the base URL (LM Studio's API lives under /v1)"
+    else:
+        fix = "check that the base URL points at the OpenAI-compatible API"
+    return HTTPStatusError(
+        f"The server at {url} does not know this endpoint (HTTP {status}: {_quote(message)}), "
+        f"so the base URL is not its API: {fix}.",
+        url=url,
+        status=status,
+        server_message=message,
+    )
+
+
+def is_chat_model(model_id: str, kind: object = None) -> bool:
+    """Whether a listed model can answer chat requests, the one rule every model picker uses.
+
+    ``kind`` is the entry's ``type`` where the server gives one (LM Studio's ``/api/v0``
+    listing says ``llm``, ``vlm`` or ``embeddings``); ``/v1/models`` of LM Studio and
+    llama.cpp give none, so the id decides: embedding models are named for it
+    (``text-embedding-nomic-embed-text-v1.5``, ``bge-m3-embed``).
+    """
+    if isinstance(kind, str) and kind:
+        return "embed" not in kind.lower()
+    return "embed" not in model_id.lower()
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -890,7 +915,10 @@ class LMStudioClient:
                 # A local server must not be routed through a corporate HTTP(S)_PROXY.
                 trust_env=False,
                 follow_redirects=False,
-                verify=_tls_context(),
+                # A plain-http server (the usual local one) never needs the CA bundle, whose
+                # loading is a good part of a command's start-up: redirects are not followed,
+                # so this client makes no TLS connection.
+                verify=_tls_context() if parsed.url.startswith("https://") else False,
             )
             # httpx parses the host (IDNA) only when it builds a request: do it once now.
             self._http.build_request("GET", self._path("/models"))
@@ -1282,6 +1310,14 @@ class LMStudioClient:
 
     async def list_models(self) -> list[str]:
         """Ids of the models the server offers (with JIT loading on: every downloaded model)."""
+        return [model_id for model_id, _ in await self.list_model_kinds()]
+
+    async def chat_models(self) -> list[str]:
+        """Ids of the offered models that can chat (embedding models left out)."""
+        return [m for m, kind in await self.list_model_kinds() if is_chat_model(m, kind)]
+
+    async def list_model_kinds(self) -> list[tuple[str, str | None]]:
+        """Each offered model's id and its ``type`` where the server says one."""
         request = self._http.build_request(
             "GET", self._path("/models"), timeout=httpx.Timeout(self.budgets.connect, read=60.0)
         )
@@ -1289,7 +1325,7 @@ class LMStudioClient:
         obj = parse_json(body)
         if not isinstance(obj, dict) or "error" in obj:
             raise _classify(
-                status=404,
+                status=response.status_code,
                 message=self._scrub(_body_message(body, response.headers.get("content-type", ""))),
                 code=_error_code(body),
                 url=self.url,
@@ -1303,14 +1339,16 @@ class LMStudioClient:
                 url=self.url,
                 line=self._scrub(body[:200].decode("utf-8", "replace")) or "",
             )
-        return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        return [
+            (m["id"], m["type"] if isinstance(m.get("type"), str) else None)
+            for m in data
+            if isinstance(m, dict) and isinstance(m.get("id"), str)
+        ]
 
     async def default_model(self) -> str:
         """The server's first chat model (embedding models skipped): LM Studio's loaded one."""
-        models = await self.list_models()
-        for model in models:
-            if "embed" not in model.lower():
-                return model
+        for model in await self.chat_models():
+            return model
         raise ModelNotLoaded(
             f"The server at {self.url} lists no chat model: load one in LM Studio (or run "
             "`lms load <model>`), or name one with model=.",

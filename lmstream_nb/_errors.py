@@ -338,3 +338,33 @@ class ProtocolError(StreamError):
             message, url=url, partial_text=partial_text, partial_reasoning=partial_reasoning
         )
         self.line = line
+
+
+# ---------------------------------------------------------------------------------------------
+# What a failure means for a rerun
+
+
+def rerun_could_help(error: BaseException | None) -> bool:
+    """Whether sending the same request again, unchanged, could succeed.
+
+    Yes for what depends on the moment: an unreachable or busy server (HTTP 408, 429, 5xx), a
+    broken connection, a stall, a first-token budget a queue used up. No for
+    what the next attempt would meet again: bad variables, an unknown or unloaded model, a
+    prompt too long for the context, a refused key, a redirect, an answer that is not an
+    event stream, a database problem. The one rule for suggesting ``--resume`` after a batch.
+    """
+    if not isinstance(error, LMStreamError):
+        return False  # none, or a bug (in lmstream_nb or a callback) that a rerun meets again
+    permanent = (
+        AuthenticationError,
+        RedirectNotFollowed,
+        ModelNotFound,
+        ModelNotLoaded,
+        PromptTooLong,
+        ProtocolError,
+    )
+    if isinstance(error, permanent):
+        return False
+    if isinstance(error, HTTPStatusError):
+        return error.status in (408, 429) or error.status >= 500
+    return isinstance(error, RequestError)

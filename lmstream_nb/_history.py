@@ -182,9 +182,13 @@ def _filters(
     model: str | None,
     since: float | datetime | None,
     status: str | None,
+    batch: str | None = None,
 ) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     params: list[Any] = []
+    if batch is not None:
+        clauses.append("batch_id = ?")
+        params.append(batch)
     if prompt is not None:
         clauses.append("prompt_name = ?")
         params.append(prompt)
@@ -220,6 +224,7 @@ def query_history(
     since: float | datetime | None,
     limit: int | None,
     model: str | None,
+    batch: str | None = None,
 ) -> History:
     """Recorded runs, newest first, without their text (see ``PromptStore.history``)."""
     if status is not None and status not in STATUSES:
@@ -227,7 +232,7 @@ def query_history(
         raise ValueError(f"The status {status!r} is not known: use one of {known}.")
     if limit is not None and (isinstance(limit, bool) or limit < 0):
         raise ValueError(f"limit is {limit!r}: use a number of runs (0 or more) or None.")
-    where, params = _filters(prompt=prompt, model=model, since=since, status=status)
+    where, params = _filters(prompt=prompt, model=model, since=since, status=status, batch=batch)
     sql = f"SELECT {_SUMMARY_COLUMNS} FROM runs{where} ORDER BY started_at DESC, id DESC"
     if limit is not None:
         sql += " LIMIT ?"

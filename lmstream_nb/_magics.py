@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
@@ -25,16 +25,20 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
 from . import simulator
-from ._client import LMStudioClient
 from ._config import Budgets, parse_seconds, redact_url, resolve_base_url, seconds_argument
 from ._errors import LMStreamError
 from ._loop import shared_loop
 from ._outcome import ending
-from ._run import RunResult, arun, default_store
-from ._store import PromptStore
 from ._template import Prompt, prompt_label
-from ._terminal import TerminalSink, format_stats, table
-from ._view import NotebookSink, StreamView, final_bundle
+from ._terminal import STATS_HEADERS, TerminalSink, format_stats, stats_rows, table
+
+if TYPE_CHECKING:
+    from ._run import RunResult
+    from ._store import PromptStore
+    from ._view import NotebookSink, StreamView
+
+# The HTTP client, the database and the widgets are imported when a cell first needs them, so
+# `%load_ext lmstream_nb` stays quick.
 
 FORMATS = ("text", "markdown", "code", "json")
 
@@ -138,6 +142,15 @@ class BackgroundRun:
         return f"<BackgroundRun {self.label} {state}>"
 
 
+def _usage_first(doc: str) -> str:
+    """A magic_arguments docstring without its leading ``::`` and the usage's indent."""
+    if not doc.startswith("::"):
+        return doc
+    usage, _, rest = doc.removeprefix("::").lstrip("\n").partition("\n\n")
+    lines = [line.removeprefix("  ") for line in usage.splitlines()]
+    return "\n".join(lines) + "\n\n" + rest
+
+
 @magics_class
 class LMStreamMagics(Magics):
     """``%%lmstream`` runs the cell as a prompt; ``%lmstream`` manages prompts and settings."""
@@ -151,6 +164,8 @@ class LMStreamMagics(Magics):
 
     @property
     def store(self) -> PromptStore:
+        from ._run import default_store
+
         return default_store()
 
     def _user_ns(self) -> dict[str, Any]:
@@ -256,6 +271,10 @@ class LMStreamMagics(Magics):
             return self._line(args, line)
         return self._cell(args, cell)
 
+    # IPython's magic_arguments writes the usage as a reST literal block ("::" and an indent),
+    # which `%lmstream?` shows as a stray "::": the help starts with the usage itself instead.
+    lmstream.__doc__ = _usage_first(lmstream.__doc__ or "")
+
     def _cell(self, args: Any, cell: str) -> Any:
         if args.words:
             raise UsageError(
@@ -294,6 +313,8 @@ class LMStreamMagics(Magics):
         }
         if not self._in_kernel():
             return self._run_terminal(prompt, variables, base_url, kwargs, args)
+        from ._view import NotebookSink, StreamView
+
         view = StreamView()
         sink = NotebookSink(view, prompt=prompt.label)
         display(view)
@@ -311,6 +332,9 @@ class LMStreamMagics(Magics):
     ) -> None:
         """Paint the ending and write the text as an ordinary output. A blocking cell's error
         is printed by IPython right below, so only a background view repeats the sentence."""
+        from ._run import RunResult
+        from ._view import final_bundle
+
         end = ending(outcome)
         result = outcome if isinstance(outcome, RunResult) else None
         sink.close(
@@ -335,6 +359,8 @@ class LMStreamMagics(Magics):
         sink: NotebookSink,
         fmt: str,
     ) -> Any:
+        from ._run import arun
+
         async def go() -> RunResult:
             return await arun(prompt, variables, base_url=base_url, on_event=sink.handle, **kwargs)
 
@@ -360,6 +386,8 @@ class LMStreamMagics(Magics):
         sink: NotebookSink,
         fmt: str,
     ) -> BackgroundRun:
+        from ._run import arun
+
         async def go() -> RunResult | None:
             try:
                 result = await arun(
@@ -390,6 +418,8 @@ class LMStreamMagics(Magics):
     ) -> Any:
         """Terminal IPython: plain text to stdout as it arrives, stats on one line after."""
         import sys
+
+        from ._run import arun
 
         sink = TerminalSink(sys.stdout, sys.stderr, as_json=False)
 
@@ -461,22 +491,11 @@ class LMStreamMagics(Magics):
             )
         if command == "stats":
             report = self.store.stats(prompt=rest[0] if rest else None)
-            overall = report.overall
-            return _table(
-                [*report.groups, overall],
-                ["prompt", "model", "runs", "ok", "ttft p50", "total p50", "failures"],
-                lambda g: [
-                    "(all)" if g is overall else prompt_label(g.prompt, None),
-                    g.model,
-                    g.runs,
-                    f"{g.success_rate:.0%}",
-                    _round(g.ttft_p50),
-                    _round(g.duration_p50),
-                    ", ".join(f"{k} {v}" for k, v in g.by_status.items() if k != "ok") or "-",
-                ],
-            )
+            return _table(stats_rows(report), STATS_HEADERS, list)
         if command == "models":
             url = args.base_url or self.config_.base_url
+
+            from ._client import LMStudioClient
 
             async def models() -> list[str]:
                 async with LMStudioClient(url) as client:

@@ -65,6 +65,7 @@ class RunResult:
         "_reasoning",
         "_text",
         "error",
+        "exception",
         "finish_reason",
         "model",
         "prompt",
@@ -85,6 +86,7 @@ class RunResult:
         finish_reason: str | None,
         model: str | None,
         prompt: str,
+        exception: BaseException | None = None,
     ) -> None:
         self.run_id = run_id
         self.status = status
@@ -95,6 +97,9 @@ class RunResult:
         self.finish_reason = finish_reason
         self.model = model
         self.prompt = prompt  # "name@version" or "(inline)"
+        #: The error that ended the run (None when it succeeded): what ``error`` says, as an
+        #: object, so a caller can decide by its class (a batch: would a rerun help?).
+        self.exception = exception
 
     @property
     def text(self) -> str:
@@ -357,6 +362,7 @@ async def arun(
             model=(finished.model if finished is not None and finished.model else chosen_model),
             prompt=prompt.label,
         )
+    result.exception = failure
     await recorder.settle()
 
     async def record() -> None:

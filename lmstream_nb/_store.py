@@ -1061,15 +1061,22 @@ class PromptStore:
         since: float | datetime | None = None,
         limit: int | None = 50,
         model: str | None = None,
+        batch: str | None = None,
     ) -> History:
         """Recorded runs, newest first, without their text; each filter narrows the list.
 
-        ``since`` is unix time or a datetime (runs started at or after it); ``limit=None``
-        returns every match.
+        ``since`` is unix time or a datetime (runs started at or after it); ``batch`` is a
+        batch id (the runs of one ``run_many``); ``limit=None`` returns every match.
         """
         with self._read() as conn:
             return query_history(
-                conn, prompt=prompt, status=status, since=since, limit=limit, model=model
+                conn,
+                prompt=prompt,
+                status=status,
+                since=since,
+                limit=limit,
+                model=model,
+                batch=batch,
             )
 
     def stats(

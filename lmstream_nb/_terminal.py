@@ -174,3 +174,54 @@ def when(ts: float | None) -> str:
 def secs(value: float | None) -> str | None:
     """Seconds with two decimals for a table cell (None stays None: the table shows a dash)."""
     return None if value is None else f"{value:.2f}"
+
+
+# -- stats -----------------------------------------------------------------------------------
+
+#: The columns of a stats table, in the CLI and in the magic.
+STATS_HEADERS = [
+    "prompt",
+    "model",
+    "runs",
+    "ok",
+    "ttft p50",
+    "ttft p95",
+    "total p50",
+    "total p95",
+    "failures",
+]
+
+#: How the row of every run together is labelled (an inline template is ``(inline)``).
+ALL_RUNS = "(all)"
+
+
+def stats_label(group: Any, overall: bool) -> tuple[str, str]:
+    """The prompt and model cells of a stats row: ``name`` or ``(inline)`` (see
+    ``prompt_label``) and the model, or ``(all)`` for the overall row."""
+    from ._template import prompt_label
+
+    if overall:
+        return ALL_RUNS, ALL_RUNS
+    return prompt_label(group.prompt, None), group.model or "-"
+
+
+def stats_rows(report: Any) -> list[tuple[object, ...]]:
+    """A stats report as table rows (one per prompt and model, then every run together): the
+    one layout the CLI and the magic show."""
+
+    def row(group: Any, overall: bool) -> tuple[object, ...]:
+        prompt, model = stats_label(group, overall)
+        failures = ", ".join(f"{k} {v}" for k, v in sorted(group.by_status.items()) if k != "ok")
+        return (
+            prompt,
+            model,
+            group.runs,
+            f"{group.success_rate:.0%}" if group.runs else "-",
+            secs(group.ttft_p50),
+            secs(group.ttft_p95),
+            secs(group.duration_p50),
+            secs(group.duration_p95),
+            failures or "-",
+        )
+
+    return [*(row(g, False) for g in report.groups), row(report.overall, True)]

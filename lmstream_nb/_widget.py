@@ -229,11 +229,10 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         async def fetch() -> None:
             try:
                 async with LMStudioClient(self.base_url) as client:
-                    models = await client.list_models()
+                    chat = await client.chat_models()
             except LMStreamError as exc:
                 self.model_message.value = _error_html(str(exc))
                 return
-            chat = [m for m in models if "embed" not in m.lower()] or models
             current = self.model_picker.value
             self.model_picker.options = chat
             for choice in (current, self._preferred_model, *chat[:1]):

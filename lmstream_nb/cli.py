@@ -11,24 +11,26 @@ stdout, one sentence on stderr), 2 bad usage (for example a missing template var
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import math
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from . import simulator
-from ._client import LMStudioClient
 from ._config import Budgets, seconds_argument
 from ._errors import LMStreamError, PromptNotFound, TemplateError
-from ._run import arun, default_store
-from ._store import GroupStats, PromptStore
+from ._history import STATUSES as RUN_STATUSES
 from ._template import Prompt, prompt_label
-from ._terminal import TerminalSink, dim, format_stats, secs, table, when
+from .bench import FAULT_KINDS
+
+if TYPE_CHECKING:
+    from ._store import PromptStore
+
+# A command imports what it uses when it runs (the HTTP client, the database, asyncio, the
+# simulator's server), so `lmstream --help` and quick commands start fast.
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -38,6 +40,15 @@ def _key_value(text: str) -> tuple[str, str]:
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key.strip(), value
+
+
+def _status(text: str) -> str:
+    """An argparse ``type`` for ``--status``: one of the recorded run statuses."""
+    if text not in RUN_STATUSES:
+        raise argparse.ArgumentTypeError(
+            f"the status {text!r} is not known: use one of {', '.join(RUN_STATUSES)}"
+        )
+    return text
 
 
 def _whole_number(minimum: int, noun: str) -> Callable[[str], int]:
@@ -86,10 +97,111 @@ def _number(*, zero: bool) -> Callable[[str], float]:
 
 _positive_number = _number(zero=False)
 _not_negative = _number(zero=True)
+_version = _whole_number(1, "a version")
+
+
+def _rate(text: str) -> float:
+    """An argparse ``type``: a fraction from 0 to 1."""
+    value = _not_negative(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate from 0 to 1: use one.")
+    return value
+
+
+def _port(text: str) -> int:
+    """An argparse ``type``: a TCP port, 0 to pick a free one."""
+    value = _whole_number(0, "port")(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: use 0 to 65535.")
+    return value
+
+
+def _prompt_setting(key: str) -> Callable[[str], Any]:
+    """An argparse ``type`` for ``--temperature`` or ``--max-tokens``, checked by the same rule
+    the prompt store applies, so the CLI refuses what a saved prompt would refuse."""
+    from ._prompt_fields import validate_fields
+
+    convert: Callable[[str], Any] = float if key == "temperature" else int
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            noun = "a number" if key == "temperature" else "a whole number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}: use one.") from None
+        settings = {"temperature": None, "max_tokens": None, key: value}
+        try:
+            validate_fields("cli", "", None, None, description=None, **settings)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).rstrip(".")) from None
+        return value
+
+    return parse
+
+
+def _writable_file(text: str) -> Path:
+    """An argparse ``type`` for an output file: its folder must exist, so a long run never
+    ends on a file that cannot be written."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder: name a file.")
+    if not path.resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder of {text!r} does not exist: create it.")
+    return path
+
+
+def _readable_file(text: str) -> Path:
+    """An argparse ``type`` for an input file that must exist."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file: name one that exists.")
+    return path
+
+
+def _base_url(text: str) -> str:
+    """An argparse ``type`` for ``--base-url``: checked at once (a missing scheme, a bad port)
+    by the one rule every client applies."""
+    from ._config import parse_base_url
+
+    try:
+        parse_base_url(text)
+    except LMStreamError as exc:
+        raise argparse.ArgumentTypeError(str(exc).rstrip(".")) from None
+    return text
+
+
+def help_text(action: argparse.Action) -> str:
+    """An option's help with its default, unless the help already says it (or the default is
+    nothing to show: none, a flag that is off)."""
+    text = action.help or ""
+    default = action.default
+    if (
+        not action.option_strings
+        or "default" in text
+        or default is None
+        or default is False
+        or default == argparse.SUPPRESS
+        or default == []
+    ):
+        return text
+    if isinstance(default, (list, tuple)):
+        default = " ".join(str(d) for d in default)
+    shown = str(default).replace("%", "%%")
+    return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return help_text(action)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (no usage block), with exit status 2."""
+    """argparse that reports a usage error as one line (no usage block), with exit status 2,
+    and shows every option's default in its help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: {message.rstrip('.')} (see {self.prog} --help).\n")
@@ -111,8 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument(
         "template", metavar="TEMPLATE", nargs="?", help="prompt text; '-' reads stdin"
     )
-    p_run.add_argument("--prompt", "-p", metavar="NAME", help="run this stored prompt")
-    p_run.add_argument("--version", type=int, help="stored prompt version (default: latest)")
+    p_run.add_argument(
+        "--prompt", "-p", metavar="NAME", help="run this stored prompt (default: TEMPLATE)"
+    )
+    p_run.add_argument("--version", type=_version, help="stored prompt version (default: latest)")
     p_run.add_argument(
         "--var",
         "-v",
@@ -120,45 +234,73 @@ def build_parser() -> argparse.ArgumentParser:
         type=_key_value,
         default=[],
         metavar="KEY=VALUE",
-        help="value for a {{KEY}} placeholder (repeatable)",
+        help="value for a {{KEY}} placeholder (repeatable; default: none)",
     )
     p_run.add_argument("--model", "-m", help="model id (default: the prompt's, else the server's)")
-    p_run.add_argument("--system", help="system prompt for TEMPLATE (may use {{KEY}} too)")
-    p_run.add_argument("--temperature", type=float)
-    p_run.add_argument("--max-tokens", type=int)
-    p_run.add_argument("--json", action="store_true", help="print one JSON event per line")
+    p_run.add_argument(
+        "--system", help="system prompt for TEMPLATE, may use {{KEY}} too (default: none)"
+    )
+    p_run.add_argument(
+        "--temperature",
+        type=_prompt_setting("temperature"),
+        help="sampling temperature, 0 to 2 (default: the prompt's, else the server's)",
+    )
+    p_run.add_argument(
+        "--max-tokens",
+        type=_prompt_setting("max_tokens"),
+        metavar="N",
+        help="answer tokens at most, -1 for no limit (default: the prompt's, else the server's)",
+    )
+    p_run.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON event per line (the last has the run id)",
+    )
     _add_server_options(p_run)
     _add_budget_options(p_run)
 
     p_prompts = sub.add_parser("prompts", help="manage stored prompts")
     psub = p_prompts.add_subparsers(dest="action", required=True, metavar="ACTION")
     p_add = psub.add_parser("add", help="store a prompt (a new version if the name exists)")
-    p_add.add_argument("name")
+    p_add.add_argument("name", help="the prompt's name")
     p_add.add_argument("template", nargs="?", help="template text (or --file, or '-' for stdin)")
-    p_add.add_argument("--file", "-f", type=Path, help="read the template from a file")
-    p_add.add_argument("--system", help="system prompt (may use {{KEY}} placeholders)")
-    p_add.add_argument("--model")
-    p_add.add_argument("--temperature", type=float)
-    p_add.add_argument("--max-tokens", type=int)
-    p_add.add_argument("--description")
+    p_add.add_argument(
+        "--file", "-f", type=_readable_file, help="read the template from a file (default: none)"
+    )
+    p_add.add_argument(
+        "--system", help="system prompt, may use {{KEY}} placeholders (default: none)"
+    )
+    p_add.add_argument("--model", help="model id to run it with (default: the server's)")
+    p_add.add_argument(
+        "--temperature",
+        type=_prompt_setting("temperature"),
+        help="sampling temperature, 0 to 2 (default: the server's)",
+    )
+    p_add.add_argument(
+        "--max-tokens",
+        type=_prompt_setting("max_tokens"),
+        metavar="N",
+        help="answer tokens at most, -1 for no limit (default: the server's)",
+    )
+    p_add.add_argument("--description", help="one line saying what it is for (default: none)")
     p_list = psub.add_parser("list", help="list stored prompts (latest versions)")
-    p_list.add_argument("--json", action="store_true")
+    _add_json_option(p_list)
     p_show = psub.add_parser("show", help="show one prompt")
-    p_show.add_argument("name")
-    p_show.add_argument("--version", type=int)
-    p_show.add_argument("--json", action="store_true")
+    p_show.add_argument("name", help="the prompt's name")
+    p_show.add_argument("--version", type=_version, help="which version (default: latest)")
+    _add_json_option(p_show)
     p_versions = psub.add_parser("versions", help="list the versions of a prompt")
-    p_versions.add_argument("name")
-    p_versions.add_argument("--json", action="store_true")
+    p_versions.add_argument("name", help="the prompt's name")
+    _add_json_option(p_versions)
     p_rm = psub.add_parser("rm", help="delete a prompt (all versions; its runs stay recorded)")
-    p_rm.add_argument("name")
+    p_rm.add_argument("name", help="the prompt's name")
     p_export = psub.add_parser("export", help="write every prompt to FOLDER as TOML files")
-    p_export.add_argument("folder", type=Path)
+    p_export.add_argument("folder", type=Path, help="where to write the files")
     p_export.add_argument(
         "--force", action="store_true", help="overwrite files that are not this prompt's file"
     )
     p_import = psub.add_parser("import", help="read every FOLDER/*.toml (all or nothing)")
-    p_import.add_argument("folder", type=Path)
+    p_import.add_argument("folder", type=Path, help="the folder of .toml prompt files")
 
     p_batch = sub.add_parser(
         "batch",
@@ -166,35 +308,74 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run stored prompt PROMPT once per row of FILE (.csv with a header, or "
         ".jsonl); rows are the variables. Failed rows are recorded and the batch goes on.",
     )
-    p_batch.add_argument("prompt", metavar="PROMPT")
-    p_batch.add_argument("file", type=Path, metavar="FILE")
+    p_batch.add_argument("prompt", metavar="PROMPT", help="the stored prompt's name")
     p_batch.add_argument(
-        "--concurrency", "-c", type=_whole_number(1, "rows at once"), default=3, metavar="N"
+        "file", type=_readable_file, metavar="FILE", help="rows of variables: .csv or .jsonl"
     )
-    p_batch.add_argument("--out", "-o", type=Path, help="write rows + results (.csv or .jsonl)")
-    p_batch.add_argument("--resume", metavar="BATCH_ID", help="run only rows that did not succeed")
-    p_batch.add_argument("--model", "-m")
-    p_batch.add_argument("--max-tokens", type=int)
+    p_batch.add_argument(
+        "--concurrency",
+        "-c",
+        type=_whole_number(1, "rows at once"),
+        default=3,
+        metavar="N",
+        help="rows streaming at once",
+    )
+    p_batch.add_argument(
+        "--out",
+        "-o",
+        type=_writable_file,
+        help="write rows + results, .csv or .jsonl (default: none)",
+    )
+    p_batch.add_argument(
+        "--resume",
+        metavar="BATCH_ID",
+        help="run only the rows of this batch that did not succeed (default: a new batch)",
+    )
+    p_batch.add_argument(
+        "--model", "-m", help="model id (default: the prompt's, else the server's)"
+    )
+    p_batch.add_argument(
+        "--max-tokens",
+        type=_prompt_setting("max_tokens"),
+        metavar="N",
+        help="answer tokens at most, -1 for no limit (default: the prompt's)",
+    )
     p_batch.add_argument(
         "--base-url",
         action="append",
+        type=_base_url,
         default=None,
-        help="server address; repeat to spread rows over several servers",
+        help="server address; repeat to spread rows over several servers "
+        "(default: $LMSTREAM_BASE_URL or http://localhost:1234/v1)",
     )
     _add_budget_options(p_batch)
 
     p_history = sub.add_parser("history", help="recorded runs, newest first")
-    p_history.add_argument("--prompt", help="only runs of this stored prompt")
-    p_history.add_argument("--status", help="only runs with this status (ok, stalled, ...)")
-    p_history.add_argument("--model")
-    p_history.add_argument("--limit", type=_whole_number(0, "runs"), default=20)
-    p_history.add_argument("--run", type=int, metavar="ID", help="show one run in full")
-    p_history.add_argument("--json", action="store_true")
+    p_history.add_argument("--prompt", help="only runs of this stored prompt (default: all)")
+    p_history.add_argument(
+        "--status",
+        type=_status,
+        help=f"only runs with this status: {', '.join(RUN_STATUSES)} (default: all)",
+    )
+    p_history.add_argument("--model", help="only runs of this model (default: all)")
+    p_history.add_argument(
+        "--batch", metavar="BATCH_ID", help="only the runs of this batch (default: all)"
+    )
+    p_history.add_argument(
+        "--limit", type=_whole_number(0, "runs"), default=20, help="newest runs shown at most"
+    )
+    p_history.add_argument(
+        "--run",
+        type=_whole_number(1, "a run id"),
+        metavar="ID",
+        help="show one run in full: variables, messages, timings, text (default: the list)",
+    )
+    _add_json_option(p_history)
 
     p_stats = sub.add_parser("stats", help="success rate, failures and timings of runs")
-    p_stats.add_argument("--prompt")
-    p_stats.add_argument("--model")
-    p_stats.add_argument("--json", action="store_true")
+    p_stats.add_argument("--prompt", help="only runs of this stored prompt (default: all)")
+    p_stats.add_argument("--model", help="only runs of this model (default: all)")
+    _add_json_option(p_stats)
 
     p_models = sub.add_parser("models", help="list the models the server offers")
     _add_server_options(p_models)
@@ -215,12 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         default="laptop-gpu",
         choices=sorted(simulator.PROFILES),
-        help="simulated hardware speed (default: laptop-gpu)",
+        help="simulated hardware speed",
     )
     p_demo.add_argument(
         "--time-scale",
         type=_not_negative,
         default=1.0,
+        metavar="FACTOR",
         help="multiply every simulated duration (0.1 runs ten times faster)",
     )
     _add_bench_parser(sub)
@@ -237,6 +419,7 @@ def _add_bench_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--base-url",
+        type=_base_url,
         help="a real server (default: $LMSTREAM_BASE_URL, else the embedded simulator)",
     )
     p.add_argument(
@@ -253,65 +436,99 @@ def _add_bench_parser(sub: Any) -> None:
         nargs="+",
         default=[1, 3, 8],
         metavar="N",
+        help="requests at once, one cell per value",
     )
     p.add_argument(
         "--timeouts",
-        type=float,
+        type=_positive_number,
         nargs="+",
         default=[30, 120, 300],
         metavar="S",
-        help="total timeouts of the blocking mode (default: 30 120 300)",
+        help="total timeouts of the blocking mode, in seconds",
     )
     p.add_argument(
-        "--modes", nargs="+", default=["blocking", "stream"], choices=["blocking", "stream"]
+        "--modes",
+        nargs="+",
+        default=["blocking", "stream"],
+        choices=["blocking", "stream"],
+        help="request modes to compare",
     )
     p.add_argument("--quick", action="store_true", help="two prompt sizes instead of five")
     p.add_argument(
         "--faults",
-        type=float,
+        type=_rate,
         default=0.0,
         metavar="RATE",
-        help="rate of rows with an injected transient fault (simulator only)",
+        help="rate of rows with an injected transient fault, 0 to 1 (simulator only)",
     )
     p.add_argument(
         "--fault-kinds",
         nargs="+",
         default=None,
+        choices=FAULT_KINDS,
         metavar="KIND",
-        help="which faults to inject: disconnect_before, error_before, stall, "
-        "disconnect_after (default: all)",
+        help=f"which faults to inject: {', '.join(FAULT_KINDS)} (default: all)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--csv", type=Path, help="write the table as CSV")
-    p.add_argument("--json", type=Path, help="write the table and every run as JSON")
-    p.add_argument("--plot-dir", type=Path, help="write success.png and ttfv.png here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated text and faults")
+    p.add_argument(
+        "--csv", type=_writable_file, help="write the table as CSV to this file (default: none)"
+    )
+    p.add_argument(
+        "--json",
+        type=_writable_file,
+        help="write the table and every run as JSON to this file (default: none)",
+    )
+    p.add_argument(
+        "--plot-dir", type=Path, help="write success.png and ttfv.png here (default: none)"
+    )
+    p.add_argument(
+        "--db",
+        type=Path,
+        help="record the benchmark's prompts and runs in this database (default: a temporary "
+        "one, deleted afterwards, so your history stays yours)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 async def _cmd_bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import os
+    import tempfile
 
     from . import bench
     from ._config import BASE_URL_ENV
+    from ._store import PromptStore
 
     base_url = args.base_url or os.environ.get(BASE_URL_ENV) or None
     workload = bench.quick_workload() if args.quick else bench.default_workload()
-    try:
-        report = await bench.arun_benchmark(
-            workload,
-            base_url=base_url,
-            scale=None if base_url else args.scale,
-            modes=args.modes,
-            concurrency=args.concurrency,
-            timeouts=args.timeouts,
-            faults=args.faults,
-            seed=args.seed,
-            progress=not args.no_progress,
-            fault_kinds=args.fault_kinds or bench.FAULT_KINDS,
-        )
-    except ValueError as exc:
-        err.write(f"lmstream: {exc}\n")
-        return EXIT_USAGE
+    with contextlib.ExitStack() as stack:
+        if args.db is not None:
+            db = args.db
+            err.write(f"lmstream bench: recording the benchmark's runs in {db}.\n")
+        else:
+            db = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "bench.db"
+            err.write(
+                "lmstream bench: recording the benchmark's runs in a temporary database "
+                "(your history and prompts are left alone; --db FILE keeps them).\n"
+            )
+        err.flush()
+        store = stack.enter_context(PromptStore(db))
+        try:
+            report = await bench.arun_benchmark(
+                workload,
+                base_url=base_url,
+                scale=None if base_url else args.scale,
+                modes=args.modes,
+                concurrency=args.concurrency,
+                timeouts=args.timeouts,
+                faults=args.faults,
+                seed=args.seed,
+                progress=not args.no_progress,
+                fault_kinds=args.fault_kinds or bench.FAULT_KINDS,
+                store=store,
+            )
+        except ValueError as exc:
+            err.write(f"lmstream: {exc}\n")
+            return EXIT_USAGE
     out.write(report.table() + "\n")
     if args.csv is not None:
         report.to_csv(args.csv)
@@ -327,8 +544,13 @@ async def _cmd_bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--base-url",
+        type=_base_url,
         help="server address (default: $LMSTREAM_BASE_URL or http://localhost:1234/v1)",
     )
+
+
+def _add_json_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _add_budget_options(p: argparse.ArgumentParser) -> None:
@@ -367,6 +589,10 @@ def _budgets(args: argparse.Namespace) -> Budgets:
 
 
 async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ._client import LMStudioClient
+    from ._run import arun, default_store
+    from ._terminal import TerminalSink, dim, format_stats
+
     values = dict(args.var)
     if (args.prompt is None) == (args.template is None):
         err.write("lmstream: give either TEMPLATE or --prompt NAME: run one or the other.\n")
@@ -412,7 +638,9 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         sink.end_text()
         err.write(f"lmstream: {result.error}\n")
         return EXIT_FAILED
-    if not args.json:
+    if args.json:
+        sink._json({"event": "recorded", "status": result.status, "run_id": result.run_id})
+    else:
         sink.end_text()
         err.write(
             dim(err, f"{format_stats(result.stats, sink.finished)}, run #{result.run_id}") + "\n"
@@ -461,11 +689,10 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 async def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import asyncio
+
     from ._batch import BatchResult, arun_many, new_batch_id
 
-    if not args.file.is_file():
-        err.write(f"lmstream: {args.file} does not exist: give a .csv or .jsonl file of rows.\n")
-        return EXIT_USAGE
     rows = _read_rows(args.file)
     batch_id = args.resume or new_batch_id()
     urls = args.base_url or None
@@ -490,18 +717,43 @@ async def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.out is not None:
         merged = [{**row, **result} for row, result in zip(rows, batch.as_dicts(), strict=True)]
         _write_rows(args.out, merged)
-    summary = f"batch {batch.batch_id}: {batch.succeeded} ok, {batch.failed} failed"
-    if batch.failed:
-        summary += f" (rerun the failed rows with --resume {batch.batch_id})"
-    err.write(summary + "\n")
+    err.write(batch_summary(batch, f"lmstream batch {args.prompt} {args.file}"))
     return EXIT_OK if not batch.failed else EXIT_FAILED
 
 
+def batch_summary(batch: Any, command: str) -> str:
+    """The lines a finished batch ends with: counts, why rows failed (each error sentence
+    once, with how many rows it ended), and ``--resume`` only when a rerun could help."""
+    lines = [f"batch {batch.batch_id}: {batch.succeeded} ok, {batch.failed} failed"]
+    for sentence, count, alike in batch.failures():
+        rows = f"{count} row{'s' if count != 1 else ''}"
+        lines.append(f"  {rows}: {sentence}" if alike else f"  {rows}, the first: {sentence}")
+    if batch.failed:
+        where = f"`lmstream history --batch {batch.batch_id}`"
+        if batch.rerun_could_help:
+            lines.append(
+                f"Some failures may pass on a second try: rerun only the failed rows with "
+                f"`{command} --resume {batch.batch_id}` (every row is in {where})."
+            )
+        else:
+            lines.append(
+                f"A rerun would fail the same way: fix what the errors say, then run the batch "
+                f"again (every row is in {where})."
+            )
+    return "\n".join(lines) + "\n"
+
+
 async def _cmd_models(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ._client import LMStudioClient, is_chat_model
+
     async with LMStudioClient(args.base_url) as client:
-        models = await client.list_models()
-    for model in models:
-        out.write(model + "\n")
+        models = await client.list_model_kinds()
+    for model, kind in models:
+        out.write(
+            model
+            + ("" if is_chat_model(model, kind) else "  (embedding model, not for chat)")
+            + "\n"
+        )
     return EXIT_OK
 
 
@@ -540,6 +792,10 @@ def _demo_prompt(store: PromptStore) -> Prompt:
 
 
 async def _cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ._client import LMStudioClient
+    from ._run import arun, default_store
+    from ._terminal import TerminalSink, format_stats
+
     store = default_store()
     with simulator.serve(profile=args.profile, time_scale=args.time_scale) as sim:
         err.write(f"Simulator (profile {args.profile}) listening on {sim.base_url}\n")
@@ -547,7 +803,11 @@ async def _cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(f"Stored prompt {prompt.label} in {store.path}\n")
         err.write(f"System:    {prompt.system}\nTemplate:  {prompt.template.splitlines()[0]}…\n")
         shown = {k: (v if len(v) < 40 else v[:37] + "...") for k, v in DEMO_VARIABLES.items()}
-        err.write(f"Variables: {json.dumps(shown)}\n\n")
+        err.write(f"Variables: {json.dumps(shown)}\n")
+        err.write(
+            "The answer below is simulated filler text, streamed at the profile's speed: the "
+            "simulator does not read the prompt (a model in LM Studio would answer it).\n\n"
+        )
         err.flush()
         sink = TerminalSink(out, err, as_json=False)
         async with LMStudioClient(sim.base_url) as client:
@@ -612,7 +872,7 @@ def _add_serve_parser(sub: Any) -> None:
         default="127.0.0.1",
         help="address to listen on (any non-loopback address needs a token)",
     )
-    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks one)")
+    p.add_argument("--port", type=_port, default=8765, help="port (default 8765; 0 picks one)")
     _add_server_options(p)
     p.add_argument(
         "--token", help="require this token on every request (default: $LMSTREAM_SERVER_TOKEN)"
@@ -654,7 +914,9 @@ def _add_serve_parser(sub: Any) -> None:
         metavar="N",
         help="open connections at most; beyond it the longest idle one is closed (default 1000)",
     )
-    p.add_argument("--db", type=Path, help="the prompt and run database (default: the usual one)")
+    p.add_argument(
+        "--db", type=Path, help="the prompt and run database (default: $LMSTREAM_HOME/lmstream.db)"
+    )
 
 
 def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -662,6 +924,8 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     from . import serve
     from ._config import redact_url, resolve_base_url
+    from ._run import default_store
+    from ._store import PromptStore
 
     token = args.token or os.environ.get(serve.TOKEN_ENV) or None
     try:
@@ -703,6 +967,9 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ._run import default_store
+    from ._terminal import table, when
+
     store = default_store()
     action = args.action
     if action == "add":
@@ -800,29 +1067,22 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from dataclasses import asdict
+
+    from ._run import default_store
+    from ._terminal import secs, table, when
+
     store = default_store()
     if args.run is not None:
         rec = store.get_run(args.run)
         if args.json:
             out.write(json.dumps(asdict(rec), ensure_ascii=False) + "\n")
-            return EXIT_OK
-        label = prompt_label(rec.prompt_name, rec.prompt_version)
-        out.write(
-            f"run #{rec.id}  {rec.status}  {label}  {rec.model or '-'}  {when(rec.started_at)}\n"
-        )
-        if rec.error:
-            out.write(f"error: {rec.error}\n")
-        if rec.reasoning:
-            out.write(f"--- reasoning\n{rec.reasoning}\n")
-        out.write(f"--- text\n{rec.text}\n")
+        else:
+            out.write(run_record_text(rec))
         return EXIT_OK
-    try:
-        runs = store.history(
-            prompt=args.prompt, status=args.status, limit=args.limit, model=args.model
-        )
-    except ValueError as exc:  # an unknown --status: the store names the known ones
-        err.write(f"lmstream: {exc}\n")
-        return EXIT_USAGE
+    runs = store.history(
+        prompt=args.prompt, status=args.status, limit=args.limit, model=args.model, batch=args.batch
+    )
     if args.json:
         out.write(json.dumps(runs.as_dicts(), ensure_ascii=False) + "\n")
         return EXIT_OK
@@ -838,61 +1098,94 @@ def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     secs(r.ttft_s),
                     secs(r.duration_s),
                     r.completion_tokens,
-                    r.preview[:40],
+                    _clip(r.error or r.preview, 40 if r.error else 30),
                 )
                 for r in runs
             ],
-            ["id", "started", "status", "prompt", "model", "ttft s", "total s", "tokens", "text"],
+            [
+                "id",
+                "started",
+                "status",
+                "prompt",
+                "model",
+                "ttft s",
+                "total s",
+                "tokens",
+                "error / text",
+            ],
         )
     )
     return EXIT_OK
 
 
+def _clip(text: str | None, width: int) -> str | None:
+    if not text:
+        return None
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def run_record_text(rec: Any) -> str:
+    """One recorded run in full, for a person: what was sent, what came back, how long it
+    took and how it ended."""
+    from ._terminal import secs, when
+
+    label = prompt_label(rec.prompt_name, rec.prompt_version)
+    lines = [f"run #{rec.id}  {rec.status}  {label}  {rec.model or '-'}  {when(rec.started_at)}"]
+    if rec.error:
+        lines.append(f"error: {rec.error}")
+    facts = [
+        ("server", rec.base_url),
+        ("finish reason", rec.finish_reason),
+        ("first token", f"{secs(rec.ttft_s)} s" if rec.ttft_s is not None else None),
+        ("total", f"{secs(rec.duration_s)} s" if rec.duration_s is not None else None),
+        ("prompt tokens", rec.prompt_tokens),
+        ("answer tokens", rec.completion_tokens),
+        (
+            "tokens/s",
+            f"{rec.tokens_per_s:.1f}" if rec.tokens_per_s is not None else None,
+        ),
+        ("chunks", rec.chunks),
+        (
+            "batch",
+            f"{rec.batch_id} row {rec.batch_row}" if rec.batch_id is not None else None,
+        ),
+    ]
+    lines += [f"{key}: {'-' if value is None else value}" for key, value in facts]
+    lines.append("--- variables")
+    lines += [f"{key} = {value}" for key, value in rec.variables.items()] or ["(none)"]
+    for message in rec.messages:
+        lines.append(f"--- {message.get('role', 'message')}")
+        lines.append(str(message.get("content", "")))
+    if rec.reasoning:
+        lines.append(f"--- reasoning\n{rec.reasoning}")
+    lines.append(f"--- answer\n{rec.text}")
+    return "\n".join(lines) + "\n"
+
+
 def _cmd_stats(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from dataclasses import asdict
+
+    from ._run import default_store
+    from ._terminal import STATS_HEADERS, stats_rows, table
+
     report = default_store().stats(prompt=args.prompt, model=args.model)
     if args.json:
         payload = {"overall": asdict(report.overall), "groups": report.as_dicts()}
         out.write(json.dumps(payload, ensure_ascii=False) + "\n")
         return EXIT_OK
-
-    def row(g: GroupStats, label: str) -> tuple[object, ...]:
-        failures = ", ".join(f"{k} {v}" for k, v in sorted(g.by_status.items()) if k != "ok")
-        return (
-            label,
-            g.model or ("(all)" if label == "(all)" else "-"),
-            g.runs,
-            f"{g.success_rate:.0%}" if g.runs else "-",
-            secs(g.ttft_p50),
-            secs(g.ttft_p95),
-            secs(g.duration_p50),
-            secs(g.duration_p95),
-            failures or "-",
-        )
-
-    rows = [row(g, prompt_label(g.prompt, None)) for g in report.groups]
-    rows.append(row(report.overall, "(all)"))
-    out.write(
-        table(
-            rows,
-            [
-                "prompt",
-                "model",
-                "runs",
-                "ok",
-                "ttft p50",
-                "ttft p95",
-                "total p50",
-                "total p95",
-                "failures",
-            ],
-        )
-    )
+    out.write(table(stats_rows(report), STATS_HEADERS))
     return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # httpcore imports trio, when it is installed, only to learn whether it runs under trio
+    # (about 100 ms of start-up); every command here runs on asyncio, so none needs it.
+    sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
     args = build_parser().parse_args(argv)
     out, err = sys.stdout, sys.stderr
+    import asyncio
+
     try:
         if args.command == "sim":
             return _cmd_sim(args, err)

@@ -10,7 +10,26 @@ import pandas as pd
 import pytest
 from waiting import await_until
 
-from lmstream_nb import BatchResult, Budgets, Prompt, PromptStore, arun_many, run_many, simulator
+from lmstream_nb import (
+    AuthenticationError,
+    BatchResult,
+    Budgets,
+    FirstTokenTimeout,
+    HTTPStatusError,
+    MissingVariables,
+    ModelNotFound,
+    Prompt,
+    PromptStore,
+    PromptTooLong,
+    ProtocolError,
+    ServerUnreachable,
+    StreamInterrupted,
+    StreamStalled,
+    arun_many,
+    run_many,
+    simulator,
+)
+from lmstream_nb._errors import rerun_could_help
 
 MODEL = "lmstream-sim-8b"
 STALL = '[[sim {"stall_at": 3, "stall_s": 60}]]'
@@ -166,3 +185,43 @@ async def test_interrupt_mid_batch_keeps_finished_rows_and_cancels_in_flight(
     assert "cancelled" in statuses
     assert "unfinished" not in statuses
     assert len(statuses) <= 5, "rows never started are not recorded"
+
+
+def _http(cls: type, status: int, **extra: object) -> Exception:
+    error: Exception = cls("x", url="u", status=status, server_message=None, **extra)
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "helps"),
+    [
+        (None, False),
+        (ServerUnreachable("x", url="u"), True),
+        (StreamStalled("x", url="u", budget=1.0), True),
+        (FirstTokenTimeout("x", url="u", budget=1.0), True),
+        (StreamInterrupted("x", url="u"), True),
+        (_http(HTTPStatusError, 503), True),
+        (_http(HTTPStatusError, 429), True),
+        (_http(HTTPStatusError, 400), False),
+        (_http(ModelNotFound, 404, model="m"), False),
+        (_http(PromptTooLong, 400), False),
+        (_http(AuthenticationError, 401), False),
+        (ProtocolError("x", url="u", line=""), False),
+        (MissingVariables(["name"]), False),
+        (RuntimeError("a bug"), False),
+    ],
+)
+def test_a_rerun_is_suggested_only_for_failures_of_the_moment(
+    error: BaseException | None, helps: bool
+) -> None:
+    assert rerun_could_help(error) is helps
+
+
+def test_a_batch_says_why_its_rows_failed(sim: simulator.SimServer, store: PromptStore) -> None:
+    prompt = store.save("pet", "Tell me about {{animal}}.")
+    rows = [{"animal": "owls"}, {"x": 1}, {"y": 2}]
+    batch = run_many(prompt, rows, store=store, base_url=sim.base_url, progress=False)
+    [(sentence, count, alike)] = batch.failures()
+    assert (count, alike) == (2, True)
+    assert sentence.startswith("The template needs a value for the variable animal")
+    assert not batch.rerun_could_help

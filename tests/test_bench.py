@@ -397,8 +397,13 @@ def test_cli_bench_prints_the_table_and_writes_files(
             str(tmp_path / "plots"),
         ]
     )
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 0
+    assert "recording the benchmark's runs in a temporary database" in captured.err
+    with PromptStore() as mine:
+        assert mine.history() == [], "the user's history is left alone"
+        assert mine.list() == [], "and so is the prompt list"
     assert "blocking 30s" in out
     assert "20k" in out
     assert (tmp_path / "t.csv").is_file()

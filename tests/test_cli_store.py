@@ -169,7 +169,80 @@ def test_batch_command_csv_and_jsonl(home: Path, tmp_path: Path, sim: simulator.
     partial = lmstream("batch", "pet", str(bad), "--base-url", sim.base_url, "--max-tokens", "4")
     assert partial.returncode == 1
     assert "1 ok, 1 failed" in partial.stderr
-    assert "--resume" in partial.stderr
+    assert "  1 row: The template needs a value for the variable animal:" in partial.stderr
+    assert "--resume" not in partial.stderr, "a rerun would meet the same bad row"
+    assert "A rerun would fail the same way" in partial.stderr
+    assert "Traceback" not in partial.stderr
+
+
+def _summary(stderr: str) -> list[str]:
+    """The lines a batch ends with, after its progress bar."""
+    return stderr[stderr.index("\nbatch ") + 1 :].split("\n")[:-1]
+
+
+def test_batch_groups_why_rows_failed_and_offers_resume_only_when_it_can_help(
+    home: Path, tmp_path: Path, sim: simulator.SimServer
+) -> None:
+    lmstream("prompts", "add", "pet", "Tell me about {{animal}}.")
+    rows = tmp_path / "rows.csv"
+    rows.write_text("animal\nowls\nbats\ncats\n", encoding="utf-8")
+    with simulator.serve(profile="test-fast", defaults=simulator.Scenario(disconnect_at=2)) as bad:
+        broken = lmstream("batch", "pet", str(rows), "--base-url", bad.base_url)
+        bad_url = bad.base_url
+    assert broken.returncode == 1
+    lines = _summary(broken.stderr)
+    batch_id = lines[0].split()[1].rstrip(":")
+    assert lines[0] == f"batch {batch_id}: 0 ok, 3 failed"
+    assert len(lines) == 3, "one sentence for three rows that failed alike, then the advice"
+    assert lines[1].startswith(f"  3 rows, the first: The stream from {bad_url} broke off")
+    assert f"lmstream batch pet {rows} --resume {batch_id}" in lines[2]
+    resumed = lmstream("batch", "pet", str(rows), "--base-url", sim.base_url, "--resume", batch_id)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _summary(resumed.stderr) == [f"batch {batch_id}: 3 ok, 0 failed"]
+
+    unknown = lmstream("batch", "pet", str(rows), "--base-url", sim.base_url, "--model", "nope")
+    assert unknown.returncode == 1
+    assert "  3 rows: The model 'nope' is not available" in unknown.stderr
+    assert "--resume" not in unknown.stderr
+
+    table = lmstream("history", "--batch", batch_id).stdout.splitlines()
+    assert len(table) == 2 + 6, "three failed and three resumed runs of that batch only"
+    assert "error / text" in table[0]
+    assert sum("interrupted" in line and "The stream from" in line for line in table) == 3
+    listed = json.loads(lmstream("history", "--batch", batch_id, "--json").stdout)
+    assert {r["batch_id"] for r in listed} == {batch_id}
+
+
+def test_history_run_shows_the_whole_record(home: Path, sim: simulator.SimServer) -> None:
+    lmstream("prompts", "add", "topic", "Tell me about {{t}}.", "--system", "Be brief, {{t}}.")
+    ran = lmstream(
+        "run",
+        "--prompt",
+        "topic",
+        "--var",
+        "t=owls",
+        "--base-url",
+        sim.base_url,
+        "--max-tokens",
+        "5",
+    )
+    assert ran.returncode == 0, ran.stderr
+    [run] = json.loads(lmstream("history", "--json").stdout)
+    shown = lmstream("history", "--run", str(run["id"])).stdout
+    assert shown.startswith(f"run #{run['id']}  ok  topic@1  lmstream-sim-8b")
+    for line in (
+        f"server: {sim.base_url}",
+        "finish reason: length",
+        "answer tokens: 5",
+        "--- variables\nt = owls",
+        "--- system\nBe brief, owls.",
+        "--- user\nTell me about owls.",
+    ):
+        assert line in shown, line
+    assert "first token: " in shown
+    assert "total: " in shown
+    with PromptStore(home / "lmstream.db") as store:
+        assert shown.endswith(f"--- answer\n{store.get_run(run['id']).text}\n")
 
 
 def test_export_refuses_a_foreign_file_unless_forced(home: Path, tmp_path: Path) -> None:

@@ -585,3 +585,27 @@ async def test_breaking_without_async_with_still_closes(sim: simulator.SimServer
         )
         response_id = record.id
     assert response_id
+
+
+@pytest.mark.parametrize(
+    ("model_id", "kind", "chat"),
+    [
+        ("lmstream-sim-8b", None, True),
+        ("text-embedding-nomic-embed-text-v1.5", None, False),
+        ("BGE-M3-Embed", None, False),
+        ("qwen2.5-7b-instruct", "llm", True),
+        ("qwen2-vl-7b", "vlm", True),
+        ("some-encoder", "embeddings", False),  # LM Studio's /api/v0 type wins over the id
+    ],
+)
+def test_which_models_can_chat(model_id: str, kind: str | None, chat: bool) -> None:
+    from lmstream_nb._client import is_chat_model
+
+    assert is_chat_model(model_id, kind) is chat
+
+
+async def test_chat_models_leave_out_the_embedding_model(sim: simulator.SimServer) -> None:
+    async with LMStudioClient(sim.base_url) as client:
+        assert await client.list_models() == ["lmstream-sim-8b", "lmstream-sim-embed"]
+        assert await client.chat_models() == ["lmstream-sim-8b"]
+        assert await client.default_model() == "lmstream-sim-8b"

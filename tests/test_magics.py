@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -397,3 +398,22 @@ def test_history_and_stats_label_runs_name_at_version(kernel: Kernel) -> None:
     shown = stats.displays()[0]["text/plain"]
     assert "labelled" in shown
     assert "(all)" in shown
+    inline = kernel.execute("%%lmstream --max-tokens 3\nHi")
+    assert inline.status == "ok", inline.error()
+    every = kernel.execute("print(list(get_ipython().run_line_magic('lmstream', 'stats').prompt))")
+    rows = ast.literal_eval(every.stream())  # a printed list of labels
+    assert rows[-1] == "(all)", "the overall row, as the CLI labels it"
+    assert "(inline)" in rows, "an inline template's group, as the CLI labels it"
+
+
+def test_the_magics_help_starts_with_its_usage(kernel: Kernel) -> None:
+    """`%lmstream?` shows the inspector's text: the usage first, not a stray "::"."""
+    shown = kernel.execute(
+        "import re; print(re.sub(r'\\x1b\\[[0-9;]*m', '', "
+        "get_ipython().object_inspect_text('%lmstream')))"
+    ).stream()
+    lines = shown.splitlines()
+    assert lines[0] == "Docstring:"
+    assert lines[1].startswith("%lmstream [--prompt NAME]"), lines[:3]
+    assert "::" not in shown.split("Stream a prompt")[0]
+    assert "Stream a prompt to LM Studio and watch the answer arrive." in shown

@@ -8,6 +8,7 @@ import json
 import os
 import select
 import time
+from pathlib import Path
 
 from lmstream_nb import ReasoningDelta, Stats, StreamFinished, StreamStarted, TextDelta
 from lmstream_nb._terminal import TerminalSink, format_stats, secs, table, when
@@ -95,3 +96,46 @@ def test_table_pads_columns_and_shows_none_as_a_dash() -> None:
     assert text == ("id  status   s\n--  -------  ----\n1   ok       0.12\n12  stalled  -\n")
     assert when(None) == "-"
     assert len(when(0.0)) == len("2000-01-01 00:00:00")
+
+
+def test_stats_rows_label_inline_templates_and_the_overall_row(tmp_path: Path) -> None:
+    """One layout for `lmstream stats` and `%lmstream stats`: a template that was never stored
+    is "(inline)", every run together is "(all)"."""
+    from lmstream_nb import PromptStore
+    from lmstream_nb._terminal import STATS_HEADERS, stats_rows
+
+    with PromptStore(tmp_path / "s.db") as store:
+        for name in (None, "greet"):
+            run_id = store.start_run(
+                prompt_name=name,
+                prompt_version=1 if name else None,
+                template="Hi",
+                system=None,
+                messages=[],
+                variables={},
+                model="m",
+                base_url="http://x/v1",
+                started_at=time.time(),
+            )
+            store.finish_run(
+                run_id,
+                status="ok",
+                text="hello",
+                reasoning="",
+                error=None,
+                finish_reason="stop",
+                model="m",
+                ttft_s=0.1,
+                duration_s=0.2,
+                chunks=1,
+                prompt_tokens=1,
+                completion_tokens=1,
+                tokens_per_s=5.0,
+            )
+        rows = stats_rows(store.stats())
+    assert [row[:3] for row in rows] == [
+        ("(inline)", "m", 1),
+        ("greet", "m", 1),
+        ("(all)", "(all)", 2),
+    ]
+    assert all(len(row) == len(STATS_HEADERS) for row in rows)

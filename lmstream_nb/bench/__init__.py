@@ -10,8 +10,9 @@ By default it runs on the embedded simulator at a documented speed profile, time
 whole benchmark takes about 75 s: each cell at the scale that keeps its closest verdict at least
 2 s of real time from its boundary (:func:`plan_benchmark` shows the plan), so that a loaded
 machine cannot flip one. With ``base_url`` it runs the same workload against a real LM Studio
-in real time. It is built on :func:`lmstream_nb.run_many`, so every run is in the history like
-any other.
+in real time. It is built on :func:`lmstream_nb.run_many`, so every run is recorded like any
+other, in ``store`` (``lmstream bench`` gives it a temporary database unless ``--db``, so a
+user's own history is left alone).
 
     from lmstream_nb import bench
 
@@ -21,16 +22,9 @@ any other.
     report.plot_success("success.png")
 """
 
-from ._report import TIMEOUT_STATUSES, BenchReport
-from ._runner import (
-    BENCH_PROMPT,
-    DEFAULT_MARGIN,
-    DEFAULT_SCALE,
-    CellPlan,
-    arun_benchmark,
-    plan_benchmark,
-    run_benchmark,
-)
+import importlib as _importlib
+import typing as _typing
+
 from ._workload import (
     FAULT_KINDS,
     LAPTOP_GPU,
@@ -41,6 +35,42 @@ from ._workload import (
     default_workload,
     quick_workload,
 )
+
+if _typing.TYPE_CHECKING:
+    from ._report import TIMEOUT_STATUSES, BenchReport
+    from ._runner import (
+        BENCH_PROMPT,
+        DEFAULT_MARGIN,
+        DEFAULT_SCALE,
+        CellPlan,
+        arun_benchmark,
+        plan_benchmark,
+        run_benchmark,
+    )
+
+_LAZY = {
+    "TIMEOUT_STATUSES": "_report",
+    "BenchReport": "_report",
+    "BENCH_PROMPT": "_runner",
+    "DEFAULT_MARGIN": "_runner",
+    "DEFAULT_SCALE": "_runner",
+    "CellPlan": "_runner",
+    "arun_benchmark": "_runner",
+    "plan_benchmark": "_runner",
+    "run_benchmark": "_runner",
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    """The runner and the report (the client, the store, the simulator) load on first use, so
+    ``lmstream --help`` can read the fault kinds without them."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BENCH_PROMPT",

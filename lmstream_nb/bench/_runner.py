@@ -73,7 +73,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import simulator
-from .._batch import BatchResult, arun_many, new_batch_id
+from .._batch import BatchResult, advance, arun_many, new_batch_id, progress_bar
 from .._config import Budgets, Retries
 from .._errors import PromptNotFound
 from .._loop import shared_loop
@@ -120,7 +120,7 @@ _GAP_SHARE = 0.5
 #: Answer tokens per server-sent event on the simulator (see the module docstring).
 _TOKENS_PER_EVENT = 10
 
-#: The stored prompt every benchmark run is recorded under (``lmstream history bench``).
+#: The stored prompt every benchmark run is recorded under, in the benchmark's store.
 BENCH_PROMPT = "lmstream-bench"
 
 _SIM_MODEL = simulator.SimConfig().models[0]
@@ -587,9 +587,7 @@ class _Bar:
         self.bar: Any = None
         self.running: list[str] = []
         if enabled and total:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc="lmstream bench", unit="run", leave=True)
+            self.bar = progress_bar(total, "lmstream bench", "run")
 
     @staticmethod
     def _label(cell: CellPlan) -> str:
@@ -611,7 +609,7 @@ class _Bar:
         self.running.remove(self._label(cell))
         if self.bar is not None:
             self._show()
-            self.bar.update(cell.rows)
+            advance(self.bar, cell.rows)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -105,7 +105,7 @@ class _Api:
         )
 
     async def models(self, request: Request, args: Args) -> Response:
-        return JSONResponse({"models": await self.hub.client.list_models()})
+        return JSONResponse({"models": await self.hub.client.chat_models()})
 
     async def start_run(self, request: Request, args: Args) -> Response:
         body = args["body"]

@@ -16,10 +16,26 @@ A request can change its own scenario by adding ``"sim": {...}`` to its JSON bod
 :class:`Scenario` field, e.g. ``{"sim": {"disconnect_at": 5}}``.
 """
 
+import importlib as _importlib
+import typing as _typing
+
 from ._cli import add_cli_arguments, config_from_cli
 from ._records import RequestRecord
 from ._scenario import PROFILES, Scenario, SimConfig
-from ._server import SimServer, run, serve
+
+if _typing.TYPE_CHECKING:
+    from ._server import SimServer, run, serve
+
+
+def __getattr__(name: str) -> _typing.Any:
+    """The server (uvicorn, Starlette) is imported on first use: the ``lmstream`` command
+    reads the flags and profiles above for every ``--help`` and only serves for sim and demo."""
+    if name in ("SimServer", "run", "serve"):
+        value = getattr(_importlib.import_module(f"{__name__}._server"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "PROFILES",

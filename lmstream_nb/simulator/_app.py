@@ -296,7 +296,7 @@ def _reply_pieces(reply: str) -> list[str]:
 
 
 def _pieces(
-    sc: Scenario, seed: int, model: str, messages: object, n_answer: int
+    sc: Scenario, seed: int, model: str, messages: object, n_answer: int, complete: bool
 ) -> list[tuple[str, str]]:
     pieces: list[tuple[str, str]] = []
     if sc.reasoning != "off" and sc.reasoning_tokens > 0:
@@ -315,7 +315,8 @@ def _pieces(
     elif sc.chunk_chars is not None:
         pieces.extend(("content", answer.chars(sc.chunk_chars)) for _ in range(n_answer))
     else:
-        pieces.extend(("content", w) for w in answer.tokens(n_answer))
+        words = answer.answer(n_answer) if complete else answer.tokens(n_answer)
+        pieces.extend(("content", w) for w in words)
     return pieces
 
 
@@ -1035,7 +1036,7 @@ class _Handlers:
         prefill_tps = profile.prefill_tps if sc.prefill_tps is None else sc.prefill_tps
         gen_tps = profile.gen_tps if sc.gen_tps is None else sc.gen_tps
         load_s = profile.load_s if sc.load_s is None else sc.load_s
-        pieces = _pieces(sc, seed, model.id, messages, n_answer)
+        pieces = _pieces(sc, seed, model.id, messages, n_answer, finish_reason == "stop")
         plan = _Plan(
             index=index,
             id=sim.new_id(),

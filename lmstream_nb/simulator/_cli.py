@@ -86,7 +86,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="ID",
         help="a downloaded model id (repeatable); the first is loaded, the others load just "
-        "in time; ids containing 'embed' are embedding models",
+        "in time; ids containing 'embed' are embedding models (default: "
+        f"{' '.join(SimConfig().models)})",
     )
     server.add_argument(
         "--any-model",
@@ -95,13 +96,15 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     server.add_argument("--no-model", action="store_true", help="behave as if no model were loaded")
     server.add_argument(
-        "--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every request"
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every request (default: none needed)",
     )
     server.add_argument(
         "--max-parallel",
         type=int,
         metavar="N",
-        help="at most N generations at once per model; later requests queue",
+        help="at most N generations at once per model; later requests queue (default: no limit)",
     )
     server.add_argument(
         "--context-length",
@@ -139,7 +142,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--flood",
         choices=FLOODS,
         help="a hostile body that never ends properly: one endless line, endless data lines "
-        "without a blank line, or a gzip bomb",
+        "without a blank line, or a gzip bomb (default: none)",
     )
     behaviour.add_argument(
         "--echo-request",
@@ -147,7 +150,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="repeat the request's Authorization header and URL in every error text",
     )
     for name, kind, metavar, text in _SCENARIO_FLAGS:
-        behaviour.add_argument("--" + name.replace("_", "-"), type=kind, metavar=metavar, help=text)
+        shown = text if "default" in text else f"{text} (default: off)"
+        behaviour.add_argument(
+            "--" + name.replace("_", "-"), type=kind, metavar=metavar, help=shown
+        )
 
 
 def config_from_cli(ns: argparse.Namespace) -> SimConfig:

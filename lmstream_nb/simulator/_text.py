@@ -6,6 +6,9 @@ the same tokens; anything else gives different ones. One token is one word piece
 space, 4-5 characters on average as with real tokenizers (long words come in two pieces). A few
 words are non-ASCII ("café", "naïve", "→", "🙂") so that clients meet two-, three- and four-byte
 UTF-8 sequences, and an occasional paragraph break puts newlines into the JSON strings.
+
+An answer that ends because it is complete (``finish_reason`` ``stop``) ends with a whole
+sentence, as a real model's does: :meth:`TextSource.answer` shortens the last sentence to fit.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ _PLACES = ("near", "under", "beside", "behind", "across", "inside", "past", "→
 _OPENERS = ("Then", "Later", "Still", "Today", "Meanwhile", "Perhaps", "Again", "Luckily")
 _THOUGHTS = ("Hmm,", "Okay,", "Wait,", "So", "Maybe", "Well,", "Right,", "First,")
 _ENDINGS = (".", ".", ".", ".", ".", "!", ". 🙂")
+# Words that stay one piece (with their leading space) for a last sentence cut to fit.
+_SHORT_RESTING = ("waits", "rests", "smiles", "sleeps", "hums", "agrees")
+_SHORT_PLACES = ("near", "under", "beside", "behind", "across", "inside", "past")
 # fmt: on
 
 _SENTENCES_PER_PARAGRAPH = (3, 6)
@@ -59,6 +65,7 @@ class TextSource:
         self._first = True
         self._left_in_paragraph = self._rng.randint(*_SENTENCES_PER_PARAGRAPH)
         self._pending = ""
+        self._last_piece = ""
 
     def _noun_phrase(self) -> list[str]:
         rng = self._rng
@@ -107,11 +114,47 @@ class TextSource:
                 cut = len(piece) // 2 if len(piece) > 7 else len(piece)
                 self._queue += [piece[:cut], piece[cut:]] if cut < len(piece) else [piece]
             self._queue.reverse()
-        return self._queue.pop()
+        self._last_piece = self._queue.pop()
+        return self._last_piece
 
     def tokens(self, count: int) -> list[str]:
         """The next ``count`` tokens."""
         return [self.next_token() for _ in range(count)]
+
+    def answer(self, count: int) -> list[str]:
+        """``count`` tokens that end with a whole sentence: the text of :meth:`tokens`, with
+        the sentence that would not fit replaced by a short one of exactly the tokens left."""
+        out: list[str] = []
+        while len(out) < count:
+            if not self._queue:
+                self.next_token()  # builds the next sentence's pieces (and takes its first)
+                self._queue.append(self._last_piece)
+            left = count - len(out)
+            if len(self._queue) <= left:
+                out += reversed(self._queue)
+                self._queue.clear()
+            else:
+                out += self._closing(left, self._queue[-1])
+                self._queue.clear()
+        return out
+
+    def _closing(self, pieces: int, first: str) -> list[str]:
+        """A sentence of exactly ``pieces`` one-piece tokens, starting where ``first`` did
+        (its leading space or paragraph break)."""
+        rng = self._rng
+        lead = first[: len(first) - len(first.lstrip())]
+        name, rest = rng.choice(_NAMES), rng.choice(_SHORT_RESTING)
+        if pieces == 1:
+            return [f"{lead}{name} {rest}."]
+        words = [name, rest]
+        extra = pieces - 2
+        while extra >= 2:
+            words += [rng.choice(_SHORT_PLACES), rng.choice(_NAMES)]
+            extra -= 2
+        if extra:
+            words.append(rng.choice(("today", "again", "too", "now")))
+        words[-1] += "."
+        return [lead + words[0], *(" " + w for w in words[1:])]
 
     def chars(self, count: int) -> str:
         """The next ``count`` characters (code points) of the same text, cut at any point."""

@@ -77,7 +77,8 @@ def test_unknown_prompt_is_404_without_the_server_path(
 
 
 def test_models(client: httpx.Client) -> None:
-    assert MODEL in client.get("/api/models").json()["models"]
+    """The page offers chat models only: the simulator's embedding model is not one."""
+    assert client.get("/api/models").json()["models"] == [MODEL]
 
 
 def test_run_answers_at_once_streams_and_is_recorded(
