@@ -4,7 +4,7 @@
     ├── TemplateError
     │   ├── MissingVariables         .names
     │   ├── UnknownVariables         .names
-    │   ├── InvalidPlaceholder       .placeholder, .line  ({{my var}}: not a variable name)
+    │   ├── InvalidPlaceholder       .placeholder, .line, .column, .unclosed  ({{my var}}, {{x)
     │   └── InvalidVariables         .names  (values that are not text, numbers or booleans)
     ├── InvalidBaseURL               .url (credentials removed)
     ├── StoreError                   .path
@@ -87,17 +87,36 @@ class UnknownVariables(TemplateError):
 
 
 class InvalidPlaceholder(TemplateError):
-    """A ``{{...}}`` whose inside is not a variable name, which would otherwise be sent as typed."""
+    """A ``{{...}}`` whose inside is not a variable name, or (when saving) a ``{{`` that is
+    never closed: either would otherwise be sent as typed."""
 
-    def __init__(self, placeholder: str, *, line: int, where: str = "template") -> None:
+    def __init__(
+        self,
+        placeholder: str,
+        *,
+        line: int,
+        column: int = 1,
+        where: str = "template",
+        unclosed: bool = False,
+    ) -> None:
         self.placeholder = placeholder
         self.line = line
+        self.column = column
         self.where = where
-        super().__init__(
-            f"The {where} has the placeholder {placeholder} at line {line}, whose inside is not "
-            "a variable name: use ASCII letters, digits, _, . or - starting with a letter or _ "
-            "(such as {{my_var}}), or write \\{{ for a literal {{."
-        )
+        self.unclosed = unclosed
+        at = f"at line {line}, column {column}"
+        if unclosed:
+            message = (
+                f"The {where} has a placeholder {placeholder} {at} that is not closed on its "
+                "line: write it as {{my_var}}, or write \\{{ for a literal {{."
+            )
+        else:
+            message = (
+                f"The {where} has the placeholder {placeholder} {at}, whose inside is not a "
+                "variable name: use ASCII letters, digits, _, . or - starting with a letter or "
+                "_ (such as {{my_var}}), or write \\{{ for a literal {{."
+            )
+        super().__init__(message)
 
 
 def _value_kind(value: object) -> str:

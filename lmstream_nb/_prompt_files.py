@@ -275,10 +275,16 @@ def _parse_file(file: Path) -> tuple[str, PromptFields]:
         )
     except InvalidPlaceholder as exc:
         key = "system" if exc.where == "system prompt" else "template"
+        problem = "is not closed on its line" if exc.unclosed else "is not a variable name"
+        fix = (
+            "close it as {{my_var}}"
+            if exc.unclosed
+            else "use a name of ASCII letters, digits, _, . or -"
+        )
         raise _FileProblem(
-            f"has a placeholder that is not a variable name in {key!r} ({exc.placeholder})",
-            _text_line(text, exc.placeholder, after_line=_key_line(text, key)),
-            "use a name of ASCII letters, digits, _, . or - (or write \\{{ for a literal {{)",
+            f"has a placeholder in {key!r} that {problem} ({exc.placeholder})",
+            _text_line(text, exc.placeholder.rstrip("…"), after_line=_key_line(text, key)),
+            f"{fix} (or write \\{{{{ for a literal {{{{)",
         ) from exc
     except FieldError as exc:
         line = _key_line(text, exc.key) if exc.key in document else 1

@@ -195,3 +195,23 @@ def test_a_placeholder_that_is_no_name_is_a_usage_error(home: Path) -> None:
     assert result.stderr.count("\n") == 1
     assert "{{first name}}" in result.stderr
     assert json.loads(lmstream("prompts", "list", "--json").stdout) == []
+
+
+@pytest.mark.parametrize(
+    ("template", "fragment"),
+    [
+        ("Hi {{name", "placeholder {{name at line 1, column 4 that is not closed"),
+        ("Hi {{ 1x }}", "placeholder {{ 1x }} at line 1, column 4"),
+        ("Hi {{my name}}", "whose inside is not a variable name"),
+    ],
+)
+def test_prompts_add_reports_a_placeholder_typo_and_saves_nothing(
+    home: Path, template: str, fragment: str
+) -> None:
+    added = lmstream("prompts", "add", "typo", template)
+    assert added.returncode == 2
+    assert fragment in added.stderr
+    assert "{{my_var}}" in added.stderr  # the allowed form
+    assert added.stderr.count("\n") == 1
+    assert "Traceback" not in added.stderr
+    assert lmstream("prompts", "list", "--json").stdout.strip() == "[]"

@@ -126,19 +126,27 @@ def test_import_from_a_missing_folder(store: PromptStore, tmp_path: Path) -> Non
     one_sentence(str(caught.value))
 
 
-def test_a_placeholder_that_is_no_name_is_named_by_file_and_line(
-    store: PromptStore, tmp_path: Path
+@pytest.mark.parametrize(
+    ("body", "line", "fragments"),
+    [
+        ("first line\nHello {{my name}}\n", 4, ("{{my name}}", "not a variable name")),
+        ("first line\nHello {{name\n", 4, ("{{name", "not closed")),
+    ],
+)
+def test_a_placeholder_typo_is_named_by_file_and_line(
+    store: PromptStore, tmp_path: Path, body: str, line: int, fragments: tuple[str, ...]
 ) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "p.toml").write_text(
-        'description = "d"\ntemplate = """\nfirst line\nHello {{my name}}\n"""\n', encoding="utf-8"
+        f'description = "d"\ntemplate = """\n{body}"""\n', encoding="utf-8"
     )
     with pytest.raises(PromptFileError) as caught:
         store.import_(folder)
-    assert caught.value.line == 4
-    assert "{{my name}}" in str(caught.value)
-    assert "at line 4" in str(caught.value)
+    assert caught.value.line == line
+    assert f"at line {line}" in str(caught.value)
+    for fragment in fragments:
+        assert fragment in str(caught.value)
     one_sentence(str(caught.value))
     assert store.list() == []
 

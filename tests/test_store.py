@@ -227,6 +227,9 @@ def test_save_refuses_bad_values_with_one_sentence(
     [
         ({"template": "Hi {{my name}}"}, "The template has the placeholder {{my name}}"),
         ({"system": "You are {{1x}}"}, "The system prompt has the placeholder {{1x}}"),
+        ({"template": "Hi {{name"}, "The template has a placeholder {{name at line 1, column 4"),
+        ({"template": "Hi {{name}"}, "The template has a placeholder {{name}"),
+        ({"system": "a\n{{ x\n}}"}, "The system prompt has a placeholder {{ x at line 2"),
     ],
 )
 def test_save_refuses_a_placeholder_that_is_no_name(
