@@ -51,6 +51,7 @@ from ._store import (
     RunRecord,
     RunStats,
     RunSummary,
+    SavedVersion,
 )
 from ._sync import SyncChatStream, SyncLMStudioClient
 from ._template import Prompt, Template
@@ -116,6 +117,7 @@ __all__ = [
     "RunResult",
     "RunStats",
     "RunSummary",
+    "SavedVersion",
     "ServerStreamError",
     "ServerUnreachable",
     "Stats",

@@ -277,8 +277,19 @@ class LMStreamMagics(Magics):
                 max_tokens=args.max_tokens,
             )
         variables = self._variables(prompt, given)
-        if args.save:
+        if args.save and args.prompt:
             prompt = self.store.save_prompt(prompt, args.save)
+        elif args.save:
+            # Options left off the line keep the saved prompt's settings (see _prompt_fields).
+            line_settings = {
+                "system": args.system,
+                "model": args.model,
+                "temperature": args.temperature,
+                "max_tokens": args.max_tokens,
+            }
+            kept: dict[str, Any] = {k: v for k, v in line_settings.items() if v is not None}
+            prompt = self.store.add(args.save, prompt.template, **kept).prompt
+            variables = self._variables(prompt, given)  # a kept system prompt may use more
         return self._start(prompt, variables, args)
 
     def _start(self, prompt: Prompt, variables: dict[str, Any], args: Any) -> Any:

@@ -10,14 +10,20 @@ point at the line of the offending key.
 
 from __future__ import annotations
 
+import enum
 import re
 import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
 from ._template import check_placeholders
 
 MAX_NAME_LENGTH = 200
+
+#: The settings of a prompt version besides its name and template, in the order they are shown.
+SETTINGS = ("system", "model", "temperature", "max_tokens", "description")
 
 
 class PromptFields(NamedTuple):
@@ -173,3 +179,60 @@ def kind(value: object) -> str:
     if value is None:
         return "None"
     return f"a {type(value).__name__}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A new version of a prompt
+
+
+class Keep(enum.Enum):
+    KEEP = "keep"
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+#: "Not given": a new version takes this setting over from the version it revises.
+KEEP = Keep.KEEP
+
+
+@dataclass(frozen=True)
+class Revision:
+    """The settings of a new version, and which of them were taken over or cleared."""
+
+    values: dict[str, object]
+    carried: tuple[str, ...]  # not given, so taken over from the version revised
+    dropped: tuple[str, ...]  # cleared (given as None) where the version revised had one
+
+
+def revise(base: Mapping[str, object] | None, given: Mapping[str, object]) -> Revision:
+    """The one rule for what a new version holds: a setting given wins (``None`` clears it), a
+    setting not given (absent or ``KEEP``) is the one of ``base``, the version being revised.
+
+    Every way of saving a version (``PromptStore.add`` and ``save``, ``lmstream prompts add``,
+    ``%%lmstream --save``, the runner's Save, import) goes through here, so a user who changes
+    only the template keeps the system prompt, model, temperature, max tokens and description.
+    """
+    values: dict[str, object] = {}
+    carried: list[str] = []
+    dropped: list[str] = []
+    for key in SETTINGS:
+        value = given.get(key, KEEP)
+        old = None if base is None else base.get(key)
+        if value is KEEP:
+            values[key] = old
+            if old is not None:
+                carried.append(key)
+        else:
+            values[key] = value
+            if value is None and old is not None:
+                dropped.append(key)
+    return Revision(values, tuple(carried), tuple(dropped))
+
+
+def describe_setting(key: str, value: object) -> str:
+    """A setting as a sentence names it: ``the system prompt``, ``temperature 0.2``."""
+    if key in ("system", "description"):
+        return "the system prompt" if key == "system" else "the description"
+    label = "max tokens" if key == "max_tokens" else key
+    return f"{label} {value}"

@@ -32,10 +32,9 @@ import tomli_w
 
 from ._errors import InvalidPlaceholder, PromptFileError
 from ._prompt_fields import FieldError, PromptFields, kind, validate_fields, validate_name
-from ._template import Prompt
 
 if TYPE_CHECKING:
-    from ._store import PromptStore
+    from ._store import PromptStore, SavedVersion
 
 # tomllib is in the standard library from Python 3.11; tomli is the same parser for 3.10.
 _tomllib: Any = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
@@ -163,7 +162,7 @@ def _write_in_place(file: Path, data: bytes) -> None:
 # Import
 
 
-def import_prompts(store: PromptStore, folder: str | os.PathLike[str]) -> list[Prompt]:
+def import_prompts(store: PromptStore, folder: str | os.PathLike[str]) -> list[SavedVersion]:
     """Store every ``*.toml`` prompt file in ``folder`` as a new version, all or nothing (see
     ``PromptStore.import_``)."""
     source = Path(folder)

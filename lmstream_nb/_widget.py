@@ -21,6 +21,7 @@ from ._client import LMStudioClient
 from ._config import Budgets, parse_seconds, resolve_base_url
 from ._errors import LMStreamError
 from ._outcome import ending
+from ._prompt_fields import describe_setting
 from ._run import RunResult, arun, default_store
 from ._store import PromptStore
 from ._template import Prompt, prompt_label
@@ -360,10 +361,15 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         if not self.editor.value.strip():
             self.save_message.value = _error_html("The template is empty: nothing was saved.")
             return None
-        from dataclasses import replace
-
-        saved = self.store.save_prompt(replace(prompt, template=self.editor.value))
-        self.save_message.value = f"Saved {html.escape(saved.label)}."
+        # The settings of the version being edited are kept (the one rule, _prompt_fields).
+        outcome = self.store.add(prompt.name, self.editor.value, base_version=prompt.version)
+        saved = outcome.prompt
+        if not outcome.created:
+            said = f"Unchanged: {saved.label} already holds this template; no version was added."
+        else:
+            kept = ", ".join(describe_setting(k, getattr(saved, k)) for k in outcome.carried)
+            said = f"Saved {saved.label}" + (f" (kept {kept})." if kept else ".")
+        self.save_message.value = html.escape(said)
         self.reload_prompts(select=saved.name)
         self.version_picker.value = saved.version
         return saved

@@ -25,8 +25,9 @@ from . import simulator
 from ._client import LMStudioClient
 from ._config import Budgets, seconds_argument
 from ._errors import LMStreamError, PromptNotFound, TemplateError
+from ._prompt_fields import KEEP, describe_setting
 from ._run import arun, default_store
-from ._store import GroupStats, PromptStore
+from ._store import GroupStats, PromptStore, SavedVersion
 from ._template import Prompt, prompt_label
 from ._terminal import TerminalSink, dim, format_stats, secs, table, when
 
@@ -88,6 +89,23 @@ _positive_number = _number(zero=False)
 _not_negative = _number(zero=True)
 
 
+def _cleared(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` for a setting of ``prompts add``: '' or none clears it (None)."""
+
+    def parse(text: str) -> Any:
+        if text.strip().lower() in ("", "none"):
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            noun = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {noun}: give one, or none to drop the setting."
+            ) from None
+
+    return parse
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (no usage block), with exit status 2."""
 
@@ -136,11 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_add.add_argument("name")
     p_add.add_argument("template", nargs="?", help="template text (or --file, or '-' for stdin)")
     p_add.add_argument("--file", "-f", type=Path, help="read the template from a file")
-    p_add.add_argument("--system", help="system prompt (may use {{KEY}} placeholders)")
-    p_add.add_argument("--model")
-    p_add.add_argument("--temperature", type=float)
-    p_add.add_argument("--max-tokens", type=int)
-    p_add.add_argument("--description")
+    # Each setting left out is kept from the latest version; '' (or none) drops it.
+    p_add.add_argument(
+        "--system", type=_cleared(str), default=KEEP, help="system prompt ({{KEY}} allowed)"
+    )
+    p_add.add_argument("--model", type=_cleared(str), default=KEEP)
+    p_add.add_argument("--temperature", type=_cleared(float), default=KEEP)
+    p_add.add_argument("--max-tokens", type=_cleared(int), default=KEEP)
+    p_add.add_argument("--description", type=_cleared(str), default=KEEP)
     p_list = psub.add_parser("list", help="list stored prompts (latest versions)")
     p_list.add_argument("--json", action="store_true")
     p_show = psub.add_parser("show", help="show one prompt")
@@ -716,7 +737,7 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             err.write("lmstream: give the template as an argument, with --file, or '-'.\n")
             return EXIT_USAGE
         try:
-            saved = store.save(
+            saved = store.add(
                 args.name,
                 template,
                 system=args.system,
@@ -728,8 +749,7 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         except (ValueError, TemplateError) as exc:
             err.write(f"lmstream: {exc}\n")
             return EXIT_USAGE
-        variables = ", ".join(saved.variables) or "none"
-        out.write(f"Saved {saved.label} (variables: {variables}).\n")
+        out.write(_saved_lines(saved))
     elif action == "list":
         prompts = store.list()
         if args.json:
@@ -791,12 +811,35 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         files = store.export(args.folder, force=args.force)
         out.write(f"Wrote {len(files)} prompt file(s) to {args.folder}.\n")
     elif action == "import":
-        imported = store.import_(args.folder)
-        out.write(
-            f"Imported {len(imported)} prompt(s): "
-            f"{', '.join(p.label for p in imported) or 'none'}.\n"
-        )
+        imported = store.import_versions(args.folder)
+        added = [s.prompt.label for s in imported if s.created]
+        same = [s.prompt.label for s in imported if not s.created]
+        out.write(f"Imported {len(added)} new version(s): {', '.join(added) or 'none'}.\n")
+        if same:
+            out.write(f"Unchanged (no new version): {', '.join(same)}.\n")
     return EXIT_OK
+
+
+def _saved_lines(saved: SavedVersion) -> str:
+    """What ``prompts add`` did: the version, then one line per setting kept or dropped."""
+    prompt, base = saved.prompt, saved.base
+    if not saved.created:
+        return (
+            f"Unchanged: {prompt.label} already holds this template and these settings, so no "
+            "version was added.\n"
+        )
+    lines = [f"Saved {prompt.label} (variables: {', '.join(prompt.variables) or 'none'}).\n"]
+    if base is not None:
+        for key in saved.carried:
+            flag = "--" + key.replace("_", "-")
+            drop = f"{flag} none" if key in ("temperature", "max_tokens") else f"{flag} ''"
+            lines.append(
+                f"Kept from {base.label}: {describe_setting(key, getattr(prompt, key))} "
+                f"({drop} drops it).\n"
+            )
+        for key in saved.dropped:
+            lines.append(f"Dropped: {describe_setting(key, getattr(base, key))} of {base.label}.\n")
+    return "".join(lines)
 
 
 def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

@@ -215,3 +215,43 @@ def test_prompts_add_reports_a_placeholder_typo_and_saves_nothing(
     assert added.stderr.count("\n") == 1
     assert "Traceback" not in added.stderr
     assert lmstream("prompts", "list", "--json").stdout.strip() == "[]"
+
+
+def test_prompts_add_keeps_unchanged_settings_and_says_so_one_line_each(home: Path) -> None:
+    first = lmstream(
+        "prompts", "add", "greet", "Hi {{name}}", "--system", "Be kind", "--temperature", "0.2"
+    )
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "Saved greet@1 (variables: name).\n"
+    second = lmstream("prompts", "add", "greet", "Hello {{name}}", "--temperature", "none")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.splitlines() == [
+        "Saved greet@2 (variables: name).",
+        "Kept from greet@1: the system prompt (--system '' drops it).",
+        "Dropped: temperature 0.2 of greet@1.",
+    ]
+    shown = json.loads(lmstream("prompts", "show", "greet", "--json").stdout)
+    assert (shown["system"], shown["temperature"]) == ("Be kind", None)
+    same = lmstream("prompts", "add", "greet", "Hello {{name}}")
+    assert same.returncode == 0, same.stderr
+    assert same.stdout.startswith("Unchanged: greet@2 already holds this template")
+    versions = json.loads(lmstream("prompts", "versions", "greet", "--json").stdout)
+    assert [v["version"] for v in versions] == [1, 2]
+
+
+def test_prompts_import_twice_says_unchanged_and_adds_no_version(
+    home: Path, tmp_path: Path
+) -> None:
+    library = tmp_path / "library"
+    library.mkdir()
+    (library / "a.toml").write_text('template = "A {{x}}"\nsystem = "S"\n', encoding="utf-8")
+    (library / "b.toml").write_text('template = "B"\n', encoding="utf-8")
+    first = lmstream("prompts", "import", str(library))
+    assert first.stdout == "Imported 2 new version(s): a@1, b@1.\n"
+    (library / "b.toml").write_text('template = "B, edited"\n', encoding="utf-8")
+    again = lmstream("prompts", "import", str(library))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines() == [
+        "Imported 1 new version(s): b@2.",
+        "Unchanged (no new version): a@1.",
+    ]

@@ -104,6 +104,24 @@ def test_save_then_run_stored_prompt_with_assignments(kernel: Kernel, home: Path
     assert line.status == "ok", line.error()
 
 
+def test_save_keeps_the_settings_left_off_the_line(kernel: Kernel, home: Path) -> None:
+    first = kernel.execute(
+        '%%lmstream --save keeper --system "Be brief." --temperature 0.3 --max-tokens 4\nHi'
+    )
+    assert first.status == "ok", first.error()
+    again = kernel.execute("%%lmstream --save keeper --max-tokens 4\nHello again")
+    assert again.status == "ok", again.error()
+    same = kernel.execute("%%lmstream --save keeper --max-tokens 4\nHello again")
+    assert same.status == "ok", same.error()
+    with PromptStore(home / "lmstream.db") as store:
+        versions = store.versions("keeper")
+        [last] = store.history(limit=1)
+        messages = store.get_run(last.id).messages
+    assert [p.version for p in versions] == [1, 2], "the same cell again adds no version"
+    assert (versions[1].system, versions[1].temperature) == ("Be brief.", 0.3)
+    assert messages[0] == {"role": "system", "content": "Be brief."}
+
+
 def test_output_option_assigns_and_returns_nothing(kernel: Kernel) -> None:
     cell = kernel.execute("%%lmstream -o answer --max-tokens 5\nHi")
     assert cell.status == "ok", cell.error()

@@ -66,6 +66,24 @@ def test_import_names_from_file_stem_and_adds_versions(store: PromptStore, tmp_p
     assert store.import_(tmp_path / "in" / "..") == []  # no *.toml there
 
 
+def test_importing_the_same_library_twice_adds_no_versions(
+    store: PromptStore, tmp_path: Path
+) -> None:
+    store.save("a", "A {{x}}", system="S", temperature=0.2)
+    store.save("b", "B", description="bee")
+    folder = tmp_path / "library"
+    store.export(folder)
+    again = store.import_versions(folder)
+    assert [(s.prompt.label, s.created) for s in again] == [("a@1", False), ("b@1", False)]
+    assert store.import_(folder) == [store.get("a"), store.get("b")]
+    (folder / "b.toml").write_text('template = "B changed"\n', encoding="utf-8")
+    changed = store.import_versions(folder)
+    assert [(s.prompt.label, s.created) for s in changed] == [("a@1", False), ("b@2", True)]
+    # A file says everything about its prompt: a key it leaves out is cleared, not kept.
+    assert changed[1].dropped == ("description",)
+    assert store.get("b").description is None
+
+
 BAD_FILES = [
     pytest.param('template = "a"\nmodel = = 3\n', 2, "not valid TOML", id="syntax"),
     pytest.param('template = """never closed\n\nstill open\n', 3, "not valid TOML", id="eof"),

@@ -173,8 +173,8 @@ def test_save_prompt_takes_name_from_argument_or_prompt(store: PromptStore) -> N
     assert (saved.name, saved.version, saved.template, saved.system) == ("given", 1, "T {{x}}", "S")
     assert saved.temperature == 1.0
     assert isinstance(saved.temperature, float)
-    again = store.save_prompt(saved)
-    assert (again.name, again.version) == ("given", 2)
+    again = store.save_prompt(saved)  # the same content: no new version
+    assert (again.name, again.version) == ("given", 1)
     with pytest.raises(ValueError, match="no name") as caught:
         store.save_prompt(prompt)
     one_sentence(str(caught.value))
@@ -220,6 +220,53 @@ def test_save_refuses_bad_values_with_one_sentence(
         store.save(**values)
     one_sentence(str(caught.value))
     assert store.list() == []
+
+
+def test_a_new_version_keeps_the_settings_not_given_and_clears_those_given_as_none(
+    store: PromptStore,
+) -> None:
+    first = store.add(
+        "p", "v1", system="S", model="m", temperature=0.3, max_tokens=50, description="d"
+    )
+    assert (first.created, first.carried, first.dropped, first.base) == (True, (), (), None)
+    second = store.add("p", "v2 {{x}}", temperature=0.7, description=None)
+    assert second.created
+    assert second.carried == ("system", "model", "max_tokens")
+    assert second.dropped == ("description",)
+    assert second.base == first.prompt
+    kept = second.prompt
+    assert (kept.version, kept.template, kept.system, kept.model) == (2, "v2 {{x}}", "S", "m")
+    assert (kept.temperature, kept.max_tokens, kept.description) == (0.7, 50, None)
+    assert store.get("p") == kept
+    # save() and save_prompt() follow the same rule: save() keeps, a whole Prompt is exact.
+    assert store.save("p", "v3").system == "S"
+    assert store.save_prompt(Prompt(template="v4"), name="p").system is None
+
+
+def test_a_version_can_revise_an_older_version(store: PromptStore) -> None:
+    store.save("p", "one", system="old system")
+    store.save("p", "two", system="new system")
+    saved = store.add("p", "three", base_version=1)
+    assert (saved.prompt.version, saved.prompt.system) == (3, "old system")
+    assert saved.base is not None
+    assert saved.base.version == 1
+    with pytest.raises(PromptNotFound, match="has no version 9"):
+        store.add("p", "four", base_version=9)
+
+
+def test_saving_what_the_latest_version_holds_adds_no_version(store: PromptStore) -> None:
+    store.save("p", "text {{x}}", system="S", temperature=0.5)
+    store.save("p", "other")
+    back = store.add("p", "text {{x}}", temperature=0.5)  # the system is kept: as version 1
+    assert back.created
+    assert back.prompt.version == 3
+    same = store.add("p", "text {{x}}")
+    assert not same.created
+    assert same.prompt == back.prompt
+    assert store.save("p", "text {{x}}", system="S", temperature=0.5).version == 3
+    assert [v.version for v in store.versions("p")] == [1, 2, 3]
+    store.delete("p")  # a deleted prompt saved again is a new version, even with that text
+    assert store.add("p", "text {{x}}").prompt.version == 4
 
 
 @pytest.mark.parametrize(
@@ -784,7 +831,7 @@ path = sys.argv[1]
 print("ready", flush=True)
 sys.stdin.readline()  # the start signal (or end of input if the test gave up)
 with PromptStore(path) as store:
-    store.save("shared", "t")
+    store.save("shared", f"t from {os.getpid()}")  # each a change, so each a version
 """
 
 

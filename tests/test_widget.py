@@ -167,6 +167,24 @@ async def test_save_as_new_version(sim: simulator.SimServer, store: PromptStore)
     assert list(runner._var_inputs) == ["topic", "place"]
 
 
+async def test_save_keeps_the_settings_of_the_version_edited(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    store.save("haiku", "A haiku about {{topic}}.", system="Be terse.", temperature=0.4)
+    runner = await ready(sim.base_url, store)
+    runner.prompt_picker.value = "haiku"
+    runner.editor.value = "Two haiku about {{topic}}."
+    saved = runner.save_version()
+    assert saved is not None
+    assert (saved.version, saved.system, saved.temperature) == (3, "Be terse.", 0.4)
+    assert "kept the system prompt, temperature 0.4" in runner.save_message.value
+    again = runner.save_version()
+    assert again is not None
+    assert again.version == 3
+    assert runner.save_message.value.startswith("Unchanged: haiku@3 already holds")
+    assert [p.version for p in store.versions("haiku")] == [1, 2, 3]
+
+
 async def test_two_runners_are_independent(sim: simulator.SimServer, store: PromptStore) -> None:
     first, second = await ready(sim.base_url, store), await ready(sim.base_url, store)
     second.prompt_picker.value = "summary"
