@@ -27,9 +27,10 @@ from IPython.display import display
 from . import simulator
 from ._client import LMStudioClient
 from ._config import Budgets, parse_seconds, redact_url, resolve_base_url, seconds_argument
-from ._errors import LMStreamError
+from ._errors import LMStreamError, render
 from ._loop import shared_loop
 from ._outcome import ending
+from ._prompt_fields import check_max_tokens, check_temperature
 from ._run import RunResult, arun, default_store
 from ._store import PromptStore
 from ._template import Prompt, prompt_label
@@ -252,9 +253,13 @@ class LMStreamMagics(Magics):
         except ValueError as exc:
             raise UsageError(f"Could not read the options ({exc}): check the quotes.") from None
         args = self.lmstream.parser.parse_args(words)
-        if cell is None:
-            return self._line(args, line)
-        return self._cell(args, cell)
+        try:
+            if cell is None:
+                return self._line(args, line)
+            return self._cell(args, cell)
+        except LMStreamError as exc:
+            exc.interface = "magic"  # its sentence names the magic's options (render)
+            raise
 
     def _cell(self, args: Any, cell: str) -> Any:
         if args.words:
@@ -293,6 +298,8 @@ class LMStreamMagics(Magics):
         return self._start(prompt, variables, args)
 
     def _start(self, prompt: Prompt, variables: dict[str, Any], args: Any) -> Any:
+        check_temperature(args.temperature)  # the ranges every front end keeps, checked
+        check_max_tokens(args.max_tokens)  # before a view is shown
         conf = self.config_
         fmt = args.format or conf.format
         budgets = conf.budgets(args.first_token_timeout, args.idle_timeout)
@@ -302,6 +309,7 @@ class LMStreamMagics(Magics):
             "temperature": args.temperature,
             "max_tokens": args.max_tokens,
             "budgets": budgets,
+            "interface": "magic",
         }
         if not self._in_kernel():
             return self._run_terminal(prompt, variables, base_url, kwargs, args)
@@ -517,7 +525,7 @@ class LMStreamMagics(Magics):
                 try:
                     conf.base_url = resolve_base_url(value) if value else None
                 except LMStreamError as exc:
-                    raise UsageError(str(exc)) from None
+                    raise UsageError(render(exc, "magic")) from None
             elif key == "model":
                 conf.model = value or None
             elif key in ("first_token_timeout", "idle_timeout"):

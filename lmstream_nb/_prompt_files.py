@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
-from ._errors import InvalidPlaceholder, PromptFileError
+from ._errors import InvalidPlaceholder, InvalidSetting, PromptFileError
 from ._prompt_fields import FieldError, PromptFields, kind, validate_fields, validate_name
 
 if TYPE_CHECKING:
@@ -284,6 +284,11 @@ def _parse_file(file: Path) -> tuple[str, PromptFields]:
             f"has a placeholder in {key!r} that {problem} ({exc.placeholder})",
             _text_line(text, exc.placeholder.rstrip("…"), after_line=_key_line(text, key)),
             f"{fix} (or write \\{{{{ for a literal {{{{)",
+        ) from exc
+    except InvalidSetting as exc:
+        raise _FileProblem(
+            f"has a bad {exc.setting!r} ({exc.value!r} is not {exc.rule})",
+            _key_line(text, exc.setting),
         ) from exc
     except FieldError as exc:
         line = _key_line(text, exc.key) if exc.key in document else 1

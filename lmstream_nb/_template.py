@@ -19,7 +19,9 @@ The rules, which the README repeats:
 * Values are inserted as they are and never read again, so a value that itself contains
   ``{{x}}`` stays as typed, and nothing in a template or value can run code or read files.
   A value must be text, a number or a boolean (``str(value)`` is inserted); ``None``, dicts,
-  lists, bytes and other objects are refused, as ``lmstream serve`` refuses them.
+  lists, bytes and other objects are refused, as ``lmstream serve`` refuses them. An empty
+  value is a value, in every front end alike: it is inserted as nothing (an optional part
+  of a prompt, a blank cell in a batch file); only a value that is missing is refused.
 
 A template is parsed once into literal pieces and names, so rendering is one join, linear in
 the length of the text and in the number of placeholders.

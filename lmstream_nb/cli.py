@@ -24,7 +24,7 @@ from typing import Any, NoReturn, TextIO
 from . import simulator
 from ._client import LMStudioClient
 from ._config import Budgets, seconds_argument
-from ._errors import LMStreamError, PromptNotFound, TemplateError
+from ._errors import InvalidSetting, LMStreamError, PromptNotFound, TemplateError, render
 from ._prompt_fields import KEEP, describe_setting
 from ._run import arun, default_store
 from ._store import GroupStats, PromptStore, SavedVersion
@@ -401,7 +401,7 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         prompt.render(values)  # refuse missing or unknown variables before anything is sent
     except TemplateError as exc:
-        err.write(f"lmstream: {exc}\n")
+        err.write(f"lmstream: {render(exc, 'cli')}\n")
         return EXIT_USAGE
     sink = TerminalSink(out, err, as_json=args.json)
     async with LMStudioClient(args.base_url, budgets=_budgets(args)) as client:
@@ -417,6 +417,7 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 max_tokens=args.max_tokens,
                 budgets=_budgets(args),
                 raise_errors=False,
+                interface="cli",
             )
         finally:
             sink.close()
@@ -501,6 +502,7 @@ async def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             resume=args.resume,
             batch_id=batch_id,
             max_tokens=args.max_tokens,
+            interface="cli",
         )
     except (KeyboardInterrupt, asyncio.CancelledError):
         err.write(
@@ -747,7 +749,7 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 description=args.description,
             )
         except (ValueError, TemplateError) as exc:
-            err.write(f"lmstream: {exc}\n")
+            err.write(f"lmstream: {render(exc, 'cli')}\n")
             return EXIT_USAGE
         out.write(_saved_lines(saved))
     elif action == "list":
@@ -956,8 +958,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         return asyncio.run(commands[args.command](args, out, err))
     except LMStreamError as exc:
-        err.write(f"lmstream: {exc}\n")
-        return EXIT_FAILED
+        err.write(f"lmstream: {render(exc, 'cli')}\n")
+        # A bad value in the command itself is a usage error; nothing was sent.
+        return EXIT_USAGE if isinstance(exc, (TemplateError, InvalidSetting)) else EXIT_FAILED
     except KeyboardInterrupt:
         out.flush()
         err.write(

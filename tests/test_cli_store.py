@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmstream_nb import PromptStore, simulator
+from lmstream_nb._prompt_fields import RULES
 
 
 @pytest.fixture
@@ -255,3 +257,84 @@ def test_prompts_import_twice_says_unchanged_and_adds_no_version(
         "Imported 1 new version(s): b@2.",
         "Unchanged (no new version): a@1.",
     ]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "shown", "setting"),
+    [
+        ("--temperature", "5", "5.0", "temperature"),
+        ("--temperature", "-1", "-1.0", "temperature"),
+        ("--max-tokens", "0", "0", "max_tokens"),
+        ("--max-tokens", "-2", "-2", "max_tokens"),
+    ],
+)
+def test_run_and_batch_refuse_settings_out_of_range_like_every_front_end(
+    home: Path,
+    tmp_path: Path,
+    sim: simulator.SimServer,
+    option: str,
+    value: str,
+    shown: str,
+    setting: str,
+) -> None:
+    expected = (
+        f"lmstream: {option} {shown} is not {RULES[setting]}: give {option} one, or leave it "
+        "out for the prompt's own.\n"
+    )
+    ran = lmstream("run", "Say {{x}}", "--var", "x=hi", option, value, "--base-url", sim.base_url)
+    assert (ran.returncode, ran.stderr) == (2, expected)
+    lmstream("prompts", "add", "say", "Say {{x}}")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"x": "hi"}\n', encoding="utf-8")
+    if option == "--max-tokens":  # batch has no --temperature
+        batch = lmstream("batch", "say", str(rows), option, value, "--base-url", sim.base_url)
+        assert (batch.returncode, batch.stderr) == (2, expected)
+    assert json.loads(lmstream("history", "--json").stdout) == [], "nothing was sent"
+
+
+def test_an_empty_value_is_sent_as_typed_and_no_limit_is_minus_one(
+    home: Path, sim: simulator.SimServer
+) -> None:
+    ran = lmstream(
+        "run", "Say {{x}}!", "--var", "x=", "--max-tokens", "-1", "--base-url", sim.base_url
+    )
+    assert ran.returncode == 0, ran.stderr
+    [run] = json.loads(lmstream("history", "--json").stdout)
+    record = json.loads(lmstream("history", "--run", str(run["id"]), "--json").stdout)
+    assert record["messages"] == [{"role": "user", "content": "Say !"}]
+
+
+def test_advice_names_the_command_line_options(home: Path, sim: simulator.SimServer) -> None:
+    missing = lmstream("run", "Say {{x}} to {{y}}", "--base-url", sim.base_url)
+    assert missing.returncode == 2
+    assert "add --var x=... --var y=... and run again." in missing.stderr
+    stalled = lmstream(
+        "run",
+        'Tell me a story. [[sim {"stall_at": 3, "stall_s": 30}]]',
+        "--idle-timeout",
+        "0.5",
+        "--base-url",
+        sim.base_url,
+    )
+    assert stalled.returncode == 1
+    assert "kept above and in `lmstream history`; raise --idle-timeout" in stalled.stderr
+    assert "partial_text" not in stalled.stderr
+    assert "idle_timeout" not in stalled.stderr
+    [run] = json.loads(lmstream("history", "--status", "stalled", "--json").stdout)
+    assert "raise --idle-timeout" in run["error"], "recorded in the words it was shown in"
+
+
+def test_unreachable_server_advice_names_where_the_url_came_from(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    given = lmstream("models", "--base-url", dead)
+    assert given.returncode == 1
+    assert "or give --base-url where it listens." in given.stderr
+    monkeypatch.setenv("LMSTREAM_BASE_URL", dead)
+    from_env = lmstream("models")
+    assert "or fix the environment variable LMSTREAM_BASE_URL, which gave this address" in (
+        from_env.stderr
+    )

@@ -32,7 +32,15 @@ from starlette.types import Receive, Scope, Send
 
 from .._client import LMStudioClient
 from .._config import Budgets
-from .._errors import LMStreamError, PromptNotFound, RunNotFound, StoreError, TemplateError
+from .._errors import (
+    InvalidSetting,
+    LMStreamError,
+    PromptNotFound,
+    RunNotFound,
+    StoreError,
+    TemplateError,
+    render,
+)
 from .._run import default_store
 from .._store import PromptStore
 from .._template import Prompt, variable_text
@@ -210,11 +218,12 @@ def _lmstream_error(exc: LMStreamError) -> Response:
         return error_response(
             404, f"No run has id {exc.run_id}: see GET /api/runs for the runs there are."
         )
-    if isinstance(exc, TemplateError):
-        return error_response(422, str(exc))
+    said = render(exc, "relay")
+    if isinstance(exc, (TemplateError, InvalidSetting)):
+        return error_response(422, said)
     if isinstance(exc, StoreError):
-        return error_response(503, str(exc))  # the database, not the request, is at fault
-    return error_response(502, str(exc))  # the model server refused or could not be reached
+        return error_response(503, said)  # the database, not the request, is at fault
+    return error_response(502, said)  # the model server refused or could not be reached
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
