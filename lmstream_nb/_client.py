@@ -205,8 +205,8 @@ def _classify(
         or (status == 404 and "model" in low)
     ):
         return ModelNotFound(
-            f"The model {model!r} is not available at {url} ({said}): pick one listed by "
-            "`lmstream models` (or load it in LM Studio) and run again.",
+            f"The model {model!r} is not available at {url} ({said}): {term('models')} (or "
+            "load it in LM Studio) and run again.",
             url=url,
             status=status,
             server_message=message,

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from urllib.parse import quote
 
 #: The interfaces an error sentence can be worded for (see :func:`render`).
 INTERFACES = ("python", "cli", "magic", "runner", "relay")
@@ -145,10 +146,15 @@ def _url(argument: str, environment: str, default: str) -> Callable[[str], str]:
 _ENV = "the environment variable LMSTREAM_BASE_URL"
 
 _CLI: dict[str, Callable[[str], str]] = {
+    "db": lambda path: f" in {path}",
+    "names": lambda _: "see `lmstream prompts list` for the names there are",
+    "versions": lambda n: f"see `lmstream prompts versions {n}` for the versions it has",
+    "runs": lambda _: "see `lmstream history` for the ids there are",
+    "models": lambda _: "pick one listed by `lmstream models`",
     "raise": lambda s: f"raise {_FLAGS[s]}",
     "kept": _kept("above and in `lmstream history`"),
     "given": _given(lambda s, v: f"{_FLAGS[s]} {v}"),
-    "set": lambda s: f"give {_FLAGS[s]} one, or leave it out for the prompt's own",
+    "set": lambda s: f"give {_FLAGS[s]} such a value, or leave it out for the prompt's own",
     "url": _url(
         "or give --base-url where it listens",
         f"or fix {_ENV}, which gave this address (or give --base-url)",
@@ -160,10 +166,15 @@ _CLI: dict[str, Callable[[str], str]] = {
 
 _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
     "python": {
+        "db": lambda path: f" in {path}",
+        "names": lambda _: "see PromptStore().list() for the names there are",
+        "versions": lambda n: f"see PromptStore().versions({n!r}) for the versions it has",
+        "runs": lambda _: "see lmstream_nb.history() for the ids there are",
+        "models": lambda _: "pick one listed by SyncLMStudioClient().list_models()",
         "raise": lambda s: f"raise {s}",
         "kept": _kept("in .partial_text"),
         "given": _given(lambda s, v: f"{s}={v}"),
-        "set": lambda s: f"pass {s}= with one",
+        "set": lambda s: f"pass {s}= such a value",
         "url": _url(
             "or pass base_url= to where it listens",
             "or set LMSTREAM_BASE_URL (which gave this address) to where it listens",
@@ -176,6 +187,10 @@ _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
     # The magic takes the command line's options, and has its session settings besides.
     "magic": {
         **_CLI,
+        "names": lambda _: "see %lmstream prompts for the names there are",
+        "versions": lambda n: f"see %lmstream ui (its Version list) for the versions {n} has",
+        "runs": lambda _: "see %lmstream history for the ids there are",
+        "models": lambda _: "pick one listed by %lmstream models",
         "raise": lambda s: f"raise {_FLAGS[s]} (or %lmstream config {s}=...)",
         "kept": _kept("in the cell's output"),
         "url": _url(
@@ -190,10 +205,17 @@ _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
         ),
     },
     "runner": {
+        "db": lambda path: f" in {path}",
+        "names": lambda _: "pick one from the Prompt list",
+        "versions": lambda _: "pick one from the Version list",
+        "runs": lambda _: "pick one from the History list",
+        "models": lambda _: "pick one from the Model list (Refresh models)",
         "raise": lambda s: f"raise {_FIELDS[s]}",
         "kept": _kept("below"),
         "given": _given(lambda s, v: f"{_FIELDS[s]} {v}"),
-        "set": lambda s: f"type one in {_FIELDS[s]}, or leave it empty for the prompt's own",
+        "set": lambda s: (
+            f"type such a value in {_FIELDS[s]}, or leave it empty for the prompt's own"
+        ),
         "url": _url(
             "or run %lmstream config base_url=... with where it listens and open a new runner",
             f"or fix {_ENV}, which gave this address, and open a new runner",
@@ -203,10 +225,15 @@ _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
         "extra": lambda _: "fix the variable's name",
     },
     "relay": {
-        "raise": lambda s: f"start the relay with a larger {s} (Budgets) if the server is slow",
+        "db": lambda _: "",  # a web client is never told where the server keeps its files
+        "names": lambda _: "see GET /api/prompts for the names there are",
+        "versions": lambda n: f"see GET /api/prompts/{quote(n, safe='')} for the versions it has",
+        "runs": lambda _: "see GET /api/runs for the runs there are",
+        "models": lambda _: "pick one listed by GET /api/models",
+        "raise": lambda s: f"start the relay with a larger {s} (its Budgets)",
         "kept": _kept("in the run (GET /api/runs/ID)"),
         "given": _given(lambda s, v: f'"{s}": {v}'),
-        "set": lambda s: f'send "{s}" as one, or leave it out for the prompt\'s own',
+        "set": lambda s: f'send "{s}" as such a value, or leave it out for the prompt\'s own',
         "url": _url(
             "or restart lmstream serve with --base-url where it listens",
             f"or fix {_ENV} where lmstream serve runs, which gave this address",
@@ -363,13 +390,13 @@ class PromptNotFound(StoreError):
         self.suggestions = tuple(suggestions)
         if version is not None:
             what = f"The prompt {name!r} has no version {version}"
-            fix = f"see `lmstream prompts versions {name}` for the versions it has."
+            fix = term("versions", name) + "."
         else:
-            what = f"No prompt is named {name!r} in {path}"
+            what = f"No prompt is named {name!r}{term('db', path)}"
             if self.suggestions:
                 fix = "did you mean " + " or ".join(repr(s) for s in self.suggestions) + "?"
             else:
-                fix = "see `lmstream prompts list` for the names there are."
+                fix = term("names") + "."
         super().__init__(f"{what}: {fix}", path=path)
 
 
@@ -378,8 +405,7 @@ class RunNotFound(StoreError):
 
     def __init__(self, run_id: int, *, path: str) -> None:
         super().__init__(
-            f"No run with id {run_id} is recorded in {path}: see `lmstream history` for the "
-            "ids there are.",
+            f"No run with id {run_id} is recorded{term('db', path)}: {term('runs')}.",
             path=path,
         )
         self.run_id = run_id

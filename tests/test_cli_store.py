@@ -278,8 +278,8 @@ def test_run_and_batch_refuse_settings_out_of_range_like_every_front_end(
     setting: str,
 ) -> None:
     expected = (
-        f"lmstream: {option} {shown} is not {RULES[setting]}: give {option} one, or leave it "
-        "out for the prompt's own.\n"
+        f"lmstream: {option} {shown} is not {RULES[setting]}: give {option} such a value, "
+        "or leave it out for the prompt's own.\n"
     )
     ran = lmstream("run", "Say {{x}}", "--var", "x=hi", option, value, "--base-url", sim.base_url)
     assert (ran.returncode, ran.stderr) == (2, expected)

@@ -489,7 +489,7 @@ def test_settings_out_of_range_are_refused_before_anything_is_recorded(
     with pytest.raises(InvalidSetting) as caught:
         run(Prompt("Say {{x}}"), {"x": "hi"}, store=store, base_url=sim.base_url, **kwargs)
     assert str(caught.value).startswith(shown)
-    assert str(caught.value).endswith("= with one.")  # the keyword argument to fix
+    assert str(caught.value).endswith("= such a value.")  # the keyword argument to fix
     with pytest.raises(InvalidSetting):  # a batch refuses it once, before any row
         run_many(
             Prompt("Say {{x}}"),

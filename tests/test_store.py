@@ -38,6 +38,7 @@ from lmstream_nb._errors import (
     RunNotFound,
     StoreError,
     StoreUnavailable,
+    render,
 )
 from lmstream_nb._migrations import APPLICATION_ID, LATEST_VERSION
 from lmstream_nb._owners import current_owner
@@ -318,7 +319,9 @@ def test_prompt_not_found_suggests_close_names(store: PromptStore) -> None:
     with pytest.raises(PromptNotFound) as caught:
         store.versions("zzz")
     assert caught.value.suggestions == ()
-    assert "lmstream prompts list" in str(caught.value)
+    assert "see PromptStore().list() for the names there are" in str(caught.value)
+    assert "see `lmstream prompts list` for the names" in render(caught.value, "cli")
+    assert "see %lmstream prompts for the names" in render(caught.value, "magic")
 
 
 # ---------------------------------------------------------------------------------------------

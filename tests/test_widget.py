@@ -137,7 +137,7 @@ async def test_settings_follow_the_rules_every_front_end_keeps(
     runner.max_tokens.value = "0"
     assert runner.run() is None
     shown = html.unescape(runner.temperature_error.value)
-    assert f"Temperature 5 is not {RULES['temperature']}: type one in Temperature" in shown
+    assert f"Temperature 5 is not {RULES['temperature']}: type such a value in Temperature" in shown
     shown = html.unescape(runner.max_tokens_error.value)
     assert f"Max tokens 0 is not {RULES['max_tokens']}" in shown
     assert len(store.history()) == 0, "nothing was sent"
@@ -162,6 +162,7 @@ async def test_unreachable_server_is_said_in_the_widget_and_runner_recovers(
     runner = PromptRunner(store, dead)
     await asyncio.wait_for(runner.models_task, 10)
     assert "Cannot connect" in runner.model_message.value
+    assert "%lmstream config base_url=... with where it listens" in runner.model_message.value
     runner.set_variable("topic", "x")
     runner.model_picker.options = [MODEL]
     failed = runner.run()

@@ -19,7 +19,6 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import asdict
 from typing import Any, cast
-from urllib.parse import quote
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -200,25 +199,9 @@ class _Api:
 def _lmstream_error(exc: LMStreamError) -> Response:
     """The status for one of our errors, and its sentence in the API's terms: a web client is
     told where to look in the API, never the path of the server's database."""
-    if isinstance(exc, PromptNotFound) and exc.version is None:
-        # The store's sentence names its file; a web client gets the API's own way to look.
-        fix = (
-            "did you mean " + " or ".join(repr(s) for s in exc.suggestions) + "?"
-            if exc.suggestions
-            else "see GET /api/prompts for the names there are."
-        )
-        return error_response(404, f"No prompt is named {exc.name!r}: {fix}")
-    if isinstance(exc, PromptNotFound):
-        return error_response(
-            404,
-            f"The prompt {exc.name!r} has no version {exc.version}: see GET "
-            f"/api/prompts/{quote(exc.name, safe='')} for the versions it has.",
-        )
-    if isinstance(exc, RunNotFound):
-        return error_response(
-            404, f"No run has id {exc.run_id}: see GET /api/runs for the runs there are."
-        )
-    said = render(exc, "relay")
+    said = render(exc, "relay")  # the API's own ways to look, never the database's path
+    if isinstance(exc, (PromptNotFound, RunNotFound)):
+        return error_response(404, said)
     if isinstance(exc, (TemplateError, InvalidSetting)):
         return error_response(422, said)
     if isinstance(exc, StoreError):

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from serve_helpers import TIMEOUT, read_events, service, text_of
 
-from lmstream_nb import PromptStore, run, simulator
+from lmstream_nb import Budgets, PromptStore, run, simulator
 from lmstream_nb._errors import MissingVariables, UnknownVariables, render
 from lmstream_nb._prompt_fields import RULES
 from lmstream_nb.cli import main
@@ -148,8 +148,8 @@ def test_settings_out_of_range_are_refused_with_the_rule_every_front_end_uses(
     response = client.post("/api/prompts/greet/runs", json=body)
     assert response.status_code == 400
     assert response.json()["error"] == (
-        f'"{setting}": {value!r} is not {RULES[setting]}: send "{setting}" as one, or leave it '
-        "out for the prompt's own."
+        f'"{setting}": {value!r} is not {RULES[setting]}: send "{setting}" as such a value, '
+        "or leave it out for the prompt's own."
     )
     assert client.get("/api/runs").json()["runs"] == []
 
@@ -163,6 +163,27 @@ def test_an_empty_value_and_no_token_limit_are_accepted_as_everywhere(
     read_events(client, response.json()["events_url"])
     run = client.get(response.json()["url"]).json()
     assert run["messages"][-1]["content"] == "Say hello to  in Welsh, briefly."
+
+
+def test_a_failed_run_says_what_to_do_in_the_relay_s_words(store_path: Path) -> None:
+    stall = simulator.Scenario(stall_at=3, stall_s=30)
+    with (
+        simulator.serve(profile="test-fast", defaults=stall) as stalling,
+        service(store_path, stalling.base_url, budgets=Budgets(idle=0.5)) as server,
+        httpx.Client(base_url=server.url, timeout=TIMEOUT) as client,
+    ):
+        response = client.post("/api/prompts/plain/runs", json={})
+        assert response.status_code == 201, response.text
+        events, _ = read_events(client, response.json()["events_url"])
+        run = client.get(response.json()["url"]).json()
+    [error] = [e.json() for e in events if e.event == "error"]
+    assert error["status"] == "stalled"
+    assert (
+        "are kept in the run (GET /api/runs/ID); start the relay with a larger"
+        in (error["message"])
+    )
+    assert "partial_text" not in error["message"]
+    assert run["error"] == error["message"], "recorded in the words it was sent in"
 
 
 def test_numbers_and_booleans_become_the_same_text_as_in_python(
