@@ -185,8 +185,8 @@ def _classify(
     said = _quote(message)
     if status in (401, 403) or code == "invalid_api_key":
         return AuthenticationError(
-            f"The server at {url} refused the request (HTTP {status}: {said}): set "
-            "LMSTREAM_API_KEY, or pass api_key=, to the server's API token and run again.",
+            f"The server at {url} refused the request (HTTP {status}: {said}): "
+            f"{term('key')} and run again.",
             url=url,
             status=status,
             server_message=message,

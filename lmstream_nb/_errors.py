@@ -99,6 +99,24 @@ def _word(template: str, interface: str) -> str:
     return _TERM.sub(lambda m: words[m.group(1)](m.group(2)), template)
 
 
+#: The kinds of term a message may hold; every interface words each one (a test checks).
+TERM_KINDS = (
+    "raise",
+    "kept",
+    "given",
+    "set",
+    "url",
+    "values",
+    "extra",
+    "db",
+    "names",
+    "versions",
+    "runs",
+    "models",
+    "key",
+)
+
+
 # -- the vocabulary ----------------------------------------------------------------------------
 # Each entry words one kind of term for one interface; the argument is the term's fact.
 
@@ -146,6 +164,7 @@ def _url(argument: str, environment: str, default: str) -> Callable[[str], str]:
 _ENV = "the environment variable LMSTREAM_BASE_URL"
 
 _CLI: dict[str, Callable[[str], str]] = {
+    "key": lambda _: "set the environment variable LMSTREAM_API_KEY to the server's API token",
     "db": lambda path: f" in {path}",
     "names": lambda _: "see `lmstream prompts list` for the names there are",
     "versions": lambda n: f"see `lmstream prompts versions {n}` for the versions it has",
@@ -166,6 +185,7 @@ _CLI: dict[str, Callable[[str], str]] = {
 
 _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
     "python": {
+        "key": lambda _: "set LMSTREAM_API_KEY, or pass api_key=, to the server's API token",
         "db": lambda path: f" in {path}",
         "names": lambda _: "see PromptStore().list() for the names there are",
         "versions": lambda n: f"see PromptStore().versions({n!r}) for the versions it has",
@@ -205,6 +225,10 @@ _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
         ),
     },
     "runner": {
+        "key": lambda _: (
+            "set the environment variable LMSTREAM_API_KEY to the server's API token before "
+            "the kernel starts"
+        ),
         "db": lambda path: f" in {path}",
         "names": lambda _: "pick one from the Prompt list",
         "versions": lambda _: "pick one from the Version list",
@@ -225,6 +249,7 @@ _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
         "extra": lambda _: "fix the variable's name",
     },
     "relay": {
+        "key": lambda _: "set LMSTREAM_API_KEY to the server's API token where lmstream serve runs",
         "db": lambda _: "",  # a web client is never told where the server keeps its files
         "names": lambda _: "see GET /api/prompts for the names there are",
         "versions": lambda n: f"see GET /api/prompts/{quote(n, safe='')} for the versions it has",
