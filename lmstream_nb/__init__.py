@@ -14,6 +14,7 @@ if _typing.TYPE_CHECKING:
         HTTPStatusError,
         InvalidBaseURL,
         InvalidPlaceholder,
+        InvalidSetting,
         InvalidVariables,
         LMStreamError,
         MissingVariables,
@@ -47,7 +48,15 @@ if _typing.TYPE_CHECKING:
         TextDelta,
     )
     from ._run import RunResult, arun, history, run, stats
-    from ._store import GroupStats, History, PromptStore, RunRecord, RunStats, RunSummary
+    from ._store import (
+        GroupStats,
+        History,
+        PromptStore,
+        RunRecord,
+        RunStats,
+        RunSummary,
+        SavedVersion,
+    )
     from ._sync import SyncChatStream, SyncLMStudioClient
     from ._template import Prompt, Template
     from ._widget import PromptRunner
@@ -67,6 +76,7 @@ _HOMES: dict[str, tuple[str, ...]] = {
         "HTTPStatusError",
         "InvalidBaseURL",
         "InvalidPlaceholder",
+        "InvalidSetting",
         "InvalidVariables",
         "LMStreamError",
         "MissingVariables",
@@ -100,7 +110,15 @@ _HOMES: dict[str, tuple[str, ...]] = {
         "TextDelta",
     ),
     "_run": ("RunResult", "arun", "history", "run", "stats"),
-    "_store": ("GroupStats", "History", "PromptStore", "RunRecord", "RunStats", "RunSummary"),
+    "_store": (
+        "GroupStats",
+        "History",
+        "PromptStore",
+        "RunRecord",
+        "RunStats",
+        "RunSummary",
+        "SavedVersion",
+    ),
     "_sync": ("SyncChatStream", "SyncLMStudioClient"),
     "_template": ("Prompt", "Template"),
     "_widget": ("PromptRunner",),
@@ -152,6 +170,7 @@ __all__ = [
     "History",
     "InvalidBaseURL",
     "InvalidPlaceholder",
+    "InvalidSetting",
     "InvalidVariables",
     "LMStreamError",
     "LMStudioClient",
@@ -175,6 +194,7 @@ __all__ = [
     "RunResult",
     "RunStats",
     "RunSummary",
+    "SavedVersion",
     "ServerStreamError",
     "ServerUnreachable",
     "Stats",

@@ -24,9 +24,10 @@ from typing import Any
 
 from ._client import LMStudioClient
 from ._config import Budgets, Retries
-from ._errors import LMStreamError, TemplateError, rerun_could_help
+from ._errors import LMStreamError, TemplateError, render, rerun_could_help
 from ._events import Stats
 from ._loop import shared_loop
+from ._prompt_fields import check_max_tokens, check_temperature
 from ._run import RunResult, arun, default_store, status_of
 from ._store import PromptStore
 from ._template import Prompt
@@ -213,6 +214,14 @@ async def arun_many(
     store = store or default_store()
     if isinstance(prompt, str):
         prompt = await asyncio.to_thread(store.get, prompt)
+    # A setting out of range would fail every row alike: refused once, before any row runs.
+    temperature, max_tokens = extra.get("temperature"), extra.get("max_tokens")
+    try:
+        check_temperature(temperature if temperature is not None else prompt.temperature)
+        check_max_tokens(max_tokens if max_tokens is not None else prompt.max_tokens)
+    except LMStreamError as exc:
+        exc.interface = extra.get("interface", "python")
+        raise
     records, frame = _rows(rows)
     batch_id = resume or batch_id or new_batch_id()
     results: list[RunResult | None] = [None] * len(records)
@@ -237,6 +246,7 @@ async def arun_many(
         try:
             prompt.render(variables, allow_extra=True)
         except TemplateError as exc:
+            exc.interface = extra.get("interface", "python")
             return await asyncio.to_thread(
                 _record_refused, store, prompt, variables, exc, client.url, batch_id, index
             )
@@ -312,7 +322,7 @@ def _record_refused(
         status=status_of(error),
         text="",
         reasoning="",
-        error=str(error),
+        error=render(error),
         finish_reason=None,
         model=None,
         ttft_s=None,
@@ -327,7 +337,7 @@ def _record_refused(
         status=status_of(error),
         text="",
         reasoning="",
-        error=str(error),
+        error=render(error),
         stats=_NO_STATS,
         finish_reason=None,
         model=None,

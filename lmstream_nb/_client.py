@@ -47,6 +47,7 @@ from ._config import (
     MIN_SECRET_CHARS,
     Budgets,
     Retries,
+    base_url_source,
     parse_base_url,
     redact_url,
     resolve_api_key,
@@ -69,6 +70,7 @@ from ._errors import (
     StreamError,
     StreamInterrupted,
     StreamStalled,
+    term,
 )
 from ._events import (
     Completion,
@@ -183,8 +185,8 @@ def _classify(
     said = _quote(message)
     if status in (401, 403) or code == "invalid_api_key":
         return AuthenticationError(
-            f"The server at {url} refused the request (HTTP {status}: {said}): set "
-            "LMSTREAM_API_KEY, or pass api_key=, to the server's API token and run again.",
+            f"The server at {url} refused the request (HTTP {status}: {said}): "
+            f"{term('key')} and run again.",
             url=url,
             status=status,
             server_message=message,
@@ -205,8 +207,8 @@ def _classify(
         or (status == 404 and "model" in low)
     ):
         return ModelNotFound(
-            f"The model {model!r} is not available at {url} ({said}): pick one listed by "
-            "`lmstream models` (or load it in LM Studio) and run again.",
+            f"The model {model!r} is not available at {url} ({said}): {term('models')} (or "
+            "load it in LM Studio) and run again.",
             url=url,
             status=status,
             server_message=message,
@@ -762,10 +764,7 @@ class _StreamRun:
     # -- errors with context ---------------------------------------------------------------
 
     def _kept(self) -> str:
-        n = self._decoder.text_chars
-        if n == 0:
-            return "no text had arrived"
-        return f"the {n} characters received are kept in .partial_text"
+        return term("kept", str(self._decoder.text_chars))
 
     def _interrupted(self, what: str, exc: BaseException | None = None) -> StreamInterrupted:
         url = self._client.url
@@ -792,8 +791,8 @@ class _StreamRun:
             budget = self._budgets.first_token or 0.0
             return FirstTokenTimeout(
                 f"No token arrived from {url} within the first-token budget of {budget:g} s: "
-                "the server may still be processing a long prompt, so raise "
-                "first_token_timeout (or shorten the prompt) and run again.",
+                "the server may still be processing a long prompt, so "
+                f"{term('raise', 'first_token_timeout')} (or shorten the prompt) and run again.",
                 url=url,
                 budget=budget,
                 partial_reasoning=self.reasoning,
@@ -801,7 +800,8 @@ class _StreamRun:
         budget = self._budgets.idle or 0.0
         return StreamStalled(
             f"The stream from {url} stalled: nothing new arrived for {budget:g} s, and "
-            f"{self._kept()}; raise idle_timeout if the server is just slow, then run again.",
+            f"{self._kept()}; {term('raise', 'idle_timeout')} if the server is just slow, then "
+            "run again.",
             url=url,
             budget=budget,
             partial_text=self.text,
@@ -871,6 +871,7 @@ class LMStudioClient:
         max_event_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.base_url = resolve_base_url(base_url)
+        self._url_source = base_url_source(base_url)  # for advice on fixing it
         parsed = parse_base_url(self.base_url)
         self.url = parsed.shown  # what messages and records show
         self._query = parsed.query
@@ -1013,7 +1014,7 @@ class LMStudioClient:
         return ServerUnreachable(
             f"Cannot connect to the model server at {self.url} (connection {reason}): start "
             "LM Studio's local server (Developer tab → Start Server, or `lms server start`), "
-            "or set LMSTREAM_BASE_URL to where it listens.",
+            f"{term('url', self._url_source)}.",
             url=self.url,
         )
 

@@ -75,6 +75,14 @@ def resolve_base_url(base_url: str | None) -> str:
     return chosen.rstrip("/")
 
 
+def base_url_source(base_url: str | None) -> str:
+    """Where :func:`resolve_base_url` takes the URL from: ``argument``, ``environment``
+    (``LMSTREAM_BASE_URL``) or ``default``; advice on fixing the URL names that place."""
+    if base_url:
+        return "argument"
+    return "environment" if os.environ.get(BASE_URL_ENV) else "default"
+
+
 def resolve_api_key(api_key: str | None) -> str | None:
     """The argument wins, then ``LMSTREAM_API_KEY``; LM Studio needs none by default."""
     return api_key or os.environ.get(API_KEY_ENV) or None

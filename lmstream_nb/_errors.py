@@ -1,10 +1,11 @@
 """Every error lmstream_nb raises on purpose, in one tree.
 
-    LMStreamError                    .run_id (set when a recorded run failed)
+    LMStreamError                    .run_id (set when a recorded run failed), .interface
+    ├── InvalidSetting               .setting, .value, .rule  (temperature, max tokens)
     ├── TemplateError
     │   ├── MissingVariables         .names
     │   ├── UnknownVariables         .names
-    │   ├── InvalidPlaceholder       .placeholder, .line  ({{my var}}: not a variable name)
+    │   ├── InvalidPlaceholder       .placeholder, .line, .column, .unclosed  ({{my var}}, {{x)
     │   └── InvalidVariables         .names  (values that are not text, numbers or booleans)
     ├── InvalidBaseURL               .url (credentials removed)
     ├── StoreError                   .path
@@ -33,11 +34,33 @@ line) and what to do. The same facts ride on attributes so code never has to par
 A stream that fails after text has arrived keeps that text in ``partial_text``: nothing the user
 saw is lost. Cancellation (Ctrl-C, Stop, a cancelled task) is deliberately *not* an error here:
 it propagates unchanged as ``KeyboardInterrupt`` / ``asyncio.CancelledError``.
+
+What to do is said in the words of the interface the user is in: ``--idle-timeout`` on the
+command line and in the magic, ``idle_timeout=`` in Python, the field in the runner, the request
+field in the relay. A message names what to fix with neutral terms (a setting, the kept text,
+where the base URL came from), and :func:`render` words them for an interface from one small
+vocabulary table (``_WORDS``); ``str(error)`` is the Python wording. Every front end shows an
+error through ``render``, so one rule decides the words everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
+from urllib.parse import quote
+
+#: The interfaces an error sentence can be worded for (see :func:`render`).
+INTERFACES = ("python", "cli", "magic", "runner", "relay")
+
+# A term in a message: what to fix, named neutrally, worded by render() for an interface.
+# Private-use characters delimit it, so no text a server sends can be mistaken for one.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_TERM = re.compile("\ue000([a-z_]+):([^\ue001]*)\ue001")
+
+
+def term(kind: str, arg: str = "") -> str:
+    """A term for a message (``kind`` from ``_WORDS``, ``arg`` its fact), for render()."""
+    return f"{_OPEN}{kind}:{arg}{_CLOSE}"
 
 
 class LMStreamError(Exception):
@@ -45,10 +68,208 @@ class LMStreamError(Exception):
 
     #: The id of the recorded run this error ended, when there was one.
     run_id: int | None = None
+    #: The interface whose words ``render`` uses by default (the front end that ran it).
+    interface: str = "python"
+    _template: str | None = None
+
+    def __init__(self, *args: object) -> None:
+        if args and isinstance(args[0], str) and _OPEN in args[0]:
+            self._template = args[0]
+            args = (_word(args[0], "python"), *args[1:])
+        super().__init__(*args)
 
     def _render_traceback_(self) -> list[str]:
         """IPython shows this instead of a traceback: the one sentence is the whole story."""
-        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {render(self)}"]
+
+
+def render(error: BaseException, interface: str | None = None) -> str:
+    """The sentence of ``error`` in the words of ``interface`` (one of INTERFACES; by default
+    the interface the error was raised for). Every front end shows errors through this."""
+    if not isinstance(error, LMStreamError):
+        return str(error)
+    chosen = interface or error.interface
+    if chosen not in _WORDS:
+        raise ValueError(f"interface must be one of {', '.join(INTERFACES)}, not {chosen!r}")
+    return str(error) if error._template is None else _word(error._template, chosen)
+
+
+def _word(template: str, interface: str) -> str:
+    words = _WORDS[interface]
+    return _TERM.sub(lambda m: words[m.group(1)](m.group(2)), template)
+
+
+#: The kinds of term a message may hold; every interface words each one (a test checks).
+TERM_KINDS = (
+    "raise",
+    "kept",
+    "given",
+    "set",
+    "url",
+    "values",
+    "extra",
+    "db",
+    "names",
+    "versions",
+    "runs",
+    "models",
+    "key",
+)
+
+
+# -- the vocabulary ----------------------------------------------------------------------------
+# Each entry words one kind of term for one interface; the argument is the term's fact.
+
+_FLAGS = {
+    "first_token_timeout": "--first-token-timeout",
+    "idle_timeout": "--idle-timeout",
+    "temperature": "--temperature",
+    "max_tokens": "--max-tokens",
+}
+_FIELDS = {
+    "first_token_timeout": "First token s (under Advanced)",
+    "idle_timeout": "Idle s (under Advanced)",
+    "temperature": "Temperature",
+    "max_tokens": "Max tokens",
+}
+_SPLIT = "|"  # separates the parts of a term's fact: "temperature|5.0", "x|y"
+
+
+def _names(arg: str) -> list[str]:
+    return arg.split(_SPLIT)
+
+
+def _kept(where: str) -> Callable[[str], str]:
+    def phrase(count: str) -> str:
+        if count == "0":
+            return "no text had arrived"
+        return f"the {count} characters received are kept {where}"
+
+    return phrase
+
+
+def _given(shown: Callable[[str, str], str]) -> Callable[[str], str]:
+    def phrase(arg: str) -> str:
+        setting, _, value = arg.partition(_SPLIT)
+        return shown(setting, value)
+
+    return phrase
+
+
+def _url(argument: str, environment: str, default: str) -> Callable[[str], str]:
+    phrases = {"argument": argument, "environment": environment, "default": default}
+    return lambda source: phrases.get(source, default)
+
+
+_ENV = "the environment variable LMSTREAM_BASE_URL"
+
+_CLI: dict[str, Callable[[str], str]] = {
+    "key": lambda _: "set the environment variable LMSTREAM_API_KEY to the server's API token",
+    "db": lambda path: f" in {path}",
+    "names": lambda _: "see `lmstream prompts list` for the names there are",
+    "versions": lambda n: f"see `lmstream prompts versions {n}` for the versions it has",
+    "runs": lambda _: "see `lmstream history` for the ids there are",
+    "models": lambda _: "pick one listed by `lmstream models`",
+    "raise": lambda s: f"raise {_FLAGS[s]}",
+    "kept": _kept("above and in `lmstream history`"),
+    "given": _given(lambda s, v: f"{_FLAGS[s]} {v}"),
+    "set": lambda s: f"give {_FLAGS[s]} such a value, or leave it out for the prompt's own",
+    "url": _url(
+        "or give --base-url where it listens",
+        f"or fix {_ENV}, which gave this address (or give --base-url)",
+        f"or give --base-url (or set {_ENV}) to where it listens",
+    ),
+    "values": lambda a: "add " + " ".join(f"--var {n}=..." for n in _names(a)),
+    "extra": lambda _: "fix the --var name",
+}
+
+_WORDS: dict[str, dict[str, Callable[[str], str]]] = {
+    "python": {
+        "key": lambda _: "set LMSTREAM_API_KEY, or pass api_key=, to the server's API token",
+        "db": lambda path: f" in {path}",
+        "names": lambda _: "see PromptStore().list() for the names there are",
+        "versions": lambda n: f"see PromptStore().versions({n!r}) for the versions it has",
+        "runs": lambda _: "see lmstream_nb.history() for the ids there are",
+        "models": lambda _: "pick one listed by SyncLMStudioClient().list_models()",
+        "raise": lambda s: f"raise {s}",
+        "kept": _kept("in .partial_text"),
+        "given": _given(lambda s, v: f"{s}={v}"),
+        "set": lambda s: f"pass {s}= such a value",
+        "url": _url(
+            "or pass base_url= to where it listens",
+            "or set LMSTREAM_BASE_URL (which gave this address) to where it listens",
+            "or pass base_url= (or set LMSTREAM_BASE_URL) to where it listens",
+        ),
+        "values": lambda a: "pass " + " ".join(f"{n}=..." for n in _names(a)),
+        "extra": lambda _: "fix the name, or pass allow_extra=True to allow extra variables",
+    },
+    "cli": _CLI,
+    # The magic takes the command line's options, and has its session settings besides.
+    "magic": {
+        **_CLI,
+        "names": lambda _: "see %lmstream prompts for the names there are",
+        "versions": lambda n: f"see %lmstream ui (its Version list) for the versions {n} has",
+        "runs": lambda _: "see %lmstream history for the ids there are",
+        "models": lambda _: "pick one listed by %lmstream models",
+        "raise": lambda s: f"raise {_FLAGS[s]} (or %lmstream config {s}=...)",
+        "kept": _kept("in the cell's output"),
+        "url": _url(
+            "or fix --base-url or %lmstream config base_url=..., which gave this address",
+            f"or fix {_ENV}, which gave this address (or use %lmstream config base_url=...)",
+            "or set %lmstream config base_url=... (or --base-url) to where it listens",
+        ),
+        "values": lambda a: (
+            "add "
+            + " ".join(f"--var {n}=..." for n in _names(a))
+            + " to the %%lmstream line or define it in the notebook"
+        ),
+    },
+    "runner": {
+        "key": lambda _: (
+            "set the environment variable LMSTREAM_API_KEY to the server's API token before "
+            "the kernel starts"
+        ),
+        "db": lambda path: f" in {path}",
+        "names": lambda _: "pick one from the Prompt list",
+        "versions": lambda _: "pick one from the Version list",
+        "runs": lambda _: "pick one from the History list",
+        "models": lambda _: "pick one from the Model list (Refresh models)",
+        "raise": lambda s: f"raise {_FIELDS[s]}",
+        "kept": _kept("below"),
+        "given": _given(lambda s, v: f"{_FIELDS[s]} {v}"),
+        "set": lambda s: (
+            f"type such a value in {_FIELDS[s]}, or leave it empty for the prompt's own"
+        ),
+        "url": _url(
+            "or run %lmstream config base_url=... with where it listens and open a new runner",
+            f"or fix {_ENV}, which gave this address, and open a new runner",
+            "or run %lmstream config base_url=... with where it listens and open a new runner",
+        ),
+        "values": lambda a: "fill in " + ", ".join(_names(a)),
+        "extra": lambda _: "fix the variable's name",
+    },
+    "relay": {
+        "key": lambda _: "set LMSTREAM_API_KEY to the server's API token where lmstream serve runs",
+        "db": lambda _: "",  # a web client is never told where the server keeps its files
+        "names": lambda _: "see GET /api/prompts for the names there are",
+        "versions": lambda n: f"see GET /api/prompts/{quote(n, safe='')} for the versions it has",
+        "runs": lambda _: "see GET /api/runs for the runs there are",
+        "models": lambda _: "pick one listed by GET /api/models",
+        "raise": lambda s: f"start the relay with a larger {s} (its Budgets)",
+        "kept": _kept("in the run (GET /api/runs/ID)"),
+        "given": _given(lambda s, v: f'"{s}": {v}'),
+        "set": lambda s: f'send "{s}" as such a value, or leave it out for the prompt\'s own',
+        "url": _url(
+            "or restart lmstream serve with --base-url where it listens",
+            f"or fix {_ENV} where lmstream serve runs, which gave this address",
+            "or restart lmstream serve with --base-url where it listens",
+        ),
+        "values": lambda a: (
+            'send "variables": {' + ", ".join(f'"{n}": "..."' for n in _names(a)) + "}"
+        ),
+        "extra": lambda _: 'fix the name in "variables"',
+    },
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +289,7 @@ class MissingVariables(TemplateError):
         plural = "s" if len(self.names) > 1 else ""
         super().__init__(
             f"The template needs a value for the variable{plural} {listed}: "
-            f"pass {' '.join(f'{n}=...' for n in self.names)} and run again."
+            f"{term('values', _SPLIT.join(self.names))} and run again."
         )
 
 
@@ -81,23 +302,41 @@ class UnknownVariables(TemplateError):
         listed = ", ".join(self.names)
         uses = ", ".join(self.known) if self.known else "no variables"
         super().__init__(
-            f"The template has no variable named {listed} (it uses {uses}): "
-            "fix the name, or allow extra variables explicitly."
+            f"The template has no variable named {listed} (it uses {uses}): {term('extra')}."
         )
 
 
 class InvalidPlaceholder(TemplateError):
-    """A ``{{...}}`` whose inside is not a variable name, which would otherwise be sent as typed."""
+    """A ``{{...}}`` whose inside is not a variable name, or (when saving) a ``{{`` that is
+    never closed: either would otherwise be sent as typed."""
 
-    def __init__(self, placeholder: str, *, line: int, where: str = "template") -> None:
+    def __init__(
+        self,
+        placeholder: str,
+        *,
+        line: int,
+        column: int = 1,
+        where: str = "template",
+        unclosed: bool = False,
+    ) -> None:
         self.placeholder = placeholder
         self.line = line
+        self.column = column
         self.where = where
-        super().__init__(
-            f"The {where} has the placeholder {placeholder} at line {line}, whose inside is not "
-            "a variable name: use ASCII letters, digits, _, . or - starting with a letter or _ "
-            "(such as {{my_var}}), or write \\{{ for a literal {{."
-        )
+        self.unclosed = unclosed
+        at = f"at line {line}, column {column}"
+        if unclosed:
+            message = (
+                f"The {where} has a placeholder {placeholder} {at} that is not closed on its "
+                "line: write it as {{my_var}}, or write \\{{ for a literal {{."
+            )
+        else:
+            message = (
+                f"The {where} has the placeholder {placeholder} {at}, whose inside is not a "
+                "variable name: use ASCII letters, digits, _, . or - starting with a letter or "
+                "_ (such as {{my_var}}), or write \\{{ for a literal {{."
+            )
+        super().__init__(message)
 
 
 def _value_kind(value: object) -> str:
@@ -123,6 +362,20 @@ class InvalidVariables(TemplateError):
 
 # ---------------------------------------------------------------------------------------------
 # Settings
+
+
+class InvalidSetting(LMStreamError, ValueError):
+    """A run setting out of its range (``setting`` is ``temperature`` or ``max_tokens``,
+    ``rule`` the range in words): refused the same way by every front end before anything
+    is sent or saved."""
+
+    def __init__(self, setting: str, value: object, rule: str) -> None:
+        self.setting = setting
+        self.value = value
+        self.rule = rule
+        super().__init__(
+            f"{term('given', f'{setting}{_SPLIT}{value!r}')} is not {rule}: {term('set', setting)}."
+        )
 
 
 class InvalidBaseURL(LMStreamError):
@@ -162,13 +415,13 @@ class PromptNotFound(StoreError):
         self.suggestions = tuple(suggestions)
         if version is not None:
             what = f"The prompt {name!r} has no version {version}"
-            fix = f"see `lmstream prompts versions {name}` for the versions it has."
+            fix = term("versions", name) + "."
         else:
-            what = f"No prompt is named {name!r} in {path}"
+            what = f"No prompt is named {name!r}{term('db', path)}"
             if self.suggestions:
                 fix = "did you mean " + " or ".join(repr(s) for s in self.suggestions) + "?"
             else:
-                fix = "see `lmstream prompts list` for the names there are."
+                fix = term("names") + "."
         super().__init__(f"{what}: {fix}", path=path)
 
 
@@ -177,8 +430,7 @@ class RunNotFound(StoreError):
 
     def __init__(self, run_id: int, *, path: str) -> None:
         super().__init__(
-            f"No run with id {run_id} is recorded in {path}: see `lmstream history` for the "
-            "ids there are.",
+            f"No run with id {run_id} is recorded{term('db', path)}: {term('runs')}.",
             path=path,
         )
         self.run_id = run_id

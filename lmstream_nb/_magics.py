@@ -26,9 +26,10 @@ from IPython.display import display
 
 from . import simulator
 from ._config import Budgets, parse_seconds, redact_url, resolve_base_url, seconds_argument
-from ._errors import LMStreamError
+from ._errors import LMStreamError, render
 from ._loop import shared_loop
 from ._outcome import ending
+from ._prompt_fields import check_max_tokens, check_temperature
 from ._template import Prompt, prompt_label
 from ._terminal import STATS_HEADERS, TerminalSink, format_stats, stats_rows, table
 
@@ -267,9 +268,13 @@ class LMStreamMagics(Magics):
         except ValueError as exc:
             raise UsageError(f"Could not read the options ({exc}): check the quotes.") from None
         args = self.lmstream.parser.parse_args(words)
-        if cell is None:
-            return self._line(args, line)
-        return self._cell(args, cell)
+        try:
+            if cell is None:
+                return self._line(args, line)
+            return self._cell(args, cell)
+        except LMStreamError as exc:
+            exc.interface = "magic"  # its sentence names the magic's options (render)
+            raise
 
     # IPython's magic_arguments writes the usage as a reST literal block ("::" and an indent),
     # which `%lmstream?` shows as a stray "::": the help starts with the usage itself instead.
@@ -296,11 +301,24 @@ class LMStreamMagics(Magics):
                 max_tokens=args.max_tokens,
             )
         variables = self._variables(prompt, given)
-        if args.save:
+        if args.save and args.prompt:
             prompt = self.store.save_prompt(prompt, args.save)
+        elif args.save:
+            # Options left off the line keep the saved prompt's settings (see _prompt_fields).
+            line_settings = {
+                "system": args.system,
+                "model": args.model,
+                "temperature": args.temperature,
+                "max_tokens": args.max_tokens,
+            }
+            kept: dict[str, Any] = {k: v for k, v in line_settings.items() if v is not None}
+            prompt = self.store.add(args.save, prompt.template, **kept).prompt
+            variables = self._variables(prompt, given)  # a kept system prompt may use more
         return self._start(prompt, variables, args)
 
     def _start(self, prompt: Prompt, variables: dict[str, Any], args: Any) -> Any:
+        check_temperature(args.temperature)  # the ranges every front end keeps, checked
+        check_max_tokens(args.max_tokens)  # before a view is shown
         conf = self.config_
         fmt = args.format or conf.format
         budgets = conf.budgets(args.first_token_timeout, args.idle_timeout)
@@ -310,6 +328,7 @@ class LMStreamMagics(Magics):
             "temperature": args.temperature,
             "max_tokens": args.max_tokens,
             "budgets": budgets,
+            "interface": "magic",
         }
         if not self._in_kernel():
             return self._run_terminal(prompt, variables, base_url, kwargs, args)
@@ -525,7 +544,7 @@ class LMStreamMagics(Magics):
                 try:
                     conf.base_url = resolve_base_url(value) if value else None
                 except LMStreamError as exc:
-                    raise UsageError(str(exc)) from None
+                    raise UsageError(render(exc, "magic")) from None
             elif key == "model":
                 conf.model = value or None
             elif key in ("first_token_timeout", "idle_timeout"):

@@ -13,7 +13,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
-from ._errors import LMStreamError
+from ._errors import LMStreamError, render
 
 DONE, FAILED, CANCELLED = "done", "failed", "cancelled"
 
@@ -65,7 +65,7 @@ def ending(outcome: Finished | BaseException) -> Ending:
     if isinstance(outcome, (asyncio.CancelledError, KeyboardInterrupt)):
         return Ending(CANCELLED, CANCELLED_MESSAGE, None)
     if isinstance(outcome, LMStreamError):
-        return Ending(FAILED, str(outcome), outcome.run_id)
+        return Ending(FAILED, render(outcome), outcome.run_id)
     return Ending(FAILED, failed_inside(outcome), None)
 
 

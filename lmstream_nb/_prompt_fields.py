@@ -10,14 +10,29 @@ point at the line of the offending key.
 
 from __future__ import annotations
 
+import enum
 import re
 import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
+from ._errors import InvalidSetting
 from ._template import check_placeholders
 
 MAX_NAME_LENGTH = 200
+
+#: The most tokens a run may ask for (what llama.cpp and most servers hold in an int32).
+MAX_TOKENS = 2**31 - 1
+#: The range of each run setting, in the words every refusal uses (the relay's schema too).
+RULES = {
+    "temperature": "a number from 0 to 2",
+    "max_tokens": f"a whole number from 1 to {MAX_TOKENS}, or -1 for no limit",
+}
+
+#: The settings of a prompt version besides its name and template, in the order they are shown.
+SETTINGS = ("system", "model", "temperature", "max_tokens", "description")
 
 
 class PromptFields(NamedTuple):
@@ -114,34 +129,8 @@ def validate_fields(
                 f"pass {key} as a string",
             )
         texts[key] = value
-    checked_temperature: float | None = None
-    if temperature is not None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise FieldError(
-                "temperature",
-                f"The temperature must be a number, not {kind(temperature)}",
-                "use a value from 0 to 2",
-            )
-        if not 0 <= temperature <= 2:
-            raise FieldError(
-                "temperature",
-                f"The temperature {temperature!r} is outside 0 to 2",
-                "use a value from 0 (most predictable) to 2",
-            )
-        checked_temperature = float(temperature)
-    if max_tokens is not None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-            raise FieldError(
-                "max_tokens",
-                f"max_tokens must be an integer, not {kind(max_tokens)}",
-                "use a positive number of tokens, or -1 for no limit",
-            )
-        if max_tokens <= 0 and max_tokens != -1:
-            raise FieldError(
-                "max_tokens",
-                f"max_tokens is {max_tokens}",
-                "use a positive number of tokens, or -1 for no limit",
-            )
+    checked_temperature = check_temperature(temperature)
+    checked_max_tokens = check_max_tokens(max_tokens)
     check_placeholders(template, where="template")
     if texts["system"] is not None:
         check_placeholders(texts["system"], where="system prompt")
@@ -151,9 +140,37 @@ def validate_fields(
         texts["system"],
         texts["model"],
         checked_temperature,
-        max_tokens,
+        checked_max_tokens,
         texts["description"],
     )
+
+
+def check_temperature(value: object) -> float | None:
+    """A temperature as stored and sent (a float from 0 to 2), or None; InvalidSetting if not.
+
+    The one range check for every entry point: saving, importing, the CLI, the magic, the
+    runner, batches, the relay and ``run()``.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
+        raise InvalidSetting("temperature", value, RULES["temperature"])
+    return float(value)
+
+
+def check_max_tokens(value: object) -> int | None:
+    """Max tokens as sent (1 to MAX_TOKENS, or -1 for no limit), or None; InvalidSetting if not."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON's 200.0 is 200
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not (1 <= value <= MAX_TOKENS or value == -1)
+    ):
+        raise InvalidSetting("max_tokens", value, RULES["max_tokens"])
+    return value
 
 
 def kind(value: object) -> str:
@@ -173,3 +190,60 @@ def kind(value: object) -> str:
     if value is None:
         return "None"
     return f"a {type(value).__name__}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A new version of a prompt
+
+
+class Keep(enum.Enum):
+    KEEP = "keep"
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+#: "Not given": a new version takes this setting over from the version it revises.
+KEEP = Keep.KEEP
+
+
+@dataclass(frozen=True)
+class Revision:
+    """The settings of a new version, and which of them were taken over or cleared."""
+
+    values: dict[str, object]
+    carried: tuple[str, ...]  # not given, so taken over from the version revised
+    dropped: tuple[str, ...]  # cleared (given as None) where the version revised had one
+
+
+def revise(base: Mapping[str, object] | None, given: Mapping[str, object]) -> Revision:
+    """The one rule for what a new version holds: a setting given wins (``None`` clears it), a
+    setting not given (absent or ``KEEP``) is the one of ``base``, the version being revised.
+
+    Every way of saving a version (``PromptStore.add`` and ``save``, ``lmstream prompts add``,
+    ``%%lmstream --save``, the runner's Save, import) goes through here, so a user who changes
+    only the template keeps the system prompt, model, temperature, max tokens and description.
+    """
+    values: dict[str, object] = {}
+    carried: list[str] = []
+    dropped: list[str] = []
+    for key in SETTINGS:
+        value = given.get(key, KEEP)
+        old = None if base is None else base.get(key)
+        if value is KEEP:
+            values[key] = old
+            if old is not None:
+                carried.append(key)
+        else:
+            values[key] = value
+            if value is None and old is not None:
+                dropped.append(key)
+    return Revision(values, tuple(carried), tuple(dropped))
+
+
+def describe_setting(key: str, value: object) -> str:
+    """A setting as a sentence names it: ``the system prompt``, ``temperature 0.2``."""
+    if key in ("system", "description"):
+        return "the system prompt" if key == "system" else "the description"
+    label = "max tokens" if key == "max_tokens" else key
+    return f"{label} {value}"

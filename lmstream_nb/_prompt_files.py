@@ -30,12 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
-from ._errors import InvalidPlaceholder, PromptFileError
+from ._errors import InvalidPlaceholder, InvalidSetting, PromptFileError
 from ._prompt_fields import FieldError, PromptFields, kind, validate_fields, validate_name
-from ._template import Prompt
 
 if TYPE_CHECKING:
-    from ._store import PromptStore
+    from ._store import PromptStore, SavedVersion
 
 # tomllib is in the standard library from Python 3.11; tomli is the same parser for 3.10.
 _tomllib: Any = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
@@ -163,7 +162,7 @@ def _write_in_place(file: Path, data: bytes) -> None:
 # Import
 
 
-def import_prompts(store: PromptStore, folder: str | os.PathLike[str]) -> list[Prompt]:
+def import_prompts(store: PromptStore, folder: str | os.PathLike[str]) -> list[SavedVersion]:
     """Store every ``*.toml`` prompt file in ``folder`` as a new version, all or nothing (see
     ``PromptStore.import_``)."""
     source = Path(folder)
@@ -275,10 +274,21 @@ def _parse_file(file: Path) -> tuple[str, PromptFields]:
         )
     except InvalidPlaceholder as exc:
         key = "system" if exc.where == "system prompt" else "template"
+        problem = "is not closed on its line" if exc.unclosed else "is not a variable name"
+        fix = (
+            "close it as {{my_var}}"
+            if exc.unclosed
+            else "use a name of ASCII letters, digits, _, . or -"
+        )
         raise _FileProblem(
-            f"has a placeholder that is not a variable name in {key!r} ({exc.placeholder})",
-            _text_line(text, exc.placeholder, after_line=_key_line(text, key)),
-            "use a name of ASCII letters, digits, _, . or - (or write \\{{ for a literal {{)",
+            f"has a placeholder in {key!r} that {problem} ({exc.placeholder})",
+            _text_line(text, exc.placeholder.rstrip("…"), after_line=_key_line(text, key)),
+            f"{fix} (or write \\{{{{ for a literal {{{{)",
+        ) from exc
+    except InvalidSetting as exc:
+        raise _FileProblem(
+            f"has a bad {exc.setting!r} ({exc.value!r} is not {exc.rule})",
+            _key_line(text, exc.setting),
         ) from exc
     except FieldError as exc:
         line = _key_line(text, exc.key) if exc.key in document else 1

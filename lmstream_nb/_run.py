@@ -19,16 +19,19 @@ from typing import Any
 from ._client import ChatStream, LMStudioClient
 from ._config import Budgets
 from ._errors import (
+    INTERFACES,
     FirstTokenTimeout,
     LMStreamError,
     RequestTimedOut,
     StoreError,
     StreamInterrupted,
     StreamStalled,
+    render,
 )
 from ._events import Completion, Event, Stats
 from ._loop import shared_loop
 from ._outcome import CANCELLED_MESSAGE, failed_inside
+from ._prompt_fields import check_max_tokens, check_temperature
 from ._store import History, PromptStore, RunStats, default_path
 from ._sync import SyncLMStudioClient
 from ._template import Prompt, variable_text
@@ -231,6 +234,7 @@ async def arun(
     batch_row: int | None = None,
     mode: str = "stream",
     timeout: float | None = None,
+    interface: str = "python",
     **extra: Any,
 ) -> RunResult:
     """Render ``prompt`` with ``variables``, stream the answer, and record the run.
@@ -244,13 +248,26 @@ async def arun(
     A failed run raises its ``LMStreamError`` (with ``.run_id`` and the partial text) unless
     ``raise_errors=False``, which returns a RunResult whose status says what happened.
     Cancellation is recorded, then re-raised.
+    ``interface`` (python, cli, magic, runner or relay) is whose words the error sentences
+    say what to do in, both raised (see ``render``) and recorded.
     """
     if mode not in ("stream", "blocking"):
         raise ValueError(f"mode must be 'stream' or 'blocking', not {mode!r}")
+    if interface not in INTERFACES:
+        raise ValueError(f"interface must be one of {', '.join(INTERFACES)}, not {interface!r}")
     store = store or default_store()
-    if isinstance(prompt, str):
-        prompt = await asyncio.to_thread(store.get, prompt, version)
-    messages = prompt.render(variables, allow_extra=allow_extra)  # refuses before anything
+    try:
+        if isinstance(prompt, str):
+            prompt = await asyncio.to_thread(store.get, prompt, version)
+        # Refused before anything is recorded or sent, by the rules every front end shares.
+        temperature = check_temperature(
+            temperature if temperature is not None else prompt.temperature
+        )
+        max_tokens = check_max_tokens(max_tokens if max_tokens is not None else prompt.max_tokens)
+        messages = prompt.render(variables, allow_extra=allow_extra)
+    except LMStreamError as exc:
+        exc.interface = interface
+        raise
     recorded_vars = {k: variable_text(k, v) for k, v in (variables or {}).items()}
     own_client = client is None
     http = client if client is not None else LMStudioClient(base_url, budgets=budgets)
@@ -296,8 +313,8 @@ async def arun(
             blocking = await http.complete(
                 messages,
                 model=chosen_model,
-                temperature=temperature if temperature is not None else prompt.temperature,
-                max_tokens=max_tokens if max_tokens is not None else prompt.max_tokens,
+                temperature=temperature,
+                max_tokens=max_tokens,
                 timeout=timeout,
                 **extra,
             )
@@ -305,8 +322,8 @@ async def arun(
             stream = http.stream_chat(
                 messages,
                 model=chosen_model,
-                temperature=temperature if temperature is not None else prompt.temperature,
-                max_tokens=max_tokens if max_tokens is not None else prompt.max_tokens,
+                temperature=temperature,
+                max_tokens=max_tokens,
                 budgets=budgets,
                 **extra,
             )
@@ -322,8 +339,9 @@ async def arun(
         failure = exc
         status = status_of(exc)
         if isinstance(exc, LMStreamError):
-            error_text = str(exc)
             exc.run_id = run_id
+            exc.interface = interface
+            error_text = render(exc)
         elif status == "cancelled":
             error_text = CANCELLED_MESSAGE
         else:
@@ -393,6 +411,7 @@ async def arun(
         # The run could not be recorded (a full disk, a read-only folder): that is what the
         # caller must hear about, unless the run was cancelled, which must stay a cancellation.
         exc.run_id = run_id
+        exc.interface = interface
         if isinstance(failure, (asyncio.CancelledError, KeyboardInterrupt)):
             raise failure from exc
         raise

@@ -38,7 +38,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -64,7 +64,15 @@ from ._history import (
 )
 from ._migrations import APPLICATION_ID, LATEST_VERSION, migrate
 from ._owners import Owner, current_owner
-from ._prompt_fields import PromptFields, validate_fields
+from ._prompt_fields import (
+    KEEP,
+    SETTINGS,
+    Keep,
+    PromptFields,
+    revise,
+    validate_fields,
+    validate_name,
+)
 from ._prompt_files import export_prompts, import_prompts
 from ._template import Prompt
 
@@ -77,6 +85,7 @@ __all__ = [
     "RunRecord",
     "RunStats",
     "RunSummary",
+    "SavedVersion",
     "default_path",
     "percentile",
 ]
@@ -327,6 +336,35 @@ _RECORD_COLUMNS = (
     "started_at, ttft_s, duration_s, chunks, prompt_tokens, completion_tokens, tokens_per_s, "
     "finish_reason, status, error, text, reasoning, batch_id, batch_row"
 )
+
+
+def _settings(prompt: Prompt) -> dict[str, object]:
+    return {key: getattr(prompt, key) for key in SETTINGS}
+
+
+def _fields(prompt: Prompt) -> PromptFields:
+    """A stored version's fields, as ``validate_fields`` returns them (to compare content)."""
+    return PromptFields(
+        prompt.name or "",
+        prompt.template,
+        prompt.system,
+        prompt.model,
+        prompt.temperature,
+        prompt.max_tokens,
+        prompt.description,
+    )
+
+
+@dataclass(frozen=True)
+class SavedVersion:
+    """What saving a prompt did: the version that now holds it, whether it is new, and which
+    settings were taken over from (or cleared against) ``base``, the version revised."""
+
+    prompt: Prompt
+    created: bool  # False: the latest version already held exactly this, so none was added
+    carried: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+    base: Prompt | None = None
 
 
 def _prompt_from_row(row: Sequence[Any]) -> Prompt:
@@ -589,40 +627,79 @@ class PromptStore:
 
     # -- prompts ------------------------------------------------------------------------------
 
+    def add(
+        self,
+        name: str,
+        template: str,
+        *,
+        system: str | Keep | None = KEEP,
+        model: str | Keep | None = KEEP,
+        temperature: float | Keep | None = KEEP,
+        max_tokens: int | Keep | None = KEEP,
+        description: str | Keep | None = KEEP,
+        base_version: int | None = None,
+    ) -> SavedVersion:
+        """Store ``template`` as a new version of ``name``, keeping what was not changed.
+
+        A setting left out is taken over from the latest version (or from ``base_version``,
+        the version the change started from); ``None`` clears it. Content identical to the
+        latest version is not stored again: the latest version comes back with
+        ``created=False``, so importing or saving the same prompt twice adds nothing.
+
+        Raises ValueError for a name that cannot be a file name (a separator, a control or
+        invisible character, ``.`` or ``..``), InvalidSetting for a temperature or max tokens
+        out of range, and InvalidPlaceholder for a ``{{...}}`` that is not a name or not closed.
+        """
+        given = {
+            "system": system,
+            "model": model,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "description": description,
+        }
+        with self._write() as conn:
+            return self._add(conn, name, template, given, base_version)
+
     def save(
         self,
         name: str,
         template: str,
         *,
-        system: str | None = None,
-        model: str | None = None,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        description: str | None = None,
+        system: str | Keep | None = KEEP,
+        model: str | Keep | None = KEEP,
+        temperature: float | Keep | None = KEEP,
+        max_tokens: int | Keep | None = KEEP,
+        description: str | Keep | None = KEEP,
     ) -> Prompt:
-        """Store a new version of the prompt ``name`` and return it.
+        """Store a new version of the prompt ``name`` and return it (see :meth:`add`: settings
+        left out are kept from the latest version, identical content adds no version).
 
         Versions count up from 1 and are never reused, not even after ``delete``: a recorded
         run's ``name@version`` always refers to one text.
-
-        Raises ValueError for a name that cannot be a file name (a separator, a control or
-        invisible character, ``.`` or ``..``), a temperature outside 0..2, or max_tokens that
-        is neither positive nor -1; InvalidPlaceholder for a ``{{...}}`` that is not a name.
         """
-        fields = validate_fields(
-            name, template, system, model, temperature, max_tokens, description
-        )
-        with self._write() as conn:
-            return self._insert_prompt(conn, fields)
+        return self.add(
+            name,
+            template,
+            system=system,
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            description=description,
+        ).prompt
 
-    def save_all(self, prompts: Sequence[PromptFields]) -> builtins.list[Prompt]:
-        """Store checked prompts (from ``validate_fields``) as new versions in one transaction:
-        all of them or, if the write fails, none."""
+    def save_all(self, prompts: Sequence[PromptFields]) -> builtins.list[SavedVersion]:
+        """Store checked prompts (from ``validate_fields``) in one transaction, each exactly as
+        given (nothing taken over), each only if it differs from its latest version: all of
+        them or, if the write fails, none."""
         with self._write() as conn:
-            return [self._insert_prompt(conn, fields) for fields in prompts]
+            return [
+                self._add(conn, fields.name, fields.template, fields._asdict(), None)
+                for fields in prompts
+            ]
 
     def save_prompt(self, prompt: Prompt, name: str | None = None) -> Prompt:
-        """Store ``prompt`` as a new version of ``name`` (default: the prompt's own name)."""
+        """Store ``prompt`` as a new version of ``name`` (default: the prompt's own name), with
+        exactly its settings; nothing is stored when the latest version is the same."""
         chosen = name if name is not None else prompt.name
         if chosen is None:
             raise ValueError(
@@ -639,11 +716,45 @@ class PromptStore:
             description=prompt.description,
         )
 
-    @staticmethod
-    def _insert_prompt(
+    def _add(
+        self,
         conn: sqlite3.Connection,
-        fields: PromptFields,
-    ) -> Prompt:
+        name: object,
+        template: object,
+        given: Mapping[str, object],
+        base_version: int | None,
+    ) -> SavedVersion:
+        latest = self._latest(conn, validate_name(name))
+        base = latest
+        if base_version is not None:
+            row = conn.execute(
+                f"SELECT {_PROMPT_COLUMNS} FROM prompts WHERE name = ? AND version = ?",
+                (name, base_version),
+            ).fetchone()
+            if row is None:
+                raise PromptNotFound(str(name), version=base_version, path=str(self.path))
+            base = _prompt_from_row(row)
+        revision = revise(None if base is None else _settings(base), given)
+        fields = validate_fields(name, template, *(revision.values[k] for k in SETTINGS))
+        unchanged = latest is not None and fields == _fields(latest)
+        return SavedVersion(
+            prompt=latest if unchanged and latest is not None else self._insert(conn, fields),
+            created=not unchanged,
+            carried=revision.carried,
+            dropped=revision.dropped,
+            base=base,
+        )
+
+    @staticmethod
+    def _latest(conn: sqlite3.Connection, name: str) -> Prompt | None:
+        row = conn.execute(
+            f"SELECT {_PROMPT_COLUMNS} FROM prompts WHERE name = ? ORDER BY version DESC LIMIT 1",
+            (name,),
+        ).fetchone()
+        return None if row is None else _prompt_from_row(row)
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, fields: PromptFields) -> Prompt:
         name, template, system, model, temperature, max_tokens, description = fields
         row = conn.execute(
             "SELECT max(coalesce((SELECT last_version FROM prompt_names WHERE name = ?), 0),"
@@ -676,18 +787,16 @@ class PromptStore:
         """The latest version of ``name``, or the given version; PromptNotFound otherwise."""
         with self._read() as conn:
             if version is None:
-                row = conn.execute(
-                    f"SELECT {_PROMPT_COLUMNS} FROM prompts WHERE name = ? "
-                    "ORDER BY version DESC LIMIT 1",
-                    (name,),
-                ).fetchone()
+                latest = self._latest(conn, name)
+                if latest is not None:
+                    return latest
             else:
                 row = conn.execute(
                     f"SELECT {_PROMPT_COLUMNS} FROM prompts WHERE name = ? AND version = ?",
                     (name, version),
                 ).fetchone()
-            if row is not None:
-                return _prompt_from_row(row)
+                if row is not None:
+                    return _prompt_from_row(row)
             if version is not None and self._exists(conn, name):
                 raise PromptNotFound(name, version=version, path=str(self.path))
             raise self._not_found(conn, name)
@@ -752,13 +861,20 @@ class PromptStore:
         return export_prompts(self, folder, force=force)
 
     def import_(self, folder: str | os.PathLike[str]) -> builtins.list[Prompt]:
-        """Store every ``*.toml`` prompt file in ``folder`` as a new version; all or nothing.
+        """Store every ``*.toml`` prompt file in ``folder``; all or nothing. A file whose content
+        the latest version already holds adds no version (its latest version is returned), so
+        a prompt library kept in git can be imported again and again.
 
         Every file is read and checked before anything is written; the first bad file raises
         PromptFileError naming the file and line, and nothing is imported. ``name`` defaults to
         the file name without ``.toml``; unknown keys are refused (they are usually typos), and
         so are files over 1 MiB, TOML nested too deeply, and two files with the same name.
         """
+        return [saved.prompt for saved in import_prompts(self, folder)]
+
+    def import_versions(self, folder: str | os.PathLike[str]) -> builtins.list[SavedVersion]:
+        """``import_``, saying for each prompt whether a version was added (``created``) or the
+        latest version already held the file's content."""
         return import_prompts(self, folder)
 
     # -- runs ---------------------------------------------------------------------------------

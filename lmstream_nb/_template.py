@@ -10,13 +10,18 @@ The rules, which the README repeats:
   ASCII because they are typed on command lines (``--var name=...``) and in JSON, where a
   look-alike letter from another script would make two names that read the same.
 * In a run of three or more ``{``, the placeholder starts at the last two, so ``{{{x}}}`` is
-  the value in single braces. A ``{{`` with no ``}}`` after it on its line is plain text.
+  the value in single braces. A ``{{`` with no ``}}`` after it on its line is plain text when
+  a template is rendered, but saving a prompt refuses it (``check_placeholders(strict=True)``):
+  an unclosed ``{{x`` in a stored prompt is a typo far more often than meant, and stored
+  prompts are where a typo would otherwise be kept and sent unnoticed.
 * Before a ``{{``, ``\\{{`` writes a literal ``{{`` and ``\\\\`` writes one backslash, so
   ``\\\\{{x}}`` is a backslash followed by the value. Backslashes anywhere else are plain text.
 * Values are inserted as they are and never read again, so a value that itself contains
   ``{{x}}`` stays as typed, and nothing in a template or value can run code or read files.
   A value must be text, a number or a boolean (``str(value)`` is inserted); ``None``, dicts,
-  lists, bytes and other objects are refused, as ``lmstream serve`` refuses them.
+  lists, bytes and other objects are refused, as ``lmstream serve`` refuses them. An empty
+  value is a value, in every front end alike: it is inserted as nothing (an optional part
+  of a prompt, a blank cell in a batch file); only a value that is missing is refused.
 
 A template is parsed once into literal pieces and names, so rendering is one join, linear in
 the length of the text and in the number of placeholders.
@@ -64,7 +69,7 @@ def _texts(values: Mapping[str, Any]) -> dict[str, str]:
 class Template:
     """A prompt text with ``{{name}}`` placeholders (whitespace inside the braces allowed)."""
 
-    __slots__ = ("_invalid", "_parts", "text", "variables")
+    __slots__ = ("_invalid", "_parts", "_unclosed", "text", "variables")
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -72,7 +77,9 @@ class Template:
         parts: list[str] = []
         literal: list[str] = []
         seen: dict[str, None] = {}
-        self._invalid: tuple[str, int] | None = None
+        # The first bad placeholder and the first unclosed "{{": (text, line, column).
+        self._invalid: tuple[str, int, int] | None = None
+        self._unclosed: tuple[str, int, int] | None = None
         pos = 0
         for match in _PLACEHOLDER.finditer(text):
             start = match.start()
@@ -84,6 +91,11 @@ class Template:
             literal.append("\\" * (count // 2))
             inside = match.group(1)
             if count % 2 or inside is None:  # escaped, or no closing braces: plain text
+                if not count % 2 and self._unclosed is None:
+                    end = text.find("\n", start)
+                    rest = text[start : end if end >= 0 else len(text)]
+                    shown = rest if len(rest) <= 24 else rest[:23] + "…"
+                    self._unclosed = (shown, *_position(text, start))
                 literal.append(match.group())
             elif _NAME.fullmatch(inside):
                 parts.append("".join(literal))
@@ -92,7 +104,7 @@ class Template:
                 seen.setdefault(inside, None)
             else:
                 if self._invalid is None:
-                    self._invalid = (match.group(), text.count("\n", 0, start) + 1)
+                    self._invalid = (match.group(), *_position(text, start))
                 literal.append(match.group())
             pos = match.end()
         literal.append(text[pos:])
@@ -103,11 +115,17 @@ class Template:
     def __repr__(self) -> str:
         return f"Template(variables={list(self.variables)!r})"
 
-    def check(self, where: str = "template") -> None:
-        """Raise InvalidPlaceholder if a ``{{...}}`` holds something that is not a name."""
+    def check(self, where: str = "template", *, strict: bool = False) -> None:
+        """Raise InvalidPlaceholder if a ``{{...}}`` holds something that is not a name, and,
+        when ``strict`` (saving), if a ``{{`` is not closed on its line."""
         if self._invalid is not None:
-            placeholder, line = self._invalid
-            raise InvalidPlaceholder(placeholder, line=line, where=where)
+            placeholder, line, column = self._invalid
+            raise InvalidPlaceholder(placeholder, line=line, column=column, where=where)
+        if strict and self._unclosed is not None:
+            placeholder, line, column = self._unclosed
+            raise InvalidPlaceholder(
+                placeholder, line=line, column=column, where=where, unclosed=True
+            )
 
     def render(self, values: Mapping[str, Any] | None = None, *, allow_extra: bool = False) -> str:
         """The text with every placeholder replaced by ``str(value)``.
@@ -141,9 +159,16 @@ def _check_names(used: tuple[str, ...], values: Mapping[str, Any], *, allow_extr
             raise UnknownVariables(extra, used)
 
 
-def check_placeholders(text: str, *, where: str = "template") -> None:
-    """Raise InvalidPlaceholder if ``text`` has a placeholder that is not a variable name."""
-    Template(text).check(where)
+def _position(text: str, index: int) -> tuple[int, int]:
+    """The 1-based line and column of ``text[index]``."""
+    line_start = text.rfind("\n", 0, index) + 1
+    return text.count("\n", 0, index) + 1, index - line_start + 1
+
+
+def check_placeholders(text: str, *, where: str = "template", strict: bool = True) -> None:
+    """Raise InvalidPlaceholder if ``text`` has a placeholder that is not a variable name or,
+    when ``strict`` (the default: this is the check for saving), a ``{{`` left unclosed."""
+    Template(text).check(where, strict=strict)
 
 
 @dataclass(frozen=True)

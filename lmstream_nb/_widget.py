@@ -19,8 +19,9 @@ import ipywidgets as w
 
 from ._client import LMStudioClient
 from ._config import Budgets, parse_seconds, resolve_base_url
-from ._errors import LMStreamError
+from ._errors import InvalidSetting, LMStreamError, render
 from ._outcome import ending
+from ._prompt_fields import check_max_tokens, check_temperature, describe_setting
 from ._run import RunResult, arun, default_store
 from ._store import PromptStore
 from ._template import Prompt, prompt_label
@@ -155,6 +156,11 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
             data["text/plain"] = "lmstream prompt runner"
         return bundle
 
+    def _url_argument(self) -> str | None:
+        """The base URL to pass on: None when it is the one the environment or the default
+        gives, so advice about an unreachable server names where it really came from."""
+        return None if self.base_url == resolve_base_url(None) else self.base_url
+
     # -- prompts and variables -------------------------------------------------------------
 
     @property
@@ -228,10 +234,10 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
 
         async def fetch() -> None:
             try:
-                async with LMStudioClient(self.base_url) as client:
+                async with LMStudioClient(self._url_argument()) as client:
                     chat = await client.chat_models()
             except LMStreamError as exc:
-                self.model_message.value = _error_html(str(exc))
+                self.model_message.value = _error_html(render(exc, "runner"))
                 return
             current = self.model_picker.value
             self.model_picker.options = chat
@@ -250,19 +256,18 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         """Check every field; report problems next to them; None when anything is wrong."""
         ok = True
         settings: dict[str, Any] = {}
-        for field, error, key, kind in (
-            (self.temperature, self.temperature_error, "temperature", float),
-            (self.max_tokens, self.max_tokens_error, "max_tokens", int),
+        for field, error, key, check in (
+            (self.temperature, self.temperature_error, "temperature", check_temperature),
+            (self.max_tokens, self.max_tokens_error, "max_tokens", check_max_tokens),
         ):
             error.value = ""
             text = field.value.strip()
             if not text:
                 continue
             try:
-                settings[key] = kind(text)
-            except ValueError:
-                noun = "a whole number" if kind is int else "a number"
-                error.value = _error_html(f"{text!r} is not {noun}: fix it or leave it empty.")
+                settings[key] = check(_number(text))  # the range every front end keeps
+            except InvalidSetting as exc:
+                error.value = _error_html(render(exc, "runner"))
                 ok = False
         self.budget_error.value = ""
         budgets: dict[str, float | None] = {}
@@ -278,13 +283,9 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         for row, (name, box) in zip(
             self.variables_box.children, self._var_inputs.items(), strict=True
         ):
-            error = row.children[1]
-            if not box.value:
-                error.value = _error_html(f"{name} needs a value.")
-                ok = False
-            else:
-                error.value = ""
-                variables[name] = box.value
+            # An empty value is a value, as everywhere (see _template): it is sent as typed.
+            row.children[1].value = ""
+            variables[name] = box.value
         settings["variables"] = variables
         return settings if ok else None
 
@@ -312,8 +313,9 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
                     variables,
                     model=model,
                     store=self.store,
-                    base_url=self.base_url,
+                    base_url=self._url_argument(),
                     on_event=sink.handle,
+                    interface="runner",
                     **settings,
                 )
             except BaseException as exc:
@@ -359,10 +361,15 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         if not self.editor.value.strip():
             self.save_message.value = _error_html("The template is empty: nothing was saved.")
             return None
-        from dataclasses import replace
-
-        saved = self.store.save_prompt(replace(prompt, template=self.editor.value))
-        self.save_message.value = f"Saved {html.escape(saved.label)}."
+        # The settings of the version being edited are kept (the one rule, _prompt_fields).
+        outcome = self.store.add(prompt.name, self.editor.value, base_version=prompt.version)
+        saved = outcome.prompt
+        if not outcome.created:
+            said = f"Unchanged: {saved.label} already holds this template; no version was added."
+        else:
+            kept = ", ".join(describe_setting(k, getattr(saved, k)) for k in outcome.carried)
+            said = f"Saved {saved.label}" + (f" (kept {kept})." if kept else ".")
+        self.save_message.value = html.escape(said)
         self.reload_prompts(select=saved.name)
         self.version_picker.value = saved.version
         return saved
@@ -398,6 +405,17 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
             f"{html.escape(rec.status)}"
             f'{error}<pre style="white-space: pre-wrap">{html.escape(rec.text)}</pre></div>'
         )
+
+
+def _number(text: str) -> object:
+    """What a number field holds: an int or a float if it reads as one, else the text (which
+    the range check then refuses in its own words)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _seconds_text(value: float | None) -> str:

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from . import simulator
 from ._config import Budgets, seconds_argument
-from ._errors import LMStreamError, PromptNotFound, TemplateError
+from ._errors import InvalidSetting, LMStreamError, PromptNotFound, TemplateError, render
 from ._history import STATUSES as RUN_STATUSES
+from ._prompt_fields import KEEP, describe_setting
 from ._template import Prompt, prompt_label
 from .bench import FAULT_KINDS
 
 if TYPE_CHECKING:
-    from ._store import PromptStore
+    from ._store import PromptStore, SavedVersion
 
 # A command imports what it uses when it runs (the HTTP client, the database, asyncio, the
 # simulator's server), so `lmstream --help` and quick commands start fast.
@@ -195,6 +196,23 @@ class _HelpFormatter(argparse.HelpFormatter):
         return help_text(action)
 
 
+def _cleared(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` for a setting of ``prompts add``: '' or none clears it (None)."""
+
+    def parse(text: str) -> Any:
+        if text.strip().lower() in ("", "none"):
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            noun = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {noun}: give one, or none to drop the setting."
+            ) from None
+
+    return parse
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (no usage block), with exit status 2,
     and shows every option's default in its help."""
@@ -267,22 +285,36 @@ def build_parser() -> argparse.ArgumentParser:
     p_add.add_argument(
         "--file", "-f", type=_readable_file, help="read the template from a file (default: none)"
     )
+    # Each setting left out is kept from the latest version; '' (or none) drops it.
+    kept = "(default: kept from the latest version; '' or none drops it)"
     p_add.add_argument(
-        "--system", help="system prompt, may use {{KEY}} placeholders (default: none)"
+        "--system",
+        type=_cleared(str),
+        default=KEEP,
+        help=f"system prompt, may use {{{{KEY}}}} placeholders {kept}",
     )
-    p_add.add_argument("--model", help="model id to run it with (default: the server's)")
+    p_add.add_argument(
+        "--model", type=_cleared(str), default=KEEP, help=f"model id to run it with {kept}"
+    )
     p_add.add_argument(
         "--temperature",
-        type=_prompt_setting("temperature"),
-        help="sampling temperature, 0 to 2 (default: the server's)",
+        type=_cleared(_prompt_setting("temperature")),
+        default=KEEP,
+        help=f"sampling temperature, 0 to 2 {kept}",
     )
     p_add.add_argument(
         "--max-tokens",
-        type=_prompt_setting("max_tokens"),
+        type=_cleared(_prompt_setting("max_tokens")),
+        default=KEEP,
         metavar="N",
-        help="answer tokens at most, -1 for no limit (default: the server's)",
+        help=f"answer tokens at most, -1 for no limit {kept}",
     )
-    p_add.add_argument("--description", help="one line saying what it is for (default: none)")
+    p_add.add_argument(
+        "--description",
+        type=_cleared(str),
+        default=KEEP,
+        help=f"one line saying what it is for {kept}",
+    )
     p_list = psub.add_parser("list", help="list stored prompts (latest versions)")
     _add_json_option(p_list)
     p_show = psub.add_parser("show", help="show one prompt")
@@ -606,7 +638,7 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         prompt.render(values)  # refuse missing or unknown variables before anything is sent
     except TemplateError as exc:
-        err.write(f"lmstream: {exc}\n")
+        err.write(f"lmstream: {render(exc, 'cli')}\n")
         return EXIT_USAGE
     sink = TerminalSink(out, err, as_json=args.json)
     async with LMStudioClient(args.base_url, budgets=_budgets(args)) as client:
@@ -622,6 +654,7 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 max_tokens=args.max_tokens,
                 budgets=_budgets(args),
                 raise_errors=False,
+                interface="cli",
             )
         finally:
             sink.close()
@@ -707,6 +740,7 @@ async def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             resume=args.resume,
             batch_id=batch_id,
             max_tokens=args.max_tokens,
+            interface="cli",
         )
     except (KeyboardInterrupt, asyncio.CancelledError):
         err.write(
@@ -983,7 +1017,7 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             err.write("lmstream: give the template as an argument, with --file, or '-'.\n")
             return EXIT_USAGE
         try:
-            saved = store.save(
+            saved = store.add(
                 args.name,
                 template,
                 system=args.system,
@@ -993,10 +1027,9 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 description=args.description,
             )
         except (ValueError, TemplateError) as exc:
-            err.write(f"lmstream: {exc}\n")
+            err.write(f"lmstream: {render(exc, 'cli')}\n")
             return EXIT_USAGE
-        variables = ", ".join(saved.variables) or "none"
-        out.write(f"Saved {saved.label} (variables: {variables}).\n")
+        out.write(_saved_lines(saved))
     elif action == "list":
         prompts = store.list()
         if args.json:
@@ -1058,12 +1091,35 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         files = store.export(args.folder, force=args.force)
         out.write(f"Wrote {len(files)} prompt file(s) to {args.folder}.\n")
     elif action == "import":
-        imported = store.import_(args.folder)
-        out.write(
-            f"Imported {len(imported)} prompt(s): "
-            f"{', '.join(p.label for p in imported) or 'none'}.\n"
-        )
+        imported = store.import_versions(args.folder)
+        added = [s.prompt.label for s in imported if s.created]
+        same = [s.prompt.label for s in imported if not s.created]
+        out.write(f"Imported {len(added)} new version(s): {', '.join(added) or 'none'}.\n")
+        if same:
+            out.write(f"Unchanged (no new version): {', '.join(same)}.\n")
     return EXIT_OK
+
+
+def _saved_lines(saved: SavedVersion) -> str:
+    """What ``prompts add`` did: the version, then one line per setting kept or dropped."""
+    prompt, base = saved.prompt, saved.base
+    if not saved.created:
+        return (
+            f"Unchanged: {prompt.label} already holds this template and these settings, so no "
+            "version was added.\n"
+        )
+    lines = [f"Saved {prompt.label} (variables: {', '.join(prompt.variables) or 'none'}).\n"]
+    if base is not None:
+        for key in saved.carried:
+            flag = "--" + key.replace("_", "-")
+            drop = f"{flag} none" if key in ("temperature", "max_tokens") else f"{flag} ''"
+            lines.append(
+                f"Kept from {base.label}: {describe_setting(key, getattr(prompt, key))} "
+                f"({drop} drops it).\n"
+            )
+        for key in saved.dropped:
+            lines.append(f"Dropped: {describe_setting(key, getattr(base, key))} of {base.label}.\n")
+    return "".join(lines)
 
 
 def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -1206,8 +1262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         return asyncio.run(commands[args.command](args, out, err))
     except LMStreamError as exc:
-        err.write(f"lmstream: {exc}\n")
-        return EXIT_FAILED
+        err.write(f"lmstream: {render(exc, 'cli')}\n")
+        # A bad value in the command itself is a usage error; nothing was sent.
+        return EXIT_USAGE if isinstance(exc, (TemplateError, InvalidSetting)) else EXIT_FAILED
     except KeyboardInterrupt:
         out.flush()
         err.write(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmstream_nb import PromptStore, simulator
+from lmstream_nb._prompt_fields import RULES
 
 
 @pytest.fixture
@@ -268,3 +270,144 @@ def test_a_placeholder_that_is_no_name_is_a_usage_error(home: Path) -> None:
     assert result.stderr.count("\n") == 1
     assert "{{first name}}" in result.stderr
     assert json.loads(lmstream("prompts", "list", "--json").stdout) == []
+
+
+@pytest.mark.parametrize(
+    ("template", "fragment"),
+    [
+        ("Hi {{name", "placeholder {{name at line 1, column 4 that is not closed"),
+        ("Hi {{ 1x }}", "placeholder {{ 1x }} at line 1, column 4"),
+        ("Hi {{my name}}", "whose inside is not a variable name"),
+    ],
+)
+def test_prompts_add_reports_a_placeholder_typo_and_saves_nothing(
+    home: Path, template: str, fragment: str
+) -> None:
+    added = lmstream("prompts", "add", "typo", template)
+    assert added.returncode == 2
+    assert fragment in added.stderr
+    assert "{{my_var}}" in added.stderr  # the allowed form
+    assert added.stderr.count("\n") == 1
+    assert "Traceback" not in added.stderr
+    assert lmstream("prompts", "list", "--json").stdout.strip() == "[]"
+
+
+def test_prompts_add_keeps_unchanged_settings_and_says_so_one_line_each(home: Path) -> None:
+    first = lmstream(
+        "prompts", "add", "greet", "Hi {{name}}", "--system", "Be kind", "--temperature", "0.2"
+    )
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "Saved greet@1 (variables: name).\n"
+    second = lmstream("prompts", "add", "greet", "Hello {{name}}", "--temperature", "none")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.splitlines() == [
+        "Saved greet@2 (variables: name).",
+        "Kept from greet@1: the system prompt (--system '' drops it).",
+        "Dropped: temperature 0.2 of greet@1.",
+    ]
+    shown = json.loads(lmstream("prompts", "show", "greet", "--json").stdout)
+    assert (shown["system"], shown["temperature"]) == ("Be kind", None)
+    same = lmstream("prompts", "add", "greet", "Hello {{name}}")
+    assert same.returncode == 0, same.stderr
+    assert same.stdout.startswith("Unchanged: greet@2 already holds this template")
+    versions = json.loads(lmstream("prompts", "versions", "greet", "--json").stdout)
+    assert [v["version"] for v in versions] == [1, 2]
+
+
+def test_prompts_import_twice_says_unchanged_and_adds_no_version(
+    home: Path, tmp_path: Path
+) -> None:
+    library = tmp_path / "library"
+    library.mkdir()
+    (library / "a.toml").write_text('template = "A {{x}}"\nsystem = "S"\n', encoding="utf-8")
+    (library / "b.toml").write_text('template = "B"\n', encoding="utf-8")
+    first = lmstream("prompts", "import", str(library))
+    assert first.stdout == "Imported 2 new version(s): a@1, b@1.\n"
+    (library / "b.toml").write_text('template = "B, edited"\n', encoding="utf-8")
+    again = lmstream("prompts", "import", str(library))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines() == [
+        "Imported 1 new version(s): b@2.",
+        "Unchanged (no new version): a@1.",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "shown", "setting"),
+    [
+        ("--temperature", "5", "5.0", "temperature"),
+        ("--temperature", "-1", "-1.0", "temperature"),
+        ("--max-tokens", "0", "0", "max_tokens"),
+        ("--max-tokens", "-2", "-2", "max_tokens"),
+    ],
+)
+def test_run_and_batch_refuse_settings_out_of_range_like_every_front_end(
+    home: Path,
+    tmp_path: Path,
+    sim: simulator.SimServer,
+    option: str,
+    value: str,
+    shown: str,
+    setting: str,
+) -> None:
+    expected = (
+        f"lmstream: {option} {shown} is not {RULES[setting]}: give {option} such a value, "
+        "or leave it out for the prompt's own.\n"
+    )
+    ran = lmstream("run", "Say {{x}}", "--var", "x=hi", option, value, "--base-url", sim.base_url)
+    assert (ran.returncode, ran.stderr) == (2, expected)
+    lmstream("prompts", "add", "say", "Say {{x}}")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"x": "hi"}\n', encoding="utf-8")
+    if option == "--max-tokens":  # batch has no --temperature
+        batch = lmstream("batch", "say", str(rows), option, value, "--base-url", sim.base_url)
+        assert (batch.returncode, batch.stderr) == (2, expected)
+    assert json.loads(lmstream("history", "--json").stdout) == [], "nothing was sent"
+
+
+def test_an_empty_value_is_sent_as_typed_and_no_limit_is_minus_one(
+    home: Path, sim: simulator.SimServer
+) -> None:
+    ran = lmstream(
+        "run", "Say {{x}}!", "--var", "x=", "--max-tokens", "-1", "--base-url", sim.base_url
+    )
+    assert ran.returncode == 0, ran.stderr
+    [run] = json.loads(lmstream("history", "--json").stdout)
+    record = json.loads(lmstream("history", "--run", str(run["id"]), "--json").stdout)
+    assert record["messages"] == [{"role": "user", "content": "Say !"}]
+
+
+def test_advice_names_the_command_line_options(home: Path, sim: simulator.SimServer) -> None:
+    missing = lmstream("run", "Say {{x}} to {{y}}", "--base-url", sim.base_url)
+    assert missing.returncode == 2
+    assert "add --var x=... --var y=... and run again." in missing.stderr
+    stalled = lmstream(
+        "run",
+        'Tell me a story. [[sim {"stall_at": 3, "stall_s": 30}]]',
+        "--idle-timeout",
+        "0.5",
+        "--base-url",
+        sim.base_url,
+    )
+    assert stalled.returncode == 1
+    assert "kept above and in `lmstream history`; raise --idle-timeout" in stalled.stderr
+    assert "partial_text" not in stalled.stderr
+    assert "idle_timeout" not in stalled.stderr
+    [run] = json.loads(lmstream("history", "--status", "stalled", "--json").stdout)
+    assert "raise --idle-timeout" in run["error"], "recorded in the words it was shown in"
+
+
+def test_unreachable_server_advice_names_where_the_url_came_from(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    given = lmstream("models", "--base-url", dead)
+    assert given.returncode == 1
+    assert "or give --base-url where it listens." in given.stderr
+    monkeypatch.setenv("LMSTREAM_BASE_URL", dead)
+    from_env = lmstream("models")
+    assert "or fix the environment variable LMSTREAM_BASE_URL, which gave this address" in (
+        from_env.stderr
+    )

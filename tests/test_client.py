@@ -30,6 +30,7 @@ from lmstream_nb import (
     simulator,
 )
 from lmstream_nb._client import ChatStream
+from lmstream_nb._errors import render
 
 pytestmark = pytest.mark.anyio
 
@@ -226,7 +227,8 @@ async def test_model_not_found_404(sim: simulator.SimServer) -> None:
             await client.stream_chat("Hi", model="nope", sim=scenario).collect()
     assert info.value.status == 404
     assert info.value.model == "nope"
-    assert "lmstream models" in str(info.value)
+    assert "SyncLMStudioClient().list_models()" in str(info.value)
+    assert "`lmstream models`" in render(info.value, "cli")
 
 
 async def test_unknown_model_id_400(sim: simulator.SimServer) -> None:

@@ -14,6 +14,7 @@ import pytest
 from notebook_kernel import Kernel, running_kernel
 
 from lmstream_nb import PromptStore, simulator
+from lmstream_nb._prompt_fields import RULES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -105,6 +106,24 @@ def test_save_then_run_stored_prompt_with_assignments(kernel: Kernel, home: Path
     assert line.status == "ok", line.error()
 
 
+def test_save_keeps_the_settings_left_off_the_line(kernel: Kernel, home: Path) -> None:
+    first = kernel.execute(
+        '%%lmstream --save keeper --system "Be brief." --temperature 0.3 --max-tokens 4\nHi'
+    )
+    assert first.status == "ok", first.error()
+    again = kernel.execute("%%lmstream --save keeper --max-tokens 4\nHello again")
+    assert again.status == "ok", again.error()
+    same = kernel.execute("%%lmstream --save keeper --max-tokens 4\nHello again")
+    assert same.status == "ok", same.error()
+    with PromptStore(home / "lmstream.db") as store:
+        versions = store.versions("keeper")
+        [last] = store.history(limit=1)
+        messages = store.get_run(last.id).messages
+    assert [p.version for p in versions] == [1, 2], "the same cell again adds no version"
+    assert (versions[1].system, versions[1].temperature) == ("Be brief.", 0.3)
+    assert messages[0] == {"role": "system", "content": "Be brief."}
+
+
 def test_output_option_assigns_and_returns_nothing(kernel: Kernel) -> None:
     cell = kernel.execute("%%lmstream -o answer --max-tokens 5\nHi")
     assert cell.status == "ok", cell.error()
@@ -148,10 +167,36 @@ def test_stall_keeps_partial_text_and_says_why(kernel: Kernel) -> None:
     err = cell.error()
     assert err is not None
     assert err["ename"] == "StreamStalled"
+    [said] = err["traceback"]
+    assert "kept in the cell's output; raise --idle-timeout (or %lmstream config" in said
+    assert "partial_text" not in said
     [partial] = cell.plain()
     assert len(partial.split()) == 5
     [widget] = cell.widget_ids()
     assert kernel.widget_state(widget)["status"]["state"] == "failed"
+
+
+def test_settings_follow_the_rules_every_front_end_keeps(
+    kernel: Kernel, msim: simulator.SimServer, home: Path
+) -> None:
+    before = len(msim.records())
+    for line, shown, setting in (
+        ("--temperature 5", "--temperature 5.0", "temperature"),
+        ("--max-tokens 0", "--max-tokens 0", "max_tokens"),
+    ):
+        cell = kernel.execute(f"%%lmstream {line}\nHi")
+        assert cell.status == "error"
+        err = cell.error()
+        assert err is not None
+        assert err["ename"] == "InvalidSetting"
+        assert f"{shown} is not {RULES[setting]}: give" in err["traceback"][0]
+        assert cell.widget_ids() == [], "refused before a view is shown"
+    assert len(msim.records()) == before
+    empty = kernel.execute("%%lmstream --var thing= --max-tokens -1\nSay {{thing}}!")
+    assert empty.status == "ok", empty.error()
+    with PromptStore(home / "lmstream.db") as store:
+        [last] = store.history(limit=1)
+        assert store.get_run(last.id).messages == [{"role": "user", "content": "Say !"}]
 
 
 def test_interrupt_stops_the_stream_and_records_cancelled(kernel: Kernel, home: Path) -> None:

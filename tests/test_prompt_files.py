@@ -66,6 +66,24 @@ def test_import_names_from_file_stem_and_adds_versions(store: PromptStore, tmp_p
     assert store.import_(tmp_path / "in" / "..") == []  # no *.toml there
 
 
+def test_importing_the_same_library_twice_adds_no_versions(
+    store: PromptStore, tmp_path: Path
+) -> None:
+    store.save("a", "A {{x}}", system="S", temperature=0.2)
+    store.save("b", "B", description="bee")
+    folder = tmp_path / "library"
+    store.export(folder)
+    again = store.import_versions(folder)
+    assert [(s.prompt.label, s.created) for s in again] == [("a@1", False), ("b@1", False)]
+    assert store.import_(folder) == [store.get("a"), store.get("b")]
+    (folder / "b.toml").write_text('template = "B changed"\n', encoding="utf-8")
+    changed = store.import_versions(folder)
+    assert [(s.prompt.label, s.created) for s in changed] == [("a@1", False), ("b@2", True)]
+    # A file says everything about its prompt: a key it leaves out is cleared, not kept.
+    assert changed[1].dropped == ("description",)
+    assert store.get("b").description is None
+
+
 BAD_FILES = [
     pytest.param('template = "a"\nmodel = = 3\n', 2, "not valid TOML", id="syntax"),
     pytest.param('template = """never closed\n\nstill open\n', 3, "not valid TOML", id="eof"),
@@ -126,19 +144,27 @@ def test_import_from_a_missing_folder(store: PromptStore, tmp_path: Path) -> Non
     one_sentence(str(caught.value))
 
 
-def test_a_placeholder_that_is_no_name_is_named_by_file_and_line(
-    store: PromptStore, tmp_path: Path
+@pytest.mark.parametrize(
+    ("body", "line", "fragments"),
+    [
+        ("first line\nHello {{my name}}\n", 4, ("{{my name}}", "not a variable name")),
+        ("first line\nHello {{name\n", 4, ("{{name", "not closed")),
+    ],
+)
+def test_a_placeholder_typo_is_named_by_file_and_line(
+    store: PromptStore, tmp_path: Path, body: str, line: int, fragments: tuple[str, ...]
 ) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "p.toml").write_text(
-        'description = "d"\ntemplate = """\nfirst line\nHello {{my name}}\n"""\n', encoding="utf-8"
+        f'description = "d"\ntemplate = """\n{body}"""\n', encoding="utf-8"
     )
     with pytest.raises(PromptFileError) as caught:
         store.import_(folder)
-    assert caught.value.line == 4
-    assert "{{my name}}" in str(caught.value)
-    assert "at line 4" in str(caught.value)
+    assert caught.value.line == line
+    assert f"at line {line}" in str(caught.value)
+    for fragment in fragments:
+        assert fragment in str(caught.value)
     one_sentence(str(caught.value))
     assert store.list() == []
 

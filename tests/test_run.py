@@ -17,6 +17,7 @@ from waiting import wait_until
 from lmstream_nb import (
     Budgets,
     HTTPStatusError,
+    InvalidSetting,
     LMStudioClient,
     MissingVariables,
     Prompt,
@@ -29,9 +30,11 @@ from lmstream_nb import (
     arun,
     history,
     run,
+    run_many,
     simulator,
     stats,
 )
+from lmstream_nb._errors import render
 
 MODEL = "lmstream-sim-8b"
 
@@ -84,7 +87,7 @@ def test_run_stored_prompt_records_everything(sim: simulator.SimServer, store: P
 
 
 def test_run_records_the_exact_version(sim: simulator.SimServer, store: PromptStore) -> None:
-    store.save("summary", "Version two about {{topic}}.")
+    store.save("summary", "Version two about {{topic}}.", system=None)  # drop {{team}}
     with sync_client(sim) as client:
         latest = run("summary", {"topic": "x"}, store=store, client=client)
         first = run(
@@ -471,3 +474,50 @@ async def test_a_run_cancelled_while_its_row_is_written_is_recorded_as_cancelled
     [run] = store.history()
     assert run.status == "cancelled"
     store.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shown"),
+    [
+        ({"temperature": 5}, "temperature=5 is not a number from 0 to 2"),
+        ({"max_tokens": 0}, "max_tokens=0 is not a whole number from 1 to 2147483647, or -1"),
+    ],
+)
+def test_settings_out_of_range_are_refused_before_anything_is_recorded(
+    sim: simulator.SimServer, store: PromptStore, kwargs: dict[str, Any], shown: str
+) -> None:
+    with pytest.raises(InvalidSetting) as caught:
+        run(Prompt("Say {{x}}"), {"x": "hi"}, store=store, base_url=sim.base_url, **kwargs)
+    assert str(caught.value).startswith(shown)
+    assert str(caught.value).endswith("= such a value.")  # the keyword argument to fix
+    with pytest.raises(InvalidSetting):  # a batch refuses it once, before any row
+        run_many(
+            Prompt("Say {{x}}"),
+            [{"x": "a"}],
+            store=store,
+            base_url=sim.base_url,
+            progress=False,
+            **kwargs,
+        )
+    with pytest.raises(InvalidSetting):  # an inline prompt's own setting too
+        run(Prompt("Say {{x}}", **kwargs), {"x": "hi"}, store=store, base_url=sim.base_url)
+    assert len(store.history()) == 0
+
+
+def test_python_errors_name_keyword_arguments_and_attributes(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    with pytest.raises(StreamStalled) as caught:
+        run(
+            Prompt('Story. [[sim {"stall_at": 3, "stall_s": 30}]]'),
+            store=store,
+            base_url=sim.base_url,
+            budgets=Budgets(idle=0.5),
+        )
+    said = str(caught.value)
+    assert "kept in .partial_text; raise idle_timeout" in said
+    assert render(caught.value) == said == render(caught.value, "python")
+    assert "--idle-timeout" in render(caught.value, "cli")
+    assert "Idle s (under Advanced)" in render(caught.value, "runner")
+    [recorded] = store.history()
+    assert recorded.error == said

@@ -38,6 +38,7 @@ from lmstream_nb._errors import (
     RunNotFound,
     StoreError,
     StoreUnavailable,
+    render,
 )
 from lmstream_nb._migrations import APPLICATION_ID, LATEST_VERSION
 from lmstream_nb._owners import current_owner
@@ -173,8 +174,8 @@ def test_save_prompt_takes_name_from_argument_or_prompt(store: PromptStore) -> N
     assert (saved.name, saved.version, saved.template, saved.system) == ("given", 1, "T {{x}}", "S")
     assert saved.temperature == 1.0
     assert isinstance(saved.temperature, float)
-    again = store.save_prompt(saved)
-    assert (again.name, again.version) == ("given", 2)
+    again = store.save_prompt(saved)  # the same content: no new version
+    assert (again.name, again.version) == ("given", 1)
     with pytest.raises(ValueError, match="no name") as caught:
         store.save_prompt(prompt)
     one_sentence(str(caught.value))
@@ -199,15 +200,16 @@ def test_save_prompt_takes_name_from_argument_or_prompt(store: PromptStore) -> N
         ({"name": "\ufeffbom"}, "U+FEFF (ZERO WIDTH NO-BREAK SPACE)"),
         ({"name": "iso\u2066late"}, "U+2066 (LEFT-TO-RIGHT ISOLATE)"),
         ({"name": "soft\u00adhyphen"}, "U+00AD (SOFT HYPHEN)"),
-        ({"temperature": -0.1}, "outside 0 to 2"),
-        ({"temperature": 2.5}, "outside 0 to 2"),
-        ({"temperature": math.nan}, "outside 0 to 2"),
-        ({"temperature": "hot"}, "must be a number"),
-        ({"temperature": True}, "must be a number"),
-        ({"max_tokens": 0}, "max_tokens is 0"),
-        ({"max_tokens": -2}, "max_tokens is -2"),
-        ({"max_tokens": 1.5}, "must be an integer"),
-        ({"max_tokens": True}, "must be an integer"),
+        ({"temperature": -0.1}, "temperature=-0.1 is not a number from 0 to 2"),
+        ({"temperature": 2.5}, "temperature=2.5 is not a number from 0 to 2"),
+        ({"temperature": math.nan}, "temperature=nan is not a number from 0 to 2"),
+        ({"temperature": "hot"}, "temperature='hot' is not a number from 0 to 2"),
+        ({"temperature": True}, "temperature=True is not a number"),
+        ({"max_tokens": 0}, "max_tokens=0 is not a whole number from 1 to 2147483647, or -1"),
+        ({"max_tokens": -2}, "max_tokens=-2 is not a whole number"),
+        ({"max_tokens": 2**31}, "max_tokens=2147483648 is not a whole number"),
+        ({"max_tokens": 1.5}, "max_tokens=1.5 is not a whole number"),
+        ({"max_tokens": True}, "max_tokens=True is not a whole number"),
         ({"template": None}, "template must be text"),
         ({"system": 3}, "system must be text"),
     ],
@@ -222,11 +224,61 @@ def test_save_refuses_bad_values_with_one_sentence(
     assert store.list() == []
 
 
+def test_a_new_version_keeps_the_settings_not_given_and_clears_those_given_as_none(
+    store: PromptStore,
+) -> None:
+    first = store.add(
+        "p", "v1", system="S", model="m", temperature=0.3, max_tokens=50, description="d"
+    )
+    assert (first.created, first.carried, first.dropped, first.base) == (True, (), (), None)
+    second = store.add("p", "v2 {{x}}", temperature=0.7, description=None)
+    assert second.created
+    assert second.carried == ("system", "model", "max_tokens")
+    assert second.dropped == ("description",)
+    assert second.base == first.prompt
+    kept = second.prompt
+    assert (kept.version, kept.template, kept.system, kept.model) == (2, "v2 {{x}}", "S", "m")
+    assert (kept.temperature, kept.max_tokens, kept.description) == (0.7, 50, None)
+    assert store.get("p") == kept
+    # save() and save_prompt() follow the same rule: save() keeps, a whole Prompt is exact.
+    assert store.save("p", "v3").system == "S"
+    assert store.save_prompt(Prompt(template="v4"), name="p").system is None
+
+
+def test_a_version_can_revise_an_older_version(store: PromptStore) -> None:
+    store.save("p", "one", system="old system")
+    store.save("p", "two", system="new system")
+    saved = store.add("p", "three", base_version=1)
+    assert (saved.prompt.version, saved.prompt.system) == (3, "old system")
+    assert saved.base is not None
+    assert saved.base.version == 1
+    with pytest.raises(PromptNotFound, match="has no version 9"):
+        store.add("p", "four", base_version=9)
+
+
+def test_saving_what_the_latest_version_holds_adds_no_version(store: PromptStore) -> None:
+    store.save("p", "text {{x}}", system="S", temperature=0.5)
+    store.save("p", "other")
+    back = store.add("p", "text {{x}}", temperature=0.5)  # the system is kept: as version 1
+    assert back.created
+    assert back.prompt.version == 3
+    same = store.add("p", "text {{x}}")
+    assert not same.created
+    assert same.prompt == back.prompt
+    assert store.save("p", "text {{x}}", system="S", temperature=0.5).version == 3
+    assert [v.version for v in store.versions("p")] == [1, 2, 3]
+    store.delete("p")  # a deleted prompt saved again is a new version, even with that text
+    assert store.add("p", "text {{x}}").prompt.version == 4
+
+
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
         ({"template": "Hi {{my name}}"}, "The template has the placeholder {{my name}}"),
         ({"system": "You are {{1x}}"}, "The system prompt has the placeholder {{1x}}"),
+        ({"template": "Hi {{name"}, "The template has a placeholder {{name at line 1, column 4"),
+        ({"template": "Hi {{name}"}, "The template has a placeholder {{name}"),
+        ({"system": "a\n{{ x\n}}"}, "The system prompt has a placeholder {{ x at line 2"),
     ],
 )
 def test_save_refuses_a_placeholder_that_is_no_name(
@@ -267,7 +319,9 @@ def test_prompt_not_found_suggests_close_names(store: PromptStore) -> None:
     with pytest.raises(PromptNotFound) as caught:
         store.versions("zzz")
     assert caught.value.suggestions == ()
-    assert "lmstream prompts list" in str(caught.value)
+    assert "see PromptStore().list() for the names there are" in str(caught.value)
+    assert "see `lmstream prompts list` for the names" in render(caught.value, "cli")
+    assert "see %lmstream prompts for the names" in render(caught.value, "magic")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -781,7 +835,7 @@ path = sys.argv[1]
 print("ready", flush=True)
 sys.stdin.readline()  # the start signal (or end of input if the test gave up)
 with PromptStore(path) as store:
-    store.save("shared", "t")
+    store.save("shared", f"t from {os.getpid()}")  # each a change, so each a version
 """
 
 

@@ -17,7 +17,7 @@ from lmstream_nb._errors import (
     UnknownVariables,
 )
 from lmstream_nb._store import PromptStore
-from lmstream_nb._template import Prompt, Template
+from lmstream_nb._template import Prompt, Template, check_placeholders
 
 
 def one_sentence(message: str) -> None:
@@ -133,6 +133,45 @@ def test_a_placeholder_that_is_no_name_is_refused(text: str, placeholder: str, l
         Prompt(template=text).render({"ok": 1}, allow_extra=True)
     # Listing what a (perhaps older, stored) template uses still works: only names count.
     assert "my var" not in Prompt(template=text).variables
+
+
+@pytest.mark.parametrize(
+    ("text", "shown", "line", "column"),
+    [
+        ("Hello {{name", "{{name", 1, 7),
+        ("Hello {{name}", "{{name}", 1, 7),
+        ("one\ntwo {{ x\n}}", "{{ x", 2, 5),
+        ("{{ok}} and {{" + "a" * 40, "{{" + "a" * 21 + "…", 1, 12),
+    ],
+)
+def test_an_unclosed_placeholder_is_refused_by_the_save_check_with_its_position(
+    text: str, shown: str, line: int, column: int
+) -> None:
+    with pytest.raises(InvalidPlaceholder) as caught:
+        check_placeholders(text)
+    error = caught.value
+    assert (error.placeholder, error.line, error.column, error.unclosed) == (
+        shown,
+        line,
+        column,
+        True,
+    )
+    assert f"{shown} at line {line}, column {column}" in str(error)
+    assert "{{my_var}}" in str(error)  # the allowed form
+    one_sentence(str(error))
+    # Rendering keeps the documented rule (plain text), so older stored prompts still run.
+    Template(text).render({"ok": 1, "x": 1}, allow_extra=True)
+
+
+def test_an_escaped_or_closed_placeholder_passes_the_save_check() -> None:
+    check_placeholders("\\{{ literal, {{x}}, {{{y}}}, \\{{ no close")
+
+
+def test_a_bad_name_is_reported_with_its_column() -> None:
+    with pytest.raises(InvalidPlaceholder) as caught:
+        check_placeholders("ab\ncd {{ 1x }}")
+    assert (caught.value.line, caught.value.column, caught.value.unclosed) == (2, 4, False)
+    assert "{{ 1x }} at line 2, column 4" in str(caught.value)
 
 
 def test_an_invalid_placeholder_in_the_system_prompt_says_so() -> None:

@@ -13,6 +13,7 @@ from waiting import await_until
 
 from lmstream_nb import PromptRunner, PromptStore, simulator
 from lmstream_nb._outcome import CANCELLED_MESSAGE
+from lmstream_nb._prompt_fields import RULES
 
 pytestmark = pytest.mark.anyio
 
@@ -119,7 +120,6 @@ async def test_bad_values_are_reported_next_to_the_field_and_nothing_is_sent(
     runner.max_tokens.value = "lots"
     assert runner.run() is None
     assert "not a whole number" in runner.max_tokens_error.value
-    assert "topic needs a value" in runner.variables_box.children[0].children[1].value
     runner.max_tokens.value = "5"
     runner.first_token_timeout.value = "-3"
     runner.set_variable("topic", "x")
@@ -127,6 +127,30 @@ async def test_bad_values_are_reported_next_to_the_field_and_nothing_is_sent(
     assert "positive number of seconds" in runner.budget_error.value
     assert len(sim.records()) == before
     assert len(store.history()) == 0
+
+
+async def test_settings_follow_the_rules_every_front_end_keeps(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    runner = await ready(sim.base_url, store)
+    runner.temperature.value = "5"
+    runner.max_tokens.value = "0"
+    assert runner.run() is None
+    shown = html.unescape(runner.temperature_error.value)
+    assert f"Temperature 5 is not {RULES['temperature']}: type such a value in Temperature" in shown
+    shown = html.unescape(runner.max_tokens_error.value)
+    assert f"Max tokens 0 is not {RULES['max_tokens']}" in shown
+    assert len(store.history()) == 0, "nothing was sent"
+    # An empty value is a value, as on the command line, in the magic and in the relay.
+    runner.temperature.value, runner.max_tokens.value = "", "-1"
+    runner.set_variable("topic", "")
+    task = runner.run()
+    assert task is not None
+    result = await asyncio.wait_for(task, 10)
+    assert result is not None
+    assert result.ok
+    [run] = store.history()
+    assert store.get_run(run.id).messages[-1]["content"] == "A haiku about ."
 
 
 async def test_unreachable_server_is_said_in_the_widget_and_runner_recovers(
@@ -138,6 +162,7 @@ async def test_unreachable_server_is_said_in_the_widget_and_runner_recovers(
     runner = PromptRunner(store, dead)
     await asyncio.wait_for(runner.models_task, 10)
     assert "Cannot connect" in runner.model_message.value
+    assert "%lmstream config base_url=... with where it listens" in runner.model_message.value
     runner.set_variable("topic", "x")
     runner.model_picker.options = [MODEL]
     failed = runner.run()
@@ -165,6 +190,24 @@ async def test_save_as_new_version(sim: simulator.SimServer, store: PromptStore)
     assert [p.version for p in store.versions("haiku")] == [1, 2]
     assert runner.version_picker.value == 2
     assert list(runner._var_inputs) == ["topic", "place"]
+
+
+async def test_save_keeps_the_settings_of_the_version_edited(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    store.save("haiku", "A haiku about {{topic}}.", system="Be terse.", temperature=0.4)
+    runner = await ready(sim.base_url, store)
+    runner.prompt_picker.value = "haiku"
+    runner.editor.value = "Two haiku about {{topic}}."
+    saved = runner.save_version()
+    assert saved is not None
+    assert (saved.version, saved.system, saved.temperature) == (3, "Be terse.", 0.4)
+    assert "kept the system prompt, temperature 0.4" in runner.save_message.value
+    again = runner.save_version()
+    assert again is not None
+    assert again.version == 3
+    assert runner.save_message.value.startswith("Unchanged: haiku@3 already holds")
+    assert [p.version for p in store.versions("haiku")] == [1, 2, 3]
 
 
 async def test_two_runners_are_independent(sim: simulator.SimServer, store: PromptStore) -> None:

@@ -19,7 +19,6 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import asdict
 from typing import Any, cast
-from urllib.parse import quote
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,7 +31,15 @@ from starlette.types import Receive, Scope, Send
 
 from .._client import LMStudioClient
 from .._config import Budgets
-from .._errors import LMStreamError, PromptNotFound, RunNotFound, StoreError, TemplateError
+from .._errors import (
+    InvalidSetting,
+    LMStreamError,
+    PromptNotFound,
+    RunNotFound,
+    StoreError,
+    TemplateError,
+    render,
+)
 from .._run import default_store
 from .._store import PromptStore
 from .._template import Prompt, variable_text
@@ -192,29 +199,14 @@ class _Api:
 def _lmstream_error(exc: LMStreamError) -> Response:
     """The status for one of our errors, and its sentence in the API's terms: a web client is
     told where to look in the API, never the path of the server's database."""
-    if isinstance(exc, PromptNotFound) and exc.version is None:
-        # The store's sentence names its file; a web client gets the API's own way to look.
-        fix = (
-            "did you mean " + " or ".join(repr(s) for s in exc.suggestions) + "?"
-            if exc.suggestions
-            else "see GET /api/prompts for the names there are."
-        )
-        return error_response(404, f"No prompt is named {exc.name!r}: {fix}")
-    if isinstance(exc, PromptNotFound):
-        return error_response(
-            404,
-            f"The prompt {exc.name!r} has no version {exc.version}: see GET "
-            f"/api/prompts/{quote(exc.name, safe='')} for the versions it has.",
-        )
-    if isinstance(exc, RunNotFound):
-        return error_response(
-            404, f"No run has id {exc.run_id}: see GET /api/runs for the runs there are."
-        )
-    if isinstance(exc, TemplateError):
-        return error_response(422, str(exc))
+    said = render(exc, "relay")  # the API's own ways to look, never the database's path
+    if isinstance(exc, (PromptNotFound, RunNotFound)):
+        return error_response(404, said)
+    if isinstance(exc, (TemplateError, InvalidSetting)):
+        return error_response(422, said)
     if isinstance(exc, StoreError):
-        return error_response(503, str(exc))  # the database, not the request, is at fault
-    return error_response(502, str(exc))  # the model server refused or could not be reached
+        return error_response(503, said)  # the database, not the request, is at fault
+    return error_response(502, said)  # the model server refused or could not be reached
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:

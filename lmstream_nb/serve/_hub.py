@@ -303,6 +303,7 @@ class Hub:
                     max_tokens=max_tokens,
                     budgets=self.budgets,
                     raise_errors=False,
+                    interface="relay",
                 )
             except asyncio.CancelledError:
                 pass  # recorded as cancelled by arun; we asked for it (DELETE, grace, shutdown)

@@ -13,13 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from .._history import STATUSES
-from .._prompt_fields import MAX_NAME_LENGTH
+from .._prompt_fields import MAX_NAME_LENGTH, MAX_TOKENS, RULES
 
 #: SQLite's largest integer: run ids and versions are looked up as SQL parameters, which
 #: cannot be larger (an id beyond it was an OverflowError deep in the store).
 MAX_ID = 2**63 - 1
-#: The most tokens a run may ask for (what llama.cpp and most servers hold in an int32).
-MAX_TOKENS = 2**31 - 1
 #: The most runs one history request returns.
 MAX_HISTORY = 1000
 #: Longest model id accepted (ids are paths such as "org/model-GGUF/model-Q4_K_M.gguf").
@@ -160,13 +158,17 @@ def openapi(max_body: int = DEFAULT_MAX_BODY) -> dict[str, Any]:
                         },
                         "model": text(MAX_MODEL_LENGTH),
                         "version": integer(1, MAX_ID),
+                        # The ranges every front end keeps (_prompt_fields), in its words.
                         "temperature": {
                             "type": "number",
                             "minimum": 0,
                             "maximum": 2,
-                            "description": "a number from 0 to 2",
+                            "description": RULES["temperature"],
                         },
-                        "max_tokens": integer(1, MAX_TOKENS),
+                        "max_tokens": {
+                            "anyOf": [integer(1, MAX_TOKENS), {"const": -1}],
+                            "description": RULES["max_tokens"],
+                        },
                     },
                 },
                 "CancelRequest": {

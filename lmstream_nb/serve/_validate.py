@@ -39,6 +39,9 @@ import jsonschema_rs
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from .._errors import InvalidSetting, render
+from .._prompt_fields import RULES
+
 __all__ = ["MAX_DEPTH", "ApiError", "Operation", "Operations", "error_response"]
 
 _LONE = "a lone surrogate such as \\ud800"
@@ -127,6 +130,8 @@ def _sentence(error: Any, schema: Mapping[str, Any], subject: str) -> str:
         if not path:
             what = rule_schema.get("description") or "a JSON object"
             return f"The request body must be {what}."
+        if len(path) == 1 and path[0] in RULES:  # a run setting: the words every front end uses
+            return render(InvalidSetting(path[0], instance, RULES[path[0]]), "relay")
         if path[0] == "variables" and len(path) == 2:
             subject = f"The variable {path[1]!r}"
         else:

@@ -14,8 +14,9 @@ import httpx
 import pytest
 from serve_helpers import TIMEOUT, read_events, service, text_of
 
-from lmstream_nb import PromptStore, run, simulator
-from lmstream_nb._errors import MissingVariables, UnknownVariables
+from lmstream_nb import Budgets, PromptStore, run, simulator
+from lmstream_nb._errors import MissingVariables, UnknownVariables, render
+from lmstream_nb._prompt_fields import RULES
 from lmstream_nb.cli import main
 from lmstream_nb.serve import ServeHandle, create_app, serve
 
@@ -137,6 +138,55 @@ def test_run_options_and_an_older_version(client: httpx.Client) -> None:
     assert events[-1].json()["finish_reason"] == "length"
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("temperature", 5), ("temperature", -0.5), ("max_tokens", 0), ("max_tokens", -2)],
+)
+def test_settings_out_of_range_are_refused_with_the_rule_every_front_end_uses(
+    client: httpx.Client, setting: str, value: float
+) -> None:
+    body = {"variables": {"who": "Ada", "lang": "Welsh", "role": "kind"}, setting: value}
+    response = client.post("/api/prompts/greet/runs", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"] == (
+        f'"{setting}": {value!r} is not {RULES[setting]}: send "{setting}" as such a value, '
+        "or leave it out for the prompt's own."
+    )
+    assert client.get("/api/runs").json()["runs"] == []
+
+
+def test_an_empty_value_and_no_token_limit_are_accepted_as_everywhere(
+    client: httpx.Client,
+) -> None:
+    body = {"variables": {"who": "", "lang": "Welsh", "role": "kind"}, "max_tokens": -1}
+    response = client.post("/api/prompts/greet/runs", json=body)
+    assert response.status_code == 201, response.text
+    read_events(client, response.json()["events_url"])
+    run = client.get(response.json()["url"]).json()
+    assert run["messages"][-1]["content"] == "Say hello to  in Welsh, briefly."
+
+
+def test_a_failed_run_says_what_to_do_in_the_relay_s_words(store_path: Path) -> None:
+    stall = simulator.Scenario(stall_at=3, stall_s=30)
+    with (
+        simulator.serve(profile="test-fast", defaults=stall) as stalling,
+        service(store_path, stalling.base_url, budgets=Budgets(idle=0.5)) as server,
+        httpx.Client(base_url=server.url, timeout=TIMEOUT) as client,
+    ):
+        response = client.post("/api/prompts/plain/runs", json={})
+        assert response.status_code == 201, response.text
+        events, _ = read_events(client, response.json()["events_url"])
+        run = client.get(response.json()["url"]).json()
+    [error] = [e.json() for e in events if e.event == "error"]
+    assert error["status"] == "stalled"
+    assert (
+        "are kept in the run (GET /api/runs/ID); start the relay with a larger"
+        in (error["message"])
+    )
+    assert "partial_text" not in error["message"]
+    assert run["error"] == error["message"], "recorded in the words it was sent in"
+
+
 def test_numbers_and_booleans_become_the_same_text_as_in_python(
     client: httpx.Client, store_path: Path, sim: simulator.SimServer
 ) -> None:
@@ -156,11 +206,11 @@ def test_numbers_and_booleans_become_the_same_text_as_in_python(
 @pytest.mark.parametrize(
     ("body", "status", "expected"),
     [
-        ({"variables": {"who": "Ada"}}, 422, str(MissingVariables(["lang", "role"]))),
+        ({"variables": {"who": "Ada"}}, 422, render(MissingVariables(["lang", "role"]), "relay")),
         (
             {"variables": {"who": "A", "lang": "B", "role": "C", "whom": "D"}},
             422,
-            str(UnknownVariables(["whom"], ["role", "who", "lang"])),
+            render(UnknownVariables(["whom"], ["role", "who", "lang"]), "relay"),
         ),
         (
             {"variables": ["who"]},

@@ -188,7 +188,9 @@ def test_a_valid_id_beyond_the_database_is_a_404_without_its_path(
         response = client.request(method, url, json={} if method == "DELETE" else None)
         message = assert_refused(response, 404)
         assert str(store_path) not in message
-        assert message == f"No run has id {2**63 - 1}: see GET /api/runs for the runs there are."
+        assert message == (
+            f"No run with id {2**63 - 1} is recorded: see GET /api/runs for the runs there are."
+        )
 
 
 def raw_request(server: ServeHandle, data: bytes) -> bytes:
