@@ -118,11 +118,14 @@ def _port(text: str) -> int:
 
 
 def _prompt_setting(key: str) -> Callable[[str], Any]:
-    """An argparse ``type`` for ``--temperature`` or ``--max-tokens``, checked by the same rule
-    the prompt store applies, so the CLI refuses what a saved prompt would refuse."""
-    from ._prompt_fields import validate_fields
+    """An argparse ``type`` for ``--temperature`` or ``--max-tokens``, checked by the range rule
+    every entry point applies (check_temperature, check_max_tokens), in the CLI's words."""
+    from ._prompt_fields import check_max_tokens, check_temperature
 
     convert: Callable[[str], Any] = float if key == "temperature" else int
+    check: Callable[[object], object] = (
+        check_temperature if key == "temperature" else check_max_tokens
+    )
 
     def parse(text: str) -> Any:
         try:
@@ -130,11 +133,10 @@ def _prompt_setting(key: str) -> Callable[[str], Any]:
         except ValueError:
             noun = "a number" if key == "temperature" else "a whole number"
             raise argparse.ArgumentTypeError(f"{text!r} is not {noun}: use one.") from None
-        settings = {"temperature": None, "max_tokens": None, key: value}
         try:
-            validate_fields("cli", "", None, None, description=None, **settings)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc).rstrip(".")) from None
+            check(value)
+        except InvalidSetting as exc:
+            raise argparse.ArgumentTypeError(render(exc, "cli").rstrip(".")) from None
         return value
 
     return parse
@@ -222,6 +224,11 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        # argparse says "argument --x: …"; a sentence that already starts with the option
+        # (the shared range rules do) is shown without repeating it.
+        head, sep, rest = message.partition(": ")
+        if sep and head.startswith("argument ") and rest.startswith(head[len("argument ") :]):
+            message = rest
         self.exit(EXIT_USAGE, f"{self.prog}: {message.rstrip('.')} (see {self.prog} --help).\n")
 
 

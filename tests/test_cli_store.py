@@ -350,18 +350,20 @@ def test_run_and_batch_refuse_settings_out_of_range_like_every_front_end(
     shown: str,
     setting: str,
 ) -> None:
-    expected = (
-        f"lmstream: {option} {shown} is not {RULES[setting]}: give {option} such a value, "
-        "or leave it out for the prompt's own.\n"
-    )
+    def expected(command: str) -> str:  # refused while the options are read, by the one rule
+        return (
+            f"lmstream {command}: {option} {shown} is not {RULES[setting]}: give {option} such a "
+            f"value, or leave it out for the prompt's own (see lmstream {command} --help).\n"
+        )
+
     ran = lmstream("run", "Say {{x}}", "--var", "x=hi", option, value, "--base-url", sim.base_url)
-    assert (ran.returncode, ran.stderr) == (2, expected)
+    assert (ran.returncode, ran.stderr) == (2, expected("run"))
     lmstream("prompts", "add", "say", "Say {{x}}")
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"x": "hi"}\n', encoding="utf-8")
     if option == "--max-tokens":  # batch has no --temperature
         batch = lmstream("batch", "say", str(rows), option, value, "--base-url", sim.base_url)
-        assert (batch.returncode, batch.stderr) == (2, expected)
+        assert (batch.returncode, batch.stderr) == (2, expected("batch"))
     assert json.loads(lmstream("history", "--json").stdout) == [], "nothing was sent"
 
 

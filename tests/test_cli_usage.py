@@ -39,7 +39,9 @@ def _bad_values(action: argparse.Action) -> list[str]:
     if action.choices is not None:
         return ["bogus"]
     kind = getattr(action.type, "__qualname__", "")
-    if kind.startswith("_prompt_setting"):
+    if kind.startswith("_cleared") and action.dest not in ("temperature", "max_tokens"):
+        return []  # free text ('' or none drops the setting)
+    if kind.startswith(("_prompt_setting", "_cleared")):
         if action.dest == "temperature":
             return ["warm", "nan", "-0.5", "2.5"]
         return ["many", "1.5", "0", "-2"]
@@ -80,7 +82,10 @@ def test_every_option_that_takes_a_checked_value_has_bad_values() -> None:
         for action in parser._actions:
             if action.nargs == 0 or isinstance(action, argparse._HelpAction):
                 continue
-            if action.type in (None, str, Path) and action.choices is None:
+            free = getattr(action.type, "__qualname__", "").startswith("_cleared") and (
+                action.dest not in ("temperature", "max_tokens")
+            )
+            if (action.type in (None, str, Path) or free) and action.choices is None:
                 continue  # free text or a path that is checked when used
             assert _bad_values(action), (path, action.option_strings or action.dest)
 
@@ -147,8 +152,8 @@ def test_a_bad_value_of_any_option_is_one_line_and_exit_2(command: str, tmp_path
         (["history", "--status", "bogus"], "the status 'bogus' is not known: use one of ok"),
         (["history", "--limit", "-1"], "'-1' is not a number of runs"),
         (["batch", "p", "ROWS", "-c", "0"], "'0' is not a number of rows at once"),
-        (["run", "Hi", "--temperature", "nan"], "is outside 0 to 2"),
-        (["run", "Hi", "--max-tokens", "0"], "use a positive number of tokens, or -1"),
+        (["run", "Hi", "--temperature", "nan"], "is not a number from 0 to 2: give --temperature"),
+        (["run", "Hi", "--max-tokens", "0"], "or -1 for no limit: give --max-tokens"),
         (["run", "Hi", "--base-url", "localhost:1234"], "does not start with http://"),
         (["serve", "--port", "70000"], "'70000' is not a port"),
         (["bench", "--timeouts", "-1"], "'-1' is not a number above 0"),
