@@ -346,9 +346,6 @@ async def arun(
             error_text = CANCELLED_MESSAGE
         else:
             error_text = failed_inside(exc)
-    finally:
-        if own_client:
-            await asyncio.shield(http.aclose())
     if blocking is not None:
         result = RunResult(
             run_id=run_id,
@@ -381,7 +378,6 @@ async def arun(
             prompt=prompt.label,
         )
     result.exception = failure
-    await recorder.settle()
 
     async def record() -> None:
         # The stream's text goes to the store as pieces, then the outcome: a long answer is
@@ -404,9 +400,18 @@ async def arun(
             tokens_per_s=stats.tokens_per_s,
         )
 
+    async def conclude() -> None:
+        # Closing the client, the pending appends and the final write run as one step that a
+        # cancellation (a second Ctrl-C, a batch being stopped) waits for: a cancellation
+        # arriving while the client closes must not skip the write and leave the run unfinished.
+        if own_client:
+            await http.aclose()
+        await recorder.settle()
+        await record()
+
     # The final write carries whatever the appends did not (all of it, if they failed).
     try:
-        await _despite_cancellation(record())
+        await _despite_cancellation(conclude())
     except StoreError as exc:
         # The run could not be recorded (a full disk, a read-only folder): that is what the
         # caller must hear about, unless the run was cancelled, which must stay a cancellation.
