@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import threading
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -34,9 +35,10 @@ from ._run import RunResult, arun, default_store
 from ._store import PromptStore
 from ._template import Prompt, prompt_label
 from ._terminal import TerminalSink, format_stats, table
-from ._view import NotebookSink, StreamView, final_bundle
+from ._view import NotebookSink, StreamView, final_bundle, status_bundle
 
 FORMATS = ("text", "markdown", "code", "json")
+_CLOSE_WAIT_S = 10.0  # for the loop to record a cancelled run and close its view
 
 
 class _SessionDefault:
@@ -109,8 +111,58 @@ def _key_values(items: list[str]) -> dict[str, str]:
     return values
 
 
+class _CellView:
+    """A run's live view in its cell, and what replaces it when the run ends.
+
+    The view is a widget, which a notebook saved and opened without its kernel cannot show
+    ("model not found"). So at the end its output is replaced (the display is updated) by the
+    final status line, and the answer follows as an ordinary output: both need no kernel.
+    """
+
+    def __init__(self, sink: NotebookSink, handle: Any, fmt: str) -> None:
+        self.sink = sink
+        self.handle = handle
+        self.fmt = fmt
+        self.final: dict[str, Any] | None = None
+        self.ok = False
+        self.text: str | None = None
+        self._closed = threading.Event()
+
+    def close(self, outcome: RunResult | BaseException, *, background: bool) -> None:
+        """Paint the ending (on the stream's loop, where its times are read). A blocking
+        cell's error is printed by IPython right below, so only a background view repeats
+        the sentence."""
+        end = ending(outcome)
+        result = outcome if isinstance(outcome, RunResult) else None
+        self.final = self.sink.close(
+            state=end.state,
+            stats=result.stats if result is not None else None,
+            model=result.model if result is not None else None,
+            run_id=end.run_id,
+            message=end.message if background else None,
+        )
+        self.ok = end.ok
+        self.text = result.text if result is not None else self.sink.text
+        self._closed.set()
+
+    def replace(self) -> None:
+        """Swap the view for the status line, then write the answer (if any text came).
+
+        After a Ctrl-C the cell's thread gets here while the loop still records the
+        cancellation and closes the view: it waits for that (bounded)."""
+        if not self._closed.wait(_CLOSE_WAIT_S):
+            self.close(asyncio.CancelledError(), background=False)
+        assert self.final is not None
+        self.handle.update(status_bundle(self.final, self.sink.reasoning), raw=True)
+        if self.text:
+            display(final_bundle(self.text, self.fmt if self.ok else "text"), raw=True)
+
+
 class BackgroundRun:
-    """A run streaming on the kernel's loop while other cells execute."""
+    """A run streaming on the kernel's loop while other cells execute.
+
+    Shown in a notebook, it says how it stands, and the display follows it to its end.
+    """
 
     def __init__(self, task: asyncio.Task[RunResult | None], label: str) -> None:
         self.task = task
@@ -134,8 +186,25 @@ class BackgroundRun:
         return self.task.result()
 
     def __repr__(self) -> str:
-        state = "running" if not self.task.done() else "finished"
+        task = self.task
+        if not task.done():
+            state = "running"
+        elif task.cancelled():
+            state = "cancelled"
+        elif task.exception() is not None or task.result() is None:
+            state = "failed"
+        else:
+            result = task.result()
+            assert result is not None
+            state = f"{ending(result).state}, run #{result.run_id}"
         return f"<BackgroundRun {self.label} {state}>"
+
+    def _ipython_display_(self) -> None:
+        shown = display({"text/plain": repr(self)}, raw=True, display_id=True)
+        if not self.task.done() and shown is not None:
+            self.task.add_done_callback(
+                lambda _: shown.update({"text/plain": repr(self)}, raw=True)
+            )
 
 
 @magics_class
@@ -296,34 +365,10 @@ class LMStreamMagics(Magics):
             return self._run_terminal(prompt, variables, base_url, kwargs, args)
         view = StreamView()
         sink = NotebookSink(view, prompt=prompt.label)
-        display(view)
+        shown = _CellView(sink, display(view, display_id=True), fmt)
         if args.background:
-            return self._run_background(prompt, variables, base_url, kwargs, args, view, sink, fmt)
-        return self._run_blocking(prompt, variables, base_url, kwargs, args, sink, fmt)
-
-    def _finish_view(
-        self,
-        sink: NotebookSink,
-        outcome: RunResult | BaseException,
-        fmt: str,
-        *,
-        background: bool,
-    ) -> None:
-        """Paint the ending and write the text as an ordinary output. A blocking cell's error
-        is printed by IPython right below, so only a background view repeats the sentence."""
-        end = ending(outcome)
-        result = outcome if isinstance(outcome, RunResult) else None
-        sink.close(
-            state=end.state,
-            stats=result.stats if result is not None else None,
-            model=result.model if result is not None else None,
-            run_id=end.run_id,
-            message=end.message if background else None,
-        )
-        if result is not None:
-            display(final_bundle(result.text, fmt if end.ok else "text"), raw=True)
-        elif sink.text:
-            display(final_bundle(sink.text, "text"), raw=True)
+            return self._run_background(prompt, variables, base_url, kwargs, args, shown)
+        return self._run_blocking(prompt, variables, base_url, kwargs, args, shown)
 
     def _run_blocking(
         self,
@@ -332,22 +377,33 @@ class LMStreamMagics(Magics):
         base_url: str | None,
         kwargs: dict[str, Any],
         args: Any,
-        sink: NotebookSink,
-        fmt: str,
-    ) -> Any:
+        shown: _CellView,
+    ) -> None:
+        sink = shown.sink
+
         async def go() -> RunResult:
-            return await arun(prompt, variables, base_url=base_url, on_event=sink.handle, **kwargs)
+            try:
+                result = await arun(
+                    prompt,
+                    variables,
+                    base_url=base_url,
+                    on_event=sink.handle,
+                    on_stream=sink.attach,
+                    **kwargs,
+                )
+            except BaseException as exc:
+                shown.close(exc, background=False)
+                raise
+            shown.close(result, background=False)
+            return result
 
         try:
             result = shared_loop().run(go())
-        except BaseException as exc:  # shown as it ended, then raised as it came
-            self._finish_view(sink, exc, fmt, background=False)
-            raise
-        self._finish_view(sink, result, fmt, background=False)
+        finally:  # shown as it ended (an error is then raised as it came)
+            shown.replace()
         if args.output:
             self._user_ns()[args.output] = result
-            return None
-        return result
+        # Nothing is returned: the status line above already says what a RunResult repr would.
 
     def _run_background(
         self,
@@ -356,21 +412,28 @@ class LMStreamMagics(Magics):
         base_url: str | None,
         kwargs: dict[str, Any],
         args: Any,
-        view: StreamView,
-        sink: NotebookSink,
-        fmt: str,
+        shown: _CellView,
     ) -> BackgroundRun:
+        sink = shown.sink
+
         async def go() -> RunResult | None:
             try:
                 result = await arun(
-                    prompt, variables, base_url=base_url, on_event=sink.handle, **kwargs
+                    prompt,
+                    variables,
+                    base_url=base_url,
+                    on_event=sink.handle,
+                    on_stream=sink.attach,
+                    **kwargs,
                 )
             except BaseException as exc:
-                self._finish_view(sink, exc, fmt, background=True)
+                shown.close(exc, background=True)
+                shown.replace()
                 if isinstance(exc, LMStreamError):
                     return None  # said in the view; the kernel has nowhere else to show it
                 raise  # a cancellation goes on; a bug stays visible in .result()
-            self._finish_view(sink, result, fmt, background=True)
+            shown.close(result, background=True)
+            shown.replace()
             if args.output:
                 self._user_ns()[args.output] = result
             return result
@@ -410,8 +473,7 @@ class LMStreamMagics(Magics):
         )
         if args.output:
             self._user_ns()[args.output] = result
-            return None
-        return result
+        return None  # the line above says what its repr would
 
     # -- line subcommands --------------------------------------------------------------
 

@@ -44,6 +44,19 @@ class Cell:
                 ids.append(view["model_id"])
         return ids
 
+    def finals(self) -> list[dict[str, Any]]:
+        """What replaced a display (update_display_data): a view's final status line."""
+        shown = {
+            o["content"].get("transient", {}).get("display_id"): o["content"]["data"]
+            for o in self.outputs
+            if o["msg_type"] == "display_data"
+        }
+        return [
+            {**o["content"]["data"], "replaces": shown.get(o["content"]["transient"]["display_id"])}
+            for o in self.outputs
+            if o["msg_type"] == "update_display_data"
+        ]
+
     def plain(self) -> list[str]:
         """text/plain of display_data outputs that are not widget views (the final answers)."""
         return [
