@@ -44,11 +44,12 @@ class Cell:
                 ids.append(view["model_id"])
         return ids
 
-    def finals(self) -> list[dict[str, Any]]:
-        """What replaced a display (update_display_data): a view's final status line."""
+    def finals(self, shown_in: Cell | None = None) -> list[dict[str, Any]]:
+        """What replaced a display (update_display_data) during this cell, with what it
+        replaced (``replaces``) in this cell or in ``shown_in``."""
         shown = {
             o["content"].get("transient", {}).get("display_id"): o["content"]["data"]
-            for o in self.outputs
+            for o in (shown_in or self).outputs
             if o["msg_type"] == "display_data"
         }
         return [

@@ -442,3 +442,26 @@ def test_history_and_stats_label_runs_name_at_version(kernel: Kernel) -> None:
     shown = stats.displays()[0]["text/plain"]
     assert "labelled" in shown
     assert "(all)" in shown
+
+
+def test_the_runner_leaves_a_snapshot_of_its_last_run(kernel: Kernel) -> None:
+    """Under the runner (a widget) is an ordinary output a saved notebook shows without its
+    kernel; each run updates it with the status line and the text."""
+    saved = kernel.execute("%%lmstream --save snap --max-tokens 6\nHi")
+    assert saved.status == "ok", saved.error()
+    shown = kernel.execute("ui = %lmstream ui\nui")
+    assert shown.status == "ok", shown.error()
+    widget, snapshot = shown.displays()
+    assert widget["text/plain"] == "lmstream prompt runner"
+    assert "has not run a prompt yet" in snapshot["text/plain"]
+    ran = kernel.execute(
+        "await ui.models_task\nui.prompt_picker.value = 'snap'\nresult = await ui.run()"
+    )
+    assert ran.status == "ok", ran.error()
+    check = kernel.execute("print(result.run_id, len(result.text.split()))")
+    run_id, words = check.stream().split()
+    [after] = ran.finals(shown_in=shown)
+    assert after["replaces"] == snapshot
+    assert after["text/plain"].startswith("lmstream: done")
+    assert f"run #{run_id}" in after["text/plain"]
+    assert len(after["text/plain"].split("\n\n", 1)[1].split()) == int(words)
