@@ -319,6 +319,10 @@ def test_a_saved_notebook_shows_every_run_without_its_kernel(
     shutil.copy(NOTEBOOKS / "01-quickstart.ipynb", root / "quickstart.ipynb")
     try:
         _open(page, base, token, "quickstart.ipynb")
+        # Trusted, as a notebook its user saved is: every renderer is used, widgets included.
+        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:trust'); }")
+        page.click(".jp-Dialog button.jp-mod-accept", timeout=30_000)
+        page.wait_for_selector(".jp-Dialog", state="detached", timeout=30_000)
         page.wait_for_selector(".lmstream-final", timeout=30_000)
         body = page.inner_text(".jp-NotebookPanel")
         assert "model not found" not in body
