@@ -8,8 +8,9 @@ run is a task on the kernel's loop instead: the cell returns at once, and the ta
 cell as its parent, so its view and final output land in that cell and nowhere else.
 
 The view is created and displayed in the cell before anything streams; the stream only updates
-the widget it was handed. The finished answer is then written as an ordinary output, so saved
-and headlessly executed notebooks contain it.
+the widget it was handed. When the run ends the view's output is replaced by the final status
+line and the answer is written as an ordinary output, so saved and headlessly executed notebooks
+show both without a kernel. The cell has no value: the status line says what a repr would.
 """
 
 from __future__ import annotations
