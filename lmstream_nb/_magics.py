@@ -36,7 +36,7 @@ from ._run import RunResult, arun, default_store
 from ._store import PromptStore
 from ._template import Prompt, prompt_label
 from ._terminal import TerminalSink, format_stats, table
-from ._view import NotebookSink, StreamView, final_bundle, status_bundle
+from ._view import NotebookSink, StreamView, final_bundle, status_bundle, text_html
 
 FORMATS = ("text", "markdown", "code", "json")
 _CLOSE_WAIT_S = 10.0  # for the loop to record a cancelled run and close its view
@@ -71,6 +71,10 @@ class SessionConfig:
             f"first_token_timeout={self.first_token_timeout!r}, "
             f"idle_timeout={self.idle_timeout!r}, format={self.format!r})"
         )
+
+    def _repr_html_(self) -> str:
+        # A notebook shows text/plain in a <pre> that breaks lines inside words.
+        return text_html(repr(self))
 
     def budgets(
         self,

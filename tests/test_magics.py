@@ -365,6 +365,9 @@ def test_config_never_shows_credentials_of_the_base_url(kernel: Kernel) -> None:
         text = shown.result() or ""
         assert "base_url='http://127.0.0.1:9/v1'" in text
         assert "s3cret-pw" not in text
+        [shown_html] = [d["text/html"] for d in shown.displays()]
+        assert "s3cret-pw" not in shown_html
+        assert "word-break: normal" in shown_html, "wrapped at words"
     finally:
         reset = kernel.execute("%lmstream config base_url=")
         assert reset.status == "ok", reset.error()
