@@ -471,8 +471,9 @@ class NotebookSink:
         final["line"] = status_line(final)
         with self.view.hold_sync():
             self.view.status = final
-            self.view.text = self.text
-            self.view.reasoning = self.reasoning
+            if show_text:  # the view keeps showing it: as state, a reloaded page has it too
+                self.view.text = self.text
+                self.view.reasoning = self.reasoning
             self.view.show_text = show_text
         return final
 

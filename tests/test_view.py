@@ -73,6 +73,7 @@ async def test_sink_paints_first_chunk_then_coalesces() -> None:
     text = "".join(m.get("t", "") for m in view.sent)
     assert text == sink.text == "first " + "".join(f"{i} " for i in range(100))
     sink.close(state="done", run_id=7)
+    assert view.text == "", "hidden text is not sent again as state (the final output has it)"
     assert view.status["state"] == "done"
     assert view.status["run_id"] == 7
     assert view.show_text is False
@@ -140,7 +141,7 @@ def test_live_first_token_is_the_streams_own_and_the_end_keeps_it() -> None:
     sink.handle(TextDelta("hello"))
     assert view.sent[0]["s"]["ttft"] == 0.08, "not the 0.33 s since the sink was made"
     stream.figures = Stats(ttft_s=0.08, duration_s=0.5, chunks=1, text_chars=5)
-    final = sink.close(state="failed", run_id=3, message="It stalled.")
+    final = sink.close(state="failed", run_id=3, message="It stalled.", show_text=True)
     assert final["ttft"] == 0.08
     assert final["elapsed"] == 0.5
     assert final["line"] == status_line(final)
