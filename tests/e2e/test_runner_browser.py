@@ -3,7 +3,10 @@
 The test starts JupyterLab on a free loopback port with every Jupyter directory in a temporary
 folder, opens a notebook whose kernel starts the simulator and shows a runner, types a
 variable, clicks Run and watches the text grow, runs again and clicks Stop, and checks that
-HTML in the model's answer stays text. Screenshots go to ``test-artifacts/``. Debian's
+HTML in the model's answer stays text. It also opens notebooks 01 and 02 as committed (their
+kernel long gone) to check that every run still shows, and runs notebook 02, reloads the page
+and removes its kernel to check what the runner keeps. Screenshots go to ``test-artifacts/``;
+``LMSTREAM_UPDATE_SCREENSHOTS=1`` also refreshes the picture of the runner in notebook 02. Debian's
 ``chromium`` is used (Playwright cannot download its own browser here); without it the test is
 skipped with that reason.
 """
