@@ -8,14 +8,16 @@ run is a task on the kernel's loop instead: the cell returns at once, and the ta
 cell as its parent, so its view and final output land in that cell and nowhere else.
 
 The view is created and displayed in the cell before anything streams; the stream only updates
-the widget it was handed. The finished answer is then written as an ordinary output, so saved
-and headlessly executed notebooks contain it.
+the widget it was handed. When the run ends the view's output is replaced by the final status
+line and the answer is written as an ordinary output, so saved and headlessly executed notebooks
+show both without a kernel. The cell has no value: the status line says what a repr would.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shlex
+import threading
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -36,12 +38,13 @@ from ._terminal import STATS_HEADERS, TerminalSink, format_stats, stats_rows, ta
 if TYPE_CHECKING:
     from ._run import RunResult
     from ._store import PromptStore
-    from ._view import NotebookSink, StreamView
+    from ._view import NotebookSink
 
 # The HTTP client, the database and the widgets are imported when a cell first needs them, so
 # `%load_ext lmstream_nb` stays quick.
 
 FORMATS = ("text", "markdown", "code", "json")
+_CLOSE_WAIT_S = 10.0  # for the loop to record a cancelled run and close its view
 
 
 class _SessionDefault:
@@ -73,6 +76,12 @@ class SessionConfig:
             f"first_token_timeout={self.first_token_timeout!r}, "
             f"idle_timeout={self.idle_timeout!r}, format={self.format!r})"
         )
+
+    def _repr_html_(self) -> str:
+        # A notebook shows text/plain in a <pre> that breaks lines inside words.
+        from ._view import text_html
+
+        return text_html(repr(self))
 
     def budgets(
         self,
@@ -114,8 +123,62 @@ def _key_values(items: list[str]) -> dict[str, str]:
     return values
 
 
+class _CellView:
+    """A run's live view in its cell, and what replaces it when the run ends.
+
+    The view is a widget, which a notebook saved and opened without its kernel cannot show
+    ("model not found"). So at the end its output is replaced (the display is updated) by the
+    final status line, and the answer follows as an ordinary output: both need no kernel.
+    """
+
+    def __init__(self, sink: NotebookSink, handle: Any, fmt: str) -> None:
+        self.sink = sink
+        self.handle = handle
+        self.fmt = fmt
+        self.final: dict[str, Any] | None = None
+        self.ok = False
+        self.text: str | None = None
+        self._closed = threading.Event()
+
+    def close(self, outcome: RunResult | BaseException, *, background: bool) -> None:
+        """Paint the ending (on the stream's loop, where its times are read). A blocking
+        cell's error is printed by IPython right below, so only a background view repeats
+        the sentence."""
+        from ._run import RunResult
+
+        end = ending(outcome)
+        result = outcome if isinstance(outcome, RunResult) else None
+        self.final = self.sink.close(
+            state=end.state,
+            stats=result.stats if result is not None else None,
+            model=result.model if result is not None else None,
+            run_id=end.run_id,
+            message=end.message if background else None,
+        )
+        self.ok = end.ok
+        self.text = result.text if result is not None else self.sink.text
+        self._closed.set()
+
+    def replace(self) -> None:
+        """Swap the view for the status line, then write the answer (if any text came).
+
+        After a Ctrl-C the cell's thread gets here while the loop still records the
+        cancellation and closes the view: it waits for that (bounded)."""
+        if not self._closed.wait(_CLOSE_WAIT_S):
+            self.close(asyncio.CancelledError(), background=False)
+        from ._view import final_bundle, status_bundle
+
+        assert self.final is not None
+        self.handle.update(status_bundle(self.final, self.sink.reasoning), raw=True)
+        if self.text:
+            display(final_bundle(self.text, self.fmt if self.ok else "text"), raw=True)
+
+
 class BackgroundRun:
-    """A run streaming on the kernel's loop while other cells execute."""
+    """A run streaming on the kernel's loop while other cells execute.
+
+    Shown in a notebook, it says how it stands, and the display follows it to its end.
+    """
 
     def __init__(self, task: asyncio.Task[RunResult | None], label: str) -> None:
         self.task = task
@@ -139,8 +202,25 @@ class BackgroundRun:
         return self.task.result()
 
     def __repr__(self) -> str:
-        state = "running" if not self.task.done() else "finished"
+        task = self.task
+        if not task.done():
+            state = "running"
+        elif task.cancelled():
+            state = "cancelled"
+        elif task.exception() is not None or task.result() is None:
+            state = "failed"
+        else:
+            result = task.result()
+            assert result is not None
+            state = f"{ending(result).state}, run #{result.run_id}"
         return f"<BackgroundRun {self.label} {state}>"
+
+    def _ipython_display_(self) -> None:
+        shown = display({"text/plain": repr(self)}, raw=True, display_id=True)
+        if not self.task.done() and shown is not None:
+            self.task.add_done_callback(
+                lambda _: shown.update({"text/plain": repr(self)}, raw=True)
+            )
 
 
 def _usage_first(doc: str) -> str:
@@ -336,37 +416,10 @@ class LMStreamMagics(Magics):
 
         view = StreamView()
         sink = NotebookSink(view, prompt=prompt.label)
-        display(view)
+        shown = _CellView(sink, display(view, display_id=True), fmt)
         if args.background:
-            return self._run_background(prompt, variables, base_url, kwargs, args, view, sink, fmt)
-        return self._run_blocking(prompt, variables, base_url, kwargs, args, sink, fmt)
-
-    def _finish_view(
-        self,
-        sink: NotebookSink,
-        outcome: RunResult | BaseException,
-        fmt: str,
-        *,
-        background: bool,
-    ) -> None:
-        """Paint the ending and write the text as an ordinary output. A blocking cell's error
-        is printed by IPython right below, so only a background view repeats the sentence."""
-        from ._run import RunResult
-        from ._view import final_bundle
-
-        end = ending(outcome)
-        result = outcome if isinstance(outcome, RunResult) else None
-        sink.close(
-            state=end.state,
-            stats=result.stats if result is not None else None,
-            model=result.model if result is not None else None,
-            run_id=end.run_id,
-            message=end.message if background else None,
-        )
-        if result is not None:
-            display(final_bundle(result.text, fmt if end.ok else "text"), raw=True)
-        elif sink.text:
-            display(final_bundle(sink.text, "text"), raw=True)
+            return self._run_background(prompt, variables, base_url, kwargs, args, shown)
+        return self._run_blocking(prompt, variables, base_url, kwargs, args, shown)
 
     def _run_blocking(
         self,
@@ -375,24 +428,35 @@ class LMStreamMagics(Magics):
         base_url: str | None,
         kwargs: dict[str, Any],
         args: Any,
-        sink: NotebookSink,
-        fmt: str,
-    ) -> Any:
+        shown: _CellView,
+    ) -> None:
         from ._run import arun
 
+        sink = shown.sink
+
         async def go() -> RunResult:
-            return await arun(prompt, variables, base_url=base_url, on_event=sink.handle, **kwargs)
+            try:
+                result = await arun(
+                    prompt,
+                    variables,
+                    base_url=base_url,
+                    on_event=sink.handle,
+                    on_stream=sink.attach,
+                    **kwargs,
+                )
+            except BaseException as exc:
+                shown.close(exc, background=False)
+                raise
+            shown.close(result, background=False)
+            return result
 
         try:
             result = shared_loop().run(go())
-        except BaseException as exc:  # shown as it ended, then raised as it came
-            self._finish_view(sink, exc, fmt, background=False)
-            raise
-        self._finish_view(sink, result, fmt, background=False)
+        finally:  # shown as it ended (an error is then raised as it came)
+            shown.replace()
         if args.output:
             self._user_ns()[args.output] = result
-            return None
-        return result
+        # Nothing is returned: the status line above already says what a RunResult repr would.
 
     def _run_background(
         self,
@@ -401,23 +465,30 @@ class LMStreamMagics(Magics):
         base_url: str | None,
         kwargs: dict[str, Any],
         args: Any,
-        view: StreamView,
-        sink: NotebookSink,
-        fmt: str,
+        shown: _CellView,
     ) -> BackgroundRun:
         from ._run import arun
+
+        sink = shown.sink
 
         async def go() -> RunResult | None:
             try:
                 result = await arun(
-                    prompt, variables, base_url=base_url, on_event=sink.handle, **kwargs
+                    prompt,
+                    variables,
+                    base_url=base_url,
+                    on_event=sink.handle,
+                    on_stream=sink.attach,
+                    **kwargs,
                 )
             except BaseException as exc:
-                self._finish_view(sink, exc, fmt, background=True)
+                shown.close(exc, background=True)
+                shown.replace()
                 if isinstance(exc, LMStreamError):
                     return None  # said in the view; the kernel has nowhere else to show it
                 raise  # a cancellation goes on; a bug stays visible in .result()
-            self._finish_view(sink, result, fmt, background=True)
+            shown.close(result, background=True)
+            shown.replace()
             if args.output:
                 self._user_ns()[args.output] = result
             return result
@@ -459,8 +530,7 @@ class LMStreamMagics(Magics):
         )
         if args.output:
             self._user_ns()[args.output] = result
-            return None
-        return result
+        return None  # the line above says what its repr would
 
     # -- line subcommands --------------------------------------------------------------
 

@@ -223,6 +223,7 @@ async def arun(
     client: LMStudioClient | None = None,
     on_event: Callable[[Event], object] | None = None,
     on_run: Callable[[int], object] | None = None,
+    on_stream: Callable[[ChatStream], object] | None = None,
     version: int | None = None,
     temperature: float | None = None,
     max_tokens: int | None = None,
@@ -243,6 +244,8 @@ async def arun(
     The model is ``model``, else the prompt's, else the server's first chat model.
     ``on_event`` sees every event as it arrives; ``on_run`` gets the run id as soon as the run
     is recorded, before the request is sent (so a server can answer with it at once).
+    ``on_stream`` gets the stream before it starts, so a live view can show the times the run
+    records (``ChatStream.stats``) rather than measure its own.
     ``mode="blocking"`` sends one non-streaming request with a total ``timeout`` instead (the
     classic way, kept for comparisons).
     A failed run raises its ``LMStreamError`` (with ``.run_id`` and the partial text) unless
@@ -328,6 +331,8 @@ async def arun(
                 **extra,
             )
             recorder.watch(stream)
+            if on_stream is not None:
+                on_stream(stream)
             async with stream:
                 if on_event is None:
                     async for _ in stream:

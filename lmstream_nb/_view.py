@@ -7,9 +7,12 @@ A custom message carries just the delta, and the front end appends it to a DOM t
 model output can never become HTML or script). anywidget ships its front end as inline ESM, so
 nothing has to be built or installed in JupyterLab, Notebook 7 or VS Code.
 
-Custom messages are not widget state: a view opened later does not see them. That is why the
-finished answer is also written as an ordinary output (see ``final_bundle``), which is what
-saved and headlessly executed notebooks keep, and why the widget then hides its own copy.
+Custom messages are not widget state: a view opened later (a reloaded page) does not see them.
+So a view that opens while its run streams asks the kernel for the text so far, and the
+finished text becomes state (``text``), which a reload and saved widget state keep. A saved
+notebook opened without a kernel cannot show a widget at all ("model not found"), so when a
+run ends in a cell its view is replaced by ordinary outputs that need no kernel: the final
+status line (``status_bundle``) and the answer (``final_bundle``).
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ import html
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anywidget
 import traitlets
 
-from ._events import Event, ReasoningDelta, StreamFinished, StreamStarted, TextDelta
+from ._events import Event, ReasoningDelta, Stats, StreamFinished, StreamStarted, TextDelta
 from ._throttle import Coalescer
 
 _ESM = r"""
@@ -37,6 +40,7 @@ const LABELS = {
   connecting: "connecting", processing: "processing prompt", generating: "generating",
   done: "done", failed: "failed", cancelled: "cancelled",
 };
+const ENDED = ["done", "failed", "cancelled"];
 function render({ model, el }) {
   el.classList.add("lmstream-view");
   const status = document.createElement("div");
@@ -64,18 +68,17 @@ function render({ model, el }) {
 
   let live = {};
   let openedAt = performance.now();
-  function paint() {
-    const s = Object.assign({}, model.get("status"), live);
-    const state = s.state || "connecting";
+  function line(s, state, running) {
+    // The final line comes from the kernel (status_line), so what stays is what was recorded.
+    if (!running && s.line) return s.line;
     const parts = [LABELS[state] || state];
     if (s.prompt) parts.push(s.prompt);
     if (s.model) parts.push(s.model);
-    const running = !["done", "failed", "cancelled"].includes(state);
     const elapsed = running && s.started_ms
       ? (Date.now() - s.started_ms) / 1000 : (s.elapsed ?? null);
     if (state === "processing" && elapsed !== null) {
       parts.push("waiting for the first token " + fmt(elapsed));
-    } else {
+    } else if (state !== "connecting") {
       if (s.ttft !== null && s.ttft !== undefined) parts.push("first token " + fmt(s.ttft));
       if (elapsed !== null) parts.push("elapsed " + fmt(elapsed));
     }
@@ -83,14 +86,29 @@ function render({ model, el }) {
     if (s.tokens) parts.push(s.tokens + " tokens");
     if (s.tps) parts.push(s.tps.toFixed(1) + " tok/s");
     if (s.run_id) parts.push("run #" + s.run_id);
-    status.textContent = parts.join(" \u00b7 ");
+    return parts.join(" \u00b7 ");
+  }
+  function paint() {
+    const s = Object.assign({}, model.get("status"), live);
+    const state = s.state || "connecting";
+    const running = !ENDED.includes(state);
+    status.textContent = line(s, state, running);
     el.dataset.state = state;
     cursor.hidden = !running;
     message.textContent = s.message || "";
     body.hidden = !model.get("show_text");
     reasoning.hidden = reasoningNode.length === 0;  // stays (collapsed) after the end
   }
+  function restore() {
+    // The finished text is state; while streaming, the kernel resends what it sent so far.
+    if (model.get("text")) textNode.data = model.get("text");
+    if (model.get("reasoning")) reasoningNode.data = model.get("reasoning");
+  }
   model.on("msg:custom", (msg) => {
+    if (msg.all) {
+      textNode.data = msg.all.t;
+      reasoningNode.data = msg.all.r;
+    }
     if (msg.t) textNode.appendData(msg.t);
     if (msg.r) reasoningNode.appendData(msg.r);
     if (msg.s) Object.assign(live, msg.s);
@@ -98,6 +116,11 @@ function render({ model, el }) {
   });
   model.on("change:status", () => { live = {}; paint(); });
   model.on("change:show_text", paint);
+  model.on("change:text", () => { restore(); paint(); });
+  model.on("change:reasoning", () => { restore(); paint(); });
+  restore();
+  const state = (model.get("status") || {}).state;
+  if (!model.get("text") && state && !ENDED.includes(state)) model.send({ want: "text" });
   paint();
   const timer = setInterval(paint, 250);
   return () => clearInterval(timer);
@@ -108,11 +131,19 @@ export default { render };
 _CSS = """
 .lmstream-view { font-family: var(--jp-content-font-family, sans-serif); margin: 2px 0; }
 .lmstream-view .lmstream-status { font-size: 0.85em; color: var(--jp-ui-font-color2, #666); }
+.lmstream-view[data-state="connecting"] .lmstream-status,
+.lmstream-view[data-state="processing"] .lmstream-status {
+  font-size: 0.95em; font-weight: 600; color: var(--jp-brand-color1, #1976d2);
+  border-left: 3px solid var(--jp-brand-color1, #1976d2); padding: 2px 0 2px 6px;
+  animation: lmstream-pulse 1.6s ease-in-out infinite;
+}
 .lmstream-view[data-state="failed"] .lmstream-status,
-.lmstream-view .lmstream-message { color: var(--jp-error-color1, #c62828); }
-.lmstream-view[data-state="cancelled"] .lmstream-status { color: var(--jp-warn-color1, #e65100); }
+.lmstream-view[data-state="failed"] .lmstream-message { color: var(--jp-error-color1, #c62828); }
+.lmstream-view .lmstream-message { font-size: 0.9em; overflow-wrap: break-word; }
+.lmstream-view[data-state="cancelled"] .lmstream-status,
+.lmstream-view[data-state="cancelled"] .lmstream-message { color: var(--jp-ui-font-color1, #333); }
 .lmstream-view div.lmstream-text, .lmstream-view div.lmstream-reasoning-text {
-  white-space: pre-wrap; word-break: break-word;
+  white-space: pre-wrap; word-break: normal; overflow-wrap: break-word;
   font-family: var(--jp-code-font-family, monospace); font-size: var(--jp-code-font-size, 13px);
   line-height: var(--jp-code-line-height, 1.4); margin-top: 4px;
 }
@@ -120,24 +151,131 @@ _CSS = """
 .lmstream-view .lmstream-reasoning summary { cursor: pointer; font-size: 0.85em; }
 .lmstream-view .lmstream-cursor { animation: lmstream-blink 1s steps(1) infinite; }
 @keyframes lmstream-blink { 50% { opacity: 0; } }
+@keyframes lmstream-pulse { 50% { opacity: 0.55; } }
 """
 
 
+LABELS = {
+    "connecting": "connecting",
+    "processing": "processing prompt",
+    "generating": "generating",
+    "done": "done",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
+
+#: The text/plain of a live view, and the start of every final status line's text/plain: a
+#: view is replaced by its status line when its run ends, so the two take turns in one output.
+PLAIN_PREFIX = "lmstream: "
+
+_LIVE_PLAIN = PLAIN_PREFIX + "streaming view (shown while the kernel runs)"
+_LIVE_HTML = (
+    '<div class="lmstream-final" data-state="live">'
+    "lmstream: this run's view needs its kernel</div>"
+)
+
+# Outputs saved in a notebook are shown without the widget's CSS, so what they need is inline.
+# Text is wrapped at word boundaries (a <pre> in an output area breaks inside words).
+_WRAP = "white-space: pre-wrap; word-break: normal; overflow-wrap: break-word"
+_TEXT_STYLE = (
+    f"{_WRAP}; font-family: var(--jp-code-font-family, monospace); "
+    "font-size: var(--jp-code-font-size, 13px); line-height: var(--jp-code-line-height, 1.4)"
+)
+_STATE_COLOR = {
+    "failed": "var(--jp-error-color1, #c62828)",
+    "cancelled": "var(--jp-ui-font-color1, #333)",
+}
+
+
+def seconds(value: float) -> str:
+    """Seconds as every status line shows them (the view's ``fmt`` does the same)."""
+    return f"{value:.2f} s" if value < 10 else f"{value:.1f} s"
+
+
+def status_line(status: Mapping[str, Any]) -> str:
+    """The one-line status of a run, from a view's ``status``: what the final output keeps."""
+    state = str(status.get("state") or "connecting")
+    parts = [LABELS.get(state, state)]
+    for key in ("prompt", "model"):
+        if status.get(key):
+            parts.append(str(status[key]))
+    if status.get("ttft") is not None:
+        parts.append("first token " + seconds(float(status["ttft"])))
+    if status.get("elapsed") is not None:
+        parts.append("elapsed " + seconds(float(status["elapsed"])))
+    if status.get("chunks"):
+        parts.append(f"{status['chunks']} chunks")
+    if status.get("tokens"):
+        parts.append(f"{status['tokens']} tokens")
+    if status.get("tps"):
+        parts.append(f"{float(status['tps']):.1f} tok/s")
+    if status.get("run_id"):
+        parts.append(f"run #{status['run_id']}")
+    return " \u00b7 ".join(parts)
+
+
+def status_bundle(status: Mapping[str, Any], reasoning: str = "") -> dict[str, Any]:
+    """A finished run's status line (and its sentence, and any reasoning) as an ordinary
+    output: what stays in a cell when the view is gone, and needs no kernel to show."""
+    state = str(status.get("state") or "")
+    line = status.get("line") or status_line(status)
+    message = status.get("message") or ""
+    color = _STATE_COLOR.get(state, "var(--jp-ui-font-color2, #666)")
+    parts = [
+        f'<div class="lmstream-final" data-state="{html.escape(state)}" '
+        f'style="font-size: 0.85em; color: {color}; {_WRAP}">'
+        f'<div class="lmstream-final-status">{html.escape(line)}</div>'
+    ]
+    if message:
+        parts.append(f'<div class="lmstream-final-message">{html.escape(message)}</div>')
+    if reasoning:
+        parts.append(
+            "<details><summary>Reasoning</summary>"
+            f'<div style="{_TEXT_STYLE}">{html.escape(reasoning)}</div></details>'
+        )
+    parts.append("</div>")
+    plain = PLAIN_PREFIX + line + (f"\n{message}" if message else "")
+    return {"text/plain": plain, "text/html": "".join(parts)}
+
+
+def text_html(text: str) -> str:
+    """Text as HTML that keeps its line breaks and wraps at word boundaries, never markup."""
+    return f'<div class="lmstream-answer" style="{_TEXT_STYLE}">{html.escape(text)}</div>'
+
+
 class StreamView(anywidget.AnyWidget):
-    """Live text, reasoning and status of one run; text arrives as deltas in custom messages."""
+    """Live text, reasoning and status of one run; text arrives as deltas in custom messages.
+
+    ``text`` and ``reasoning`` are set once, when the run ends (so a reloaded page keeps them).
+    """
 
     _esm = traitlets.Unicode(_ESM).tag(sync=True)
     _css = traitlets.Unicode(_CSS).tag(sync=True)
     status = traitlets.Dict().tag(sync=True)
     show_text = traitlets.Bool(True).tag(sync=True)
+    text = traitlets.Unicode("").tag(sync=True)
+    reasoning = traitlets.Unicode("").tag(sync=True)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.painted: Callable[[], tuple[str, str]] = lambda: ("", "")
+        self.on_msg(self._on_front_end_message)
+
+    def _on_front_end_message(self, _widget: Any, content: Any, _buffers: Any) -> None:
+        # A view opened mid-run (a reloaded page) asks for what the others already show.
+        if isinstance(content, dict) and content.get("want") == "text":
+            text, reasoning = self.painted()
+            self.send({"all": {"t": text, "r": reasoning}})
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        # The plain-text twin must not change from run to run: saved notebooks and nbval
-        # compare it. The answer itself follows as its own output when the run ends.
+        # Constant twins (saved notebooks and nbval compare them): the view is replaced by the
+        # final status line when the run ends; until then this is what a reader without the
+        # kernel sees.
         bundle = super()._repr_mimebundle_(**kwargs)
         data = bundle[0] if isinstance(bundle, tuple) else bundle
         if isinstance(data, dict):
-            data["text/plain"] = "lmstream streaming view"
+            data["text/plain"] = _LIVE_PLAIN
+            data["text/html"] = _LIVE_HTML
         return bundle
 
 
@@ -147,6 +285,9 @@ class NotebookSink:
     ``handle`` is called on the thread that runs the stream (the private loop thread for a
     blocking cell, the kernel's own loop for a background run); ``close`` may be called from
     the cell's thread. A lock keeps the two apart.
+
+    Times come from the stream itself once it is attached (``attach``): the first token and
+    the elapsed time shown live are the ones the run records, measured from the same moment.
     """
 
     def __init__(
@@ -166,10 +307,18 @@ class NotebookSink:
         self._chunks = 0
         self._t0 = clock()
         self._first: float | None = None
+        self._stream_stats: Callable[[], Stats] | None = None
         self.text_parts: list[str] = []
         self.reasoning_parts: list[str] = []
+        self._painted_text = 0
+        self._painted_reasoning = 0
         self.messages_sent = 0
+        view.painted = self._painted
         view.status = {"state": "connecting", "prompt": prompt, "started_ms": time.time() * 1000}
+
+    def attach(self, stream: Any) -> None:
+        """Take the run's times from its stream (``ChatStream.stats``) from now on."""
+        self._stream_stats = stream.stats
 
     @property
     def text(self) -> str:
@@ -178,6 +327,18 @@ class NotebookSink:
     @property
     def reasoning(self) -> str:
         return "".join(self.reasoning_parts)
+
+    def _painted(self) -> tuple[str, str]:
+        with self._lock:
+            return self.text[: self._painted_text], self.reasoning[: self._painted_reasoning]
+
+    def _measured(self) -> Stats | None:
+        if self._stream_stats is None:
+            return None
+        try:
+            return self._stream_stats()
+        except RuntimeError:  # asked outside the stream's loop: no time to read
+            return None
 
     def _set_status(self, **changes: Any) -> None:
         status = dict(self.view.status)
@@ -191,7 +352,11 @@ class NotebookSink:
         elif isinstance(event, ReasoningDelta):
             self._delta(now, reasoning=event.content)
         elif isinstance(event, StreamStarted):
-            self._set_status(state="processing", model=event.model)
+            changes: dict[str, Any] = {"state": "processing", "model": event.model}
+            measured = self._measured()
+            if measured is not None:  # the clock starts when the request was sent
+                changes["started_ms"] = (time.time() - measured.duration_s) * 1000
+            self._set_status(**changes)
         elif isinstance(event, StreamFinished):
             with self._lock:
                 self._flush(now, final=True)
@@ -230,8 +395,16 @@ class NotebookSink:
             elif self._coalescer.pending:
                 self._arm(now)
 
+    def _ttft(self) -> float | None:
+        measured = self._measured()
+        if measured is not None and measured.ttft_s is not None:
+            return measured.ttft_s
+        return None if self._first is None else self._first - self._t0
+
     def _send(self, paint: tuple[str, str], now: float, *, first: bool = False) -> None:
         text, reasoning = paint
+        self._painted_text += len(text)
+        self._painted_reasoning += len(reasoning)
         # Kept small: this rides on every paint (the view keeps what it was told before).
         live: dict[str, Any] = {"chunks": self._chunks}
         if self._first is not None:
@@ -240,8 +413,9 @@ class NotebookSink:
                 live["tps"] = round((self._chunks - 1) / generating, 1)
         if first:
             live["state"] = "generating"
-            if self._first is not None:
-                live["ttft"] = round(self._first - self._t0, 3)
+            ttft = self._ttft()
+            if ttft is not None:
+                live["ttft"] = round(ttft, 3)
         message: dict[str, Any] = {"s": live}
         if text:
             message["t"] = text
@@ -262,17 +436,20 @@ class NotebookSink:
         self,
         *,
         state: str,
-        stats: Any = None,
+        stats: Stats | None = None,
         model: str | None = None,
         run_id: int | None = None,
         message: str | None = None,
         show_text: bool = False,
-    ) -> None:
+    ) -> dict[str, Any]:
         """Paint what is pending and the final status; hide the live text if it is shown
-        elsewhere (the final output)."""
+        elsewhere (the final output). ``stats`` are the run's (``RunResult.stats``); without
+        them (a run that raised) the stream's own figures are used, as the run records them.
+        Returns the final status (with its ``line``)."""
         now = self._clock()
         with self._lock:
             self._flush(now, final=True)
+        measured = stats if stats is not None else self._measured()
         status: dict[str, Any] = {
             "state": state,
             "elapsed": now - self._t0,
@@ -282,26 +459,32 @@ class NotebookSink:
         }
         if model:
             status["model"] = model
-        if stats is not None:
-            status.update(
-                ttft=stats.ttft_s,
-                elapsed=stats.duration_s,
-                tokens=stats.completion_tokens,
-                tps=stats.tokens_per_s,
-            )
+        if measured is not None:
+            status.update(ttft=measured.ttft_s, elapsed=measured.duration_s)
+            if stats is not None:
+                status.update(tokens=stats.completion_tokens, tps=stats.tokens_per_s)
         elif self._first is not None:
             status["ttft"] = self._first - self._t0
+        final = dict(self.view.status)
+        final.update(status)
+        final.pop("started_ms", None)
+        final["line"] = status_line(final)
         with self.view.hold_sync():
-            self._set_status(**status)
+            self.view.status = final
+            if show_text:  # the view keeps showing it: as state, a reloaded page has it too
+                self.view.text = self.text
+                self.view.reasoning = self.reasoning
             self.view.show_text = show_text
+        return final
 
 
 def final_bundle(text: str, fmt: str = "text") -> dict[str, Any]:
     """The finished answer as an ordinary output, in the chosen format, never raw HTML.
 
-    ``markdown`` renders with markdown-it in its safe mode (``html`` off: any tag the model
-    wrote is shown as text). ``json`` parses the answer (code fences allowed) and falls back to
-    plain text when it is not JSON. Every bundle carries the text itself as ``text/plain``.
+    ``text`` is escaped into HTML that wraps at word boundaries. ``markdown`` renders with
+    markdown-it in its safe mode (``html`` off: any tag the model wrote is shown as text).
+    ``json`` parses the answer (code fences allowed) and falls back to plain text when it is
+    not JSON. Every bundle carries the text itself as ``text/plain``.
     """
     bundle: dict[str, Any] = {"text/plain": text}
     if fmt == "markdown":
@@ -316,6 +499,10 @@ def final_bundle(text: str, fmt: str = "text") -> dict[str, Any]:
     elif fmt == "json":
         with contextlib.suppress(ValueError):
             bundle["application/json"] = json.loads(strip_fences(text))
+        if "application/json" not in bundle:
+            bundle["text/html"] = text_html(text)
+    else:
+        bundle["text/html"] = text_html(text)
     return bundle
 
 

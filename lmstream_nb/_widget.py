@@ -25,15 +25,36 @@ from ._prompt_fields import check_max_tokens, check_temperature, describe_settin
 from ._run import RunResult, arun, default_store
 from ._store import PromptStore
 from ._template import Prompt, prompt_label
-from ._view import NotebookSink, StreamView
+from ._view import PLAIN_PREFIX, NotebookSink, StreamView, status_bundle, text_html
 
 _WIDE = {"description_width": "7em"}  # room for "Temperature" and "First token s"
 _ERROR_STYLE = "color: var(--jp-error-color1, #c62828); font-size: 0.9em"
 
 
+_NOTE_STYLE = "color: var(--jp-ui-font-color1, #333); font-size: 0.9em"
+
+# The runner's own styles. Buttons keep their whole label, history rows line up in columns,
+# and the saved snapshot under the runner is hidden while the live runner is shown above it.
+_RUNNER_CSS = """<style>
+.lmstream-runner .lmstream-wide-button { width: auto; min-width: 9em; }
+.lmstream-runner .lmstream-history select {
+  font-family: var(--jp-code-font-family, monospace); font-size: var(--jp-code-font-size, 13px);
+  white-space: pre;
+}
+.jp-OutputArea-child:has(.lmstream-runner) ~ .jp-OutputArea-child:has(.lmstream-snapshot) {
+  display: none;
+}
+</style>"""
+
+
 def _error_html(message: str) -> str:
     text = html.escape(message)
     return f'<span class="lmstream-field-error" style="{_ERROR_STYLE}">{text}</span>'
+
+
+def _note_html(message: str) -> str:
+    """A sentence that is not an error (a run the user stopped)."""
+    return f'<span class="lmstream-note" style="{_NOTE_STYLE}">{html.escape(message)}</span>'
 
 
 class PromptRunner(w.VBox):  # type: ignore[misc]
@@ -51,6 +72,9 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         self.base_url = resolve_base_url(base_url)
         self.task: asyncio.Task[RunResult | None] | None = None
         self.last_result: RunResult | None = None
+        self.last_status: dict[str, Any] | None = None  # the final status of the last run
+        self.last_text = ""
+        self._snapshots: list[Any] = []
         self._values: dict[str, str] = {}
         self._var_inputs: dict[str, w.Textarea] = {}
         budgets = budgets or Budgets()
@@ -67,6 +91,7 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
             description="Model", layout=w.Layout(width="60%"), style=wide
         )
         self.refresh_button = w.Button(description="Refresh models", icon="refresh")
+        self.refresh_button.add_class("lmstream-wide-button")
         self.model_message = w.HTML()
         self.temperature = w.Text(
             description="Temperature", placeholder="prompt's default", style=wide
@@ -105,6 +130,7 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
             description="Template", layout=w.Layout(width="100%", height="8em")
         )
         self.save_button = w.Button(description="Save as new version", icon="save")
+        self.save_button.add_class("lmstream-wide-button")
         self.save_message = w.HTML()
         editor = w.Accordion(
             children=[w.VBox([self.editor, w.HBox([self.save_button, self.save_message])])]
@@ -113,7 +139,9 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         editor.selected_index = None
         self.history_select = w.Select(rows=6, layout=w.Layout(width="100%"))
         self.history_text = w.HTML()
-        history = w.Accordion(children=[w.VBox([self.history_select, self.history_text])])
+        history_box = w.VBox([self.history_select, self.history_text])
+        history_box.add_class("lmstream-history")
+        history = w.Accordion(children=[history_box])
         history.set_title(0, "History")
         history.selected_index = None
 
@@ -132,6 +160,7 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
                 self.view_box,
                 editor,
                 history,
+                w.HTML(_RUNNER_CSS),
             ]
         )
         self.add_class("lmstream-runner")
@@ -160,6 +189,41 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         """The base URL to pass on: None when it is the one the environment or the default
         gives, so advice about an unreachable server names where it really came from."""
         return None if self.base_url == resolve_base_url(None) else self.base_url
+
+    def _ipython_display_(self) -> None:
+        """The runner, and under it a snapshot of its last run as an ordinary output.
+
+        A saved notebook opened without its kernel cannot show the runner (a widget), but it
+        shows the snapshot: the last run's status line and text. While the runner is live, its
+        CSS hides the snapshot, which is updated after every run.
+        """
+        from IPython.display import display
+
+        display(self._repr_mimebundle_(), raw=True)  # type: ignore[no-untyped-call]
+        snapshot = display(self.snapshot_bundle(), raw=True, display_id=True)  # type: ignore[no-untyped-call]
+        self._snapshots.append(snapshot)
+
+    def snapshot_bundle(self) -> dict[str, Any]:
+        """The last run as an ordinary output (status line, sentence, text): needs no kernel."""
+        if self.last_status is None:
+            note = "The prompt runner has not run a prompt yet; run the cell to use it."
+            return {
+                "text/plain": PLAIN_PREFIX + note,
+                "text/html": f'<div class="lmstream-snapshot"><i>{html.escape(note)}</i></div>',
+            }
+        status = status_bundle(self.last_status)
+        text = self.last_text
+        return {
+            "text/plain": status["text/plain"] + (f"\n\n{text}" if text else ""),
+            "text/html": f'<div class="lmstream-snapshot">{status["text/html"]}'
+            f"{text_html(text) if text else ''}</div>",
+        }
+
+    def _remember(self, final: dict[str, Any], text: str) -> None:
+        self.last_status, self.last_text = final, text
+        bundle = self.snapshot_bundle()
+        for shown in self._snapshots:
+            shown.update(bundle, raw=True)
 
     # -- prompts and variables -------------------------------------------------------------
 
@@ -197,8 +261,7 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
             return
         system = f"<b>System:</b> {html.escape(prompt.system)}<br>" if prompt.system else ""
         self.preview.value = (
-            f'<div class="lmstream-preview">{system}<pre style="white-space: pre-wrap">'
-            f"{html.escape(prompt.template)}</pre></div>"
+            f'<div class="lmstream-preview">{system}{text_html(prompt.template)}</div>'
         )
         self.editor.value = prompt.template
         inputs: dict[str, w.Textarea] = {}
@@ -316,11 +379,15 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
                     base_url=self._url_argument(),
                     on_event=sink.handle,
                     interface="runner",
+                    on_stream=sink.attach,
                     **settings,
                 )
             except BaseException as exc:
                 end = ending(exc)
-                sink.close(state=end.state, show_text=True, run_id=end.run_id, message=end.message)
+                final = sink.close(
+                    state=end.state, show_text=True, run_id=end.run_id, message=end.message
+                )
+                self._remember(final, sink.text)
                 if isinstance(exc, Exception):
                     return None  # a runner must keep working after any error
                 raise  # a cancellation (Stop) goes on
@@ -328,7 +395,7 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
                 self._set_running(False)
                 self.refresh_history()
             end = ending(result)
-            sink.close(
+            final = sink.close(
                 state=end.state,
                 stats=result.stats,
                 model=result.model,
@@ -336,6 +403,7 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
                 message=end.message,
                 show_text=True,
             )
+            self._remember(final, result.text)
             self.last_result = result
             return result
 
@@ -377,20 +445,29 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
     def refresh_history(self) -> None:
         name = self.prompt_picker.value
         runs = self.store.history(prompt=name, limit=20) if name else []
-        options = []
-        for r in runs:
-            when = dt.datetime.fromtimestamp(r.started_at).strftime("%H:%M:%S")
-            ttft = "-" if r.ttft_s is None else f"{r.ttft_s:.2f}s"
-            total = "-" if r.duration_s is None else f"{r.duration_s:.1f}s"
-            label = prompt_label(r.prompt_name, r.prompt_version)
-            options.append(
-                (
-                    f"#{r.id} {when} {r.status:<10} {label} ttft {ttft} total {total} "
-                    f"{r.preview[:40]}",
-                    r.id,
-                )
+        rows = [
+            (
+                f"#{r.id}",
+                dt.datetime.fromtimestamp(r.started_at).strftime("%H:%M:%S"),
+                r.status,
+                prompt_label(r.prompt_name, r.prompt_version),
+                "ttft " + ("-" if r.ttft_s is None else f"{r.ttft_s:.2f}s"),
+                "total " + ("-" if r.duration_s is None else f"{r.duration_s:.1f}s"),
+                r.preview[:40].replace("\n", " "),
             )
-        self.history_select.options = options
+            for r in runs
+        ]
+        # Columns padded to their widest cell (the list is shown in a monospace font).
+        widths = [max((len(row[i]) for row in rows), default=0) for i in range(6)]
+        self.history_select.options = [
+            (
+                "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+                + "  "
+                + row[6],
+                r.id,
+            )
+            for row, r in zip(rows, runs, strict=True)
+        ]
 
     def _on_history(self, change: Any) -> None:
         run_id = change["new"] if change else None
@@ -398,12 +475,13 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
             self.history_text.value = ""
             return
         rec = self.store.get_run(run_id)
-        error = f"<div>{_error_html(rec.error)}</div>" if rec.error else ""
+        said = _note_html if rec.status == "cancelled" else _error_html
+        error = f"<div>{said(rec.error)}</div>" if rec.error else ""
         self.history_text.value = (
             f'<div class="lmstream-history-text"><b>run #{rec.id}</b> '
             f"{html.escape(prompt_label(rec.prompt_name, rec.prompt_version))} "
             f"{html.escape(rec.status)}"
-            f'{error}<pre style="white-space: pre-wrap">{html.escape(rec.text)}</pre></div>'
+            f"{error}{text_html(rec.text)}</div>"
         )
 
 

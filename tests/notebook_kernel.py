@@ -44,6 +44,20 @@ class Cell:
                 ids.append(view["model_id"])
         return ids
 
+    def finals(self, shown_in: Cell | None = None) -> list[dict[str, Any]]:
+        """What replaced a display (update_display_data) during this cell, with what it
+        replaced (``replaces``) in this cell or in ``shown_in``."""
+        shown = {
+            o["content"].get("transient", {}).get("display_id"): o["content"]["data"]
+            for o in (shown_in or self).outputs
+            if o["msg_type"] == "display_data"
+        }
+        return [
+            {**o["content"]["data"], "replaces": shown.get(o["content"]["transient"]["display_id"])}
+            for o in self.outputs
+            if o["msg_type"] == "update_display_data"
+        ]
+
     def plain(self) -> list[str]:
         """text/plain of display_data outputs that are not widget views (the final answers)."""
         return [

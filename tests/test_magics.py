@@ -16,6 +16,8 @@ from notebook_kernel import Kernel, running_kernel
 from lmstream_nb import PromptStore, simulator
 from lmstream_nb._prompt_fields import RULES
 
+html_escape = __import__("html").escape
+
 pytestmark = pytest.mark.timeout(120)
 
 HTML_REPLY = 'Look: <script>alert("x")</script> and <img src=x onerror="alert(1)"> **bold**'
@@ -55,14 +57,47 @@ def test_plain_run_streams_deltas_and_leaves_the_answer(kernel: Kernel) -> None:
     assert len(deltas) >= 1
     assert "".join(deltas) == answer
     assert len(answer.split()) >= 20
-    result = cell.result()
-    assert result is not None
-    assert "RunResult" in result
-    assert "ok" in result
-    assert answer[:20] not in result, "the repr does not repeat the text on screen"
+    assert cell.result() is None, "no RunResult repr repeats the status line"
     state = kernel.widget_state(widget)
     assert state["status"]["state"] == "done"
     assert state["show_text"] is False
+    # The view is replaced by its final status line: a saved notebook needs no kernel for it.
+    [final] = cell.finals()
+    assert "application/vnd.jupyter.widget-view+json" in final["replaces"]
+    assert "application/vnd.jupyter.widget-view+json" not in final
+    line = final["text/plain"]
+    assert line == "lmstream: " + state["status"]["line"]
+    assert line.startswith("lmstream: done")
+    assert "lmstream-sim-8b" in line
+    assert "30 tokens" in line
+    assert "tok/s" in line
+    assert "first token " in line
+    assert html_escape(state["status"]["line"]) in final["text/html"]
+    [answer_bundle] = [d for d in cell.displays() if d.get("text/plain") == answer]
+    assert "<pre" not in answer_bundle["text/html"], "wrapped at words, not inside them"
+    assert "word-break: normal" in answer_bundle["text/html"]
+
+
+def test_the_status_line_shows_the_recorded_first_token(kernel: Kernel, home: Path) -> None:
+    """Live and recorded figures come from one clock: what stays on screen is in the history."""
+    slow_prefill = simulator.Scenario(prefill_tps=400, output_tokens=5)
+    with simulator.serve(profile="test-fast", defaults=slow_prefill) as slow:
+        cell = kernel.execute(f"%%lmstream --base-url {slow.base_url}\n{'w ' * 40}")
+    assert cell.status == "ok", cell.error()
+    [widget] = cell.widget_ids()
+    live_ttft = next(
+        m["content"]["data"]["content"]["s"]["ttft"]
+        for m in kernel.comm_msgs[widget]
+        if m["content"].get("data", {}).get("method") == "custom"
+        and "ttft" in m["content"]["data"]["content"].get("s", {})
+    )
+    with PromptStore(home / "lmstream.db") as store:
+        [last] = store.history(limit=1)
+    assert last.ttft_s is not None
+    assert live_ttft == round(last.ttft_s, 3)
+    [final] = cell.finals()
+    assert f"first token {last.ttft_s:.2f} s" in final["text/plain"]
+    assert f"run #{last.id}" in final["text/plain"]
 
 
 def test_variables_from_options_then_namespace(kernel: Kernel, home: Path) -> None:
@@ -137,7 +172,7 @@ def test_markdown_format_and_html_in_model_output(kernel: Kernel) -> None:
     with simulator.serve(profile="test-fast", defaults=defaults) as echo:
         cell = kernel.execute(f"%%lmstream --base-url {echo.base_url} --format markdown\nShow")
     assert cell.status == "ok", cell.error()
-    [final] = [d for d in cell.displays() if "text/html" in d]
+    [final] = cell.displays()[1:]
     html = final["text/html"]
     assert "<strong>bold</strong>" in html
     assert "<script>" not in html
@@ -174,6 +209,8 @@ def test_stall_keeps_partial_text_and_says_why(kernel: Kernel) -> None:
     assert len(partial.split()) == 5
     [widget] = cell.widget_ids()
     assert kernel.widget_state(widget)["status"]["state"] == "failed"
+    [final] = cell.finals()
+    assert final["text/plain"].startswith("lmstream: failed")
 
 
 def test_settings_follow_the_rules_every_front_end_keeps(
@@ -220,6 +257,8 @@ def test_interrupt_stops_the_stream_and_records_cancelled(kernel: Kernel, home: 
     assert err["ename"] == "KeyboardInterrupt"
     [partial] = cell.plain()
     assert partial
+    [final] = cell.finals()
+    assert final["text/plain"].startswith("lmstream: cancelled")
     with PromptStore(home / "lmstream.db") as store:
         [last] = store.history(limit=1)
         assert last.status == "cancelled"
@@ -237,16 +276,23 @@ def test_three_background_runs_land_in_their_own_outputs(kernel: Kernel) -> None
         ]
         for cell in cells:
             assert cell.status == "ok", cell.error()
-            assert "BackgroundRun" in (cell.result() or "")
+            [handle] = [d["text/plain"] for d in cell.displays() if "BackgroundRun" in str(d)]
+            assert handle.endswith(" running>")
         other = kernel.execute("print('meanwhile')")
-        kernel.until(lambda: all(len(c.plain()) == 1 for c in cells), timeout=30)
+        kernel.until(
+            lambda: all(len(c.plain()) == 2 and len(c.finals()) == 2 for c in cells), timeout=30
+        )
     assert other.plain() == []
     assert other.stream() == "meanwhile\n"
-    answers = [c.plain()[0] for c in cells]
+    answers = [c.plain()[1] for c in cells]
     assert len(set(answers)) == 3
     for cell, answer in zip(cells, answers, strict=True):
         [widget] = cell.widget_ids()
         assert "".join(kernel.deltas(widget)) == answer
+        status, handle = cell.finals()
+        assert status["text/plain"].startswith("lmstream: done")
+        assert handle["text/plain"].startswith("<BackgroundRun (inline) ")
+        assert " done, run #" in handle["text/plain"], "the handle's display follows its end"
 
 
 def test_line_subcommands(kernel: Kernel, msim: simulator.SimServer) -> None:
@@ -315,14 +361,13 @@ def test_headless_execution_saves_the_final_text(
     assert spec is not None
     spec.argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     client.execute()
-    outputs = nb.cells[1].outputs
-    finals = [
-        o
-        for o in outputs
-        if o.output_type == "display_data"
-        and "application/vnd.jupyter.widget-view+json" not in o.data
-    ]
-    [final] = finals
+    status, final = nb.cells[1].outputs
+    assert all("application/vnd.jupyter.widget-view+json" not in o.data for o in (status, final)), (
+        "what is saved needs no kernel to show (no 'model not found' when reopened)"
+    )
+    assert status.data["text/plain"].startswith("lmstream: done")
+    assert "run #1" in status.data["text/plain"]
+    assert "lmstream-final" in status.data["text/html"]
     printed = nb.cells[2].outputs[0].text
     assert final.data["text/plain"] + "\n" == printed
     assert len(printed.split()) >= 10
@@ -366,6 +411,9 @@ def test_config_never_shows_credentials_of_the_base_url(kernel: Kernel) -> None:
         text = shown.result() or ""
         assert "base_url='http://127.0.0.1:9/v1'" in text
         assert "s3cret-pw" not in text
+        [shown_html] = [d["text/html"] for d in shown.displays()]
+        assert "s3cret-pw" not in shown_html
+        assert "word-break: normal" in shown_html, "wrapped at words"
     finally:
         reset = kernel.execute("%lmstream config base_url=")
         assert reset.status == "ok", reset.error()
@@ -462,3 +510,26 @@ def test_the_magics_help_starts_with_its_usage(kernel: Kernel) -> None:
     assert lines[1].startswith("%lmstream [--prompt NAME]"), lines[:3]
     assert "::" not in shown.split("Stream a prompt")[0]
     assert "Stream a prompt to LM Studio and watch the answer arrive." in shown
+
+
+def test_the_runner_leaves_a_snapshot_of_its_last_run(kernel: Kernel) -> None:
+    """Under the runner (a widget) is an ordinary output a saved notebook shows without its
+    kernel; each run updates it with the status line and the text."""
+    saved = kernel.execute("%%lmstream --save snap --max-tokens 6\nHi")
+    assert saved.status == "ok", saved.error()
+    shown = kernel.execute("ui = %lmstream ui\nui")
+    assert shown.status == "ok", shown.error()
+    widget, snapshot = shown.displays()
+    assert widget["text/plain"] == "lmstream prompt runner"
+    assert "has not run a prompt yet" in snapshot["text/plain"]
+    ran = kernel.execute(
+        "await ui.models_task\nui.prompt_picker.value = 'snap'\nresult = await ui.run()"
+    )
+    assert ran.status == "ok", ran.error()
+    check = kernel.execute("print(result.run_id, len(result.text.split()))")
+    run_id, words = check.stream().split()
+    [after] = ran.finals(shown_in=shown)
+    assert after["replaces"] == snapshot
+    assert after["text/plain"].startswith("lmstream: done")
+    assert f"run #{run_id}" in after["text/plain"]
+    assert len(after["text/plain"].split("\n\n", 1)[1].split()) == int(words)

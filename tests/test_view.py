@@ -12,7 +12,15 @@ import pytest
 from waiting import await_until
 
 from lmstream_nb import Stats, StreamFinished, StreamStarted, TextDelta
-from lmstream_nb._view import NotebookSink, final_bundle, strip_fences
+from lmstream_nb._view import (
+    PLAIN_PREFIX,
+    NotebookSink,
+    StreamView,
+    final_bundle,
+    status_bundle,
+    status_line,
+    strip_fences,
+)
 
 
 class RecordingView:
@@ -22,6 +30,9 @@ class RecordingView:
         self.status: dict[str, Any] = {}
         self.show_text = True
         self.sent: list[dict[str, Any]] = []
+
+        self.text = ""
+        self.reasoning = ""
 
     def send(self, message: dict[str, Any]) -> None:
         self.sent.append(message)
@@ -62,6 +73,7 @@ async def test_sink_paints_first_chunk_then_coalesces() -> None:
     text = "".join(m.get("t", "") for m in view.sent)
     assert text == sink.text == "first " + "".join(f"{i} " for i in range(100))
     sink.close(state="done", run_id=7)
+    assert view.text == "", "hidden text is not sent again as state (the final output has it)"
     assert view.status["state"] == "done"
     assert view.status["run_id"] == 7
     assert view.show_text is False
@@ -92,10 +104,94 @@ def test_final_bundles_never_carry_raw_html() -> None:
     assert js["application/json"] == {"a": [1, 2]}
     not_json = final_bundle("no json here", "json")
     assert "application/json" not in not_json
-    assert final_bundle("plain", "text") == {"text/plain": "plain"}
+    plain = final_bundle("a cool server <b>", "text")
+    assert plain["text/plain"] == "a cool server <b>"
+    assert "a cool server &lt;b&gt;</div>" in plain["text/html"]
+    assert "<pre" not in plain["text/html"], "an output area's <pre> breaks inside words"
+    assert "word-break: normal" in plain["text/html"]
+    assert "white-space: pre-wrap" in plain["text/html"]
     assert json.dumps(md)
 
 
 def test_strip_fences_only_when_the_whole_answer_is_fenced() -> None:
     assert strip_fences("```\nx\n```") == "x"
     assert strip_fences("before\n```\nx\n```") == "before\n```\nx\n```"
+
+
+class FixedStream:
+    """What NotebookSink reads from an attached ChatStream: its ``stats()``."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.figures = stats
+
+    def stats(self) -> Stats:
+        return self.figures
+
+
+def test_live_first_token_is_the_streams_own_and_the_end_keeps_it() -> None:
+    """The view's clock starts when the sink is made; the run's when the request is sent.
+    Once attached, the sink shows the stream's figure, live and at the end."""
+    view, clock = RecordingView(), Clock()
+    sink = NotebookSink(view, prompt="p@1", clock=clock)  # type: ignore[arg-type]
+    clock.now += 0.25  # opening the store, making a client, asking for the model list
+    stream = FixedStream(Stats(ttft_s=0.08, duration_s=0.0, chunks=0, text_chars=0))
+    sink.attach(stream)
+    sink.handle(StreamStarted(model="m", request_id="r", url="u"))
+    clock.now += 0.08
+    sink.handle(TextDelta("hello"))
+    assert view.sent[0]["s"]["ttft"] == 0.08, "not the 0.33 s since the sink was made"
+    stream.figures = Stats(ttft_s=0.08, duration_s=0.5, chunks=1, text_chars=5)
+    final = sink.close(state="failed", run_id=3, message="It stalled.", show_text=True)
+    assert final["ttft"] == 0.08
+    assert final["elapsed"] == 0.5
+    assert final["line"] == status_line(final)
+    assert "first token 0.08 s" in final["line"]
+    assert view.status == final
+    assert view.text == "hello", "the finished text is state: a reloaded page keeps it"
+
+
+def test_status_line_and_its_bundle_need_no_kernel() -> None:
+    status = {
+        "state": "done",
+        "prompt": "haiku@1",
+        "model": "m",
+        "ttft": 0.0812,
+        "elapsed": 12.34,
+        "tokens": 24,
+        "tps": 48.04,
+        "run_id": 7,
+    }
+    line = status_line(status)
+    assert line == (
+        "done \u00b7 haiku@1 \u00b7 m \u00b7 first token 0.08 s \u00b7 elapsed 12.3 s "
+        "\u00b7 24 tokens \u00b7 48.0 tok/s \u00b7 run #7"
+    )
+    bundle = status_bundle(status)
+    assert bundle["text/plain"] == PLAIN_PREFIX + line
+    assert "application/vnd.jupyter.widget-view+json" not in bundle
+    cancelled = status_bundle(
+        {"state": "cancelled", "message": "Stopped <here>.", "line": "cancelled"}, "think"
+    )
+    assert "Stopped &lt;here&gt;." in cancelled["text/html"]
+    assert "error-color" not in cancelled["text/html"], "a deliberate Stop is not an error"
+    assert "<details><summary>Reasoning</summary>" in cancelled["text/html"]
+    assert cancelled["text/plain"] == PLAIN_PREFIX + "cancelled\nStopped <here>."
+    failed = status_bundle({"state": "failed", "message": "It broke."})
+    assert "error-color" in failed["text/html"]
+
+
+@pytest.mark.anyio
+async def test_a_view_opened_mid_run_gets_the_text_painted_so_far() -> None:
+    view = StreamView()
+    sent: list[dict[str, Any]] = []
+    view.send = sent.append  # type: ignore[method-assign]
+    sink = NotebookSink(view, interval=10.0)
+    sink.handle(TextDelta("first "))
+    sink.handle(TextDelta("pending"))  # not painted yet: the other views do not show it
+    sent.clear()
+    view._on_front_end_message(view, {"want": "text"}, [])
+    assert sent == [{"all": {"t": "first ", "r": ""}}]
+    bundle = view._repr_mimebundle_()
+    data = bundle[0] if isinstance(bundle, tuple) else bundle
+    assert data["text/plain"].startswith(PLAIN_PREFIX)
+    assert 'class="lmstream-final"' in data["text/html"]

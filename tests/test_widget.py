@@ -258,3 +258,74 @@ async def test_budget_fields_follow_the_one_rule(
     assert runner.budget_error.value == ""
     assert result is not None
     assert result.ok
+
+
+async def test_the_view_and_the_history_show_the_same_figures_and_the_text_is_kept(
+    store: PromptStore,
+) -> None:
+    """The view's final line and the history row are the recorded run's; the finished text
+    is widget state, so a reloaded page shows it again."""
+    slow_prefill = simulator.Scenario(prefill_tps=400, output_tokens=8)
+    with simulator.serve(profile="test-fast", defaults=slow_prefill) as slow:
+        runner = await ready(slow.base_url, store)
+        runner.set_variable("topic", "w " * 40)
+        task = runner.run()
+        assert task is not None
+        result = await asyncio.wait_for(task, 10)
+    assert result is not None
+    [view] = runner.view_box.children
+    record = store.get_run(result.run_id)
+    assert record.ttft_s is not None
+    assert view.status["ttft"] == record.ttft_s
+    assert f"first token {record.ttft_s:.2f} s" in view.status["line"]
+    assert f"ttft {record.ttft_s:.2f}s" in runner.history_select.options[0][0]
+    assert view.text == result.text
+    snapshot = runner.snapshot_bundle()
+    assert snapshot["text/plain"].startswith("lmstream: " + view.status["line"])
+    assert snapshot["text/plain"].endswith(result.text)
+    assert html.escape(result.text) in snapshot["text/html"]
+
+
+async def test_history_rows_line_up_and_a_stop_is_not_an_error(store: PromptStore) -> None:
+    defaults = simulator.Scenario(output_tokens=100_000, gen_tps=200, jitter=0)
+    with simulator.serve(profile="test-fast", defaults=defaults) as slow:
+        runner = await ready(slow.base_url, store)
+        runner.set_variable("topic", "the sea")
+        task = runner.run()
+        assert task is not None
+        [view] = runner.view_box.children
+        await await_until(
+            lambda: (
+                bool(view.status.get("state") == "processing" and runner.run_button.disabled)
+                and any(r.sent_tokens > 5 for r in slow.records())
+            ),
+            timeout=10,
+            what="the run is streaming",
+        )
+        runner.stop()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+        runner.max_tokens.value = "3"
+        done = runner.run()
+        assert done is not None
+        await asyncio.wait_for(done, 10)
+    labels = [label for label, _ in runner.history_select.options]
+    assert len(labels) == 2
+    assert labels[0].index("ttft") == labels[1].index("ttft"), labels
+    assert labels[0].index("total") == labels[1].index("total"), labels
+    runner.history_select.value = runner.history_select.options[1][1]
+    assert "cancelled" in runner.history_text.value
+    assert "lmstream-field-error" not in runner.history_text.value, "shown as a note"
+    assert "lmstream-note" in runner.history_text.value
+    assert "<pre" not in runner.history_text.value
+    assert "lmstream-wide-button" in runner.save_button._dom_classes  # checked in a browser too
+
+
+async def test_the_runner_shows_a_snapshot_a_saved_notebook_keeps(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    runner = await ready(sim.base_url, store)
+    snapshot = runner.snapshot_bundle()
+    assert snapshot["text/plain"].startswith("lmstream: ")
+    assert "has not run a prompt yet" in snapshot["text/html"]
+    assert "lmstream-snapshot" in snapshot["text/html"]

@@ -3,7 +3,10 @@
 The test starts JupyterLab on a free loopback port with every Jupyter directory in a temporary
 folder, opens a notebook whose kernel starts the simulator and shows a runner, types a
 variable, clicks Run and watches the text grow, runs again and clicks Stop, and checks that
-HTML in the model's answer stays text. Screenshots go to ``test-artifacts/``. Debian's
+HTML in the model's answer stays text. It also opens notebooks 01 and 02 as committed (their
+kernel long gone) to check that every run still shows, and runs notebook 02, reloads the page
+and removes its kernel to check what the runner keeps. Screenshots go to ``test-artifacts/``;
+``LMSTREAM_UPDATE_SCREENSHOTS=1`` also refreshes the picture of the runner in notebook 02. Debian's
 ``chromium`` is used (Playwright cannot download its own browser here); without it the test is
 skipped with that reason.
 """
@@ -95,6 +98,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Pa
     (config / "labconfig" / "page_config.json").write_text(
         json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}})
     )
+    # Every cell in the page (no lazy rendering of cells out of view): tests read whole notebooks.
+    tracker = tmp / "settings" / "@jupyterlab" / "notebook-extension"
+    tracker.mkdir(parents=True)
+    (tracker / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
     env = {
         **os.environ,
         "JUPYTER_CONFIG_DIR": str(config),
@@ -246,6 +253,180 @@ def test_runner_streams_stops_and_keeps_html_as_text(
         assert "cancelled" in status
         partial = page.inner_text(".lmstream-runner .lmstream-text")
         assert len(partial) > 20
+        # A deliberate Stop is not shown like an error.
+        assert not page.evaluate(ERROR_COLOR_JS, ".lmstream-runner .lmstream-status")
+        assert not page.evaluate(ERROR_COLOR_JS, ".lmstream-runner .lmstream-message")
+        assert "the text received is kept" in page.inner_text(".lmstream-runner .lmstream-message")
+        # The line that says the run waits for its first token stands out (bold, marked).
+        waiting = page.evaluate(
+            "(() => { const v = document.querySelector('.lmstream-runner .lmstream-view');"
+            " const s = v.querySelector('.lmstream-status'); const was = v.dataset.state;"
+            " const quiet = getComputedStyle(s).fontWeight; v.dataset.state = 'processing';"
+            " const style = getComputedStyle(s); const shown = [quiet, style.fontWeight,"
+            " style.borderLeftStyle]; v.dataset.state = was; return shown; })()"
+        )
+        assert waiting == ["400", "600", "solid"], waiting
         page.screenshot(path=str(ARTIFACTS / "runner-cancelled.png"))
     finally:
         page.screenshot(path=str(ARTIFACTS / "runner-final.png"))
+
+
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+#: Set to refresh the committed picture of the runner that notebook 02 shows.
+UPDATE_PICTURE = os.environ.get("LMSTREAM_UPDATE_SCREENSHOTS") == "1"
+
+ALL_CELLS_RAN_JS = """() => {
+  const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
+  return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
+}"""
+
+ERROR_COLOR_JS = """(selector) => {
+  const probe = document.createElement('span');
+  probe.style.color = 'var(--jp-error-color1)';
+  document.body.appendChild(probe);
+  const error = getComputedStyle(probe).color;
+  probe.remove();
+  return getComputedStyle(document.querySelector(selector)).color === error;
+}"""
+
+
+def _open(page: Any, base: str, token: str, name: str) -> None:
+    page.goto(f"{base}/lab/tree/{name}?token={token}&reset")
+    page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
+    page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
+
+
+def _save(page: Any) -> None:
+    page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")
+    page.wait_for_function(
+        "() => !document.querySelector('.lm-TabBar-tab.jp-mod-dirty')", timeout=30_000
+    )
+
+
+def _visible_texts(page: Any, selector: str) -> list[str]:
+    texts: list[str] = page.evaluate(
+        f"[...document.querySelectorAll({selector!r})]"
+        ".filter(e => e.offsetParent !== null).map(e => e.textContent)"
+    )
+    return texts
+
+
+def test_a_saved_notebook_shows_every_run_without_its_kernel(
+    lab: tuple[str, str, Path], browser_page: Any
+) -> None:
+    """Notebook 01 as committed, opened in a new session: its views' kernel is gone, and every
+    %%lmstream cell still shows its status line and its answer, wrapped at words."""
+    base, token, root = lab
+    page = browser_page.context.new_page()  # its own tab: the others may hold unsaved work
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(NOTEBOOKS / "01-quickstart.ipynb", root / "quickstart.ipynb")
+    try:
+        _open(page, base, token, "quickstart.ipynb")
+        # Trusted, as a notebook its user saved is: every renderer is used, widgets included.
+        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:trust'); }")
+        page.click(".jp-Dialog button.jp-mod-accept", timeout=30_000)
+        page.wait_for_selector(".jp-Dialog", state="detached", timeout=30_000)
+        page.wait_for_selector(".lmstream-final", timeout=30_000)
+        body = page.inner_text(".jp-NotebookPanel")
+        assert "model not found" not in body
+        assert "Error displaying widget" not in body
+        statuses = _visible_texts(page, ".lmstream-final-status")
+        assert len(statuses) == 3, statuses
+        assert all(s.startswith("done · ") and " tok/s · run #" in s for s in statuses)
+        answers = _visible_texts(page, ".lmstream-answer")
+        assert len(answers) == 3
+        assert answers[0].startswith("The warm notebook watches the old baker")
+        wrap = page.evaluate(
+            "(() => { const s = getComputedStyle(document.querySelector('.lmstream-answer'));"
+            " return [s.whiteSpace, s.wordBreak]; })()"
+        )
+        assert wrap == ["pre-wrap", "normal"], "line breaks kept, words not broken"
+        page.screenshot(path=str(ARTIFACTS / "quickstart-reopened.png"), full_page=True)
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "quickstart-final.png"))
+        page.close(run_before_unload=False)
+
+
+def test_notebook_02_shows_the_runner_saved_and_live(
+    lab: tuple[str, str, Path], browser_page: Any
+) -> None:
+    """Notebook 02 as committed shows a picture of the runner and its last run's snapshot;
+    run, it shows the live runner (snapshot hidden), whose text survives a page reload."""
+    base, token, root = lab
+    page = browser_page.context.new_page()  # its own tab: the others may hold unsaved work
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(NOTEBOOKS / "02-prompt-runner.ipynb", root / "runner02.ipynb")
+    shutil.copytree(NOTEBOOKS / "images", root / "images", dirs_exist_ok=True)
+    try:
+        _open(page, base, token, "runner02.ipynb")
+        # -- as saved: the snapshot stands in for the runner, which needs its kernel ----------
+        page.wait_for_selector(".lmstream-snapshot", timeout=30_000)
+        [snapshot] = _visible_texts(page, ".lmstream-snapshot")
+        assert snapshot.startswith("done · haiku@2 · lmstream-sim-8b · first token")
+        assert "Again, every model follows Ada" in snapshot
+        assert page.evaluate("document.querySelectorAll('.lmstream-runner').length") == 0
+        errors = page.inner_text(".jp-NotebookPanel")
+        assert "is not a whole number: fix it or leave it empty." in errors
+        assert "run #1" in errors
+
+        # -- live: run every cell --------------------------------------------------------------
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        page.wait_for_selector(".lmstream-runner .lmstream-view[data-state='done']", timeout=60_000)
+        page.wait_for_function(ALL_CELLS_RAN_JS, timeout=60_000)
+        page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
+        assert _visible_texts(page, ".lmstream-snapshot") == [], "hidden while the runner lives"
+        page.click(".lmstream-runner .jupyter-widget-Collapse-header:has-text('Edit template')")
+        page.click(".lmstream-runner .jupyter-widget-Collapse-header:has-text('History')")
+        page.wait_for_selector(".lmstream-runner .lmstream-history select option", timeout=10_000)
+        page.select_option(".lmstream-runner .lmstream-history select", index=1)
+        page.wait_for_selector(".lmstream-runner .lmstream-history-text", timeout=10_000)
+        save = page.locator(".lmstream-runner button:has-text('Save as new version')")
+        assert save.evaluate("b => b.scrollWidth <= b.clientWidth"), "the label is not cut off"
+        font = page.evaluate(
+            "getComputedStyle(document.querySelector('.lmstream-history select')).fontFamily"
+        )
+        assert "mono" in font.lower(), font
+        runner = page.locator(".lmstream-runner")
+        runner.screenshot(path=str(ARTIFACTS / "prompt-runner.png"))
+        if UPDATE_PICTURE:
+            for folder in (NOTEBOOKS / "images", root / "images"):
+                shutil.copy(ARTIFACTS / "prompt-runner.png", folder / "prompt-runner.png")
+        text = page.inner_text(".lmstream-runner .lmstream-text")
+        assert text.startswith("Again, every model follows Ada")
+
+        # -- saved, a reload keeps the last run's text (the kernel and its widgets live on) ------
+        _save(page)
+        page.reload()
+        page.wait_for_selector(".jp-NotebookPanel .jp-CodeCell", timeout=60_000)
+        page.wait_for_selector(
+            ".lmstream-runner .lmstream-view[data-state='done']", state="attached", timeout=60_000
+        )
+        page.wait_for_function(
+            "(t) => document.querySelector('.lmstream-runner .lmstream-text').innerText === t",
+            arg=text,
+            timeout=30_000,
+        )
+        status = page.inner_text(".lmstream-runner .lmstream-status")
+        assert status.startswith("done · haiku@2"), status
+        assert _visible_texts(page, ".lmstream-snapshot") == []
+
+        # -- reopened after its kernel is gone: the snapshot shows the last run ----------------
+        for kernel in _api(base, token, "/api/kernels"):
+            _api(base, token, f"/api/kernels/{kernel['id']}", method="DELETE")
+        page.reload()
+        page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
+        page.wait_for_selector(".lmstream-snapshot", timeout=30_000)
+        [snapshot] = _visible_texts(page, ".lmstream-snapshot")
+        assert snapshot.startswith(status), "the status line the live runner showed"
+        assert text in snapshot
+        page.screenshot(path=str(ARTIFACTS / "runner02-reopened.png"))
+        # The picture of the runner in the notebook's introduction is there and loads.
+        page.wait_for_function(
+            "() => { const i = document.querySelector('img[src*=\"prompt-runner\"]');"
+            " return i && i.complete && i.naturalWidth > 0; }",
+            timeout=30_000,
+        )
+        page.screenshot(path=str(ARTIFACTS / "runner02-reloaded.png"))
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "runner02-final.png"))
+        page.close(run_before_unload=False)

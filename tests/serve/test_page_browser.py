@@ -130,6 +130,8 @@ def test_page_runs_reconnects_escapes_and_stops(
             event_requests.append(request)
 
     page.on("request", note_request)
+    failed: list[str] = []
+    page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
     try:
         page.goto(f"{handle.url}/?token={TOKEN}")
         page.wait_for_selector("#prompt option[value='greet']", state="attached", timeout=10_000)
@@ -185,6 +187,7 @@ def test_page_runs_reconnects_escapes_and_stops(
         assert "60 tokens" in stats, stats
         assert f"run #{run_id}" in stats, stats
         assert "Done" in page.inner_text("#status")
+        assert failed == [], "no request of the page failed"
 
         # -- HTML in the answer stays text ----------------------------------------------------
         page.select_option("#prompt", "html")

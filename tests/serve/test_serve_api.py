@@ -300,6 +300,8 @@ def test_page_is_served(client: httpx.Client) -> None:
     response = client.get("/")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
+    # The page declares its icon inline, so a browser asks for no /favicon.ico (a 404).
+    assert '<link rel="icon" href="data:,">' in response.text
 
 
 def test_token_is_required_on_every_request(store_path: Path, sim: simulator.SimServer) -> None:

@@ -1,0 +1,64 @@
+"""The committed notebooks as a reader opens them, without a kernel: nothing in them needs one.
+
+A widget output in a saved notebook shows "Error displaying widget: model not found" once its
+kernel is gone, so only the prompt runner may leave one (it is a widget by nature), and it
+leaves an ordinary snapshot of its last run beside it. The browser test opens them for real.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def _outputs(name: str) -> list[tuple[str, dict[str, object]]]:
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    return [
+        (cell.source, output.get("data", {"stream": output.get("text", "")}))
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+    ]
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_only_the_runner_is_a_widget_and_it_has_a_snapshot(path: Path) -> None:
+    outputs = _outputs(path.name)
+    widgets = [source for source, data in outputs if WIDGET in data]
+    for source in widgets:
+        assert "PromptRunner(" in source or "%lmstream ui" in source, source
+    snapshots = [data for _, data in outputs if "lmstream-snapshot" in str(data.get("text/html"))]
+    assert len(snapshots) == len(widgets)
+    for source, data in outputs:
+        if source.startswith("%%lmstream") and "text/plain" in data:
+            assert "text/html" in data, "every answer and status line is HTML that wraps at words"
+
+
+def test_every_lmstream_cell_keeps_its_status_line() -> None:
+    outputs = _outputs("01-quickstart.ipynb")
+    lines = [
+        str(d["text/plain"])
+        for _, d in outputs
+        if str(d.get("text/plain")).startswith("lmstream: ")
+    ]
+    assert len(lines) == 3
+    assert all(line.startswith("lmstream: done · ") and " tok/s · run #" in line for line in lines)
+    assert not any("RunResult" in str(d.get("text/plain")) for _, d in outputs)
+
+
+def test_notebook_02_shows_the_runner_and_05_its_plot() -> None:
+    nb = nbformat.read(NOTEBOOKS / "02-prompt-runner.ipynb", as_version=4)
+    assert "](images/prompt-runner.png)" in nb.cells[0].source
+    assert (NOTEBOOKS / "images" / "prompt-runner.png").stat().st_size > 10_000
+    shown = [str(d.get("text/html")) for _, d in _outputs("02-prompt-runner.ipynb")]
+    assert any("is not a whole number" in h for h in shown), "a field error, as the user sees it"
+    assert any("<b>History</b>" in h for h in shown)
+    printed = [str(d.get("stream", "")) for _, d in _outputs("02-prompt-runner.ipynb")]
+    assert "None\n" not in printed, "what the user sees, not a return value"
+    plots = [d for _, d in _outputs("05-real-model.ipynb") if "image/png" in d]
+    assert len(plots) == 1, "the plot is stored"
