@@ -366,7 +366,7 @@ def test_notebook_02_shows_the_runner_saved_and_live(
         assert "Again, every model follows Ada" in snapshot
         assert page.evaluate("document.querySelectorAll('.lmstream-runner').length") == 0
         errors = page.inner_text(".jp-NotebookPanel")
-        assert "is not a whole number: fix it or leave it empty." in errors
+        assert "type such a value in Max tokens, or leave it empty" in errors
         assert "run #1" in errors
 
         # -- live: run every cell --------------------------------------------------------------
