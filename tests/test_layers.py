@@ -192,6 +192,7 @@ BESIDE: dict[str, tuple[frozenset[str], frozenset[str]]] = {
             "__init__.py",
             "_app.py",
             "_cli.py",
+            "_pace.py",
             "_records.py",
             "_scenario.py",
             "_server.py",

@@ -41,8 +41,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._records import Outcome, Recorder
-from ._scenario import Scenario, ScenarioError, SimConfig, apply_overrides, model_type
+from ._pace import LLAMACPP_BATCH, LMSTUDIO_BATCH, LOAD_STEPS, Engine, prompt_steps
+from ._records import Outcome, Recorder, Stage
+from ._scenario import (
+    Scenario,
+    ScenarioError,
+    SimConfig,
+    apply_overrides,
+    model_format,
+    model_type,
+)
 from ._text import TextSource
 
 __all__ = ["build_app"]
@@ -84,6 +92,20 @@ def _error_object(
         "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}
     }
     return _json(body, status)
+
+
+def _native_error(
+    kind: str,
+    message: str,
+    status: int = 400,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+) -> Response:
+    """The native API's error object (``type`` is one of LM Studio's error types)."""
+    return _json(
+        {"error": {"type": kind, "message": message, "code": code, "param": param}}, status
+    )
 
 
 def _html_page(title: str, message: str) -> str:
@@ -145,9 +167,15 @@ class _AbortAfterHeaders(Response):
 class _Model:
     id: str
     type: str
+    format: str
     loaded: bool
+    context_length: int
+    engine: Engine
     load_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
-    slots: asyncio.Semaphore | None = None
+
+
+#: Reports a JIT load to the request that caused it: (stage, fraction, seconds so far).
+_LoadReport = Callable[[str, float, float], Awaitable[None]]
 
 
 class _Sim:
@@ -158,18 +186,22 @@ class _Sim:
         self.recorder = recorder
         self.models: dict[str, _Model] = {}
         for i, model_id in enumerate(config.models):
-            kind = model_type(model_id)
+            fmt = model_format(model_id)
             self.models[model_id] = _Model(
                 id=model_id,
-                type=kind,
+                type=model_type(model_id),
+                format=fmt,
                 loaded=i == 0 and not config.defaults.no_model,
-                slots=None
-                if config.max_parallel is None
-                else asyncio.Semaphore(config.max_parallel),
+                context_length=config.context_length,
+                engine=Engine(self.parallel_of(fmt)),
             )
         self._ids = random.Random(f"lmstream-sim-ids|{config.seed}")
         # Requests seen per identical message list, for ``fault_attempts``.
         self.attempts: dict[str, int] = {}
+
+    def parallel_of(self, fmt: str) -> int | None:
+        """Slots of a model in this format: MLX models answer one request at a time."""
+        return 1 if fmt == "mlx" else self.config.parallel
 
     def transient(self, sc: Scenario, messages: object) -> Scenario:
         """``sc``, or ``sc`` without its faults once this prompt has met them often enough."""
@@ -181,8 +213,8 @@ class _Sim:
         seen = self.attempts[key] = self.attempts.get(key, 0) + 1
         return sc if seen <= sc.fault_attempts else sc.without_faults()
 
-    def new_id(self) -> str:
-        return "chatcmpl-" + "".join(self._ids.choices(_ID_ALPHABET, k=20))
+    def new_id(self, prefix: str = "chatcmpl-") -> str:
+        return prefix + "".join(self._ids.choices(_ID_ALPHABET, k=20))
 
     def loaded_llm(self) -> str | None:
         for model in self.models.values():
@@ -190,26 +222,49 @@ class _Sim:
                 return model.id
         return None
 
-    async def acquire(self, model: _Model, load_s: float) -> None:
-        """JIT-load ``model`` if needed (one load at a time), then take a generation slot."""
+    async def acquire(self, plan: _Plan, report: _LoadReport | None = None) -> float | None:
+        """JIT-load the plan's model if needed (one load at a time), then take a slot.
+
+        Returns the load's duration when this request loaded the model, else ``None``.
+        """
+        model = plan.model
+        took = None
         if not model.loaded:
+            self.recorder.update(plan.index, stage="loading")
             async with model.load_lock:
                 if not model.loaded:
-                    await asyncio.sleep(load_s)
-                    model.loaded = True
-        if model.slots is not None:
-            await model.slots.acquire()
+                    took = await self.load(model, plan.load_s, report, plan.context_length)
+        engine = model.engine
+        if engine.slots is not None and engine.slots.locked():
+            self.recorder.update(plan.index, stage="queued")
+        await engine.acquire()
+        return took
 
-    @staticmethod
-    def release(model: _Model, at: float | None = None) -> None:
-        """Free a generation slot now, or at loop time ``at`` (prefill can't be interrupted)."""
-        if model.slots is None:
-            return
+    async def load(
+        self,
+        model: _Model,
+        seconds: float,
+        report: _LoadReport | None = None,
+        context_length: int | None = None,
+    ) -> float:
+        """Load ``model`` in ``seconds`` (real, scaled), reporting :data:`LOAD_STEPS` steps."""
         loop = asyncio.get_running_loop()
-        if at is None or at <= loop.time():
-            model.slots.release()
+        start = loop.time()
+        if report is None:
+            await asyncio.sleep(seconds)
         else:
-            loop.call_at(at, model.slots.release)
+            await report("start", 0.0, 0.0)
+            for k in range(1, LOAD_STEPS + 1):
+                await _sleep_until(start + seconds * k / LOAD_STEPS)
+                await report("progress", k / LOAD_STEPS, loop.time() - start)
+        if not model.loaded or context_length is not None:
+            model.engine = Engine(self.parallel_of(model.format))
+        model.context_length = context_length or self.config.context_length
+        model.loaded = True
+        took = loop.time() - start
+        if report is not None:
+            await report("end", 1.0, took)
+        return took
 
 
 # --- one chat request ----------------------------------------------------------------------------
@@ -234,6 +289,10 @@ class _Plan:
     finish_reason: str
     prompt_tokens: int
     echo: str = ""  # appended to every error text when the scenario echoes the request
+    native: bool = False  # LM Studio's /api/v1/chat (named events) instead of /v1
+    return_progress: bool = False  # llama.cpp's prompt_progress chunks were asked for
+    batch: int = LMSTUDIO_BATCH  # prompt tokens per processing step
+    context_length: int | None = None  # the context a native request loads its model with
 
     @property
     def fingerprint(self) -> str:
@@ -337,6 +396,72 @@ async def _sleep_until(deadline: float) -> None:
         await asyncio.sleep(delay)
 
 
+class _Pacing:
+    """One request's way through its model: the steps of its prompt processing, then the pace of
+    its tokens, each decided from how many requests share the model at that moment (``_pace``).
+
+    ``phase`` is ``"waiting"`` (loading, queued), ``"prefill"``, ``"generation"`` or ``"done"``;
+    the engine counts the request in the phase it is in until :meth:`leave`.
+    """
+
+    def __init__(self, plan: _Plan, recorder: Recorder) -> None:
+        self.plan = plan
+        self.recorder = recorder
+        self.engine = plan.model.engine
+        self.phase = "waiting"
+        self.t0 = 0.0
+        self.mark = 0  # prompt tokens processed once the current step ends
+        self.step_end = 0.0
+        self._per_token = plan.prefill_s / max(1, plan.prompt_tokens)
+
+    async def prompt(
+        self,
+        wait: Callable[[float], Awaitable[None]],
+        report: Callable[[int, float], Awaitable[None]],
+    ) -> float:
+        """Process the prompt step by step; ``report(processed, seconds)`` at 0 and after each
+        step. Returns the loop time at which processing ended."""
+        plan, engine = self.plan, self.engine
+        self.t0 = self.step_end = deadline = asyncio.get_running_loop().time()
+        engine.prefilling += 1
+        self.phase = "prefill"
+        self._stage("prefill")
+        await report(0, 0.0)
+        done = 0
+        for mark in prompt_steps(plan.prompt_tokens, plan.batch, bounded=plan.native):
+            deadline += (mark - done) * self._per_token * engine.prefill_factor()
+            self.step_end, self.mark = deadline, mark
+            await wait(deadline)
+            done = mark
+            await report(done, deadline - self.t0)
+        engine.leave_prefill()
+        engine.generating += 1
+        self.phase = "generation"
+        self._stage("generation")
+        return deadline
+
+    def _stage(self, stage: Stage) -> None:
+        self.recorder.update(self.plan.index, stage=stage)
+
+    def token_wait(self, i: int) -> float:
+        """The simulated wait before token ``i``, at the pace the model gives it now."""
+        return self.plan.intervals[i] * self.engine.gen_factor() + self.plan.stall(i)
+
+    def leave(self) -> float | None:
+        """Leave the model; return when the slot frees: ``None`` now, or the loop time at which
+        prompt processing ends (the server finishes it even when the client left)."""
+        phase, self.phase = self.phase, "done"
+        self._stage("done")
+        if phase == "prefill":
+            left = self.plan.prompt_tokens - self.mark
+            end = self.step_end + left * self._per_token * self.engine.prefill_factor()
+            self.engine.leave_prefill(end)
+            return end
+        if phase == "generation":
+            self.engine.generating -= 1
+        return None
+
+
 class _EventStream(Response):
     """The ``text/event-stream`` reply: headers at once, silence while loading and processing the
     prompt, then one ``data:`` event per token, with the scenario's faults along the way."""
@@ -360,6 +485,9 @@ class _EventStream(Response):
         self._first_at: float | None = None
         self._last_at: float | None = None
         self._t0: float | None = None
+        self._load_took: float | None = None  # seconds, when this request JIT-loaded the model
+        self._next_ping: float | None = None
+        self._ping_step = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
@@ -470,37 +598,88 @@ class _EventStream(Response):
         self.sim.recorder.update(self.plan.index, sent_tokens=self._sent)
 
     async def _wait_prefill(self, send: Send, until: float) -> None:
-        ping_s = self.plan.scenario.ping_s
-        if ping_s is None:
-            await self._pause_until(send, until)
-            return
-        loop = asyncio.get_running_loop()
-        step = ping_s * self.plan.scale
-        next_ping = loop.time() + step
-        while step > 0 and next_ping < until:
-            await self._pause_until(send, next_ping)
-            await self._emit(send, ": ping\n\n")
-            next_ping += step
+        """Silence (or ``: ping`` comments every ``ping_s``) until loop time ``until``."""
+        if self._next_ping is not None:
+            while self._next_ping < until:
+                await self._pause_until(send, self._next_ping)
+                await self._emit(send, ": ping\n\n")
+                self._next_ping += self._ping_step
         await self._pause_until(send, until)
 
+    # what the framings write; this class writes OpenAI-style chunks, _NativeStream named events
+
+    async def _on_start(self, send: Send) -> None:
+        """Before the model is loaded and a slot taken (the native API's ``chat.start``)."""
+
+    def _load_report(self, send: Send) -> _LoadReport | None:
+        """What reports a JIT load this request causes (OpenAI-style streams stay silent)."""
+        return None
+
+    async def _on_prompt(self, send: Send, processed: int, seconds: float) -> None:
+        """llama.cpp's ``prompt_progress`` chunk, when the request asked for it."""
+        plan = self.plan
+        if not plan.return_progress:
+            return
+        chunk = self._chunk({"role": "assistant", "content": None})
+        chunk["prompt_progress"] = {
+            "total": plan.prompt_tokens,
+            "cache": 0,
+            "processed": processed,
+            "time_ms": round(seconds * 1000),
+        }
+        self._opened = True  # a progress chunk opens the stream as the opening chunk would
+        await self._emit_data(send, chunk)
+
+    async def _on_token(self, send: Send, kind: str, text: str) -> None:
+        await self._open(send)
+        await self._emit_data(send, self._chunk(self._delta(kind, text)))
+
+    async def _on_malformed(self, send: Send, bad: str) -> None:
+        await self._emit(send, f"data: {bad}\n\n")
+
+    async def _on_error(self, send: Send, message: str) -> None:
+        """A failure after the headers: ``event: error``, then the end without ``[DONE]``."""
+        error = {"error": {"message": message, "type": "server_error"}, "message": message}
+        await self._emit(send, "event: error\ndata: " + _dumps(error).decode() + "\n\n")
+        await self._end(send)
+
+    async def _on_finish(self, send: Send) -> None:
+        plan = self.plan
+        await self._open(send)
+        await self._emit_data(send, self._chunk({}, plan.finish_reason))
+        if plan.include_usage and not plan.v0:
+            await self._emit_data(send, self._usage())
+        await self._emit(send, "data: [DONE]\n\n")
+        await self._end(send)
+
     async def _produce(self, send: Send) -> bool:
-        """Write the whole stream; return True when the connection must be dropped."""
+        """Write the whole stream; return True when the connection must be dropped.
+
+        The one production loop of every stream: load, queue, process the prompt, generate,
+        with the scenario's faults at their positions; the ``_on_*`` hooks frame it.
+        """
         sim, plan, sc = self.sim, self.plan, self.plan.scenario
         recorder, index = sim.recorder, plan.index
         loop = asyncio.get_running_loop()
-        holding = False
+        pacing: _Pacing | None = None
         release_at: float | None = None
         n = len(plan.pieces)
         try:
             if sc.disconnect_at == 0:
                 recorder.finish(index, "fault_disconnect")
                 return True
-            await sim.acquire(plan.model, plan.load_s)
-            holding = True
+            await self._on_start(send)
+            self._load_took = await sim.acquire(plan, self._load_report(send))
+            pacing = _Pacing(plan, sim.recorder)
+            if plan.scenario.ping_s is not None:
+                self._ping_step = plan.scenario.ping_s * plan.scale
+                self._next_ping = loop.time() + self._ping_step if self._ping_step > 0 else None
             self._t0 = loop.time()
-            deadline = self._t0 + plan.prefill_s
-            release_at = deadline
-            await self._wait_prefill(send, deadline)
+            deadline = await pacing.prompt(
+                lambda until: self._wait_prefill(send, until),
+                lambda done, seconds: self._on_prompt(send, done, seconds),
+            )
+            self._next_ping = None
             for i in range(n + 1):
                 if i > 0 and sc.disconnect_at == i:
                     await self._flush(send)
@@ -511,39 +690,28 @@ class _EventStream(Response):
                     recorder.finish(index, "truncated")
                     return False
                 if sc.error_at == i:
-                    message = (sc.error_message or "Compute error.") + plan.echo
-                    error = {
-                        "error": {"message": message, "type": "server_error"},
-                        "message": message,
-                    }
-                    await self._emit(send, "event: error\ndata: " + _dumps(error).decode() + "\n\n")
-                    await self._end(send)
+                    await self._on_error(send, (sc.error_message or "Compute error.") + plan.echo)
                     recorder.finish(index, "stream_error")
                     return False
                 if i == n:
                     break
-                deadline += plan.intervals[i] + plan.stall(i)
+                deadline += pacing.token_wait(i)
                 if deadline > loop.time():
                     await self._pause_until(send, deadline)
                 elif i % _YIELD_EVERY == _YIELD_EVERY - 1:
                     await asyncio.sleep(0)
-                await self._open(send)
                 if sc.malformed_at == i:
+                    await self._open(send)
                     bad = sc.malformed_data if sc.malformed_data is not None else '{"id": broken'
-                    await self._emit(send, f"data: {bad}{plan.echo}\n\n")
+                    await self._on_malformed(send, bad + plan.echo)
                 kind, text = plan.pieces[i]
-                await self._emit_data(send, self._chunk(self._delta(kind, text)))
+                await self._on_token(send, kind, text)
                 now = loop.time()
                 if self._first_at is None:
                     self._first_at = now
                 self._last_at = now
                 self._count_sent()
-            await self._open(send)
-            await self._emit_data(send, self._chunk({}, plan.finish_reason))
-            if plan.include_usage and not plan.v0:
-                await self._emit_data(send, self._usage())
-            await self._emit(send, "data: [DONE]\n\n")
-            await self._end(send)
+            await self._on_finish(send)
             recorder.finish(index, "completed")
             return False
         except BaseException:
@@ -552,12 +720,137 @@ class _EventStream(Response):
                 recorder.finish(index, "client_disconnected", disconnect_phase=phase)
             else:
                 recorder.finish(index, "http_error" if self._sent == 0 else "stream_error")
-            if self._sent > 0:
-                release_at = None  # generation stops at once; prompt processing would not
             raise
         finally:
-            if holding:
-                sim.release(plan.model, release_at)
+            if pacing is not None:
+                release_at = pacing.leave()  # generation stops at once, prompt processing not
+                pacing.engine.release(release_at)
+
+
+class _NativeStream(_EventStream):
+    """LM Studio 0.4's ``POST /api/v1/chat`` stream: named events (``event: <type>`` and
+    ``data: <json>`` with the same ``type``), ``chat.start`` first and ``chat.end`` last, with
+    the load and prompt-processing progress between them (cadence in ``_pace``).
+
+    Reasoning and answer come as blocks (``reasoning.start``/``delta``/``end``, then
+    ``message.*``). A mid-stream failure sends ``error`` and then still ``chat.end`` with what
+    was generated, as LM Studio documents; ``end_at`` and ``disconnect_at`` cut the stream with
+    neither. A ``malformed_at`` line is a ``message.delta`` event whose data is not JSON.
+    """
+
+    def __init__(self, sim: _Sim, plan: _Plan) -> None:
+        super().__init__(sim, plan)
+        self._opened = True  # no opening chunk
+        self._block: str | None = None  # "reasoning" or "message" while one is open
+        self._done: list[tuple[str, str]] = []
+
+    async def _event(self, send: Send, kind: str, **fields: object) -> None:
+        data = _dumps({"type": kind, **fields}).decode("utf-8")
+        await self._emit(send, f"event: {kind}\ndata: {data}\n\n")
+
+    async def _on_start(self, send: Send) -> None:
+        await self._event(send, "chat.start", model_instance_id=self.plan.model.id)
+
+    def _load_report(self, send: Send) -> _LoadReport | None:
+        model_id = self.plan.model.id
+
+        async def report(stage: str, fraction: float, seconds: float) -> None:
+            if stage == "start":
+                await self._event(send, "model_load.start", model_instance_id=model_id)
+            elif stage == "progress":
+                await self._event(
+                    send, "model_load.progress", model_instance_id=model_id, progress=fraction
+                )
+            else:
+                await self._event(
+                    send,
+                    "model_load.end",
+                    model_instance_id=model_id,
+                    load_time_seconds=round(seconds, 3),
+                )
+
+        return report
+
+    async def _on_prompt(self, send: Send, processed: int, seconds: float) -> None:
+        total = self.plan.prompt_tokens
+        if processed == 0:
+            await self._event(send, "prompt_processing.start")
+        await self._event(send, "prompt_processing.progress", progress=round(processed / total, 4))
+        if processed >= total:
+            await self._event(send, "prompt_processing.end")
+
+    async def _close_block(self, send: Send) -> None:
+        if self._block is not None:
+            await self._event(send, f"{self._block}.end")
+            self._block = None
+
+    async def _on_token(self, send: Send, kind: str, text: str) -> None:
+        block = "reasoning" if kind == "reasoning" else "message"
+        if block != self._block:
+            await self._close_block(send)
+            self._block = block
+            await self._event(send, f"{block}.start")
+        await self._event(send, f"{block}.delta", content=text)
+        self._done.append((kind, text))
+
+    async def _on_malformed(self, send: Send, bad: str) -> None:
+        await self._emit(send, f"event: message.delta\ndata: {bad}\n\n")
+
+    def _result(self) -> JSON:
+        firsts = [] if self._first_at is None else [self._first_at]
+        last = self._last_at if self._last_at is not None else asyncio.get_running_loop().time()
+        t0 = self._t0 if self._t0 is not None else last
+        return _native_result(self.plan, self._done, t0, firsts, last, self._load_took)
+
+    async def _on_error(self, send: Send, message: str) -> None:
+        error = {"type": "internal_error", "message": message, "code": None, "param": None}
+        await self._event(send, "error", error=error)
+        await self._event(send, "chat.end", result=self._result())
+        await self._end(send)
+
+    async def _on_finish(self, send: Send) -> None:
+        await self._close_block(send)
+        await self._event(send, "chat.end", result=self._result())
+        await self._end(send)
+
+
+def _native_result(
+    plan: _Plan,
+    pieces: list[tuple[str, str]],
+    t0: float,
+    first: list[float],
+    last: float,
+    load_took: float | None,
+) -> JSON:
+    """The body of a non-streaming ``/api/v1/chat`` reply, and ``chat.end``'s ``result``.
+
+    ``first`` holds the loop time of the first token, if there was one; ``time_to_first_token_
+    seconds`` counts from the start of prompt processing (after the load and the queue).
+    """
+    reasoning = "".join(text for kind, text in pieces if kind == "reasoning")
+    content = "".join(text for kind, text in pieces if kind != "reasoning")
+    output: list[JSON] = []
+    if reasoning:
+        output.append({"type": "reasoning", "content": reasoning})
+    output.append({"type": "message", "content": content})
+    n = len(pieces)
+    start = first[0] if first else last
+    generation = last - start
+    stats: JSON = {
+        "input_tokens": plan.prompt_tokens,
+        "total_output_tokens": n,
+        "reasoning_output_tokens": sum(1 for kind, _ in pieces if kind == "reasoning"),
+        "tokens_per_second": round(n / generation, 3) if n and generation > 0 else 0.0,
+        "time_to_first_token_seconds": round(start - t0, 3),
+    }
+    if load_took is not None:
+        stats["model_load_time_seconds"] = round(load_took, 3)
+    return {
+        "model_instance_id": plan.model.id,
+        "output": output,
+        "stats": stats,
+        "response_id": plan.id,
+    }
 
 
 def _timings(
@@ -614,10 +907,15 @@ async def _complete(sim: _Sim, plan: _Plan, request: Request) -> Response:
     recorder, index = sim.recorder, plan.index
     loop = asyncio.get_running_loop()
     n = len(plan.pieces)
-    state: JSON = {"holding": False, "first_at": None, "deadlines": []}
+    pacing: list[_Pacing] = []
+    deadlines: list[float] = []  # when each token is (or was) produced
+    first: list[float] = []
 
     def produced(now: float) -> int:
-        return sum(1 for d in state["deadlines"] if d <= now)
+        return sum(1 for d in deadlines if d <= now)
+
+    async def quiet(_done: int, _seconds: float) -> None:
+        return None
 
     disconnect = (
         sc.disconnect_at if sc.disconnect_at is not None and sc.disconnect_at <= n else None
@@ -630,45 +928,51 @@ async def _complete(sim: _Sim, plan: _Plan, request: Request) -> Response:
         if disconnect == 0:
             recorder.finish(index, "fault_disconnect", status_code=200)
             return _AbortAfterHeaders()
-        await sim.acquire(plan.model, plan.load_s)
-        state["holding"] = True
-        t0 = loop.time()
-        first_at = t0 + plan.prefill_s
-        state["first_at"] = first_at
-        deadlines: list[float] = []
-        deadline = first_at
-        for i in range(n):
-            deadline += plan.intervals[i] + plan.stall(i)
-            deadlines.append(deadline)
-        state["deadlines"] = deadlines
+        took = await sim.acquire(plan)
+        pace = _Pacing(plan, sim.recorder)
+        pacing.append(pace)
+        first_at = await pace.prompt(_sleep_until, quiet)
+        first.append(first_at)
         stop = disconnect if disconnect is not None else error
-        if stop is not None:
-            await _sleep_until(deadlines[stop - 1] if stop > 0 else first_at + plan.stall(0))
-            recorder.update(index, sent_tokens=stop)
-            if disconnect is not None:
-                recorder.finish(index, "fault_disconnect", status_code=200)
-                return _AbortAfterHeaders()
+        count = n if stop is None else stop
+        deadline = first_at
+        # Alone on its model a request's pace is fixed: one sleep to the end. When requests
+        # share the model, each token's pace depends on the others at that moment.
+        shared = pace.engine.shared
+        for i in range(count):
+            deadline += pace.token_wait(i)
+            deadlines.append(deadline)
+            if shared and deadline > loop.time():
+                await _sleep_until(deadline)
+        await _sleep_until(deadline if count else first_at + plan.stall(0))
+        recorder.update(index, sent_tokens=count)
+        if disconnect is not None:
+            recorder.finish(index, "fault_disconnect", status_code=200)
+            return _AbortAfterHeaders()
+        if error is not None:
             message = (sc.error_message or "Compute error.") + plan.echo
+            if plan.native:
+                return _native_error("internal_error", message, 500)
             body = {
                 "error": {"message": message, "type": "server_error", "param": None, "code": None}
             }
             return _json(body, 500)
-        end = deadlines[-1] if deadlines else first_at + plan.stall(0)
-        await _sleep_until(end)
-        recorder.update(index, sent_tokens=n)
-        return _json(_completion_body(plan, sim.config.context_length, t0, first_at, loop.time()))
+        end = loop.time()
+        if plan.native:
+            last = deadlines[-1] if deadlines else first_at
+            return _json(_native_result(plan, plan.pieces, pace.t0, deadlines[:1], last, took))
+        return _json(_completion_body(plan, plan.model.context_length, pace.t0, first_at, end))
 
+    response: Response | None = None
+    gone = False
     try:
         response, gone = await _watching_disconnect(request, work)
     finally:
-        if state["holding"]:
-            first_at = state["first_at"]
-            now = loop.time()
-            sim.release(plan.model, first_at if first_at is not None and now < first_at else None)
+        if pacing:
+            pacing[0].engine.release(pacing[0].leave())
     if response is None or gone:
         now = loop.time()
-        first_at = state["first_at"]
-        phase = "prefill" if first_at is None or now < first_at else "generation"
+        phase = "prefill" if not first or now < first[0] else "generation"
         recorder.finish(
             index, "client_disconnected", disconnect_phase=phase, sent_tokens=produced(now)
         )
@@ -884,6 +1188,84 @@ def _content_type_fault(sc: Scenario, content_type: str, echo: str = "") -> Resp
     return _with_content_type(Response(body, 200), content_type)
 
 
+_REASONING_EFFORTS = ("off", "low", "medium", "high", "on")
+
+
+def _native_field(
+    body: JSON,
+    name: str,
+    kinds: tuple[type, ...],
+    what: str,
+    invalid: Callable[[str, str | None, str | None], Response],
+) -> Any:
+    value = body.get(name)
+    if value is not None and (
+        not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+    ):
+        raise _BadRequest(invalid(f'"{name}" must be {what}', "invalid_type", name))
+    return value
+
+
+def _native_messages(
+    body: JSON, invalid: Callable[[str, str | None, str | None], Response]
+) -> list[Any]:
+    """A native request's ``system_prompt`` and ``input`` as an OpenAI-style message list, so that
+    text, scenario markers and retries are counted as for the same prompt on ``/v1``."""
+    system = body.get("system_prompt")
+    if system is not None and not isinstance(system, str):
+        raise _BadRequest(
+            invalid('"system_prompt" must be a string', "invalid_type", "system_prompt")
+        )
+    raw = body.get("input")
+    if raw is None:
+        raise _BadRequest(invalid('"input" is required', "missing_required_parameter", "input"))
+    parts: list[str] = []
+    if isinstance(raw, str):
+        parts.append(raw)
+    elif isinstance(raw, list) and raw:
+        for item in raw:
+            if not isinstance(item, dict) or item.get("type") not in ("message", "image"):
+                raise _BadRequest(
+                    invalid(
+                        'every item of "input" must be {"type": "message", "content": …} '
+                        'or {"type": "image", "data_url": …}',
+                        "invalid_type",
+                        "input",
+                    )
+                )
+            if item["type"] == "message":
+                if not isinstance(item.get("content"), str):
+                    raise _BadRequest(
+                        invalid('a message item needs a string "content"', "invalid_type", "input")
+                    )
+                parts.append(item["content"])
+    else:
+        raise _BadRequest(
+            invalid('"input" must be a string or a non-empty array', "invalid_type", "input")
+        )
+    messages: list[Any] = [] if system is None else [{"role": "system", "content": system}]
+    messages.append({"role": "user", "content": "\n".join(parts)})
+    return messages
+
+
+def _llamacpp_overflow(prompt_tokens: int, n_ctx: int) -> Response:
+    """llama-server's answer to a prompt over its context (plain JSON even for a stream)."""
+    message = (
+        f"request ({prompt_tokens} tokens) exceeds the available context size ({n_ctx} tokens), "
+        "try increasing it"
+    )
+    body = {
+        "error": {
+            "code": 400,
+            "message": message,
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": prompt_tokens,
+            "n_ctx": n_ctx,
+        }
+    }
+    return _json(body, 400)
+
+
 def _field(body: JSON, name: str, kinds: tuple[type, ...], what: str) -> Any:
     value = body.get(name)
     if value is not None and (
@@ -952,6 +1334,9 @@ class _Handlers:
         return _json(self._v0_entry(model))
 
     async def unexpected(self, request: Request, exc: Exception) -> Response:
+        if self.sim.config.defaults.dialect == "llamacpp":  # as llama-server answers
+            body = {"error": {"message": "File Not Found", "type": "not_found_error", "code": 404}}
+            return _json(body, 404)
         return _json(
             {"error": f"Unexpected endpoint or method. ({request.method} {request.url.path})"}
         )
@@ -964,34 +1349,29 @@ class _Handlers:
         except _BadRequest as bad:
             return bad.response
 
-    async def _chat(self, request: Request) -> Response:
-        sim = self.sim
-        config = sim.config
-        recorder = sim.recorder
-        index: int = request.scope["state"]["sim_record"]
-        v0 = request.url.path.startswith("/api/v0/")
+    async def native_chat(self, request: Request) -> Response:
+        try:
+            return await self._native_chat(request)
+        except _BadRequest as bad:
+            return bad.response
 
+    async def _body(self, request: Request, bad: Callable[[str], Response]) -> JSON:
         raw = await request.body()
         try:
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            return _error_object(f"Invalid JSON in request body: {exc}")
+            raise _BadRequest(bad(f"Invalid JSON in request body: {exc}")) from None
         if not isinstance(body, dict):
-            return _error_object("The request body must be a JSON object.")
-        try:
-            sc = apply_overrides(config.defaults, body.get("sim"))
-            sc = apply_overrides(sc, _marker_overrides(body.get("messages")))
-        except ScenarioError as exc:
-            return _error_object(str(exc), param="sim")
-        stream = _field(body, "stream", (bool,), "true or false") or False
-        recorder.update(index, stream=stream)
-        sc = sim.transient(sc, body.get("messages"))
-        echo = _echo(request) if sc.echo_request else ""
+            raise _BadRequest(bad("The request body must be a JSON object."))
+        return body
 
+    def _before_stream(self, sc: Scenario, index: int, stream: bool, echo: str) -> Response | None:
+        """The whole-response faults, which act before any model work."""
+        sim = self.sim
         if sc.redirect_to is not None:
             return _redirect(sc)
         if sc.http_status is not None:
-            recorder.finish(index, "http_error", status_code=sc.http_status)
+            sim.recorder.finish(index, "http_error", status_code=sc.http_status)
             if sc.flood is not None:
                 return _Flood(sim, index, sc, stream=stream, status=sc.http_status)
             return _status_fault(sc, sc.http_status, echo)
@@ -1001,6 +1381,78 @@ class _Handlers:
             return _raw_body(sc, stream)
         if sc.flood is not None:
             return _Flood(sim, index, sc, stream=stream, status=200)
+        return None
+
+    def _make_plan(
+        self,
+        index: int,
+        sc: Scenario,
+        model: _Model,
+        messages: list[Any],
+        *,
+        max_tokens: int | None,
+        seed: int | None,
+        **fields: Any,
+    ) -> _Plan:
+        sim, config = self.sim, self.sim.config
+        prompt_tokens = _prompt_tokens(messages)
+        seed = config.seed if seed is None else seed
+        if sc.reply is not None and sc.output_tokens is None:
+            n_answer = len(_reply_pieces(sc.reply))
+        else:
+            n_answer = _DEFAULT_OUTPUT_TOKENS if sc.output_tokens is None else sc.output_tokens
+        finish_reason = "stop"
+        if max_tokens is not None and max_tokens > 0 and max_tokens < n_answer:
+            n_answer, finish_reason = max_tokens, "length"
+        profile = config.speeds
+        scale = config.time_scale if sc.time_scale is None else sc.time_scale
+        prefill_tps = profile.prefill_tps if sc.prefill_tps is None else sc.prefill_tps
+        gen_tps = profile.gen_tps if sc.gen_tps is None else sc.gen_tps
+        load_s = profile.load_s if sc.load_s is None else sc.load_s
+        pieces = _pieces(sc, seed, model.id, messages, n_answer)
+        batch = sc.batch_size
+        if batch is None:
+            batch = LLAMACPP_BATCH if sc.dialect == "llamacpp" else LMSTUDIO_BATCH
+        native = bool(fields.get("native"))
+        plan = _Plan(
+            index=index,
+            id=sim.new_id("resp_" if native else "chatcmpl-"),
+            created=int(time.time()),
+            model=model,
+            scenario=sc,
+            scale=scale,
+            load_s=load_s * scale,
+            prefill_s=0.0 if math.isinf(prefill_tps) else prompt_tokens / prefill_tps * scale,
+            intervals=_intervals(sc, gen_tps, scale, seed, model.id, len(pieces)),
+            pieces=pieces,
+            finish_reason=finish_reason,
+            prompt_tokens=prompt_tokens,
+            batch=batch,
+            **fields,
+        )
+        sim.recorder.update(index, id=plan.id, planned_tokens=len(pieces))
+        return plan
+
+    async def _chat(self, request: Request) -> Response:
+        sim = self.sim
+        config = sim.config
+        recorder = sim.recorder
+        index: int = request.scope["state"]["sim_record"]
+        v0 = request.url.path.startswith("/api/v0/")
+
+        body = await self._body(request, _error_object)
+        try:
+            sc = apply_overrides(config.defaults, body.get("sim"))
+            sc = apply_overrides(sc, _marker_overrides(body.get("messages")))
+        except ScenarioError as exc:
+            return _error_object(str(exc), param="sim")
+        stream = _field(body, "stream", (bool,), "true or false") or False
+        recorder.update(index, stream=stream)
+        sc = sim.transient(sc, body.get("messages"))
+        echo = _echo(request) if sc.echo_request else ""
+        early = self._before_stream(sc, index, stream, echo)
+        if early is not None:
+            return early
 
         messages = body.get("messages")
         if messages is None:
@@ -1015,51 +1467,260 @@ class _Handlers:
         model = self._resolve_model(_field(body, "model", (str,), "a string"))
         prompt_tokens = _prompt_tokens(messages)
         recorder.update(index, model=model.id, prompt_tokens=prompt_tokens)
-        if prompt_tokens > config.context_length:
+        if prompt_tokens > model.context_length:
+            if sc.dialect == "llamacpp":
+                return _llamacpp_overflow(prompt_tokens, model.context_length)
             return _json({"error": _OVERFLOW}, 400)
 
-        max_tokens = _field(body, "max_tokens", (int,), "an integer")
-        seed = _field(body, "seed", (int,), "an integer")
         stream_options = _field(body, "stream_options", (dict,), "an object") or {}
-        seed = config.seed if seed is None else seed
-
-        if sc.reply is not None and sc.output_tokens is None:
-            n_answer = len(_reply_pieces(sc.reply))
-        else:
-            n_answer = _DEFAULT_OUTPUT_TOKENS if sc.output_tokens is None else sc.output_tokens
-        finish_reason = "stop"
-        if max_tokens is not None and max_tokens > 0 and max_tokens < n_answer:
-            n_answer, finish_reason = max_tokens, "length"
-        profile = config.speeds
-        scale = config.time_scale if sc.time_scale is None else sc.time_scale
-        prefill_tps = profile.prefill_tps if sc.prefill_tps is None else sc.prefill_tps
-        gen_tps = profile.gen_tps if sc.gen_tps is None else sc.gen_tps
-        load_s = profile.load_s if sc.load_s is None else sc.load_s
-        pieces = _pieces(sc, seed, model.id, messages, n_answer)
-        plan = _Plan(
-            index=index,
-            id=sim.new_id(),
-            created=int(time.time()),
-            model=model,
+        plan = self._make_plan(
+            index,
+            sc,
+            model,
+            messages,
+            max_tokens=_field(body, "max_tokens", (int,), "an integer"),
+            seed=_field(body, "seed", (int,), "an integer"),
             v0=v0,
             include_usage=bool(stream_options.get("include_usage")),
-            scenario=sc,
-            scale=scale,
-            load_s=load_s * scale,
-            prefill_s=0.0 if math.isinf(prefill_tps) else prompt_tokens / prefill_tps * scale,
-            intervals=_intervals(sc, gen_tps, scale, seed, model.id, len(pieces)),
-            pieces=pieces,
-            finish_reason=finish_reason,
-            prompt_tokens=prompt_tokens,
             echo=echo,
+            return_progress=sc.dialect == "llamacpp" and body.get("return_progress") is True,
         )
-        recorder.update(index, id=plan.id, planned_tokens=len(pieces))
-
         if stream:
             if sc.content_type is not None:
                 return _content_type_fault(sc, sc.content_type, echo)
             return _EventStream(sim, plan)
         return await _complete(sim, plan, request)
+
+    # the native API
+
+    async def _native_chat(self, request: Request) -> Response:
+        """``POST /api/v1/chat``: the native request shape, the same production loop."""
+        sim = self.sim
+        recorder = sim.recorder
+        index: int = request.scope["state"]["sim_record"]
+
+        def invalid(message: str, code: str | None = None, param: str | None = None) -> Response:
+            return _native_error("invalid_request", message, code=code, param=param)
+
+        body = await self._body(request, invalid)
+        model_id = body.get("model")
+        if model_id is None:
+            return invalid('"model" is required', "missing_required_parameter", "model")
+        if not isinstance(model_id, str):
+            return invalid('"model" must be a string', "invalid_type", "model")
+        messages = _native_messages(body, invalid)
+        try:
+            sc = apply_overrides(sim.config.defaults, body.get("sim"))
+            sc = apply_overrides(sc, _marker_overrides(messages))
+        except ScenarioError as exc:
+            return invalid(str(exc), param="sim")
+        stream = _native_field(body, "stream", (bool,), "true or false", invalid) or False
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+            _native_field(body, name, (int, float), "a number", invalid)
+        for name in ("top_k", "max_output_tokens", "context_length"):
+            _native_field(body, name, (int,), "an integer", invalid)
+        _native_field(body, "store", (bool,), "true or false", invalid)
+        reasoning = _native_field(body, "reasoning", (str,), "a string", invalid)
+        if reasoning is not None and reasoning not in _REASONING_EFFORTS:
+            return invalid(
+                f'"reasoning" must be one of {", ".join(_REASONING_EFFORTS)}',
+                "invalid_value",
+                "reasoning",
+            )
+        recorder.update(index, stream=stream)
+        sc = sim.transient(sc, messages)
+        echo = _echo(request) if sc.echo_request else ""
+        early = self._before_stream(sc, index, stream, echo)
+        if early is not None:
+            return early
+
+        model = sim.models.get(model_id)
+        if model is None:
+            known = ", ".join(sim.models)
+            return _native_error(
+                "model_not_found",
+                f'Model "{model_id}" not found. Please specify a valid downloaded model '
+                f"(e.g., {known}).",
+                404,
+                code="model_not_found",
+                param="model",
+            )
+        if model.type != "llm":
+            return invalid(
+                f'Model "{model_id}" is an embedding model and cannot be used for chat.',
+                "invalid_model_type",
+                "model",
+            )
+        context_length = body.get("context_length")
+        if reasoning == "off" or sc.reasoning == "inline":
+            # the native API always parses reasoning out of the answer
+            sc = dataclasses.replace(sc, reasoning="off" if reasoning == "off" else "separate")
+        prompt_tokens = _prompt_tokens(messages)
+        recorder.update(index, model=model.id, prompt_tokens=prompt_tokens)
+        fits = model.context_length if model.loaded else (context_length or model.context_length)
+        if prompt_tokens > fits:
+            return invalid(_OVERFLOW, "context_length_exceeded", "input")
+        plan = self._make_plan(
+            index,
+            sc,
+            model,
+            messages,
+            max_tokens=body.get("max_output_tokens"),
+            seed=_field(body, "seed", (int,), "an integer"),
+            v0=False,
+            include_usage=False,
+            echo=echo,
+            native=True,
+            context_length=context_length,
+        )
+        if stream:
+            if sc.content_type is not None:
+                return _content_type_fault(sc, sc.content_type, echo)
+            return _NativeStream(sim, plan)
+        return await _complete(sim, plan, request)
+
+    def _native_entry(self, model: _Model) -> JSON:
+        embeddings = model.type == "embeddings"
+        config = self.sim.config
+        entry: JSON = {
+            "type": "embedding" if embeddings else "llm",
+            "publisher": "lmstream-sim",
+            "key": model.id,
+            "display_name": model.id,
+            "architecture": "nomic-bert" if embeddings else "llama",
+            "quantization": (
+                {"name": "F16", "bits_per_weight": 16}
+                if embeddings
+                else {"name": "4bit" if model.format == "mlx" else "Q4_K_M", "bits_per_weight": 4}
+            ),
+            "size_bytes": 274_290_560 if embeddings else 4_920_734_816,
+            "params_string": None if embeddings else "8B",
+            "max_context_length": 2048 if embeddings else max(131072, config.context_length),
+            "format": model.format,
+        }
+        if not embeddings:
+            entry["capabilities"] = {
+                "vision": False,
+                "trained_for_tool_use": True,
+                "reasoning": config.defaults.reasoning != "off",
+            }
+        instances: list[JSON] = []
+        if model.loaded:
+            instance_config: JSON = {"context_length": model.context_length}
+            if not embeddings:
+                instance_config.update(
+                    eval_batch_size=config.defaults.batch_size or LMSTUDIO_BATCH,
+                    parallel=model.engine.parallel,
+                    flash_attention=True,
+                )
+            instances.append({"id": model.id, "config": instance_config})
+        entry["loaded_instances"] = instances
+        return entry
+
+    async def list_models_native(self, request: Request) -> Response:
+        hostile = self._hostile_listing(request)
+        if hostile is not None:
+            return hostile
+        return _json({"models": [self._native_entry(m) for m in self.sim.models.values()]})
+
+    async def load_model(self, request: Request) -> Response:
+        """``POST /api/v1/models/load``: load (or reload with a new context) one instance."""
+
+        def invalid(message: str, code: str | None = None, param: str | None = None) -> Response:
+            return _native_error("invalid_request", message, code=code, param=param)
+
+        try:
+            body = await self._body(request, invalid)
+            model_id = body.get("model")
+            if not isinstance(model_id, str):
+                return invalid('"model" is required', "missing_required_parameter", "model")
+            context_length = _native_field(body, "context_length", (int,), "an integer", invalid)
+        except _BadRequest as bad:
+            return bad.response
+        model = self.sim.models.get(model_id)
+        if model is None:
+            return _native_error(
+                "model_not_found",
+                f'Model "{model_id}" not found.',
+                404,
+                code="model_not_found",
+                param="model",
+            )
+        if context_length is not None and context_length < 1:
+            return invalid('"context_length" must be at least 1', "invalid_value", "context_length")
+        sim = self.sim
+        profile = sim.config.speeds
+        sc = sim.config.defaults
+        scale = sim.config.time_scale if sc.time_scale is None else sc.time_scale
+        load_s = (profile.load_s if sc.load_s is None else sc.load_s) * scale
+        async with model.load_lock:
+            took = await sim.load(model, load_s, context_length=context_length)
+        return _json(
+            {
+                "type": "embedding" if model.type == "embeddings" else "llm",
+                "instance_id": model.id,
+                "load_time_seconds": round(took, 3),
+                "status": "loaded",
+            }
+        )
+
+    async def unload_model(self, request: Request) -> Response:
+        """``POST /api/v1/models/unload``: the next request for it loads it just in time."""
+
+        def invalid(message: str, code: str | None = None, param: str | None = None) -> Response:
+            return _native_error("invalid_request", message, code=code, param=param)
+
+        try:
+            body = await self._body(request, invalid)
+        except _BadRequest as bad:
+            return bad.response
+        instance_id = body.get("instance_id")
+        if not isinstance(instance_id, str):
+            return invalid('"instance_id" is required', "missing_required_parameter", "instance_id")
+        model = self.sim.models.get(instance_id)
+        if model is None or not model.loaded:
+            return _native_error(
+                "model_not_found",
+                f'No loaded model instance "{instance_id}".',
+                404,
+                code="model_not_found",
+                param="instance_id",
+            )
+        model.loaded = False
+        return _json({"instance_id": instance_id})
+
+    # llama.cpp's extras (a server whose default dialect is "llamacpp")
+
+    async def props(self, request: Request) -> Response:
+        """``GET /props``: the context a prompt must fit and the number of slots."""
+        model = self.sim.models[self.sim.config.models[0]]
+        slots = model.engine.parallel or 1
+        return _json(
+            {
+                "default_generation_settings": {"n_ctx": model.context_length},
+                "total_slots": slots,
+                "n_ctx": model.context_length,
+                "model_path": f"/models/{model.id}.gguf",
+                "build_info": "b1-lmstream-sim",
+            }
+        )
+
+    async def tokenize(self, request: Request) -> Response:
+        """``POST /tokenize {"content": text}``: as many token ids as the simulator counts."""
+        body = await self._body(request, _error_object)
+        content = body.get("content")
+        if not isinstance(content, str):
+            return _error_object("'content' must be a string", param="content")
+        count = len(content) // 4 if content else 0
+        return _json({"tokens": [1000 + i for i in range(max(1, count) if content else 0)]})
+
+    async def input_tokens(self, request: Request) -> Response:
+        """``POST /v1/chat/completions/input_tokens``: the prompt's size before sending it."""
+        body = await self._body(request, _error_object)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return _error_object("'messages' is required", param="messages")
+        return _json({"input_tokens": _prompt_tokens(messages), "object": "response.input_tokens"})
 
     def _resolve_model(self, requested: str | None) -> _Model:
         sim = self.sim
@@ -1163,6 +1824,19 @@ def build_app(config: SimConfig, recorder: Recorder) -> Starlette:
         Route("/v1/chat/completions", handlers.chat, methods=["POST"]),
         Route("/api/v0/chat/completions", handlers.chat, methods=["POST"]),
     ]
+    if config.defaults.dialect == "llamacpp":
+        routes += [
+            Route("/props", handlers.props, methods=["GET"]),
+            Route("/tokenize", handlers.tokenize, methods=["POST"]),
+            Route("/v1/chat/completions/input_tokens", handlers.input_tokens, methods=["POST"]),
+        ]
+    else:
+        routes += [
+            Route("/api/v1/chat", handlers.native_chat, methods=["POST"]),
+            Route("/api/v1/models", handlers.list_models_native, methods=["GET"]),
+            Route("/api/v1/models/load", handlers.load_model, methods=["POST"]),
+            Route("/api/v1/models/unload", handlers.unload_model, methods=["POST"]),
+        ]
     app = Starlette(
         routes=routes,
         middleware=[Middleware(_FrontDoor, sim=sim)],

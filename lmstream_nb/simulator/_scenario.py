@@ -26,6 +26,7 @@ __all__ = [
     "ScenarioError",
     "SimConfig",
     "apply_overrides",
+    "model_format",
     "model_type",
 ]
 
@@ -100,6 +101,9 @@ class Scenario:
     Stream faults (streaming requests; ``stall_*``, ``disconnect_at`` and ``error_at`` also act on
     non-streaming ones, see below):
 
+    - ``batch_size``: prompt tokens processed per step; progress is reported per step (see
+      ``_pace``). ``None``: 2048 for the ``"llamacpp"`` dialect (``llama-server -b``), else 512
+      (LM Studio's evaluation batch size).
     - ``ping_s``: while processing the prompt, send an SSE comment line ``: ping`` every
       ``ping_s`` simulated seconds (llama.cpp does this; LM Studio sends nothing, hence ``None``).
     - ``stall_at``, ``stall_s``: after ``stall_at`` tokens, pause ``stall_s`` seconds, then go on.
@@ -174,6 +178,7 @@ class Scenario:
     reply: str | None = None
     reasoning: str = "off"
     reasoning_tokens: int = 40
+    batch_size: int | None = None
     ping_s: float | None = None
     stall_at: int | None = None
     stall_s: float = 0.0
@@ -297,6 +302,7 @@ _RULES: dict[str, _Rule] = {
     "reply": _text,
     "reasoning": _choice(REASONING_MODES),
     "reasoning_tokens": lambda n, v: _count(n, v, optional=False),
+    "batch_size": lambda n, v: _count(n, v, minimum=1),
     "ping_s": _positive_seconds,
     "stall_at": _count,
     "stall_s": lambda n, v: _seconds(n, v, optional=False),
@@ -349,6 +355,11 @@ def model_type(model_id: str) -> str:
     return "embeddings" if "embed" in model_id.lower() else "llm"
 
 
+def model_format(model_id: str) -> str:
+    """The weights' format: ids containing "mlx" are MLX models (one prediction at a time)."""
+    return "mlx" if "mlx" in model_id.lower() else "gguf"
+
+
 @dataclasses.dataclass(frozen=True)
 class SimConfig:
     """How the simulated LM Studio server is set up.
@@ -364,9 +375,14 @@ class SimConfig:
     - ``any_model``: LM Studio's quirk of serving any ``model`` string with the loaded model
       instead of answering ``model_not_found``.
     - ``api_key``: when set, every request needs ``Authorization: Bearer <api_key>`` (else 401).
-    - ``max_parallel``: at most this many generations run at once per model, later requests queue
-      ("Model is currently generating. Queuing request"). ``None`` means no limit.
+    - ``parallel``: prediction slots per loaded model (LM Studio 0.4's "Max Concurrent
+      Predictions", 4 by default for GGUF models; ``llama-server -np``). Requests beyond them
+      queue ("Model is currently generating. Queuing request"); those in the slots share the
+      model's speed as ``_pace`` describes. 1 is LM Studio 0.3's (and MLX models') one answer at
+      a time; ``None`` serves every request at once at full speed. Models whose id contains
+      "mlx" always have one slot.
     - ``context_length``: the loaded context; longer prompts get LM Studio's overflow error.
+      ``POST /api/v1/models/load`` and a native chat that loads a model may choose another.
     - ``defaults``: the server-wide scenario that a request's ``"sim"`` object is merged over.
     """
 
@@ -378,7 +394,7 @@ class SimConfig:
     models: tuple[str, ...] = ("lmstream-sim-8b", "lmstream-sim-embed")
     any_model: bool = False
     api_key: str | None = None
-    max_parallel: int | None = None
+    parallel: int | None = 4
     context_length: int = 131072
     defaults: Scenario = dataclasses.field(default_factory=Scenario)
 
@@ -399,7 +415,7 @@ class SimConfig:
             )
         if not self.models or len(set(self.models)) != len(self.models):
             raise ScenarioError(f"models must name at least one model, each once: {self.models!r}")
-        _count("max_parallel", self.max_parallel, minimum=1)
+        _count("parallel", self.parallel, minimum=1)
         _count("context_length", self.context_length, optional=False, minimum=1)
         if not isinstance(self.defaults, Scenario):
             raise ScenarioError(f"defaults must be a Scenario, got {self.defaults!r}")

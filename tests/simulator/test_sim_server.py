@@ -89,7 +89,7 @@ def test_port_in_use_is_a_clear_error():
         ({"time_scale": -1}, "time_scale must be"),
         ({"models": ()}, "at least one model"),
         ({"models": "abc"}, "tuple of non-empty model ids"),
-        ({"max_parallel": 0}, "max_parallel must be an integer >= 1"),
+        ({"parallel": 0}, "parallel must be an integer >= 1"),
     ],
 )
 def test_config_validation(fields, message):
@@ -142,7 +142,7 @@ def test_cli_arguments_build_a_config():
     assert defaults.defaults == simulator.Scenario()
     assert config.models == ("a-7b", "b-embed")
     assert (config.profile, config.time_scale, config.seed) == ("cpu", 0.5, 3)
-    assert (config.any_model, config.api_key, config.max_parallel) == (True, "k", 2)
+    assert (config.any_model, config.api_key, config.parallel) == (True, "k", 2)
     scenario = config.defaults
     assert (scenario.reasoning, scenario.output_tokens) == ("inline", 20)
     assert (scenario.stall_at, scenario.stall_s) == (4, 1.5)
