@@ -1735,7 +1735,9 @@ class _Handlers:
                     )
                 )
             return model
-        if requested and not sim.config.any_model:
+        # llama-server answers any model name with the model it serves, as measured
+        any_model = sim.config.any_model or sim.config.defaults.dialect == "llamacpp"
+        if requested and not any_model:
             known = ", ".join(sim.models)
             raise _BadRequest(
                 _error_object(
