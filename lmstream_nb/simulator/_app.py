@@ -2,16 +2,28 @@
 
 Endpoints, bodies, headers and error shapes follow LM Studio's wire format: ``GET /v1/models``,
 ``GET /api/v0/models[/{id}]``, ``POST /v1/chat/completions`` and ``POST /api/v0/chat/completions``,
-with Express-style headers on every response and LM Studio's habit of answering unknown paths
-with ``200`` and a string error. Timing (JIT load, prompt processing, token pace), text and faults
-come from the request's :class:`~._scenario.Scenario`.
+and LM Studio 0.4's native API: ``POST /api/v1/chat`` (named SSE events with load and prompt
+progress, or one JSON body), ``GET /api/v1/models`` (with ``loaded_instances`` and their
+``config``), ``POST /api/v1/models/load`` and ``/unload``. Express-style headers go on every
+response, and unknown paths get LM Studio's ``200`` with a string error. A server whose default
+dialect is ``"llamacpp"`` is a llama.cpp server instead: no native API, 404 for unknown paths,
+any model name served, and ``GET /props``, ``POST /tokenize`` and ``POST /v1/chat/completions/
+input_tokens``. Timing (JIT load, queue, prompt processing, token pace), text and faults come
+from the request's :class:`~._scenario.Scenario` and, for requests sharing a model, ``_pace``.
 
-Streams are written by :class:`_EventStream`, a small ASGI response that runs the generation and a
-watcher for ``http.disconnect`` side by side: when the client goes away the generation is
-cancelled at its next await and the request is recorded as ``client_disconnected``. Faults that
-must break the connection raise :class:`_Abort` after the headers went out; uvicorn then closes
-the transport without finishing the chunked body, and a logging filter keeps that deliberate
-exception out of the server's error log.
+Every chat request, on either API and streaming or not, runs the same production loop: load,
+queue for a slot, process the prompt step by step, generate, with the scenario's faults at their
+positions. :class:`_EventStream` frames it as OpenAI-style chunks, :class:`_NativeStream` as the
+native API's named events, :func:`_complete` as one body. A stream runs beside a watcher for
+``http.disconnect``: when the client goes away the generation is cancelled at its next await and
+the request is recorded as ``client_disconnected``. Faults that must break the connection raise
+:class:`_Abort` after the headers went out; uvicorn then closes the transport without finishing
+the chunked body, and a logging filter keeps that deliberate exception out of the server's error
+log.
+
+Error shapes the native API's documentation leaves open are assumed: status 404 for an unknown
+model (``model_not_found``), 400 for other invalid requests, 500 for a non-streaming failure,
+``internal_error`` as the type of a failure during generation.
 """
 
 from __future__ import annotations
@@ -259,7 +271,10 @@ class _Sim:
                 await report("progress", k / LOAD_STEPS, loop.time() - start)
         if not model.loaded or context_length is not None:
             model.engine = Engine(self.parallel_of(model.format))
-        model.context_length = context_length or self.config.context_length
+        if context_length is not None:
+            model.context_length = context_length
+        elif not model.loaded:  # a fresh load takes the server's default context
+            model.context_length = self.config.context_length
         model.loaded = True
         took = loop.time() - start
         if report is not None:
@@ -464,7 +479,8 @@ class _Pacing:
 
 class _EventStream(Response):
     """The ``text/event-stream`` reply: headers at once, silence while loading and processing the
-    prompt, then one ``data:`` event per token, with the scenario's faults along the way."""
+    prompt (or llama.cpp's ``prompt_progress`` chunks when asked), then one ``data:`` event per
+    token, with the scenario's faults along the way."""
 
     def __init__(self, sim: _Sim, plan: _Plan) -> None:
         self.sim = sim
@@ -1365,7 +1381,9 @@ class _Handlers:
             raise _BadRequest(bad("The request body must be a JSON object."))
         return body
 
-    def _before_stream(self, sc: Scenario, index: int, stream: bool, echo: str) -> Response | None:
+    def _before_stream(
+        self, sc: Scenario, index: int, stream: bool, echo: str, *, native: bool = False
+    ) -> Response | None:
         """The whole-response faults, which act before any model work."""
         sim = self.sim
         if sc.redirect_to is not None:
@@ -1376,6 +1394,8 @@ class _Handlers:
                 return _Flood(sim, index, sc, stream=stream, status=sc.http_status)
             return _status_fault(sc, sc.http_status, echo)
         if sc.no_model:
+            if native:
+                return _native_error("invalid_request", _NO_MODELS, param="model")
             return _json({"error": _NO_MODELS}, 400)
         if sc.raw_body is not None:
             return _raw_body(sc, stream)
@@ -1530,7 +1550,7 @@ class _Handlers:
         recorder.update(index, stream=stream)
         sc = sim.transient(sc, messages)
         echo = _echo(request) if sc.echo_request else ""
-        early = self._before_stream(sc, index, stream, echo)
+        early = self._before_stream(sc, index, stream, echo, native=True)
         if early is not None:
             return early
 
@@ -1557,7 +1577,9 @@ class _Handlers:
             sc = dataclasses.replace(sc, reasoning="off" if reasoning == "off" else "separate")
         prompt_tokens = _prompt_tokens(messages)
         recorder.update(index, model=model.id, prompt_tokens=prompt_tokens)
-        fits = model.context_length if model.loaded else (context_length or model.context_length)
+        fits = model.context_length
+        if not model.loaded:  # this request loads it, with its own context or the default
+            fits = context_length or sim.config.context_length
         if prompt_tokens > fits:
             return invalid(_OVERFLOW, "context_length_exceeded", "input")
         plan = self._make_plan(

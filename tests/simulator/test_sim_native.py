@@ -155,6 +155,8 @@ def test_load_and_unload(client):
         again = client.post(root + "/unload", json={"instance_id": MODEL})
         loaded = client.post(root + "/load", json={"model": MODEL, "context_length": 4096})
         after_load = client.get(root).json()["models"][0]["loaded_instances"]
+        reloaded = client.post(root + "/load", json={"model": MODEL})
+        kept = client.get(root).json()["models"][0]["loaded_instances"][0]["config"]
         mlx = client.post(root + "/load", json={"model": "tiny-mlx"})
         mlx_config = client.get(root).json()["models"][1]["loaded_instances"][0]["config"]
         unknown = client.post(root + "/load", json={"model": "nope-1b"})
@@ -169,6 +171,8 @@ def test_load_and_unload(client):
     assert (body["type"], body["instance_id"], body["status"]) == ("llm", MODEL, "loaded")
     assert body["load_time_seconds"] >= 0
     assert after_load[0]["config"]["context_length"] == 4096
+    assert reloaded.status_code == 200
+    assert kept["context_length"] == 4096  # a reload without one keeps the context
     assert mlx.status_code == 200
     assert mlx_config["parallel"] == 1  # MLX models answer one request at a time
     assert unknown.status_code == 404
@@ -325,6 +329,11 @@ def test_malformed_and_truncated_native_streams(sim, client):
         ),
         ({"model": EMBED_MODEL, "input": "x"}, 400, {"type": "invalid_request"}),
         ({"model": MODEL, "input": "x", "sim": {"nope": 1}}, 400, {"param": "sim"}),
+        (
+            {"model": MODEL, "input": "x", "sim": {"no_model": True}},
+            400,
+            {"type": "invalid_request", "param": "model"},
+        ),
     ],
 )
 def test_errors_before_the_stream(sim, client, body, status, error):

@@ -244,3 +244,19 @@ def test_text_chars_are_a_cut_of_the_token_stream(sizes, seed):
 
     assert [len(p) for p in pieces] == sizes
     assert text.startswith("".join(pieces))
+
+
+def test_cli_slots_and_batch_size():
+    parser = argparse.ArgumentParser()
+    simulator.add_cli_arguments(parser)
+
+    def config(*argv: str) -> simulator.SimConfig:
+        return simulator.config_from_cli(parser.parse_args(list(argv)))
+
+    assert config().parallel == 4  # LM Studio 0.4's default
+    assert config("--parallel", "1").parallel == 1
+    assert config("--max-parallel", "2").parallel == 2  # the former name still works
+    assert config("--parallel", "unlimited").parallel is None
+    assert config("--batch-size", "256").defaults.batch_size == 256
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--parallel", "many"])
