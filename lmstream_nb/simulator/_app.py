@@ -748,7 +748,8 @@ class _NativeStream(_EventStream):
     ``data: <json>`` with the same ``type``), ``chat.start`` first and ``chat.end`` last, with
     the load and prompt-processing progress between them (cadence in ``_pace``).
 
-    Reasoning and answer come as blocks (``reasoning.start``/``delta``/``end``, then
+    ``model_load.*`` go only to the request whose arrival started a JIT load; one that arrives
+    while that load runs waits for it in silence. Reasoning and answer come as blocks (``reasoning.start``/``delta``/``end``, then
     ``message.*``). A mid-stream failure sends ``error`` and then still ``chat.end`` with what
     was generated, as LM Studio documents; ``end_at`` and ``disconnect_at`` cut the stream with
     neither. A ``malformed_at`` line is a ``message.delta`` event whose data is not JSON.

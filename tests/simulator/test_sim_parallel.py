@@ -114,6 +114,24 @@ def test_streams_in_the_slots_share_the_generation_speed():
     assert max(shared) < 100 * 0.7, shared  # alone: 100 tok/s
 
 
+def test_prompts_processed_at_once_share_the_prompt_speed():
+    """Two 5000-token prompts at 5000 tok/s: 1 s each alone, 2 s each side by side. The bound
+    leaves half a second for the two requests to arrive apart; lateness only adds to it."""
+    body = native_body("p" * 4 * 5000, sim={"prefill_tps": 5000, "output_tokens": 1})
+
+    async def both(root_url: str) -> list[float]:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            replies = await asyncio.gather(
+                *(client.post(root_url + "/api/v1/chat", json={**body, "seed": i}) for i in (1, 2))
+            )
+        return [r.json()["stats"]["time_to_first_token_seconds"] for r in replies]
+
+    with simulator.serve(profile="test-fast", parallel=4) as sim:
+        ttfts = asyncio.run(both(sim.root_url))
+
+    assert min(ttfts) >= 1.5, ttfts
+
+
 def test_the_pace_model():
     alone, one_slot, unlimited, four = Engine(4), Engine(1), Engine(None), Engine(4)
     four.generating, four.prefilling = 4, 3
