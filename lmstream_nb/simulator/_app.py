@@ -6,10 +6,11 @@ and LM Studio 0.4's native API: ``POST /api/v1/chat`` (named SSE events with loa
 progress, or one JSON body), ``GET /api/v1/models`` (with ``loaded_instances`` and their
 ``config``), ``POST /api/v1/models/load`` and ``/unload``. Express-style headers go on every
 response, and unknown paths get LM Studio's ``200`` with a string error. A server whose default
-dialect is ``"llamacpp"`` is a llama.cpp server instead: no native API, 404 for unknown paths,
-any model name served, and ``GET /props``, ``POST /tokenize`` and ``POST /v1/chat/completions/
-input_tokens``. Timing (JIT load, queue, prompt processing, token pace), text and faults come
-from the request's :class:`~._scenario.Scenario` and, for requests sharing a model, ``_pace``.
+dialect is ``"llamacpp"`` is a llama.cpp server instead: ``Server: llama.cpp`` rather than
+Express's headers, no native API, 404 for unknown paths, any model name served, and ``GET
+/props``, ``GET /slots``, ``POST /tokenize`` and ``POST /v1/chat/completions/input_tokens``.
+Timing (JIT load, queue, prompt processing, token pace), text and faults come from the
+request's :class:`~._scenario.Scenario` and, for requests sharing a model, ``_pace``.
 
 Every chat request, on either API and streaming or not, runs the same production loop: load,
 queue for a slot, process the prompt step by step, generate, with the scenario's faults at their
@@ -74,6 +75,7 @@ _EXPRESS_HEADERS = [
     (b"connection", b"keep-alive"),
     (b"keep-alive", b"timeout=5"),
 ]
+_LLAMACPP_HEADERS = [(b"server", b"llama.cpp")]  # what llama-server sends instead
 _JSON_TYPE = "application/json; charset=utf-8"
 _NO_MODELS = (
     "No models loaded. Please load a model in the developer page or use the 'lms load' command."
@@ -749,10 +751,11 @@ class _NativeStream(_EventStream):
     the load and prompt-processing progress between them (cadence in ``_pace``).
 
     ``model_load.*`` go only to the request whose arrival started a JIT load; one that arrives
-    while that load runs waits for it in silence. Reasoning and answer come as blocks (``reasoning.start``/``delta``/``end``, then
-    ``message.*``). A mid-stream failure sends ``error`` and then still ``chat.end`` with what
-    was generated, as LM Studio documents; ``end_at`` and ``disconnect_at`` cut the stream with
-    neither. A ``malformed_at`` line is a ``message.delta`` event whose data is not JSON.
+    while that load runs waits for it in silence. Reasoning and answer come as blocks
+    (``reasoning.start``/``delta``/``end``, then ``message.*``). A mid-stream failure sends
+    ``error`` and then still ``chat.end`` with what was generated, as LM Studio documents;
+    ``end_at`` and ``disconnect_at`` cut the stream with neither. A ``malformed_at`` line is a
+    ``message.delta`` event whose data is not JSON.
     """
 
     def __init__(self, sim: _Sim, plan: _Plan) -> None:
@@ -1728,6 +1731,18 @@ class _Handlers:
             }
         )
 
+    async def slots(self, request: Request) -> Response:
+        """``GET /slots``: each slot's context and whether a request holds it."""
+        model = self.sim.models[self.sim.config.models[0]]
+        engine = model.engine
+        count = engine.parallel or max(1, engine.busy)
+        return _json(
+            [
+                {"id": i, "n_ctx": model.context_length, "is_processing": i < engine.busy}
+                for i in range(count)
+            ]
+        )
+
     async def tokenize(self, request: Request) -> Response:
         """``POST /tokenize {"content": text}``: as many token ids as the simulator counts."""
         body = await self._body(request, _error_object)
@@ -1799,10 +1814,13 @@ class _FrontDoor:
         index = recorder.add(scope["method"], scope["path"], auth=auth, query=query)
         scope.setdefault("state", {})["sim_record"] = index
 
+        llamacpp = self.sim.config.defaults.dialect == "llamacpp"
+        extra = _LLAMACPP_HEADERS if llamacpp else _EXPRESS_HEADERS
+
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message = dict(message)
-                message["headers"] = [*message.get("headers", []), *_EXPRESS_HEADERS]
+                message["headers"] = [*message.get("headers", []), *extra]
                 if recorder.get(index).outcome == "running":
                     recorder.update(index, status_code=message["status"])
             await send(message)
@@ -1852,6 +1870,7 @@ def build_app(config: SimConfig, recorder: Recorder) -> Starlette:
     if config.defaults.dialect == "llamacpp":
         routes += [
             Route("/props", handlers.props, methods=["GET"]),
+            Route("/slots", handlers.slots, methods=["GET"]),
             Route("/tokenize", handlers.tokenize, methods=["POST"]),
             Route("/v1/chat/completions/input_tokens", handlers.input_tokens, methods=["POST"]),
         ]

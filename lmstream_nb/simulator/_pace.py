@@ -96,6 +96,7 @@ class Engine:
         self.slots = None if parallel is None else asyncio.Semaphore(parallel)
         self.prefilling = 0
         self.generating = 0
+        self.busy = 0  # slots held (a request gone during prompt processing holds it till the end)
 
     @property
     def shared(self) -> bool:
@@ -116,12 +117,16 @@ class Engine:
     async def acquire(self) -> None:
         if self.slots is not None:
             await self.slots.acquire()
+        self.busy += 1
 
     def release(self, at: float | None = None) -> None:
         """Free a slot now, or at loop time ``at`` (prompt processing can't be interrupted)."""
-        if self.slots is None:
-            return
-        self._later(at, self.slots.release)
+        self._later(at, self._free)
+
+    def _free(self) -> None:
+        self.busy -= 1
+        if self.slots is not None:
+            self.slots.release()
 
     def leave_prefill(self, at: float | None = None) -> None:
         """One prompt less in processing, now or at loop time ``at``."""

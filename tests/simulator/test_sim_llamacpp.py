@@ -66,8 +66,16 @@ def llama() -> Iterator[simulator.SimServer]:
 
 
 def test_props_tell_the_context_and_the_slots(llama, client):
-    props = client.get(llama.root_url + "/props").json()
+    response = client.get(llama.root_url + "/props")
+    props = response.json()
+    slots = client.get(llama.root_url + "/slots").json()
 
+    assert response.headers["server"] == "llama.cpp"
+    assert "x-powered-by" not in response.headers
+    assert slots == [
+        {"id": 0, "n_ctx": 1000, "is_processing": False},
+        {"id": 1, "n_ctx": 1000, "is_processing": False},
+    ]
     assert props["n_ctx"] == 1000
     assert props["default_generation_settings"]["n_ctx"] == 1000
     assert props["total_slots"] == 2
@@ -119,3 +127,18 @@ def test_an_lm_studio_server_has_no_llama_cpp_extras(sim, client):
 
     assert response.status_code == 200  # LM Studio's answer to an unknown path
     assert response.json() == {"error": "Unexpected endpoint or method. (GET /props)"}
+
+
+def test_slots_show_a_request_being_processed(client):
+    defaults = simulator.Scenario(dialect="llamacpp")
+    with simulator.serve(profile="test-fast", defaults=defaults, parallel=2) as server:
+        body = {**chat_body("t", sim={"stall_at": 1, "stall_s": 60}), "stream": True}
+        with client.stream("POST", server.base_url + "/chat/completions", json=body) as response:
+            lines = response.iter_lines()  # kept open: closing it closes the stream
+            while '"content":"' not in next(lines):
+                pass
+            busy = client.get(server.root_url + "/slots").json()
+        freed = server.wait_for(lambda r: r.outcome == "client_disconnected")
+
+    assert [s["is_processing"] for s in busy] == [True, False]
+    assert freed.disconnect_phase == "generation"

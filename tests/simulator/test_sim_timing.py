@@ -129,7 +129,7 @@ def test_jit_load_delays_the_first_request_only(client):
     assert second.ttft < 0.3
 
 
-def test_max_parallel_queues_per_model(client):
+def test_one_slot_queues_per_model(client):
     with simulator.serve(profile="test-fast", parallel=1) as sim:
         url = sim.base_url + "/chat/completions"
         body = chat_body(sim={"output_tokens": 40, "gen_tps": 80})  # about 0.5 s each
