@@ -236,10 +236,13 @@ class _Sim:
                 return model.id
         return None
 
-    async def acquire(self, plan: _Plan, report: _LoadReport | None = None) -> float | None:
+    async def acquire(
+        self, plan: _Plan, report: _LoadReport | None = None
+    ) -> tuple[float | None, Engine]:
         """JIT-load the plan's model if needed (one load at a time), then take a slot.
 
-        Returns the load's duration when this request loaded the model, else ``None``.
+        Returns the load's duration when this request loaded the model (else ``None``) and the
+        engine whose slot it took.
         """
         model = plan.model
         took = None
@@ -252,7 +255,7 @@ class _Sim:
         if engine.slots is not None and engine.slots.locked():
             self.recorder.update(plan.index, stage="queued")
         await engine.acquire()
-        return took
+        return took, engine
 
     async def load(
         self,
@@ -421,10 +424,10 @@ class _Pacing:
     the engine counts the request in the phase it is in until :meth:`leave`.
     """
 
-    def __init__(self, plan: _Plan, recorder: Recorder) -> None:
+    def __init__(self, plan: _Plan, engine: Engine, recorder: Recorder) -> None:
         self.plan = plan
         self.recorder = recorder
-        self.engine = plan.model.engine
+        self.engine = engine  # the one whose slot it holds (a reload replaces the model's)
         self.phase = "waiting"
         self.t0 = 0.0
         self.mark = 0  # prompt tokens processed once the current step ends
@@ -687,8 +690,8 @@ class _EventStream(Response):
                 recorder.finish(index, "fault_disconnect")
                 return True
             await self._on_start(send)
-            self._load_took = await sim.acquire(plan, self._load_report(send))
-            pacing = _Pacing(plan, sim.recorder)
+            self._load_took, engine = await sim.acquire(plan, self._load_report(send))
+            pacing = _Pacing(plan, engine, sim.recorder)
             if plan.scenario.ping_s is not None:
                 self._ping_step = plan.scenario.ping_s * plan.scale
                 self._next_ping = loop.time() + self._ping_step if self._ping_step > 0 else None
@@ -948,8 +951,8 @@ async def _complete(sim: _Sim, plan: _Plan, request: Request) -> Response:
         if disconnect == 0:
             recorder.finish(index, "fault_disconnect", status_code=200)
             return _AbortAfterHeaders()
-        took = await sim.acquire(plan)
-        pace = _Pacing(plan, sim.recorder)
+        took, engine = await sim.acquire(plan)
+        pace = _Pacing(plan, engine, sim.recorder)
         pacing.append(pace)
         first_at = await pace.prompt(_sleep_until, quiet)
         first.append(first_at)
