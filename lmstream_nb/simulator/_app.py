@@ -1314,7 +1314,7 @@ class _Handlers:
             "type": model.type,
             "publisher": "lmstream-sim",
             "arch": "nomic-bert" if embeddings else "llama",
-            "compatibility_type": "gguf",
+            "compatibility_type": model.format,
             "quantization": "F16" if embeddings else "Q4_K_M",
             "state": "loaded" if model.loaded else "not-loaded",
             "max_context_length": 2048 if embeddings else self.sim.config.context_length,

@@ -163,7 +163,9 @@ class Scenario:
     - ``dialect``: ``"lmstudio"`` (role on every delta, text in the first chunk, an empty-delta
       finish chunk), ``"openai"`` (role only in an opening chunk with ``content: ""``) or
       ``"llamacpp"`` (opening chunk ``{"role": "assistant", "content": null}``, usage chunk with
-      ``timings``).
+      ``timings``, and ``prompt_progress`` chunks at 0 and after every ``batch_size`` tokens when
+      the request has ``"return_progress": true``). A server whose default dialect is
+      ``"llamacpp"`` is a llama.cpp server throughout (see ``_app``).
     - ``line_ending``: ``"lf"``, ``"crlf"`` or ``"cr"`` for every SSE line.
     - ``bom``: start the body with a UTF-8 byte-order mark.
     """
