@@ -448,7 +448,13 @@ class _Pacing:
         self._stage("prefill")
         await report(0, 0.0)
         done = 0
-        for mark in prompt_steps(plan.prompt_tokens, plan.batch, bounded=plan.native):
+        marks = prompt_steps(plan.prompt_tokens, plan.batch, bounded=plan.native)
+        hang = plan.scenario.prompt_stall_at
+        if hang is not None and 0 < hang < plan.prompt_tokens and hang not in marks:
+            marks = sorted([*marks, hang])  # report where it stops
+        for mark in marks:
+            if done == hang:
+                deadline += plan.scenario.stall_s * plan.scale
             deadline += (mark - done) * self._per_token * engine.prefill_factor()
             self.step_end, self.mark = deadline, mark
             await wait(deadline)

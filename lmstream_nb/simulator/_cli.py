@@ -41,6 +41,12 @@ _SCENARIO_FLAGS: tuple[tuple[str, type, str, str], ...] = (
     ("ping_s", float, "SECONDS", "send ': ping' comment lines this often during prompt processing"),
     ("stall_at", int, "N", "after N tokens pause for --stall-s seconds"),
     ("stall_s", float, "SECONDS", "length of the --stall-at pause (default 0)"),
+    (
+        "prompt_stall_at",
+        int,
+        "N",
+        "after N prompt tokens are processed, pause for --stall-s seconds",
+    ),
     ("disconnect_at", int, "N", "after N tokens drop the connection (0: right after the headers)"),
     ("end_at", int, "N", "after N tokens end the body without a finish chunk or [DONE]"),
     ("error_at", int, "N", "after N tokens send an 'event: error' frame and end the stream"),

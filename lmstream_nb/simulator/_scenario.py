@@ -107,6 +107,10 @@ class Scenario:
     - ``ping_s``: while processing the prompt, send an SSE comment line ``: ping`` every
       ``ping_s`` simulated seconds (llama.cpp does this; LM Studio sends nothing, hence ``None``).
     - ``stall_at``, ``stall_s``: after ``stall_at`` tokens, pause ``stall_s`` seconds, then go on.
+    - ``prompt_stall_at``: once that many prompt tokens are processed, pause ``stall_s`` seconds
+      before processing the rest: progress stops there (and is reported there, between the
+      batches, so a client sees exactly where it stopped). 0 pauses right after the first
+      progress report; at or beyond the prompt's size it never triggers.
     - ``disconnect_at``: after that many tokens drop the TCP connection without ending the chunked
       body (``0``: right after the headers). A non-streaming request gets headers, then the drop.
     - ``end_at``: after that many tokens end the HTTP body cleanly but send neither the finish
@@ -183,6 +187,7 @@ class Scenario:
     batch_size: int | None = None
     ping_s: float | None = None
     stall_at: int | None = None
+    prompt_stall_at: int | None = None
     stall_s: float = 0.0
     disconnect_at: int | None = None
     end_at: int | None = None
@@ -214,6 +219,7 @@ class Scenario:
         return dataclasses.replace(
             self,
             stall_at=None,
+            prompt_stall_at=None,
             disconnect_at=None,
             end_at=None,
             error_at=None,
@@ -307,6 +313,7 @@ _RULES: dict[str, _Rule] = {
     "batch_size": lambda n, v: _count(n, v, minimum=1),
     "ping_s": _positive_seconds,
     "stall_at": _count,
+    "prompt_stall_at": _count,
     "stall_s": lambda n, v: _seconds(n, v, optional=False),
     "disconnect_at": _count,
     "end_at": _count,

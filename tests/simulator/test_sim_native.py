@@ -8,7 +8,7 @@ import math
 
 import httpx
 import pytest
-from sim_helpers import EMBED_MODEL, MODEL, Event, native_body, parse_sse
+from sim_helpers import EMBED_MODEL, MODEL, Event, chat_body, native_body, parse_sse, stream
 
 from lmstream_nb import simulator
 from lmstream_nb.simulator._pace import LOAD_STEPS, MAX_PROMPT_EVENTS
@@ -384,3 +384,35 @@ def test_a_llamacpp_server_has_no_native_api(client):
     assert response.json() == {
         "error": {"message": "File Not Found", "type": "not_found_error", "code": 404}
     }
+
+
+@pytest.mark.parametrize("path", ["/api/v1/chat", "/v1/chat/completions"])
+def test_prompt_processing_can_stop_for_a_while(sim, client, path):
+    """``prompt_stall_at`` pauses processing where it says, after reporting exactly there."""
+    scenario = {
+        "batch_size": 100,
+        "prompt_stall_at": 430,
+        "stall_s": 0.3,
+        "output_tokens": 2,
+        "dialect": "llamacpp",
+    }
+    if path == "/api/v1/chat":
+        body = native_body("w" * 4000, sim=scenario)
+        _, events = native_stream(client, sim.root_url + path, body)
+        progress = [e.json()["progress"] for e in events if e.event == "prompt_processing.progress"]
+        ttft = events[-1].json()["result"]["stats"]["time_to_first_token_seconds"]
+    else:
+        body = chat_body(
+            "w" * 4000,
+            sim=scenario,
+            return_progress=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = stream(client, sim.root_url + path, body).chunks
+        progress = [
+            c["prompt_progress"]["processed"] / 1000 for c in chunks if "prompt_progress" in c
+        ]
+        ttft = chunks[-1]["timings"]["prompt_ms"] / 1000  # the usage chunk
+
+    assert progress == [0.0, 0.1, 0.2, 0.3, 0.4, 0.43, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert ttft >= 0.3  # the pause happened before the first token
