@@ -12,15 +12,12 @@ Express's headers, no native API, 404 for unknown paths, any model name served, 
 Timing (JIT load, queue, prompt processing, token pace), text and faults come from the
 request's :class:`~._scenario.Scenario` and, for requests sharing a model, ``_pace``.
 
-Every chat request, on either API and streaming or not, runs the same production loop: load,
-queue for a slot, process the prompt step by step, generate, with the scenario's faults at their
-positions. :class:`_EventStream` frames it as OpenAI-style chunks, :class:`_NativeStream` as the
-native API's named events, :func:`_complete` as one body. A stream runs beside a watcher for
-``http.disconnect``: when the client goes away the generation is cancelled at its next await and
-the request is recorded as ``client_disconnected``. Faults that must break the connection raise
-:class:`_Abort` after the headers went out; uvicorn then closes the transport without finishing
-the chunked body, and a logging filter keeps that deliberate exception out of the server's error
-log.
+The handlers here read and check a request, answer the whole-response faults (status, redirect,
+raw body, floods), make the request's plan and hand it to ``_produce``, where every chat
+request, on either API and streaming or not, runs the same production loop. Faults that must
+break the connection raise ``Abort`` after the headers went out; uvicorn then closes the
+transport without finishing the chunked body, and a logging filter keeps that deliberate
+exception out of the server's error log.
 
 Error shapes the native API's documentation leaves open are assumed: status 404 for an unknown
 model (``model_not_found``), 400 for other invalid requests, 500 for a non-streaming failure,
@@ -32,18 +29,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import hashlib
-import html
 import http
 import json
-import logging
 import math
-import random
-import re
-import string
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -54,1013 +45,45 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._pace import LLAMACPP_BATCH, LMSTUDIO_BATCH, LOAD_STEPS, Engine, prompt_steps
-from ._records import Outcome, Recorder, Stage
+from ._pace import LLAMACPP_BATCH, LMSTUDIO_BATCH
+from ._produce import (
+    EventStream,
+    Model,
+    NativeStream,
+    Plan,
+    Sim,
+    complete,
+    marker_overrides,
+    plan_pieces,
+    prompt_tokens_of,
+    reply_pieces,
+    token_intervals,
+)
+from ._records import Outcome, Recorder
 from ._scenario import (
     Scenario,
     ScenarioError,
     SimConfig,
     apply_overrides,
-    model_format,
-    model_type,
 )
-from ._text import TextSource
+from ._wire import (
+    EXPRESS_HEADERS,
+    JSON,
+    JSON_TYPE,
+    LLAMACPP_HEADERS,
+    NO_MODELS,
+    OVERFLOW,
+    dumps,
+    error_object,
+    html_page,
+    install_log_filter,
+    json_reply,
+    native_error,
+)
 
 __all__ = ["build_app"]
 
-JSON = dict[str, Any]
-
-_EXPRESS_HEADERS = [
-    (b"x-powered-by", b"Express"),
-    (b"connection", b"keep-alive"),
-    (b"keep-alive", b"timeout=5"),
-]
-_LLAMACPP_HEADERS = [(b"server", b"llama.cpp")]  # what llama-server sends instead
-_JSON_TYPE = "application/json; charset=utf-8"
-_NO_MODELS = (
-    "No models loaded. Please load a model in the developer page or use the 'lms load' command."
-)
-_OVERFLOW = (
-    "The number of tokens to keep from the initial prompt is greater than the context length. "
-    "Try to load the model with a larger context length, or provide a shorter input"
-)
 _DEFAULT_OUTPUT_TOKENS = 150
-_YIELD_EVERY = 64  # with no delays, let other streams run every this many tokens
-_ID_ALPHABET = string.ascii_lowercase + string.digits
-_LINE_ENDINGS = {"lf": "\n", "crlf": "\r\n", "cr": "\r"}
-_BOM = "\ufeff".encode()
-
-
-def _dumps(obj: object) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def _json(body: object, status: int = 200) -> Response:
-    return Response(_dumps(body), status_code=status, media_type=_JSON_TYPE)
-
-
-def _error_object(
-    message: str, status: int = 400, *, param: str | None = None, code: str | None = None
-) -> Response:
-    body = {
-        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}
-    }
-    return _json(body, status)
-
-
-def _native_error(
-    kind: str,
-    message: str,
-    status: int = 400,
-    *,
-    code: str | None = None,
-    param: str | None = None,
-) -> Response:
-    """The native API's error object (``type`` is one of LM Studio's error types)."""
-    return _json(
-        {"error": {"type": kind, "message": message, "code": code, "param": param}}, status
-    )
-
-
-def _html_page(title: str, message: str) -> str:
-    return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{html.escape(title)}</title>\n</head>\n<body>\n"
-        f"<pre>{html.escape(message)}</pre>\n</body>\n</html>\n"
-    )
-
-
-# --- deliberate connection drops ---------------------------------------------------------------
-
-
-class _Abort(Exception):
-    """Raised inside the app, after the headers went out, to drop the connection on purpose."""
-
-
-def _is_abort(exc: BaseException | None) -> bool:
-    if isinstance(exc, _Abort):
-        return True
-    group = getattr(exc, "exceptions", None)  # an exception group made only of aborts
-    return bool(group) and all(_is_abort(e) for e in group)  # type: ignore[union-attr]
-
-
-class _HideAborts(logging.Filter):
-    """Drops uvicorn's "Exception in ASGI application" record when the exception is an _Abort."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and _is_abort(record.exc_info[1]))
-
-
-_HIDE_ABORTS = _HideAborts()
-
-
-def _install_log_filter() -> None:
-    logger = logging.getLogger("uvicorn.error")
-    if _HIDE_ABORTS not in logger.filters:
-        logger.addFilter(_HIDE_ABORTS)
-
-
-class _AbortAfterHeaders(Response):
-    """A non-streaming reply that announces a body, sends its headers, then drops the connection."""
-
-    def __init__(self) -> None:
-        super().__init__(b"{}", media_type=_JSON_TYPE)
-        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"] + [
-            (b"content-length", b"4096")
-        ]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        raise _Abort
-
-
-# --- server state --------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Model:
-    id: str
-    type: str
-    format: str
-    loaded: bool
-    context_length: int
-    engine: Engine
-    load_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
-
-
-#: Reports a JIT load to the request that caused it: (stage, fraction, seconds so far).
-_LoadReport = Callable[[str, float, float], Awaitable[None]]
-
-
-class _Sim:
-    """State shared by all requests of one server: config, models, records."""
-
-    def __init__(self, config: SimConfig, recorder: Recorder) -> None:
-        self.config = config
-        self.recorder = recorder
-        self.models: dict[str, _Model] = {}
-        for i, model_id in enumerate(config.models):
-            fmt = model_format(model_id)
-            self.models[model_id] = _Model(
-                id=model_id,
-                type=model_type(model_id),
-                format=fmt,
-                loaded=i == 0 and not config.defaults.no_model,
-                context_length=config.context_length,
-                engine=Engine(self.parallel_of(fmt)),
-            )
-        self._ids = random.Random(f"lmstream-sim-ids|{config.seed}")
-        # Requests seen per identical message list, for ``fault_attempts``.
-        self.attempts: dict[str, int] = {}
-
-    def parallel_of(self, fmt: str) -> int | None:
-        """Slots of a model in this format: MLX models answer one request at a time."""
-        return 1 if fmt == "mlx" else self.config.parallel
-
-    def transient(self, sc: Scenario, messages: object) -> Scenario:
-        """``sc``, or ``sc`` without its faults once this prompt has met them often enough."""
-        if sc.fault_attempts is None:
-            return sc
-        key = hashlib.sha256(
-            json.dumps(messages, sort_keys=True, default=str).encode("utf-8")
-        ).hexdigest()
-        seen = self.attempts[key] = self.attempts.get(key, 0) + 1
-        return sc if seen <= sc.fault_attempts else sc.without_faults()
-
-    def new_id(self, prefix: str = "chatcmpl-") -> str:
-        return prefix + "".join(self._ids.choices(_ID_ALPHABET, k=20))
-
-    def loaded_llm(self) -> str | None:
-        for model in self.models.values():
-            if model.loaded and model.type == "llm":
-                return model.id
-        return None
-
-    async def acquire(
-        self, plan: _Plan, report: _LoadReport | None = None
-    ) -> tuple[float | None, Engine]:
-        """JIT-load the plan's model if needed (one load at a time), then take a slot.
-
-        Returns the load's duration when this request loaded the model (else ``None``) and the
-        engine whose slot it took.
-        """
-        model = plan.model
-        took = None
-        if not model.loaded:
-            self.recorder.update(plan.index, stage="loading")
-            async with model.load_lock:
-                if not model.loaded:
-                    took = await self.load(model, plan.load_s, report, plan.context_length)
-        engine = model.engine
-        if engine.slots is not None and engine.slots.locked():
-            self.recorder.update(plan.index, stage="queued")
-        await engine.acquire()
-        return took, engine
-
-    async def load(
-        self,
-        model: _Model,
-        seconds: float,
-        report: _LoadReport | None = None,
-        context_length: int | None = None,
-    ) -> float:
-        """Load ``model`` in ``seconds`` (real, scaled), reporting :data:`LOAD_STEPS` steps."""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        if report is None:
-            await asyncio.sleep(seconds)
-        else:
-            await report("start", 0.0, 0.0)
-            for k in range(1, LOAD_STEPS + 1):
-                await _sleep_until(start + seconds * k / LOAD_STEPS)
-                await report("progress", k / LOAD_STEPS, loop.time() - start)
-        if not model.loaded or context_length is not None:
-            model.engine = Engine(self.parallel_of(model.format))
-        if context_length is not None:
-            model.context_length = context_length
-        elif not model.loaded:  # a fresh load takes the server's default context
-            model.context_length = self.config.context_length
-        model.loaded = True
-        took = loop.time() - start
-        if report is not None:
-            await report("end", 1.0, took)
-        return took
-
-
-# --- one chat request ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Plan:
-    """Everything decided about a chat request before any waiting starts."""
-
-    index: int
-    id: str
-    created: int
-    model: _Model
-    v0: bool
-    include_usage: bool
-    scenario: Scenario
-    scale: float
-    load_s: float
-    prefill_s: float
-    intervals: list[float]  # intervals[i]: wait before token i, after token i-1 (intervals[0] = 0)
-    pieces: list[tuple[str, str]]  # (kind, text); kind "reasoning" or "content"
-    finish_reason: str
-    prompt_tokens: int
-    echo: str = ""  # appended to every error text when the scenario echoes the request
-    native: bool = False  # LM Studio's /api/v1/chat (named events) instead of /v1
-    return_progress: bool = False  # llama.cpp's prompt_progress chunks were asked for
-    batch: int = LMSTUDIO_BATCH  # prompt tokens per processing step
-    context_length: int | None = None  # the context a native request loads its model with
-
-    @property
-    def fingerprint(self) -> str:
-        dialect = self.scenario.dialect
-        if dialect == "llamacpp":
-            return "b1-lmstream-sim"
-        if dialect == "openai":
-            return "fp_lmstreamsim"
-        return self.model.id
-
-    def stall(self, position: int) -> float:
-        sc = self.scenario
-        return sc.stall_s * self.scale if sc.stall_at == position else 0.0
-
-
-def _prompt_tokens(messages: list[Any]) -> int:
-    chars = 0
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    chars += len(part["text"])
-    return max(1, chars // 4)
-
-
-_MARKER = re.compile(r"\[\[sim (\{.*?\})\]\]", re.DOTALL)
-
-
-def _marker_overrides(messages: object) -> dict[str, object] | None:
-    """Scenario fields written into a prompt as ``[[sim {"stall_at": 3}]]``.
-
-    Higher-level code (batch rows, notebooks, widgets) varies only the prompt text, so this is
-    how one row or one cell asks for its own fault. Later markers win; the marker stays in the
-    prompt (it is just text to everything else).
-    """
-    if not isinstance(messages, list):
-        return None
-    found: dict[str, object] = {}
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, str) or "[[sim " not in content:
-            continue
-        for match in _MARKER.finditer(content):
-            try:
-                value = json.loads(match.group(1))
-            except ValueError as exc:
-                raise ScenarioError(f"a [[sim …]] marker is not valid JSON: {exc}") from None
-            if not isinstance(value, dict):
-                raise ScenarioError("a [[sim …]] marker must hold a JSON object")
-            found.update(value)
-    return found or None
-
-
-def _reply_pieces(reply: str) -> list[str]:
-    """A fixed reply cut into word pieces (each with the space after it), as tokens arrive."""
-    return re.findall(r"\S+\s*|\s+", reply) or [""]
-
-
-def _pieces(
-    sc: Scenario, seed: int, model: str, messages: object, n_answer: int
-) -> list[tuple[str, str]]:
-    pieces: list[tuple[str, str]] = []
-    if sc.reasoning != "off" and sc.reasoning_tokens > 0:
-        thinking = TextSource(seed=seed, model=model, messages=messages, kind="reasoning")
-        words = thinking.tokens(sc.reasoning_tokens)
-        if sc.reasoning == "inline":
-            words[0] = "<think>" + words[0]
-            words[-1] = words[-1] + "</think>\n\n"
-            pieces.extend(("content", w) for w in words)
-        else:
-            pieces.extend(("reasoning", w) for w in words)
-    answer = TextSource(seed=seed, model=model, messages=messages)
-    if sc.reply is not None:
-        reply = _reply_pieces(sc.reply)
-        pieces.extend(("content", reply[i % len(reply)]) for i in range(n_answer))
-    elif sc.chunk_chars is not None:
-        pieces.extend(("content", answer.chars(sc.chunk_chars)) for _ in range(n_answer))
-    else:
-        pieces.extend(("content", w) for w in answer.tokens(n_answer))
-    return pieces
-
-
-def _intervals(
-    sc: Scenario, gen_tps: float, scale: float, seed: int, model: str, n: int
-) -> list[float]:
-    if n == 0:
-        return []
-    base = 0.0 if math.isinf(gen_tps) else scale / gen_tps
-    if base == 0.0:
-        return [0.0] * n
-    rng = random.Random(f"lmstream-sim-timing|{seed}|{model}")
-    return [0.0] + [base * (1 + sc.jitter * rng.uniform(-1.0, 1.0)) for _ in range(n - 1)]
-
-
-async def _sleep_until(deadline: float) -> None:
-    delay = deadline - asyncio.get_running_loop().time()
-    if delay > 0:
-        await asyncio.sleep(delay)
-
-
-class _Pacing:
-    """One request's way through its model: the steps of its prompt processing, then the pace of
-    its tokens, each decided from how many requests share the model at that moment (``_pace``).
-
-    ``phase`` is ``"waiting"`` (loading, queued), ``"prefill"``, ``"generation"`` or ``"done"``;
-    the engine counts the request in the phase it is in until :meth:`leave`.
-    """
-
-    def __init__(self, plan: _Plan, engine: Engine, recorder: Recorder) -> None:
-        self.plan = plan
-        self.recorder = recorder
-        self.engine = engine  # the one whose slot it holds (a reload replaces the model's)
-        self.phase = "waiting"
-        self.t0 = 0.0
-        self.mark = 0  # prompt tokens processed once the current step ends
-        self.step_end = 0.0
-        self._per_token = plan.prefill_s / max(1, plan.prompt_tokens)
-
-    async def prompt(
-        self,
-        wait: Callable[[float], Awaitable[None]],
-        report: Callable[[int, float], Awaitable[None]],
-    ) -> float:
-        """Process the prompt step by step; ``report(processed, seconds)`` at 0 and after each
-        step. Returns the loop time at which processing ended."""
-        plan, engine = self.plan, self.engine
-        self.t0 = self.step_end = deadline = asyncio.get_running_loop().time()
-        engine.prefilling += 1
-        self.phase = "prefill"
-        self._stage("prefill")
-        await report(0, 0.0)
-        done = 0
-        marks = prompt_steps(plan.prompt_tokens, plan.batch, bounded=plan.native)
-        hang = plan.scenario.prompt_stall_at
-        if hang is not None and 0 < hang < plan.prompt_tokens and hang not in marks:
-            marks = sorted([*marks, hang])  # report where it stops
-        for mark in marks:
-            if done == hang:
-                deadline += plan.scenario.stall_s * plan.scale
-            deadline += (mark - done) * self._per_token * engine.prefill_factor()
-            self.step_end, self.mark = deadline, mark
-            await wait(deadline)
-            done = mark
-            await report(done, deadline - self.t0)
-        engine.leave_prefill()
-        engine.generating += 1
-        self.phase = "generation"
-        self._stage("generation")
-        return deadline
-
-    def _stage(self, stage: Stage) -> None:
-        self.recorder.update(self.plan.index, stage=stage)
-
-    def token_wait(self, i: int) -> float:
-        """The simulated wait before token ``i``, at the pace the model gives it now."""
-        return self.plan.intervals[i] * self.engine.gen_factor() + self.plan.stall(i)
-
-    def leave(self) -> float | None:
-        """Leave the model; return when the slot frees: ``None`` now, or the loop time at which
-        prompt processing ends (the server finishes it even when the client left)."""
-        phase, self.phase = self.phase, "done"
-        self._stage("done")
-        if phase == "prefill":
-            left = self.plan.prompt_tokens - self.mark
-            end = self.step_end + left * self._per_token * self.engine.prefill_factor()
-            self.engine.leave_prefill(end)
-            return end
-        if phase == "generation":
-            self.engine.generating -= 1
-        return None
-
-
-class _EventStream(Response):
-    """The ``text/event-stream`` reply: headers at once, silence while loading and processing the
-    prompt (or llama.cpp's ``prompt_progress`` chunks when asked), then one ``data:`` event per
-    token, with the scenario's faults along the way."""
-
-    def __init__(self, sim: _Sim, plan: _Plan) -> None:
-        self.sim = sim
-        self.plan = plan
-        self.status_code = 200
-        self.background = None
-        self.raw_headers = [
-            (b"content-type", b"text/event-stream"),
-            (b"cache-control", b"no-cache"),
-        ]
-        self._client_gone = False
-        self._sent = 0
-        self._batch = plan.scenario.write_events
-        self._held: list[bytes] = []  # events gathered for one write (write_events)
-        self._bom = plan.scenario.bom
-        self._newline = _LINE_ENDINGS[plan.scenario.line_ending]
-        self._opened = plan.scenario.dialect == "lmstudio"  # other dialects send an opening chunk
-        self._first_at: float | None = None
-        self._last_at: float | None = None
-        self._t0: float | None = None
-        self._load_took: float | None = None  # seconds, when this request JIT-loaded the model
-        self._next_ping: float | None = None
-        self._ping_step = 0.0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        abort = False
-        async with anyio.create_task_group() as group:
-
-            async def watch() -> None:
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        self._client_gone = True
-                        group.cancel_scope.cancel()
-                        return
-
-            group.start_soon(watch)
-            try:
-                abort = await self._produce(send)
-            finally:
-                group.cancel_scope.cancel()
-        if abort:
-            raise _Abort
-
-    # framing
-
-    async def _emit(self, send: Send, text: str) -> None:
-        data = text.replace("\n", self._newline).encode("utf-8")
-        if self._bom:
-            self._bom = False
-            data = _BOM + data
-        if self._batch is None:
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-            return
-        self._held.append(data)
-        if len(self._held) >= self._batch:
-            await self._flush(send)
-
-    async def _flush(self, send: Send) -> None:
-        """Write the events gathered by ``write_events`` (before a pause, an end or a drop)."""
-        if self._held:
-            data, self._held = b"".join(self._held), []
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-
-    async def _pause_until(self, send: Send, deadline: float) -> None:
-        await self._flush(send)
-        await _sleep_until(deadline)
-
-    async def _end(self, send: Send) -> None:
-        """End the chunked body cleanly (the terminating zero-length chunk)."""
-        data = b"".join(self._held) + (_BOM if self._bom else b"")  # BOM: even when empty
-        self._held = []
-        await send({"type": "http.response.body", "body": data, "more_body": False})
-
-    async def _emit_data(self, send: Send, obj: object) -> None:
-        await self._emit(send, "data: " + _dumps(obj).decode("utf-8") + "\n\n")
-
-    def _chunk(self, delta: JSON, finish_reason: str | None = None) -> JSON:
-        plan = self.plan
-        return {
-            "id": plan.id,
-            "object": "chat.completion.chunk",
-            "created": plan.created,
-            "model": plan.model.id,
-            "system_fingerprint": plan.fingerprint,
-            "choices": [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            ],
-        }
-
-    def _delta(self, kind: str, text: str) -> JSON:
-        sc = self.plan.scenario
-        key = "content"
-        if kind == "reasoning":
-            key = "reasoning" if sc.reasoning == "reasoning" else "reasoning_content"
-        if sc.dialect == "lmstudio":
-            return {"role": "assistant", key: text}
-        return {key: text}
-
-    async def _open(self, send: Send) -> None:
-        if self._opened:
-            return
-        self._opened = True
-        content = "" if self.plan.scenario.dialect == "openai" else None
-        await self._emit_data(send, self._chunk({"role": "assistant", "content": content}))
-
-    def _usage(self) -> JSON:
-        plan = self.plan
-        body: JSON = {
-            "id": plan.id,
-            "object": "chat.completion.chunk",
-            "created": plan.created,
-            "model": plan.model.id,
-            "system_fingerprint": plan.fingerprint,
-            "choices": [],
-            "usage": {
-                "prompt_tokens": plan.prompt_tokens,
-                "completion_tokens": self._sent,
-                "total_tokens": plan.prompt_tokens + self._sent,
-            },
-        }
-        if plan.scenario.dialect == "llamacpp":
-            body["timings"] = _timings(plan, self._t0, self._first_at, self._last_at, self._sent)
-        return body
-
-    # the generation
-
-    def _count_sent(self) -> None:
-        self._sent += 1
-        self.sim.recorder.update(self.plan.index, sent_tokens=self._sent)
-
-    async def _wait_prefill(self, send: Send, until: float) -> None:
-        """Silence (or ``: ping`` comments every ``ping_s``) until loop time ``until``."""
-        if self._next_ping is not None:
-            while self._next_ping < until:
-                await self._pause_until(send, self._next_ping)
-                await self._emit(send, ": ping\n\n")
-                self._next_ping += self._ping_step
-        await self._pause_until(send, until)
-
-    # what the framings write; this class writes OpenAI-style chunks, _NativeStream named events
-
-    async def _on_start(self, send: Send) -> None:
-        """Before the model is loaded and a slot taken (the native API's ``chat.start``)."""
-
-    def _load_report(self, send: Send) -> _LoadReport | None:
-        """What reports a JIT load this request causes (OpenAI-style streams stay silent)."""
-        return None
-
-    async def _on_prompt(self, send: Send, processed: int, seconds: float) -> None:
-        """llama.cpp's ``prompt_progress`` chunk, when the request asked for it."""
-        plan = self.plan
-        if not plan.return_progress:
-            return
-        chunk = self._chunk({"role": "assistant", "content": None})
-        chunk["prompt_progress"] = {
-            "total": plan.prompt_tokens,
-            "cache": 0,
-            "processed": processed,
-            "time_ms": round(seconds * 1000),
-        }
-        self._opened = True  # a progress chunk opens the stream as the opening chunk would
-        await self._emit_data(send, chunk)
-
-    async def _on_token(self, send: Send, kind: str, text: str) -> None:
-        await self._open(send)
-        await self._emit_data(send, self._chunk(self._delta(kind, text)))
-
-    async def _on_malformed(self, send: Send, bad: str) -> None:
-        await self._emit(send, f"data: {bad}\n\n")
-
-    async def _on_error(self, send: Send, message: str) -> None:
-        """A failure after the headers: ``event: error``, then the end without ``[DONE]``."""
-        error = {"error": {"message": message, "type": "server_error"}, "message": message}
-        await self._emit(send, "event: error\ndata: " + _dumps(error).decode() + "\n\n")
-        await self._end(send)
-
-    async def _on_finish(self, send: Send) -> None:
-        plan = self.plan
-        await self._open(send)
-        await self._emit_data(send, self._chunk({}, plan.finish_reason))
-        if plan.include_usage and not plan.v0:
-            await self._emit_data(send, self._usage())
-        await self._emit(send, "data: [DONE]\n\n")
-        await self._end(send)
-
-    async def _produce(self, send: Send) -> bool:
-        """Write the whole stream; return True when the connection must be dropped.
-
-        The one production loop of every stream: load, queue, process the prompt, generate,
-        with the scenario's faults at their positions; the ``_on_*`` hooks frame it.
-        """
-        sim, plan, sc = self.sim, self.plan, self.plan.scenario
-        recorder, index = sim.recorder, plan.index
-        loop = asyncio.get_running_loop()
-        pacing: _Pacing | None = None
-        release_at: float | None = None
-        n = len(plan.pieces)
-        try:
-            if sc.disconnect_at == 0:
-                recorder.finish(index, "fault_disconnect")
-                return True
-            await self._on_start(send)
-            self._load_took, engine = await sim.acquire(plan, self._load_report(send))
-            pacing = _Pacing(plan, engine, sim.recorder)
-            if plan.scenario.ping_s is not None:
-                self._ping_step = plan.scenario.ping_s * plan.scale
-                self._next_ping = loop.time() + self._ping_step if self._ping_step > 0 else None
-            self._t0 = loop.time()
-            deadline = await pacing.prompt(
-                lambda until: self._wait_prefill(send, until),
-                lambda done, seconds: self._on_prompt(send, done, seconds),
-            )
-            self._next_ping = None
-            for i in range(n + 1):
-                if i > 0 and sc.disconnect_at == i:
-                    await self._flush(send)
-                    recorder.finish(index, "fault_disconnect")
-                    return True
-                if sc.end_at == i:
-                    await self._end(send)
-                    recorder.finish(index, "truncated")
-                    return False
-                if sc.error_at == i:
-                    await self._on_error(send, (sc.error_message or "Compute error.") + plan.echo)
-                    recorder.finish(index, "stream_error")
-                    return False
-                if i == n:
-                    break
-                deadline += pacing.token_wait(i)
-                if deadline > loop.time():
-                    await self._pause_until(send, deadline)
-                elif i % _YIELD_EVERY == _YIELD_EVERY - 1:
-                    await asyncio.sleep(0)
-                if sc.malformed_at == i:
-                    await self._open(send)
-                    bad = sc.malformed_data if sc.malformed_data is not None else '{"id": broken'
-                    await self._on_malformed(send, bad + plan.echo)
-                kind, text = plan.pieces[i]
-                await self._on_token(send, kind, text)
-                now = loop.time()
-                if self._first_at is None:
-                    self._first_at = now
-                self._last_at = now
-                self._count_sent()
-            await self._on_finish(send)
-            recorder.finish(index, "completed")
-            return False
-        except BaseException:
-            if self._client_gone:
-                phase = "prefill" if self._sent == 0 else "generation"
-                recorder.finish(index, "client_disconnected", disconnect_phase=phase)
-            else:
-                recorder.finish(index, "http_error" if self._sent == 0 else "stream_error")
-            raise
-        finally:
-            if pacing is not None:
-                release_at = pacing.leave()  # generation stops at once, prompt processing not
-                pacing.engine.release(release_at)
-
-
-class _NativeStream(_EventStream):
-    """LM Studio 0.4's ``POST /api/v1/chat`` stream: named events (``event: <type>`` and
-    ``data: <json>`` with the same ``type``), ``chat.start`` first and ``chat.end`` last, with
-    the load and prompt-processing progress between them (cadence in ``_pace``).
-
-    ``model_load.*`` go only to the request whose arrival started a JIT load; one that arrives
-    while that load runs waits for it in silence. Reasoning and answer come as blocks
-    (``reasoning.start``/``delta``/``end``, then ``message.*``). A mid-stream failure sends
-    ``error`` and then still ``chat.end`` with what was generated, as LM Studio documents;
-    ``end_at`` and ``disconnect_at`` cut the stream with neither. A ``malformed_at`` line is a
-    ``message.delta`` event whose data is not JSON.
-    """
-
-    def __init__(self, sim: _Sim, plan: _Plan) -> None:
-        super().__init__(sim, plan)
-        self._opened = True  # no opening chunk
-        self._block: str | None = None  # "reasoning" or "message" while one is open
-        self._done: list[tuple[str, str]] = []
-
-    async def _event(self, send: Send, kind: str, **fields: object) -> None:
-        data = _dumps({"type": kind, **fields}).decode("utf-8")
-        await self._emit(send, f"event: {kind}\ndata: {data}\n\n")
-
-    async def _on_start(self, send: Send) -> None:
-        await self._event(send, "chat.start", model_instance_id=self.plan.model.id)
-
-    def _load_report(self, send: Send) -> _LoadReport | None:
-        model_id = self.plan.model.id
-
-        async def report(stage: str, fraction: float, seconds: float) -> None:
-            if stage == "start":
-                await self._event(send, "model_load.start", model_instance_id=model_id)
-            elif stage == "progress":
-                await self._event(
-                    send, "model_load.progress", model_instance_id=model_id, progress=fraction
-                )
-            else:
-                await self._event(
-                    send,
-                    "model_load.end",
-                    model_instance_id=model_id,
-                    load_time_seconds=round(seconds, 3),
-                )
-
-        return report
-
-    async def _on_prompt(self, send: Send, processed: int, seconds: float) -> None:
-        total = self.plan.prompt_tokens
-        if processed == 0:
-            await self._event(send, "prompt_processing.start")
-        await self._event(send, "prompt_processing.progress", progress=round(processed / total, 4))
-        if processed >= total:
-            await self._event(send, "prompt_processing.end")
-
-    async def _close_block(self, send: Send) -> None:
-        if self._block is not None:
-            await self._event(send, f"{self._block}.end")
-            self._block = None
-
-    async def _on_token(self, send: Send, kind: str, text: str) -> None:
-        block = "reasoning" if kind == "reasoning" else "message"
-        if block != self._block:
-            await self._close_block(send)
-            self._block = block
-            await self._event(send, f"{block}.start")
-        await self._event(send, f"{block}.delta", content=text)
-        self._done.append((kind, text))
-
-    async def _on_malformed(self, send: Send, bad: str) -> None:
-        await self._emit(send, f"event: message.delta\ndata: {bad}\n\n")
-
-    def _result(self) -> JSON:
-        firsts = [] if self._first_at is None else [self._first_at]
-        last = self._last_at if self._last_at is not None else asyncio.get_running_loop().time()
-        t0 = self._t0 if self._t0 is not None else last
-        return _native_result(self.plan, self._done, t0, firsts, last, self._load_took)
-
-    async def _on_error(self, send: Send, message: str) -> None:
-        error = {"type": "internal_error", "message": message, "code": None, "param": None}
-        await self._event(send, "error", error=error)
-        await self._event(send, "chat.end", result=self._result())
-        await self._end(send)
-
-    async def _on_finish(self, send: Send) -> None:
-        await self._close_block(send)
-        await self._event(send, "chat.end", result=self._result())
-        await self._end(send)
-
-
-def _native_result(
-    plan: _Plan,
-    pieces: list[tuple[str, str]],
-    t0: float,
-    first: list[float],
-    last: float,
-    load_took: float | None,
-) -> JSON:
-    """The body of a non-streaming ``/api/v1/chat`` reply, and ``chat.end``'s ``result``.
-
-    ``first`` holds the loop time of the first token, if there was one; ``time_to_first_token_
-    seconds`` counts from the start of prompt processing (after the load and the queue).
-    """
-    reasoning = "".join(text for kind, text in pieces if kind == "reasoning")
-    content = "".join(text for kind, text in pieces if kind != "reasoning")
-    output: list[JSON] = []
-    if reasoning:
-        output.append({"type": "reasoning", "content": reasoning})
-    output.append({"type": "message", "content": content})
-    n = len(pieces)
-    start = first[0] if first else last
-    generation = last - start
-    stats: JSON = {
-        "input_tokens": plan.prompt_tokens,
-        "total_output_tokens": n,
-        "reasoning_output_tokens": sum(1 for kind, _ in pieces if kind == "reasoning"),
-        "tokens_per_second": round(n / generation, 3) if n and generation > 0 else 0.0,
-        "time_to_first_token_seconds": round(start - t0, 3),
-    }
-    if load_took is not None:
-        stats["model_load_time_seconds"] = round(load_took, 3)
-    return {
-        "model_instance_id": plan.model.id,
-        "output": output,
-        "stats": stats,
-        "response_id": plan.id,
-    }
-
-
-def _timings(
-    plan: _Plan, t0: float | None, first: float | None, last: float | None, sent: int
-) -> JSON:
-    """llama.cpp's ``timings`` object, from the measured times."""
-    prompt_ms = ((first or t0 or 0.0) - (t0 or 0.0)) * 1000
-    predicted_ms = ((last or 0.0) - (first or 0.0)) * 1000
-    return {
-        "prompt_n": plan.prompt_tokens,
-        "prompt_ms": round(prompt_ms, 3),
-        "prompt_per_token_ms": round(prompt_ms / plan.prompt_tokens, 3),
-        "prompt_per_second": round(plan.prompt_tokens / (prompt_ms / 1000), 3)
-        if prompt_ms
-        else 0.0,
-        "predicted_n": sent,
-        "predicted_ms": round(predicted_ms, 3),
-        "predicted_per_token_ms": round(predicted_ms / sent, 3) if sent else 0.0,
-        "predicted_per_second": round(sent / (predicted_ms / 1000), 3) if predicted_ms else 0.0,
-    }
-
-
-# --- non-streaming -------------------------------------------------------------------------------
-
-
-async def _watching_disconnect(
-    request: Request, work: Callable[[], Awaitable[Response]]
-) -> tuple[Response | None, bool]:
-    """Run ``work`` while watching for the client to go away; (response, client_gone)."""
-    result: list[Response] = []
-    gone = False
-    async with anyio.create_task_group() as group:
-
-        async def watch() -> None:
-            nonlocal gone
-            while True:
-                message = await request.receive()
-                if message["type"] == "http.disconnect":
-                    gone = True
-                    group.cancel_scope.cancel()
-                    return
-
-        group.start_soon(watch)
-        try:
-            result.append(await work())
-        finally:
-            group.cancel_scope.cancel()
-    return (result[0] if result else None), gone
-
-
-async def _complete(sim: _Sim, plan: _Plan, request: Request) -> Response:
-    """Answer a non-streaming request after the whole simulated generation time."""
-    sc = plan.scenario
-    recorder, index = sim.recorder, plan.index
-    loop = asyncio.get_running_loop()
-    n = len(plan.pieces)
-    pacing: list[_Pacing] = []
-    deadlines: list[float] = []  # when each token is (or was) produced
-    first: list[float] = []
-
-    def produced(now: float) -> int:
-        return sum(1 for d in deadlines if d <= now)
-
-    async def quiet(_done: int, _seconds: float) -> None:
-        return None
-
-    disconnect = (
-        sc.disconnect_at if sc.disconnect_at is not None and sc.disconnect_at <= n else None
-    )
-    error = sc.error_at if sc.error_at is not None and sc.error_at <= n else None
-    if disconnect is not None and error is not None and error < disconnect:
-        disconnect = None
-
-    async def work() -> Response:
-        if disconnect == 0:
-            recorder.finish(index, "fault_disconnect", status_code=200)
-            return _AbortAfterHeaders()
-        took, engine = await sim.acquire(plan)
-        pace = _Pacing(plan, engine, sim.recorder)
-        pacing.append(pace)
-        first_at = await pace.prompt(_sleep_until, quiet)
-        first.append(first_at)
-        stop = disconnect if disconnect is not None else error
-        count = n if stop is None else stop
-        deadline = first_at
-        # Alone on its model a request's pace is fixed: one sleep to the end. When requests
-        # share the model, each token's pace depends on the others at that moment.
-        shared = pace.engine.shared
-        for i in range(count):
-            deadline += pace.token_wait(i)
-            deadlines.append(deadline)
-            if shared and deadline > loop.time():
-                await _sleep_until(deadline)
-        await _sleep_until(deadline if count else first_at + plan.stall(0))
-        recorder.update(index, sent_tokens=count)
-        if disconnect is not None:
-            recorder.finish(index, "fault_disconnect", status_code=200)
-            return _AbortAfterHeaders()
-        if error is not None:
-            message = (sc.error_message or "Compute error.") + plan.echo
-            if plan.native:
-                return _native_error("internal_error", message, 500)
-            body = {
-                "error": {"message": message, "type": "server_error", "param": None, "code": None}
-            }
-            return _json(body, 500)
-        end = loop.time()
-        if plan.native:
-            last = deadlines[-1] if deadlines else first_at
-            return _json(_native_result(plan, plan.pieces, pace.t0, deadlines[:1], last, took))
-        return _json(_completion_body(plan, plan.model.context_length, pace.t0, first_at, end))
-
-    response: Response | None = None
-    gone = False
-    try:
-        response, gone = await _watching_disconnect(request, work)
-    finally:
-        if pacing:
-            pacing[0].engine.release(pacing[0].leave())
-    if response is None or gone:
-        now = loop.time()
-        phase = "prefill" if not first or now < first[0] else "generation"
-        recorder.finish(
-            index, "client_disconnected", disconnect_phase=phase, sent_tokens=produced(now)
-        )
-        return Response(b"", status_code=499)  # nobody is listening any more
-    return response  # the front door records the outcome once the reply is sent
-
-
-def _completion_body(
-    plan: _Plan, context_length: int, t0: float, first_at: float, end: float
-) -> JSON:
-    sc = plan.scenario
-    reasoning = "".join(text for kind, text in plan.pieces if kind == "reasoning")
-    content = "".join(text for kind, text in plan.pieces if kind == "content")
-    n = len(plan.pieces)
-    message: JSON = {"role": "assistant", "content": content}
-    if sc.reasoning == "reasoning":
-        message["reasoning"] = reasoning
-    else:
-        message["reasoning_content"] = reasoning
-    body: JSON = {
-        "id": plan.id,
-        "object": "chat.completion",
-        "created": plan.created,
-        "model": plan.model.id,
-        "choices": [
-            {"index": 0, "logprobs": None, "finish_reason": plan.finish_reason, "message": message}
-        ],
-        "usage": {
-            "prompt_tokens": plan.prompt_tokens,
-            "completion_tokens": n,
-            "total_tokens": plan.prompt_tokens + n,
-        },
-        "system_fingerprint": plan.fingerprint,
-    }
-    if sc.dialect == "llamacpp":
-        body["timings"] = _timings(plan, t0, first_at, end, n)
-    if plan.v0:
-        generation = max(end - first_at, 1e-9)
-        body["stats"] = {
-            "tokens_per_second": round(n / generation, 3) if n else 0.0,
-            "time_to_first_token": round(first_at - t0, 3),
-            "generation_time": round(end - first_at, 3),
-            "stop_reason": "maxPredictedTokensReached"
-            if plan.finish_reason == "length"
-            else "eosFound",
-        }
-        body["model_info"] = {
-            "arch": "llama",
-            "quant": "Q4_K_M",
-            "format": "gguf",
-            "context_length": context_length,
-        }
-        body["runtime"] = {
-            "name": "llama.cpp-lmstream-sim",
-            "version": "1.0.0",
-            "supported_formats": ["gguf"],
-        }
-    return body
-
 
 # --- hostile servers ----------------------------------------------------------------------------
 
@@ -1090,14 +113,14 @@ class _Flood(Response):
     client without a bound costs a test time and memory, but never hangs it.
     """
 
-    def __init__(self, sim: _Sim, index: int, sc: Scenario, *, stream: bool, status: int) -> None:
+    def __init__(self, sim: Sim, index: int, sc: Scenario, *, stream: bool, status: int) -> None:
         self.sim = sim
         self.index = index
         self.kind = sc.flood
         self.total = sc.flood_bytes
         self.status_code = status
         self.background = None
-        content_type = b"text/event-stream" if stream else _JSON_TYPE.encode()
+        content_type = b"text/event-stream" if stream else JSON_TYPE.encode()
         self.raw_headers = [(b"content-type", content_type)]
         if self.kind == "gzip":
             self.raw_headers.append((b"content-encoding", b"gzip"))
@@ -1164,7 +187,7 @@ def _with_content_type(response: Response, content_type: str) -> Response:
 
 def _raw_body(sc: Scenario, stream: bool) -> Response:
     body = (sc.raw_body or "").encode("utf-8")
-    content_type = sc.content_type or ("text/event-stream" if stream else _JSON_TYPE)
+    content_type = sc.content_type or ("text/event-stream" if stream else JSON_TYPE)
     return _with_content_type(Response(body, 200), content_type)
 
 
@@ -1194,22 +217,22 @@ def _status_fault(sc: Scenario, status: int, echo: str = "") -> Response:
         phrase = "Error"
     message = (sc.error_message or f"Simulated {status} {phrase}.") + echo
     if sc.error_body == "string":
-        return _json({"error": message}, status)
+        return json_reply({"error": message}, status)
     if sc.error_body == "html":
         return Response(
-            _html_page(f"{status} {phrase}", message), status, media_type="text/html; charset=utf-8"
+            html_page(f"{status} {phrase}", message), status, media_type="text/html; charset=utf-8"
         )
     if sc.error_body == "empty":
         return Response(b"", status)
-    return _error_object(message, status)
+    return error_object(message, status)
 
 
 def _content_type_fault(sc: Scenario, content_type: str, echo: str = "") -> Response:
     message = (sc.error_message or "This reply is not an event stream.") + echo
     if "html" in content_type:
-        body = _html_page("LM Studio", message).encode()
+        body = html_page("LM Studio", message).encode()
     elif "json" in content_type:
-        body = _dumps(
+        body = dumps(
             {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
         )
     else:
@@ -1292,7 +315,7 @@ def _llamacpp_overflow(prompt_tokens: int, n_ctx: int) -> Response:
             "n_ctx": n_ctx,
         }
     }
-    return _json(body, 400)
+    return json_reply(body, 400)
 
 
 def _field(body: JSON, name: str, kinds: tuple[type, ...], what: str) -> Any:
@@ -1301,18 +324,18 @@ def _field(body: JSON, name: str, kinds: tuple[type, ...], what: str) -> Any:
         not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
     ):
         raise _BadRequest(
-            _error_object(f"'{name}' must be {what}, got {json.dumps(value)}", param=name)
+            error_object(f"'{name}' must be {what}, got {json.dumps(value)}", param=name)
         )
     return value
 
 
 class _Handlers:
-    def __init__(self, sim: _Sim) -> None:
+    def __init__(self, sim: Sim) -> None:
         self.sim = sim
 
     # models
 
-    def _v0_entry(self, model: _Model) -> JSON:
+    def _v0_entry(self, model: Model) -> JSON:
         embeddings = model.type == "embeddings"
         return {
             "id": model.id,
@@ -1344,29 +367,29 @@ class _Handlers:
             {"id": m.id, "object": "model", "owned_by": "organization_owner"}
             for m in self.sim.models.values()
         ]
-        return _json({"data": data, "object": "list"})
+        return json_reply({"data": data, "object": "list"})
 
     async def list_models_v0(self, request: Request) -> Response:
         hostile = self._hostile_listing(request)
         if hostile is not None:
             return hostile
         data = [self._v0_entry(m) for m in self.sim.models.values()]
-        return _json({"object": "list", "data": data})
+        return json_reply({"object": "list", "data": data})
 
     async def get_model_v0(self, request: Request) -> Response:
         model_id = request.path_params["model_id"]
         model = self.sim.models.get(model_id)
         if model is None:
-            return _error_object(
+            return error_object(
                 f'Model "{model_id}" not found.', 404, param="model", code="model_not_found"
             )
-        return _json(self._v0_entry(model))
+        return json_reply(self._v0_entry(model))
 
     async def unexpected(self, request: Request, exc: Exception) -> Response:
         if self.sim.config.defaults.dialect == "llamacpp":  # as llama-server answers
             body = {"error": {"message": "File Not Found", "type": "not_found_error", "code": 404}}
-            return _json(body, 404)
-        return _json(
+            return json_reply(body, 404)
+        return json_reply(
             {"error": f"Unexpected endpoint or method. ({request.method} {request.url.path})"}
         )
 
@@ -1408,8 +431,8 @@ class _Handlers:
             return _status_fault(sc, sc.http_status, echo)
         if sc.no_model:
             if native:
-                return _native_error("invalid_request", _NO_MODELS, param="model")
-            return _json({"error": _NO_MODELS}, 400)
+                return native_error("invalid_request", NO_MODELS, param="model")
+            return json_reply({"error": NO_MODELS}, 400)
         if sc.raw_body is not None:
             return _raw_body(sc, stream)
         if sc.flood is not None:
@@ -1420,18 +443,18 @@ class _Handlers:
         self,
         index: int,
         sc: Scenario,
-        model: _Model,
+        model: Model,
         messages: list[Any],
         *,
         max_tokens: int | None,
         seed: int | None,
         **fields: Any,
-    ) -> _Plan:
+    ) -> Plan:
         sim, config = self.sim, self.sim.config
-        prompt_tokens = _prompt_tokens(messages)
+        prompt_tokens = prompt_tokens_of(messages)
         seed = config.seed if seed is None else seed
         if sc.reply is not None and sc.output_tokens is None:
-            n_answer = len(_reply_pieces(sc.reply))
+            n_answer = len(reply_pieces(sc.reply))
         else:
             n_answer = _DEFAULT_OUTPUT_TOKENS if sc.output_tokens is None else sc.output_tokens
         finish_reason = "stop"
@@ -1442,12 +465,12 @@ class _Handlers:
         prefill_tps = profile.prefill_tps if sc.prefill_tps is None else sc.prefill_tps
         gen_tps = profile.gen_tps if sc.gen_tps is None else sc.gen_tps
         load_s = profile.load_s if sc.load_s is None else sc.load_s
-        pieces = _pieces(sc, seed, model.id, messages, n_answer)
+        pieces = plan_pieces(sc, seed, model.id, messages, n_answer)
         batch = sc.batch_size
         if batch is None:
             batch = LLAMACPP_BATCH if sc.dialect == "llamacpp" else LMSTUDIO_BATCH
         native = bool(fields.get("native"))
-        plan = _Plan(
+        plan = Plan(
             index=index,
             id=sim.new_id("resp_" if native else "chatcmpl-"),
             created=int(time.time()),
@@ -1456,7 +479,7 @@ class _Handlers:
             scale=scale,
             load_s=load_s * scale,
             prefill_s=0.0 if math.isinf(prefill_tps) else prompt_tokens / prefill_tps * scale,
-            intervals=_intervals(sc, gen_tps, scale, seed, model.id, len(pieces)),
+            intervals=token_intervals(sc, gen_tps, scale, seed, model.id, len(pieces)),
             pieces=pieces,
             finish_reason=finish_reason,
             prompt_tokens=prompt_tokens,
@@ -1473,12 +496,12 @@ class _Handlers:
         index: int = request.scope["state"]["sim_record"]
         v0 = request.url.path.startswith("/api/v0/")
 
-        body = await self._body(request, _error_object)
+        body = await self._body(request, error_object)
         try:
             sc = apply_overrides(config.defaults, body.get("sim"))
-            sc = apply_overrides(sc, _marker_overrides(body.get("messages")))
+            sc = apply_overrides(sc, marker_overrides(body.get("messages")))
         except ScenarioError as exc:
-            return _error_object(str(exc), param="sim")
+            return error_object(str(exc), param="sim")
         stream = _field(body, "stream", (bool,), "true or false") or False
         recorder.update(index, stream=stream)
         sc = sim.transient(sc, body.get("messages"))
@@ -1489,21 +512,21 @@ class _Handlers:
 
         messages = body.get("messages")
         if messages is None:
-            return _error_object("'messages' field is required", param="messages")
+            return error_object("'messages' field is required", param="messages")
         if not isinstance(messages, list) or not messages:
-            return _error_object("'messages' must be a non-empty array", param="messages")
+            return error_object("'messages' must be a non-empty array", param="messages")
         if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-            return _error_object(
+            return error_object(
                 "Every entry of 'messages' must be an object with a 'role'", param="messages"
             )
 
         model = self._resolve_model(_field(body, "model", (str,), "a string"))
-        prompt_tokens = _prompt_tokens(messages)
+        prompt_tokens = prompt_tokens_of(messages)
         recorder.update(index, model=model.id, prompt_tokens=prompt_tokens)
         if prompt_tokens > model.context_length:
             if sc.dialect == "llamacpp":
                 return _llamacpp_overflow(prompt_tokens, model.context_length)
-            return _json({"error": _OVERFLOW}, 400)
+            return json_reply({"error": OVERFLOW}, 400)
 
         stream_options = _field(body, "stream_options", (dict,), "an object") or {}
         plan = self._make_plan(
@@ -1521,8 +544,8 @@ class _Handlers:
         if stream:
             if sc.content_type is not None:
                 return _content_type_fault(sc, sc.content_type, echo)
-            return _EventStream(sim, plan)
-        return await _complete(sim, plan, request)
+            return EventStream(sim, plan)
+        return await complete(sim, plan, request)
 
     # the native API
 
@@ -1533,7 +556,7 @@ class _Handlers:
         index: int = request.scope["state"]["sim_record"]
 
         def invalid(message: str, code: str | None = None, param: str | None = None) -> Response:
-            return _native_error("invalid_request", message, code=code, param=param)
+            return native_error("invalid_request", message, code=code, param=param)
 
         body = await self._body(request, invalid)
         model_id = body.get("model")
@@ -1544,7 +567,7 @@ class _Handlers:
         messages = _native_messages(body, invalid)
         try:
             sc = apply_overrides(sim.config.defaults, body.get("sim"))
-            sc = apply_overrides(sc, _marker_overrides(messages))
+            sc = apply_overrides(sc, marker_overrides(messages))
         except ScenarioError as exc:
             return invalid(str(exc), param="sim")
         stream = _native_field(body, "stream", (bool,), "true or false", invalid) or False
@@ -1570,7 +593,7 @@ class _Handlers:
         model = sim.models.get(model_id)
         if model is None:
             known = ", ".join(sim.models)
-            return _native_error(
+            return native_error(
                 "model_not_found",
                 f'Model "{model_id}" not found. Please specify a valid downloaded model '
                 f"(e.g., {known}).",
@@ -1588,13 +611,13 @@ class _Handlers:
         if reasoning == "off" or sc.reasoning == "inline":
             # the native API always parses reasoning out of the answer
             sc = dataclasses.replace(sc, reasoning="off" if reasoning == "off" else "separate")
-        prompt_tokens = _prompt_tokens(messages)
+        prompt_tokens = prompt_tokens_of(messages)
         recorder.update(index, model=model.id, prompt_tokens=prompt_tokens)
         fits = model.context_length
         if not model.loaded:  # this request loads it, with its own context or the default
             fits = context_length or sim.config.context_length
         if prompt_tokens > fits:
-            return invalid(_OVERFLOW, "context_length_exceeded", "input")
+            return invalid(OVERFLOW, "context_length_exceeded", "input")
         plan = self._make_plan(
             index,
             sc,
@@ -1611,10 +634,10 @@ class _Handlers:
         if stream:
             if sc.content_type is not None:
                 return _content_type_fault(sc, sc.content_type, echo)
-            return _NativeStream(sim, plan)
-        return await _complete(sim, plan, request)
+            return NativeStream(sim, plan)
+        return await complete(sim, plan, request)
 
-    def _native_entry(self, model: _Model) -> JSON:
+    def _native_entry(self, model: Model) -> JSON:
         embeddings = model.type == "embeddings"
         config = self.sim.config
         entry: JSON = {
@@ -1656,13 +679,13 @@ class _Handlers:
         hostile = self._hostile_listing(request)
         if hostile is not None:
             return hostile
-        return _json({"models": [self._native_entry(m) for m in self.sim.models.values()]})
+        return json_reply({"models": [self._native_entry(m) for m in self.sim.models.values()]})
 
     async def load_model(self, request: Request) -> Response:
         """``POST /api/v1/models/load``: load (or reload with a new context) one instance."""
 
         def invalid(message: str, code: str | None = None, param: str | None = None) -> Response:
-            return _native_error("invalid_request", message, code=code, param=param)
+            return native_error("invalid_request", message, code=code, param=param)
 
         try:
             body = await self._body(request, invalid)
@@ -1674,7 +697,7 @@ class _Handlers:
             return bad.response
         model = self.sim.models.get(model_id)
         if model is None:
-            return _native_error(
+            return native_error(
                 "model_not_found",
                 f'Model "{model_id}" not found.',
                 404,
@@ -1690,7 +713,7 @@ class _Handlers:
         load_s = (profile.load_s if sc.load_s is None else sc.load_s) * scale
         async with model.load_lock:
             took = await sim.load(model, load_s, context_length=context_length)
-        return _json(
+        return json_reply(
             {
                 "type": "embedding" if model.type == "embeddings" else "llm",
                 "instance_id": model.id,
@@ -1703,7 +726,7 @@ class _Handlers:
         """``POST /api/v1/models/unload``: the next request for it loads it just in time."""
 
         def invalid(message: str, code: str | None = None, param: str | None = None) -> Response:
-            return _native_error("invalid_request", message, code=code, param=param)
+            return native_error("invalid_request", message, code=code, param=param)
 
         try:
             body = await self._body(request, invalid)
@@ -1714,7 +737,7 @@ class _Handlers:
             return invalid('"instance_id" is required', "missing_required_parameter", "instance_id")
         model = self.sim.models.get(instance_id)
         if model is None or not model.loaded:
-            return _native_error(
+            return native_error(
                 "model_not_found",
                 f'No loaded model instance "{instance_id}".',
                 404,
@@ -1722,7 +745,7 @@ class _Handlers:
                 param="instance_id",
             )
         model.loaded = False
-        return _json({"instance_id": instance_id})
+        return json_reply({"instance_id": instance_id})
 
     # llama.cpp's extras (a server whose default dialect is "llamacpp")
 
@@ -1730,7 +753,7 @@ class _Handlers:
         """``GET /props``: the context a prompt must fit and the number of slots."""
         model = self.sim.models[self.sim.config.models[0]]
         slots = model.engine.parallel or 1
-        return _json(
+        return json_reply(
             {
                 "default_generation_settings": {"n_ctx": model.context_length},
                 "total_slots": slots,
@@ -1745,7 +768,7 @@ class _Handlers:
         model = self.sim.models[self.sim.config.models[0]]
         engine = model.engine
         count = engine.parallel or max(1, engine.busy)
-        return _json(
+        return json_reply(
             [
                 {"id": i, "n_ctx": model.context_length, "is_processing": i < engine.busy}
                 for i in range(count)
@@ -1754,28 +777,30 @@ class _Handlers:
 
     async def tokenize(self, request: Request) -> Response:
         """``POST /tokenize {"content": text}``: as many token ids as the simulator counts."""
-        body = await self._body(request, _error_object)
+        body = await self._body(request, error_object)
         content = body.get("content")
         if not isinstance(content, str):
-            return _error_object("'content' must be a string", param="content")
+            return error_object("'content' must be a string", param="content")
         count = len(content) // 4 if content else 0
-        return _json({"tokens": [1000 + i for i in range(max(1, count) if content else 0)]})
+        return json_reply({"tokens": [1000 + i for i in range(max(1, count) if content else 0)]})
 
     async def input_tokens(self, request: Request) -> Response:
         """``POST /v1/chat/completions/input_tokens``: the prompt's size before sending it."""
-        body = await self._body(request, _error_object)
+        body = await self._body(request, error_object)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            return _error_object("'messages' is required", param="messages")
-        return _json({"input_tokens": _prompt_tokens(messages), "object": "response.input_tokens"})
+            return error_object("'messages' is required", param="messages")
+        return json_reply(
+            {"input_tokens": prompt_tokens_of(messages), "object": "response.input_tokens"}
+        )
 
-    def _resolve_model(self, requested: str | None) -> _Model:
+    def _resolve_model(self, requested: str | None) -> Model:
         sim = self.sim
         if requested and requested in sim.models:
             model = sim.models[requested]
             if model.type != "llm":
                 raise _BadRequest(
-                    _error_object(
+                    error_object(
                         f'Model "{requested}" is an embedding model and cannot be used for chat '
                         "completions.",
                         param="model",
@@ -1787,7 +812,7 @@ class _Handlers:
         if requested and not any_model:
             known = ", ".join(sim.models)
             raise _BadRequest(
-                _error_object(
+                error_object(
                     f'Invalid model identifier "{requested}". '
                     f"Please specify a valid downloaded model (e.g., {known}).",
                     param="model",
@@ -1796,7 +821,7 @@ class _Handlers:
             )
         loaded = sim.loaded_llm()
         if loaded is None:
-            raise _BadRequest(_json({"error": _NO_MODELS}, 400))
+            raise _BadRequest(json_reply({"error": NO_MODELS}, 400))
         return sim.models[loaded]
 
 
@@ -1806,7 +831,7 @@ class _Handlers:
 class _FrontDoor:
     """Outermost middleware: records each request, adds Express's headers, checks the API key."""
 
-    def __init__(self, app: ASGIApp, sim: _Sim) -> None:
+    def __init__(self, app: ASGIApp, sim: Sim) -> None:
         self.app = app
         self.sim = sim
 
@@ -1824,7 +849,7 @@ class _FrontDoor:
         scope.setdefault("state", {})["sim_record"] = index
 
         llamacpp = self.sim.config.defaults.dialect == "llamacpp"
-        extra = _LLAMACPP_HEADERS if llamacpp else _EXPRESS_HEADERS
+        extra = LLAMACPP_HEADERS if llamacpp else EXPRESS_HEADERS
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -1844,7 +869,7 @@ class _FrontDoor:
                     "as 'Authorization: Bearer <token>'.",
                 }
             }
-            await _json(body, 401)(scope, receive, send_with_headers)
+            await json_reply(body, 401)(scope, receive, send_with_headers)
             recorder.finish(index, "http_error")
             return
         try:
@@ -1866,8 +891,8 @@ def _authorized(scope: Scope, key: str) -> bool:
 
 def build_app(config: SimConfig, recorder: Recorder) -> Starlette:
     """The ASGI application for one simulated server."""
-    _install_log_filter()
-    sim = _Sim(config, recorder)
+    install_log_filter()
+    sim = Sim(config, recorder)
     handlers = _Handlers(sim)
     routes = [
         Route("/v1/models", handlers.list_models, methods=["GET"]),
