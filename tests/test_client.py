@@ -404,7 +404,7 @@ _QUEUED = {"prefill_tps": 333, "gen_tps": 50, "output_tokens": 15, "jitter": 0.0
 
 async def test_a_queued_request_waits_while_the_one_ahead_is_answered() -> None:
     budgets = Budgets(first_token=0.6, idle=5)
-    with simulator.serve(profile="test-fast", max_parallel=1) as server:
+    with simulator.serve(profile="test-fast", parallel=1) as server:
         async with LMStudioClient(server.base_url, budgets=budgets) as client:
             done = await asyncio.gather(
                 *(
@@ -419,7 +419,7 @@ async def test_a_queued_request_waits_while_the_one_ahead_is_answered() -> None:
 async def test_without_a_sibling_stream_the_queue_wait_counts() -> None:
     """Two separate clients know nothing of each other: the queued one runs out of budget."""
     budgets = Budgets(first_token=0.6, idle=5)
-    with simulator.serve(profile="test-fast", max_parallel=1) as server:
+    with simulator.serve(profile="test-fast", parallel=1) as server:
         clients = [LMStudioClient(server.base_url, budgets=budgets) for _ in range(2)]
         try:
             outcomes = await asyncio.gather(

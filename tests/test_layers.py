@@ -192,10 +192,13 @@ BESIDE: dict[str, tuple[frozenset[str], frozenset[str]]] = {
             "__init__.py",
             "_app.py",
             "_cli.py",
+            "_pace.py",
+            "_produce.py",
             "_records.py",
             "_scenario.py",
             "_server.py",
             "_text.py",
+            "_wire.py",
         )
     },
 }

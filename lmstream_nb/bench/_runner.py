@@ -472,7 +472,7 @@ class _CellRunner:
             url = await self.host.start(
                 simulator.SimConfig(
                     time_scale=plan.scale,
-                    max_parallel=self.max_parallel,
+                    parallel=self.max_parallel,
                     seed=self.seed,
                     defaults=simulator.Scenario(
                         prefill_tps=self.profile.prefill_tps,

@@ -2,8 +2,12 @@
 
 It serves ``/v1/models``, ``/api/v0/models``, ``/v1/chat/completions`` and
 ``/api/v0/chat/completions`` with LM Studio's bodies, headers, stream framing and error shapes,
-at the speed of a chosen hardware profile, with deterministic text, and with faults (stalls,
-dropped connections, error frames, broken lines, wrong content types) that a client must survive.
+and LM Studio 0.4's native ``/api/v1/chat`` (with model-load and prompt-processing progress),
+``/api/v1/models`` and model load/unload; or, with the ``"llamacpp"`` dialect, llama.cpp's
+server with its ``prompt_progress`` chunks, ``/props`` and token counting. It runs at the speed
+of a chosen hardware profile, with ``parallel`` slots per model that share its speed (see
+``_pace``), deterministic text, and faults (stalls, dropped connections, error frames, broken
+lines, wrong content types) that a client must survive.
 It is an independent implementation of the wire format: it imports nothing from the rest of
 ``lmstream_nb``.
 

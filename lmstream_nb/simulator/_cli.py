@@ -32,9 +32,21 @@ _SCENARIO_FLAGS: tuple[tuple[str, type, str, str], ...] = (
         "N",
         "thinking tokens before the answer when reasoning is on (default 40)",
     ),
+    (
+        "batch_size",
+        int,
+        "TOKENS",
+        "prompt tokens per processing step and progress report (default 512; llamacpp 2048)",
+    ),
     ("ping_s", float, "SECONDS", "send ': ping' comment lines this often during prompt processing"),
     ("stall_at", int, "N", "after N tokens pause for --stall-s seconds"),
     ("stall_s", float, "SECONDS", "length of the --stall-at pause (default 0)"),
+    (
+        "prompt_stall_at",
+        int,
+        "N",
+        "after N prompt tokens are processed, pause for --stall-s seconds",
+    ),
     ("disconnect_at", int, "N", "after N tokens drop the connection (0: right after the headers)"),
     ("end_at", int, "N", "after N tokens end the body without a finish chunk or [DONE]"),
     ("error_at", int, "N", "after N tokens send an 'event: error' frame and end the stream"),
@@ -48,6 +60,17 @@ _SCENARIO_FLAGS: tuple[tuple[str, type, str, str], ...] = (
     ("content_type", str, "TYPE", "answer streaming requests with this content type, not SSE"),
     ("fault_attempts", int, "N", "faults act only on the first N requests with the same messages"),
 )
+
+
+def _slots(text: str) -> int | None:
+    if text.strip().lower() in ("unlimited", "none"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of slots or 'unlimited', got {text!r}"
+        ) from None
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,10 +124,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer KEY' on every request (default: none needed)",
     )
     server.add_argument(
+        "--parallel",
         "--max-parallel",
-        type=int,
+        dest="parallel",
+        type=_slots,
+        default=4,
         metavar="N",
-        help="at most N generations at once per model; later requests queue (default: no limit)",
+        help="prediction slots per model, sharing its speed; later requests queue (default 4, "
+        "LM Studio 0.4; 1: one at a time, as LM Studio 0.3; 'unlimited': all at full speed)",
     )
     server.add_argument(
         "--context-length",
@@ -182,7 +209,7 @@ def config_from_cli(ns: argparse.Namespace) -> SimConfig:
         "seed": ns.seed,
         "any_model": ns.any_model,
         "api_key": ns.api_key,
-        "max_parallel": ns.max_parallel,
+        "parallel": ns.parallel,
         "context_length": ns.context_length,
         "defaults": Scenario(**scenario),
     }

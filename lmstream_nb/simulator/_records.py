@@ -11,9 +11,9 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-__all__ = ["Outcome", "Phase", "Recorder", "RequestRecord"]
+__all__ = ["Outcome", "Phase", "Recorder", "RequestRecord", "Stage"]
 
 Outcome = Literal[
     "running",
@@ -25,6 +25,8 @@ Outcome = Literal[
     "truncated",
 ]
 Phase = Literal["prefill", "generation"]
+Stage = Literal["loading", "queued", "prefill", "generation", "done"]
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,9 @@ class RequestRecord:
       ``"truncated"`` (``end_at`` ended the body early).
     - ``disconnect_phase``: for ``client_disconnected``, ``"prefill"`` if no token had been
       produced yet (loading, queueing, prompt processing), else ``"generation"``.
+    - ``stage``: where a chat request is on its model: ``"loading"`` (a JIT load it waits
+      for), ``"queued"`` (every slot taken: it waits for one), ``"prefill"``, ``"generation"``,
+      ``"done"`` once it left the model; ``None`` before (or for other requests).
     - ``started_at``, ``ended_at``: :func:`time.monotonic` times; ``ended_at`` is ``None`` while
       running.
     - ``status_code``: the HTTP status sent, ``None`` before the headers went out.
@@ -60,6 +65,7 @@ class RequestRecord:
     sent_tokens: int = 0
     outcome: Outcome = "running"
     disconnect_phase: Phase | None = None
+    stage: Stage | None = None
     started_at: float | None = None
     ended_at: float | None = None
     status_code: int | None = None
@@ -123,25 +129,36 @@ class Recorder:
         with self._cond:
             return list(self._records)
 
+    def wait_until(
+        self, check: Callable[[list[RequestRecord]], T | None], timeout: float, what: str
+    ) -> T:
+        """Block until ``check(records)`` returns something other than ``None`` or ``False``
+        (e.g. "four requests generate at once"); return it. ``what`` names it for the
+        :class:`TimeoutError` raised after ``timeout`` seconds, which lists the records."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                value = check(list(self._records))
+                if value is not None and value is not False:
+                    return value
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    seen = "; ".join(
+                        f"{r.method} {r.path} {r.stage} {r.outcome} sent={r.sent_tokens}"
+                        for r in self._records
+                    )
+                    raise TimeoutError(
+                        f"{what} within {timeout} s (records so far: {seen or 'none'})"
+                    )
+                self._cond.wait(remaining)
+
     def wait_for(self, predicate: Callable[[RequestRecord], bool], timeout: float) -> RequestRecord:
         """Block until some record satisfies ``predicate``; return the first such, in arrival order.
 
         Raises :class:`TimeoutError` after ``timeout`` seconds, listing the records seen so far.
         """
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for record in self._records:
-                    if predicate(record):
-                        return record
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    seen = "; ".join(
-                        f"{r.method} {r.path} {r.outcome} sent={r.sent_tokens}"
-                        for r in self._records
-                    )
-                    raise TimeoutError(
-                        f"no request record matched within {timeout} s "
-                        f"(records so far: {seen or 'none'})"
-                    )
-                self._cond.wait(remaining)
+        return self.wait_until(
+            lambda records: next((r for r in records if predicate(r)), None),
+            timeout,
+            "no request record matched",
+        )

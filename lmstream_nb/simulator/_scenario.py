@@ -26,6 +26,7 @@ __all__ = [
     "ScenarioError",
     "SimConfig",
     "apply_overrides",
+    "model_format",
     "model_type",
 ]
 
@@ -100,9 +101,16 @@ class Scenario:
     Stream faults (streaming requests; ``stall_*``, ``disconnect_at`` and ``error_at`` also act on
     non-streaming ones, see below):
 
+    - ``batch_size``: prompt tokens processed per step; progress is reported per step (see
+      ``_pace``). ``None``: 2048 for the ``"llamacpp"`` dialect (``llama-server -b``), else 512
+      (LM Studio's evaluation batch size).
     - ``ping_s``: while processing the prompt, send an SSE comment line ``: ping`` every
       ``ping_s`` simulated seconds (llama.cpp does this; LM Studio sends nothing, hence ``None``).
     - ``stall_at``, ``stall_s``: after ``stall_at`` tokens, pause ``stall_s`` seconds, then go on.
+    - ``prompt_stall_at``: once that many prompt tokens are processed, pause ``stall_s`` seconds
+      before processing the rest: progress stops there (and is reported there, between the
+      batches, so a client sees exactly where it stopped). 0 pauses right after the first
+      progress report; at or beyond the prompt's size it never triggers.
     - ``disconnect_at``: after that many tokens drop the TCP connection without ending the chunked
       body (``0``: right after the headers). A non-streaming request gets headers, then the drop.
     - ``end_at``: after that many tokens end the HTTP body cleanly but send neither the finish
@@ -159,7 +167,9 @@ class Scenario:
     - ``dialect``: ``"lmstudio"`` (role on every delta, text in the first chunk, an empty-delta
       finish chunk), ``"openai"`` (role only in an opening chunk with ``content: ""``) or
       ``"llamacpp"`` (opening chunk ``{"role": "assistant", "content": null}``, usage chunk with
-      ``timings``).
+      ``timings``, and ``prompt_progress`` chunks at 0 and after every ``batch_size`` tokens when
+      the request has ``"return_progress": true``). A server whose default dialect is
+      ``"llamacpp"`` is a llama.cpp server throughout (see ``_app``).
     - ``line_ending``: ``"lf"``, ``"crlf"`` or ``"cr"`` for every SSE line.
     - ``bom``: start the body with a UTF-8 byte-order mark.
     """
@@ -174,8 +184,10 @@ class Scenario:
     reply: str | None = None
     reasoning: str = "off"
     reasoning_tokens: int = 40
+    batch_size: int | None = None
     ping_s: float | None = None
     stall_at: int | None = None
+    prompt_stall_at: int | None = None
     stall_s: float = 0.0
     disconnect_at: int | None = None
     end_at: int | None = None
@@ -207,6 +219,7 @@ class Scenario:
         return dataclasses.replace(
             self,
             stall_at=None,
+            prompt_stall_at=None,
             disconnect_at=None,
             end_at=None,
             error_at=None,
@@ -297,8 +310,10 @@ _RULES: dict[str, _Rule] = {
     "reply": _text,
     "reasoning": _choice(REASONING_MODES),
     "reasoning_tokens": lambda n, v: _count(n, v, optional=False),
+    "batch_size": lambda n, v: _count(n, v, minimum=1),
     "ping_s": _positive_seconds,
     "stall_at": _count,
+    "prompt_stall_at": _count,
     "stall_s": lambda n, v: _seconds(n, v, optional=False),
     "disconnect_at": _count,
     "end_at": _count,
@@ -349,6 +364,11 @@ def model_type(model_id: str) -> str:
     return "embeddings" if "embed" in model_id.lower() else "llm"
 
 
+def model_format(model_id: str) -> str:
+    """The weights' format: ids containing "mlx" are MLX models (one prediction at a time)."""
+    return "mlx" if "mlx" in model_id.lower() else "gguf"
+
+
 @dataclasses.dataclass(frozen=True)
 class SimConfig:
     """How the simulated LM Studio server is set up.
@@ -364,9 +384,14 @@ class SimConfig:
     - ``any_model``: LM Studio's quirk of serving any ``model`` string with the loaded model
       instead of answering ``model_not_found``.
     - ``api_key``: when set, every request needs ``Authorization: Bearer <api_key>`` (else 401).
-    - ``max_parallel``: at most this many generations run at once per model, later requests queue
-      ("Model is currently generating. Queuing request"). ``None`` means no limit.
+    - ``parallel``: prediction slots per loaded model (LM Studio 0.4's "Max Concurrent
+      Predictions", 4 by default for GGUF models; ``llama-server -np``). Requests beyond them
+      queue ("Model is currently generating. Queuing request"); those in the slots share the
+      model's speed as ``_pace`` describes. 1 is LM Studio 0.3's (and MLX models') one answer at
+      a time; ``None`` serves every request at once at full speed. Models whose id contains
+      "mlx" always have one slot.
     - ``context_length``: the loaded context; longer prompts get LM Studio's overflow error.
+      ``POST /api/v1/models/load`` and a native chat that loads a model may choose another.
     - ``defaults``: the server-wide scenario that a request's ``"sim"`` object is merged over.
     """
 
@@ -378,7 +403,7 @@ class SimConfig:
     models: tuple[str, ...] = ("lmstream-sim-8b", "lmstream-sim-embed")
     any_model: bool = False
     api_key: str | None = None
-    max_parallel: int | None = None
+    parallel: int | None = 4
     context_length: int = 131072
     defaults: Scenario = dataclasses.field(default_factory=Scenario)
 
@@ -399,7 +424,7 @@ class SimConfig:
             )
         if not self.models or len(set(self.models)) != len(self.models):
             raise ScenarioError(f"models must name at least one model, each once: {self.models!r}")
-        _count("max_parallel", self.max_parallel, minimum=1)
+        _count("parallel", self.parallel, minimum=1)
         _count("context_length", self.context_length, optional=False, minimum=1)
         if not isinstance(self.defaults, Scenario):
             raise ScenarioError(f"defaults must be a Scenario, got {self.defaults!r}")

@@ -16,7 +16,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from .._uvicorn import ThreadedServer
 from ._app import build_app
@@ -24,6 +24,8 @@ from ._records import Recorder, RequestRecord
 from ._scenario import SimConfig
 
 __all__ = ["SimServer", "run", "serve"]
+
+T = TypeVar("T")
 
 
 def summary(record: RequestRecord) -> str:
@@ -98,6 +100,19 @@ class SimServer:
         Raises :class:`TimeoutError` if none matches within ``timeout`` seconds.
         """
         return self._recorder.wait_for(predicate, timeout)
+
+    def wait_until(
+        self,
+        check: Callable[[list[RequestRecord]], T | None],
+        timeout: float = 5.0,
+        what: str = "the records never matched",
+    ) -> T:
+        """Block until ``check`` (given every record so far) returns something other than
+        ``None`` or ``False``, and return it, e.g. ``lambda rs: sum(r.stage == "generation" for
+        r in rs) == 4 or None``. Raises :class:`TimeoutError` after ``timeout``, starting with
+        ``what`` (say what never happened).
+        """
+        return self._recorder.wait_until(check, timeout, what)
 
     # -- life cycle
 

@@ -24,6 +24,20 @@ def chat_body(
     return body
 
 
+def native_body(
+    input: str | list[dict[str, Any]] = "Say something.",
+    *,
+    sim: dict[str, Any] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A request body for LM Studio's native ``POST /api/v1/chat``."""
+    body: dict[str, Any] = {"model": MODEL, "input": input}
+    if sim is not None:
+        body["sim"] = sim
+    body.update(fields)
+    return body
+
+
 @dataclass
 class Event:
     """One SSE event as the tests read it: an optional event name and its joined data."""

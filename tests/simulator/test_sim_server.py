@@ -89,7 +89,7 @@ def test_port_in_use_is_a_clear_error():
         ({"time_scale": -1}, "time_scale must be"),
         ({"models": ()}, "at least one model"),
         ({"models": "abc"}, "tuple of non-empty model ids"),
-        ({"max_parallel": 0}, "max_parallel must be an integer >= 1"),
+        ({"parallel": 0}, "parallel must be an integer >= 1"),
     ],
 )
 def test_config_validation(fields, message):
@@ -142,7 +142,7 @@ def test_cli_arguments_build_a_config():
     assert defaults.defaults == simulator.Scenario()
     assert config.models == ("a-7b", "b-embed")
     assert (config.profile, config.time_scale, config.seed) == ("cpu", 0.5, 3)
-    assert (config.any_model, config.api_key, config.max_parallel) == (True, "k", 2)
+    assert (config.any_model, config.api_key, config.parallel) == (True, "k", 2)
     scenario = config.defaults
     assert (scenario.reasoning, scenario.output_tokens) == ("inline", 20)
     assert (scenario.stall_at, scenario.stall_s) == (4, 1.5)
@@ -244,3 +244,19 @@ def test_text_chars_are_a_cut_of_the_token_stream(sizes, seed):
 
     assert [len(p) for p in pieces] == sizes
     assert text.startswith("".join(pieces))
+
+
+def test_cli_slots_and_batch_size():
+    parser = argparse.ArgumentParser()
+    simulator.add_cli_arguments(parser)
+
+    def config(*argv: str) -> simulator.SimConfig:
+        return simulator.config_from_cli(parser.parse_args(list(argv)))
+
+    assert config().parallel == 4  # LM Studio 0.4's default
+    assert config("--parallel", "1").parallel == 1
+    assert config("--max-parallel", "2").parallel == 2  # the former name still works
+    assert config("--parallel", "unlimited").parallel is None
+    assert config("--batch-size", "256").defaults.batch_size == 256
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--parallel", "many"])
