@@ -46,8 +46,12 @@ error through ``render``, so one rule decides the words everywhere.
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Callable, Iterable
 from urllib.parse import quote
+
+#: Columns of an error shown in a notebook (see LMStreamError._render_traceback_).
+TRACEBACK_WIDTH = 100
 
 #: The interfaces an error sentence can be worded for (see :func:`render`).
 INTERFACES = ("python", "cli", "magic", "runner", "relay")
@@ -79,8 +83,20 @@ class LMStreamError(Exception):
         super().__init__(*args)
 
     def _render_traceback_(self) -> list[str]:
-        """IPython shows this instead of a traceback: the one sentence is the whole story."""
-        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {render(self)}"]
+        """IPython shows this instead of a traceback: the one sentence is the whole story.
+
+        It is cut into lines at spaces: notebooks show error output in a ``<pre>`` that breaks
+        long lines anywhere, even inside a word, where the sentence would otherwise wrap.
+        """
+        name = type(self).__name__
+        lines = textwrap.wrap(
+            f"{name}: {render(self)}",
+            width=TRACEBACK_WIDTH,
+            break_long_words=False,  # a URL or a path stays whole
+            break_on_hyphens=False,
+        )
+        lines[0] = f"\x1b[0;31m{name}\x1b[0m" + lines[0][len(name) :]
+        return lines
 
 
 def render(error: BaseException, interface: str | None = None) -> str:

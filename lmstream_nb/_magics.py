@@ -277,24 +277,54 @@ class LMStreamMagics(Magics):
 
     @magic_arguments()
     @argument("words", nargs="*", help="line magic only: a subcommand (see below)")
-    @argument("--prompt", "-p", metavar="NAME", help="run this stored prompt")
+    @argument(
+        "--prompt",
+        "-p",
+        metavar="NAME",
+        help="run this stored prompt (default: the cell is the template)",
+    )
     @argument("--version", type=int, help="stored prompt version (default: latest)")
-    @argument("--save", metavar="NAME", help="store the cell as a prompt (new version)")
+    @argument(
+        "--save",
+        metavar="NAME",
+        help="store the cell as a prompt, a new version if NAME exists (default: not stored)",
+    )
     @argument(
         "--var",
         "-v",
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="value for a {{NAME}} placeholder (repeatable)",
+        help="value for a {{NAME}} placeholder, repeatable (default: the notebook's variables)",
     )
     @argument("--model", "-m", help="model id (default: session, prompt, then server)")
-    @argument("--system", "-s", help="system prompt (may use {{NAME}} placeholders)")
-    @argument("--temperature", type=float)
-    @argument("--max-tokens", type=int)
+    @argument(
+        "--system", "-s", help="system prompt, may use {{NAME}} (default: the prompt's, else none)"
+    )
+    @argument(
+        "--temperature",
+        type=float,
+        help="sampling temperature, 0 to 2 (default: the prompt's, else the server's)",
+    )
+    @argument(
+        "--max-tokens",
+        type=int,
+        metavar="N",
+        help="answer tokens at most, -1 for no limit (default: the prompt's, else the server's)",
+    )
     @argument("--base-url", help="server address (default: session, LMSTREAM_BASE_URL, :1234)")
-    @argument("--format", "-f", choices=FORMATS, help="how to show the finished answer")
-    @argument("--output", "-o", metavar="NAME", help="assign the RunResult to this variable")
+    @argument(
+        "--format",
+        "-f",
+        choices=FORMATS,
+        help="how to show the finished answer (default: the session's, text)",
+    )
+    @argument(
+        "--output",
+        "-o",
+        metavar="NAME",
+        help="assign the RunResult to this variable (default: not assigned)",
+    )
     @argument(
         "--background",
         "-b",
@@ -306,14 +336,16 @@ class LMStreamMagics(Magics):
         type=seconds_argument,
         default=SESSION,
         metavar="S",
-        help="seconds to wait for the first token, or none for no limit",
+        help="seconds to wait for the first token, or none for no limit (default: the session's, "
+        f"{Budgets().first_token:g})",
     )
     @argument(
         "--idle-timeout",
         type=seconds_argument,
         default=SESSION,
         metavar="S",
-        help="seconds between chunks once text flows, or none for no limit",
+        help="seconds between chunks once text flows, or none for no limit (default: the "
+        f"session's, {Budgets().idle:g})",
     )
     @no_var_expand
     @line_cell_magic

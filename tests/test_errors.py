@@ -10,6 +10,7 @@ from lmstream_nb._errors import (
     _WORDS,
     INTERFACES,
     TERM_KINDS,
+    TRACEBACK_WIDTH,
     InvalidSetting,
     LMStreamError,
     MissingVariables,
@@ -77,3 +78,20 @@ def test_plain_exceptions_and_unknown_interfaces() -> None:
     assert render(ValueError("plain")) == "plain"
     with pytest.raises(ValueError, match="interface must be one of python, cli"):
         render(LMStreamError("x"), "web")
+
+
+def test_a_notebook_error_is_cut_at_spaces_and_keeps_every_word() -> None:
+    """Notebooks break a long error line anywhere, inside words too: the lines come cut."""
+    url = "http://127.0.0.1:1234/v1/" + "a" * 120  # longer than a line: kept whole
+    error = StreamStalled(
+        f"The stream from {url} stalled after a long and careful answer that goes on and on "
+        "for more words than fit on one line of a notebook's output area, and then some more.",
+        url=url,
+        budget=1.0,
+    )
+    lines = error._render_traceback_()
+    assert len(lines) > 1
+    assert lines[0].startswith("\x1b[0;31mStreamStalled\x1b[0m: The stream from")
+    assert all(len(line) <= TRACEBACK_WIDTH for line in lines if url not in line)
+    plain = " ".join(lines).replace("\x1b[0;31m", "").replace("\x1b[0m", "")
+    assert plain == f"StreamStalled: {render(error)}"

@@ -533,3 +533,14 @@ def test_the_runner_leaves_a_snapshot_of_its_last_run(kernel: Kernel) -> None:
     assert after["text/plain"].startswith("lmstream: done")
     assert f"run #{run_id}" in after["text/plain"]
     assert len(after["text/plain"].split("\n\n", 1)[1].split()) == int(words)
+
+
+def test_every_option_of_the_magic_says_its_default() -> None:
+    """`%lmstream?` lists the options: each says what happens when it is left out."""
+    from lmstream_nb._magics import LMStreamMagics
+
+    parser = LMStreamMagics.lmstream.parser
+    for action in parser._actions:
+        if not action.option_strings or action.nargs == 0:
+            continue  # the subcommand words, flags and -h
+        assert "default" in (action.help or ""), action.option_strings
