@@ -276,8 +276,16 @@ async def arun_many(
             bar.finished(result)
 
     try:
-        workers = [worker(clients[i % len(clients)]) for i in range(concurrency)]
-        await asyncio.gather(*workers)
+        workers = [
+            asyncio.ensure_future(worker(clients[i % len(clients)])) for i in range(concurrency)
+        ]
+        try:
+            await asyncio.gather(*workers)
+        except BaseException:
+            # gather gives up at the first worker that ends so (the first row that records its
+            # cancellation): the batch ends only once every row in flight is recorded too.
+            await _every_one_ended(workers)
+            raise
     finally:
         bar.close()
         for client in clients:
@@ -291,6 +299,26 @@ async def arun_many(
         out.attrs["batch_id"] = batch_id
         return out
     return batch
+
+
+async def _every_one_ended(tasks: Sequence[asyncio.Future[None]]) -> None:
+    """Cancel what still runs and wait until all of it has ended, also through another
+    cancellation (a second Ctrl-C), which goes on once they have."""
+    for task in tasks:
+        task.cancel()
+    cancelled: asyncio.CancelledError | None = None
+    pending = [task for task in tasks if not task.done()]
+    while pending:
+        try:
+            await asyncio.wait(pending)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+        pending = [task for task in pending if not task.done()]
+    for task in tasks:  # retrieved, so none is reported as never retrieved
+        if not task.cancelled():
+            task.exception()
+    if cancelled is not None:
+        raise cancelled
 
 
 def _record_refused(

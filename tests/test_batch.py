@@ -29,6 +29,7 @@ from lmstream_nb import (
     run_many,
     simulator,
 )
+from lmstream_nb._batch import _every_one_ended
 from lmstream_nb._errors import rerun_could_help
 
 MODEL = "lmstream-sim-8b"
@@ -180,10 +181,13 @@ async def test_interrupt_mid_batch_keeps_finished_rows_and_cancels_in_flight(
             paced.wait_for, lambda r: r.outcome == "client_disconnected", 5.0
         )
     assert disconnected.sent_tokens < disconnected.planned_tokens
-    statuses = sorted(r.status for r in store.history(limit=None))
+    runs = store.history(limit=None)
+    statuses = sorted(r.status for r in runs)
     assert statuses.count("ok") == 2
     assert "cancelled" in statuses
-    assert "unfinished" not in statuses
+    assert "unfinished" not in statuses, [
+        (r.id, r.status, r.error, r.text_chars, r.batch_row) for r in runs
+    ]
     assert len(statuses) <= 5, "rows never started are not recorded"
 
 
@@ -225,3 +229,32 @@ def test_a_batch_says_why_its_rows_failed(sim: simulator.SimServer, store: Promp
     assert (count, alike) == (2, True)
     assert sentence.startswith("The template needs a value for the variable animal")
     assert not batch.rerun_could_help
+
+
+@pytest.mark.anyio
+async def test_a_stopped_batch_waits_for_every_row_still_recording() -> None:
+    """A row that takes its time to record its cancellation is waited for, also through a
+    second cancellation; gather alone returns as soon as the quickest row has ended."""
+    recorded: list[str] = []
+    release = asyncio.Event()
+
+    async def row(name: str, slow: bool) -> None:
+        try:
+            await asyncio.Event().wait()  # streaming, until cancelled
+        except asyncio.CancelledError:
+            if slow:
+                await asyncio.shield(release.wait())  # a write in a worker thread
+            recorded.append(name)
+            raise
+
+    tasks = [asyncio.ensure_future(row("quick", False)), asyncio.ensure_future(row("slow", True))]
+    waiter = asyncio.ensure_future(_every_one_ended(tasks))
+    await await_until(lambda: recorded == ["quick"], timeout=5, what="the quick row recorded")
+    waiter.cancel()  # a second Ctrl-C while the slow row still records
+    for _ in range(5):  # turns of the loop in which a waiter that gave up would have ended
+        await asyncio.sleep(0)
+    assert not waiter.done(), "it returned before the slow row was recorded"
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert recorded == ["quick", "slow"]
