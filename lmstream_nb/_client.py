@@ -262,6 +262,16 @@ def is_chat_model(model_id: str, kind: object = None) -> bool:
     return "embed" not in model_id.lower()
 
 
+def describe_model(model_id: str, kind: object = None) -> str:
+    """A model's id as listings show it (``lmstream models``, ``%lmstream models``): marked
+    when it is not for chat, so nobody picks an embedding model to run a prompt."""
+    return (
+        model_id
+        if is_chat_model(model_id, kind)
+        else f"{model_id}  (embedding model, not for chat)"
+    )
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after")
     if not value:

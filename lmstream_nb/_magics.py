@@ -174,6 +174,23 @@ class _CellView:
             display(final_bundle(self.text, self.fmt if self.ok else "text"), raw=True)
 
 
+class ModelList(list[str]):
+    """What ``%lmstream models`` returns: the ids, shown one a line as ``lmstream models``
+    shows them (embedding models marked)."""
+
+    def __init__(self, kinds: list[tuple[str, str | None]]) -> None:
+        super().__init__(model for model, _ in kinds)
+        self._kinds = kinds
+
+    def __repr__(self) -> str:
+        from ._client import describe_model
+
+        return "\n".join(describe_model(model, kind) for model, kind in self._kinds)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(repr(self))
+
+
 class BackgroundRun:
     """A run streaming on the kernel's loop while other cells execute.
 
@@ -618,9 +635,9 @@ class LMStreamMagics(Magics):
 
             from ._client import LMStudioClient
 
-            async def models() -> list[str]:
+            async def models() -> ModelList:
                 async with LMStudioClient(url) as client:
-                    return await client.list_models()
+                    return ModelList(await client.list_model_kinds())
 
             return shared_loop().run(models())
         if command == "config":

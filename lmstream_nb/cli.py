@@ -785,16 +785,12 @@ def batch_summary(batch: Any, command: str) -> str:
 
 
 async def _cmd_models(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from ._client import LMStudioClient, is_chat_model
+    from ._client import LMStudioClient, describe_model
 
     async with LMStudioClient(args.base_url) as client:
         models = await client.list_model_kinds()
     for model, kind in models:
-        out.write(
-            model
-            + ("" if is_chat_model(model, kind) else "  (embedding model, not for chat)")
-            + "\n"
-        )
+        out.write(describe_model(model, kind) + "\n")
     return EXIT_OK
 
 
