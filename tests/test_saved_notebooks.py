@@ -62,3 +62,17 @@ def test_notebook_02_shows_the_runner_and_05_its_plot() -> None:
     assert "None\n" not in printed, "what the user sees, not a return value"
     plots = [d for _, d in _outputs("05-real-model.ipynb") if "image/png" in d]
     assert len(plots) == 1, "the plot is stored"
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_every_widget_left_in_a_notebook_has_its_saved_state(path: Path) -> None:
+    """JupyterLab draws a saved widget from the notebook's widget state (no kernel needed);
+    a widget output whose model is not in it is "model not found"."""
+    nb = nbformat.read(path, as_version=4)
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
+    saved = set(state.get("state", {}))
+    for _, data in _outputs(path.name):
+        if WIDGET in data:
+            view = data[WIDGET]
+            assert isinstance(view, dict)
+            assert view["model_id"] in saved, f"{path.name}: a widget without saved state"

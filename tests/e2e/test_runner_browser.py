@@ -347,6 +347,43 @@ def test_a_saved_notebook_shows_every_run_without_its_kernel(
         page.close(run_before_unload=False)
 
 
+COMMITTED = sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_every_committed_notebook_renders_without_its_kernel(
+    lab: tuple[str, str, Path], browser_page: Any, name: str
+) -> None:
+    """Opened trusted (as its author's own notebook is) and with no kernel, each committed
+    notebook renders every output, widgets from their saved state, none as "model not found"."""
+    base, token, root = lab
+    cells = json.loads((NOTEBOOKS / f"{name}.ipynb").read_text(encoding="utf-8"))["cells"]
+    with_outputs = sum(1 for cell in cells if cell.get("outputs"))
+    page = browser_page.context.new_page()
+    shutil.copy(NOTEBOOKS / f"{name}.ipynb", root / f"reopened-{name}.ipynb")
+    shutil.copytree(NOTEBOOKS / "images", root / "images", dirs_exist_ok=True)
+    try:
+        _open(page, base, token, f"reopened-{name}.ipynb")
+        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:trust'); }")
+        page.click(".jp-Dialog button.jp-mod-accept", timeout=30_000)
+        page.wait_for_selector(".jp-Dialog", state="detached", timeout=30_000)
+        page.wait_for_function(
+            "n => document.querySelectorAll('.jp-NotebookPanel .jp-OutputArea-output').length >= n",
+            arg=with_outputs,
+            timeout=30_000,
+        )
+        page.wait_for_function(  # widgets are restored from the notebook's saved state
+            "() => !document.querySelector('.jp-NotebookPanel').textContent"
+            ".includes('Loading widget')",
+            timeout=30_000,
+        )
+        body = page.evaluate("document.querySelector('.jp-NotebookPanel').textContent")
+        assert "Error displaying widget" not in body
+        assert "model not found" not in body
+    finally:
+        page.close(run_before_unload=False)
+
+
 def test_notebook_02_shows_the_runner_saved_and_live(
     lab: tuple[str, str, Path], browser_page: Any
 ) -> None:
