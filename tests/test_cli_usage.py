@@ -52,6 +52,7 @@ def _bad_values(action: argparse.Action) -> list[str]:
         "_limit_seconds": ["none", "0", "soon"],
         "_rate": ["x", "-0.1", "2"],
         "_port": ["x", "-1", "70000"],
+        "_slots": ["many", "0", "-1", "1.5"],
         "_status": ["bogus", "OK"],
         "_key_value": ["novalue", "=x"],
         "_base_url": ["localhost:1234/v1", "ftp://host/v1", "http://:80/v1", "http://h:99999/v1"],

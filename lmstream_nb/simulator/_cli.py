@@ -66,11 +66,14 @@ def _slots(text: str) -> int | None:
     if text.strip().lower() in ("unlimited", "none"):
         return None
     try:
-        return int(text)
+        slots = int(text)
     except ValueError:
+        slots = 0
+    if slots < 1:
         raise argparse.ArgumentTypeError(
-            f"expected a number of slots or 'unlimited', got {text!r}"
-        ) from None
+            f"{text!r} is not a number of slots: use 1 or more, or 'unlimited'"
+        )
+    return slots
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
