@@ -35,6 +35,7 @@ __all__ = ["SimHost"]
 _REPLY_TIMEOUT_S = 30.0  # starting a server waits at most 10 s for uvicorn
 _EXIT_TIMEOUT_S = 10.0
 _STDERR_LINES = 20
+_STDERR_WAIT_S = 2.0  # for a process that has ended to finish writing its stderr
 # The child imports this very package, also when it is used from a source tree that is not
 # installed.
 _ROOT = str(Path(__file__).resolve().parents[2])
@@ -109,14 +110,17 @@ class SimHost:
                 await proc.stdin.drain()
                 line = await asyncio.wait_for(proc.stdout.readline(), _REPLY_TIMEOUT_S)
             except ConnectionError:
-                pass  # it is gone: said below
+                line = b""  # the process is gone: said below, with its last words
             except asyncio.TimeoutError:
                 raise RuntimeError(
                     f"The benchmark's simulator process did not answer within "
                     f"{_REPLY_TIMEOUT_S:g} s; run the benchmark again on a less busy machine."
                 ) from None
         if not line:
-            await asyncio.sleep(0.1)  # let the last lines of its stderr arrive
+            # Its stderr ends with it: the last lines are read before they are quoted.
+            if self._drain is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._drain), _STDERR_WAIT_S)
             tail = " | ".join(self._stderr) or "no output"
             raise RuntimeError(
                 f"The benchmark's simulator process ended unexpectedly ({tail}); "
