@@ -432,6 +432,16 @@ class ChatStream:
         self.model: str = self._run.model
         self.request_id: str = self._run.request_id
 
+    @property
+    def api(self) -> str:
+        """The endpoint this stream uses: ``"native"`` (LM Studio's ``/api/v1/chat``) or
+        ``"openai"`` (``/chat/completions``); ``api_reason`` says why."""
+        return self._run.api
+
+    @property
+    def api_reason(self) -> str:
+        return self._run.api_reason
+
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._agen
 
@@ -516,6 +526,8 @@ class _StreamRun:
         self._retries = retries
         self.model: str = body["model"]
         self.request_id = uuid.uuid4().hex
+        self.api = "openai"
+        self.api_reason = "the client speaks only the OpenAI-compatible API"
         self._decoder = ChatStreamDecoder(client.max_event_bytes)
         self._response: httpx.Response | None = None
         self._raw: AsyncIterator[bytes] | None = None

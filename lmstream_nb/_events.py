@@ -22,6 +22,7 @@ class StreamStarted:
     model: str
     request_id: str
     url: str
+    api: str = "openai"  # the endpoint the request went to: "native" (LM Studio's) or "openai"
 
 
 # TextDelta and ReasoningDelta are not frozen: one is made per chunk, and a frozen dataclass
@@ -43,11 +44,80 @@ class ReasoningDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadProgress:
+    """The server is loading the model for this request (LM Studio's just-in-time load).
+
+    ``fraction`` runs from 0 to 1. ``elapsed_s`` is the time since the request was sent;
+    ``eta_s`` is an estimate of the time left from the readings so far (``None`` until two
+    readings exist, or while the fraction does not move).
+    """
+
+    fraction: float
+    elapsed_s: float
+    eta_s: float | None = None
+
+    phase = "loading"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The event as one JSON object (``lmstream run --json`` prints it as a line)."""
+        return {
+            "event": "progress",
+            "phase": self.phase,
+            "fraction": self.fraction,
+            "elapsed_s": self.elapsed_s,
+            "eta_s": self.eta_s,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PromptProgress:
+    """The server is processing the prompt: the wait before the first token, made visible.
+
+    ``fraction`` runs from 0 to 1 (for llama.cpp it is ``processed / total``). The token counts
+    are what the server reports (llama.cpp does; LM Studio's native API reports the fraction
+    only): ``processed`` includes the ``cached`` tokens it did not have to compute again.
+    ``elapsed_s`` is the time since the request was sent, and ``eta_s`` the estimated time left
+    (``None`` until two readings exist).
+    """
+
+    fraction: float
+    elapsed_s: float
+    eta_s: float | None = None
+    processed: int | None = None
+    total: int | None = None
+    cached: int | None = None
+
+    phase = "prompt"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The event as one JSON object (``lmstream run --json`` prints it as a line)."""
+        return {
+            "event": "progress",
+            "phase": self.phase,
+            "fraction": self.fraction,
+            "elapsed_s": self.elapsed_s,
+            "eta_s": self.eta_s,
+            "processed": self.processed,
+            "total": self.total,
+            "cached": self.cached,
+        }
+
+
+Progress = LoadProgress | PromptProgress
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     """What a finished (or failed) stream measured.
 
     Times are seconds from the moment the request was sent. Token counts and ``tokens_per_s``
     are ``None`` when the server did not report usage.
+
+    What progress tells, ``None`` where the server reports nothing of it:
+    ``first_progress_s`` is the time to the first sign of life (a progress report, or the
+    first token when there was none before it); ``load_s`` how long the model took to load
+    for this request; ``prompt_s`` and ``prompt_tokens_per_s`` how long prompt processing took
+    and how fast it went (the server's own figures where it gives them).
     """
 
     ttft_s: float | None
@@ -57,6 +127,10 @@ class Stats:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     tokens_per_s: float | None = None
+    first_progress_s: float | None = None
+    load_s: float | None = None
+    prompt_s: float | None = None
+    prompt_tokens_per_s: float | None = None
 
     def summary(self) -> list[str]:
         """The figures a person reads first, as short phrases (for reprs and status lines)."""
@@ -79,17 +153,42 @@ class Stats:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "tokens_per_s": self.tokens_per_s,
+            "first_progress_s": self.first_progress_s,
+            "load_s": self.load_s,
+            "prompt_s": self.prompt_s,
+            "prompt_tokens_per_s": self.prompt_tokens_per_s,
         }
 
 
 @dataclass(frozen=True, slots=True)
+class ServerStats:
+    """What the server measured itself: LM Studio's ``chat.end`` stats, llama.cpp's ``timings``.
+
+    Kept beside the client's own :class:`Stats` because the two clocks differ: the server's
+    time to first token excludes the network and any queueing, the client's includes them.
+    """
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cached_tokens: int | None = None
+    tokens_per_s: float | None = None
+    ttft_s: float | None = None
+    load_s: float | None = None
+    prompt_s: float | None = None
+    prompt_tokens_per_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class StreamFinished:
-    """The stream ended normally. ``model`` and ``response_id`` are what the server reported."""
+    """The stream ended normally. ``model`` and ``response_id`` are what the server reported;
+    ``server_stats`` what it measured, where it says (``None`` for most OpenAI-style servers)."""
 
     finish_reason: str | None
     stats: Stats
     model: str | None
     response_id: str | None
+    server_stats: ServerStats | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,4 +203,4 @@ class Completion:
     stats: Stats
 
 
-Event = StreamStarted | TextDelta | ReasoningDelta | StreamFinished
+Event = StreamStarted | LoadProgress | PromptProgress | TextDelta | ReasoningDelta | StreamFinished
