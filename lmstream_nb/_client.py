@@ -659,6 +659,7 @@ class _StreamRun:
         self.context_length: int | None = None
         self._route = Route("openai", "")
         self._progress = _ProgressClock()
+        self._ended_empty = False  # the last attempt's body ended with no event at all
         self._decoder = ChatStreamDecoder(client.max_event_bytes)
         self._response: httpx.Response | None = None
         self._raw: AsyncIterator[bytes] | None = None
@@ -776,9 +777,14 @@ class _StreamRun:
                 self._retries,
                 deadline=lambda: watchdog.deadline,
             )
-            async with contextlib.aclosing(attempts):
-                async for event in attempts:
-                    yield event
+            try:
+                async with contextlib.aclosing(attempts):
+                    async for event in attempts:
+                        yield event
+            except StreamInterrupted as exc:
+                if self._ended_empty:
+                    raise await self._empty_stream(exc) from None
+                raise
             watchdog.extend = None
             client._answering += 1
             client._progress_at = loop.time()
@@ -880,6 +886,25 @@ class _StreamRun:
         if client.check_context and self.context_length is not None and info.kind == "llamacpp":
             await client._check_fits(self._body, self.context_length)
 
+    async def _empty_stream(self, exc: StreamInterrupted) -> StreamInterrupted:
+        """An event stream that ended empty, with no error: name the likely cause.
+
+        llama-cpp-python's server answers a prompt over its context this way (the error goes
+        only to its log). It tells no context size, but it counts tokens, so the sentence can
+        give the prompt's size; a server that cannot count keeps the general sentence.
+        """
+        count = await self._client._count_extras(self._body.get("messages") or ())
+        if count is None:
+            return exc
+        url = self._client.url
+        return StreamInterrupted(
+            f"The stream from {url} ended before the first token with no error, which is "
+            f"how llama-cpp-python's server answers a prompt longer than its context: the "
+            f"prompt has {count:,} tokens, so shorten it or start the server with a larger "
+            "context (--n_ctx), then run again.",
+            url=url,
+        )
+
     def _on_reading(self, reading: Reading, watchdog: _Watchdog) -> Progress | None:
         """A progress reading before the first token: the budgets, then maybe an event.
 
@@ -968,6 +993,7 @@ class _StreamRun:
                     chunk = await raw.__anext__()
             except StopAsyncIteration:
                 # Ended cleanly with nothing in it: nothing was received, so a retry is safe.
+                self._ended_empty = not dec.chunks and not dec.has_partial_event
                 raise _Retryable(self._interrupted("ended before the first token")) from None
             finally:
                 watchdog.waiting = False
@@ -1345,30 +1371,50 @@ class LMStudioClient:
         finally:
             await response.aclose()
 
+    async def _count_extras(self, messages: Sequence[Any]) -> int | None:
+        """The prompt's tokens from llama-cpp-python's ``POST /extras/tokenize/count``, or
+        None where the server has no such endpoint (or anything goes wrong)."""
+        text = "\n".join(
+            m["content"]
+            for m in messages
+            if isinstance(m, Mapping) and isinstance(m.get("content"), str)
+        )
+        status, obj = await self._post_json(
+            self._origin + "/extras/tokenize/count", {"input": text}
+        )
+        count = obj.get("count") if status == 200 and isinstance(obj, dict) else None
+        return count if type(count) is int and count >= 0 else None
+
+    async def _post_json(self, url: str, body: dict[str, Any]) -> tuple[int | None, object]:
+        """(status, parsed JSON or None) of a small POST beside the chat, never raising."""
+        request = self._http.build_request(
+            "POST",
+            self._path(url),
+            json=body,
+            timeout=httpx.Timeout(self.budgets.connect, read=_PROBE_S),
+        )
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.HTTPError:
+            return None, None
+        try:
+            if response.status_code != 200:
+                return response.status_code, None
+            return 200, parse_json(await self._read_body(response, None, _PROBE_BYTES))
+        except httpx.HTTPError:
+            return None, None
+        finally:
+            await response.aclose()
+
     async def _check_fits(self, body: dict[str, Any], context_length: int) -> None:
         """Refuse, before sending, a prompt that the server counts as longer than its context.
 
         llama.cpp counts a chat's tokens with its template at
         ``/chat/completions/input_tokens``; a server that cannot count is not checked.
         """
-        request = self._http.build_request(
-            "POST",
-            self._path("/chat/completions/input_tokens"),
-            json={"messages": body["messages"]},
-            timeout=httpx.Timeout(self.budgets.connect, read=_PROBE_S),
+        _, obj = await self._post_json(
+            "/chat/completions/input_tokens", {"messages": body["messages"]}
         )
-        try:
-            response = await self._http.send(request, stream=True)
-        except httpx.HTTPError:
-            return  # the request itself will say what is wrong
-        try:
-            if response.status_code != 200:
-                return
-            obj = parse_json(await self._read_body(response, None, _PROBE_BYTES))
-        except httpx.HTTPError:
-            return
-        finally:
-            await response.aclose()
         count = obj.get("input_tokens") if isinstance(obj, dict) else None
         if type(count) is int and count > context_length:
             raise PromptTooLong(

@@ -23,6 +23,7 @@ from lmstream_nb import (
     Retries,
     ServerStreamError,
     StreamFinished,
+    StreamInterrupted,
     StreamStarted,
     TextDelta,
     UnsupportedRequest,
@@ -407,3 +408,32 @@ async def test_llamacpp_the_context_check_can_be_switched_off(llamacpp: Any) -> 
             await client.stream_chat("z" * 20000, model="any").collect()
     assert info.value.status == 400  # the server's own refusal
     assert [r.path for r in llamacpp.chats()] == ["/v1/chat/completions"]
+
+
+async def test_an_empty_stream_from_llama_cpp_python_names_the_likely_cause() -> None:
+    """That server answers a streamed prompt over its context with 200 and no events at all."""
+    defaults = simulator.Scenario(dialect="llamacpp-python")
+    retries = Retries(attempts=1, backoff=0.05, max_backoff=0.05)
+    with simulator.serve(profile="test-fast", defaults=defaults, context_length=1000) as server:
+        async with LMStudioClient(server.base_url, retries=retries) as client:
+            info = await client.server_info()
+            with pytest.raises(StreamInterrupted) as failed:
+                await client.stream_chat("e" * 8000, model=MODEL).collect()
+            ok = await client.stream_chat("Short.", model=MODEL, max_tokens=3).collect()
+    assert info.kind == "openai"  # it says neither what it is nor its context
+    message = str(failed.value)
+    assert "llama-cpp-python" in message
+    assert "2,000 tokens" in message
+    assert "check that the server is still running" not in message
+    assert ok.stats.completion_tokens == 3
+
+
+async def test_an_empty_stream_elsewhere_keeps_the_general_sentence() -> None:
+    defaults = simulator.Scenario(raw_body="")
+    retries = Retries(attempts=1, backoff=0.05, max_backoff=0.05)
+    with simulator.serve(profile="test-fast", defaults=defaults) as server:
+        async with LMStudioClient(server.base_url, retries=retries) as client:
+            with pytest.raises(StreamInterrupted) as failed:
+                await client.stream_chat("Hi", model=MODEL).collect()
+    assert "ended before the first token" in str(failed.value)
+    assert "check that the server is still running" in str(failed.value)
