@@ -480,11 +480,17 @@ class _ProgressClock:
         self.prompt_end: float | None = None
 
     def take(self, reading: Reading, now: float, t0: float) -> tuple[bool, Progress | None]:
-        """(whether the reading changed anything, the event to show now or None)."""
+        """(whether the reading advanced, the event to show now or None).
+
+        Only a rise within a phase, or the next phase, advances: a server that sends falling
+        or repeating fractions, or goes back to loading, shows it but gains no time by it.
+        """
         if reading.phase == self.phase and reading.fraction == self.fraction:
             return False, None
         if self.first_at is None:
             self.first_at = now
+        rank, last_rank = _PHASES.index(reading.phase), _PHASES.index(self.phase)
+        advanced = rank > last_rank or (rank == last_rank and reading.fraction > self.fraction)
         cost = _cost(reading)
         if reading.phase != self.phase or reading.fraction < self.fraction:
             self.base_t, self.base_cost = now, cost
@@ -502,7 +508,7 @@ class _ProgressClock:
             else:
                 self.prompt_end = now
         if not done and self.emitted_at is not None and now - self.emitted_at < _PROGRESS_EVERY_S:
-            return True, None
+            return advanced, None
         self.emitted_at = now
         eta = None
         if done:
@@ -511,8 +517,8 @@ class _ProgressClock:
             eta = (1.0 - cost) * (now - self.base_t) / (cost - self.base_cost)
         elapsed = now - t0
         if reading.phase == "loading":
-            return True, LoadProgress(reading.fraction, elapsed, eta)
-        return True, PromptProgress(
+            return advanced, LoadProgress(reading.fraction, elapsed, eta)
+        return advanced, PromptProgress(
             reading.fraction, elapsed, eta, reading.processed, reading.total, reading.cached
         )
 
@@ -523,6 +529,9 @@ class _ProgressClock:
         if self.processed is not None and self.total is not None:
             place += f" ({self.processed:,} of {self.total:,} prompt tokens)"
         return place
+
+
+_PHASES = (None, "loading", "prompt")  # the order in which a request goes through them
 
 
 def _cost(reading: Reading) -> float:
@@ -915,8 +924,8 @@ class _StreamRun:
         """
         loop = asyncio.get_running_loop()
         now = loop.time()
-        changed, event = self._progress.take(reading, now, self.t0)
-        if changed:
+        advanced, event = self._progress.take(reading, now, self.t0)
+        if advanced:
             first_token, idle = self._budgets.first_token, self._budgets.idle
             if reading.fraction >= 1.0:
                 watchdog.extend = (

@@ -437,3 +437,24 @@ async def test_an_empty_stream_elsewhere_keeps_the_general_sentence() -> None:
                 await client.stream_chat("Hi", model=MODEL).collect()
     assert "ended before the first token" in str(failed.value)
     assert "check that the server is still running" in str(failed.value)
+
+
+def test_only_rising_progress_or_the_next_phase_gains_time() -> None:
+    """A server that sends falling fractions, or goes back to loading, cannot hold a stream
+    open for ever: such readings are shown but do not move the deadline."""
+    from lmstream_nb._client import _ProgressClock
+    from lmstream_nb._sse import Reading
+
+    clock = _ProgressClock()
+    steps = [
+        (Reading("loading", 0.0), True),
+        (Reading("loading", 0.5), True),
+        (Reading("loading", 0.5), False),  # no change
+        (Reading("prompt", 0.1), True),
+        (Reading("prompt", 0.05), False),  # falling
+        (Reading("prompt", 0.2), True),
+        (Reading("loading", 0.9), False),  # back to an earlier phase
+    ]
+    advanced = [clock.take(reading, float(i), 0.0)[0] for i, (reading, _) in enumerate(steps)]
+    assert advanced == [expected for _, expected in steps]
+    assert clock.where() == "model loading stopped at 90%"
