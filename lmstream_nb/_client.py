@@ -578,6 +578,11 @@ class ChatStream:
     def api_reason(self) -> str:
         return self._run.api_reason
 
+    @property
+    def context_length(self) -> int | None:
+        """The loaded context the prompt must fit, where the server says it (else None)."""
+        return self._run.context_length
+
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._agen
 

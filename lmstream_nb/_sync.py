@@ -9,6 +9,7 @@ from typing import Any
 from ._client import ChatStream, LMStudioClient, Messages
 from ._events import Completion, Event, Stats, StreamFinished
 from ._loop import LoopThread, shared_loop
+from ._routes import ServerInfo
 
 
 class SyncChatStream:
@@ -75,6 +76,14 @@ class SyncChatStream:
     def finished(self) -> StreamFinished | None:
         return self._stream.finished
 
+    @property
+    def api(self) -> str:
+        return self._stream.api
+
+    @property
+    def api_reason(self) -> str:
+        return self._stream.api_reason
+
     def stats(self) -> Stats:
         return self._runner.run(self._stats())
 
@@ -113,6 +122,9 @@ class SyncLMStudioClient:
 
     def list_models(self) -> list[str]:
         return self._runner.run(self._client.list_models())
+
+    def server_info(self) -> ServerInfo:
+        return self._runner.run(self._client.server_info())
 
     def stream_chat(self, messages: Messages, *, model: str, **kwargs: Any) -> SyncChatStream:
         stream = self._client.stream_chat(messages, model=model, **kwargs)

@@ -458,3 +458,21 @@ def test_only_rising_progress_or_the_next_phase_gains_time() -> None:
     advanced = [clock.take(reading, float(i), 0.0)[0] for i, (reading, _) in enumerate(steps)]
     assert advanced == [expected for _, expected in steps]
     assert clock.where() == "model loading stopped at 90%"
+
+
+@pytest.mark.parametrize("line_ending", ["lf", "crlf", "cr"])
+@pytest.mark.parametrize("bom", [False, True])
+async def test_the_native_stream_follows_the_sse_rules(line_ending: str, bom: bool) -> None:
+    defaults = simulator.Scenario(line_ending=line_ending, bom=bom, output_tokens=12)
+    plain_defaults = simulator.Scenario(output_tokens=12)
+    with simulator.serve(profile="test-fast", seed=3, defaults=plain_defaults) as plain:
+        async with LMStudioClient(plain.base_url) as client:
+            expected = await client.stream_chat("Same words", model=MODEL).collect()
+    with simulator.serve(profile="test-fast", seed=3, defaults=defaults) as sim:
+        async with LMStudioClient(sim.base_url) as client:
+            stream = client.stream_chat("Same words", model=MODEL)
+            events = await drain(stream)
+    assert stream.api == "native"
+    assert stream.text == expected.text
+    assert progress_of(events), "progress events survive every framing"
+    assert events[-1].stats.completion_tokens == 12

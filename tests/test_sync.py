@@ -83,3 +83,13 @@ def test_sync_client_refuses_a_bad_base_url_and_hides_credentials() -> None:
         assert repr(client) == "SyncLMStudioClient(base_url='http://127.0.0.1:9/v1?key=***')"
     finally:
         client.close()
+
+
+def test_the_sync_stream_says_where_it_went(sim: simulator.SimServer) -> None:
+    with SyncLMStudioClient(sim.base_url) as client:
+        assert client.server_info().kind == "lmstudio"
+        with client.stream_chat("Hi", model=MODEL, max_tokens=2) as stream:
+            events = list(stream)
+    assert stream.api == "native"
+    assert "native chat" in stream.api_reason
+    assert events[-1].stats.completion_tokens == 2
