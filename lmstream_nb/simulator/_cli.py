@@ -143,6 +143,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TOKENS",
         help="loaded context length; longer prompts are refused (default 131072)",
     )
+    server.add_argument(
+        "--no-native-api",
+        dest="native_api",
+        action="store_false",
+        help="be LM Studio 0.3: no native /api/v1, so no progress while a prompt is processed",
+    )
 
     behaviour = parser.add_argument_group(
         "default scenario (a request may override it with a 'sim' object)"
@@ -214,6 +220,7 @@ def config_from_cli(ns: argparse.Namespace) -> SimConfig:
         "api_key": ns.api_key,
         "parallel": ns.parallel,
         "context_length": ns.context_length,
+        "native_api": ns.native_api,
         "defaults": Scenario(**scenario),
     }
     if ns.model:

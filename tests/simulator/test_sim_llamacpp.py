@@ -142,3 +142,25 @@ def test_slots_show_a_request_being_processed(client):
 
     assert [s["is_processing"] for s in busy] == [True, False]
     assert freed.disconnect_phase == "generation"
+
+
+def test_llama_cpp_python_answers_an_over_long_stream_with_nothing(client):
+    """As measured on ``python -m llama_cpp.server``: 200, an event stream, no event at all;
+    it names itself ``uvicorn``, has no native API or /props, and counts tokens."""
+    defaults = simulator.Scenario(dialect="llamacpp-python")
+    with simulator.serve(profile="test-fast", defaults=defaults, context_length=100) as sim:
+        long_body = chat_body("x" * 2000, stream=True)
+        with client.stream("POST", sim.base_url + "/chat/completions", json=long_body) as response:
+            raw = response.read()
+        short = client.post(sim.base_url + "/chat/completions", json=chat_body("Hi"))
+        count = client.post(sim.root_url + "/extras/tokenize/count", json={"input": "x" * 400})
+        native = client.get(sim.root_url + "/api/v1/models")
+        props = client.get(sim.root_url + "/props")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert raw == b""
+    assert response.headers["server"] == "uvicorn"
+    assert short.json()["choices"][0]["message"]["content"]
+    assert count.json() == {"count": 100}
+    assert (native.status_code, native.json()) == (404, {"detail": "Not Found"})
+    assert props.status_code == 404

@@ -3,6 +3,7 @@ non-streaming body), ``/api/v1/models``, load and unload, JIT-load and prompt pr
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 
@@ -416,3 +417,22 @@ def test_prompt_processing_can_stop_for_a_while(sim, client, path):
 
     assert progress == [0.0, 0.1, 0.2, 0.3, 0.4, 0.43, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
     assert ttft >= 0.3  # the pause happened before the first token
+
+
+def test_lm_studio_0_3_has_no_native_api(client):
+    with simulator.serve(profile="test-fast", native_api=False) as sim:
+        listing = client.get(sim.root_url + "/api/v1/models")
+        chat = client.post(sim.root_url + "/api/v1/chat", json=native_body("Hi"))
+        v1 = client.post(sim.base_url + "/chat/completions", json=chat_body("Hi"))
+    assert listing.status_code == chat.status_code == 200  # LM Studio's answer to a wrong path
+    assert "Unexpected endpoint" in listing.json()["error"]
+    assert "Unexpected endpoint" in chat.json()["error"]
+    assert v1.status_code == 200
+    assert v1.json()["choices"][0]["message"]["content"]
+
+
+def test_lm_studio_0_3_from_the_command_line():
+    parser = argparse.ArgumentParser()
+    simulator.add_cli_arguments(parser)
+    assert simulator.config_from_cli(parser.parse_args([])).native_api is True
+    assert simulator.config_from_cli(parser.parse_args(["--no-native-api"])).native_api is False
