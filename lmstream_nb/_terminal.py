@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from ._events import (
     Event,
     LoadProgress,
+    Progress,
     PromptProgress,
     ReasoningDelta,
     Stats,
@@ -24,6 +25,7 @@ from ._events import (
     StreamStarted,
     TextDelta,
 )
+from ._progress import progress_line
 
 
 def format_stats(stats: Stats, finished: StreamFinished | None = None) -> str:
@@ -40,26 +42,49 @@ def format_stats(stats: Stats, finished: StreamFinished | None = None) -> str:
 
 
 class _Waiting:
-    """Shows "waiting for the first token… N s" on a terminal's stderr until text arrives."""
+    """The line a terminal's stderr shows until text arrives: "waiting for the first token… N s",
+    or, once the server reports progress, a live bar ("processing prompt ▕████▍     ▏ 43% ·
+    3,512 / 8,140 tokens · 41 s · about 55 s left"). Seconds and the time left move on every
+    second between reports; the text replaces the line when it starts."""
 
     def __init__(self, err: TextIO, enabled: bool) -> None:
         self._err = err
         self._enabled = enabled
         self._task: asyncio.Task[None] | None = None
         self._shown = False
+        self._t0 = 0.0
+        self._progress: Progress | None = None
+        self._progress_at = 0.0
 
     def start(self) -> None:
         if self._enabled and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._tick())
+            loop = asyncio.get_running_loop()
+            self._t0 = loop.time()
+            self._task = loop.create_task(self._tick())
+
+    def progress(self, event: Progress) -> None:
+        if self._task is None:
+            return
+        self._progress = event
+        self._progress_at = asyncio.get_running_loop().time()
+        self._draw()
+
+    def _draw(self) -> None:
+        now = asyncio.get_running_loop().time()
+        event = self._progress
+        if event is None:
+            line = f"waiting for the first token… {now - self._t0:.0f} s"
+        else:
+            since = now - self._progress_at
+            eta = None if event.eta_s is None else max(0.0, event.eta_s - since)
+            line = progress_line(event, event.elapsed_s + since, eta)
+        self._err.write(f"\r\033[2m{line}\033[0m\033[K")
+        self._err.flush()
+        self._shown = True
 
     async def _tick(self) -> None:
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
         while True:
-            elapsed = loop.time() - t0
-            self._err.write(f"\r\033[2mwaiting for the first token… {elapsed:.0f} s\033[0m\033[K")
-            self._err.flush()
-            self._shown = True
+            self._draw()
             await asyncio.sleep(1.0)
 
     def stop(self) -> None:
@@ -128,6 +153,8 @@ class TerminalSink:
         elif isinstance(event, (LoadProgress, PromptProgress)):
             if self.as_json:
                 self._json(event.as_dict())
+            else:
+                self.waiting.progress(event)
         elif isinstance(event, StreamFinished):
             self.finished = event
             self.close()

@@ -191,43 +191,65 @@ def test_ctrl_c_stops_the_stream_and_closes_the_connection(slow_sim: simulator.S
     assert b"Traceback" not in err
 
 
+def read_stderr_on_a_terminal(*args: str) -> tuple[int, bytes, bytes]:
+    """Run ``lmstream ARGS`` with stderr on a pseudo-terminal: (status, stdout, what stderr
+    showed, control sequences included)."""
+    leader, follower = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmstream_nb", *args],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+    )
+    os.close(follower)
+    seen = b""
+    deadline = time.monotonic() + 30
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.5)
+            if ready:
+                try:
+                    seen += os.read(leader, 4096)
+                except OSError:
+                    break
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        os.close(leader)
+    return proc.returncode, out, seen
+
+
+def test_a_terminal_shows_a_live_progress_bar_then_the_text() -> None:
+    """LM Studio's native chat reports prompt processing: the waiting line becomes a bar."""
+    defaults = simulator.Scenario(prefill_tps=1500, batch_size=200, output_tokens=3)
+    with simulator.serve(profile="test-fast", defaults=defaults) as slow_prefill:
+        prompt = "p" * 12000  # 3,000 tokens: 2 s of prompt processing
+        status, out, seen = read_stderr_on_a_terminal(
+            "run", prompt, "--base-url", slow_prefill.base_url, "--model", MODEL
+        )
+        piped = lmstream("run", prompt, "--base-url", slow_prefill.base_url, "--model", MODEL)
+    assert status == 0
+    lines = [part.decode() for part in seen.split(b"\r") if b"processing prompt" in part]
+    percents = [int(line.split("▏ ")[1].split("%")[0]) for line in lines]
+    assert len(set(percents)) >= 2, "the bar moved"
+    assert percents == sorted(percents)
+    assert any("left" in line for line in lines), "an estimate of the time left"
+    assert "▕" in lines[0]
+    assert out.strip(), "the text followed on stdout"
+    assert piped.returncode == 0
+    assert piped.stdout.strip() == out.decode().strip()
+    assert "processing prompt" not in piped.stderr, "nothing extra off a terminal"
+
+
 def test_waiting_for_first_token_is_shown_on_a_terminal() -> None:
     defaults = simulator.Scenario(prefill_tps=100, output_tokens=3)
-    with simulator.serve(profile="test-fast", defaults=defaults) as slow_prefill:
-        leader, follower = os.openpty()
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "lmstream_nb",
-                "run",
-                "z" * 600,
-                "--base-url",
-                slow_prefill.base_url,
-                "--model",
-                MODEL,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=follower,
+    # LM Studio 0.3 reports nothing while it processes the prompt
+    with simulator.serve(profile="test-fast", defaults=defaults, native_api=False) as slow_prefill:
+        status, _, seen = read_stderr_on_a_terminal(
+            "run", "z" * 600, "--base-url", slow_prefill.base_url, "--model", MODEL
         )
-        os.close(follower)
-        seen = b""
-        deadline = time.monotonic() + 20
-        try:
-            while proc.poll() is None and time.monotonic() < deadline:
-                ready, _, _ = select.select([leader], [], [], 0.5)
-                if ready:
-                    try:
-                        seen += os.read(leader, 4096)
-                    except OSError:
-                        break
-            proc.communicate(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
-            os.close(leader)
-    assert proc.returncode == 0
+    assert status == 0
     assert b"waiting for the first token" in seen
 
 

@@ -161,7 +161,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "_history.py",
         "_store.py",
     ),
-    "presentation": ("_throttle.py", "_view.py", "_terminal.py", "_outcome.py"),
+    "presentation": ("_throttle.py", "_progress.py", "_view.py", "_terminal.py", "_outcome.py"),
     "orchestration": ("_loop.py", "_sync.py", "_run.py", "_batch.py"),
     "front ends": (
         "cli.py",
@@ -216,7 +216,8 @@ SAME_LAYER: dict[str, frozenset[str]] = {
         {"_history.py", "_prompt_files.py", "_prompt_fields.py", "_owners.py", "_migrations.py"}
     ),
     "_prompt_files.py": frozenset({"_prompt_fields.py", "_store.py"}),
-    "_view.py": frozenset({"_throttle.py"}),
+    "_view.py": frozenset({"_throttle.py", "_progress.py"}),
+    "_terminal.py": frozenset({"_progress.py"}),
     "_sync.py": frozenset({"_loop.py"}),
     "_run.py": frozenset({"_loop.py", "_sync.py"}),
     "_batch.py": frozenset({"_loop.py", "_run.py"}),
