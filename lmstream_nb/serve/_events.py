@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import RunNotFound
+from .._events import Progress
 from .._outcome import DONE, view_state
+from .._progress import progress_facts, progress_title
 from .._store import RunRecord
 from ._hub import BadCursor, Cursor, Hub, Listener, LiveRun, Outcome, Text, outcome_of
 
@@ -81,6 +83,15 @@ def start_data(
     run_id: int, prompt: str | None, version: int | None, model: str | None
 ) -> dict[str, Any]:
     return {"run_id": run_id, "prompt": prompt, "version": version, "model": model}
+
+
+def progress_data(event: Progress) -> dict[str, Any]:
+    """A ``progress`` event's data: the figures, and the words every front end shows."""
+    data = event.as_dict()
+    del data["event"]
+    data["title"] = progress_title(event)
+    data["facts"] = " · ".join(progress_facts(event))
+    return data
 
 
 def final_event(outcome: Outcome) -> tuple[str, dict[str, Any]]:
@@ -200,6 +211,12 @@ class EventStream:
                         await self._final(writer, cursor, live.outcome)
                         return
                     continue
+                progress = live.progress
+                if live.waiting and progress is not None:
+                    count = live.progress_count
+                    if listener.progress_sent != count:
+                        listener.progress_sent = count
+                        await writer.event("progress", progress_data(progress), cursor.id)
                 now = time.monotonic()
                 if live.waiting and now >= next_status:
                     elapsed = round(now - live.started_at, 3)

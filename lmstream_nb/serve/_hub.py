@@ -37,7 +37,15 @@ from typing import Any
 from .._client import LMStudioClient
 from .._config import Budgets
 from .._errors import LMStreamError
-from .._events import Event, ReasoningDelta, StreamStarted, TextDelta
+from .._events import (
+    Event,
+    LoadProgress,
+    Progress,
+    PromptProgress,
+    ReasoningDelta,
+    StreamStarted,
+    TextDelta,
+)
 from .._outcome import CANCELLED_MESSAGE
 from .._run import RunResult, arun
 from .._store import PromptStore, RunRecord
@@ -188,12 +196,15 @@ class Listener:
     """One open events connection: its cursor into the run and a wake-up event. Nothing else:
     however far behind a client falls, this is all the server keeps for it."""
 
-    __slots__ = ("cursor", "dropped", "wake")
+    __slots__ = ("cursor", "dropped", "progress_sent", "wake")
 
     def __init__(self, cursor: Cursor) -> None:
         self.cursor = cursor
         self.wake = asyncio.Event()
         self.dropped = False  # set by the server: end this response, the client may resume
+        # The run's progress count when this client was last sent progress: a new connection
+        # (0) is sent the latest report at once, then each newer one.
+        self.progress_sent = 0
 
 
 @dataclass(eq=False)
@@ -208,6 +219,8 @@ class LiveRun:
     text: Text = field(default_factory=Text)
     reasoning: Text = field(default_factory=Text)
     first_token_at: float | None = None
+    progress: Progress | None = None  # the latest report while the prompt is processed
+    progress_count: int = 0
     outcome: Outcome | None = None
     listeners: set[Listener] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
@@ -225,6 +238,12 @@ class LiveRun:
             self.reasoning.append(event.content)
         elif isinstance(event, StreamStarted):
             self.model = event.model or self.model
+            return
+        elif isinstance(event, (LoadProgress, PromptProgress)):
+            # Already paced by the client (a few a second), so each one wakes the listeners.
+            self.progress = event
+            self.progress_count += 1
+            self.notify()
             return
         else:
             return

@@ -107,7 +107,11 @@ _EVENT_ID = {
 }
 
 _EVENTS_DOC = """Server-Sent Events: `start` {run_id, prompt, version, model}, `delta` {text},
-`reasoning` {text}, `status` {state: "waiting", elapsed} while no token has arrived, then `done`
+`reasoning` {text}, `status` {state: "waiting", elapsed} while no token has arrived, `progress`
+{phase: "loading" | "prompt", fraction, elapsed_s, eta_s, processed, total, cached, title, facts}
+while the server loads the model or processes the prompt (a few a second at most; `title` and
+`facts` are the words to show, such as "processing prompt" and "43% · 3,512 / 8,140 tokens · 41 s
+· about 55 s left"; a client that reconnects then is sent the latest one at once), then `done`
 {status: "ok", finish_reason, stats, text_length} or `error` {status, message}; the response ends
 after either. Every event has an id `<phase>:<text offset>:<reasoning offset>`; the first carries
 `retry:`. Comment lines `: keep-alive` go out every few seconds. Send `Last-Event-ID` (or

@@ -63,6 +63,14 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any
         '"gen_tps": 100, "prefill_tps": 100000}]] Repeat after me: {{what}}',
         model=MODEL,
     )
+    # About 3 s of prompt processing, reported in batches of 200 tokens, then a short answer.
+    store.save(
+        "long",
+        '[[sim {"prefill_tps": 1200, "batch_size": 200, "gen_tps": 200, "output_tokens": 20}]] '
+        + "Read all of this. " * 650
+        + "{{what}}",
+        model=MODEL,
+    )
     defaults = simulator.Scenario(prefill_tps=12, gen_tps=12, output_tokens=60, jitter=0)
     with (
         simulator.serve(profile="test-fast", seed=7, defaults=defaults) as sim,
@@ -250,3 +258,34 @@ def test_page_runs_reconnects_escapes_and_stops(
         page.screenshot(path=str(ARTIFACTS / "serve-page-final.png"))
         page.emulate_media(color_scheme="dark")
         page.screenshot(path=str(ARTIFACTS / "serve-page-dark.png"))
+
+
+def test_the_page_shows_a_moving_progress_bar_before_the_text(
+    service: tuple[Any, Any, PromptStore], page: Any
+) -> None:
+    _, handle, store = service
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(f"{handle.url}/?token={TOKEN}")
+    page.wait_for_selector("#prompt option[value='long']", state="attached", timeout=10_000)
+    page.select_option("#prompt", "long")
+    page.wait_for_selector("[data-testid='var-what']", timeout=10_000)
+    page.fill("[data-testid='var-what']", "then answer")
+    page.click("#run")
+    page.wait_for_function(
+        "() => window.lmstream.progress.filter((f) => f > 0).length >= 2", timeout=15_000
+    )
+    run_id = page.evaluate("window.lmstream.runId")
+    assert page.is_visible("#progress")
+    assert page.evaluate("window.lmstream.text") == "", "the bar comes before the text"
+    shown = page.inner_text("#progress-text")
+    assert shown.startswith("processing prompt: ")
+    assert "%" in shown
+    value = float(page.get_attribute("#progress-bar", "value") or "0")
+    assert 0 < value <= 1
+    page.screenshot(path=str(ARTIFACTS / "serve-page-progress.png"))
+    page.wait_for_selector("#status[data-state='done']", timeout=20_000)
+    fractions = page.evaluate("window.lmstream.progress")
+    assert fractions == sorted(fractions)
+    assert len(set(fractions)) >= 2, "the bar moved"
+    assert not page.is_visible("#progress"), "the text replaced the bar"
+    assert page.evaluate("window.lmstream.text") == _recorded(store, run_id).text

@@ -38,6 +38,8 @@ SLOW = '[[sim {"gen_tps": 150, "output_tokens": 150, "jitter": 0}]] '
 CRAWL = '[[sim {"gen_tps": 20, "output_tokens": 2000, "jitter": 0}]] '
 # About 0.8 s of prompt processing (the prompt is ~200 characters, ~4 per token).
 PONDER = '[[sim {"prefill_tps": 60, "output_tokens": 20}]] ' + "Consider this slowly. " * 8
+# About 2 s of prompt processing reported in 15 batches (LM Studio's native chat reports it).
+PROCESS = '[[sim {"prefill_tps": 1500, "batch_size": 200, "output_tokens": 5}]] ' + "p" * 12000
 HUGE = (
     '[[sim {"chunk_chars": 1000, "output_tokens": 800, "gen_tps": 500, '
     '"prefill_tps": 1000000000, "jitter": 0}]] '
@@ -52,6 +54,7 @@ def store_path(tmp_path: Path) -> Path:
     store.save("crawl", CRAWL + "Write forever about {{topic}}.", model=MODEL)
     store.save("ponder", PONDER + "{{topic}}", model=MODEL)
     store.save("huge", HUGE + "A great deal about {{topic}}.", model=MODEL)
+    store.save("process", PROCESS + " {{topic}}", model=MODEL)
     store.close()
     return tmp_path / "lmstream.db"
 
@@ -221,6 +224,46 @@ def test_keep_alives_and_status_while_the_prompt_is_processed(
     assert [s["elapsed"] for s in waiting] == sorted(s["elapsed"] for s in waiting)
     first_delta = next(i for i, e in enumerate(events) if e.event == "delta")
     assert all(e.event != "status" for e in events[first_delta:])
+
+
+def test_progress_comes_in_order_before_the_first_delta(client: httpx.Client) -> None:
+    run = start(client, "process", topic="rain")
+    events, _ = read_events(client, run["events_url"])
+    assert events[-1].event == "done"
+    kinds = [e.event for e in events]
+    first_delta = kinds.index("delta")
+    progress = [e for e in events if e.event == "progress"]
+    assert len(progress) >= 2
+    assert max(i for i, k in enumerate(kinds) if k == "progress") < first_delta
+    data = [e.json() for e in progress]
+    fractions = [d["fraction"] for d in data]
+    assert fractions == sorted(fractions)
+    assert fractions[-1] <= 1.0
+    assert all(d["phase"] == "prompt" and d["title"] == "processing prompt" for d in data)
+    assert data[0]["facts"].startswith(f"{fractions[0]:.0%}")
+    assert any(d["eta_s"] is not None and "left" in d["facts"] for d in data)
+    assert {e.id for e in progress} == {"s:0:0"}  # progress moves no text offset
+
+
+def test_a_client_reconnecting_during_prompt_processing_gets_the_latest_progress(
+    client: httpx.Client, store_path: Path
+) -> None:
+    run = start(client, "process", topic="snow")
+
+    def after_some_progress(events: list[SSE]) -> bool:
+        moving = [e for e in events if e.event == "progress" and e.json()["fraction"] > 0]
+        return len(moving) >= 1
+
+    first, reader = read_events(client, run["events_url"], stop=after_some_progress)
+    assert all(e.event != "delta" for e in first)
+    rest, _ = read_events(client, run["events_url"], last_id=reader.last_id)
+    assert rest[0].event in ("progress", "status")
+    progress = [e.json()["fraction"] for e in rest if e.event == "progress"]
+    assert progress, "the latest progress, then the live stream"
+    assert progress[0] >= first[-1].json()["fraction"]
+    assert rest[-1].event == "done"
+    record = PromptStore(store_path).get_run(run["run_id"])
+    assert text_of(rest) == record.text
 
 
 def test_delete_cancels_the_run_and_closes_the_simulator_connection(
