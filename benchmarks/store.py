@@ -102,7 +102,12 @@ async def recording(url_long: str, url_short: str, reps: int, db: Path) -> dict[
 
 
 def fill(db: Path, runs: int) -> None:
-    """Insert ``runs`` finished runs directly (the store's API would take minutes for 100k)."""
+    """Insert ``runs`` finished runs directly (the store's API would take minutes for 100k).
+
+    Half of them carry the progress figures stats takes medians of, as runs over an API that
+    reports progress do (LM Studio's native one); the other half, as over an OpenAI-style one,
+    have none.
+    """
     common.ensure_repo_on_path()
     from lmstream_nb import PromptStore
 
@@ -118,6 +123,7 @@ def fill(db: Path, runs: int) -> None:
     for i in range(runs):
         name = rng.choice(prompts)
         ttft = rng.uniform(0.2, 600.0)
+        told = i % 2 == 0
         rows.append(
             (
                 name,
@@ -143,6 +149,8 @@ def fill(db: Path, runs: int) -> None:
                 len(text),
                 text[:80].strip(),
                 None,
+                rng.uniform(0.05, 2.0) if told else None,
+                rng.uniform(100.0, 3000.0) if told else None,
             )
         )
     conn = sqlite3.connect(db)
@@ -151,8 +159,9 @@ def fill(db: Path, runs: int) -> None:
             "INSERT INTO runs (prompt_name, prompt_version, template, system, messages, "
             "variables, model, base_url, started_at, ttft_s, duration_s, chunks, "
             "prompt_tokens, completion_tokens, tokens_per_s, finish_reason, status, error, "
-            "text, reasoning, text_chars, preview, batch_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "text, reasoning, text_chars, preview, batch_id, first_progress_s, "
+            "prompt_tokens_per_s) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
     conn.close()

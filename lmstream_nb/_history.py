@@ -55,7 +55,10 @@ PREVIEW_HEAD = 4096
 
 @dataclass(frozen=True)
 class RunSummary:
-    """One line of history: a run without its text (``preview`` is its first 80 characters)."""
+    """One line of history: a run without its text (``preview`` is its first 80 characters).
+
+    ``api`` and the progress figures are as on ``RunRecord`` (``None`` where unknown).
+    """
 
     id: int
     prompt_name: str | None
@@ -74,6 +77,11 @@ class RunSummary:
     preview: str
     batch_id: str | None
     batch_row: int | None = None
+    api: str | None = None
+    first_progress_s: float | None = None
+    load_s: float | None = None
+    prompt_s: float | None = None
+    prompt_tokens_per_s: float | None = None
 
 
 def _load_pandas() -> Any:
@@ -109,6 +117,8 @@ class GroupStats:
     ``prompt`` and ``model`` name the group (both ``None`` for the overall figures). Percentiles
     use linear interpolation between the nearest ranks (numpy's default) over every run in the
     group that measured the value, whatever its status; ``None`` when no run did.
+    ``first_progress_p50`` is the median time to the first sign of life and
+    ``prompt_tokens_per_s_p50`` the median prompt-processing speed (see ``Stats``).
     """
 
     prompt: str | None
@@ -121,6 +131,8 @@ class GroupStats:
     ttft_p95: float | None
     duration_p50: float | None
     duration_p95: float | None
+    first_progress_p50: float | None = None
+    prompt_tokens_per_s_p50: float | None = None
 
 
 @dataclass(frozen=True)
@@ -212,7 +224,7 @@ def _filters(
 _SUMMARY_COLUMNS = (
     "id, prompt_name, prompt_version, model, started_at, status, ttft_s, duration_s, chunks, "
     "completion_tokens, tokens_per_s, finish_reason, error, text_chars, preview, batch_id, "
-    "batch_row"
+    "batch_row, api, first_progress_s, load_s, prompt_s, prompt_tokens_per_s"
 )
 
 
@@ -282,6 +294,9 @@ def chunks_preview(conn: sqlite3.Connection, run_id: int) -> str:
 
 #: The percentiles stats reports.
 _PERCENTILES = (50, 95)
+#: Progress figures stats reports the median of. Unlike the timings above, the GROUP BY's
+#: covering indexes do not hold them: each is counted along its own partial index.
+_MEDIANS = ("first_progress_s", "prompt_tokens_per_s")
 _Group = tuple[str | None, str | None]
 
 
@@ -300,7 +315,9 @@ def query_stats(
     keeps the timing in order (per group, and overall), so nothing is sorted. Window functions
     (``row_number() OVER (PARTITION BY ...)``) give the same ranks but number every run through
     a sort, which measured 4 to 12 times the GROUP BY alone over 100,000 runs; the walks along
-    the indexes add a fraction of it (``benchmarks/store.py``).
+    the indexes add a fraction of it (``benchmarks/store.py``). The progress medians are
+    counted per group along their own partial indexes, which hold only the runs that
+    measured them.
     """
     where, params = _filters(prompt=prompt, model=model, since=since, status=None)
     rows = conn.execute(
@@ -316,8 +333,21 @@ def query_stats(
         counts = measured.setdefault(key, [0, 0])
         counts[0] += ttfts
         counts[1] += durations
+    measured_medians: dict[str, dict[_Group, int]] = {}
+    for column in _MEDIANS:
+        measured_medians[column] = {
+            (prompt_name, run_model): count
+            for prompt_name, run_model, count in conn.execute(
+                f"SELECT prompt_name, model, count(*) FROM runs INDEXED BY runs_{column}_in_group"
+                f"{where}{' AND ' if where else ' WHERE '}{column} IS NOT NULL "
+                "GROUP BY prompt_name, model",
+                params,
+            )
+        }
 
-    def values_at(column: str, count: int, group: _Group | None) -> dict[int, float | None]:
+    def values_at(
+        column: str, count: int, group: _Group | None, percentiles: Sequence[int] = _PERCENTILES
+    ) -> dict[int, float | None]:
         """The ``column`` percentiles of a group (or of all runs, ``None``) by percentile."""
         found: dict[int, float | None] = {}
         clauses = [f"{column} IS NOT NULL"]
@@ -329,7 +359,7 @@ def query_stats(
             f"SELECT {column} FROM runs{where}{' AND ' if where else ' WHERE '}"
             f"{' AND '.join(clauses)} ORDER BY {column} LIMIT 2 OFFSET ?"
         )
-        for p in _PERCENTILES:
+        for p in percentiles:
             if count == 0:
                 found[p] = None
                 continue
@@ -345,6 +375,11 @@ def query_stats(
         ok = statuses.get("ok", 0)
         ttft = values_at("ttft_s", counts[0], group)
         duration = values_at("duration_s", counts[1], group)
+        medians: dict[str, float | None] = {}
+        for column in _MEDIANS:
+            found = measured_medians[column]
+            count = sum(found.values()) if group is None else found.get(group, 0)
+            medians[column] = values_at(column, count, group, (50,))[50]
         return GroupStats(
             prompt=None if group is None else group[0],
             model=None if group is None else group[1],
@@ -356,6 +391,8 @@ def query_stats(
             ttft_p95=ttft[95],
             duration_p50=duration[50],
             duration_p95=duration[95],
+            first_progress_p50=medians["first_progress_s"],
+            prompt_tokens_per_s_p50=medians["prompt_tokens_per_s"],
         )
 
     def order(key: _Group) -> tuple[bool, str, bool, str]:

@@ -168,14 +168,38 @@ def m004_timings_in_order(conn: sqlite3.Connection) -> None:
     picks them, and they carry the columns stats filters on, so the walk never reads a run row.
     """
     for column in ("ttft_s", "duration_s"):
-        conn.execute(
-            f"CREATE INDEX runs_{column}_in_group ON runs "
-            f"(prompt_name, model, {column}, started_at) WHERE {column} IS NOT NULL"
-        )
-        conn.execute(
-            f"CREATE INDEX runs_{column}_overall ON runs "
-            f"({column}, started_at, prompt_name, model) WHERE {column} IS NOT NULL"
-        )
+        _timing_in_order(conn, column)
+
+
+def _timing_in_order(conn: sqlite3.Connection, column: str) -> None:
+    """The two indexes that keep ``column`` in order (see ``m004``); part of shipped steps, so
+    never changed."""
+    conn.execute(
+        f"CREATE INDEX runs_{column}_in_group ON runs "
+        f"(prompt_name, model, {column}, started_at) WHERE {column} IS NOT NULL"
+    )
+    conn.execute(
+        f"CREATE INDEX runs_{column}_overall ON runs "
+        f"({column}, started_at, prompt_name, model) WHERE {column} IS NOT NULL"
+    )
+
+
+def m005_progress_figures(conn: sqlite3.Connection) -> None:
+    """What progress tells about a run, and which endpoint it went to.
+
+    ``api`` is ``native`` (LM Studio's ``/api/v1/chat``) or ``openai`` (``/chat/completions``);
+    ``first_progress_s`` the time to the first sign of life (a progress report, or the first
+    token), ``load_s`` the model's load time for this run, ``prompt_s`` and
+    ``prompt_tokens_per_s`` how long prompt processing took and how fast it went. Runs recorded
+    before this step, and figures the server did not report, are NULL: unknown, never zero.
+    The two figures stats takes a median of get ordered, partial indexes like ``m004``'s (runs
+    that did not measure a figure are not in its indexes; old runs measured none).
+    """
+    conn.execute("ALTER TABLE runs ADD COLUMN api TEXT")
+    for column in ("first_progress_s", "load_s", "prompt_s", "prompt_tokens_per_s"):
+        conn.execute(f"ALTER TABLE runs ADD COLUMN {column} REAL")
+    for column in ("first_progress_s", "prompt_tokens_per_s"):
+        _timing_in_order(conn, column)
 
 
 Migration = Callable[[sqlite3.Connection], None]
@@ -186,6 +210,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     m002_batch_rows,
     m003_owners_and_chunked_text,
     m004_timings_in_order,
+    m005_progress_figures,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

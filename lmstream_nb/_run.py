@@ -37,6 +37,8 @@ from ._sync import SyncLMStudioClient
 from ._template import Prompt, variable_text
 
 FLUSH_INTERVAL_S = 1.0
+#: The endpoint a blocking run is recorded as using: ``complete()`` posts to /chat/completions.
+BLOCKING_API = "openai"
 
 _EMPTY_STATS = Stats(ttft_s=None, duration_s=0.0, chunks=0, text_chars=0)
 
@@ -309,10 +311,12 @@ async def arun(
     failure: BaseException | None = None
     stream = None
     blocking: Completion | None = None
+    blocking_api: str | None = None
     try:
         if chosen_model is None:
             chosen_model = await http.default_model()
         if mode == "blocking":
+            blocking_api = BLOCKING_API
             blocking = await http.complete(
                 messages,
                 model=chosen_model,
@@ -403,6 +407,12 @@ async def arun(
             prompt_tokens=stats.prompt_tokens,
             completion_tokens=stats.completion_tokens,
             tokens_per_s=stats.tokens_per_s,
+            # A stream says where it went (it may decide when it sends); None: nothing was sent.
+            api=stream.api if stream is not None else blocking_api,
+            first_progress_s=stats.first_progress_s,
+            load_s=stats.load_s,
+            prompt_s=stats.prompt_s,
+            prompt_tokens_per_s=stats.prompt_tokens_per_s,
         )
 
     async def conclude() -> None:

@@ -163,6 +163,9 @@ class RunRecord:
 
     For an ``unfinished`` run, ``text`` and ``reasoning`` are what had arrived when it was read.
     ``started_at`` is unix time; the other times are seconds from the start of the request.
+    ``api`` is the endpoint the request went to (``native`` or ``openai``); it and the
+    progress figures (see ``Stats``) are ``None`` where unknown, as for runs recorded before
+    they were.
     """
 
     id: int
@@ -188,6 +191,11 @@ class RunRecord:
     reasoning: str
     batch_id: str | None
     batch_row: int | None = None
+    api: str | None = None
+    first_progress_s: float | None = None
+    load_s: float | None = None
+    prompt_s: float | None = None
+    prompt_tokens_per_s: float | None = None
 
     def stats(self) -> Stats:
         """The run's figures, as a stream reports them."""
@@ -199,6 +207,10 @@ class RunRecord:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             tokens_per_s=self.tokens_per_s,
+            first_progress_s=self.first_progress_s,
+            load_s=self.load_s,
+            prompt_s=self.prompt_s,
+            prompt_tokens_per_s=self.prompt_tokens_per_s,
         )
 
 
@@ -334,7 +346,8 @@ _PROMPT_COLUMNS = (
 _RECORD_COLUMNS = (
     "id, prompt_name, prompt_version, template, system, messages, variables, model, base_url, "
     "started_at, ttft_s, duration_s, chunks, prompt_tokens, completion_tokens, tokens_per_s, "
-    "finish_reason, status, error, text, reasoning, batch_id, batch_row"
+    "finish_reason, status, error, text, reasoning, batch_id, batch_row, api, first_progress_s, "
+    "load_s, prompt_s, prompt_tokens_per_s"
 )
 
 
@@ -1002,6 +1015,11 @@ class PromptStore:
         prompt_tokens: int | None,
         completion_tokens: int | None,
         tokens_per_s: float | None,
+        api: str | None = None,
+        first_progress_s: float | None = None,
+        load_s: float | None = None,
+        prompt_s: float | None = None,
+        prompt_tokens_per_s: float | None = None,
     ) -> None:
         """Write a run's outcome; ``text`` and ``reasoning`` are the run's whole text, or
         ``None`` when the pieces appended so far are the whole text (the caller appended the
@@ -1012,7 +1030,8 @@ class PromptStore:
         moved into the run's row instead (cheap at that size, and one row is quicker to
         read). If ``text`` does not continue what was appended (a caller that passes another
         text), the recorded text is replaced by it. ``model`` is what the server reported;
-        ``None`` keeps the model recorded at the start.
+        ``None`` keeps the model recorded at the start. ``api`` is the endpoint the request
+        went to (``None`` when none was sent); the progress figures are ``None`` where unknown.
         """
         if status not in STATUSES or status == "unfinished":
             final = ", ".join(s for s in STATUSES if s != "unfinished")
@@ -1048,7 +1067,8 @@ class PromptStore:
                 "UPDATE runs SET status = ?, text = ?, reasoning = ?, text_in_chunks = ?, "
                 "error = ?, finish_reason = ?, model = coalesce(?, model), ttft_s = ?, "
                 "duration_s = ?, chunks = ?, prompt_tokens = ?, completion_tokens = ?, "
-                "tokens_per_s = ?, text_chars = ?, preview = ? WHERE id = ?",
+                "tokens_per_s = ?, text_chars = ?, preview = ?, api = ?, first_progress_s = ?, "
+                "load_s = ?, prompt_s = ?, prompt_tokens_per_s = ? WHERE id = ?",
                 (
                     status,
                     _storable(text) if inline and text is not None else "",
@@ -1065,6 +1085,11 @@ class PromptStore:
                     tokens_per_s,
                     chars,
                     _storable(head),
+                    api,
+                    first_progress_s,
+                    load_s,
+                    prompt_s,
+                    prompt_tokens_per_s,
                     run_id,
                 ),
             ).rowcount

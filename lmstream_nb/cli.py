@@ -1184,10 +1184,32 @@ def _clip(text: str | None, width: int) -> str | None:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
+#: How ``history --run`` names the endpoint a run's request went to.
+_ENDPOINTS = {
+    "native": "native (LM Studio's /api/v1/chat)",
+    "openai": "openai (/chat/completions)",
+}
+#: Facts of a run record shown only where known: where the request went and what progress
+#: told (older runs, and servers that report no progress, have none of them).
+_SHOWN_IF_KNOWN = frozenset(
+    {"endpoint", "first sign of life", "model load", "prompt processing", "prompt tokens/s"}
+)
+
+
+def _seconds(value: float | None) -> str | None:
+    from ._terminal import secs
+
+    return f"{secs(value)} s" if value is not None else None
+
+
+def _per_second(value: float | None) -> str | None:
+    return f"{value:.1f}" if value is not None else None
+
+
 def run_record_text(rec: Any) -> str:
     """One recorded run in full, for a person: what was sent, what came back, how long it
     took and how it ended."""
-    from ._terminal import secs, when
+    from ._terminal import when
 
     label = prompt_label(rec.prompt_name, rec.prompt_version)
     lines = [f"run #{rec.id}  {rec.status}  {label}  {rec.model or '-'}  {when(rec.started_at)}"]
@@ -1195,22 +1217,28 @@ def run_record_text(rec: Any) -> str:
         lines.append(f"error: {rec.error}")
     facts = [
         ("server", rec.base_url),
+        ("endpoint", _ENDPOINTS.get(rec.api, rec.api)),
         ("finish reason", rec.finish_reason),
-        ("first token", f"{secs(rec.ttft_s)} s" if rec.ttft_s is not None else None),
-        ("total", f"{secs(rec.duration_s)} s" if rec.duration_s is not None else None),
+        ("first sign of life", _seconds(rec.first_progress_s)),
+        ("model load", _seconds(rec.load_s)),
+        ("prompt processing", _seconds(rec.prompt_s)),
+        ("prompt tokens/s", _per_second(rec.prompt_tokens_per_s)),
+        ("first token", _seconds(rec.ttft_s)),
+        ("total", _seconds(rec.duration_s)),
         ("prompt tokens", rec.prompt_tokens),
         ("answer tokens", rec.completion_tokens),
-        (
-            "tokens/s",
-            f"{rec.tokens_per_s:.1f}" if rec.tokens_per_s is not None else None,
-        ),
+        ("tokens/s", _per_second(rec.tokens_per_s)),
         ("chunks", rec.chunks),
         (
             "batch",
             f"{rec.batch_id} row {rec.batch_row}" if rec.batch_id is not None else None,
         ),
     ]
-    lines += [f"{key}: {'-' if value is None else value}" for key, value in facts]
+    lines += [
+        f"{key}: {'-' if value is None else value}"
+        for key, value in facts
+        if value is not None or key not in _SHOWN_IF_KNOWN
+    ]
     lines.append("--- variables")
     lines += [f"{key} = {value}" for key, value in rec.variables.items()] or ["(none)"]
     for message in rec.messages:

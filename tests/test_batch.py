@@ -53,6 +53,7 @@ def test_failed_rows_are_recorded_and_the_rest_succeed_in_order(
         {"animal": "eels", "place": "rivers", "extra": ""},
         {"animal": "ants", "place": "hills", "extra": ""},
     ]
+    before = len(sim.records())
     batch = run_many(
         prompt,
         rows,
@@ -72,10 +73,22 @@ def test_failed_rows_are_recorded_and_the_rest_succeed_in_order(
     recorded = {r.id: r for r in store.history(limit=None)}
     assert len(recorded) == 5
     assert {r.batch_id for r in recorded.values()} == {batch.batch_id}
+    sent_to = {
+        "native" if r.path.startswith("/api/v1/chat") else "openai"
+        for r in sim.records()[before:]
+        if r.method == "POST"
+    }
     for index, result in enumerate(batch):
         rec = store.get_run(result.run_id)
         assert rec.batch_row == index
         assert rec.status == result.status
+        # Rows go through arun like any run: the endpoint and the progress figures recorded.
+        assert rec.first_progress_s == result.stats.first_progress_s
+        assert rec.prompt_tokens_per_s == result.stats.prompt_tokens_per_s
+        if index == 1:
+            assert rec.api is None  # refused before anything was sent
+        else:
+            assert rec.api in sent_to, (rec.api, sent_to)
     texts = [r.text for r in batch if r.ok]
     assert len(set(texts)) == 3, "each row got its own answer"
 

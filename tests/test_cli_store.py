@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from store_helpers import finish, start
 
 from lmstream_nb import PromptStore, simulator
 from lmstream_nb._prompt_fields import RULES
@@ -244,7 +245,62 @@ def test_history_run_shows_the_whole_record(home: Path, sim: simulator.SimServer
     assert "first token: " in shown
     assert "total: " in shown
     with PromptStore(home / "lmstream.db") as store:
-        assert shown.endswith(f"--- answer\n{store.get_run(run['id']).text}\n")
+        recorded = store.get_run(run["id"])
+        assert shown.endswith(f"--- answer\n{recorded.text}\n")
+    assert recorded.api in ("native", "openai")
+    assert f"\nendpoint: {recorded.api} (" in shown
+    assert run["api"] == recorded.api
+
+
+def test_history_shows_where_a_run_went_and_what_progress_told_only_where_known(
+    home: Path,
+) -> None:
+    with PromptStore(home / "lmstream.db") as store:
+        told = start(store, base_url="http://127.0.0.1:1234/v1")
+        finish(
+            store,
+            told,
+            api="native",
+            first_progress_s=0.04,
+            load_s=3.5,
+            prompt_s=12.25,
+            prompt_tokens_per_s=640.0,
+            ttft_s=15.9,
+        )
+        silent = start(store)
+        finish(store, silent)  # an older run, or a server that reports no progress
+    shown = lmstream("history", "--run", str(told)).stdout.splitlines()
+    facts = shown[1 : shown.index("--- variables")]
+    assert facts[:8] == [
+        "server: http://127.0.0.1:1234/v1",
+        "endpoint: native (LM Studio's /api/v1/chat)",
+        "finish reason: stop",
+        "first sign of life: 0.04 s",
+        "model load: 3.50 s",
+        "prompt processing: 12.25 s",
+        "prompt tokens/s: 640.0",
+        "first token: 15.90 s",
+    ]
+    plain = lmstream("history", "--run", str(silent)).stdout
+    for fact in ("endpoint", "first sign of life", "model load", "prompt processing"):
+        assert f"{fact}:" not in plain, fact
+    assert "prompt tokens/s:" not in plain
+    assert "first token: 0.10 s" in plain
+    assert "prompt tokens: 3" in plain  # the facts always shown stay, known or not
+
+    record = json.loads(lmstream("history", "--run", str(told), "--json").stdout)
+    assert {key: record[key] for key in ("api", "first_progress_s", "load_s", "prompt_s")} == {
+        "api": "native",
+        "first_progress_s": 0.04,
+        "load_s": 3.5,
+        "prompt_s": 12.25,
+    }
+    assert record["prompt_tokens_per_s"] == 640.0
+    listed = {run["id"]: run for run in json.loads(lmstream("history", "--json").stdout)}
+    assert (listed[told]["api"], listed[told]["prompt_tokens_per_s"]) == ("native", 640.0)
+    assert (listed[silent]["api"], listed[silent]["load_s"]) == (None, None)
+    stats = json.loads(lmstream("stats", "--json").stdout)
+    assert stats["overall"]["first_progress_p50"] == 0.04
 
 
 def test_export_refuses_a_foreign_file_unless_forced(home: Path, tmp_path: Path) -> None:

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 from store_helpers import (
+    finish,
     populate,
+    start,
     store_fixture,  # noqa: F401 (the `store` fixture)
 )
 
@@ -122,6 +124,64 @@ def test_stats_on_a_hand_made_set_of_runs(store: PromptStore) -> None:
     assert store.stats(since=datetime.fromtimestamp(1400, tz=timezone.utc)).overall.runs == 3
 
 
+def test_stats_give_the_median_time_to_first_progress_and_prompt_speed(
+    store: PromptStore,
+) -> None:
+    """Over the runs that measured each figure (old runs and silent servers did not)."""
+    plan = [
+        ("a", "m1", 0.5, 100.0),
+        ("a", "m1", 1.5, None),
+        ("a", "m1", None, None),
+        ("a", "m1", 2.5, 300.0),
+        ("b", "m1", 4.0, 1000.0),
+        ("b", "m2", None, None),
+    ]
+    for name, model, first_progress, speed in plan:
+        finish(
+            store,
+            start(store, prompt_name=name, model=model, started_at=1000.0),
+            first_progress_s=first_progress,
+            prompt_tokens_per_s=speed,
+        )
+    report = store.stats()
+    assert report.overall.first_progress_p50 == pytest.approx(2.0)  # 0.5, 1.5, 2.5, 4.0
+    assert report.overall.prompt_tokens_per_s_p50 == pytest.approx(300.0)
+    groups = {(g.prompt, g.model): g for g in report.groups}
+    assert groups[("a", "m1")].first_progress_p50 == pytest.approx(1.5)
+    assert groups[("a", "m1")].prompt_tokens_per_s_p50 == pytest.approx(200.0)
+    assert groups[("b", "m1")].first_progress_p50 == 4.0
+    assert (groups[("b", "m2")].first_progress_p50, groups[("b", "m2")].runs) == (None, 1)
+    assert groups[("b", "m2")].prompt_tokens_per_s_p50 is None
+    assert store.stats(prompt="b").overall.prompt_tokens_per_s_p50 == 1000.0
+    assert report.as_dicts()[0]["first_progress_p50"] == pytest.approx(1.5)
+
+
+def test_stats_read_the_progress_figures_from_indexes_only(store: PromptStore) -> None:
+    """Every query stats sends reads covering indexes: never a run's row, which holds its text."""
+    populate(store)
+    finish(store, start(store), first_progress_s=0.1, prompt_tokens_per_s=50.0)
+    sent: list[str] = []
+    conn = sqlite3.connect(store.path)
+    try:
+        for kwargs in ({}, {"prompt": "a"}, {"model": "m1"}, {"since": 1200.0}):
+            sent.clear()
+            store._connection().set_trace_callback(sent.append)
+            try:
+                store.stats(**kwargs)
+            finally:
+                store._connection().set_trace_callback(None)
+            progress = [sql for sql in sent if "first_progress_s" in sql or "prompt_tokens" in sql]
+            assert progress, sent
+            for sql in progress:
+                plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
+                assert all("COVERING INDEX" in step or "TEMP B-TREE" in step for step in plan), (
+                    sql,
+                    plan,
+                )
+    finally:
+        conn.close()
+
+
 def test_stats_with_no_runs(store: PromptStore) -> None:
     report = store.stats()
     assert report.groups == []
@@ -203,8 +263,13 @@ def test_history_and_stats_stay_fast_over_100k_runs(tmp_path: Path) -> None:
         assert report.overall.success_rate == pytest.approx(0.8)
 
 
+Row = tuple[
+    str | None, str | None, str, float | None, float | None, float, float | None, float | None
+]
+
+
 def reference_stats(
-    rows: list[tuple[str | None, str | None, str, float | None, float | None, float]],
+    rows: list[Row],
     prompt: str | None = None,
     model: str | None = None,
     since: float | None = None,
@@ -224,6 +289,8 @@ def reference_stats(
             by_status[r[2]] = by_status.get(r[2], 0) + 1
         ttfts = sorted(r[3] for r in part if r[3] is not None)
         durations = sorted(r[4] for r in part if r[4] is not None)
+        first_progress = sorted(r[6] for r in part if r[6] is not None)
+        prompt_speeds = sorted(r[7] for r in part if r[7] is not None)
         ok = by_status.get("ok", 0)
         return GroupStats(
             prompt=name,
@@ -236,6 +303,8 @@ def reference_stats(
             ttft_p95=percentile(ttfts, 95),
             duration_p50=percentile(durations, 50),
             duration_p95=percentile(durations, 95),
+            first_progress_p50=percentile(first_progress, 50),
+            prompt_tokens_per_s_p50=percentile(prompt_speeds, 50),
         )
 
     keys = sorted(
@@ -252,20 +321,23 @@ def test_stats_in_sql_match_a_python_reference_on_random_runs(tmp_path: Path, se
     prompts = ["a", "b", "c", None]
     models = ["m1", "m2", None]
     statuses = ["ok", "ok", "ok", "stalled", "error", "unfinished", "first_token_timeout"]
-    rows = []
+    rows: list[Row] = []
     for i in range(rng.randint(1, 3000)):
         ttft = rng.choice([None, round(rng.random() * 10, rng.choice([0, 1, 6]))])
         duration = rng.choice([None, rng.random() * 100, float(rng.randint(0, 3))])
+        # Most runs of an OpenAI-style server measure no progress: None is the common case.
+        first_progress = rng.choice([None, None, round(rng.random() * 5, 2)])
+        prompt_speed = rng.choice([None, None, None, rng.random() * 2000, 100.0])
         row = (rng.choice(prompts), rng.choice(models), rng.choice(statuses), ttft, duration)
-        rows.append((*row, float(i % 97)))
+        rows.append((*row, float(i % 97), first_progress, prompt_speed))
     path = tmp_path / "random.db"
     PromptStore(path).close()
     conn = sqlite3.connect(path)
     with conn:
         conn.executemany(
             "INSERT INTO runs (prompt_name, model, status, ttft_s, duration_s, started_at, "
-            "template, messages, variables, base_url) VALUES (?, ?, ?, ?, ?, ?, 't', '[]', "
-            "'{}', 'u')",
+            "first_progress_s, prompt_tokens_per_s, template, messages, variables, base_url) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 't', '[]', '{}', 'u')",
             rows,
         )
     conn.close()

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from store_helpers import finish, start
 
 from lmstream_nb import _migrations
 from lmstream_nb._errors import StoreUnavailable
@@ -101,6 +102,11 @@ def test_a_fresh_database_ends_at_the_latest_schema(conn: sqlite3.Connection) ->
         "batch_row",
         "owner",
         "text_in_chunks",
+        "api",
+        "first_progress_s",
+        "load_s",
+        "prompt_s",
+        "prompt_tokens_per_s",
     ]
     assert columns(conn, "run_chunks") == [
         "run_id",
@@ -128,9 +134,13 @@ def test_a_fresh_database_ends_at_the_latest_schema(conn: sqlite3.Connection) ->
         "reasoning_end",
     ]
     # Each timing in order within its group and overall, for stats' percentiles.
-    for column in ("ttft_s", "duration_s"):
+    for column in ("ttft_s", "duration_s", "first_progress_s", "prompt_tokens_per_s"):
         assert run_indexes[f"runs_{column}_in_group"][:3] == ["prompt_name", "model", column]
         assert run_indexes[f"runs_{column}_overall"][0] == column
+        where = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = ?", (f"runs_{column}_overall",)
+        ).fetchone()[0]
+        assert f"WHERE {column} IS NOT NULL" in where
     # Stats reads only these columns; the two main indexes cover them.
     for name in ("runs_started_at", "runs_prompt_started_at"):
         assert {"prompt_name", "model", "status", "ttft_s", "duration_s"} <= set(run_indexes[name])
@@ -244,5 +254,50 @@ def test_a_version_2_database_with_an_unfinished_run_keeps_its_text(tmp_path: Pa
         assert ends.fetchall() == [(1, 3, 2), (2, 6, 2), (3, 11, 5), (4, 12, 5)]
         flags = check.execute("SELECT id, text_in_chunks, owner FROM runs ORDER BY id")
         assert flags.fetchall() == [(1, 0, None), (2, 1, None)]
+    finally:
+        check.close()
+
+
+def test_a_version_4_database_gains_the_progress_figures_unknown_for_old_runs(
+    tmp_path: Path,
+) -> None:
+    """Runs recorded before progress was measured read back with every new figure None (not
+    zero), keep their old figures, and new runs beside them record theirs."""
+    path = tmp_path / "v4.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, target=4)
+    conn.execute(
+        "INSERT INTO runs (prompt_name, model, template, messages, variables, base_url, "
+        "started_at, status, text, text_chars, preview, ttft_s, duration_s, tokens_per_s) "
+        "VALUES ('p', 'm', 't', '[]', '{}', 'u', 1.0, 'ok', 'old answer', 10, 'old answer', "
+        "0.5, 2.0, 30.0)"
+    )
+    conn.close()
+    with PromptStore(path) as store:
+        old = store.get_run(1)
+        assert (old.text, old.ttft_s, old.duration_s, old.tokens_per_s) == (
+            "old answer",
+            0.5,
+            2.0,
+            30.0,
+        )
+        assert (old.api, old.first_progress_s, old.load_s, old.prompt_s) == (None,) * 4
+        assert old.prompt_tokens_per_s is None
+        [summary] = store.history()
+        assert (summary.api, summary.first_progress_s) == (None, None)
+        assert store.stats().overall.first_progress_p50 is None
+        new = start(store, prompt_name="p", model="m")
+        finish(store, new, api="native", first_progress_s=0.25, prompt_tokens_per_s=900.0)
+        assert (store.get_run(new).api, store.get_run(new).load_s) == ("native", None)
+        assert store.stats().overall.first_progress_p50 == 0.25
+        assert store.stats().overall.ttft_p50 == pytest.approx(0.3)  # 0.5 and 0.1
+    check = sqlite3.connect(path)
+    try:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION
+        row = check.execute(
+            "SELECT api, first_progress_s, load_s, prompt_s, prompt_tokens_per_s FROM runs "
+            "WHERE id = 1"
+        ).fetchone()
+        assert row == (None, None, None, None, None)
     finally:
         check.close()

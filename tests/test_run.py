@@ -421,6 +421,67 @@ def test_blocking_mode_records_timeouts_and_answers(
         run(Prompt("Hi"), store=store, mode="sideways")
 
 
+PROGRESS_FIGURES = ("first_progress_s", "load_s", "prompt_s", "prompt_tokens_per_s")
+
+
+def api_of(path: str) -> str:
+    """The endpoint a chat request went to, as the run record names it."""
+    if path.startswith("/api/v1/chat"):
+        return "native"
+    assert path.endswith("/chat/completions"), path
+    return "openai"
+
+
+def chat_paths(sim: simulator.SimServer, since: int) -> list[str]:
+    """The paths of the chat requests the simulator received after its first ``since``."""
+    return [r.path for r in sim.records()[since:] if r.method == "POST"]
+
+
+def test_a_run_records_its_endpoint_and_the_progress_figures_of_its_stats(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    """What the stream says, for a run that succeeds, one that times out and a blocking one;
+    the endpoint is also the one the simulator saw the request at."""
+    streams: list[Any] = []
+    before = len(sim.records())
+    with sync_client(sim, budgets=Budgets(first_token=0.3)) as client:
+        done = run(
+            Prompt("Hi", model=MODEL),
+            store=store,
+            client=client,
+            on_stream=streams.append,
+            sim={"output_tokens": 5},
+        )
+        late = run(
+            Prompt("z" * 400, model=MODEL),
+            store=store,
+            client=client,
+            on_stream=streams.append,
+            sim={"prefill_tps": 10},
+            raise_errors=False,
+        )
+        blocking = run(
+            Prompt("Hi", model=MODEL),
+            store=store,
+            client=client,
+            mode="blocking",
+            timeout=10,
+            sim={"output_tokens": 3},
+        )
+    assert (done.status, late.status, blocking.status) == ("ok", "first_token_timeout", "ok")
+    sent = chat_paths(sim, before)
+    assert len(sent) == 3, sent
+    for result, stream, path in zip((done, late), streams, sent[:2], strict=True):
+        rec = store.get_run(result.run_id)
+        assert rec.api == stream.api == api_of(path)
+        for name in PROGRESS_FIGURES:
+            assert getattr(rec, name) == getattr(result.stats, name), name
+    rec = store.get_run(blocking.run_id)
+    assert rec.api == api_of(sent[2]) == "openai"  # complete() posts to /chat/completions
+    for name in PROGRESS_FIGURES:
+        assert getattr(rec, name) == getattr(blocking.stats, name), name
+
+
 @pytest.mark.anyio
 async def test_a_run_is_recorded_before_a_repeated_cancellation_goes_on() -> None:
     """The final write is not abandoned by a second cancel (``asyncio.shield`` alone would be):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -587,6 +588,50 @@ def test_a_failed_run_keeps_its_error_and_the_start_model(store: PromptStore) ->
         "requested",
         "part",
     )
+
+
+def test_a_run_records_its_endpoint_and_what_progress_told(store: PromptStore) -> None:
+    """The progress figures and the endpoint go in with the outcome and come back out in the
+    record, its Stats, its history line and its dict; figures not given stay None."""
+    run_id = start(store)
+    finish(
+        store,
+        run_id,
+        api="native",
+        first_progress_s=0.05,
+        load_s=3.5,
+        prompt_s=12.25,
+        prompt_tokens_per_s=640.0,
+    )
+    record = store.get_run(run_id)
+    assert (record.api, record.first_progress_s, record.load_s) == ("native", 0.05, 3.5)
+    assert (record.prompt_s, record.prompt_tokens_per_s) == (12.25, 640.0)
+    figures = record.stats()
+    assert (figures.first_progress_s, figures.load_s) == (0.05, 3.5)
+    assert (figures.prompt_s, figures.prompt_tokens_per_s) == (12.25, 640.0)
+    assert figures.ttft_s == record.ttft_s
+    exported = dataclasses.asdict(record)
+    assert {key: exported[key] for key in ("api", "load_s", "prompt_tokens_per_s")} == {
+        "api": "native",
+        "load_s": 3.5,
+        "prompt_tokens_per_s": 640.0,
+    }
+    json.dumps(exported)
+    [line] = store.history()
+    assert (line.api, line.first_progress_s, line.load_s) == ("native", 0.05, 3.5)
+    assert (line.prompt_s, line.prompt_tokens_per_s) == (12.25, 640.0)
+
+    plain = start(store)
+    finish(store, plain, api="openai", first_progress_s=0.2)
+    record = store.get_run(plain)
+    assert (record.api, record.first_progress_s) == ("openai", 0.2)
+    assert (record.load_s, record.prompt_s, record.prompt_tokens_per_s) == (None, None, None)
+
+    unsent = start(store)
+    finish(store, unsent, status="error", error="No model.", ttft_s=None)
+    assert store.get_run(unsent).api is None  # no request went out: no endpoint
+    unfinished = store.get_run(start(store))
+    assert (unfinished.api, unfinished.first_progress_s) == (None, None)
 
 
 def test_run_misuse_is_reported(store: PromptStore) -> None:
