@@ -7,7 +7,10 @@ per chunk), which caps every client at the server's rate and hides the differenc
 This server sends bytes that were rendered once in advance (the simulator's own output where
 possible) with a handful of large writes, in a separate process so that it does not compete with
 the client for the GIL. On the wire it still looks like LM Studio: HTTP/1.1 keep-alive, chunked
-transfer encoding with ONE HTTP chunk per SSE event, ``text/event-stream``.
+transfer encoding with ONE HTTP chunk per SSE event, ``text/event-stream``. It can hold two
+streams, the OpenAI-compatible one (``POST /v1/chat/completions``) and LM Studio 0.4's native
+one (``POST /api/v1/chat``); with the native one it also answers ``GET /api/v1/models`` as
+LM Studio 0.4 does, so a client left at ``api="auto"`` finds the native chat.
 
 Run as ``python benchmarks/_common.py serve SPEC`` (the benchmarks do this themselves): it prints
 ``PORT <n>`` once it listens on 127.0.0.1 and exits when its stdin closes (so it cannot outlive
@@ -124,11 +127,54 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def simulator_stream(output_tokens: int) -> list[bytes] | None:
+APIS = ("openai", "native")
+# The client stacks that throughput.py and ttft.py compare, in their table order.
+STACKS = ("baseline", "lmstream", "openai", "native-baseline", "native-lmstream")
+LABELS = {
+    "baseline": "httpx aiter_lines + json.loads (baseline)",
+    "lmstream": "lmstream_nb stream_chat, api='openai'",
+    "openai": "openai AsyncOpenAI stream=True",
+    "native-baseline": "httpx aiter_lines + json.loads (native)",
+    "native-lmstream": "lmstream_nb stream_chat, api='native'",
+}
+API_OF = {stack: "native" if stack.startswith("native-") else "openai" for stack in STACKS}
+# (baseline, lmstream) of each stream: the pair behind its ratio and verdict.
+PAIRS = {"openai": ("baseline", "lmstream"), "native": ("native-baseline", "native-lmstream")}
+
+
+def openai_request(output_tokens: int) -> dict[str, Any]:
+    """The body a hand-written client posts to /v1/chat/completions."""
+    return {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "sim": {"output_tokens": output_tokens},
+    }
+
+
+def native_request(output_tokens: int) -> dict[str, Any]:
+    """The body a hand-written client posts to LM Studio 0.4's /api/v1/chat."""
+    return {
+        "model": MODEL,
+        "input": PROMPT,
+        "stream": True,
+        "store": False,
+        "sim": {"output_tokens": output_tokens},
+    }
+
+
+def native_chat_url(base_url: str) -> str:
+    """``http://host:port/v1`` → ``http://host:port/api/v1/chat`` (the same port)."""
+    return base_url.removesuffix("/v1") + "/api/v1/chat"
+
+
+def simulator_stream(output_tokens: int, api: str = "openai") -> list[bytes] | None:
     """The raw SSE events (without the blank line) of one simulator answer, or None.
 
-    The simulator runs with profile "instant" (no sleeps) in this process, only to render the
-    bytes once; it is stopped before any measurement starts.
+    ``api`` is ``"openai"`` (chat-completion chunks) or ``"native"`` (LM Studio 0.4's named
+    events). The simulator runs with profile "instant" (no sleeps) in this process, only to
+    render the bytes once; it is stopped before any measurement starts.
     """
     ensure_repo_on_path()
     try:
@@ -138,17 +184,12 @@ def simulator_stream(output_tokens: int) -> list[bytes] | None:
     except ImportError as exc:
         print(f"(simulator not importable: {exc}; rendering the stream locally)")
         return None
-    body = {
-        "model": MODEL,
-        "messages": MESSAGES,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "sim": {"output_tokens": output_tokens},
-    }
     with simulator.serve(profile="instant") as sim, httpx.Client(trust_env=False) as http:
-        response = http.post(
-            sim.base_url + "/chat/completions", json=body, timeout=httpx.Timeout(120.0)
-        )
+        if api == "native":
+            url, body = native_chat_url(sim.base_url), native_request(output_tokens)
+        else:
+            url, body = sim.base_url + "/chat/completions", openai_request(output_tokens)
+        response = http.post(url, json=body, timeout=httpx.Timeout(120.0))
         response.raise_for_status()
         raw = response.content
     events = raw.split(b"\n\n")
@@ -196,27 +237,68 @@ def local_stream(template: dict[str, Any], contents: Sequence[str]) -> list[byte
     return events + closing_events(template, len(contents))
 
 
-def stream_events(output_tokens: int) -> tuple[list[bytes], str]:
+def _native_event(kind: str, **fields: Any) -> bytes:
+    return b"event: %s\ndata: %s" % (kind.encode(), _dumps({"type": kind, **fields}))
+
+
+def local_native_stream(contents: Sequence[str]) -> list[bytes]:
+    """LM Studio 0.4's events for an answer to a loaded model, in the simulator's order."""
+    events = [_native_event("chat.start", model_instance_id=MODEL)]
+    events += [
+        _native_event("prompt_processing.start"),
+        _native_event("prompt_processing.progress", progress=0.0),
+        _native_event("prompt_processing.progress", progress=1.0),
+        _native_event("prompt_processing.end"),
+        _native_event("message.start"),
+    ]
+    events += [_native_event("message.delta", content=c) for c in contents]
+    result = {
+        "model_instance_id": MODEL,
+        "output": [{"type": "message", "content": "".join(contents)}],
+        "stats": {
+            "input_tokens": 5,
+            "total_output_tokens": len(contents),
+            "reasoning_output_tokens": 0,
+            "tokens_per_second": 1000.0,
+            "time_to_first_token_seconds": 0.0,
+        },
+        "response_id": "resp_benchmark0000000000",
+    }
+    return [*events, _native_event("message.end"), _native_event("chat.end", result=result)]
+
+
+def stream_events(output_tokens: int, api: str = "openai") -> tuple[list[bytes], str]:
     """SSE events of an answer of ``output_tokens`` chunks and where they came from."""
-    events = simulator_stream(output_tokens)
+    events = simulator_stream(output_tokens, api)
     if events is not None:
         return events, "simulator (profile 'instant'), rendered once"
     words = ["The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog."]
     contents = [words[i % len(words)] for i in range(output_tokens)]
+    if api == "native":
+        return local_native_stream(contents), "rendered locally in the simulator's format"
     return local_stream(FALLBACK_CHUNK, contents), "rendered locally in the simulator's format"
 
 
 def expected_content(events: Sequence[bytes]) -> tuple[int, int]:
-    """(content chunks, text characters) that a correct client must see in ``events``."""
+    """(content chunks, text characters) that a correct client must see in ``events``.
+
+    Reads both formats: chat-completion chunks up to ``[DONE]``, and native events, whose
+    text is in ``message.delta``.
+    """
     chunks = chars = 0
     for event in events:
-        data = event.removeprefix(b"data:").strip()
-        if data == b"[DONE]":
-            break
-        obj = json.loads(data)
-        choices = obj.get("choices")
-        if choices:
-            content = (choices[0].get("delta") or {}).get("content")
+        for line in event.split(b"\n"):
+            if not line.startswith(b"data:"):
+                continue
+            data = line.removeprefix(b"data:").strip()
+            if data == b"[DONE]":
+                return chunks, chars
+            obj = json.loads(data)
+            if "choices" in obj:
+                choices = obj["choices"]
+                content = (choices[0].get("delta") or {}).get("content") if choices else None
+            else:
+                content = obj.get("content") if obj.get("type") == "message.delta" else None
             if content:
                 chunks += 1
                 chars += len(content)
@@ -256,6 +338,24 @@ _SSE_HEAD = (
 _MODELS = _dumps(
     {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "organization_owner"}]}
 )
+# LM Studio 0.4's GET /api/v1/models, cut to what a client reads: the loaded instance, its
+# context and slots. Served only with a native stream (a client at api="auto" then uses it).
+_NATIVE_MODELS = _dumps(
+    {
+        "models": [
+            {
+                "type": "llm",
+                "key": MODEL,
+                "display_name": MODEL,
+                "format": "gguf",
+                "max_context_length": 131072,
+                "loaded_instances": [
+                    {"id": MODEL, "config": {"context_length": 131072, "parallel": 4}}
+                ],
+            }
+        ]
+    }
+)
 _BATCH_BYTES = 256 * 1024
 # GET /_stats: per client (User-Agent), TCP connections opened and requests sent: shows reuse.
 _STATS: dict[str, dict[str, int]] = {}
@@ -280,19 +380,32 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[bytes, bytes]) 
         await reader.readexactly(length)
 
 
+async def _send_stream(writer: asyncio.StreamWriter, spec: ReplaySpec) -> None:
+    if not spec.repeat:
+        writer.write(_SSE_HEAD + spec.head + spec.tail)  # one write: no Nagle games
+        return
+    per_batch = max(1, _BATCH_BYTES // len(spec.middle))
+    batch = spec.middle * per_batch
+    writer.write(_SSE_HEAD + spec.head)
+    left = spec.repeat
+    while left >= per_batch:
+        writer.write(batch)
+        await writer.drain()
+        left -= per_batch
+    writer.write(spec.middle * left + spec.tail)
+
+
 async def _connection(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, spec: ReplaySpec
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    spec: ReplaySpec,
+    native: ReplaySpec | None,
 ) -> None:
     counted = False
     sock = writer.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     writer.transport.set_write_buffer_limits(high=4 * _BATCH_BYTES)
-    batch = b""
-    per_batch = 0
-    if spec.repeat:
-        per_batch = max(1, _BATCH_BYTES // len(spec.middle))
-        batch = spec.middle * per_batch
     try:
         while True:
             try:
@@ -315,20 +428,15 @@ async def _connection(
                     entry["connections"] += 1
                     counted = True
             if method == b"POST" and path == b"/v1/chat/completions":
-                if not spec.repeat:
-                    writer.write(_SSE_HEAD + spec.head + spec.tail)  # one write: no Nagle games
-                else:
-                    writer.write(_SSE_HEAD + spec.head)
-                    left = spec.repeat
-                    while left >= per_batch:
-                        writer.write(batch)
-                        await writer.drain()
-                        left -= per_batch
-                    writer.write(spec.middle * left + spec.tail)
+                await _send_stream(writer, spec)
+            elif method == b"POST" and path == b"/api/v1/chat" and native is not None:
+                await _send_stream(writer, native)
             elif method == b"GET" and path == b"/_stats":
                 writer.write(_plain("200 OK", _dumps(_STATS)))
             elif method == b"GET" and path == b"/v1/models":
                 writer.write(_plain("200 OK", _MODELS))
+            elif method == b"GET" and path == b"/api/v1/models" and native is not None:
+                writer.write(_plain("200 OK", _NATIVE_MODELS))
             else:
                 writer.write(_plain("404 Not Found", b'{"error":"Unexpected endpoint"}'))
             await writer.drain()
@@ -340,11 +448,11 @@ async def _connection(
         writer.close()
 
 
-async def _serve(spec: ReplaySpec) -> None:
+async def _serve(spec: ReplaySpec, native: ReplaySpec | None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     server = await asyncio.start_server(
-        lambda r, w: _connection(r, w, spec), "127.0.0.1", 0, limit=1 << 20, backlog=128
+        lambda r, w: _connection(r, w, spec, native), "127.0.0.1", 0, limit=1 << 20, backlog=128
     )
     port = server.sockets[0].getsockname()[1]
     stdin = sys.stdin.fileno()
@@ -361,18 +469,27 @@ async def _serve(spec: ReplaySpec) -> None:
 
 
 def serve_main(spec_path: str) -> None:
-    head, middle, repeat, tail = pickle.loads(Path(spec_path).read_bytes())
-    spec = ReplaySpec(head, middle, repeat, tail)
+    fields, native_fields = pickle.loads(Path(spec_path).read_bytes())
+    spec = ReplaySpec(*fields)
+    native = None if native_fields is None else ReplaySpec(*native_fields)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(spec))
+        asyncio.run(_serve(spec, native))
+
+
+def _fields(spec: ReplaySpec) -> tuple[bytes, bytes, int, bytes]:
+    return (spec.head, spec.middle, spec.repeat, spec.tail)
 
 
 @contextlib.contextmanager
-def replay_server(spec: ReplaySpec) -> Iterator[str]:
-    """Run the replay server in a child process; yield its base URL; always stop it."""
+def replay_server(spec: ReplaySpec, native: ReplaySpec | None = None) -> Iterator[str]:
+    """Run the replay server in a child process; yield its base URL; always stop it.
+
+    ``spec`` answers ``POST /v1/chat/completions``; ``native``, if given, answers
+    ``POST /api/v1/chat`` (and then ``GET /api/v1/models`` lists the model as loaded).
+    """
     with tempfile.TemporaryDirectory(prefix="lmstream-bench-") as tmp:
         spec_path = Path(tmp) / "spec.pickle"
-        fields = (spec.head, spec.middle, spec.repeat, spec.tail)
+        fields = (_fields(spec), None if native is None else _fields(native))
         spec_path.write_bytes(pickle.dumps(fields, protocol=pickle.HIGHEST_PROTOCOL))
         proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "serve", str(spec_path)],
