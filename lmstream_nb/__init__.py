@@ -37,6 +37,7 @@ if _typing.TYPE_CHECKING:
         StreamStalled,
         TemplateError,
         UnknownVariables,
+        UnsupportedRequest,
     )
     from ._events import (
         Completion,
@@ -51,6 +52,7 @@ if _typing.TYPE_CHECKING:
         StreamStarted,
         TextDelta,
     )
+    from ._routes import ServerInfo
     from ._run import RunResult, arun, history, run, stats
     from ._store import (
         GroupStats,
@@ -103,6 +105,7 @@ _HOMES: dict[str, tuple[str, ...]] = {
         "StreamStalled",
         "TemplateError",
         "UnknownVariables",
+        "UnsupportedRequest",
     ),
     "_events": (
         "Completion",
@@ -117,6 +120,7 @@ _HOMES: dict[str, tuple[str, ...]] = {
         "StreamStarted",
         "TextDelta",
     ),
+    "_routes": ("ServerInfo",),
     "_run": ("RunResult", "arun", "history", "run", "stats"),
     "_store": (
         "GroupStats",
@@ -206,6 +210,7 @@ __all__ = [
     "RunStats",
     "RunSummary",
     "SavedVersion",
+    "ServerInfo",
     "ServerStats",
     "ServerStreamError",
     "ServerUnreachable",
@@ -223,6 +228,7 @@ __all__ = [
     "TemplateError",
     "TextDelta",
     "UnknownVariables",
+    "UnsupportedRequest",
     "arun",
     "arun_many",
     "history",

@@ -70,20 +70,37 @@ from ._errors import (
     StreamError,
     StreamInterrupted,
     StreamStalled,
+    UnsupportedRequest,
     term,
 )
 from ._events import (
     Completion,
     Event,
+    LoadProgress,
+    Progress,
+    PromptProgress,
+    ServerStats,
     Stats,
     StreamFinished,
     StreamStarted,
+)
+from ._routes import (
+    APIS,
+    UNKNOWN,
+    Route,
+    ServerInfo,
+    choose,
+    native_root,
+    read_llamacpp_props,
+    read_native_models,
 )
 from ._sse import (
     DEFAULT_MAX_BYTES,
     BadChunk,
     ChatStreamDecoder,
+    NativeChatDecoder,
     NotJSON,
+    Reading,
     ServerReported,
     StreamViolation,
     TooLarge,
@@ -98,6 +115,9 @@ T = TypeVar("T")
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _ERROR_BODY_LIMIT = 1 << 20
 _DRAIN_S = 1.0  # how long to wait for the end of the body after [DONE]
+_PROGRESS_EVERY_S = 0.25  # progress reaches consumers at most this often (a phase's end always)
+_PROBE_S = 15.0  # the most a probe of the server may take; then the client assumes /v1 only
+_PROBE_BYTES = 4 * 2**20  # LM Studio's model list with hundreds of models is well under this
 # httpx exceptions by what happened: the connection could not be made, or it broke.
 _CONNECT = (httpx.ConnectError, httpx.ConnectTimeout)
 _BROKEN = (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError)
@@ -406,6 +426,122 @@ class _Watchdog:
         self.waiting = False
 
 
+def _number(obj: Mapping[str, Any] | None, key: str) -> float | None:
+    """A finite number >= 0 from a server's stats object, else None (never a wrong type)."""
+    value = obj.get(key) if obj else None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and math.isfinite(value) and value >= 0:  # type: ignore[arg-type,operator]
+        return float(value)  # type: ignore[arg-type]
+    return None
+
+
+def _whole(obj: Mapping[str, Any] | None, key: str) -> int | None:
+    value = obj.get(key) if obj else None
+    return value if type(value) is int and value >= 0 else None
+
+
+class _ProgressClock:
+    """Dates, paces and estimates one stream's progress readings.
+
+    A reading becomes an event only when it changes something, and at most every
+    ``_PROGRESS_EVERY_S`` (the start and the end of a phase always pass). The estimate of the
+    time left is a straight line through the first reading of the phase and the latest: prompt
+    processing runs at a steady speed once it has started, and a fraction computed on the
+    tokens that cost time (not those taken from the cache) keeps that line straight.
+    """
+
+    __slots__ = (
+        "base_cost",
+        "base_t",
+        "emitted_at",
+        "first_at",
+        "fraction",
+        "load_end",
+        "load_start",
+        "phase",
+        "processed",
+        "prompt_end",
+        "prompt_start",
+        "total",
+    )
+
+    def __init__(self) -> None:
+        self.phase: str | None = None
+        self.fraction = 0.0
+        self.processed: int | None = None
+        self.total: int | None = None
+        self.base_t = 0.0
+        self.base_cost = 0.0
+        self.emitted_at: float | None = None
+        self.first_at: float | None = None
+        self.load_start: float | None = None
+        self.load_end: float | None = None
+        self.prompt_start: float | None = None
+        self.prompt_end: float | None = None
+
+    def take(self, reading: Reading, now: float, t0: float) -> tuple[bool, Progress | None]:
+        """(whether the reading advanced, the event to show now or None).
+
+        Only a rise within a phase, or the next phase, advances: a server that sends falling
+        or repeating fractions, or goes back to loading, shows it but gains no time by it.
+        """
+        if reading.phase == self.phase and reading.fraction == self.fraction:
+            return False, None
+        if self.first_at is None:
+            self.first_at = now
+        rank, last_rank = _PHASES.index(reading.phase), _PHASES.index(self.phase)
+        advanced = rank > last_rank or (rank == last_rank and reading.fraction > self.fraction)
+        cost = _cost(reading)
+        if reading.phase != self.phase or reading.fraction < self.fraction:
+            self.base_t, self.base_cost = now, cost
+            self.emitted_at = None  # a new phase is shown at once
+            if reading.phase == "loading":
+                self.load_start = now
+            else:
+                self.prompt_start = now
+        self.phase, self.fraction = reading.phase, reading.fraction
+        self.processed, self.total = reading.processed, reading.total
+        done = reading.fraction >= 1.0
+        if done:
+            if reading.phase == "loading":
+                self.load_end = now
+            else:
+                self.prompt_end = now
+        if not done and self.emitted_at is not None and now - self.emitted_at < _PROGRESS_EVERY_S:
+            return advanced, None
+        self.emitted_at = now
+        eta = None
+        if done:
+            eta = 0.0
+        elif cost > self.base_cost and now > self.base_t:
+            eta = (1.0 - cost) * (now - self.base_t) / (cost - self.base_cost)
+        elapsed = now - t0
+        if reading.phase == "loading":
+            return advanced, LoadProgress(reading.fraction, elapsed, eta)
+        return advanced, PromptProgress(
+            reading.fraction, elapsed, eta, reading.processed, reading.total, reading.cached
+        )
+
+    def where(self) -> str:
+        """Where progress stopped, as a phrase: "prompt processing stopped at 43% (…)"."""
+        what = "model loading" if self.phase == "loading" else "prompt processing"
+        place = f"{what} stopped at {self.fraction:.0%}"
+        if self.processed is not None and self.total is not None:
+            place += f" ({self.processed:,} of {self.total:,} prompt tokens)"
+        return place
+
+
+_PHASES = (None, "loading", "prompt")  # the order in which a request goes through them
+
+
+def _cost(reading: Reading) -> float:
+    """The part of the phase that costs time: llama.cpp's cached tokens come for free."""
+    total, cached, processed = reading.total, reading.cached, reading.processed
+    if total is not None and processed is not None and cached and total > cached:
+        return max(0.0, min(1.0, (processed - cached) / (total - cached)))
+    return reading.fraction
+
+
 class ChatStream:
     """One streamed chat completion: an async iterator of events, and the text received so far.
 
@@ -526,8 +662,13 @@ class _StreamRun:
         self._retries = retries
         self.model: str = body["model"]
         self.request_id = uuid.uuid4().hex
-        self.api = "openai"
-        self.api_reason = "the client speaks only the OpenAI-compatible API"
+        # Decided when the stream starts (the client may first have to probe the server).
+        self.api = "pending" if client.api == "auto" else client.api
+        self.api_reason = "not decided yet: the stream has not started"
+        self.context_length: int | None = None
+        self._route = Route("openai", "")
+        self._progress = _ProgressClock()
+        self._ended_empty = False  # the last attempt's body ended with no event at all
         self._decoder = ChatStreamDecoder(client.max_event_bytes)
         self._response: httpx.Response | None = None
         self._raw: AsyncIterator[bytes] | None = None
@@ -557,15 +698,65 @@ class _StreamRun:
             gen_time = now - self._t_first
             if gen_time > 0:
                 tps = completion_tokens / gen_time
+        prompt_tokens = prompt_tokens if isinstance(prompt_tokens, int) else None
+        clock = self._progress
+        sign = clock.first_at if clock.first_at is not None else self._t_first
+        load_s = dec.load_s
+        if load_s is None and clock.load_start is not None and clock.load_end is not None:
+            load_s = clock.load_end - clock.load_start
+        timings = dec.timings
+        prompt_ms = _number(timings, "prompt_ms")
+        prompt_s = None if prompt_ms is None else prompt_ms / 1000
+        if prompt_s is None and clock.prompt_start is not None and self._t_first is not None:
+            prompt_s = self._t_first - clock.prompt_start
+        if prompt_s is None:
+            prompt_s = _number(dec.server, "time_to_first_token_seconds")
+        prompt_tps = _number(timings, "prompt_per_second")
+        if prompt_tps is None and prompt_tokens and prompt_s:
+            prompt_tps = prompt_tokens / prompt_s
         return Stats(
             ttft_s=ttft,
             duration_s=max(0.0, now - self.t0),
             chunks=dec.chunks,
             text_chars=dec.text_chars,
-            prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None,
+            prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens if isinstance(completion_tokens, int) else None,
             tokens_per_s=tps,
+            first_progress_s=None if sign is None else sign - self.t0,
+            load_s=load_s,
+            prompt_s=prompt_s,
+            prompt_tokens_per_s=prompt_tps,
         )
+
+    def _server_stats(self) -> ServerStats | None:
+        """The server's own figures: LM Studio's ``chat.end`` stats or llama.cpp's timings."""
+        dec = self._decoder
+        usage = dec.usage
+        if dec.server is not None:
+            stats = dec.server
+            return ServerStats(
+                input_tokens=_whole(stats, "input_tokens"),
+                output_tokens=_whole(stats, "total_output_tokens"),
+                reasoning_tokens=_whole(stats, "reasoning_output_tokens"),
+                tokens_per_s=_number(stats, "tokens_per_second"),
+                ttft_s=_number(stats, "time_to_first_token_seconds"),
+                load_s=_number(stats, "model_load_time_seconds"),
+            )
+        if dec.timings is not None:
+            timings = dec.timings
+            details = usage.get("prompt_tokens_details") if usage else None
+            prompt_ms = _number(timings, "prompt_ms")
+            return ServerStats(
+                input_tokens=_whole(usage, "prompt_tokens"),
+                output_tokens=_whole(usage, "completion_tokens"),
+                cached_tokens=_whole(details, "cached_tokens")
+                if isinstance(details, dict)
+                else None,
+                tokens_per_s=_number(timings, "predicted_per_second"),
+                prompt_s=None if prompt_ms is None else prompt_ms / 1000,
+                prompt_tokens_per_s=_number(timings, "prompt_per_second"),
+            )
+        return None
 
     def _finish(self, loop: asyncio.AbstractEventLoop) -> StreamFinished:
         dec = self._decoder
@@ -574,6 +765,7 @@ class _StreamRun:
             stats=self.stats_at(loop.time()),
             model=dec.model,
             response_id=dec.response_id,
+            server_stats=self._server_stats(),
         )
         return self.finished
 
@@ -588,14 +780,20 @@ class _StreamRun:
             watchdog.extend = partial(client._first_token_deadline, self.t0, first_token)
         answering = False
         try:
+            await self._decide()
             attempts = client._retrying(
                 partial(self._attempt, watchdog),
                 self._retries,
                 deadline=lambda: watchdog.deadline,
             )
-            async with contextlib.aclosing(attempts):
-                async for event in attempts:
-                    yield event
+            try:
+                async with contextlib.aclosing(attempts):
+                    async for event in attempts:
+                        yield event
+            except StreamInterrupted as exc:
+                if self._ended_empty:
+                    raise await self._empty_stream(exc) from None
+                raise
             watchdog.extend = None
             client._answering += 1
             client._progress_at = loop.time()
@@ -672,6 +870,76 @@ class _StreamRun:
             if self._response is not None:
                 await self._response.aclose()
 
+    async def _decide(self) -> None:
+        """Where this request goes (see ``_routes.choose``), and the context check before it.
+
+        Against llama.cpp the request asks for ``return_progress``; against a server that says
+        its context (LM Studio's model list, llama.cpp's ``/props``) and can count the prompt's
+        tokens (llama.cpp), a prompt that cannot fit is refused here, before minutes of prompt
+        processing would end in the same refusal.
+        """
+        client = self._client
+        info = await client.server_info()
+        route = choose(client.api, info, self._body)
+        if client.api == "native" and route.api != "native":
+            raise UnsupportedRequest(
+                f"This request cannot go to LM Studio's native chat ({route.reason}): use "
+                "api='auto' to send such requests to /chat/completions.",
+                reason=route.reason,
+            )
+        self._route = route
+        self.api, self.api_reason = route.api, route.reason
+        if info.kind == "llamacpp" and route.api == "openai":
+            self._body.setdefault("return_progress", True)
+        self.context_length = info.context_of(self.model)
+        if client.check_context and self.context_length is not None and info.kind == "llamacpp":
+            await client._check_fits(self._body, self.context_length)
+
+    async def _empty_stream(self, exc: StreamInterrupted) -> StreamInterrupted:
+        """An event stream that ended empty, with no error: name the likely cause.
+
+        llama-cpp-python's server answers a prompt over its context this way (the error goes
+        only to its log). It tells no context size, but it counts tokens, so the sentence can
+        give the prompt's size; a server that cannot count keeps the general sentence.
+        """
+        count = await self._client._count_extras(self._body.get("messages") or ())
+        if count is None:
+            return exc
+        url = self._client.url
+        return StreamInterrupted(
+            f"The stream from {url} ended before the first token with no error, which is "
+            f"how llama-cpp-python's server answers a prompt longer than its context: the "
+            f"prompt has {count:,} tokens, so shorten it or start the server with a larger "
+            "context (--n_ctx), then run again.",
+            url=url,
+        )
+
+    def _on_reading(self, reading: Reading, watchdog: _Watchdog) -> Progress | None:
+        """A progress reading before the first token: the budgets, then maybe an event.
+
+        The rules (see Budgets): progress is a sign of life. While a phase advances, the wait
+        ends only once nothing new came for the idle budget (never before the first-token
+        budget would have ended it); a finished phase starts the first-token budget again,
+        since what follows (a queue, a phase that reports nothing) is silent.
+        """
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        advanced, event = self._progress.take(reading, now, self.t0)
+        if advanced:
+            first_token, idle = self._budgets.first_token, self._budgets.idle
+            if reading.fraction >= 1.0:
+                watchdog.extend = (
+                    None
+                    if first_token is None
+                    else partial(self._client._first_token_deadline, now, first_token)
+                )
+                watchdog.move_deadline(math.inf if first_token is None else now + first_token)
+            else:
+                watchdog.extend = None
+                floor = math.inf if first_token is None else self.t0 + first_token
+                watchdog.move_deadline(math.inf if idle is None else max(now + idle, floor))
+        return event
+
     async def _attempt(self, watchdog: _Watchdog) -> AsyncGenerator[Event, None]:
         """One request, read up to its first token; a failure that is safe to retry is raised
         as ``_Retryable`` (with this attempt's response closed)."""
@@ -687,12 +955,21 @@ class _StreamRun:
 
     async def _attempt_events(self, watchdog: _Watchdog) -> AsyncGenerator[Event, None]:
         client = self._client
-        url = client.url
-        self._decoder = dec = ChatStreamDecoder(client.max_event_bytes)
+        native = self._route.native_body
+        dec: ChatStreamDecoder
+        if native is not None:
+            limit = native.get("max_output_tokens")
+            self._decoder = dec = NativeChatDecoder(
+                client.max_event_bytes, limit if isinstance(limit, int) else None
+            )
+            path, body = client._native_path("/chat"), native
+        else:
+            self._decoder = dec = ChatStreamDecoder(client.max_event_bytes)
+            path, body = client._path("/chat/completions"), self._body
         request = client._http.build_request(
             "POST",
-            client._path("/chat/completions"),
-            json=self._body,
+            path,
+            json=body,
             headers={"X-Request-Id": self.request_id, "Accept": "text/event-stream"},
         )
         watchdog.enter()
@@ -709,7 +986,7 @@ class _StreamRun:
             return
         if not self._started:
             self._started = True
-            yield StreamStarted(model=self.model, request_id=self.request_id, url=url)
+            yield self._started_event()
         stream = response.stream
         # The response's own byte stream, without aiter_raw's re-chunking layer: one
         # async-generator hop less per chunk. response.aclose() still closes it.
@@ -725,6 +1002,7 @@ class _StreamRun:
                     chunk = await raw.__anext__()
             except StopAsyncIteration:
                 # Ended cleanly with nothing in it: nothing was received, so a retry is safe.
+                self._ended_empty = not dec.chunks and not dec.has_partial_event
                 raise _Retryable(self._interrupted("ended before the first token")) from None
             finally:
                 watchdog.waiting = False
@@ -736,6 +1014,12 @@ class _StreamRun:
                 for event in exc.before:
                     yield event
                 raise
+            reading = dec.progress
+            if reading is not None:
+                dec.progress = None
+                progress = self._on_reading(reading, watchdog)
+                if progress is not None:
+                    yield progress
             first = dec.saw_output or dec.done
             if first:
                 self._t_first = asyncio.get_running_loop().time()
@@ -743,6 +1027,15 @@ class _StreamRun:
                 yield event
             if first:
                 return
+
+    def _started_event(self) -> StreamStarted:
+        return StreamStarted(
+            model=self.model,
+            request_id=self.request_id,
+            url=self._client.url,
+            api=self.api,
+            context_length=self.context_length,
+        )
 
     async def _not_a_stream(
         self, response: httpx.Response, content_type: str, watchdog: _Watchdog
@@ -766,9 +1059,7 @@ class _StreamRun:
                 events: list[Event] = []
                 if not self._started:
                     self._started = True
-                    events.append(
-                        StreamStarted(model=self.model, request_id=self.request_id, url=url)
-                    )
+                    events.append(self._started_event())
                 text = body[:400].decode("utf-8", "replace")
                 events.extend(self._decoder.feed_completion(obj, text))
                 self._t_first = asyncio.get_running_loop().time()
@@ -809,6 +1100,19 @@ class _StreamRun:
 
     def _timeout_error(self) -> StreamError:
         url = self._client.url
+        clock = self._progress
+        if self._t_first is None and clock.phase is not None and clock.fraction < 1.0:
+            budget = self._budgets.idle or 0.0
+            return FirstTokenTimeout(
+                f"{clock.where().capitalize()}: nothing new came from {url} for {budget:g} s. "
+                "The server may be stuck or overloaded: check it, or "
+                f"{term('raise', 'idle_timeout')} if it is just slow, then run again.",
+                url=url,
+                budget=budget,
+                partial_reasoning=self.reasoning,
+                phase=clock.phase,
+                fraction=clock.fraction,
+            )
         if self._t_first is None:
             budget = self._budgets.first_token or 0.0
             return FirstTokenTimeout(
@@ -891,7 +1195,13 @@ class LMStudioClient:
         first_token_timeout: float | _Unset | None = _UNSET,
         idle_timeout: float | _Unset | None = _UNSET,
         max_event_bytes: int = DEFAULT_MAX_BYTES,
+        api: str = "auto",
+        check_context: bool = True,
     ) -> None:
+        if api not in APIS:
+            raise ValueError(f"api must be one of {', '.join(map(repr, APIS))}, not {api!r}")
+        self.api = api
+        self.check_context = bool(check_context)
         self.base_url = resolve_base_url(base_url)
         self._url_source = base_url_source(base_url)  # for advice on fixing it
         parsed = parse_base_url(self.base_url)
@@ -956,6 +1266,14 @@ class LMStudioClient:
         # stream of ours is being answered (see Budgets.first_token).
         self._answering = 0
         self._progress_at = -math.inf
+        # What the server is, found out once (see server_info); the lock makes concurrent
+        # first streams share one probe.
+        split = urlsplit(parsed.url)
+        self._origin = f"{split.scheme}://{split.netloc}"
+        root = native_root(split.path)
+        self._native = None if root is None else self._origin + root
+        self._info: ServerInfo | None = None
+        self._probe_lock = asyncio.Lock()
 
     def _first_token_deadline(self, t0: float, budget: float) -> float:
         """When a stream that started waiting at ``t0`` may give up on its first token."""
@@ -984,6 +1302,140 @@ class LMStudioClient:
     def _path(self, endpoint: str) -> str:
         """An endpoint with the base URL's query string (httpx would put it before the path)."""
         return f"{endpoint}?{self._query}" if self._query else endpoint
+
+    def _native_path(self, endpoint: str) -> str:
+        """A native API endpoint (``/chat`` → ``…/api/v1/chat``), as an absolute URL."""
+        assert self._native is not None, "only called once the native API was found"
+        return self._path(self._native + endpoint)
+
+    # -- what the server is ----------------------------------------------------------------
+
+    async def server_info(self) -> ServerInfo:
+        """What kind of server this is, the context of each loaded model and its slots.
+
+        Found out once per client, at its first stream: ``GET /api/v1/models`` beside the base
+        URL answers only on LM Studio 0.4 (its native API), llama.cpp's server names itself in
+        a ``Server`` header (then ``GET /props``), and anything else is taken as an
+        OpenAI-compatible server. A probe that cannot connect is not kept, so a server started
+        later is found out then; the request itself reports the failure.
+        """
+        if self._info is not None:
+            return self._info
+        async with self._probe_lock:
+            settled = self._settled()  # another stream's probe may have ended meanwhile
+            if settled is not None:
+                return settled
+            try:
+                info, final = await asyncio.wait_for(self._probe(), _PROBE_S)
+            except asyncio.TimeoutError:
+                info, final = UNKNOWN, False
+            if final:
+                self._info = info
+            return info
+
+    def _settled(self) -> ServerInfo | None:
+        return self._info
+
+    async def _probe(self) -> tuple[ServerInfo, bool]:
+        """(what the server is, whether that is settled)."""
+        if self.api == "openai" and not self.check_context:
+            return UNKNOWN, True  # nothing the answer could change
+        if self._native is None:
+            # Not LM Studio's /v1 address; llama.cpp still names itself on any path.
+            status, server, obj = await self._get_json(self._path(self._origin + "/props"))
+            if status == 200 and server.lower().startswith("llama.cpp"):
+                return read_llamacpp_props(obj), True
+            return UNKNOWN, status is not None
+        status, server, obj = await self._get_json(self._native_path("/models"))
+        if status is None:
+            return UNKNOWN, False
+        if status == 200:
+            native = read_native_models(obj)
+            if native is not None:
+                return native, True
+        if server.lower().startswith("llama.cpp"):
+            status, _, props = await self._get_json(self._path(self._origin + "/props"))
+            return read_llamacpp_props(props if status == 200 else None), status is not None
+        return UNKNOWN, status in (200, 404)
+
+    async def _get_json(self, url: str) -> tuple[int | None, str, object]:
+        """(status, ``Server`` header, parsed JSON or None) of a small GET, never raising:
+        ``status`` is None when no answer came (the real request will say why)."""
+        request = self._http.build_request(
+            "GET", url, timeout=httpx.Timeout(self.budgets.connect, read=_PROBE_S)
+        )
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.HTTPError:
+            return None, "", None
+        try:
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            body = b""
+            if 200 <= response.status_code < 300 and encoding in ("", "identity"):
+                body = await self._read_body(response, None, _PROBE_BYTES, partial_ok=False)
+            obj = parse_json(body) if 0 < len(body) <= _PROBE_BYTES else None
+            return response.status_code, response.headers.get("server", ""), obj
+        except httpx.HTTPError:
+            return None, "", None
+        finally:
+            await response.aclose()
+
+    async def _count_extras(self, messages: Sequence[Any]) -> int | None:
+        """The prompt's tokens from llama-cpp-python's ``POST /extras/tokenize/count``, or
+        None where the server has no such endpoint (or anything goes wrong)."""
+        text = "\n".join(
+            m["content"]
+            for m in messages
+            if isinstance(m, Mapping) and isinstance(m.get("content"), str)
+        )
+        status, obj = await self._post_json(
+            self._origin + "/extras/tokenize/count", {"input": text}
+        )
+        count = obj.get("count") if status == 200 and isinstance(obj, dict) else None
+        return count if type(count) is int and count >= 0 else None
+
+    async def _post_json(self, url: str, body: dict[str, Any]) -> tuple[int | None, object]:
+        """(status, parsed JSON or None) of a small POST beside the chat, never raising."""
+        request = self._http.build_request(
+            "POST",
+            self._path(url),
+            json=body,
+            timeout=httpx.Timeout(self.budgets.connect, read=_PROBE_S),
+        )
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.HTTPError:
+            return None, None
+        try:
+            if response.status_code != 200:
+                return response.status_code, None
+            return 200, parse_json(await self._read_body(response, None, _PROBE_BYTES))
+        except httpx.HTTPError:
+            return None, None
+        finally:
+            await response.aclose()
+
+    async def _check_fits(self, body: dict[str, Any], context_length: int) -> None:
+        """Refuse, before sending, a prompt that the server counts as longer than its context.
+
+        llama.cpp counts a chat's tokens with its template at
+        ``/chat/completions/input_tokens``; a server that cannot count is not checked.
+        """
+        _, obj = await self._post_json(
+            "/chat/completions/input_tokens", {"messages": body["messages"]}
+        )
+        count = obj.get("input_tokens") if isinstance(obj, dict) else None
+        if type(count) is int and count > context_length:
+            raise PromptTooLong(
+                f"The prompt has {count:,} tokens, more than the {context_length:,}-token "
+                f"context of the model at {self.url}, so it was not sent: shorten the prompt "
+                "or load the model with a larger context length, then run again.",
+                url=self.url,
+                status=0,
+                server_message=None,
+                prompt_tokens=count,
+                context_length=context_length,
+            )
 
     # -- the boundary: httpx exceptions and refusals become lmstream errors -------------------
 

@@ -28,12 +28,25 @@ class Budgets:
     """How long to wait in each phase of a streamed request.
 
     connect: to open the TCP connection.
-    first_token: from sending the request to the first token. Prompt processing of a long prompt
-        on a laptop takes minutes, hence the generous default of 10 minutes. LM Studio answers
-        one request per model at a time and queues the rest, so while another stream of the
-        same client is being answered a waiting request is queued, not stuck: the budget then
-        counts from the moment the server last started or finished one of those streams.
-    idle: between one piece of text and the next once text is flowing.
+    first_token: from sending the request to the first sign of life: a token, or a progress
+        report (LM Studio's native chat and llama.cpp report model loading and prompt
+        processing). Prompt processing of a long prompt on a laptop takes minutes, hence the
+        generous default of 10 minutes.
+    idle: between one piece of text and the next once text is flowing; and, before the first
+        token, between two progress reports that advance.
+
+    The rules, and why:
+
+    - Progress is a sign of life: it proves the server works on this request. Once it came,
+      a phase that keeps advancing is never timed out however long it takes, and one whose
+      progress stops for longer than ``idle`` fails as ``FirstTokenTimeout`` saying where it
+      stopped. Progress can only lengthen the wait: never before ``first_token`` has passed.
+    - A finished phase (model loaded, prompt processed) starts ``first_token`` again, since
+      what follows (a queue for a slot, a phase that reports nothing) is silent.
+    - Without progress, a busy server queues requests (LM Studio 0.3 and MLX models answer one
+      at a time, 0.4 four at once per model), so while another stream of the same client is
+      being answered a waiting request is queued, not stuck: the budget then counts from the
+      moment the server last started or finished one of those streams.
     """
 
     connect: float | None = 10.0

@@ -8,6 +8,7 @@
     │   ├── InvalidPlaceholder       .placeholder, .line, .column, .unclosed  ({{my var}}, {{x)
     │   └── InvalidVariables         .names  (values that are not text, numbers or booleans)
     ├── InvalidBaseURL               .url (credentials removed)
+    ├── UnsupportedRequest           .reason  (api="native" and a request it cannot carry)
     ├── StoreError                   .path
     │   ├── PromptNotFound           .name, .suggestions
     │   ├── RunNotFound              .run_id
@@ -21,9 +22,9 @@
         │   ├── RedirectNotFollowed  .location
         │   ├── ModelNotFound        .model
         │   ├── ModelNotLoaded
-        │   └── PromptTooLong
+        │   └── PromptTooLong        .prompt_tokens, .context_length
         └── StreamError              .partial_text, .partial_reasoning
-            ├── FirstTokenTimeout    .budget
+            ├── FirstTokenTimeout    .budget, .phase, .fraction  (where progress stopped)
             ├── StreamStalled        .budget
             ├── StreamInterrupted
             ├── ServerStreamError    .server_message
@@ -394,6 +395,15 @@ class InvalidSetting(LMStreamError, ValueError):
         )
 
 
+class UnsupportedRequest(LMStreamError, ValueError):
+    """A request the chosen API cannot carry (LM Studio's native chat takes no assistant turns,
+    tools or ``response_format``); ``reason`` says what is missing."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class InvalidBaseURL(LMStreamError):
     """A base URL that cannot be used (no scheme, a scheme other than http(s), no host, a port
     that is not a number, a broken IPv6 literal); ``url`` is the URL with credentials removed."""
@@ -526,7 +536,26 @@ class ModelNotLoaded(HTTPStatusError):
 
 
 class PromptTooLong(HTTPStatusError):
-    """The prompt does not fit the loaded model's context window."""
+    """The prompt does not fit the loaded model's context window.
+
+    ``prompt_tokens`` and ``context_length`` are the two numbers where they are known: from
+    the server's refusal, or from the check made before sending (then ``status`` is 0, since
+    no request was sent).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        status: int,
+        server_message: str | None,
+        prompt_tokens: int | None = None,
+        context_length: int | None = None,
+    ) -> None:
+        super().__init__(message, url=url, status=status, server_message=server_message)
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
 
 
 class StreamError(RequestError):
@@ -541,13 +570,27 @@ class StreamError(RequestError):
 
 
 class FirstTokenTimeout(StreamError):
-    """No token arrived within the first-token budget (prompt processing took too long)."""
+    """No token arrived in time: no sign of life within the first-token budget, or progress
+    (model loading, prompt processing) that stopped for longer than the idle budget.
+
+    ``phase`` and ``fraction`` say where progress stopped (``"loading"`` or ``"prompt"``), or
+    are ``None`` when the server reported no progress at all.
+    """
 
     def __init__(
-        self, message: str, *, url: str, budget: float, partial_reasoning: str = ""
+        self,
+        message: str,
+        *,
+        url: str,
+        budget: float,
+        partial_reasoning: str = "",
+        phase: str | None = None,
+        fraction: float | None = None,
     ) -> None:
         super().__init__(message, url=url, partial_reasoning=partial_reasoning)
         self.budget = budget
+        self.phase = phase
+        self.fraction = fraction
 
 
 class StreamStalled(StreamError):

@@ -23,6 +23,7 @@ class StreamStarted:
     request_id: str
     url: str
     api: str = "openai"  # the endpoint the request went to: "native" (LM Studio's) or "openai"
+    context_length: int | None = None  # the loaded context the prompt must fit, if known
 
 
 # TextDelta and ReasoningDelta are not frozen: one is made per chunk, and a frozen dataclass

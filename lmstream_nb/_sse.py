@@ -385,6 +385,44 @@ def _shape_error(choices: Any, data: str) -> BadChunk:
     return _bad("choices[0].delta.content", delta.get("content"), "a string or null", data)
 
 
+class Reading(NamedTuple):
+    """One progress report as the server sent it, before the client paces and dates it.
+
+    ``phase`` is ``"loading"`` or ``"prompt"``; the token counts are llama.cpp's.
+    """
+
+    phase: str
+    fraction: float
+    processed: int | None = None
+    total: int | None = None
+    cached: int | None = None
+
+
+def _count(obj: dict[str, Any], key: str, where: str, data: str) -> int | None:
+    value = obj.get(key)
+    if value is None or (type(value) is int and value >= 0):
+        return value
+    raise _bad(f"{where}.{key}", value, "a whole number >= 0 or null", data)
+
+
+def _fraction(obj: dict[str, Any], key: str, where: str, data: str) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not 0 <= value <= 1:
+        raise _bad(f"{where}.{key}", value, "a number from 0 to 1", data)
+    return float(value)
+
+
+def _seconds(obj: dict[str, Any], key: str, where: str, data: str) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not 0 <= value < 1e9:
+        raise _bad(f"{where}.{key}", value, "a number of seconds >= 0", data)
+    return float(value)
+
+
 class ChatStreamDecoder:
     """Turns the bytes of a ``chat.completion.chunk`` stream into text and reasoning deltas.
 
@@ -410,9 +448,12 @@ class ChatStreamDecoder:
         "chunks",
         "done",
         "finish_reason",
+        "load_s",
         "model",
+        "progress",
         "response_id",
         "saw_output",
+        "server",
         "text_chars",
         "timings",
         "usage",
@@ -430,7 +471,12 @@ class ChatStreamDecoder:
         self.model: str | None = None
         self.response_id: str | None = None
         self.usage: dict[str, Any] | None = None
-        self.timings: dict[str, Any] | None = None
+        self.timings: dict[str, Any] | None = None  # llama.cpp's speeds, with the usage
+        self.server: dict[str, Any] | None = None  # LM Studio's own stats (native API)
+        self.load_s: float | None = None  # the model load time the server reported
+        # The latest progress report not yet taken by the client (only the latest is kept:
+        # the client shows a few a second, and a flood of reports must not grow a list).
+        self.progress: Reading | None = None
 
     @property
     def text(self) -> str:
@@ -606,9 +652,28 @@ class ChatStreamDecoder:
                 raise _shape_error(choices, data) from None
         elif choices is not None and type(choices) is not list:
             raise _bad("choices", choices, "an array", data)
+        if not self.saw_output and "prompt_progress" in obj:
+            self._prompt_progress(obj["prompt_progress"], data)
         usage = obj.get("usage")
         if usage is not None:
             self._usage(obj, usage, data)
+
+    def _prompt_progress(self, value: object, data: str) -> None:
+        """llama.cpp's ``prompt_progress`` (asked for with ``return_progress``): a sign of life
+        that comes in a chunk with ``content: null``, so it is never the first token."""
+        if value is None:
+            return
+        if type(value) is not dict:
+            raise _bad("prompt_progress", value, "an object or null", data)
+        where = "prompt_progress"
+        total = _count(value, "total", where, data)
+        processed = _count(value, "processed", where, data)
+        cached = _count(value, "cache", where, data)
+        _seconds({"t": value.get("time_ms")}, "t", f"{where}.time_ms", data)
+        if not total or processed is None:
+            return  # nothing to measure against
+        fraction = min(1.0, processed / total)
+        self.progress = Reading("prompt", fraction, processed, total, cached)
 
     def _usage(self, obj: dict[str, Any], usage: object, data: str) -> None:
         usage = _check_usage(usage, data)
@@ -638,3 +703,166 @@ class ChatStreamDecoder:
                 raise _bad(f"{where}.tool_calls", tool_calls, "an array or null", data)
             if tool_calls:
                 self.saw_output = True
+
+
+_NATIVE_DELTA = b"event: message.delta\ndata: "
+
+
+class NativeChatDecoder(ChatStreamDecoder):
+    """LM Studio 0.4's ``POST /api/v1/chat`` stream: named events instead of chunks.
+
+    ``message.delta`` and ``reasoning.delta`` carry the text; ``model_load.*`` and
+    ``prompt_processing.*`` become progress readings; ``chat.end`` ends the answer with the
+    server's own stats; ``error`` is raised like an error chunk; every other type (block
+    starts and ends, server-side tool calls, types added later) is ignored. An event without
+    an ``event:`` line is named by its ``type`` field.
+
+    The native API reports no finish reason, so it is inferred: ``"length"`` when the answer
+    used the whole ``max_output_tokens``, else ``"stop"``.
+    """
+
+    __slots__ = ("max_output_tokens",)
+
+    def __init__(
+        self, max_event_bytes: int = DEFAULT_MAX_BYTES, max_output_tokens: int | None = None
+    ) -> None:
+        super().__init__(max_event_bytes)
+        self.max_output_tokens = max_output_tokens
+
+    def feed(self, chunk: bytes) -> list[TextDelta | ReasoningDelta]:
+        out: list[TextDelta | ReasoningDelta] = []
+        sse = self._sse
+        try:
+            # Fast path, as for chunks: one whole message.delta event in one read.
+            if (
+                sse.clean
+                and chunk[:27] == _NATIVE_DELTA
+                and chunk[-2:] == b"\n\n"
+                and chunk.count(b"\n") == 3
+                and b"\r" not in chunk
+                and len(chunk) <= sse.max_bytes
+            ):
+                self._event("message.delta", chunk[27:-2].decode("utf-8", "replace"), out)
+                return out
+            for event in sse.feed(chunk):
+                self._event(event.event, event.data, out)
+            if sse.overflow is not None:
+                raise TooLarge(sse.overflow, sse.max_bytes, _shorten(sse.head()))
+        except StreamViolation as exc:
+            exc.before = out
+            raise
+        return out
+
+    def _event(self, name: str, data: str, out: list[TextDelta | ReasoningDelta]) -> None:
+        if self.done:
+            return  # nothing after chat.end is part of the answer
+        if not data or data.isspace():
+            return
+        try:
+            obj = _loads(data)
+        except TooDeep:
+            raise BadChunk(
+                "its JSON is nested deeper than any chat server sends", _shorten(data)
+            ) from None
+        except ValueError:
+            raise NotJSON(_shorten(data)) from None
+        if type(obj) is not dict:
+            raise NotJSON(_shorten(data))
+        if name == "message":
+            kind = obj.get("type")
+            name = kind if type(kind) is str else ""
+        self.chunks += 1
+        if name == "message.delta":
+            content = obj.get("content")
+            try:
+                if content:
+                    self._text += content.encode()
+                    self.text_chars += len(content)
+                    out.append(TextDelta(content))
+                    self.saw_output = True
+                    return
+            except AttributeError:
+                pass
+            _text_field(obj, "content", name, data)
+        elif name == "reasoning.delta":
+            content = _text_field(obj, "content", name, data)
+            if content:
+                self._reasoning += content.encode()
+                out.append(ReasoningDelta(content))
+                self.saw_output = True
+        elif name.startswith(("prompt_processing.", "model_load.")):
+            self._progress(name, obj, data)
+        elif name == "chat.start":
+            self.model = _text_field(obj, "model_instance_id", name, data)
+        elif name == "error":
+            error = obj.get("error")
+            raise ServerReported(error_message_of(obj) or error_message_of(error), obj)
+        elif name == "chat.end":
+            self._end(obj, data)
+
+    def _progress(self, name: str, obj: dict[str, Any], data: str) -> None:
+        phase = "prompt" if name.startswith("prompt") else "loading"
+        step = name.partition(".")[2]
+        if step == "start":
+            self.progress = Reading(phase, 0.0)
+        elif step == "progress":
+            fraction = _fraction(obj, "progress", name, data)
+            if fraction is not None:
+                self.progress = Reading(phase, fraction)
+        elif step == "end":
+            self.progress = Reading(phase, 1.0)
+            if phase == "loading":
+                self.load_s = _seconds(obj, "load_time_seconds", name, data)
+
+    def _end(self, obj: dict[str, Any], data: str) -> None:
+        result = obj.get("result")
+        if result is None:
+            result = {}
+        elif type(result) is not dict:
+            raise _bad("chat.end.result", result, "an object", data)
+        stats = result.get("stats")
+        if stats is not None:
+            if type(stats) is not dict:
+                raise _bad("chat.end.result.stats", stats, "an object", data)
+            where = "chat.end.result.stats"
+            prompt = _count(stats, "input_tokens", where, data)
+            output = _count(stats, "total_output_tokens", where, data)
+            _count(stats, "reasoning_output_tokens", where, data)
+            for key in ("tokens_per_second", "time_to_first_token_seconds"):
+                _seconds(stats, key, where, data)
+            load = _seconds(stats, "model_load_time_seconds", where, data)
+            if load is not None:
+                self.load_s = load
+            self.usage = {"prompt_tokens": prompt, "completion_tokens": output}
+            self.server = stats
+            limit = self.max_output_tokens
+            length = limit is not None and output is not None and 0 < limit <= output
+            self.finish_reason = "length" if length else "stop"
+        else:
+            self.finish_reason = "stop"
+        self.response_id = _text_field(result, "response_id", "chat.end.result", data) or (
+            _text_field(result, "thread_id", "chat.end.result", data)
+        )
+        model = _text_field(result, "model_instance_id", "chat.end.result", data)
+        if model:
+            self.model = model
+        if not self.text_chars and not self._reasoning:
+            self._whole_output(result.get("output"), data)
+        self.saw_output = True
+        self.done = True
+
+    def _whole_output(self, output: object, data: str) -> None:
+        """A ``chat.end`` whose text came in no delta (a server that sent the answer whole)."""
+        if output is None:
+            return
+        if type(output) is not list:
+            raise _bad("chat.end.result.output", output, "an array", data)
+        for item in output:
+            if type(item) is not dict:
+                raise _bad("chat.end.result.output[]", item, "an object", data)
+            content = _text_field(item, "content", "chat.end.result.output[]", data)
+            if content and item.get("type") == "message":
+                self._text += content.encode()
+                self.text_chars += len(content)
+            elif content and item.get("type") == "reasoning":
+                self._reasoning += content.encode()

@@ -8,12 +8,22 @@ every front end that writes to a terminal can use it without importing another f
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from ._events import Event, ReasoningDelta, Stats, StreamFinished, StreamStarted, TextDelta
+from ._events import (
+    Event,
+    LoadProgress,
+    PromptProgress,
+    ReasoningDelta,
+    Stats,
+    StreamFinished,
+    StreamStarted,
+    TextDelta,
+)
 
 
 def format_stats(stats: Stats, finished: StreamFinished | None = None) -> str:
@@ -110,9 +120,14 @@ class TerminalSink:
                         "model": event.model,
                         "request_id": event.request_id,
                         "url": event.url,
+                        "api": event.api,
+                        "context_length": event.context_length,
                     }
                 )
             self.waiting.start()
+        elif isinstance(event, (LoadProgress, PromptProgress)):
+            if self.as_json:
+                self._json(event.as_dict())
         elif isinstance(event, StreamFinished):
             self.finished = event
             self.close()
@@ -124,6 +139,9 @@ class TerminalSink:
                         "model": event.model,
                         "response_id": event.response_id,
                         "stats": event.stats.as_dict(),
+                        "server_stats": None
+                        if event.server_stats is None
+                        else dataclasses.asdict(event.server_stats),
                     }
                 )
 

@@ -114,7 +114,7 @@ def test_resume_runs_only_the_rows_that_did_not_succeed(
     )
     assert [r.status for r in first] == ["ok", "stalled", "ok"]
     fixed_rows = [{"n": "0", "extra": ""}, {"n": "1", "extra": ""}, {"n": "2", "extra": ""}]
-    before = len(sim.records())
+    before = len(sim.chats())
     again = run_many(
         prompt,
         fixed_rows,
@@ -124,7 +124,7 @@ def test_resume_runs_only_the_rows_that_did_not_succeed(
         progress=False,
         max_tokens=4,
     )
-    assert len(sim.records()) - before == 1, "only the failed row was sent again"
+    assert len(sim.chats()) - before == 1, "only the failed row was sent again"
     assert again.batch_id == first.batch_id
     assert [r.status for r in again] == ["ok", "ok", "ok"]
     assert again[0].run_id == first[0].run_id
@@ -144,7 +144,7 @@ def test_two_base_urls_both_receive_rows(store: PromptStore) -> None:
             progress=False,
             max_tokens=3,
         )
-        served_a, served_b = len(a.records()), len(b.records())
+        served_a, served_b = len(a.chats()), len(b.chats())
     assert batch.succeeded == 8
     assert served_a > 0
     assert served_b > 0

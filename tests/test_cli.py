@@ -64,7 +64,15 @@ def test_run_json_prints_one_event_per_line(sim: simulator.SimServer) -> None:
     )
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [e["event"] for e in events] == ["start"] + ["text"] * 6 + ["done", "recorded"]
+    kinds = [e["event"] for e in events if e["event"] != "progress"]
+    assert kinds == ["start"] + ["text"] * 6 + ["done", "recorded"]
+    assert events[0]["api"] == "native"
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress, "LM Studio's native chat reports prompt processing"
+    assert all(e["phase"] == "prompt" and 0 <= e["fraction"] <= 1 for e in progress)
+    assert {"elapsed_s", "eta_s", "processed", "total", "cached"} <= set(progress[0])
+    first_text = next(i for i, e in enumerate(events) if e["event"] == "text")
+    assert events.index(progress[-1]) < first_text
     assert events[-2]["stats"]["completion_tokens"] == 6
     assert events[0]["model"] == MODEL
     recorded = events[-1]
@@ -254,7 +262,7 @@ def test_sim_command_serves_until_ctrl_c() -> None:
             proc.kill()
             proc.wait(5)
     assert proc.returncode == 0
-    assert "/v1/chat/completions" in err, "one log line per request"
+    assert "POST /api/v1/chat" in err, "one log line per request"
 
 
 def test_demo_records_its_run_and_reuses_its_prompt(tmp_path: Path) -> None:

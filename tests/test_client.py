@@ -232,7 +232,7 @@ async def test_model_not_found_404(sim: simulator.SimServer) -> None:
 
 
 async def test_unknown_model_id_400(sim: simulator.SimServer) -> None:
-    async with LMStudioClient(sim.base_url) as client:
+    async with LMStudioClient(sim.base_url, api="openai") as client:
         with pytest.raises(ModelNotFound) as info:
             await client.stream_chat("Hi", model="no-such-model").collect()
     assert info.value.status == 400
@@ -275,20 +275,20 @@ async def test_500_bodies(sim: simulator.SimServer, error_body: str) -> None:
 
 
 async def test_503_is_retried_then_reported(sim: simulator.SimServer) -> None:
-    before = len(sim.records())
+    before = len(sim.chats())
     async with LMStudioClient(sim.base_url, retries=FAST_RETRIES) as client:
         with pytest.raises(HTTPStatusError) as info:
             await client.stream_chat("Hi", model=MODEL, sim={"http_status": 503}).collect()
     assert info.value.status == 503
-    assert len(sim.records()) - before == 1 + FAST_RETRIES.attempts
+    assert len(sim.chats()) - before == 1 + FAST_RETRIES.attempts
 
 
 async def test_400_is_not_retried(sim: simulator.SimServer) -> None:
-    before = len(sim.records())
+    before = len(sim.chats())
     async with LMStudioClient(sim.base_url, retries=FAST_RETRIES) as client:
         with pytest.raises(HTTPStatusError):
             await client.stream_chat("Hi", model=MODEL, sim={"http_status": 400}).collect()
-    assert len(sim.records()) - before == 1
+    assert len(sim.chats()) - before == 1
 
 
 async def test_wrong_path_200_string_error(sim: simulator.SimServer) -> None:
@@ -331,14 +331,14 @@ async def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 async def test_first_token_timeout_is_not_retried(sim: simulator.SimServer) -> None:
-    before = len(sim.records())
+    before = len(sim.chats())
     budgets = Budgets(first_token=0.3, idle=5)
     async with LMStudioClient(sim.base_url, budgets=budgets, retries=FAST_RETRIES) as client:
         with pytest.raises(FirstTokenTimeout) as info:
             await client.stream_chat("x" * 400, model=MODEL, sim={"prefill_tps": 10}).collect()
     assert info.value.budget == 0.3
     assert "first_token_timeout" in str(info.value)
-    assert len(sim.records()) - before == 1
+    assert len(sim.chats()) - before == 1
 
 
 async def test_transient_failures_before_the_first_token_are_retried(
@@ -347,14 +347,14 @@ async def test_transient_failures_before_the_first_token_are_retried(
     """A drop after the headers, an empty body and a 503 on the first attempt: the retry wins."""
     async with LMStudioClient(sim.base_url, retries=FAST_RETRIES) as client:
         for i, fault in enumerate(({"disconnect_at": 0}, {"end_at": 0}, {"http_status": 503})):
-            before = len(sim.records())
+            before = len(sim.chats())
             done = await client.stream_chat(
                 f"transient {i}",
                 model=MODEL,
                 sim={**fault, "fault_attempts": 1, "output_tokens": 4},
             ).collect()
             assert done.finish_reason == "stop", fault
-            assert len(sim.records()) - before == 2, fault
+            assert len(sim.chats()) - before == 2, fault
 
 
 @pytest.mark.parametrize(
@@ -378,22 +378,22 @@ async def test_the_stream_and_the_blocking_request_retry_the_same_failures(
             lambda: client.complete("Hi", model=MODEL, sim=fault),
         )
         for request in requests:
-            before = len(sim.records())
+            before = len(sim.chats())
             with pytest.raises(RequestError):
                 await request()
-            counts.append(len(sim.records()) - before)
+            counts.append(len(sim.chats()) - before)
     assert counts == [1 + FAST_RETRIES.attempts if retried else 1] * 2
 
 
 async def test_a_body_that_always_ends_empty_is_reported_after_the_retries(
     sim: simulator.SimServer,
 ) -> None:
-    before = len(sim.records())
+    before = len(sim.chats())
     async with LMStudioClient(sim.base_url, retries=FAST_RETRIES) as client:
         with pytest.raises(StreamInterrupted, match="ended before the first token") as info:
             await client.stream_chat("Hi", model=MODEL, sim={"end_at": 0}).collect()
     assert info.value.partial_text == ""
-    assert len(sim.records()) - before == 1 + FAST_RETRIES.attempts
+    assert len(sim.chats()) - before == 1 + FAST_RETRIES.attempts
 
 
 # A queueing server (one answer at a time, like LM Studio): every request takes 0.3 s of

@@ -512,10 +512,11 @@ async def test_the_query_string_goes_with_every_request(sim: simulator.SimServer
         await client.list_models()
         await client.stream_chat("Hi", model=MODEL, max_tokens=2).collect()
         await client.complete("Hi", model=MODEL, max_tokens=2)
-    records = sim.records()[-3:]
+    records = sim.records()[-4:]
     assert [r.path for r in records] == [
         "/v1/models",
-        "/v1/chat/completions",
+        "/api/v1/models",  # the probe for LM Studio's native API, once per client
+        "/api/v1/chat",
         "/v1/chat/completions",
     ]
     assert {r.query for r in records} == {"api-version=2024-06-01&key=q-secret-9876"}

@@ -65,6 +65,10 @@ def imports_of(path: Path) -> set[str]:
         ),
         ("_template.py", {"httpx", "sqlite3", "IPython", "threading", "time", "asyncio"}),
         (
+            "_routes.py",
+            {"lmstream_nb.", "httpx", "sqlite3", "IPython", "threading", "time", "asyncio"},
+        ),
+        (
             "_client.py",
             {
                 "lmstream_nb.cli",
@@ -147,7 +151,7 @@ def test_the_service_is_a_front_end() -> None:
 #: beside the pipeline only as BESIDE allows.
 LAYERS: dict[str, tuple[str, ...]] = {
     "vocabulary": ("_errors.py", "_events.py", "_config.py"),
-    "pure transforms": ("_sse.py", "_template.py"),
+    "pure transforms": ("_sse.py", "_template.py", "_routes.py"),
     "adapters": (
         "_client.py",
         "_migrations.py",

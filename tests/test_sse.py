@@ -13,7 +13,9 @@ from lmstream_nb._events import ReasoningDelta, TextDelta
 from lmstream_nb._sse import (
     BadChunk,
     ChatStreamDecoder,
+    NativeChatDecoder,
     NotJSON,
+    Reading,
     ServerReported,
     ServerSentEvent,
     SSEDecoder,
@@ -488,3 +490,155 @@ def test_deep_nesting_is_a_violation_not_a_recursion_error() -> None:
         decoder.feed(b"data: " + b"[" * 200_000 + b"]" * 200_000 + b"\n\n")
     assert parse_json("[" * 200_000 + "]" * 200_000) is None
     assert parse_json(b'{"ok": 1}') == {"ok": 1}
+
+
+# -- LM Studio's native events and llama.cpp's prompt progress ------------------------------
+
+
+def _native(kind: str, **fields: object) -> bytes:
+    data = json.dumps({"type": kind, **fields}, ensure_ascii=False)
+    return f"event: {kind}\ndata: {data}\n\n".encode()
+
+
+def _native_stream(pieces: list[str]) -> bytes:
+    return b"".join(
+        [
+            _native("chat.start", model_instance_id="m"),
+            _native("prompt_processing.start"),
+            _native("prompt_processing.progress", progress=0.5),
+            _native("prompt_processing.end"),
+            _native("message.start"),
+            *(_native("message.delta", content=p) for p in pieces),
+            _native("message.end"),
+            _native(
+                "chat.end",
+                result={
+                    "model_instance_id": "m",
+                    "output": [{"type": "message", "content": "".join(pieces)}],
+                    "stats": {"input_tokens": 7, "total_output_tokens": len(pieces)},
+                    "response_id": "resp_x",
+                },
+            ),
+        ]
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    pieces=st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=15),
+    cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=40),
+)
+def test_native_decoder_rechunking_yields_same_text(pieces: list[str], cuts: list[int]) -> None:
+    raw = _native_stream(pieces)
+    points = sorted({c for c in cuts if c < len(raw)})
+    decoder = NativeChatDecoder()
+    seen: list[str] = []
+    for a, b in zip([0, *points], [*points, len(raw)], strict=True):
+        seen.extend(e.content for e in decoder.feed(raw[a:b]))
+    assert seen == pieces  # the text of chat.end's output is not added again
+    assert decoder.text == "".join(pieces)
+    assert decoder.done
+    assert (decoder.model, decoder.response_id) == ("m", "resp_x")
+    assert decoder.usage == {"prompt_tokens": 7, "completion_tokens": len(pieces)}
+
+
+def test_native_progress_readings_keep_only_the_latest() -> None:
+    dec = NativeChatDecoder()
+    dec.feed(_native("model_load.start") + _native("model_load.progress", progress=0.3))
+    assert dec.progress == Reading("loading", 0.3)
+    dec.feed(_native("model_load.end", load_time_seconds=1.5))
+    assert (dec.progress, dec.load_s) == (Reading("loading", 1.0), 1.5)
+    dec.progress = None
+    dec.feed(_native("prompt_processing.start"))
+    assert dec.progress == Reading("prompt", 0.0)
+    assert not dec.saw_output  # progress is a sign of life, not the first token
+
+
+def test_native_reasoning_unknown_events_and_events_named_by_their_type() -> None:
+    dec = NativeChatDecoder()
+    events = dec.feed(
+        _native("reasoning.delta", content="hmm")
+        + _native("tool_call.start", tool="search")
+        + _native("something.new", value=[1, {"x": 2}])
+        + b'data: {"type":"message.delta","content":"Hi"}\n\n'
+    )
+    assert events == [ReasoningDelta("hmm"), TextDelta("Hi")]
+    assert (dec.reasoning, dec.text) == ("hmm", "Hi")
+
+
+def test_native_error_event_raises_after_the_text_before_it() -> None:
+    error = {"type": "model_not_found", "message": "Model x not found", "code": "model_not_found"}
+    dec = NativeChatDecoder()
+    with pytest.raises(ServerReported) as info:
+        dec.feed(_native("message.delta", content="part") + _native("error", error=error))
+    assert info.value.message == "Model x not found"
+    assert info.value.before == [TextDelta("part")]
+
+
+@pytest.mark.parametrize(
+    ("frame", "field"),
+    [
+        (_native("message.delta", content=5), "message.delta.content"),
+        (_native("reasoning.delta", content=["x"]), "reasoning.delta.content"),
+        (_native("prompt_processing.progress", progress=1.5), "prompt_processing.progress"),
+        (_native("model_load.progress", progress="half"), "model_load.progress.progress"),
+        (_native("chat.end", result=[]), "chat.end.result"),
+        (_native("chat.end", result={"stats": {"input_tokens": -1}}), "input_tokens"),
+        (_native("chat.end", result={"output": "x"}), "chat.end.result.output"),
+    ],
+)
+def test_native_events_of_the_wrong_shape_name_the_field(frame: bytes, field: str) -> None:
+    with pytest.raises(BadChunk) as info:
+        NativeChatDecoder().feed(frame)
+    assert field in info.value.what
+
+
+def test_native_finish_reason_is_inferred_from_the_token_limit() -> None:
+    end = _native("chat.end", result={"stats": {"total_output_tokens": 5}})
+    limited = NativeChatDecoder(max_output_tokens=5)
+    limited.feed(end)
+    free = NativeChatDecoder()
+    free.feed(end)
+    assert (limited.finish_reason, free.finish_reason) == ("length", "stop")
+
+
+def _progress_chunk(processed: int, total: int, cache: int = 0) -> bytes:
+    chunk = {
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}],
+        "prompt_progress": {
+            "total": total,
+            "cache": cache,
+            "processed": processed,
+            "time_ms": 10,
+        },
+    }
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+def test_llamacpp_prompt_progress_is_a_reading_not_the_first_token() -> None:
+    dec = ChatStreamDecoder()
+    assert dec.feed(_progress_chunk(2048, 3635, cache=100)) == []
+    assert dec.progress == Reading("prompt", 2048 / 3635, 2048, 3635, 100)
+    assert not dec.saw_output
+    dec.progress = None
+    dec.feed(_chunk("Hi"))
+    dec.feed(_progress_chunk(3635, 3635))  # after the first token: not progress any more
+    assert dec.progress is None
+
+
+@pytest.mark.parametrize(
+    ("progress", "field"),
+    [
+        ("[1]", "prompt_progress"),
+        ('{"total": "x", "processed": 1}', "prompt_progress.total"),
+        ('{"total": 10, "processed": -1}', "prompt_progress.processed"),
+        ('{"total": 10, "processed": 1, "time_ms": "soon"}', "prompt_progress.time_ms"),
+    ],
+)
+def test_llamacpp_prompt_progress_of_the_wrong_shape_names_the_field(
+    progress: str, field: str
+) -> None:
+    frame = b'data: {"choices": [], "prompt_progress": ' + progress.encode() + b"}\n\n"
+    with pytest.raises(BadChunk) as info:
+        ChatStreamDecoder().feed(frame)
+    assert field in info.value.what

@@ -73,6 +73,7 @@ from ._wire import (
     LLAMACPP_HEADERS,
     NO_MODELS,
     OVERFLOW,
+    UVICORN_HEADERS,
     dumps,
     error_object,
     html_page,
@@ -386,6 +387,8 @@ class _Handlers:
         return json_reply(self._v0_entry(model))
 
     async def unexpected(self, request: Request, exc: Exception) -> Response:
+        if self.sim.config.defaults.dialect == "llamacpp-python":  # FastAPI's answer
+            return json_reply({"detail": "Not Found"}, 404)
         if self.sim.config.defaults.dialect == "llamacpp":  # as llama-server answers
             body = {"error": {"message": "File Not Found", "type": "not_found_error", "code": 404}}
             return json_reply(body, 404)
@@ -526,6 +529,9 @@ class _Handlers:
         if prompt_tokens > model.context_length:
             if sc.dialect == "llamacpp":
                 return _llamacpp_overflow(prompt_tokens, model.context_length)
+            if sc.dialect == "llamacpp-python" and stream:
+                # 200 and an event stream with nothing in it, as measured on that server
+                return Response(b"", media_type="text/event-stream")
             return json_reply({"error": OVERFLOW}, 400)
 
         stream_options = _field(body, "stream_options", (dict,), "an object") or {}
@@ -784,6 +790,14 @@ class _Handlers:
         count = len(content) // 4 if content else 0
         return json_reply({"tokens": [1000 + i for i in range(max(1, count) if content else 0)]})
 
+    async def tokenize_count(self, request: Request) -> Response:
+        """llama-cpp-python's ``POST /extras/tokenize/count {"input": text}`` → ``{"count"}``."""
+        body = await self._body(request, error_object)
+        text = body.get("input")
+        if not isinstance(text, str):
+            return error_object("'input' must be a string", param="input")
+        return json_reply({"count": prompt_tokens_of([{"role": "user", "content": text}])})
+
     async def input_tokens(self, request: Request) -> Response:
         """``POST /v1/chat/completions/input_tokens``: the prompt's size before sending it."""
         body = await self._body(request, error_object)
@@ -848,8 +862,10 @@ class _FrontDoor:
         index = recorder.add(scope["method"], scope["path"], auth=auth, query=query)
         scope.setdefault("state", {})["sim_record"] = index
 
-        llamacpp = self.sim.config.defaults.dialect == "llamacpp"
-        extra = LLAMACPP_HEADERS if llamacpp else EXPRESS_HEADERS
+        dialect = self.sim.config.defaults.dialect
+        extra = {"llamacpp": LLAMACPP_HEADERS, "llamacpp-python": UVICORN_HEADERS}.get(
+            dialect, EXPRESS_HEADERS
+        )
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -901,14 +917,18 @@ def build_app(config: SimConfig, recorder: Recorder) -> Starlette:
         Route("/v1/chat/completions", handlers.chat, methods=["POST"]),
         Route("/api/v0/chat/completions", handlers.chat, methods=["POST"]),
     ]
-    if config.defaults.dialect == "llamacpp":
+    if config.defaults.dialect == "llamacpp-python":
+        routes += [
+            Route("/extras/tokenize/count", handlers.tokenize_count, methods=["POST"]),
+        ]
+    elif config.defaults.dialect == "llamacpp":
         routes += [
             Route("/props", handlers.props, methods=["GET"]),
             Route("/slots", handlers.slots, methods=["GET"]),
             Route("/tokenize", handlers.tokenize, methods=["POST"]),
             Route("/v1/chat/completions/input_tokens", handlers.input_tokens, methods=["POST"]),
         ]
-    else:
+    elif config.native_api:
         routes += [
             Route("/api/v1/chat", handlers.native_chat, methods=["POST"]),
             Route("/api/v1/models", handlers.list_models_native, methods=["GET"]),

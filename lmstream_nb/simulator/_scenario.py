@@ -55,7 +55,7 @@ PROFILES: dict[str, Profile] = {
 }
 
 REASONING_MODES = ("off", "separate", "inline", "reasoning")
-DIALECTS = ("lmstudio", "openai", "llamacpp")
+DIALECTS = ("lmstudio", "openai", "llamacpp", "llamacpp-python")
 LINE_ENDINGS = ("lf", "crlf", "cr")
 ERROR_BODIES = ("string", "object", "html", "empty")
 FLOODS = ("line", "data", "gzip")
@@ -169,7 +169,11 @@ class Scenario:
       ``"llamacpp"`` (opening chunk ``{"role": "assistant", "content": null}``, usage chunk with
       ``timings``, and ``prompt_progress`` chunks at 0 and after every ``batch_size`` tokens when
       the request has ``"return_progress": true``). A server whose default dialect is
-      ``"llamacpp"`` is a llama.cpp server throughout (see ``_app``).
+      ``"llamacpp"`` is a llama.cpp server throughout (see ``_app``). ``"llamacpp-python"``
+      is llama-cpp-python's own server (``python -m llama_cpp.server``): OpenAI-style
+      framing, ``Server: uvicorn``, token counting at ``POST /extras/tokenize/count`` and no
+      context size anywhere, and a streamed prompt over the context answered with 200 and an
+      empty event stream (its error goes only to its log).
     - ``line_ending``: ``"lf"``, ``"crlf"`` or ``"cr"`` for every SSE line.
     - ``bom``: start the body with a UTF-8 byte-order mark.
     """
@@ -392,6 +396,9 @@ class SimConfig:
       "mlx" always have one slot.
     - ``context_length``: the loaded context; longer prompts get LM Studio's overflow error.
       ``POST /api/v1/models/load`` and a native chat that loads a model may choose another.
+    - ``native_api``: serve LM Studio 0.4's native ``/api/v1`` (the default); ``False`` is
+      LM Studio 0.3, whose only chat is the silent ``/v1/chat/completions`` (``/api/v1``
+      paths get its "Unexpected endpoint" answer).
     - ``defaults``: the server-wide scenario that a request's ``"sim"`` object is merged over.
     """
 
@@ -405,6 +412,7 @@ class SimConfig:
     api_key: str | None = None
     parallel: int | None = 4
     context_length: int = 131072
+    native_api: bool = True
     defaults: Scenario = dataclasses.field(default_factory=Scenario)
 
     def __post_init__(self) -> None:
@@ -426,6 +434,8 @@ class SimConfig:
             raise ScenarioError(f"models must name at least one model, each once: {self.models!r}")
         _count("parallel", self.parallel, minimum=1)
         _count("context_length", self.context_length, optional=False, minimum=1)
+        if not isinstance(self.native_api, bool):
+            raise ScenarioError(f"native_api must be true or false, got {self.native_api!r}")
         if not isinstance(self.defaults, Scenario):
             raise ScenarioError(f"defaults must be a Scenario, got {self.defaults!r}")
 

@@ -42,6 +42,9 @@ def summary(record: RequestRecord) -> str:
     return " ".join(parts)
 
 
+_CHAT_PATHS = ("/chat/completions", "/api/v1/chat")
+
+
 class SimServer:
     """One simulated LM Studio server and what it recorded.
 
@@ -91,6 +94,11 @@ class SimServer:
         reply a moment before the record is final; use :meth:`wait_for` to wait for that.
         """
         return self._recorder.snapshot()
+
+    def chats(self) -> list[RequestRecord]:
+        """The chat requests among :meth:`records` (``/v1/chat/completions``, its v0 twin and
+        the native ``/api/v1/chat``), leaving out model lists, probes and token counts."""
+        return [r for r in self._recorder.snapshot() if r.path.endswith(_CHAT_PATHS)]
 
     def wait_for(
         self, predicate: Callable[[RequestRecord], bool], timeout: float = 5.0

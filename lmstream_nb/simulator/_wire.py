@@ -20,6 +20,7 @@ __all__ = [
     "LLAMACPP_HEADERS",
     "NO_MODELS",
     "OVERFLOW",
+    "UVICORN_HEADERS",
     "Abort",
     "AbortAfterHeaders",
     "dumps",
@@ -38,6 +39,7 @@ EXPRESS_HEADERS = [
     (b"keep-alive", b"timeout=5"),
 ]
 LLAMACPP_HEADERS = [(b"server", b"llama.cpp")]  # what llama-server sends instead
+UVICORN_HEADERS = [(b"server", b"uvicorn")]  # llama-cpp-python's server
 JSON_TYPE = "application/json; charset=utf-8"
 NO_MODELS = (
     "No models loaded. Please load a model in the developer page or use the 'lms load' command."
