@@ -197,8 +197,26 @@ def _error_code(body: bytes) -> str | None:
     return None
 
 
+def _context_counts(body: bytes) -> tuple[int | None, int | None]:
+    """llama.cpp's overflow refusal names both numbers (``n_prompt_tokens``, ``n_ctx``)."""
+    obj = parse_json(body)
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if not isinstance(err, dict):
+        return None, None
+    counts = [err.get("n_prompt_tokens"), err.get("n_ctx")]
+    prompt, context = (c if type(c) is int and c > 0 else None for c in counts)
+    return prompt, context
+
+
 def _classify(
-    *, status: int, message: str | None, code: str | None, url: str, model: str | None
+    *,
+    status: int,
+    message: str | None,
+    code: str | None,
+    url: str,
+    model: str | None,
+    prompt_tokens: int | None = None,
+    context_length: int | None = None,
 ) -> HTTPStatusError:
     """One HTTP failure → the most specific error, with a sentence saying what to do."""
     low = (message or "").lower()
@@ -235,12 +253,17 @@ def _classify(
             model=model or "",
         )
     if code == "exceed_context_size_error" or any(p in low for p in _CONTEXT_PATTERNS):
+        size = "" if prompt_tokens is None else f" ({prompt_tokens:,} tokens)"
+        window = "" if context_length is None else f" of {context_length:,} tokens"
         return PromptTooLong(
-            f"The prompt does not fit the model's context window at {url} ({said}): shorten "
-            "the prompt or load the model with a larger context length, then run again.",
+            f"The prompt{size} does not fit the model's context window{window} at {url} "
+            f"({said}): shorten the prompt or load the model with a larger context length, "
+            "then run again.",
             url=url,
             status=status,
             server_message=message,
+            prompt_tokens=prompt_tokens,
+            context_length=context_length,
         )
     if status == 404:
         return _unknown_endpoint(status, message, url)
@@ -699,7 +722,12 @@ class _StreamRun:
         prompt_tokens = usage.get("prompt_tokens")
         completion_tokens = usage.get("completion_tokens")
         tps = None
-        if isinstance(completion_tokens, int) and self._t_first is not None:
+        # One token says nothing about speed (it would divide by the time of one read).
+        if (
+            isinstance(completion_tokens, int)
+            and completion_tokens > 1
+            and self._t_first is not None
+        ):
             gen_time = now - self._t_first
             if gen_time > 0:
                 tps = completion_tokens / gen_time
@@ -1430,9 +1458,12 @@ class LMStudioClient:
             "/chat/completions/input_tokens", {"messages": body["messages"]}
         )
         count = obj.get("input_tokens") if isinstance(obj, dict) else None
-        if type(count) is int and count > context_length:
+        # llama.cpp refuses a prompt that fills the context exactly, too: nothing is left for
+        # the answer (measured: "request (256 tokens) exceeds the available context size
+        # (256 tokens)").
+        if type(count) is int and count >= context_length:
             raise PromptTooLong(
-                f"The prompt has {count:,} tokens, more than the {context_length:,}-token "
+                f"The prompt has {count:,} tokens, too many for the {context_length:,}-token "
                 f"context of the model at {self.url}, so it was not sent: shorten the prompt "
                 "or load the model with a larger context length, then run again.",
                 url=self.url,
@@ -1518,12 +1549,17 @@ class LMStudioClient:
         compressed = "" if compressed in ("", "identity") else compressed
         if status >= 400:
             body = b"" if compressed else await self._read_body(response, watchdog)
+            prompt_tokens, context_length = _context_counts(body)
+            if context_length is None and model is not None and self._info is not None:
+                context_length = self._info.context_of(model)  # LM Studio's model list
             error = _classify(
                 status=status,
                 message=self._scrub(_body_message(body, response.headers.get("content-type", ""))),
                 code=_error_code(body),
                 url=self.url,
                 model=model,
+                prompt_tokens=prompt_tokens,
+                context_length=context_length,
             )
             if retry and status in RETRY_STATUSES:
                 raise _Retryable(error, _retry_after(response))

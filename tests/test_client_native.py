@@ -406,8 +406,24 @@ async def test_llamacpp_the_context_check_can_be_switched_off(llamacpp: Any) -> 
     async with LMStudioClient(llamacpp.base_url, check_context=False) as client:
         with pytest.raises(PromptTooLong) as info:
             await client.stream_chat("z" * 20000, model="any").collect()
-    assert info.value.status == 400  # the server's own refusal
+    error = info.value
+    assert error.status == 400  # the server's own refusal, with its own numbers
+    assert (error.prompt_tokens, error.context_length) == (5000, 4096)
+    assert "(5,000 tokens)" in str(error)
+    assert "context window of 4,096 tokens" in str(error)
     assert [r.path for r in llamacpp.chats()] == ["/v1/chat/completions"]
+
+
+async def test_llamacpp_a_prompt_that_fills_the_context_exactly_is_refused_too(
+    llamacpp: Any,
+) -> None:
+    """llama.cpp refuses it as well: nothing would be left for the answer."""
+    async with LMStudioClient(llamacpp.base_url) as client:
+        with pytest.raises(PromptTooLong) as info:
+            await client.stream_chat("z" * (4096 * 4), model="any").collect()
+        fits = await client.stream_chat("z" * (4095 * 4), model="any", max_tokens=1).collect()
+    assert info.value.prompt_tokens == 4096
+    assert fits.stats.prompt_tokens == 4095
 
 
 async def test_an_empty_stream_from_llama_cpp_python_names_the_likely_cause() -> None:

@@ -526,9 +526,10 @@ class _Handlers:
         model = self._resolve_model(_field(body, "model", (str,), "a string"))
         prompt_tokens = prompt_tokens_of(messages)
         recorder.update(index, model=model.id, prompt_tokens=prompt_tokens)
+        # llama-server refuses a prompt that fills its context exactly, too (measured)
+        if sc.dialect == "llamacpp" and prompt_tokens >= model.context_length:
+            return _llamacpp_overflow(prompt_tokens, model.context_length)
         if prompt_tokens > model.context_length:
-            if sc.dialect == "llamacpp":
-                return _llamacpp_overflow(prompt_tokens, model.context_length)
             if sc.dialect == "llamacpp-python" and stream:
                 # 200 and an event stream with nothing in it, as measured on that server
                 return Response(b"", media_type="text/event-stream")
