@@ -155,6 +155,39 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Pa
         log.close()
 
 
+def _write_runner_notebook(path: Path) -> None:
+    """A notebook whose one cell starts the simulator and shows a runner."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nb.cells = [nbformat.v4.new_code_cell(NOTEBOOK_CELL.strip())]
+    nbformat.write(nb, str(path))
+
+
+def _assert_no_widget_error(page: Any) -> None:
+    """No output of the notebook is a widget JupyterLab cannot draw (hidden ones included)."""
+    body = page.evaluate("document.querySelector('.jp-NotebookPanel').textContent")
+    assert "Error displaying widget" not in body
+    assert "model not found" not in body
+
+
+def _show_runner(page: Any) -> None:
+    """Run the notebook, fill the runner's variable and wait for its model list."""
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page.wait_for_selector(".lmstream-runner .lmstream-var-name textarea", timeout=60_000)
+    page.fill(".lmstream-runner .lmstream-var-name textarea", "World")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.lmstream-runner select option')]"
+        ".some(o => o.textContent.includes('lmstream-sim-8b'))",
+        timeout=30_000,
+    )
+
+
 @pytest.fixture(scope="module")
 def browser_page(lab: tuple[str, str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
     playwright_api = pytest.importorskip("playwright.sync_api")
@@ -185,33 +218,18 @@ def browser_page(lab: tuple[str, str, Path], tmp_path_factory: pytest.TempPathFa
 def test_runner_streams_stops_and_keeps_html_as_text(
     lab: tuple[str, str, Path], browser_page: Any
 ) -> None:
-    import nbformat
 
     base, token, root = lab
     page = browser_page
     ARTIFACTS.mkdir(exist_ok=True)
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nb.cells = [nbformat.v4.new_code_cell(NOTEBOOK_CELL.strip())]
-    nbformat.write(nb, str(root / "runner.ipynb"))
+    _write_runner_notebook(root / "runner.ipynb")
     try:
         page.goto(f"{base}/lab/tree/runner.ipynb?token={token}&reset")
         page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
         page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
-        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-        page.wait_for_selector(".lmstream-runner .lmstream-var-name textarea", timeout=60_000)
-        page.fill(".lmstream-runner .lmstream-var-name textarea", "World")
-        page.wait_for_function(
-            "() => [...document.querySelectorAll('.lmstream-runner select option')]"
-            ".some(o => o.textContent.includes('lmstream-sim-8b'))",
-            timeout=30_000,
-        )
+        _show_runner(page)
         page.evaluate(SAMPLER_JS)
         page.click(".lmstream-runner button:has-text('Run')")
         page.wait_for_function(
@@ -377,9 +395,7 @@ def test_every_committed_notebook_renders_without_its_kernel(
             ".includes('Loading widget')",
             timeout=30_000,
         )
-        body = page.evaluate("document.querySelector('.jp-NotebookPanel').textContent")
-        assert "Error displaying widget" not in body
-        assert "model not found" not in body
+        _assert_no_widget_error(page)
     finally:
         page.close(run_before_unload=False)
 
@@ -466,4 +482,73 @@ def test_notebook_02_shows_the_runner_saved_and_live(
         page.screenshot(path=str(ARTIFACTS / "runner02-reloaded.png"))
     finally:
         page.screenshot(path=str(ARTIFACTS / "runner02-final.png"))
+        page.close(run_before_unload=False)
+
+
+def test_a_runner_its_user_saved_reopens_without_its_kernel(
+    lab: tuple[str, str, Path], browser_page: Any
+) -> None:
+    """What a user does: run the cell, use the runner, save (JupyterLab's default: no widget
+    state saved), close. Reopened with the kernel gone, the cell shows a note in the runner's
+    place and the snapshot of its last run (status line and text), never "model not found"."""
+    import nbformat
+
+    base, token, root = lab
+    page = browser_page.context.new_page()
+    ARTIFACTS.mkdir(exist_ok=True)
+    _write_runner_notebook(root / "saved-runner.ipynb")
+    try:
+        _open(page, base, token, "saved-runner.ipynb")
+        _show_runner(page)
+        page.click(".lmstream-runner button:has-text('Run')")
+        page.wait_for_selector(".lmstream-runner .lmstream-view[data-state='done']", timeout=60_000)
+        page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
+        status = page.inner_text(".lmstream-runner .lmstream-status")
+        text = page.inner_text(".lmstream-runner .lmstream-text")
+        assert status.startswith("done · greet@1 · lmstream-sim-8b · first token"), status
+        page.wait_for_function(  # the snapshot follows the run, hidden while the runner is shown
+            "() => { const s = document.querySelector('.lmstream-snapshot');"
+            " return s && s.textContent.includes('run #') && s.offsetParent === null; }",
+            timeout=30_000,
+        )
+        assert (
+            page.evaluate(
+                "window.jupyterapp.commands.isToggled("
+                "'@jupyter-widgets/jupyterlab-manager:saveWidgetState')"
+            )
+            is False
+        ), "JupyterLab's default: widget state is not saved"
+        _save(page)
+
+        for kernel in _api(base, token, "/api/kernels"):
+            _api(base, token, f"/api/kernels/{kernel['id']}", method="DELETE")
+        page.reload()
+        page.wait_for_selector(".jp-NotebookPanel .jp-CodeCell", timeout=60_000)
+        page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
+        page.wait_for_selector(".lmstream-snapshot", timeout=30_000)
+        page.wait_for_function(  # the widget manager has looked for the runner's model
+            "() => { const t = document.querySelector('.jp-NotebookPanel').textContent;"
+            " return !t.includes('Loading widget') && (t.includes('needs its kernel')"
+            " || t.includes('Error displaying widget')); }",
+            timeout=30_000,
+        )
+        _assert_no_widget_error(page)
+        assert "needs its kernel" in page.inner_text(".lmstream-runner-stand-in")
+        [snapshot] = _visible_texts(page, ".lmstream-snapshot")
+        assert snapshot.startswith(status), "the status line the live runner showed"
+        assert text in snapshot
+        page.screenshot(path=str(ARTIFACTS / "saved-runner-reopened.png"))
+
+        # In the file: the stand-in is the only widget state saved.
+        saved = nbformat.read(str(root / "saved-runner.ipynb"), as_version=4)
+        [runner_view] = [
+            o["data"]["application/vnd.jupyter.widget-view+json"]
+            for o in saved.cells[0].outputs
+            if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+        ]
+        state = saved.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+        assert list(state) == [runner_view["model_id"]], "only the stand-in, nothing else saved"
+        assert state[runner_view["model_id"]]["model_name"] == "HTMLModel"
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "saved-runner-final.png"))
         page.close(run_before_unload=False)
