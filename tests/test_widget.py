@@ -349,3 +349,4 @@ async def test_the_snapshot_and_the_stand_in_name_their_runner(
     )
     assert "needs its kernel" in stand_in["state"]["value"]
     assert "lmstream-wide-button" in keeper._css, "the runner's styles come with it"
+    assert ".jp-" not in keeper._esm + keeper._css, "no front end's own class names"

@@ -5,10 +5,11 @@ folder, opens a notebook whose kernel starts the simulator and shows a runner, t
 variable, clicks Run and watches the text grow, runs again and clicks Stop, and checks that
 HTML in the model's answer stays text. It also opens notebooks 01 and 02 as committed (their
 kernel long gone) to check that every run still shows, and runs notebook 02, reloads the page
-and removes its kernel to check what the runner keeps. Screenshots go to ``test-artifacts/``;
-``LMSTREAM_UPDATE_SCREENSHOTS=1`` also refreshes the picture of the runner in notebook 02. Debian's
-``chromium`` is used (Playwright cannot download its own browser here); without it the test is
-skipped with that reason.
+and removes its kernel to check what the runner keeps. A runner and a batch are saved as a user
+saves them (JupyterLab's default: no widget state) and reopened without their kernel.
+Screenshots go to ``test-artifacts/``; ``LMSTREAM_UPDATE_SCREENSHOTS=1`` also refreshes the
+picture of the runner in notebook 02. Debian's ``chromium`` is used (Playwright cannot download
+its own browser here); without it the test is skipped with that reason.
 """
 
 from __future__ import annotations
@@ -174,6 +175,16 @@ def _assert_no_widget_error(page: Any) -> None:
     body = page.evaluate("document.querySelector('.jp-NotebookPanel').textContent")
     assert "Error displaying widget" not in body
     assert "model not found" not in body
+
+
+def _reopen_without_its_kernel(page: Any, base: str, token: str) -> None:
+    """Remove every kernel and reload the page: the notebook opens with a new kernel, which has
+    none of the old one's widgets (as a notebook reopened another day)."""
+    for kernel in _api(base, token, "/api/kernels"):
+        _api(base, token, f"/api/kernels/{kernel['id']}", method="DELETE")
+    page.reload()
+    page.wait_for_selector(".jp-NotebookPanel .jp-CodeCell", timeout=60_000)
+    page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
 
 
 def _show_runner(page: Any) -> None:
@@ -464,10 +475,7 @@ def test_notebook_02_shows_the_runner_saved_and_live(
         assert _visible_texts(page, ".lmstream-snapshot") == []
 
         # -- reopened after its kernel is gone: the snapshot shows the last run ----------------
-        for kernel in _api(base, token, "/api/kernels"):
-            _api(base, token, f"/api/kernels/{kernel['id']}", method="DELETE")
-        page.reload()
-        page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
+        _reopen_without_its_kernel(page, base, token)
         page.wait_for_selector(".lmstream-snapshot", timeout=30_000)
         [snapshot] = _visible_texts(page, ".lmstream-snapshot")
         assert snapshot.startswith(status), "the status line the live runner showed"
@@ -520,11 +528,7 @@ def test_a_runner_its_user_saved_reopens_without_its_kernel(
         ), "JupyterLab's default: widget state is not saved"
         _save(page)
 
-        for kernel in _api(base, token, "/api/kernels"):
-            _api(base, token, f"/api/kernels/{kernel['id']}", method="DELETE")
-        page.reload()
-        page.wait_for_selector(".jp-NotebookPanel .jp-CodeCell", timeout=60_000)
-        page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
+        _reopen_without_its_kernel(page, base, token)
         page.wait_for_selector(".lmstream-snapshot", timeout=30_000)
         page.wait_for_function(  # the widget manager has looked for the runner's model
             "() => { const t = document.querySelector('.jp-NotebookPanel').textContent;"
@@ -551,4 +555,44 @@ def test_a_runner_its_user_saved_reopens_without_its_kernel(
         assert state[runner_view["model_id"]]["model_name"] == "HTMLModel"
     finally:
         page.screenshot(path=str(ARTIFACTS / "saved-runner-final.png"))
+        page.close(run_before_unload=False)
+
+
+BATCH_CELL = """
+from lmstream_nb import Prompt, run_many, simulator
+pace = simulator.Scenario(output_tokens=30, gen_tps=60)
+sim = simulator.serve(profile="test-fast", defaults=pace)
+rows = [{"name": str(i)} for i in range(6)]
+batch = run_many(Prompt("Say hello to {{name}}."), rows, base_url=sim.base_url, concurrency=2)
+"""
+
+
+def test_a_batch_its_user_saved_keeps_its_progress_line(
+    lab: tuple[str, str, Path], browser_page: Any
+) -> None:
+    """run_many's progress in a notebook is an ordinary output: saved (widget state off) and
+    reopened with the kernel gone, it shows the batch as it ended, not a widget error."""
+    import nbformat
+
+    base, token, root = lab
+    page = browser_page.context.new_page()
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3"}
+    nb.cells = [nbformat.v4.new_code_cell(BATCH_CELL.strip())]
+    nbformat.write(nb, str(root / "batch.ipynb"))
+    try:
+        _open(page, base, token, "batch.ipynb")
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        page.wait_for_function(ALL_CELLS_RAN_JS, timeout=60_000)
+        page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
+        page.wait_for_selector(".lmstream-progress[data-state='done']", timeout=30_000)
+        _save(page)
+        _reopen_without_its_kernel(page, base, token)
+        page.wait_for_selector(".lmstream-progress", timeout=30_000)
+        _assert_no_widget_error(page)
+        [line] = _visible_texts(page, ".lmstream-progress")
+        assert line.startswith("lmstream batch: 6/6 rows (100%)"), line
+        assert "ok=6, failed=0" in line
+        page.screenshot(path=str(ARTIFACTS / "batch-reopened.png"))
+    finally:
         page.close(run_before_unload=False)
