@@ -187,6 +187,22 @@ def _reopen_without_its_kernel(page: Any, base: str, token: str) -> None:
     page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
 
 
+def _saved_widgets(path: Path) -> tuple[list[str], dict[str, Any]]:
+    """The ids of the widget outputs in a saved notebook, and its saved widget state."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    view = "application/vnd.jupyter.widget-view+json"
+    shown = [
+        output["data"][view]["model_id"]
+        for cell in nb.cells
+        for output in cell.get("outputs", [])
+        if view in output.get("data", {})
+    ]
+    saved = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
+    return shown, dict(saved.get("state", {}))
+
+
 def _show_runner(page: Any) -> None:
     """Run the notebook, fill the runner's variable and wait for its model list."""
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
@@ -499,8 +515,6 @@ def test_a_runner_its_user_saved_reopens_without_its_kernel(
     """What a user does: run the cell, use the runner, save (JupyterLab's default: no widget
     state saved), close. Reopened with the kernel gone, the cell shows a note in the runner's
     place and the snapshot of its last run (status line and text), never "model not found"."""
-    import nbformat
-
     base, token, root = lab
     page = browser_page.context.new_page()
     ARTIFACTS.mkdir(exist_ok=True)
@@ -544,17 +558,64 @@ def test_a_runner_its_user_saved_reopens_without_its_kernel(
         page.screenshot(path=str(ARTIFACTS / "saved-runner-reopened.png"))
 
         # In the file: the stand-in is the only widget state saved.
-        saved = nbformat.read(str(root / "saved-runner.ipynb"), as_version=4)
-        [runner_view] = [
-            o["data"]["application/vnd.jupyter.widget-view+json"]
-            for o in saved.cells[0].outputs
-            if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
-        ]
-        state = saved.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
-        assert list(state) == [runner_view["model_id"]], "only the stand-in, nothing else saved"
-        assert state[runner_view["model_id"]]["model_name"] == "HTMLModel"
+        [runner_id], state = _saved_widgets(root / "saved-runner.ipynb")
+        assert list(state) == [runner_id], "only the stand-in, nothing else saved"
+        assert state[runner_id]["model_name"] == "HTMLModel"
+
+        # Run again in the new kernel and save: the new runner's stand-in replaces the old one.
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        page.wait_for_selector(".lmstream-runner .lmstream-var-name textarea", timeout=60_000)
+        page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
+        _save(page)
+        [again], state = _saved_widgets(root / "saved-runner.ipynb")
+        assert again != runner_id
+        assert list(state) == [again]
     finally:
         page.screenshot(path=str(ARTIFACTS / "saved-runner-final.png"))
+        page.close(run_before_unload=False)
+
+
+SAVE_WIDGET_STATE = "@jupyter-widgets/jupyterlab-manager:saveWidgetState"
+
+
+def _set_save_widget_state(page: Any, on: bool) -> None:
+    if page.evaluate(f"window.jupyterapp.commands.isToggled({SAVE_WIDGET_STATE!r})") != on:
+        page.evaluate(f"window.jupyterapp.commands.execute({SAVE_WIDGET_STATE!r})")
+        page.wait_for_function(
+            f"on => window.jupyterapp.commands.isToggled({SAVE_WIDGET_STATE!r}) === on",
+            arg=on,
+            timeout=10_000,
+        )
+
+
+def test_a_runner_saved_with_its_widget_state_is_left_as_saved(
+    lab: tuple[str, str, Path], browser_page: Any
+) -> None:
+    """With Save Widget State Automatically on, JupyterLab saves the whole runner and the
+    stand-in stays out: reopened without its kernel, the runner is drawn as it was."""
+    base, token, root = lab
+    page = browser_page.context.new_page()
+    _write_runner_notebook(root / "state-runner.ipynb")
+    try:
+        _open(page, base, token, "state-runner.ipynb")
+        _set_save_widget_state(page, True)
+        _show_runner(page)
+        page.click(".lmstream-runner button:has-text('Run')")
+        page.wait_for_selector(".lmstream-runner .lmstream-view[data-state='done']", timeout=60_000)
+        page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
+        text = page.inner_text(".lmstream-runner .lmstream-text")
+        _save(page)
+        [runner_id], state = _saved_widgets(root / "state-runner.ipynb")
+        assert state[runner_id]["model_name"] == "VBoxModel", "the runner itself, not a stand-in"
+        assert len(state) > 50, "all its widgets"
+
+        _reopen_without_its_kernel(page, base, token)
+        page.wait_for_selector(".lmstream-runner .lmstream-text", timeout=30_000)
+        _assert_no_widget_error(page)
+        assert page.inner_text(".lmstream-runner .lmstream-text") == text
+        assert _visible_texts(page, ".lmstream-snapshot") == [], "the runner stands for itself"
+    finally:
+        _set_save_widget_state(page, False)
         page.close(run_before_unload=False)
 
 
