@@ -55,7 +55,8 @@ _STAND_IN_CLASS = "lmstream-runner-stand-in"
 # just before each save: a saved notebook opened without its kernel then draws a one-line
 # note where the runner was, not "Error displaying widget: model not found" (a widget output
 # is always drawn by the widget manager, which needs the model's state). A runner saved in
-# full (Save Widget State Automatically) is left as saved.
+# full (Save Widget State Automatically) is left as saved. The kernel cannot do this itself:
+# a save writes what the page holds at that moment, and then the runner is still in use.
 _KEEPER_ESM = r"""
 const STATE = "application/vnd.jupyter.widget-state+json";
 const VIEW = "application/vnd.jupyter.widget-view+json";
