@@ -8,7 +8,7 @@ is recorded as cancelled, its connection closed) and keeps what finished.
 Rows are spread over one or more base URLs (several LM Studio machines): each URL gets its own
 client, and workers take the next row from a shared queue, so a slow machine simply takes
 fewer rows. The progress bar is tqdm's text bar in a terminal and an HTML line in a notebook
-(``_progress``), which a saved notebook shows without its kernel.
+(``_batch_progress``), which a saved notebook shows without its kernel.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._batch_progress import advance, progress_bar
 from ._client import LMStudioClient
 from ._config import Budgets, Retries
 from ._errors import LMStreamError, TemplateError, render, rerun_could_help
 from ._events import Stats
 from ._loop import shared_loop
-from ._progress import advance, progress_bar
 from ._prompt_fields import check_max_tokens, check_temperature
 from ._run import RunResult, arun, default_store, status_of
 from ._store import PromptStore

@@ -157,7 +157,13 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "_history.py",
         "_store.py",
     ),
-    "presentation": ("_throttle.py", "_view.py", "_terminal.py", "_outcome.py", "_progress.py"),
+    "presentation": (
+        "_throttle.py",
+        "_view.py",
+        "_terminal.py",
+        "_outcome.py",
+        "_batch_progress.py",
+    ),
     "orchestration": ("_loop.py", "_sync.py", "_run.py", "_batch.py"),
     "front ends": (
         "cli.py",

@@ -74,10 +74,10 @@ from typing import Any
 
 from .. import simulator
 from .._batch import BatchResult, arun_many, new_batch_id
+from .._batch_progress import advance, progress_bar
 from .._config import Budgets, Retries
 from .._errors import PromptNotFound
 from .._loop import shared_loop
-from .._progress import advance, progress_bar
 from .._run import default_store
 from .._store import PromptStore
 from .._template import Prompt

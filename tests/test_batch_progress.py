@@ -11,7 +11,7 @@ from notebook_kernel import Kernel, running_kernel
 from waiting import await_until
 
 from lmstream_nb import simulator
-from lmstream_nb._progress import NotebookProgress, advance, in_notebook, progress_bar
+from lmstream_nb._batch_progress import NotebookProgress, advance, in_notebook, progress_bar
 
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
