@@ -7,8 +7,8 @@ is recorded as cancelled, its connection closed) and keeps what finished.
 
 Rows are spread over one or more base URLs (several LM Studio machines): each URL gets its own
 client, and workers take the next row from a shared queue, so a slow machine simply takes
-fewer rows. The progress bar is tqdm's ``auto`` flavour: a widget in a notebook, a text bar in
-a terminal.
+fewer rows. The progress bar is tqdm's text bar in a terminal and an HTML line in a notebook
+(``_batch_progress``), which a saved notebook shows without its kernel.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._batch_progress import advance, progress_bar
 from ._client import LMStudioClient
 from ._config import Budgets, Retries
 from ._errors import LMStreamError, TemplateError, render, rerun_could_help
@@ -132,26 +133,8 @@ def _result_from_record(store: PromptStore, run_id: int, label: str) -> RunResul
     )
 
 
-def progress_bar(total: int, desc: str, unit: str) -> Any:
-    """A tqdm bar (``auto``: a widget in a notebook, text in a terminal) as wide as the
-    terminal at most, left in place when it closes."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
-
-
-def advance(bar: Any, count: int = 1) -> None:
-    """Count ``count`` more on ``bar``; the step that completes it is counted without drawing,
-    so ``close()`` draws the finished bar once (drawing it here too printed 100% twice wherever
-    a line cannot be redrawn in place: a log, a pipe, a line wider than the terminal)."""
-    if bar.total is not None and bar.n + count >= bar.total:
-        bar.n += count
-    else:
-        bar.update(count)
-
-
 class _Progress:
-    """done / failed / in flight and tokens per second, on one tqdm bar (or nothing)."""
+    """done / failed / in flight and tokens per second, on one progress bar (or nothing)."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar: Any = None

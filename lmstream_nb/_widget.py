@@ -15,7 +15,9 @@ import datetime as dt
 import html
 from typing import Any
 
+import anywidget
 import ipywidgets as w
+import traitlets
 
 from ._client import LMStudioClient
 from ._config import Budgets, parse_seconds, resolve_base_url
@@ -33,18 +35,116 @@ _ERROR_STYLE = "color: var(--jp-error-color1, #c62828); font-size: 0.9em"
 
 _NOTE_STYLE = "color: var(--jp-ui-font-color1, #333); font-size: 0.9em"
 
-# The runner's own styles. Buttons keep their whole label, history rows line up in columns,
-# and the saved snapshot under the runner is hidden while the live runner is shown above it.
-_RUNNER_CSS = """<style>
+# The runner's own styles: buttons keep their whole label, history rows line up in columns.
+_RUNNER_CSS = """
 .lmstream-runner .lmstream-wide-button { width: auto; min-width: 9em; }
 .lmstream-runner .lmstream-history select {
   font-family: var(--jp-code-font-family, monospace); font-size: var(--jp-code-font-size, 13px);
   white-space: pre;
 }
-.jp-OutputArea-child:has(.lmstream-runner) ~ .jp-OutputArea-child:has(.lmstream-snapshot) {
-  display: none;
+"""
+
+#: What a saved notebook shows in the runner's place once its kernel is gone.
+_STAND_IN_NOTE = "The prompt runner needs its kernel: run this cell to use it. Its last run:"
+_STAND_IN_CLASS = "lmstream-runner-stand-in"
+
+# The runner's front-end helper, shown with it in any front end. While a runner is shown, its
+# snapshot (an ordinary output under it) is hidden by a rule that names the runner, not the
+# front end's own classes. And where the front end saves notebooks through a document context
+# (JupyterLab, Notebook 7), it puts a stand-in for the runner into the notebook's widget state
+# just before each save: a saved notebook opened without its kernel then draws a one-line
+# note where the runner was, not "Error displaying widget: model not found" (a widget output
+# is always drawn by the widget manager, which needs the model's state). A runner saved in
+# full (Save Widget State Automatically) is left as saved. The kernel cannot do this itself:
+# a save writes what the page holds at that moment, and then the runner is still in use.
+_KEEPER_ESM = r"""
+const STATE = "application/vnd.jupyter.widget-state+json";
+const VIEW = "application/vnd.jupyter.widget-view+json";
+
+function shownWidgets(notebook) {
+  const ids = new Set();
+  for (const cell of notebook.toJSON().cells || []) {
+    for (const output of cell.outputs || []) {
+      const view = (output.data || {})[VIEW];
+      if (view && view.model_id) ids.add(view.model_id);
+    }
+  }
+  return ids;
 }
-</style>"""
+
+function putStandIn(model, notebook) {
+  const runner = model.get("runner_id");
+  const standIn = model.get("stand_in");
+  if (!runner || !standIn || !standIn.state) return;
+  const tag = standIn.state._dom_classes[0];
+  const ours = (entry) => ((entry && entry.state && entry.state._dom_classes) || []).includes(tag);
+  const read = (key) =>
+    notebook.getMetadata ? notebook.getMetadata(key) : notebook.metadata.get(key);  // Lab 4, 3
+  const write = (key, value) =>
+    notebook.setMetadata ? notebook.setMetadata(key, value) : notebook.metadata.set(key, value);
+  const widgets = Object.assign({}, read("widgets") || {});
+  const saved = widgets[STATE] || { version_major: 2, version_minor: 0, state: {} };
+  const state = Object.assign({}, saved.state || {});
+  if (state[runner] && !ours(state[runner])) return;  // saved in full by the widget manager
+  const shown = shownWidgets(notebook);
+  for (const id of Object.keys(state)) {
+    if (ours(state[id]) && !shown.has(id)) delete state[id];  // a runner no longer shown
+  }
+  if (shown.has(runner)) state[runner] = standIn;
+  widgets[STATE] = Object.assign({}, saved, { state });
+  write("widgets", widgets);
+}
+
+function initialize({ model }) {
+  const context = model.widget_manager && model.widget_manager.context;
+  const notebook = context && context.model;
+  if (!context || !context.saveState || !notebook) return;  // no save to prepare for
+  const onSave = (_, phase) => {
+    if (phase !== "started") return;
+    try {
+      putStandIn(model, notebook);
+    } catch (error) {
+      console.warn("lmstream: the runner's stand-in was not saved", error);
+    }
+  };
+  context.saveState.connect(onSave);
+  return () => context.saveState.disconnect(onSave);
+}
+
+function render({ model, el }) {
+  const runner = model.get("runner_id");
+  if (!/^[0-9a-f]+$/.test(runner)) return;
+  const rule = document.createElement("style");
+  rule.textContent = `.lmstream-snapshot[data-lmstream-runner="${runner}"] { display: none; }`;
+  document.head.append(rule);
+  return () => rule.remove();
+}
+
+export default { initialize, render };
+"""
+
+
+class _Keeper(anywidget.AnyWidget):
+    """The runner's front-end helper (see ``_KEEPER_ESM``); it shows nothing itself."""
+
+    _esm = traitlets.Unicode(_KEEPER_ESM).tag(sync=True)
+    _css = traitlets.Unicode(_RUNNER_CSS).tag(sync=True)
+    runner_id = traitlets.Unicode("").tag(sync=True)
+    stand_in = traitlets.Dict().tag(sync=True)
+
+
+def _stand_in_state() -> dict[str, Any]:
+    """The saved widget state of the note that takes the runner's place (an ipywidgets HTML)."""
+    traits = w.HTML.class_traits()
+    return {
+        "model_module": traits["_model_module"].default_value,
+        "model_module_version": traits["_model_module_version"].default_value,
+        "model_name": traits["_model_name"].default_value,
+        "state": {
+            "value": f"<i>{html.escape(_STAND_IN_NOTE)}</i>",
+            "_dom_classes": [_STAND_IN_CLASS],
+        },
+    }
 
 
 def _error_html(message: str) -> str:
@@ -145,6 +245,7 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         history.set_title(0, "History")
         history.selected_index = None
 
+        keeper = _Keeper(layout=w.Layout(display="none"))
         super().__init__(
             [
                 w.HBox([self.prompt_picker, self.version_picker]),
@@ -160,9 +261,11 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
                 self.view_box,
                 editor,
                 history,
-                w.HTML(_RUNNER_CSS),
+                keeper,
             ]
         )
+        keeper.runner_id = self.model_id
+        keeper.stand_in = _stand_in_state()
         self.add_class("lmstream-runner")
 
         self.prompt_picker.observe(self._on_prompt, names="value")
@@ -194,8 +297,9 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         """The runner, and under it a snapshot of its last run as an ordinary output.
 
         A saved notebook opened without its kernel cannot show the runner (a widget), but it
-        shows the snapshot: the last run's status line and text. While the runner is live, its
-        CSS hides the snapshot, which is updated after every run.
+        shows the snapshot: the last run's status line and text (and, in JupyterLab, a note in
+        the runner's place; see ``_KEEPER_ESM``). While the runner is shown, the snapshot is
+        hidden; it is updated after every run.
         """
         from IPython.display import display
 
@@ -205,18 +309,19 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
 
     def snapshot_bundle(self) -> dict[str, Any]:
         """The last run as an ordinary output (status line, sentence, text): needs no kernel."""
+        # Named after its runner, whose helper hides it while the runner is shown.
+        opening = f'<div class="lmstream-snapshot" data-lmstream-runner="{self.model_id}">'
         if self.last_status is None:
             note = "The prompt runner has not run a prompt yet; run the cell to use it."
             return {
                 "text/plain": PLAIN_PREFIX + note,
-                "text/html": f'<div class="lmstream-snapshot"><i>{html.escape(note)}</i></div>',
+                "text/html": f"{opening}<i>{html.escape(note)}</i></div>",
             }
         status = status_bundle(self.last_status)
         text = self.last_text
         return {
             "text/plain": status["text/plain"] + (f"\n\n{text}" if text else ""),
-            "text/html": f'<div class="lmstream-snapshot">{status["text/html"]}'
-            f"{text_html(text) if text else ''}</div>",
+            "text/html": f"{opening}{status['text/html']}{text_html(text) if text else ''}</div>",
         }
 
     def _remember(self, final: dict[str, Any], text: str) -> None:

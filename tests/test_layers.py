@@ -161,7 +161,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "_history.py",
         "_store.py",
     ),
-    "presentation": ("_throttle.py", "_progress.py", "_view.py", "_terminal.py", "_outcome.py"),
+    "presentation": (
+        "_throttle.py",
+        "_progress.py",
+        "_batch_progress.py",
+        "_view.py",
+        "_terminal.py",
+        "_outcome.py",
+    ),
     "orchestration": ("_loop.py", "_sync.py", "_run.py", "_batch.py"),
     "front ends": (
         "cli.py",

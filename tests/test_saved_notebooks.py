@@ -2,7 +2,8 @@
 
 A widget output in a saved notebook shows "Error displaying widget: model not found" once its
 kernel is gone, so only the prompt runner may leave one (it is a widget by nature), and it
-leaves an ordinary snapshot of its last run beside it. The browser test opens them for real.
+leaves an ordinary snapshot of its last run beside it. Progress lines are ordinary HTML. The
+browser test opens them for real.
 """
 
 from __future__ import annotations
@@ -49,6 +50,26 @@ def test_every_lmstream_cell_keeps_its_status_line() -> None:
     assert len(lines) == 3
     assert all(line.startswith("lmstream: done · ") and " tok/s · run #" in line for line in lines)
     assert not any("RunResult" in str(d.get("text/plain")) for _, d in outputs)
+
+
+def test_the_runners_snapshot_names_its_runner() -> None:
+    """The snapshot is hidden while its own runner is shown, found by the runner's id."""
+    nb = nbformat.read(NOTEBOOKS / "02-prompt-runner.ipynb", as_version=4)
+    [cell] = [c for c in nb.cells if any(WIDGET in o.get("data", {}) for o in c.get("outputs", []))]
+    widget, snapshot = (o["data"] for o in cell.outputs)
+    assert f'data-lmstream-runner="{widget[WIDGET]["model_id"]}"' in snapshot["text/html"]
+
+
+def test_notebook_03_keeps_its_progress_lines_as_they_ended() -> None:
+    lines = [
+        data
+        for source, data in _outputs("03-long-prompt-success-rates.ipynb")
+        if "lmstream-progress" in str(data.get("text/html"))
+    ]
+    assert len(lines) == 2, "one for each benchmark run"
+    for data in lines:
+        assert 'data-state="done"' in str(data["text/html"])
+        assert "(100%)" in str(data["text/plain"])
 
 
 def test_notebook_02_shows_the_runner_and_05_its_plot() -> None:

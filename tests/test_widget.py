@@ -330,3 +330,24 @@ async def test_the_runner_shows_a_snapshot_a_saved_notebook_keeps(
     assert snapshot["text/plain"].startswith("lmstream: ")
     assert "has not run a prompt yet" in snapshot["text/html"]
     assert "lmstream-snapshot" in snapshot["text/html"]
+
+
+async def test_the_snapshot_and_the_stand_in_name_their_runner(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    """The runner's front-end helper hides the snapshot named after its runner while the runner
+    is shown, and saves a note (an ordinary HTML widget's state) in the runner's place; the
+    browser test checks both in JupyterLab."""
+    runner = await ready(sim.base_url, store)
+    keeper = runner.children[-1]
+    assert keeper.runner_id == runner.model_id
+    assert keeper.layout.display == "none", "it shows nothing itself"
+    assert f'data-lmstream-runner="{runner.model_id}"' in runner.snapshot_bundle()["text/html"]
+    stand_in = keeper.stand_in
+    assert (stand_in["model_module"], stand_in["model_name"]) == (
+        "@jupyter-widgets/controls",
+        "HTMLModel",
+    )
+    assert "needs its kernel" in stand_in["state"]["value"]
+    assert "lmstream-wide-button" in keeper._css, "the runner's styles come with it"
+    assert ".jp-" not in keeper._esm + keeper._css, "no front end's own class names"

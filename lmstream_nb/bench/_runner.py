@@ -73,7 +73,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import simulator
-from .._batch import BatchResult, advance, arun_many, new_batch_id, progress_bar
+from .._batch import BatchResult, arun_many, new_batch_id
+from .._batch_progress import advance, progress_bar
 from .._config import Budgets, Retries
 from .._errors import PromptNotFound
 from .._loop import shared_loop
@@ -581,7 +582,7 @@ def _lateness(plan: CellPlan, batch: BatchResult) -> dict[int, float]:
 
 
 class _Bar:
-    """One tqdm bar over every run of the benchmark (a widget in a notebook, text otherwise)."""
+    """One bar over every run of the benchmark (HTML in a notebook, tqdm's text otherwise)."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar: Any = None

@@ -5,10 +5,11 @@ folder, opens a notebook whose kernel starts the simulator and shows a runner, t
 variable, clicks Run and watches the text grow, runs again and clicks Stop, and checks that
 HTML in the model's answer stays text. It also opens notebooks 01 and 02 as committed (their
 kernel long gone) to check that every run still shows, and runs notebook 02, reloads the page
-and removes its kernel to check what the runner keeps. Screenshots go to ``test-artifacts/``;
-``LMSTREAM_UPDATE_SCREENSHOTS=1`` also refreshes the picture of the runner in notebook 02. Debian's
-``chromium`` is used (Playwright cannot download its own browser here); without it the test is
-skipped with that reason.
+and removes its kernel to check what the runner keeps. A runner and a batch are saved as a user
+saves them (JupyterLab's default: no widget state) and reopened without their kernel.
+Screenshots go to ``test-artifacts/``; ``LMSTREAM_UPDATE_SCREENSHOTS=1`` also refreshes the
+picture of the runner in notebook 02. Debian's ``chromium`` is used (Playwright cannot download
+its own browser here); without it the test is skipped with that reason.
 """
 
 from __future__ import annotations
@@ -155,6 +156,65 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Pa
         log.close()
 
 
+def _write_runner_notebook(path: Path) -> None:
+    """A notebook whose one cell starts the simulator and shows a runner."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nb.cells = [nbformat.v4.new_code_cell(NOTEBOOK_CELL.strip())]
+    nbformat.write(nb, str(path))
+
+
+def _assert_no_widget_error(page: Any) -> None:
+    """No output of the notebook is a widget JupyterLab cannot draw (hidden ones included)."""
+    body = page.evaluate("document.querySelector('.jp-NotebookPanel').textContent")
+    assert "Error displaying widget" not in body
+    assert "model not found" not in body
+
+
+def _reopen_without_its_kernel(page: Any, base: str, token: str) -> None:
+    """Remove every kernel and reload the page: the notebook opens with a new kernel, which has
+    none of the old one's widgets (as a notebook reopened another day)."""
+    for kernel in _api(base, token, "/api/kernels"):
+        _api(base, token, f"/api/kernels/{kernel['id']}", method="DELETE")
+    page.reload()
+    page.wait_for_selector(".jp-NotebookPanel .jp-CodeCell", timeout=60_000)
+    page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
+
+
+def _saved_widgets(path: Path) -> tuple[list[str], dict[str, Any]]:
+    """The ids of the widget outputs in a saved notebook, and its saved widget state."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    view = "application/vnd.jupyter.widget-view+json"
+    shown = [
+        output["data"][view]["model_id"]
+        for cell in nb.cells
+        for output in cell.get("outputs", [])
+        if view in output.get("data", {})
+    ]
+    saved = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
+    return shown, dict(saved.get("state", {}))
+
+
+def _show_runner(page: Any) -> None:
+    """Run the notebook, fill the runner's variable and wait for its model list."""
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page.wait_for_selector(".lmstream-runner .lmstream-var-name textarea", timeout=60_000)
+    page.fill(".lmstream-runner .lmstream-var-name textarea", "World")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.lmstream-runner select option')]"
+        ".some(o => o.textContent.includes('lmstream-sim-8b'))",
+        timeout=30_000,
+    )
+
+
 @pytest.fixture(scope="module")
 def browser_page(lab: tuple[str, str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
     playwright_api = pytest.importorskip("playwright.sync_api")
@@ -185,33 +245,18 @@ def browser_page(lab: tuple[str, str, Path], tmp_path_factory: pytest.TempPathFa
 def test_runner_streams_stops_and_keeps_html_as_text(
     lab: tuple[str, str, Path], browser_page: Any
 ) -> None:
-    import nbformat
 
     base, token, root = lab
     page = browser_page
     ARTIFACTS.mkdir(exist_ok=True)
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nb.cells = [nbformat.v4.new_code_cell(NOTEBOOK_CELL.strip())]
-    nbformat.write(nb, str(root / "runner.ipynb"))
+    _write_runner_notebook(root / "runner.ipynb")
     try:
         page.goto(f"{base}/lab/tree/runner.ipynb?token={token}&reset")
         page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
         page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
-        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-        page.wait_for_selector(".lmstream-runner .lmstream-var-name textarea", timeout=60_000)
-        page.fill(".lmstream-runner .lmstream-var-name textarea", "World")
-        page.wait_for_function(
-            "() => [...document.querySelectorAll('.lmstream-runner select option')]"
-            ".some(o => o.textContent.includes('lmstream-sim-8b'))",
-            timeout=30_000,
-        )
+        _show_runner(page)
         page.evaluate(SAMPLER_JS)
         page.click(".lmstream-runner button:has-text('Run')")
         page.wait_for_function(
@@ -377,9 +422,7 @@ def test_every_committed_notebook_renders_without_its_kernel(
             ".includes('Loading widget')",
             timeout=30_000,
         )
-        body = page.evaluate("document.querySelector('.jp-NotebookPanel').textContent")
-        assert "Error displaying widget" not in body
-        assert "model not found" not in body
+        _assert_no_widget_error(page)
     finally:
         page.close(run_before_unload=False)
 
@@ -448,10 +491,7 @@ def test_notebook_02_shows_the_runner_saved_and_live(
         assert _visible_texts(page, ".lmstream-snapshot") == []
 
         # -- reopened after its kernel is gone: the snapshot shows the last run ----------------
-        for kernel in _api(base, token, "/api/kernels"):
-            _api(base, token, f"/api/kernels/{kernel['id']}", method="DELETE")
-        page.reload()
-        page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
+        _reopen_without_its_kernel(page, base, token)
         page.wait_for_selector(".lmstream-snapshot", timeout=30_000)
         [snapshot] = _visible_texts(page, ".lmstream-snapshot")
         assert snapshot.startswith(status), "the status line the live runner showed"
@@ -466,4 +506,154 @@ def test_notebook_02_shows_the_runner_saved_and_live(
         page.screenshot(path=str(ARTIFACTS / "runner02-reloaded.png"))
     finally:
         page.screenshot(path=str(ARTIFACTS / "runner02-final.png"))
+        page.close(run_before_unload=False)
+
+
+def test_a_runner_its_user_saved_reopens_without_its_kernel(
+    lab: tuple[str, str, Path], browser_page: Any
+) -> None:
+    """What a user does: run the cell, use the runner, save (JupyterLab's default: no widget
+    state saved), close. Reopened with the kernel gone, the cell shows a note in the runner's
+    place and the snapshot of its last run (status line and text), never "model not found"."""
+    base, token, root = lab
+    page = browser_page.context.new_page()
+    ARTIFACTS.mkdir(exist_ok=True)
+    _write_runner_notebook(root / "saved-runner.ipynb")
+    try:
+        _open(page, base, token, "saved-runner.ipynb")
+        _show_runner(page)
+        page.click(".lmstream-runner button:has-text('Run')")
+        page.wait_for_selector(".lmstream-runner .lmstream-view[data-state='done']", timeout=60_000)
+        page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
+        status = page.inner_text(".lmstream-runner .lmstream-status")
+        text = page.inner_text(".lmstream-runner .lmstream-text")
+        assert status.startswith("done · greet@1 · lmstream-sim-8b · first token"), status
+        page.wait_for_function(  # the snapshot follows the run, hidden while the runner is shown
+            "() => { const s = document.querySelector('.lmstream-snapshot');"
+            " return s && s.textContent.includes('run #') && s.offsetParent === null; }",
+            timeout=30_000,
+        )
+        assert (
+            page.evaluate(
+                "window.jupyterapp.commands.isToggled("
+                "'@jupyter-widgets/jupyterlab-manager:saveWidgetState')"
+            )
+            is False
+        ), "JupyterLab's default: widget state is not saved"
+        _save(page)
+
+        _reopen_without_its_kernel(page, base, token)
+        page.wait_for_selector(".lmstream-snapshot", timeout=30_000)
+        page.wait_for_function(  # the widget manager has looked for the runner's model
+            "() => { const t = document.querySelector('.jp-NotebookPanel').textContent;"
+            " return !t.includes('Loading widget') && (t.includes('needs its kernel')"
+            " || t.includes('Error displaying widget')); }",
+            timeout=30_000,
+        )
+        _assert_no_widget_error(page)
+        assert "needs its kernel" in page.inner_text(".lmstream-runner-stand-in")
+        [snapshot] = _visible_texts(page, ".lmstream-snapshot")
+        assert snapshot.startswith(status), "the status line the live runner showed"
+        assert text in snapshot
+        page.screenshot(path=str(ARTIFACTS / "saved-runner-reopened.png"))
+
+        # In the file: the stand-in is the only widget state saved.
+        [runner_id], state = _saved_widgets(root / "saved-runner.ipynb")
+        assert list(state) == [runner_id], "only the stand-in, nothing else saved"
+        assert state[runner_id]["model_name"] == "HTMLModel"
+
+        # Run again in the new kernel and save: the new runner's stand-in replaces the old one.
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        page.wait_for_selector(".lmstream-runner .lmstream-var-name textarea", timeout=60_000)
+        page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
+        _save(page)
+        [again], state = _saved_widgets(root / "saved-runner.ipynb")
+        assert again != runner_id
+        assert list(state) == [again]
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "saved-runner-final.png"))
+        page.close(run_before_unload=False)
+
+
+SAVE_WIDGET_STATE = "@jupyter-widgets/jupyterlab-manager:saveWidgetState"
+
+
+def _set_save_widget_state(page: Any, on: bool) -> None:
+    if page.evaluate(f"window.jupyterapp.commands.isToggled({SAVE_WIDGET_STATE!r})") != on:
+        page.evaluate(f"window.jupyterapp.commands.execute({SAVE_WIDGET_STATE!r})")
+        page.wait_for_function(
+            f"on => window.jupyterapp.commands.isToggled({SAVE_WIDGET_STATE!r}) === on",
+            arg=on,
+            timeout=10_000,
+        )
+
+
+def test_a_runner_saved_with_its_widget_state_is_left_as_saved(
+    lab: tuple[str, str, Path], browser_page: Any
+) -> None:
+    """With Save Widget State Automatically on, JupyterLab saves the whole runner and the
+    stand-in stays out: reopened without its kernel, the runner is drawn as it was."""
+    base, token, root = lab
+    page = browser_page.context.new_page()
+    _write_runner_notebook(root / "state-runner.ipynb")
+    try:
+        _open(page, base, token, "state-runner.ipynb")
+        _set_save_widget_state(page, True)
+        _show_runner(page)
+        page.click(".lmstream-runner button:has-text('Run')")
+        page.wait_for_selector(".lmstream-runner .lmstream-view[data-state='done']", timeout=60_000)
+        page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
+        text = page.inner_text(".lmstream-runner .lmstream-text")
+        _save(page)
+        [runner_id], state = _saved_widgets(root / "state-runner.ipynb")
+        assert state[runner_id]["model_name"] == "VBoxModel", "the runner itself, not a stand-in"
+        assert len(state) > 50, "all its widgets"
+
+        _reopen_without_its_kernel(page, base, token)
+        page.wait_for_selector(".lmstream-runner .lmstream-text", timeout=30_000)
+        _assert_no_widget_error(page)
+        assert page.inner_text(".lmstream-runner .lmstream-text") == text
+        assert _visible_texts(page, ".lmstream-snapshot") == [], "the runner stands for itself"
+    finally:
+        _set_save_widget_state(page, False)
+        page.close(run_before_unload=False)
+
+
+BATCH_CELL = """
+from lmstream_nb import Prompt, run_many, simulator
+pace = simulator.Scenario(output_tokens=30, gen_tps=60)
+sim = simulator.serve(profile="test-fast", defaults=pace)
+rows = [{"name": str(i)} for i in range(6)]
+batch = run_many(Prompt("Say hello to {{name}}."), rows, base_url=sim.base_url, concurrency=2)
+"""
+
+
+def test_a_batch_its_user_saved_keeps_its_progress_line(
+    lab: tuple[str, str, Path], browser_page: Any
+) -> None:
+    """run_many's progress in a notebook is an ordinary output: saved (widget state off) and
+    reopened with the kernel gone, it shows the batch as it ended, not a widget error."""
+    import nbformat
+
+    base, token, root = lab
+    page = browser_page.context.new_page()
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3"}
+    nb.cells = [nbformat.v4.new_code_cell(BATCH_CELL.strip())]
+    nbformat.write(nb, str(root / "batch.ipynb"))
+    try:
+        _open(page, base, token, "batch.ipynb")
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        page.wait_for_function(ALL_CELLS_RAN_JS, timeout=60_000)
+        page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
+        page.wait_for_selector(".lmstream-progress[data-state='done']", timeout=30_000)
+        _save(page)
+        _reopen_without_its_kernel(page, base, token)
+        page.wait_for_selector(".lmstream-progress", timeout=30_000)
+        _assert_no_widget_error(page)
+        [line] = _visible_texts(page, ".lmstream-progress")
+        assert line.startswith("lmstream batch: 6/6 rows (100%)"), line
+        assert "ok=6, failed=0" in line
+        page.screenshot(path=str(ARTIFACTS / "batch-reopened.png"))
+    finally:
         page.close(run_before_unload=False)
