@@ -44,6 +44,18 @@ class ReasoningDelta:
     content: str
 
 
+def _progress_dict(
+    phase: str, fraction: float, elapsed: float, eta: float | None
+) -> dict[str, Any]:
+    return {
+        "event": "progress",
+        "phase": phase,
+        "fraction": fraction,
+        "elapsed_s": elapsed,
+        "eta_s": eta,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class LoadProgress:
     """The server is loading the model for this request (LM Studio's just-in-time load).
@@ -61,13 +73,7 @@ class LoadProgress:
 
     def as_dict(self) -> dict[str, Any]:
         """The event as one JSON object (``lmstream run --json`` prints it as a line)."""
-        return {
-            "event": "progress",
-            "phase": self.phase,
-            "fraction": self.fraction,
-            "elapsed_s": self.elapsed_s,
-            "eta_s": self.eta_s,
-        }
+        return _progress_dict(self.phase, self.fraction, self.elapsed_s, self.eta_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,17 +97,9 @@ class PromptProgress:
     phase = "prompt"
 
     def as_dict(self) -> dict[str, Any]:
-        """The event as one JSON object (``lmstream run --json`` prints it as a line)."""
-        return {
-            "event": "progress",
-            "phase": self.phase,
-            "fraction": self.fraction,
-            "elapsed_s": self.elapsed_s,
-            "eta_s": self.eta_s,
-            "processed": self.processed,
-            "total": self.total,
-            "cached": self.cached,
-        }
+        """The event as one JSON object, with the token counts (``null`` where not counted)."""
+        counts = {"processed": self.processed, "total": self.total, "cached": self.cached}
+        return _progress_dict(self.phase, self.fraction, self.elapsed_s, self.eta_s) | counts
 
 
 Progress = LoadProgress | PromptProgress

@@ -423,6 +423,21 @@ def _seconds(obj: dict[str, Any], key: str, where: str, data: str) -> float | No
     return float(value)
 
 
+def _event_object(data: str) -> dict[str, Any]:
+    """One event's data as the JSON object it must be: NotJSON or BadChunk if it is not."""
+    try:
+        obj = _loads(data)
+    except TooDeep:
+        raise BadChunk(
+            "its JSON is nested deeper than any chat server sends", _shorten(data)
+        ) from None
+    except ValueError:
+        raise NotJSON(_shorten(data)) from None
+    if type(obj) is not dict:
+        raise NotJSON(_shorten(data))
+    return obj
+
+
 class ChatStreamDecoder:
     """Turns the bytes of a ``chat.completion.chunk`` stream into text and reasoning deltas.
 
@@ -602,16 +617,7 @@ class ChatStreamDecoder:
                 return
             if not data or data.isspace():
                 return  # a blank event carries nothing
-        try:
-            obj = _loads(data)
-        except TooDeep:
-            raise BadChunk(
-                "its JSON is nested deeper than any chat server sends", _shorten(data)
-            ) from None
-        except ValueError:
-            raise NotJSON(_shorten(data)) from None
-        if type(obj) is not dict:
-            raise NotJSON(_shorten(data))
+        obj = _event_object(data)
         if "error" in obj:
             raise ServerReported(error_message_of(obj), obj)
         self.chunks += 1
@@ -758,16 +764,7 @@ class NativeChatDecoder(ChatStreamDecoder):
             return  # nothing after chat.end is part of the answer
         if not data or data.isspace():
             return
-        try:
-            obj = _loads(data)
-        except TooDeep:
-            raise BadChunk(
-                "its JSON is nested deeper than any chat server sends", _shorten(data)
-            ) from None
-        except ValueError:
-            raise NotJSON(_shorten(data)) from None
-        if type(obj) is not dict:
-            raise NotJSON(_shorten(data))
+        obj = _event_object(data)
         if name == "message":
             kind = obj.get("type")
             name = kind if type(kind) is str else ""
