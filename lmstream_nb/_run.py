@@ -11,6 +11,7 @@ loop (and with it the stream and the notebook) never waits on the disk.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
@@ -312,11 +313,13 @@ async def arun(
     stream = None
     blocking: Completion | None = None
     blocking_api: str | None = None
+    blocking_since: float | None = None  # a blocking request that fails took this long too
     try:
         if chosen_model is None:
             chosen_model = await http.default_model()
         if mode == "blocking":
             blocking_api = BLOCKING_API
+            blocking_since = loop.time()
             blocking = await http.complete(
                 messages,
                 model=chosen_model,
@@ -375,6 +378,8 @@ async def arun(
             if finished is not None
             else (stream.stats() if stream is not None else _EMPTY_STATS)
         )
+        if blocking_since is not None:  # it failed (a timeout): it still took its time
+            stats = dataclasses.replace(stats, duration_s=loop.time() - blocking_since)
         result = RunResult(
             run_id=run_id,
             status=status,

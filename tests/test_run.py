@@ -417,6 +417,9 @@ def test_blocking_mode_records_timeouts_and_answers(
     assert late.status == "timeout"
     assert "total timeout of 0.3 s" in (late.error or "")
     assert store.get_run(late.run_id).status == "timeout"
+    # the time it took until the timeout, not nothing (a plot of blocking waits needs it)
+    assert 0.3 <= late.stats.duration_s < 10
+    assert store.get_run(late.run_id).duration_s == late.stats.duration_s
     with pytest.raises(ValueError, match="mode"):
         run(Prompt("Hi"), store=store, mode="sideways")
 
