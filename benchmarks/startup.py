@@ -67,7 +67,9 @@ def _until_first_request(env: dict[str, str]) -> float:
                 conn.settimeout(CHILD_TIMEOUT_S)
                 first = conn.recv(64)
                 elapsed = time.perf_counter() - t0
-            if not first.startswith(b"POST /v1/chat/completions"):
+            # The client's probe for LM Studio's native API, or the chat itself: either way
+            # the command has started and reached the network.
+            if not first.startswith((b"GET /api/v1/models", b"POST /v1/chat/completions")):
                 raise RuntimeError(f"the first request was {first!r}")
             return elapsed
         finally:
