@@ -32,20 +32,21 @@ Messages per second = IOPub messages of the run / (idle time - request time); "p
 most messages whose header dates fall in any one-second window.
 
 Latency. "Chunk leaving the simulator" is taken in the simulator itself: this script wraps the
-simulator's ``_EventStream._emit_data`` (in this process only) to record ``time.time()`` just
-before each content event is written to the transport, with its text (so the write itself
-counts towards the latency, and no chunk can have left earlier). "Its update message
-leaving the kernel" is the ``date`` in the header of the first IOPub message whose text covers
-the end of that chunk (found by character offsets: a custom message's ``t`` adds to the text,
-a state/display update carries the whole text). The header date is set by the kernel's
+``_on_token`` of both of the simulator's stream framings (in this process only) to record
+``time.time()`` just before each content event is written to the transport, with its text (so
+the write itself counts towards the latency, and no chunk can have left earlier). "Its update
+message leaving the kernel" is the ``date`` in the header of the first IOPub message whose text
+covers the end of that chunk (found by character offsets: a custom message's ``t`` adds to the
+text, a state/display update carries the whole text). The header date is set by the kernel's
 ``Session`` when the message is built and handed to the kernel's IOPub thread, i.e. when the
 message leaves the code that sends it; both processes read the same system clock, and ZeroMQ
 adds well under a millisecond on loopback. That is preferred over in-kernel stopwatches because
-it needs nothing inside ``lmstream_nb`` except to read the wire. Two diagnostics are also shown:
-the same latency using the time this process received the message, and, for ``%%lmstream``, a
-split at the moment the chunk reached ``NotebookSink.handle`` (a wrapper installed in the
-kernel records ``time.time()`` per ``TextDelta``). "1st paint" is the latency of the first
-chunk; the time from the execute request to the first painted text is printed separately.
+it needs nothing inside ``lmstream_nb`` except to read the wire. Two diagnostics are also
+shown: the same latency using the time this process received the message, and, for
+``%%lmstream``, a split at the moment the chunk reached ``NotebookSink.handle`` (a wrapper
+installed in the kernel records ``time.time()`` per ``TextDelta``). "1st paint" is the latency
+of the first chunk; the time from the execute request to the first painted text is printed
+separately.
 
 Sizes and pace. The 1 MiB answer is 104,858 deltas of 10 characters (at least 1,048,576 UTF-8
 bytes; the simulator's text has some non-ASCII words). Its pace is 12,000 tokens/s: the
@@ -127,22 +128,25 @@ class SimTap:
 
     def install(self) -> bool:
         try:
-            from lmstream_nb.simulator import _app
+            from lmstream_nb.simulator import _produce
 
-            cls: Any = _app._EventStream
-            original = cls._emit_data
-        except (ImportError, AttributeError):
+            classes: list[Any] = [_produce.EventStream, _produce.NativeStream]
+            originals = [cls.__dict__["_on_token"] for cls in classes]
+        except (ImportError, AttributeError, KeyError):
             return False
         tap = self
 
-        async def _emit_data(self: Any, send: Any, obj: Any) -> None:
-            content = _delta_content(obj)
-            if content:  # stamped just before the write: a chunk cannot leave any earlier
-                tap.times.append(time.time())
-                tap.texts.append(content)
-            await original(self, send, obj)
+        def wrap(original: Any) -> Any:
+            async def _on_token(self: Any, send: Any, kind: str, text: str) -> None:
+                if kind != "reasoning" and text:  # stamped just before the write
+                    tap.times.append(time.time())
+                    tap.texts.append(text)
+                await original(self, send, kind, text)
 
-        cls._emit_data = _emit_data
+            return _on_token
+
+        for cls, original in zip(classes, originals, strict=True):
+            cls._on_token = wrap(original)  # both framings: /v1 chunks and native events
         self.installed = True
         return True
 
@@ -850,7 +854,7 @@ def main() -> int:
     tap = SimTap()
     if not tap.install():
         print(
-            "NOTE: could not wrap the simulator's _EventStream._emit_data; chunk times are "
+            "NOTE: could not wrap the simulator's _on_token; chunk times are "
             "the kernel's arrival times instead"
         )
     status = 0
