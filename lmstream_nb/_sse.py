@@ -326,20 +326,25 @@ def parse_json(data: str | bytes) -> Any:
         return None
 
 
-def parse_object(body: bytes) -> dict[str, Any]:
-    """A whole JSON body that must be an object (a completion): NotJSON or BadChunk if not."""
-    text = body.decode("utf-8", "replace").strip()
+def _event_object(data: str) -> dict[str, Any]:
+    """An event's data (or a whole body) as the JSON object it must be: NotJSON or BadChunk
+    if it is not."""
     try:
-        obj = _loads(text)
+        obj = _loads(data)
     except TooDeep:
         raise BadChunk(
-            "its JSON is nested deeper than any chat server sends", _shorten(text)
+            "its JSON is nested deeper than any chat server sends", _shorten(data)
         ) from None
     except ValueError:
-        raise NotJSON(_shorten(text)) from None
+        raise NotJSON(_shorten(data)) from None
     if type(obj) is not dict:
-        raise NotJSON(_shorten(text))
+        raise NotJSON(_shorten(data))
     return obj
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    """A whole JSON body that must be an object (a completion): NotJSON or BadChunk if not."""
+    return _event_object(body.decode("utf-8", "replace").strip())
 
 
 def _shorten(text: str, limit: int = 200) -> str:
@@ -421,21 +426,6 @@ def _seconds(obj: dict[str, Any], key: str, where: str, data: str) -> float | No
     if type(value) not in (int, float) or not 0 <= value < 1e9:
         raise _bad(f"{where}.{key}", value, "a number of seconds >= 0", data)
     return float(value)
-
-
-def _event_object(data: str) -> dict[str, Any]:
-    """One event's data as the JSON object it must be: NotJSON or BadChunk if it is not."""
-    try:
-        obj = _loads(data)
-    except TooDeep:
-        raise BadChunk(
-            "its JSON is nested deeper than any chat server sends", _shorten(data)
-        ) from None
-    except ValueError:
-        raise NotJSON(_shorten(data)) from None
-    if type(obj) is not dict:
-        raise NotJSON(_shorten(data))
-    return obj
 
 
 class ChatStreamDecoder:
