@@ -102,6 +102,43 @@ class PromptProgress:
         return _progress_dict(self.phase, self.fraction, self.elapsed_s, self.eta_s) | counts
 
 
+@dataclass(frozen=True, slots=True)
+class PromptEstimate:
+    """The server reports nothing while it processes the prompt, but the history knows how fast
+    this model and server went before: the wait this prompt should take, said to be a guess.
+
+    Sent once, right after :class:`StreamStarted`, and only when enough earlier runs back it;
+    front ends fill a bar against ``expected_s`` on their own clock (the server sends nothing
+    to move it). ``expected_s`` is the estimated time from the request to the first token,
+    ``runs`` how many earlier runs it rests on, ``elapsed_s`` the time since the request was
+    sent when it was made.
+    """
+
+    expected_s: float
+    runs: int
+    elapsed_s: float
+
+    phase = "estimate"
+
+    def fraction_at(self, elapsed_s: float) -> float:
+        """How full the bar is after ``elapsed_s``: never full, since the first token ends it."""
+        if self.expected_s <= 0:
+            return 0.99
+        return min(0.99, max(0.0, elapsed_s / self.expected_s))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The event as one JSON object (``lmstream run --json`` prints it as a line)."""
+        return {
+            "event": "progress",
+            "phase": self.phase,
+            "fraction": self.fraction_at(self.elapsed_s),
+            "elapsed_s": self.elapsed_s,
+            "eta_s": max(0.0, self.expected_s - self.elapsed_s),
+            "expected_s": self.expected_s,
+            "runs": self.runs,
+        }
+
+
 Progress = LoadProgress | PromptProgress
 
 
@@ -202,4 +239,12 @@ class Completion:
     stats: Stats
 
 
-Event = StreamStarted | LoadProgress | PromptProgress | TextDelta | ReasoningDelta | StreamFinished
+Event = (
+    StreamStarted
+    | LoadProgress
+    | PromptProgress
+    | PromptEstimate
+    | TextDelta
+    | ReasoningDelta
+    | StreamFinished
+)
