@@ -93,6 +93,7 @@ from ._routes import (
     native_root,
     read_llamacpp_props,
     read_native_models,
+    reports_progress,
 )
 from ._sse import (
     DEFAULT_MAX_BYTES,
@@ -606,6 +607,12 @@ class ChatStream:
         """The loaded context the prompt must fit, where the server says it (else None)."""
         return self._run.context_length
 
+    @property
+    def reports_progress(self) -> bool | None:
+        """Whether the server will report prompt processing before the first token (see
+        ``_routes.reports_progress``); None until the stream has started and decided."""
+        return self._run.reports_progress
+
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._agen
 
@@ -694,6 +701,7 @@ class _StreamRun:
         self.api = "pending" if client.api == "auto" else client.api
         self.api_reason = "not decided yet: the stream has not started"
         self.context_length: int | None = None
+        self.reports_progress: bool | None = None
         self._route = Route("openai", "")
         self._progress = _ProgressClock()
         self._ended_empty = False  # the last attempt's body ended with no event at all
@@ -924,6 +932,7 @@ class _StreamRun:
         self.api, self.api_reason = route.api, route.reason
         if info.kind == "llamacpp" and route.api == "openai":
             self._body.setdefault("return_progress", True)
+        self.reports_progress = reports_progress(route, info, self._body)
         self.context_length = info.context_of(self.model)
         if client.check_context and self.context_length is not None and info.kind == "llamacpp":
             await client._check_fits(self._body, self.context_length)

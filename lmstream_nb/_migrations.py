@@ -14,11 +14,13 @@ another program is recognised and left alone.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Callable
 
 from ._errors import StoreUnavailable
+from ._estimate import prompt_chars
 
 #: ``PRAGMA application_id`` of an lmstream_nb database: "lmst" in ASCII.
 APPLICATION_ID = 0x6C6D7374
@@ -202,6 +204,48 @@ def m005_progress_figures(conn: sqlite3.Connection) -> None:
         _timing_in_order(conn, column)
 
 
+#: The runs an estimate of the wait for the first token rests on (see ``m006``); queries
+#: repeat it so that SQLite can use the partial index. Part of a shipped step: never changed.
+FIRST_TOKEN_HISTORY = (
+    "status = 'ok' AND ttft_s IS NOT NULL AND first_progress_s IS NOT NULL "
+    "AND prompt_chars IS NOT NULL"
+)
+
+
+def m006_prompt_chars(conn: sqlite3.Connection) -> None:
+    """Each run's prompt size in characters, and the index an estimate of the wait reads.
+
+    Where the server reports nothing while it processes a prompt, the wait for the first token
+    is estimated from earlier runs of the same model and server (``_estimate``): their size,
+    known before a request is sent (no tokenizer needed), against their time to first token.
+    ``runs_first_token_history`` holds only the runs an estimate may rest on (finished ok,
+    streamed: a blocking request's first token is its whole answer, and it records no
+    ``first_progress_s``), newest last for each (model, server), and covers what the query
+    reads and checks (SQLite checks the conditions again), so an estimate is one short walk
+    along it. Streamed runs recorded before this step get
+    their size from their recorded messages.
+    """
+    conn.execute("ALTER TABLE runs ADD COLUMN prompt_chars INTEGER")
+    rows = conn.execute(
+        "SELECT id, messages FROM runs WHERE status = 'ok' AND ttft_s IS NOT NULL "
+        "AND first_progress_s IS NOT NULL"
+    ).fetchall()
+    updates: list[tuple[int, int]] = []
+    for run_id, messages in rows:
+        try:
+            chat = json.loads(messages)
+        except ValueError:
+            continue
+        if isinstance(chat, list) and all(isinstance(m, dict) for m in chat):
+            updates.append((prompt_chars(chat), run_id))
+    conn.executemany("UPDATE runs SET prompt_chars = ? WHERE id = ?", updates)
+    conn.execute(
+        "CREATE INDEX runs_first_token_history ON runs "
+        "(model, base_url, started_at, prompt_chars, ttft_s, status, first_progress_s) "
+        f"WHERE {FIRST_TOKEN_HISTORY}"
+    )
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 #: Every schema step in order; step ``i`` (0-based) brings the database to version ``i + 1``.
@@ -211,6 +255,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     m003_owners_and_chunked_text,
     m004_timings_in_order,
     m005_progress_figures,
+    m006_prompt_chars,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

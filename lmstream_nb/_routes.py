@@ -26,6 +26,7 @@ __all__ = [
     "native_root",
     "read_llamacpp_props",
     "read_native_models",
+    "reports_progress",
 ]
 
 APIS = ("auto", "native", "openai")
@@ -161,6 +162,15 @@ def choose(api: str, info: ServerInfo, body: Mapping[str, Any]) -> Route:
         else "LM Studio's native chat reports model loading and prompt processing"
     )
     return Route("native", why, built)
+
+
+def reports_progress(route: Route, info: ServerInfo, body: Mapping[str, Any]) -> bool:
+    """Whether the server will say how prompt processing goes before the first token: LM
+    Studio's native chat does, llama.cpp's /chat/completions does when asked for
+    ``return_progress``, and any other OpenAI-compatible server is silent until then."""
+    if route.api == "native":
+        return True
+    return info.kind == "llamacpp" and body.get("return_progress") is True
 
 
 def _native_body(body: Mapping[str, Any], *, passthrough: bool) -> dict[str, Any] | str:

@@ -29,7 +29,7 @@ from ._errors import (
     StreamStalled,
     render,
 )
-from ._events import Completion, Event, Stats
+from ._events import Completion, Event, PromptEstimate, Stats, StreamStarted
 from ._loop import shared_loop
 from ._outcome import CANCELLED_MESSAGE, failed_inside
 from ._prompt_fields import check_max_tokens, check_temperature
@@ -347,6 +347,10 @@ async def arun(
                 else:
                     async for event in stream:
                         on_event(event)
+                        if isinstance(event, StreamStarted) and stream.reports_progress is False:
+                            guess = await _estimate_wait(store, stream, messages, http.url)
+                            if guess is not None:
+                                on_event(guess)
     except BaseException as exc:  # recorded below, then re-raised: nothing is swallowed
         failure = exc
         status = status_of(exc)
@@ -443,6 +447,26 @@ async def arun(
     if failure is not None and (raise_errors or not isinstance(failure, LMStreamError)):
         raise failure
     return result
+
+
+async def _estimate_wait(
+    store: PromptStore, stream: ChatStream, messages: list[dict[str, str]], base_url: str
+) -> PromptEstimate | None:
+    """The wait for a stream whose server will report nothing before its first token, from
+    the history of that model and server; None when it has too few runs to tell.
+
+    An estimate is a courtesy: a store that cannot answer (locked, damaged, an old schema
+    opened read-only) gives none, and the run goes on.
+    """
+    try:
+        guess = await asyncio.to_thread(
+            store.first_token_estimate, model=stream.model, base_url=base_url, messages=messages
+        )
+    except Exception:
+        return None
+    if guess is None:
+        return None
+    return PromptEstimate(guess.expected_s, guess.runs, stream.stats().duration_s)
 
 
 async def _end_cancelled(store: PromptStore, starting: asyncio.Future[int]) -> None:

@@ -49,6 +49,7 @@ from typing import Any, overload
 import platformdirs
 
 from ._errors import LMStreamError, PromptNotFound, RunNotFound, StoreError, StoreUnavailable
+from ._estimate import WINDOW, Estimate, estimate, prompt_chars
 from ._events import Stats
 from ._history import (
     STATUSES,
@@ -62,7 +63,7 @@ from ._history import (
     query_history,
     query_stats,
 )
-from ._migrations import APPLICATION_ID, LATEST_VERSION, migrate
+from ._migrations import APPLICATION_ID, FIRST_TOKEN_HISTORY, LATEST_VERSION, migrate
 from ._owners import Owner, current_owner
 from ._prompt_fields import (
     KEEP,
@@ -912,14 +913,16 @@ class PromptStore:
         with self._write() as conn:
             cursor = conn.execute(
                 "INSERT INTO runs (prompt_name, prompt_version, template, system, messages, "
-                "variables, model, base_url, started_at, status, batch_id, batch_row, owner, "
-                "text_in_chunks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'unfinished', ?, ?, ?, 1)",
+                "prompt_chars, variables, model, base_url, started_at, status, batch_id, "
+                "batch_row, owner, text_in_chunks) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'unfinished', ?, ?, ?, 1)",
                 (
                     prompt_name,
                     prompt_version,
                     _storable(template),
                     _storable(system),
                     _storable(json.dumps(messages, ensure_ascii=False)),
+                    prompt_chars(messages),
                     _storable(json.dumps(variables, ensure_ascii=False)),
                     model,
                     base_url,
@@ -932,6 +935,24 @@ class PromptStore:
             run_id = cursor.lastrowid
         assert run_id is not None
         return run_id
+
+    def first_token_estimate(
+        self, *, model: str, base_url: str, messages: Sequence[Mapping[str, Any]]
+    ) -> Estimate | None:
+        """How long ``messages`` should wait for their first token on ``model`` at ``base_url``,
+        from the latest runs there that succeeded (see ``_estimate``); None when too few did.
+
+        One walk along a partial index over at most ``WINDOW`` entries, whatever the length of
+        the history: cheap enough to run before every request that has no progress.
+        """
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT prompt_chars, ttft_s FROM runs INDEXED BY runs_first_token_history "
+                f"WHERE model = ? AND base_url = ? AND {FIRST_TOKEN_HISTORY} "
+                "ORDER BY started_at DESC LIMIT ?",
+                (model, base_url, WINDOW),
+            ).fetchall()
+        return estimate([(int(x), float(y)) for x, y in rows], prompt_chars(messages))
 
     def batch_outcomes(self, batch_id: str) -> dict[int, int]:
         """For each row of a batch, the id of its latest run (to resume what did not succeed)."""

@@ -69,6 +69,10 @@ def imports_of(path: Path) -> set[str]:
             {"lmstream_nb.", "httpx", "sqlite3", "IPython", "threading", "time", "asyncio"},
         ),
         (
+            "_estimate.py",
+            {"lmstream_nb.", "httpx", "sqlite3", "IPython", "threading", "time", "asyncio"},
+        ),
+        (
             "_client.py",
             {
                 "lmstream_nb.cli",
@@ -151,7 +155,7 @@ def test_the_service_is_a_front_end() -> None:
 #: beside the pipeline only as BESIDE allows.
 LAYERS: dict[str, tuple[str, ...]] = {
     "vocabulary": ("_errors.py", "_events.py", "_config.py"),
-    "pure transforms": ("_sse.py", "_template.py", "_routes.py"),
+    "pure transforms": ("_sse.py", "_template.py", "_routes.py", "_estimate.py"),
     "adapters": (
         "_client.py",
         "_migrations.py",

@@ -107,6 +107,7 @@ def test_a_fresh_database_ends_at_the_latest_schema(conn: sqlite3.Connection) ->
         "load_s",
         "prompt_s",
         "prompt_tokens_per_s",
+        "prompt_chars",
     ]
     assert columns(conn, "run_chunks") == [
         "run_id",
@@ -301,3 +302,28 @@ def test_a_version_4_database_gains_the_progress_figures_unknown_for_old_runs(
         assert row == (None, None, None, None, None)
     finally:
         check.close()
+
+
+def test_a_version_5_database_gains_prompt_sizes_for_the_runs_an_estimate_reads(
+    tmp_path: Path,
+) -> None:
+    """Streamed runs that succeeded get their size from their messages, so the history of a
+    user who upgrades can estimate at once; other runs (blocking, failed) stay unknown."""
+    path = tmp_path / "v5.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, target=5)
+    messages = '[{"role": "system", "content": "abc"}, {"role": "user", "content": "héllo"}]'
+    for status, first_progress in (("ok", 0.5), ("ok", None), ("stalled", 0.5)):
+        conn.execute(
+            "INSERT INTO runs (model, template, messages, variables, base_url, started_at, "
+            "status, ttft_s, first_progress_s) VALUES ('m', 't', ?, '{}', 'u', 1.0, ?, 0.5, ?)",
+            (messages, status, first_progress),
+        )
+    conn.execute(
+        "INSERT INTO runs (model, template, messages, variables, base_url, started_at, status, "
+        "ttft_s, first_progress_s) VALUES ('m', 't', 'not json', '{}', 'u', 2.0, 'ok', 0.5, 0.5)"
+    )
+    migrate(conn)
+    sizes = conn.execute("SELECT prompt_chars FROM runs ORDER BY id").fetchall()
+    assert sizes == [(8,), (None,), (None,), (None,)]
+    conn.close()

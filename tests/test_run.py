@@ -21,10 +21,12 @@ from lmstream_nb import (
     LMStudioClient,
     MissingVariables,
     Prompt,
+    PromptEstimate,
     PromptNotFound,
     PromptStore,
     StreamInterrupted,
     StreamStalled,
+    StreamStarted,
     SyncLMStudioClient,
     TextDelta,
     arun,
@@ -35,6 +37,7 @@ from lmstream_nb import (
     stats,
 )
 from lmstream_nb._errors import render
+from lmstream_nb._estimate import MIN_RUNS
 
 MODEL = "lmstream-sim-8b"
 
@@ -585,3 +588,54 @@ def test_python_errors_name_keyword_arguments_and_attributes(
     assert "Idle s (under Advanced)" in render(caught.value, "runner")
     [recorded] = store.history()
     assert recorded.error == said
+
+
+# -- an estimate of the wait where the server reports nothing -------------------------------------
+
+
+def sizes_run(client: SyncLMStudioClient, store: PromptStore, chars: int) -> list[Any]:
+    seen: list[Any] = []
+    # The scenario goes in the prompt: a "sim" setting would keep the request off the native
+    # chat, which takes no such setting.
+    result = run(
+        Prompt('[[sim {"output_tokens": 2}]]' + "x" * chars, model=MODEL),
+        store=store,
+        client=client,
+        on_event=seen.append,
+    )
+    assert result.ok
+    return seen
+
+
+def test_a_silent_server_gets_an_estimate_once_the_history_can_tell(store: PromptStore) -> None:
+    """LM Studio 0.3 reports nothing while it processes the prompt: after enough runs of the
+    model there, each stream starts with one estimate, right after it started."""
+    slow = simulator.Scenario(prefill_tps=4000, jitter=0)
+    with (
+        simulator.serve(profile="test-fast", defaults=slow, native_api=False) as silent,
+        sync_client(silent) as client,
+    ):
+        for i in range(MIN_RUNS):
+            seen = sizes_run(client, store, 400 * (i + 1))
+            assert not [e for e in seen if isinstance(e, PromptEstimate)], "too few runs yet"
+        seen = sizes_run(client, store, 1800)
+    kinds = [type(e).__name__ for e in seen]
+    assert kinds[:2] == ["StreamStarted", "PromptEstimate"], kinds
+    assert kinds.count("PromptEstimate") == 1
+    guess = seen[1]
+    assert guess.runs == MIN_RUNS
+    assert 0 <= guess.elapsed_s < guess.expected_s
+    # 1,800 chars are 450 tokens at 4,000 tokens/s: 0.11 s of prompt processing and more.
+    assert guess.expected_s > 0.1
+    [record] = list(store.history(limit=1))
+    assert guess.expected_s == pytest.approx(record.ttft_s, rel=0.5)
+
+
+def test_a_server_that_reports_progress_gets_no_estimate(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    with sync_client(sim) as client:
+        for i in range(MIN_RUNS + 1):
+            seen = sizes_run(client, store, 400 * (i + 1))
+            assert not [e for e in seen if isinstance(e, PromptEstimate)]
+            assert [e.api for e in seen if isinstance(e, StreamStarted)] == ["native"]

@@ -41,7 +41,7 @@ from lmstream_nb._errors import (
     StoreUnavailable,
     render,
 )
-from lmstream_nb._migrations import APPLICATION_ID, LATEST_VERSION
+from lmstream_nb._migrations import APPLICATION_ID, FIRST_TOKEN_HISTORY, LATEST_VERSION
 from lmstream_nb._owners import current_owner
 from lmstream_nb._store import (
     ORPHANED_ERROR,
@@ -53,6 +53,7 @@ from lmstream_nb._store import (
 from lmstream_nb._template import Prompt
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lmstream_nb"
+URL = "http://127.0.0.1:1234/v1"  # the base URL store_helpers records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1288,3 +1289,73 @@ def test_a_run_that_fills_the_disk_reports_it_once_without_stray_tracebacks(
         assert record.status == "interrupted"
         assert 0 < len(record.text) < 600_000  # what fitted before the disk was full
         assert result.stdout.startswith(record.text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The history an estimate of the wait for the first token rests on
+
+
+def chat(chars: int) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "s" * 10}, {"role": "user", "content": "u" * chars}]
+
+
+def record_wait(
+    store: PromptStore,
+    chars: int,
+    ttft: float,
+    *,
+    status: str = "ok",
+    blocking: bool = False,
+    **overrides: Any,
+) -> int:
+    run_id = start(store, messages=chat(chars), **overrides)
+    # A stream records its first sign of life; a blocking request none.
+    first_progress = None if blocking else ttft
+    finish(store, run_id, status=status, ttft_s=ttft, first_progress_s=first_progress)
+    return run_id
+
+
+def test_a_run_records_its_prompt_size(store: PromptStore) -> None:
+    run_id = start(store, messages=chat(90))
+    row = store._connection().execute("SELECT prompt_chars FROM runs WHERE id = ?", (run_id,))
+    assert row.fetchone() == (100,)
+
+
+def test_too_few_successful_runs_give_no_estimate(store: PromptStore) -> None:
+    for i in range(4):
+        record_wait(store, 1000 * (i + 1), 1.0 + i)
+    record_wait(store, 9000, 9.0, status="stalled")  # failures do not count
+    assert store.first_token_estimate(model="m", base_url=URL, messages=chat(2500)) is None
+    record_wait(store, 5000, 5.0)
+    guess = store.first_token_estimate(model="m", base_url=URL, messages=chat(2490))
+    assert guess is not None
+    assert guess.runs == 5
+    assert guess.expected_s == pytest.approx(2.5, rel=0.01)
+
+
+def test_the_estimate_reads_the_same_model_and_server_only(store: PromptStore) -> None:
+    for i in range(6):
+        record_wait(store, 1000 * (i + 1), 0.2 + (i + 1) * 0.5)  # 0.5 s per 1000 chars
+        record_wait(store, 1000 * (i + 1), 50.0 * (i + 1), model="other")
+        record_wait(store, 1000 * (i + 1), 90.0, base_url="http://elsewhere:1234/v1")
+    guess = store.first_token_estimate(model="m", base_url=URL, messages=chat(7990))
+    assert guess is not None
+    assert (guess.runs, round(guess.expected_s, 2)) == (6, 4.2)
+
+
+def test_blocking_runs_are_not_history_for_the_wait(store: PromptStore) -> None:
+    """A blocking request's "first token" is its whole answer; it records no first progress."""
+    for i in range(6):
+        record_wait(store, 1000 * (i + 1), 100.0, blocking=True)
+    assert store.first_token_estimate(model="m", base_url=URL, messages=chat(3000)) is None
+
+
+def test_the_estimate_is_one_walk_along_its_index(store: PromptStore) -> None:
+    plan = store._connection().execute(
+        "EXPLAIN QUERY PLAN SELECT prompt_chars, ttft_s FROM runs "
+        "INDEXED BY runs_first_token_history WHERE model = 'm' AND base_url = 'u' AND "
+        f"{FIRST_TOKEN_HISTORY} ORDER BY started_at DESC LIMIT 40"
+    )
+    [step] = [row[3] for row in plan]
+    assert "COVERING INDEX runs_first_token_history" in step
+    assert "TEMP B-TREE" not in step
