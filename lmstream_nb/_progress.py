@@ -3,16 +3,26 @@
 The terminal's live line, the notebook view, the runner and the relay page all show the same
 facts about a model that loads or a prompt being processed ("processing prompt 43% · 3,512 /
 8,140 tokens · 41 s · about 55 s left"); this module turns a progress event into them, so that
-the front ends differ only in how they draw a bar.
+the front ends differ only in how they draw a bar. Where the server reports nothing, an
+estimate from the history (:class:`PromptEstimate`) reads the same way and says it is one
+("processing prompt (estimate) … · about 1 min 15 s left · estimated from 14 earlier runs").
 """
 
 from __future__ import annotations
 
 import math
 
-from ._events import LoadProgress, PromptProgress
+from ._events import LoadProgress, PromptEstimate, PromptProgress
 
-__all__ = ["bar", "duration", "progress_facts", "progress_line", "progress_title"]
+__all__ = [
+    "Shown",
+    "bar",
+    "duration",
+    "progress_facts",
+    "progress_fraction",
+    "progress_line",
+    "progress_title",
+]
 
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
@@ -38,32 +48,62 @@ def bar(fraction: float, width: int = 10) -> str:
     return "▕" + cells.ljust(width) + "▏"
 
 
-def progress_title(event: LoadProgress | PromptProgress) -> str:
+Shown = LoadProgress | PromptProgress | PromptEstimate
+"""What a progress display shows: a server's report, or an estimate from the history."""
+
+
+def progress_title(event: Shown) -> str:
+    if isinstance(event, PromptEstimate):
+        return "processing prompt (estimate)"
     return "loading model" if isinstance(event, LoadProgress) else "processing prompt"
 
 
+def progress_fraction(event: Shown, elapsed_s: float | None = None) -> float:
+    """How full the bar is: the server's fraction, or an estimate's at ``elapsed_s`` (which a
+    live display moves on by its own clock, since nothing arrives to move it)."""
+    if isinstance(event, PromptEstimate):
+        return event.fraction_at(event.elapsed_s if elapsed_s is None else elapsed_s)
+    return min(1.0, max(0.0, event.fraction))
+
+
 def progress_facts(
-    event: LoadProgress | PromptProgress,
+    event: Shown,
     elapsed_s: float | None = None,
     eta_s: float | None = None,
 ) -> list[str]:
-    """The facts after the title: percentage, tokens (where counted), time so far, time left.
+    """The facts after the title: percentage, tokens (where counted), time so far, time left;
+    for an estimate, what it rests on.
 
     ``elapsed_s`` and ``eta_s`` default to the event's own; a live display passes values it
-    has moved on since the event arrived.
+    has moved on since the event arrived (an estimate's time left follows from ``elapsed_s``).
     """
-    facts = [f"{min(1.0, max(0.0, event.fraction)):.0%}"]
+    elapsed = event.elapsed_s if elapsed_s is None else elapsed_s
+    if isinstance(event, PromptEstimate):
+        return _estimate_facts(event, elapsed)
+    facts = [f"{progress_fraction(event):.0%}"]
     if isinstance(event, PromptProgress) and event.processed is not None and event.total:
         facts.append(f"{event.processed:,} / {event.total:,} tokens")
-    facts.append(duration(event.elapsed_s if elapsed_s is None else elapsed_s))
+    facts.append(duration(elapsed))
     left = event.eta_s if eta_s is None else eta_s
     if left is not None and event.fraction < 1.0:
         facts.append(f"about {duration(left)} left")
     return facts
 
 
+def _estimate_facts(event: PromptEstimate, elapsed: float) -> list[str]:
+    left = event.expected_s - elapsed
+    facts = [f"{event.fraction_at(elapsed):.0%}", duration(elapsed)]
+    if left >= 0.5:
+        facts.append(f"about {duration(left)} left")
+    else:  # the bar stops short of full: the estimate was too short, and says so
+        facts.append(f"longer than the {duration(event.expected_s)} expected")
+    runs = "1 earlier run" if event.runs == 1 else f"{event.runs:,} earlier runs"
+    facts.append(f"estimated from {runs}")
+    return facts
+
+
 def progress_line(
-    event: LoadProgress | PromptProgress,
+    event: Shown,
     elapsed_s: float | None = None,
     eta_s: float | None = None,
     *,
@@ -71,4 +111,5 @@ def progress_line(
 ) -> str:
     """The whole line a terminal shows: title, bar, then the facts joined by ``·``."""
     facts = progress_facts(event, elapsed_s, eta_s)
-    return f"{progress_title(event)} {bar(event.fraction, width)} {' · '.join(facts)}"
+    fraction = progress_fraction(event, elapsed_s)
+    return f"{progress_title(event)} {bar(fraction, width)} {' · '.join(facts)}"

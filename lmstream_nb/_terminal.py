@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from ._events import (
     Event,
     LoadProgress,
-    Progress,
+    PromptEstimate,
     PromptProgress,
     ReasoningDelta,
     Stats,
@@ -25,7 +25,7 @@ from ._events import (
     StreamStarted,
     TextDelta,
 )
-from ._progress import progress_line
+from ._progress import Shown, progress_line
 
 
 def format_stats(stats: Stats, finished: StreamFinished | None = None) -> str:
@@ -44,8 +44,10 @@ def format_stats(stats: Stats, finished: StreamFinished | None = None) -> str:
 class _Waiting:
     """The line a terminal's stderr shows until text arrives: "waiting for the first token… N s",
     or, once the server reports progress, a live bar ("processing prompt ▕████▍     ▏ 43% ·
-    3,512 / 8,140 tokens · 41 s · about 55 s left"). Seconds and the time left move on every
-    second between reports; the text replaces the line when it starts."""
+    3,512 / 8,140 tokens · 41 s · about 55 s left"). Where the server reports nothing but the
+    history has an estimate, the bar fills against it ("processing prompt (estimate) …"). Seconds
+    and the time left move on every second between reports (an estimate's bar too: nothing else
+    moves it); the text replaces the line when it starts."""
 
     def __init__(self, err: TextIO, enabled: bool) -> None:
         self._err = err
@@ -53,7 +55,7 @@ class _Waiting:
         self._task: asyncio.Task[None] | None = None
         self._shown = False
         self._t0 = 0.0
-        self._progress: Progress | None = None
+        self._progress: Shown | None = None
         self._progress_at = 0.0
 
     def start(self) -> None:
@@ -62,7 +64,7 @@ class _Waiting:
             self._t0 = loop.time()
             self._task = loop.create_task(self._tick())
 
-    def progress(self, event: Progress) -> None:
+    def progress(self, event: Shown) -> None:
         if self._task is None:
             return
         self._progress = event
@@ -76,7 +78,9 @@ class _Waiting:
             line = f"waiting for the first token… {now - self._t0:.0f} s"
         else:
             since = now - self._progress_at
-            eta = None if event.eta_s is None else max(0.0, event.eta_s - since)
+            eta = None
+            if not isinstance(event, PromptEstimate) and event.eta_s is not None:
+                eta = max(0.0, event.eta_s - since)
             line = progress_line(event, event.elapsed_s + since, eta)
         self._err.write(f"\r\033[2m{line}\033[0m\033[K")
         self._err.flush()
@@ -150,7 +154,7 @@ class TerminalSink:
                     }
                 )
             self.waiting.start()
-        elif isinstance(event, (LoadProgress, PromptProgress)):
+        elif isinstance(event, (LoadProgress, PromptProgress, PromptEstimate)):
             if self.as_json:
                 self._json(event.as_dict())
             else:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lmstream_nb import PromptStore, simulator
+from lmstream_nb import Prompt, PromptStore, run, simulator
 
 MODEL = "lmstream-sim-8b"
 
@@ -251,6 +251,35 @@ def test_waiting_for_first_token_is_shown_on_a_terminal() -> None:
         )
     assert status == 0
     assert b"waiting for the first token" in seen
+
+
+def test_a_terminal_fills_a_bar_against_the_estimate_where_the_server_reports_nothing() -> None:
+    """LM Studio 0.3 is silent while it processes the prompt, but five earlier runs of the
+    model there tell how long this one should take: the bar fills against that, and says so;
+    ``--json`` prints the estimate as a progress line."""
+    defaults = simulator.Scenario(prefill_tps=1000, output_tokens=3, jitter=0)
+    with simulator.serve(profile="test-fast", defaults=defaults, native_api=False) as silent:
+        for chars in (400, 1000, 1600, 2200, 3000):  # the history: 0.1 to 0.75 s each
+            run(Prompt("q" * chars, model=MODEL), base_url=silent.base_url)
+        prompt = "q" * 10000  # 2,500 tokens: 2.5 s
+        status, out, seen = read_stderr_on_a_terminal(
+            "run", prompt, "--base-url", silent.base_url, "--model", MODEL
+        )
+        as_json = lmstream("run", prompt, "--json", "--base-url", silent.base_url, "--model", MODEL)
+    assert status == 0
+    lines = [part.decode() for part in seen.split(b"\r") if b"(estimate)" in part]
+    percents = [int(line.split("▏ ")[1].split("%")[0]) for line in lines]
+    assert len(set(percents)) >= 2, "the bar moved on its own clock"
+    assert percents == sorted(percents)
+    assert "estimated from 5 earlier runs" in lines[-1]
+    assert "left" in lines[0]
+    assert out.strip(), "the text followed on stdout"
+    records = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [r["event"] for r in records[:2]] == ["start", "progress"]
+    estimate = records[1]
+    assert (estimate["phase"], estimate["runs"]) == ("estimate", 6)
+    assert estimate["expected_s"] == pytest.approx(2.5, rel=0.4)
+    assert 0 <= estimate["fraction"] < 1
 
 
 def test_demo_runs_end_to_end() -> None:

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from lmstream_nb import LoadProgress, PromptProgress
-from lmstream_nb._progress import bar, duration, progress_facts, progress_line
+from lmstream_nb import LoadProgress, PromptEstimate, PromptProgress
+from lmstream_nb._progress import (
+    bar,
+    duration,
+    progress_facts,
+    progress_fraction,
+    progress_line,
+    progress_title,
+)
 
 
 @pytest.mark.parametrize(
@@ -38,3 +45,24 @@ def test_without_counts_or_estimate_only_what_is_known_is_said() -> None:
     assert progress_line(LoadProgress(0.65, 4.0)) == "loading model ▕██████▌   ▏ 65% · 4 s"
     done = PromptProgress(1.0, 9.0, 0.0)
     assert progress_facts(done) == ["100%", "9 s"]  # nothing left to wait for
+
+
+def test_an_estimate_says_it_is_one_and_what_it_rests_on() -> None:
+    event = PromptEstimate(expected_s=116.0, runs=14, elapsed_s=0.2)
+    assert progress_title(event) == "processing prompt (estimate)"
+    assert progress_line(event, 41.0) == (
+        "processing prompt (estimate) ▕███▌      ▏ 35% · 41 s · about 1 min 15 s left · "
+        "estimated from 14 earlier runs"
+    )
+    assert progress_facts(event)[:2] == ["0%", "0 s"], "the event's own time by default"
+
+
+def test_an_estimate_that_ran_out_never_fills_the_bar_and_says_so() -> None:
+    event = PromptEstimate(expected_s=30.0, runs=1, elapsed_s=0.0)
+    assert progress_fraction(event, 45.0) == 0.99
+    assert progress_facts(event, 45.0) == [
+        "99%",
+        "45 s",
+        "longer than the 30 s expected",
+        "estimated from 1 earlier run",
+    ]
