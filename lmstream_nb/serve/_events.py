@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import RunNotFound
-from .._events import Progress
+from .._events import PromptEstimate
 from .._outcome import DONE, view_state
-from .._progress import progress_facts, progress_title
+from .._progress import Shown, progress_facts, progress_title
 from .._store import RunRecord
 from ._hub import BadCursor, Cursor, Hub, Listener, LiveRun, Outcome, Text, outcome_of
 
@@ -85,7 +85,12 @@ def start_data(
     return {"run_id": run_id, "prompt": prompt, "version": version, "model": model}
 
 
-def progress_data(event: Progress) -> dict[str, Any]:
+#: Seconds between ``progress`` events that resend an estimate while the prompt is processed:
+#: the server sends nothing to move it, so its words (time so far, time left) are sent again.
+ESTIMATE_INTERVAL = 1.0
+
+
+def progress_data(event: Shown) -> dict[str, Any]:
     """A ``progress`` event's data: the figures, and the words every front end shows."""
     data = event.as_dict()
     del data["event"]
@@ -200,6 +205,7 @@ class EventStream:
             now = time.monotonic()
             next_status = now
             next_keepalive = now + settings.keepalive
+            next_estimate = now
             while True:
                 listener.wake.clear()
                 if listener.dropped:
@@ -211,12 +217,16 @@ class EventStream:
                         await self._final(writer, cursor, live.outcome)
                         return
                     continue
-                progress = live.progress
+                progress = live.progress_now()
                 if live.waiting and progress is not None:
                     count = live.progress_count
-                    if listener.progress_sent != count:
+                    estimated = isinstance(progress, PromptEstimate)
+                    if listener.progress_sent != count or (
+                        estimated and time.monotonic() >= next_estimate
+                    ):
                         listener.progress_sent = count
                         await writer.event("progress", progress_data(progress), cursor.id)
+                        next_estimate = time.monotonic() + ESTIMATE_INTERVAL
                 now = time.monotonic()
                 if live.waiting and now >= next_status:
                     elapsed = round(now - live.started_at, 3)
@@ -230,6 +240,8 @@ class EventStream:
                 deadline = next_keepalive
                 if live.waiting:
                     deadline = min(deadline, next_status)
+                    if isinstance(live.progress, PromptEstimate):
+                        deadline = min(deadline, next_estimate)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(listener.wake.wait(), max(0.0, deadline - now))
         finally:

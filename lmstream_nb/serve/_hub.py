@@ -40,13 +40,14 @@ from .._errors import LMStreamError
 from .._events import (
     Event,
     LoadProgress,
-    Progress,
+    PromptEstimate,
     PromptProgress,
     ReasoningDelta,
     StreamStarted,
     TextDelta,
 )
 from .._outcome import CANCELLED_MESSAGE
+from .._progress import Shown
 from .._run import RunResult, arun
 from .._store import PromptStore, RunRecord
 from .._template import Prompt
@@ -219,7 +220,11 @@ class LiveRun:
     text: Text = field(default_factory=Text)
     reasoning: Text = field(default_factory=Text)
     first_token_at: float | None = None
-    progress: Progress | None = None  # the latest report while the prompt is processed
+    # The latest report while the prompt is processed (or the estimate where the server
+    # reports nothing), and when it came (``time.monotonic()``): an estimate is moved on by
+    # the time since, as nothing else comes to move it.
+    progress: Shown | None = None
+    progress_at: float = 0.0
     progress_count: int = 0
     outcome: Outcome | None = None
     listeners: set[Listener] = field(default_factory=set)
@@ -239,9 +244,11 @@ class LiveRun:
         elif isinstance(event, StreamStarted):
             self.model = event.model or self.model
             return
-        elif isinstance(event, (LoadProgress, PromptProgress)):
-            # Already paced by the client (a few a second), so each one wakes the listeners.
+        elif isinstance(event, (LoadProgress, PromptProgress, PromptEstimate)):
+            # Already paced by the client (a few a second; an estimate comes once), so each
+            # one wakes the listeners.
             self.progress = event
+            self.progress_at = time.monotonic()
             self.progress_count += 1
             self.notify()
             return
@@ -250,6 +257,14 @@ class LiveRun:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.notify()
+
+    def progress_now(self) -> Shown | None:
+        """The latest progress as of now: an estimate with its time moved on to now."""
+        event = self.progress
+        if isinstance(event, PromptEstimate):
+            moved = event.elapsed_s + time.monotonic() - self.progress_at
+            return PromptEstimate(event.expected_s, event.runs, round(moved, 3))
+        return event
 
     def notify(self) -> None:
         for listener in self.listeners:

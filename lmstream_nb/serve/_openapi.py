@@ -111,7 +111,12 @@ _EVENTS_DOC = """Server-Sent Events: `start` {run_id, prompt, version, model}, `
 {phase: "loading" | "prompt", fraction, elapsed_s, eta_s, processed, total, cached, title, facts}
 while the server loads the model or processes the prompt (a few a second at most; `title` and
 `facts` are the words to show, such as "processing prompt" and "43% · 3,512 / 8,140 tokens · 41 s
-· about 55 s left"; a client that reconnects then is sent the latest one at once), then `done`
+· about 55 s left"; a client that reconnects then is sent the latest one at once); where the
+model server reports nothing while it processes the prompt, `progress` {phase: "estimate",
+fraction, elapsed_s, eta_s, expected_s, runs, title, facts} instead, once a second: an estimate
+of the wait (`expected_s` seconds from the request to the first token) from `runs` earlier runs
+of the model there, which a client may fill a bar against on its own clock (the bar never
+fills: the first token ends it), sent only when enough runs back it; then `done`
 {status: "ok", finish_reason, stats, text_length} or `error` {status, message}; the response ends
 after either. Every event has an id `<phase>:<text offset>:<reasoning offset>`; the first carries
 `retry:`. Comment lines `: keep-alive` go out every few seconds. Send `Last-Event-ID` (or

@@ -289,3 +289,41 @@ def test_the_page_shows_a_moving_progress_bar_before_the_text(
     assert len(set(fractions)) >= 2, "the bar moved"
     assert not page.is_visible("#progress"), "the text replaced the bar"
     assert page.evaluate("window.lmstream.text") == _recorded(store, run_id).text
+
+
+def test_the_page_fills_a_bar_against_an_estimate_where_the_server_reports_nothing(
+    page: Any, tmp_path: Path
+) -> None:
+    """LM Studio 0.3 says nothing while it processes the prompt; five earlier runs of the
+    model there let the page fill its bar against the expected wait, saying it is an estimate."""
+    serve_module = pytest.importorskip("lmstream_nb.serve")
+    from lmstream_nb import Prompt, run
+
+    defaults = simulator.Scenario(prefill_tps=1000, gen_tps=200, output_tokens=20, jitter=0)
+    with (
+        simulator.serve(profile="test-fast", defaults=defaults, native_api=False) as silent,
+        PromptStore(tmp_path / "silent.db") as store,
+    ):
+        for chars in (400, 1000, 1600, 2200, 3000):
+            run(Prompt("q" * chars, model=MODEL), store=store, base_url=silent.base_url)
+        store.save("wait", "q" * 10000, model=MODEL)  # 2,500 tokens: about 2.5 s
+        with serve_module.serve(store=store, base_url=silent.base_url, token=TOKEN) as handle:
+            page.goto(f"{handle.url}/?token={TOKEN}")
+            page.wait_for_selector("#prompt option[value='wait']", state="attached", timeout=10_000)
+            page.select_option("#prompt", "wait")
+            page.click("#run")
+            page.wait_for_function(
+                "() => new Set(window.lmstream.progress.filter((f) => f > 0)).size >= 3",
+                timeout=15_000,
+            )
+            assert page.evaluate("window.lmstream.text") == "", "the bar comes before the text"
+            shown = page.inner_text("#progress-text")
+            assert shown.startswith("processing prompt (estimate): ")
+            assert shown.endswith("estimated from 5 earlier runs")
+            assert page.get_attribute("#progress", "data-phase") == "estimate"
+            page.screenshot(path=str(ARTIFACTS / "serve-page-estimate.png"))
+            page.wait_for_selector("#status[data-state='done']", timeout=20_000)
+            fractions = page.evaluate("window.lmstream.progress")
+            assert fractions == sorted(fractions)
+            assert max(fractions) < 1, "an estimate never fills the bar"
+            assert not page.is_visible("#progress"), "the text replaced the bar"

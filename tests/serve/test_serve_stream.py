@@ -30,7 +30,8 @@ from serve_helpers import (
 )
 from waiting import wait_until
 
-from lmstream_nb import PromptStore, simulator
+from lmstream_nb import Prompt, PromptStore, simulator
+from lmstream_nb import run as run_prompt
 from lmstream_nb.serve import ServeHandle
 
 MODEL = "lmstream-sim-8b"
@@ -264,6 +265,52 @@ def test_a_client_reconnecting_during_prompt_processing_gets_the_latest_progress
     assert rest[-1].event == "done"
     record = PromptStore(store_path).get_run(run["run_id"])
     assert text_of(rest) == record.text
+
+
+@pytest.fixture
+def silent(tmp_path: Path) -> Iterator[tuple[simulator.SimServer, Path]]:
+    """LM Studio 0.3 (no progress while it processes a prompt) and a store whose history has
+    five runs of the model there, of sizes 400 to 3,000 characters."""
+    defaults = simulator.Scenario(prefill_tps=1000, output_tokens=5, jitter=0)
+    path = tmp_path / "silent.db"
+    with simulator.serve(profile="test-fast", defaults=defaults, native_api=False) as server:
+        with PromptStore(path) as store:
+            for chars in (400, 1000, 1600, 2200, 3000):
+                run_prompt(Prompt("q" * chars, model=MODEL), store=store, base_url=server.base_url)
+            store.save("long", "q" * 10000 + " {{topic}}", model=MODEL)  # about 2.5 s
+        yield server, path
+
+
+def test_an_estimate_is_sent_where_the_server_reports_nothing_and_again_on_resume(
+    silent: tuple[simulator.SimServer, Path],
+) -> None:
+    server, path = silent
+    with (
+        service(path, server.base_url, keepalive=0.1, status_interval=0.2) as relay,
+        httpx.Client(base_url=relay.url, timeout=TIMEOUT) as client,
+    ):
+        run = start(client, "long", topic="fog")
+
+        def estimated(events: list[SSE]) -> bool:
+            return any(e.event == "progress" for e in events)
+
+        first, reader = read_events(client, run["events_url"], stop=estimated)
+        rest, _ = read_events(client, run["events_url"], last_id=reader.last_id)
+    before = first[-1].json()
+    assert (before["phase"], before["runs"]) == ("estimate", 5)
+    assert before["title"] == "processing prompt (estimate)"
+    assert before["facts"].endswith("estimated from 5 earlier runs")
+    assert before["expected_s"] == pytest.approx(2.5, rel=0.4)
+    kinds = [e.event for e in rest]
+    assert kinds[0] == "progress", "a client that comes back is sent the estimate at once"
+    again = [e.json() for e in rest if e.event == "progress"]
+    assert len(again) >= 2, "resent while the wait goes on, with its time moved on"
+    assert all(d["phase"] == "estimate" for d in again)
+    elapsed = [before["elapsed_s"], *(d["elapsed_s"] for d in again)]
+    assert elapsed == sorted(elapsed)
+    assert elapsed[-1] > elapsed[0]
+    assert max(i for i, k in enumerate(kinds) if k == "progress") < kinds.index("delta")
+    assert kinds[-1] == "done"
 
 
 def test_delete_cancels_the_run_and_closes_the_simulator_connection(
