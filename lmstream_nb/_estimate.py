@@ -71,8 +71,9 @@ def estimate(history: Sequence[tuple[int, float]], chars: int) -> Estimate | Non
         return Estimate(statistics.median(ys), len(points))
     slope = max(0.0, theil_sen_slope(points))
     intercept = statistics.median(y - slope * x for x, y in points)
-    # Never below half the shortest wait seen: a negative intercept is noise, not speed.
-    expected = max(intercept + slope * chars, min(ys) / 2)
+    expected = intercept + slope * chars
+    if expected <= 0:  # a small prompt below a line whose intercept is noise: unknown
+        return None
     return Estimate(expected, len(points))
 
 
