@@ -9,11 +9,13 @@ import pytest
 
 from lmstream_nb._routes import (
     UNKNOWN,
+    Route,
     ServerInfo,
     choose,
     native_root,
     read_llamacpp_props,
     read_native_models,
+    reports_progress,
 )
 
 LMSTUDIO = ServerInfo("lmstudio", {"m": 4096}, {"m": 4})
@@ -120,3 +122,14 @@ def test_llamacpp_props_give_the_context_of_one_slot() -> None:
     assert (info.kind, info.context_of("anything"), info.slots) == ("llamacpp", 2048, {"*": 4})
     assert read_llamacpp_props({"n_ctx": 8192}).context_of("x") == 8192
     assert read_llamacpp_props({"n_ctx": "big", "total_slots": True}).contexts == {}
+
+
+def test_only_the_native_chat_and_llamacpp_asked_for_it_report_progress() -> None:
+    native = Route("native", "", {"input": "hi"})
+    openai = Route("openai", "")
+    llamacpp = ServerInfo("llamacpp")
+    assert reports_progress(native, ServerInfo("lmstudio"), {})
+    assert reports_progress(openai, llamacpp, {"return_progress": True})
+    assert not reports_progress(openai, llamacpp, {"return_progress": False})
+    assert not reports_progress(openai, ServerInfo("lmstudio"), {"return_progress": True})
+    assert not reports_progress(openai, UNKNOWN, {})
