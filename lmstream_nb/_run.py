@@ -38,6 +38,9 @@ from ._sync import SyncLMStudioClient
 from ._template import Prompt, variable_text
 
 FLUSH_INTERVAL_S = 1.0
+#: The longest a stream waits for the store's estimate of its wait (one indexed query, well
+#: under a millisecond; more means a store busy elsewhere, and the stream goes on without).
+ESTIMATE_WAIT_S = 0.5
 #: The endpoint a blocking run is recorded as using: ``complete()`` posts to /chat/completions.
 BLOCKING_API = "openai"
 
@@ -456,13 +459,15 @@ async def _estimate_wait(
     the history of that model and server; None when it has too few runs to tell.
 
     An estimate is a courtesy: a store that cannot answer (locked, damaged, an old schema
-    opened read-only) gives none, and the run goes on.
+    opened read-only) or not within ``ESTIMATE_WAIT_S`` gives none, and the run goes on; the
+    stream is not read meanwhile, so a slow answer must not hold up its first token.
     """
+    query = asyncio.to_thread(
+        store.first_token_estimate, model=stream.model, base_url=base_url, messages=messages
+    )
     try:
-        guess = await asyncio.to_thread(
-            store.first_token_estimate, model=stream.model, base_url=base_url, messages=messages
-        )
-    except Exception:
+        guess = await asyncio.wait_for(query, ESTIMATE_WAIT_S)
+    except Exception:  # asyncio.TimeoutError included; a cancellation goes on
         return None
     if guess is None:
         return None

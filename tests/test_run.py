@@ -639,3 +639,17 @@ def test_a_server_that_reports_progress_gets_no_estimate(
             seen = sizes_run(client, store, 400 * (i + 1))
             assert not [e for e in seen if isinstance(e, PromptEstimate)]
             assert [e.api for e in seen if isinstance(e, StreamStarted)] == ["native"]
+
+
+def test_a_store_that_cannot_estimate_leaves_the_run_alone(store: PromptStore) -> None:
+    """The estimate is a courtesy: its query failing (here its index is gone) costs nothing."""
+    with (
+        simulator.serve(profile="test-fast", native_api=False) as silent,
+        sync_client(silent) as client,
+    ):
+        for i in range(MIN_RUNS):
+            sizes_run(client, store, 400 * (i + 1))
+        store._connection().execute("DROP INDEX runs_first_token_history")
+        seen = sizes_run(client, store, 1000)
+    assert not [e for e in seen if isinstance(e, PromptEstimate)]
+    assert [type(e).__name__ for e in seen][-1] == "StreamFinished"
