@@ -28,7 +28,17 @@ from typing import Any
 import anywidget
 import traitlets
 
-from ._events import Event, ReasoningDelta, Stats, StreamFinished, StreamStarted, TextDelta
+from ._events import (
+    Event,
+    LoadProgress,
+    PromptProgress,
+    ReasoningDelta,
+    Stats,
+    StreamFinished,
+    StreamStarted,
+    TextDelta,
+)
+from ._progress import progress_facts, progress_title
 from ._throttle import Coalescer
 
 _ESM = r"""
@@ -64,7 +74,20 @@ function render({ model, el }) {
   body.append(textNode, cursor);
   const message = document.createElement("div");
   message.className = "lmstream-message";
-  el.append(status, reasoning, body, message);
+  // While the model loads or processes the prompt: a bar and the facts the kernel words.
+  const progress = document.createElement("div");
+  progress.className = "lmstream-progress";
+  progress.hidden = true;
+  const track = document.createElement("span");
+  track.className = "lmstream-progress-track";
+  const fill = document.createElement("span");
+  fill.className = "lmstream-progress-fill";
+  track.appendChild(fill);
+  const facts = document.createElement("span");
+  facts.className = "lmstream-progress-facts";
+  progress.append(track, facts);
+  el.append(status, progress, reasoning, body, message);
+  let shownProgress = null;
 
   let live = {};
   let openedAt = performance.now();
@@ -96,6 +119,13 @@ function render({ model, el }) {
     el.dataset.state = state;
     cursor.hidden = !running;
     message.textContent = s.message || "";
+    const waiting = state === "processing" || state === "connecting";
+    progress.hidden = !(waiting && shownProgress);
+    if (!progress.hidden) {
+      fill.style.width = (Math.min(1, Math.max(0, shownProgress.f)) * 100).toFixed(1) + "%";
+      facts.textContent = shownProgress.w + " \u00b7 " + shownProgress.x;
+      el.dataset.progress = String(shownProgress.f);
+    }
     body.hidden = !model.get("show_text");
     reasoning.hidden = reasoningNode.length === 0;  // stays (collapsed) after the end
   }
@@ -112,6 +142,7 @@ function render({ model, el }) {
     if (msg.t) textNode.appendData(msg.t);
     if (msg.r) reasoningNode.appendData(msg.r);
     if (msg.s) Object.assign(live, msg.s);
+    if (msg.p) shownProgress = msg.p;
     paint();
   });
   model.on("change:status", () => { live = {}; paint(); });
@@ -150,6 +181,13 @@ _CSS = """
 .lmstream-view div.lmstream-reasoning-text { color: var(--jp-ui-font-color2, #666); }
 .lmstream-view .lmstream-reasoning summary { cursor: pointer; font-size: 0.85em; }
 .lmstream-view .lmstream-cursor { animation: lmstream-blink 1s steps(1) infinite; }
+.lmstream-view .lmstream-progress { display: flex; align-items: center; gap: 8px;
+  font-size: 0.85em; color: var(--jp-ui-font-color2, #666); margin-top: 3px; }
+.lmstream-view .lmstream-progress[hidden] { display: none; }
+.lmstream-view .lmstream-progress-track { flex: 0 0 12em; height: 0.6em; border-radius: 3px;
+  background: var(--jp-layout-color3, #ddd); overflow: hidden; }
+.lmstream-view .lmstream-progress-fill { display: block; height: 100%; width: 0;
+  background: var(--jp-brand-color1, #1976d2); transition: width 0.2s linear; }
 @keyframes lmstream-blink { 50% { opacity: 0; } }
 @keyframes lmstream-pulse { 50% { opacity: 0.55; } }
 """
@@ -357,9 +395,29 @@ class NotebookSink:
             if measured is not None:  # the clock starts when the request was sent
                 changes["started_ms"] = (time.time() - measured.duration_s) * 1000
             self._set_status(**changes)
+        elif isinstance(event, (LoadProgress, PromptProgress)):
+            self._progress(event)
         elif isinstance(event, StreamFinished):
             with self._lock:
                 self._flush(now, final=True)
+
+    def _progress(self, event: LoadProgress | PromptProgress) -> None:
+        """A progress report before the first token: one small message with the bar's
+        fraction and the words. The client passes a few a second at most, so this adds no
+        pacing of its own; the final outputs do not keep it (what a saved notebook shows
+        stays the same from run to run)."""
+        message = {
+            "p": {
+                "f": round(event.fraction, 4),
+                "w": progress_title(event),
+                "x": " \u00b7 ".join(progress_facts(event)),
+            }
+        }
+        with self._lock:
+            if self._first is not None:
+                return  # the text has started: the bar is gone
+            self.view.send(message)
+            self.messages_sent += 1
 
     def _delta(self, now: float, *, text: str = "", reasoning: str = "") -> None:
         with self._lock:
