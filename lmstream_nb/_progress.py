@@ -12,7 +12,7 @@ import math
 
 from ._events import LoadProgress, PromptProgress
 
-__all__ = ["bar", "duration", "progress_facts", "progress_line", "progress_title"]
+__all__ = ["bar", "duration", "moved_on", "progress_facts", "progress_line", "progress_title"]
 
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
@@ -36,6 +36,13 @@ def bar(fraction: float, width: int = 10) -> str:
     full, part = divmod(eighths, 8)
     cells = "█" * full + (_EIGHTHS[part] if part else "")
     return "▕" + cells.ljust(width) + "▏"
+
+
+def moved_on(event: LoadProgress | PromptProgress, since_s: float) -> tuple[float, float | None]:
+    """(time so far, time left) ``since_s`` after the event arrived: a live display moves
+    both on between reports, which may be seconds apart, so that it never looks stuck."""
+    eta = None if event.eta_s is None else max(0.0, event.eta_s - since_s)
+    return event.elapsed_s + since_s, eta
 
 
 def progress_title(event: LoadProgress | PromptProgress) -> str:

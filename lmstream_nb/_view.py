@@ -38,8 +38,11 @@ from ._events import (
     StreamStarted,
     TextDelta,
 )
-from ._progress import progress_facts, progress_title
+from ._progress import moved_on, progress_facts, progress_title
 from ._throttle import Coalescer
+
+# Between progress reports the view's time so far and time left move on once a second.
+_PROGRESS_TICK_S = 1.0
 
 _ESM = r"""
 function fmt(seconds) {
@@ -351,6 +354,10 @@ class NotebookSink:
         self._painted_text = 0
         self._painted_reasoning = 0
         self.messages_sent = 0
+        self._shown_progress: tuple[LoadProgress | PromptProgress, float] | None = None
+        self._progress_sent_at = 0.0
+        self._ticker: Any = None
+        self._ended = False
         view.painted = self._painted
         view.status = {"state": "connecting", "prompt": prompt, "started_ms": time.time() * 1000}
 
@@ -404,20 +411,47 @@ class NotebookSink:
     def _progress(self, event: LoadProgress | PromptProgress) -> None:
         """A progress report before the first token: one small message with the bar's
         fraction and the words. The client passes a few a second at most, so this adds no
-        pacing of its own; the final outputs do not keep it (what a saved notebook shows
-        stays the same from run to run)."""
-        message = {
-            "p": {
-                "f": round(event.fraction, 4),
-                "w": progress_title(event),
-                "x": " \u00b7 ".join(progress_facts(event)),
-            }
-        }
+        pacing of its own; between reports a tick each second moves the time so far and the
+        time left on (reports can be many seconds apart). The final outputs do not keep any
+        of it (what a saved notebook shows stays the same from run to run)."""
+        import asyncio
+
+        now = self._clock()
         with self._lock:
-            if self._first is not None:
+            if self._first is not None or self._ended:
                 return  # the text has started: the bar is gone
-            self.view.send(message)
-            self.messages_sent += 1
+            self._shown_progress = (event, now)
+            self._send_progress(now)
+            if self._ticker is None:
+                if self._loop is None:
+                    self._loop = asyncio.get_running_loop()
+                self._ticker = self._loop.call_later(_PROGRESS_TICK_S, self._on_tick)
+
+    def _send_progress(self, now: float) -> None:
+        assert self._shown_progress is not None
+        event, at = self._shown_progress
+        elapsed, eta = moved_on(event, now - at)
+        words = " \u00b7 ".join(progress_facts(event, elapsed, eta))
+        self.view.send(
+            {"p": {"f": round(event.fraction, 4), "w": progress_title(event), "x": words}}
+        )
+        self.messages_sent += 1
+        self._progress_sent_at = now
+
+    def _on_tick(self) -> None:
+        with self._lock:
+            self._ticker = None
+            if self._first is not None or self._ended or self._shown_progress is None:
+                return
+            now = self._clock()
+            if now - self._progress_sent_at >= 0.9 * _PROGRESS_TICK_S:
+                self._send_progress(now)
+            self._ticker = self._loop.call_later(_PROGRESS_TICK_S, self._on_tick)
+
+    def _stop_ticking(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
 
     def _delta(self, now: float, *, text: str = "", reasoning: str = "") -> None:
         with self._lock:
@@ -429,6 +463,7 @@ class NotebookSink:
             first = self._first is None
             if first:
                 self._first = now
+                self._stop_ticking()
             paint = self._coalescer.add(now, text, reasoning)
             if paint is not None:
                 self._send(paint, now, first=first)
@@ -506,6 +541,8 @@ class NotebookSink:
         Returns the final status (with its ``line``)."""
         now = self._clock()
         with self._lock:
+            self._ended = True
+            self._stop_ticking()
             self._flush(now, final=True)
         measured = stats if stats is not None else self._measured()
         status: dict[str, Any] = {
