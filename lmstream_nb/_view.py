@@ -97,12 +97,16 @@ function render({ model, el }) {
   function line(s, state, running) {
     // The final line comes from the kernel (status_line), so what stays is what was recorded.
     if (!running && s.line) return s.line;
-    const parts = [LABELS[state] || state];
+    // While a bar shows, it says the phase and the times: the line names what happens.
+    const barred = shownProgress && (state === "processing" || state === "connecting");
+    const parts = [barred ? shownProgress.w : LABELS[state] || state];
     if (s.prompt) parts.push(s.prompt);
     if (s.model) parts.push(s.model);
     const elapsed = running && s.started_ms
       ? (Date.now() - s.started_ms) / 1000 : (s.elapsed ?? null);
-    if (state === "processing" && elapsed !== null) {
+    if (barred) {
+      // the bar's facts carry the time so far
+    } else if (state === "processing" && elapsed !== null) {
       parts.push("waiting for the first token " + fmt(elapsed));
     } else if (state !== "connecting") {
       if (s.ttft !== null && s.ttft !== undefined) parts.push("first token " + fmt(s.ttft));
@@ -126,7 +130,7 @@ function render({ model, el }) {
     progress.hidden = !(waiting && shownProgress);
     if (!progress.hidden) {
       fill.style.width = (Math.min(1, Math.max(0, shownProgress.f)) * 100).toFixed(1) + "%";
-      facts.textContent = shownProgress.w + " \u00b7 " + shownProgress.x;
+      facts.textContent = shownProgress.x;
       el.dataset.progress = String(shownProgress.f);
     }
     body.hidden = !model.get("show_text");
