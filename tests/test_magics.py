@@ -581,6 +581,9 @@ def test_the_view_shows_progress_before_the_first_delta(kernel: Kernel) -> None:
     assert sum(g < 0.2 for g in gaps) <= 2, gaps  # a few a second (a phase's end always passes)
     seconds = (times[-1] - times[0]).total_seconds()
     assert len(bars) <= 5 * seconds + 2, "paced: a few a second"
+    # The front-end bound for the whole run, progress included: at most 25 messages a second.
+    every = [dt.datetime.fromisoformat(str(d)) for d, _ in customs]
+    assert len(every) <= 25 * (every[-1] - every[0]).total_seconds() + 3
     [final] = cell.finals()
     assert final["text/plain"].startswith("lmstream: done")
     assert "progress" not in final["text/html"]
