@@ -18,6 +18,7 @@ __all__ = [
     "Shown",
     "bar",
     "duration",
+    "moved_on",
     "progress_facts",
     "progress_fraction",
     "progress_line",
@@ -50,6 +51,17 @@ def bar(fraction: float, width: int = 10) -> str:
 
 Shown = LoadProgress | PromptProgress | PromptEstimate
 """What a progress display shows: a server's report, or an estimate from the history."""
+
+
+def moved_on(event: Shown, since_s: float) -> tuple[float, float | None]:
+    """(time so far, time left) ``since_s`` after the event arrived: a live display moves
+    both on between reports, which may be seconds apart, so that it never looks stuck (an
+    estimate's only move is this one: nothing else comes to move it)."""
+    elapsed = event.elapsed_s + since_s
+    if isinstance(event, PromptEstimate):
+        return elapsed, max(0.0, event.expected_s - elapsed)
+    eta = None if event.eta_s is None else max(0.0, event.eta_s - since_s)
+    return elapsed, eta
 
 
 def progress_title(event: Shown) -> str:

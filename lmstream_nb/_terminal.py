@@ -25,7 +25,7 @@ from ._events import (
     StreamStarted,
     TextDelta,
 )
-from ._progress import Shown, progress_line
+from ._progress import Shown, moved_on, progress_line
 
 
 def format_stats(stats: Stats, finished: StreamFinished | None = None) -> str:
@@ -77,11 +77,7 @@ class _Waiting:
         if event is None:
             line = f"waiting for the first token… {now - self._t0:.0f} s"
         else:
-            since = now - self._progress_at
-            eta = None
-            if not isinstance(event, PromptEstimate) and event.eta_s is not None:
-                eta = max(0.0, event.eta_s - since)
-            line = progress_line(event, event.elapsed_s + since, eta)
+            line = progress_line(event, *moved_on(event, now - self._progress_at))
         self._err.write(f"\r\033[2m{line}\033[0m\033[K")
         self._err.flush()
         self._shown = True

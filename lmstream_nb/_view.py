@@ -28,8 +28,21 @@ from typing import Any
 import anywidget
 import traitlets
 
-from ._events import Event, ReasoningDelta, Stats, StreamFinished, StreamStarted, TextDelta
+from ._events import (
+    Event,
+    LoadProgress,
+    PromptProgress,
+    ReasoningDelta,
+    Stats,
+    StreamFinished,
+    StreamStarted,
+    TextDelta,
+)
+from ._progress import moved_on, progress_facts, progress_title
 from ._throttle import Coalescer
+
+# Between progress reports the view's time so far and time left move on once a second.
+_PROGRESS_TICK_S = 1.0
 
 _ESM = r"""
 function fmt(seconds) {
@@ -64,19 +77,36 @@ function render({ model, el }) {
   body.append(textNode, cursor);
   const message = document.createElement("div");
   message.className = "lmstream-message";
-  el.append(status, reasoning, body, message);
+  // While the model loads or processes the prompt: a bar and the facts the kernel words.
+  const progress = document.createElement("div");
+  progress.className = "lmstream-progress";
+  progress.hidden = true;
+  const track = document.createElement("span");
+  track.className = "lmstream-progress-track";
+  const fill = document.createElement("span");
+  fill.className = "lmstream-progress-fill";
+  track.appendChild(fill);
+  const facts = document.createElement("span");
+  facts.className = "lmstream-progress-facts";
+  progress.append(track, facts);
+  el.append(status, progress, reasoning, body, message);
+  let shownProgress = null;
 
   let live = {};
   let openedAt = performance.now();
   function line(s, state, running) {
     // The final line comes from the kernel (status_line), so what stays is what was recorded.
     if (!running && s.line) return s.line;
-    const parts = [LABELS[state] || state];
+    // While a bar shows, it says the phase and the times: the line names what happens.
+    const barred = shownProgress && (state === "processing" || state === "connecting");
+    const parts = [barred ? shownProgress.w : LABELS[state] || state];
     if (s.prompt) parts.push(s.prompt);
     if (s.model) parts.push(s.model);
     const elapsed = running && s.started_ms
       ? (Date.now() - s.started_ms) / 1000 : (s.elapsed ?? null);
-    if (state === "processing" && elapsed !== null) {
+    if (barred) {
+      // the bar's facts carry the time so far
+    } else if (state === "processing" && elapsed !== null) {
       parts.push("waiting for the first token " + fmt(elapsed));
     } else if (state !== "connecting") {
       if (s.ttft !== null && s.ttft !== undefined) parts.push("first token " + fmt(s.ttft));
@@ -96,6 +126,13 @@ function render({ model, el }) {
     el.dataset.state = state;
     cursor.hidden = !running;
     message.textContent = s.message || "";
+    const waiting = state === "processing" || state === "connecting";
+    progress.hidden = !(waiting && shownProgress);
+    if (!progress.hidden) {
+      fill.style.width = (Math.min(1, Math.max(0, shownProgress.f)) * 100).toFixed(1) + "%";
+      facts.textContent = shownProgress.x;
+      el.dataset.progress = String(shownProgress.f);
+    }
     body.hidden = !model.get("show_text");
     reasoning.hidden = reasoningNode.length === 0;  // stays (collapsed) after the end
   }
@@ -112,6 +149,7 @@ function render({ model, el }) {
     if (msg.t) textNode.appendData(msg.t);
     if (msg.r) reasoningNode.appendData(msg.r);
     if (msg.s) Object.assign(live, msg.s);
+    if (msg.p) shownProgress = msg.p;
     paint();
   });
   model.on("change:status", () => { live = {}; paint(); });
@@ -150,6 +188,13 @@ _CSS = """
 .lmstream-view div.lmstream-reasoning-text { color: var(--jp-ui-font-color2, #666); }
 .lmstream-view .lmstream-reasoning summary { cursor: pointer; font-size: 0.85em; }
 .lmstream-view .lmstream-cursor { animation: lmstream-blink 1s steps(1) infinite; }
+.lmstream-view .lmstream-progress { display: flex; align-items: center; gap: 8px;
+  font-size: 0.85em; color: var(--jp-ui-font-color2, #666); margin-top: 3px; }
+.lmstream-view .lmstream-progress[hidden] { display: none; }
+.lmstream-view .lmstream-progress-track { flex: 0 0 12em; height: 0.6em; border-radius: 3px;
+  background: var(--jp-layout-color3, #ddd); overflow: hidden; }
+.lmstream-view .lmstream-progress-fill { display: block; height: 100%; width: 0;
+  background: var(--jp-brand-color1, #1976d2); transition: width 0.2s linear; }
 @keyframes lmstream-blink { 50% { opacity: 0; } }
 @keyframes lmstream-pulse { 50% { opacity: 0.55; } }
 """
@@ -313,6 +358,10 @@ class NotebookSink:
         self._painted_text = 0
         self._painted_reasoning = 0
         self.messages_sent = 0
+        self._shown_progress: tuple[LoadProgress | PromptProgress, float] | None = None
+        self._progress_sent_at = 0.0
+        self._ticker: Any = None
+        self._ended = False
         view.painted = self._painted
         view.status = {"state": "connecting", "prompt": prompt, "started_ms": time.time() * 1000}
 
@@ -357,9 +406,56 @@ class NotebookSink:
             if measured is not None:  # the clock starts when the request was sent
                 changes["started_ms"] = (time.time() - measured.duration_s) * 1000
             self._set_status(**changes)
+        elif isinstance(event, (LoadProgress, PromptProgress)):
+            self._progress(event)
         elif isinstance(event, StreamFinished):
             with self._lock:
                 self._flush(now, final=True)
+
+    def _progress(self, event: LoadProgress | PromptProgress) -> None:
+        """A progress report before the first token: one small message with the bar's
+        fraction and the words. The client passes a few a second at most, so this adds no
+        pacing of its own; between reports a tick each second moves the time so far and the
+        time left on (reports can be many seconds apart). The final outputs do not keep any
+        of it (what a saved notebook shows stays the same from run to run)."""
+        import asyncio
+
+        now = self._clock()
+        with self._lock:
+            if self._first is not None or self._ended:
+                return  # the text has started: the bar is gone
+            self._shown_progress = (event, now)
+            self._send_progress(now)
+            if self._ticker is None:
+                if self._loop is None:
+                    self._loop = asyncio.get_running_loop()
+                self._ticker = self._loop.call_later(_PROGRESS_TICK_S, self._on_tick)
+
+    def _send_progress(self, now: float) -> None:
+        assert self._shown_progress is not None
+        event, at = self._shown_progress
+        elapsed, eta = moved_on(event, now - at)
+        words = " \u00b7 ".join(progress_facts(event, elapsed, eta))
+        self.view.send(
+            {"p": {"f": round(event.fraction, 4), "w": progress_title(event), "x": words}}
+        )
+        self.messages_sent += 1
+        self._progress_sent_at = now
+
+    def _on_tick(self) -> None:
+        with self._lock:
+            self._ticker = None
+            if self._first is not None or self._ended or self._shown_progress is None:
+                return
+            now = self._clock()
+            if now - self._progress_sent_at >= 0.9 * _PROGRESS_TICK_S:
+                self._send_progress(now)
+            self._ticker = self._loop.call_later(_PROGRESS_TICK_S, self._on_tick)
+
+    def _stop_ticking(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
 
     def _delta(self, now: float, *, text: str = "", reasoning: str = "") -> None:
         with self._lock:
@@ -371,6 +467,7 @@ class NotebookSink:
             first = self._first is None
             if first:
                 self._first = now
+                self._stop_ticking()
             paint = self._coalescer.add(now, text, reasoning)
             if paint is not None:
                 self._send(paint, now, first=first)
@@ -448,6 +545,8 @@ class NotebookSink:
         Returns the final status (with its ``line``)."""
         now = self._clock()
         with self._lock:
+            self._ended = True
+            self._stop_ticking()
             self._flush(now, final=True)
         measured = stats if stats is not None else self._measured()
         status: dict[str, Any] = {

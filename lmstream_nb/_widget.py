@@ -556,19 +556,22 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
                 dt.datetime.fromtimestamp(r.started_at).strftime("%H:%M:%S"),
                 r.status,
                 prompt_label(r.prompt_name, r.prompt_version),
-                "ttft " + ("-" if r.ttft_s is None else f"{r.ttft_s:.2f}s"),
-                "total " + ("-" if r.duration_s is None else f"{r.duration_s:.1f}s"),
+                # The first sign of life (a progress report, else the first token), then
+                # the first token: what the wait felt like beside what it was.
+                "progress " + _seconds_cell(r.first_progress_s, 2),
+                "ttft " + _seconds_cell(r.ttft_s, 2),
+                "total " + _seconds_cell(r.duration_s, 1),
                 r.preview[:40].replace("\n", " "),
             )
             for r in runs
         ]
         # Columns padded to their widest cell (the list is shown in a monospace font).
-        widths = [max((len(row[i]) for row in rows), default=0) for i in range(6)]
+        widths = [max((len(row[i]) for row in rows), default=0) for i in range(7)]
         self.history_select.options = [
             (
                 "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
                 + "  "
-                + row[6],
+                + row[7],
                 r.id,
             )
             for row, r in zip(rows, runs, strict=True)
@@ -599,6 +602,10 @@ def _number(text: str) -> object:
         except ValueError:
             pass
     return text
+
+
+def _seconds_cell(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}s"
 
 
 def _seconds_text(value: float | None) -> str:

@@ -173,12 +173,13 @@ class Kernel:
             self._pump(0.05)
 
     def deltas(self, widget_id: str) -> list[str]:
-        """The text deltas sent to one view, in order."""
+        """The text deltas sent to one view, in order (progress and status messages, which
+        come before any text, are not deltas)."""
         texts = []
         for msg in self.comm_msgs.get(widget_id, []):
             data = msg["content"].get("data", {})
-            if data.get("method") == "custom":
-                texts.append(data["content"].get("t", ""))
+            if data.get("method") == "custom" and "t" in data["content"]:
+                texts.append(data["content"]["t"])
         return texts
 
     def widget_state(self, widget_id: str) -> dict[str, Any]:

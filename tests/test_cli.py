@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pty_run import read_stderr_on_a_terminal
 
 from lmstream_nb import Prompt, PromptStore, run, simulator
 
@@ -189,35 +190,6 @@ def test_ctrl_c_stops_the_stream_and_closes_the_connection(slow_sim: simulator.S
     assert proc.returncode == 130
     assert b"Ctrl-C" in err
     assert b"Traceback" not in err
-
-
-def read_stderr_on_a_terminal(*args: str) -> tuple[int, bytes, bytes]:
-    """Run ``lmstream ARGS`` with stderr on a pseudo-terminal: (status, stdout, what stderr
-    showed, control sequences included)."""
-    leader, follower = os.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lmstream_nb", *args],
-        stdout=subprocess.PIPE,
-        stderr=follower,
-    )
-    os.close(follower)
-    seen = b""
-    deadline = time.monotonic() + 30
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            ready, _, _ = select.select([leader], [], [], 0.5)
-            if ready:
-                try:
-                    seen += os.read(leader, 4096)
-                except OSError:
-                    break
-        out, _ = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        os.close(leader)
-    return proc.returncode, out, seen
 
 
 def test_a_terminal_shows_a_live_progress_bar_then_the_text() -> None:

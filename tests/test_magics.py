@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import datetime as dt
+import itertools
 import os
 import subprocess
 import sys
@@ -552,3 +554,36 @@ def test_every_option_of_the_magic_says_its_default() -> None:
         if not action.option_strings or action.nargs == 0:
             continue  # the subcommand words, flags and -h
         assert "default" in (action.help or ""), action.option_strings
+
+
+def test_the_view_shows_progress_before_the_first_delta(kernel: Kernel) -> None:
+    """LM Studio's native chat reports prompt processing: the view gets a bar before text,
+    paced like text, and the saved output is the same as without it."""
+    marker = '[[sim {"prefill_tps": 1500, "batch_size": 100, "output_tokens": 12}]] '
+    cell = kernel.execute("%%lmstream\n" + marker + "p" * 12000, timeout=60)
+    assert cell.status == "ok", cell.error()
+    [widget] = cell.widget_ids()
+    customs = [
+        (msg["header"]["date"], msg["content"]["data"]["content"])
+        for msg in kernel.comm_msgs[widget]
+        if msg["content"].get("data", {}).get("method") == "custom"
+    ]
+    kinds = ["p" if "p" in c else "t" if "t" in c else "-" for _, c in customs]
+    assert "p" in kinds
+    assert kinds.index("t") > max(i for i, k in enumerate(kinds) if k == "p"), kinds
+    bars = [c["p"] for _, c in customs if "p" in c]
+    fractions = [b["f"] for b in bars]
+    assert len(set(fractions)) >= 3, "the bar moved"
+    assert fractions == sorted(fractions)
+    assert all(b["w"] == "processing prompt" and b["x"].endswith(("left", " s")) for b in bars)
+    times = [dt.datetime.fromisoformat(str(d)) for d, c in customs if "p" in c]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+    assert sum(g < 0.2 for g in gaps) <= 2, gaps  # a few a second (a phase's end always passes)
+    seconds = (times[-1] - times[0]).total_seconds()
+    assert len(bars) <= 5 * seconds + 2, "paced: a few a second"
+    # The front-end bound for the whole run, progress included: at most 25 messages a second.
+    every = [dt.datetime.fromisoformat(str(d)) for d, _ in customs]
+    assert len(every) <= 25 * (every[-1] - every[0]).total_seconds() + 3
+    [final] = cell.finals()
+    assert final["text/plain"].startswith("lmstream: done")
+    assert "progress" not in final["text/html"]

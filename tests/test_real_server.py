@@ -12,15 +12,19 @@ test failure.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from notebook_kernel import running_kernel
+from pty_run import read_stderr_on_a_terminal
 from real_llama import Server, launcher
 from waiting import wait_until
 
@@ -370,3 +374,59 @@ async def test_prompt_over_the_context_is_refused_before_it_is_sent(
     log = server.log_text(offset)
     assert "launch_slot_" not in log, log[-2000:]
     assert "exceeds the available context size" not in log, log[-2000:]
+
+
+def test_a_terminal_shows_the_real_servers_progress_as_a_moving_bar(
+    progress_server: Server,
+) -> None:
+    """What a person sees in a terminal while llama.cpp processes a long prompt."""
+    status, _, seen = read_stderr_on_a_terminal(
+        "run",
+        long_prompt("terminal", 1200),
+        "--base-url",
+        progress_server.base_url,
+        "--model",
+        MODEL,
+        "--max-tokens",
+        "4",
+        timeout=240,
+    )
+    assert status == 0, seen[-400:]
+    lines = [part.decode() for part in seen.split(b"\r") if b"processing prompt" in part]
+    percents = [int(line.split("▏ ")[1].split("%")[0]) for line in lines]
+    assert len(set(percents)) >= 2, f"the bar moved: {percents}"
+    assert percents == sorted(percents)
+    assert any(" tokens · " in line for line in lines), "llama.cpp counts the tokens"
+    assert any("left" in line for line in lines), "an estimate of the time left"
+
+
+def test_the_notebook_view_shows_the_real_servers_progress_before_any_text(
+    progress_server: Server, tmp_path: Path
+) -> None:
+    """``%%lmstream`` in a real kernel: the view's bar moves with llama.cpp's reports, and
+    the text (if the model writes any) comes after them."""
+    env = {**os.environ, "LMSTREAM_HOME": str(tmp_path), "LMSTREAM_BASE_URL": "http://0.invalid"}
+    with running_kernel(env) as kernel:
+        assert kernel.execute("%load_ext lmstream_nb").status == "ok"
+        cell = kernel.execute(
+            f"%%lmstream --base-url {progress_server.base_url} --model {MODEL} --max-tokens 4\n"
+            + long_prompt("view", 1200),
+            timeout=240,
+        )
+        assert cell.status == "ok", cell.error()
+        [widget] = cell.widget_ids()
+        customs = [
+            msg["content"]["data"]["content"]
+            for msg in kernel.comm_msgs[widget]
+            if msg["content"].get("data", {}).get("method") == "custom"
+        ]
+    bars = [c["p"] for c in customs if "p" in c]
+    fractions = [b["f"] for b in bars]
+    assert len(set(fractions)) >= 2, f"the bar moved: {fractions}"
+    assert fractions == sorted(fractions)
+    assert all(b["w"] == "processing prompt" for b in bars)
+    assert any(" tokens \u00b7 " in b["x"] for b in bars), "llama.cpp counts the tokens"
+    texts = [i for i, c in enumerate(customs) if c.get("t")]
+    assert not texts or texts[0] > max(i for i, c in enumerate(customs) if "p" in c)
+    [final] = cell.finals()
+    assert final["text/plain"].startswith("lmstream: done")

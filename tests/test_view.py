@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from waiting import await_until
 
-from lmstream_nb import Stats, StreamFinished, StreamStarted, TextDelta
+from lmstream_nb import PromptProgress, Stats, StreamFinished, StreamStarted, TextDelta
 from lmstream_nb._view import (
     PLAIN_PREFIX,
     NotebookSink,
@@ -88,6 +88,32 @@ async def test_sink_timer_paints_the_tail_of_a_burst() -> None:
     assert [m["t"] for m in view.sent] == ["a"]
     await await_until(lambda: len(view.sent) == 2, timeout=5, what="the timer painted the tail")
     assert [m["t"] for m in view.sent] == ["a", "b"]
+
+
+@pytest.mark.anyio
+async def test_between_reports_the_bar_moves_its_times_on_and_the_text_ends_it() -> None:
+    """Reports can be many seconds apart: each second the view is told the time so far and
+    the time left as they are now, in the shared words; the first text stops that."""
+    view, clock = RecordingView(), Clock()
+    sink = NotebookSink(view, clock=clock)  # type: ignore[arg-type]
+    sink.handle(StreamStarted(model="m", request_id="r", url="u"))
+    sink.handle(PromptProgress(0.25, 2.0, 6.0, processed=250, total=1000))
+    [first] = [m["p"] for m in view.sent]
+    assert first == {
+        "f": 0.25,
+        "w": "processing prompt",
+        "x": "25% \u00b7 250 / 1,000 tokens \u00b7 2 s \u00b7 about 6 s left",
+    }
+    clock.now += 3.0
+    await await_until(lambda: len(view.sent) == 2, timeout=5, what="the view was told again")
+    moved = view.sent[1]["p"]
+    assert moved["f"] == 0.25, "the fraction is the server's: only the times move on"
+    assert moved["x"] == "25% \u00b7 250 / 1,000 tokens \u00b7 5 s \u00b7 about 3 s left"
+    sink.handle(TextDelta("hello"))
+    assert view.sent[-1]["t"] == "hello"
+    assert sink._ticker is None, "no more ticks once the text has started"
+    sink.handle(PromptProgress(1.0, 6.0, 0.0, processed=1000, total=1000))
+    assert all("p" not in m for m in view.sent[2:]), "a late report draws no bar over text"
 
 
 def test_final_bundles_never_carry_raw_html() -> None:

@@ -14,6 +14,7 @@ from waiting import await_until
 from lmstream_nb import PromptRunner, PromptStore, simulator
 from lmstream_nb._outcome import CANCELLED_MESSAGE
 from lmstream_nb._prompt_fields import RULES
+from lmstream_nb._view import StreamView
 
 pytestmark = pytest.mark.anyio
 
@@ -351,3 +352,38 @@ async def test_the_snapshot_and_the_stand_in_name_their_runner(
     assert "needs its kernel" in stand_in["state"]["value"]
     assert "lmstream-wide-button" in keeper._css, "the runner's styles come with it"
     assert ".jp-" not in keeper._esm + keeper._css, "no front end's own class names"
+
+
+async def test_the_runner_shows_the_progress_bar_and_its_history_the_first_sign_of_life(
+    store: PromptStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner's view is the magic's: progress reaches it before the text, and the history
+    row shows the time to the first progress beside the time to the first token."""
+    sent: list[dict[str, object]] = []
+    original = StreamView.send
+
+    def keep(view: StreamView, content: dict[str, object], buffers: object = None) -> None:
+        sent.append(content)
+        original(view, content, buffers)
+
+    monkeypatch.setattr(StreamView, "send", keep)
+    slow_prefill = simulator.Scenario(prefill_tps=2000, batch_size=100, output_tokens=6)
+    with simulator.serve(profile="test-fast", defaults=slow_prefill) as slow:
+        runner = await ready(slow.base_url, store)
+        runner.set_variable("topic", "w " * 1500)
+        task = runner.run()
+        assert task is not None
+        result = await asyncio.wait_for(task, 20)
+    assert result is not None
+    assert result.ok
+    kinds = ["p" if "p" in m else "t" if "t" in m else "-" for m in sent]
+    assert "p" in kinds, kinds
+    assert "t" in kinds, kinds
+    assert kinds.index("t") > max(i for i, k in enumerate(kinds) if k == "p"), kinds
+    record = store.get_run(result.run_id)
+    assert record.first_progress_s is not None
+    assert record.ttft_s is not None
+    assert record.first_progress_s < record.ttft_s
+    row = runner.history_select.options[0][0]
+    assert f"progress {record.first_progress_s:.2f}s" in row
+    assert row.index("progress ") < row.index("ttft ")

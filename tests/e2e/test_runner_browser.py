@@ -657,3 +657,76 @@ def test_a_batch_its_user_saved_keeps_its_progress_line(
         page.screenshot(path=str(ARTIFACTS / "batch-reopened.png"))
     finally:
         page.close(run_before_unload=False)
+
+
+PROGRESS_CELLS = [
+    "%load_ext lmstream_nb\n%lmstream sim start test-fast",
+    "%%lmstream\n"
+    '[[sim {"prefill_tps": 1000, "batch_size": 100, "output_tokens": 30, "gen_tps": 30}]] '
+    + "p"
+    * 20000,
+]
+
+PROGRESS_SAMPLER_JS = """() => {
+  window.__bars = [];
+  window.__barSampler = setInterval(() => {
+    const view = document.querySelector('.lmstream-view');
+    if (!view) return;
+    const bar = view.querySelector('.lmstream-progress');
+    const text = view.querySelector('.lmstream-text');
+    window.__bars.push({
+      shown: !!bar && !bar.hidden,
+      fraction: Number(view.dataset.progress || 0),
+      facts: bar ? bar.textContent : '',
+      status: (view.querySelector('.lmstream-status') || {}).textContent || '',
+      text: text && text.firstChild ? text.firstChild.length || 0 : 0,
+    });
+  }, 50);
+}"""
+
+
+def test_the_view_shows_a_moving_progress_bar_then_the_text(
+    lab: tuple[str, str, Path], browser_page: Any
+) -> None:
+    """A long prompt on LM Studio's native chat: the bar moves while the prompt is processed,
+    then the text replaces it."""
+    import nbformat
+
+    base, token, root = lab
+    page = browser_page.context.new_page()
+    ARTIFACTS.mkdir(exist_ok=True)
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3"}
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in PROGRESS_CELLS]
+    nbformat.write(nb, str(root / "progress.ipynb"))
+    try:
+        _open(page, base, token, "progress.ipynb")
+        page.evaluate(PROGRESS_SAMPLER_JS)
+        # Not awaited: the command's promise settles only when every cell has run.
+        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+        page.wait_for_function(
+            "() => window.__bars.some((b) => b.shown && b.fraction > 0.3)",
+            timeout=60_000,
+            polling=100,
+        )
+        # What a user sees while a long prompt is processed (the docs show this image). On a
+        # busy machine the text may have replaced the bar by now: the picture is then skipped.
+        with contextlib.suppress(Exception):  # playwright's TimeoutError
+            page.locator(".lmstream-view:has(.lmstream-progress:visible)").first.screenshot(
+                path=str(ARTIFACTS / "view-progress.png"), timeout=2_000
+            )
+        page.wait_for_selector(".lmstream-final", timeout=60_000)
+        bars = page.evaluate(
+            "(() => { clearInterval(window.__barSampler); return window.__bars; })()"
+        )
+    finally:
+        page.close(run_before_unload=False)
+    shown = [b for b in bars if b["shown"]]
+    assert len({b["fraction"] for b in shown}) >= 2, "the bar moved"
+    assert all(b["text"] == 0 for b in shown), "the bar comes before the text"
+    assert shown[0]["status"].startswith("processing prompt · "), "the line names the phase"
+    assert all(b["facts"].split(" · ")[0].endswith("%") for b in shown), "the bar its facts"
+    assert "left" in " ".join(b["facts"] for b in shown)
+    later = [b for b in bars[bars.index(shown[-1]) + 1 :] if b["text"]]
+    assert later, "then the text"
+    assert not any(b["shown"] for b in later), "the text replaced the bar"
