@@ -8,6 +8,7 @@ from lmstream_nb import LoadProgress, PromptEstimate, PromptProgress
 from lmstream_nb._progress import (
     bar,
     duration,
+    moved_on,
     progress_facts,
     progress_fraction,
     progress_line,
@@ -66,3 +67,9 @@ def test_an_estimate_that_ran_out_never_fills_the_bar_and_says_so() -> None:
         "longer than the 30 s expected",
         "estimated from 1 earlier run",
     ]
+
+
+def test_an_estimate_is_moved_on_by_the_time_since_it_came() -> None:
+    event = PromptEstimate(expected_s=60.0, runs=9, elapsed_s=2.0)
+    assert moved_on(event, 10.0) == (12.0, 48.0)
+    assert moved_on(event, 90.0) == (92.0, 0.0)
