@@ -627,8 +627,6 @@ def test_a_silent_server_gets_an_estimate_once_the_history_can_tell(store: Promp
     assert 0 <= guess.elapsed_s < guess.expected_s
     # 1,800 chars are 450 tokens at 4,000 tokens/s: 0.11 s of prompt processing and more.
     assert guess.expected_s > 0.1
-    [record] = list(store.history(limit=1))
-    assert guess.expected_s == pytest.approx(record.ttft_s, rel=0.5)
 
 
 def test_a_server_that_reports_progress_gets_no_estimate(
