@@ -12,7 +12,15 @@ import math
 
 from ._events import LoadProgress, PromptProgress
 
-__all__ = ["bar", "duration", "progress_facts", "progress_line", "progress_title"]
+__all__ = [
+    "TITLES",
+    "bar",
+    "duration",
+    "percent",
+    "progress_facts",
+    "progress_line",
+    "progress_title",
+]
 
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
@@ -29,6 +37,11 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
+def percent(fraction: float) -> str:
+    """A fraction as the whole percentage shown everywhere: ``43%`` (kept within 0-100)."""
+    return f"{0.0 if math.isnan(fraction) else min(1.0, max(0.0, fraction)):.0%}"
+
+
 def bar(fraction: float, width: int = 10) -> str:
     """A text bar ``▕████▍     ▏`` that fills in eighths of a cell."""
     fraction = min(1.0, max(0.0, fraction)) if math.isfinite(fraction) else 0.0
@@ -38,8 +51,12 @@ def bar(fraction: float, width: int = 10) -> str:
     return "▕" + cells.ljust(width) + "▏"
 
 
+#: What a phase is called, by the events' ``phase``.
+TITLES = {LoadProgress.phase: "loading model", PromptProgress.phase: "processing prompt"}
+
+
 def progress_title(event: LoadProgress | PromptProgress) -> str:
-    return "loading model" if isinstance(event, LoadProgress) else "processing prompt"
+    return TITLES[event.phase]
 
 
 def progress_facts(
@@ -52,7 +69,7 @@ def progress_facts(
     ``elapsed_s`` and ``eta_s`` default to the event's own; a live display passes values it
     has moved on since the event arrived.
     """
-    facts = [f"{min(1.0, max(0.0, event.fraction)):.0%}"]
+    facts = [percent(event.fraction)]
     if isinstance(event, PromptProgress) and event.processed is not None and event.total:
         facts.append(f"{event.processed:,} / {event.total:,} tokens")
     facts.append(duration(event.elapsed_s if elapsed_s is None else elapsed_s))

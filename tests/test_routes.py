@@ -120,3 +120,14 @@ def test_llamacpp_props_give_the_context_of_one_slot() -> None:
     assert (info.kind, info.context_of("anything"), info.slots) == ("llamacpp", 2048, {"*": 4})
     assert read_llamacpp_props({"n_ctx": 8192}).context_of("x") == 8192
     assert read_llamacpp_props({"n_ctx": "big", "total_slots": True}).contexts == {}
+
+
+def test_the_slots_for_a_model_or_for_none_named() -> None:
+    lmstudio = ServerInfo("lmstudio", slots={"qwen": 4, "qwen:2": 4, "gemma": 2})
+    assert (lmstudio.slots_of("qwen"), lmstudio.slots_of("gemma")) == (4, 2)
+    assert lmstudio.slots_of("not-loaded") is None
+    assert lmstudio.slots_of(None) is None, "two figures: which model is not known"
+    assert ServerInfo("lmstudio", slots={"qwen": 4, "qwen:2": 4}).slots_of(None) == 4
+    llamacpp = ServerInfo("llamacpp", slots={"*": 3})
+    assert (llamacpp.slots_of("any"), llamacpp.slots_of(None)) == (3, 3)
+    assert ServerInfo("openai").slots_of("m") is None
