@@ -215,7 +215,7 @@ class _Progress:
     def _post(self) -> None:
         if self.bar is not None:
             elapsed = max(1e-9, time.monotonic() - self.t0)
-            parts = [self.note, f"ok={self.done} failed={self.failed}", self.rows.text()]
+            parts = [self.note, f"ok={self.done}, failed={self.failed}", self.rows.text()]
             parts.append(f"{self.tokens / elapsed:.1f} tok/s")
             self.bar.set_postfix_str(" · ".join(p for p in parts if p), refresh=False)
 

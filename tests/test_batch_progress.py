@@ -215,7 +215,7 @@ async def test_the_batch_bar_shows_the_rows_processing_their_prompt(
                 await task
     assert 30 <= first <= 50
     assert 30 <= second <= 50
-    assert "2 slots · ok=0 failed=0 · 2 processing prompt" in "".join(err)
+    assert "2 slots · ok=0, failed=0 · 2 processing prompt" in "".join(err)
 
 
 # -- in a real kernel ----------------------------------------------------------------------
@@ -252,7 +252,7 @@ def test_a_batch_in_a_notebook_leaves_its_progress_as_html(kernel: Kernel) -> No
     assert finals, "the display follows the batch"
     assert all(f["replaces"] == shown for f in finals)
     assert finals[-1]["text/plain"].startswith("lmstream batch: 8/8 rows (100%)")
-    assert "4 at once · ok=8 failed=0" in finals[-1]["text/plain"], "the concurrency given"
+    assert "4 at once · ok=8, failed=0" in finals[-1]["text/plain"], "the concurrency given"
     assert 'data-state="done"' in finals[-1]["text/html"]
     # Paced: redraws at least an interval apart, and the end.
     assert len(finals) <= float(elapsed) / NotebookProgress.interval + 2
