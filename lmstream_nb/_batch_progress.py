@@ -20,7 +20,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._events import Event, LoadProgress, PromptEstimate, PromptProgress, ReasoningDelta, TextDelta
+from ._events import (
+    Event,
+    LoadProgress,
+    PromptEstimate,
+    PromptProgress,
+    ReasoningDelta,
+    StreamStarted,
+    TextDelta,
+)
 from ._progress import TITLES, percent
 
 _BAR_STYLE = (
@@ -248,7 +256,7 @@ class RowsInFlight:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        #: row -> its latest progress event and when it came (None: waiting; "streaming").
+        #: row -> its latest progress event and when it came, for the rows that have one.
         self._rows: dict[int, tuple[LoadProgress | PromptProgress | PromptEstimate, float]]
         self._rows = {}
         self._waiting: set[int] = set()
@@ -264,8 +272,12 @@ class RowsInFlight:
 
     def event(self, row: int, event: Event) -> bool:
         """Take one of the row's events; True when what the line says may have changed."""
-        if row in self._streaming:
+        if row in self._streaming and not isinstance(event, StreamStarted):
             return False  # the hot path: every text delta of a streaming row
+        if isinstance(event, StreamStarted):  # sent (again, after a retry before any text)
+            self.end(row)
+            self._waiting.add(row)
+            return True
         if isinstance(event, TextDelta | ReasoningDelta) or (
             isinstance(event, PromptProgress) and event.fraction >= 1.0
         ):

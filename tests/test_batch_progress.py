@@ -127,7 +127,8 @@ def test_rows_in_flight_say_what_each_is_doing() -> None:
     for row in range(5):
         rows.start(row)
     assert rows.text() == "5 waiting"
-    assert not rows.event(0, StreamStarted("m", "r", "u"))  # sent: still waiting
+    assert rows.event(0, StreamStarted("m", "r", "u"))  # sent: still waiting
+    assert rows.text() == "5 waiting"
     assert rows.event(0, PromptProgress(0.41, 1.0))
     assert rows.event(1, PromptProgress(0.12, 1.0))
     assert rows.event(2, LoadProgress(0.65, 1.0))
@@ -146,6 +147,9 @@ def test_rows_in_flight_say_what_each_is_doing() -> None:
     rows.end(3)
     rows.end(0)
     assert rows.text() == "1 loading model (65%) · 1 processing prompt (~30%) · 1 streaming"
+    # Retried before its first token (the connection broke off): it waits again.
+    assert rows.event(1, StreamStarted("m", "r2", "u"))
+    assert rows.text() == "1 loading model (65%) · 1 processing prompt (~30%) · 1 waiting"
 
 
 def test_many_rows_processing_are_summed_up_by_their_mean() -> None:
