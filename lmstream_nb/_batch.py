@@ -6,9 +6,11 @@ whose latest run did not succeed. An interrupt cancels what is in flight (each o
 is recorded as cancelled, its connection closed) and keeps what finished.
 
 Rows are spread over one or more base URLs (several LM Studio machines): each URL gets its own
-client, and workers take the next row from a shared queue, so a slow machine simply takes
-fewer rows. The progress bar is tqdm's text bar in a terminal and an HTML line in a notebook
-(``_batch_progress``), which a saved notebook shows without its kernel.
+client and as many workers as rows may run there at once (by default the prediction slots the
+server reports), and the workers take the next row from a shared queue, so a row goes to
+whichever server has a free slot and a slow machine simply takes fewer rows. The progress bar
+is tqdm's text bar in a terminal and an HTML line in a notebook (``_batch_progress``), which a
+saved notebook shows without its kernel; it says what the rows in flight are doing.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from ._batch_progress import advance, progress_bar
+from ._batch_progress import RowsInFlight, advance, paced_refresh, progress_bar
 from ._client import LMStudioClient
 from ._config import Budgets, Retries
 from ._errors import LMStreamError, TemplateError, render, rerun_could_help
-from ._events import Stats
+from ._events import Event, Stats
 from ._loop import shared_loop
 from ._prompt_fields import check_max_tokens, check_temperature
 from ._run import RunResult, arun, default_store, status_of
@@ -35,13 +37,27 @@ from ._template import Prompt
 
 _NO_STATS = Stats(ttft_s=None, duration_s=0.0, chunks=0, text_chars=0)
 
+#: Rows at once on a server that reports no prediction slots (the OpenAI-compatible endpoint of
+#: LM Studio 0.3, Ollama, a proxy, a model LM Studio has not loaded yet). Three is what a batch
+#: ran at before servers were asked, so such a batch behaves as it did: enough to keep a server
+#: with a few slots busy, and harmless for one that answers one at a time, where the rows
+#: beyond the first wait in its queue without using up their first-token budget (the client
+#: counts that wait as queued while another of its streams is answered).
+UNREPORTED_SLOTS = 3
+
 
 @dataclass
 class BatchResult:
-    """The results of a batch in row order, and the id to resume it with."""
+    """The results of a batch in row order, and the id to resume it with.
+
+    ``concurrency`` is how many rows ran at once on each server (by base URL), and
+    ``concurrency_note`` says it in words, e.g. ``"2 servers: 4 + 1 slots"``.
+    """
 
     batch_id: str
     results: list[RunResult]
+    concurrency: dict[str, int] = field(default_factory=dict)
+    concurrency_note: str = ""
 
     @property
     def succeeded(self) -> int:
@@ -86,9 +102,10 @@ class BatchResult:
         return self.results[index]
 
     def __repr__(self) -> str:
+        note = f"; {self.concurrency_note}" if self.concurrency_note else ""
         return (
             f"<BatchResult {self.batch_id}: {self.succeeded} ok, {self.failed} failed "
-            f"of {len(self.results)}>"
+            f"of {len(self.results)}{note}>"
         )
 
     def as_dicts(self) -> list[dict[str, Any]]:
@@ -133,46 +150,109 @@ def _result_from_record(store: PromptStore, run_id: int, label: str) -> RunResul
     )
 
 
-class _Progress:
-    """done / failed / in flight and tokens per second, on one progress bar (or nothing)."""
+@dataclass(frozen=True)
+class _Share:
+    """How many rows run at once on one server, and whether the server said so itself."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
+    client: LMStudioClient
+    rows: int
+    reported: bool
+
+
+def concurrency_note(shares: Sequence[tuple[int, bool]]) -> str:
+    """Rows at once per server in words: ``4 slots``, ``2 servers: 4 + 1 slots``, ``3 at once``
+    (a number the server did not report), ``2 servers: 4 slots + 3 at once``."""
+    if not shares:
+        return ""
+    if all(reported for _, reported in shares):
+        words = " + ".join(str(rows) for rows, _ in shares) + " slots"
+    elif not any(reported for _, reported in shares):
+        words = " + ".join(str(rows) for rows, _ in shares) + " at once"
+    else:
+        words = " + ".join(f"{rows} {'slots' if rep else 'at once'}" for rows, rep in shares)
+    return words if len(shares) == 1 else f"{len(shares)} servers: {words}"
+
+
+async def _shares(
+    clients: Sequence[LMStudioClient], concurrency: int | None, model: str | None
+) -> list[_Share]:
+    """Rows at once per client. An int is the total, dealt out over the clients in turn (as
+    before servers were asked); None asks each server for its slots for ``model``."""
+    if concurrency is not None:
+        return [
+            _Share(client, len(range(i, concurrency, len(clients))), False)
+            for i, client in enumerate(clients)
+        ]
+
+    async def ask(client: LMStudioClient) -> _Share:
+        name = model
+        if name is None:
+            try:
+                name = await client.default_model()
+            except LMStreamError:
+                name = None  # every row will say what is wrong; the probe may still answer
+        slots = (await client.server_info()).slots_of(name)
+        return _Share(client, slots or UNREPORTED_SLOTS, slots is not None)
+
+    return list(await asyncio.gather(*(ask(client) for client in clients)))
+
+
+class _Progress:
+    """done / failed, what the rows in flight are doing and tokens per second, on one
+    progress bar (or nothing)."""
+
+    def __init__(self, total: int, enabled: bool, note: str) -> None:
         self.bar: Any = None
-        self.done = self.failed = self.running = self.tokens = 0
+        self.done = self.failed = self.tokens = 0
+        self.note = note
+        self.rows = RowsInFlight()
         self.t0 = time.monotonic()
         if enabled and total:
             self.bar = progress_bar(total, "lmstream batch", "row")
+            self.redraw = paced_refresh(self.bar)
+            self._post()
 
     def _post(self) -> None:
         if self.bar is not None:
             elapsed = max(1e-9, time.monotonic() - self.t0)
-            self.bar.set_postfix(
-                ok=self.done,
-                failed=self.failed,
-                in_flight=self.running,
-                tok_s=f"{self.tokens / elapsed:.1f}",
-                refresh=False,
-            )
+            parts = [self.note, f"ok={self.done}, failed={self.failed}", self.rows.text()]
+            parts.append(f"{self.tokens / elapsed:.1f} tok/s")
+            self.bar.set_postfix_str(" · ".join(p for p in parts if p), refresh=False)
 
-    def started(self) -> None:
-        self.running += 1
-        self._post()
+    def started(self, index: int) -> None:
+        self.rows.start(index)
         if self.bar is not None:
-            self.bar.refresh()
+            self._post()
+            self.redraw.request()
 
-    def finished(self, result: RunResult) -> None:
-        self.running -= 1
+    def on_event(self, index: int) -> Callable[[Event], None] | None:
+        """What a row's stream tells, for the line (None: no bar to tell)."""
+        if self.bar is None:
+            return None
+        rows, redraw = self.rows, self.redraw
+
+        def seen(event: Event) -> None:
+            if rows.event(index, event):
+                self._post()
+                redraw.request()
+
+        return seen
+
+    def finished(self, index: int, result: RunResult) -> None:
+        self.rows.end(index)
         if result.ok:
             self.done += 1
         else:
             self.failed += 1
         self.tokens += result.stats.completion_tokens or 0
-        self._post()
         if self.bar is not None:
+            self._post()
             advance(self.bar)
 
     def close(self) -> None:
         if self.bar is not None:
+            self.redraw.close()
+            self._post()
             self.bar.close()
 
 
@@ -180,7 +260,7 @@ async def arun_many(
     prompt: Prompt | str,
     rows: Any,
     *,
-    concurrency: int = 3,
+    concurrency: int | None = None,
     model: str | None = None,
     store: PromptStore | None = None,
     base_url: str | Sequence[str] | None = None,
@@ -192,8 +272,8 @@ async def arun_many(
     **extra: Any,
 ) -> Any:
     """The async form of :func:`run_many`."""
-    if concurrency < 1:
-        raise ValueError("concurrency must be at least 1")
+    if concurrency is not None and concurrency < 1:
+        raise ValueError("concurrency must be at least 1 (or None: the slots each server has)")
     store = store or default_store()
     if isinstance(prompt, str):
         prompt = await asyncio.to_thread(store.get, prompt)
@@ -222,7 +302,26 @@ async def arun_many(
     queue: asyncio.Queue[int] = asyncio.Queue()
     for index in todo:
         queue.put_nowait(index)
-    bar = _Progress(len(todo), progress)
+    caller_on_event = extra.pop("on_event", None)
+    try:
+        shares = await _shares(clients, concurrency, model or prompt.model) if todo else []
+    except BaseException:
+        for client in clients:
+            await asyncio.shield(client.aclose())
+        raise
+    note = concurrency_note([(share.rows, share.reported) for share in shares])
+    bar = _Progress(len(todo), progress, note)
+
+    def on_event(index: int) -> Callable[[Event], object] | None:
+        shown = bar.on_event(index)
+        if shown is None or caller_on_event is None:
+            return shown or caller_on_event
+
+        def both(event: Event) -> None:
+            shown(event)
+            caller_on_event(event)
+
+        return both
 
     async def one(index: int, client: LMStudioClient) -> RunResult:
         variables = records[index]
@@ -244,6 +343,7 @@ async def arun_many(
             raise_errors=False,
             batch_id=batch_id,
             batch_row=index,
+            on_event=on_event(index),
             **extra,
         )
 
@@ -253,14 +353,16 @@ async def arun_many(
                 index = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            bar.started()
+            bar.started(index)
             result = await one(index, client)
             results[index] = result
-            bar.finished(result)
+            bar.finished(index, result)
 
     try:
         workers = [
-            asyncio.ensure_future(worker(clients[i % len(clients)])) for i in range(concurrency)
+            asyncio.ensure_future(worker(share.client))
+            for share in shares
+            for _ in range(share.rows)
         ]
         try:
             await asyncio.gather(*workers)
@@ -274,12 +376,16 @@ async def arun_many(
         for client in clients:
             await asyncio.shield(client.aclose())
     final = [r for r in results if r is not None]
-    batch = BatchResult(batch_id, final)
+    spread: dict[str, int] = {}
+    for share in shares:
+        spread[share.client.url] = spread.get(share.client.url, 0) + share.rows
+    batch = BatchResult(batch_id, final, spread, note)
     if frame is not None:
         out = frame.copy()
         for key in ("status", "text", "error", "run_id", "ttft_s", "duration_s"):
             out[key] = [row[key] for row in batch.as_dicts()]
         out.attrs["batch_id"] = batch_id
+        out.attrs["concurrency"] = spread
         return out
     return batch
 
@@ -360,13 +466,17 @@ def _record_refused(
 def run_many(prompt: Prompt | str, rows: Any, **kwargs: Any) -> Any:
     """Run ``prompt`` once per row of variables (a list of dicts or a DataFrame).
 
-    At most ``concurrency`` rows stream at once, spread over ``base_url`` (one or several),
-    one client per URL: a server that queues requests (LM Studio answers one at a time) does
-    not make the queued rows run out of first-token budget while earlier rows are answered.
+    Rows are spread over ``base_url`` (one or several), one client per URL, each row going to
+    whichever server has a free place. ``concurrency=None`` (the default) runs as many rows at
+    once on each server as it has prediction slots for the model (LM Studio 0.4's ``parallel``
+    of the loaded instance, llama.cpp's ``total_slots``), and ``UNREPORTED_SLOTS`` (3) on a
+    server that reports none; an int is the total instead, dealt out over the URLs in turn.
+    Rows queued by a server do not run out of first-token budget while earlier rows are
+    answered (the client shares it). ``BatchResult.concurrency`` says what was chosen.
     Returns the results in row order: a ``BatchResult`` for a list, or the DataFrame with
     ``status``, ``text``, ``error``, ``run_id``, ``ttft_s`` and ``duration_s`` columns added
-    (and ``.attrs["batch_id"]``). A failed row is recorded and the batch goes on; Ctrl-C
-    cancels the rows in flight (recorded as cancelled) and keeps the finished ones;
-    ``resume=batch_id`` runs only the rows that did not succeed.
+    (and ``.attrs["batch_id"]``, ``.attrs["concurrency"]``). A failed row is recorded and the
+    batch goes on; Ctrl-C cancels the rows in flight (recorded as cancelled) and keeps the
+    finished ones; ``resume=batch_id`` runs only the rows that did not succeed.
     """
     return shared_loop().run(arun_many(prompt, rows, **kwargs))

@@ -6,6 +6,9 @@ widget: model not found", and this line as it ended. Redraws are paced (at most
 ``NotebookProgress.interval`` apart, so a fast batch does not flood the front end); a count
 that arrives between two redraws is drawn by a timer, and closing draws the end at once.
 Both bars offer the part of tqdm's interface that the batch and the benchmark use.
+
+While rows run, the line also says what the rows in flight are doing (:class:`RowsInFlight`):
+"3 processing prompt (41%, 12%, 80%) · 1 streaming", in the words of ``_progress``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,17 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from ._events import (
+    Event,
+    LoadProgress,
+    PromptEstimate,
+    PromptProgress,
+    ReasoningDelta,
+    StreamStarted,
+    TextDelta,
+)
+from ._progress import TITLES, percent
 
 _BAR_STYLE = (
     "display: inline-block; width: 12em; height: 0.8em; vertical-align: middle; "
@@ -55,6 +69,67 @@ def advance(bar: Any, count: int = 1) -> None:
         bar.update(count)
 
 
+class Pacer:
+    """Calls ``draw`` at most once per ``interval``: a request that comes sooner is drawn by a
+    timer on the running loop once the interval is up (without a loop, by a later request)."""
+
+    def __init__(
+        self, draw: Callable[[], object], interval: float, clock: Callable[[], float]
+    ) -> None:
+        self.interval = interval
+        self._draw = draw
+        self._clock = clock
+        self._drawn_at = -float("inf")
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def drawn(self) -> None:
+        """Say that a draw happened just now (one the pacer did not make)."""
+        self._drawn_at = self._clock()
+
+    def request(self) -> None:
+        if self._closed:
+            return
+        now = self._clock()
+        if now - self._drawn_at >= self.interval:
+            self._now()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop to wake us: the next request or the owner's close draws it
+            self._timer = loop.call_later(self._drawn_at + self.interval - now, self._on_timer)
+
+    def close(self) -> None:
+        """No draws from now on (the owner draws the end itself)."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._closed:
+            self._now()
+
+    def _now(self) -> None:
+        self.drawn()
+        self._draw()
+
+
+def paced_refresh(bar: Any) -> Pacer:
+    """What redraws ``bar`` after its postfix changed, at most ``NotebookProgress.interval``
+    apart (progress reports come many times a second). tqdm's own pacing applies only to
+    counts; its ``refresh()`` draws at once. A bar already full is left to ``close()``,
+    which draws it once (see :func:`advance`)."""
+
+    def draw() -> None:
+        if bar.total is None or bar.n < bar.total:
+            bar.refresh()
+
+    return Pacer(draw, NotebookProgress.interval, time.monotonic)
+
+
 class NotebookProgress:
     """``done/total`` with a bar, the rate, the elapsed time and a postfix, as HTML."""
 
@@ -77,8 +152,7 @@ class NotebookProgress:
         self.draws = 0
         self._clock = clock
         self._t0 = clock()
-        self._drawn_at = -float("inf")
-        self._timer: asyncio.TimerHandle | None = None
+        self._pacer = Pacer(self._draw, self.interval, clock)
         self._closed = False
         if show is None:
             from IPython.display import display
@@ -88,7 +162,7 @@ class NotebookProgress:
         else:
             show(self.bundle())
             self._update = show
-        self._drawn_at = clock()
+        self._pacer.drawn()
 
     # -- tqdm's interface, as far as the batch and the benchmark use it ----------------------
 
@@ -112,34 +186,15 @@ class NotebookProgress:
         if self._closed:
             return
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._pacer.close()
         self._draw()
 
     # -- drawing -------------------------------------------------------------------------------
 
     def _redraw(self) -> None:
-        if self._closed:
-            return
-        now = self._clock()
-        if now - self._drawn_at >= self.interval:
-            self._draw()
-        elif self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return  # no loop to wake us: the next count or close() draws it
-            delay = self._drawn_at + self.interval - now
-            self._timer = loop.call_later(delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if not self._closed:
-            self._draw()
+        self._pacer.request()
 
     def _draw(self) -> None:
-        self._drawn_at = self._clock()
         self.draws += 1
         self._update(self.bundle())
 
@@ -182,3 +237,86 @@ class NotebookProgress:
                 f'{head}<span style="{_BAR_STYLE}">{fill}</span>{rest}</div>'
             ),
         }
+
+
+# -- what the rows in flight are doing ----------------------------------------------------------
+
+#: At most this many rows' prompt percentages are listed; more are summed up by their mean.
+LISTED_ROWS = 3
+
+
+class RowsInFlight:
+    """What each row in flight is doing, from its stream's events, as a few words.
+
+    A row is waiting (sent; queued, or at a server that reports nothing), loading the model,
+    processing its prompt (the server's fraction, or the fraction of an estimate, marked ``~``)
+    or streaming (its prompt is processed or its first text came). The text stays short
+    however many rows run: counts, and the percentages of a few rows or their mean.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        #: row -> its latest progress event and when it came, for the rows that have one.
+        self._rows: dict[int, tuple[LoadProgress | PromptProgress | PromptEstimate, float]]
+        self._rows = {}
+        self._waiting: set[int] = set()
+        self._streaming: set[int] = set()
+
+    def start(self, row: int) -> None:
+        self._waiting.add(row)
+
+    def end(self, row: int) -> None:
+        self._waiting.discard(row)
+        self._streaming.discard(row)
+        self._rows.pop(row, None)
+
+    def event(self, row: int, event: Event) -> bool:
+        """Take one of the row's events; True when what the line says may have changed."""
+        if row in self._streaming and not isinstance(event, StreamStarted):
+            return False  # the hot path: every text delta of a streaming row
+        if isinstance(event, StreamStarted):  # sent (again, after a retry before any text)
+            self.end(row)
+            self._waiting.add(row)
+            return True
+        if isinstance(event, TextDelta | ReasoningDelta) or (
+            isinstance(event, PromptProgress) and event.fraction >= 1.0
+        ):
+            self.end(row)
+            self._streaming.add(row)
+            return True
+        if isinstance(event, LoadProgress | PromptProgress | PromptEstimate):
+            self._waiting.discard(row)
+            self._rows[row] = (event, self._clock())
+            return True
+        return False
+
+    def _fraction(self, row: int) -> tuple[str, float, bool]:
+        event, at = self._rows[row]
+        if isinstance(event, PromptEstimate):
+            return (
+                PromptProgress.phase,
+                event.fraction_at(event.elapsed_s + self._clock() - at),
+                True,
+            )
+        return event.phase, event.fraction, False
+
+    def text(self) -> str:
+        """E.g. ``3 processing prompt (41%, ~12%, 80%) · 1 streaming · 2 waiting``."""
+        phases: dict[str, list[tuple[float, bool]]] = {phase: [] for phase in TITLES}
+        for row in sorted(self._rows):
+            phase, fraction, guessed = self._fraction(row)
+            phases[phase].append((fraction, guessed))
+        parts = []
+        for phase, fractions in phases.items():
+            if not fractions:
+                continue
+            if len(fractions) <= LISTED_ROWS:
+                shown = ", ".join(("~" if guessed else "") + percent(f) for f, guessed in fractions)
+            else:
+                shown = "mean " + percent(sum(f for f, _ in fractions) / len(fractions))
+            parts.append(f"{len(fractions)} {TITLES[phase]} ({shown})")
+        if self._streaming:
+            parts.append(f"{len(self._streaming)} streaming")
+        if self._waiting:
+            parts.append(f"{len(self._waiting)} waiting")
+        return " · ".join(parts)

@@ -15,10 +15,12 @@ import math
 from ._events import LoadProgress, PromptEstimate, PromptProgress
 
 __all__ = [
+    "TITLES",
     "Shown",
     "bar",
     "duration",
     "moved_on",
+    "percent",
     "progress_facts",
     "progress_fraction",
     "progress_line",
@@ -38,6 +40,11 @@ def duration(seconds: float) -> str:
         return f"{minutes} min {rest} s" if rest else f"{minutes} min"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
+def percent(fraction: float) -> str:
+    """A fraction as the whole percentage shown everywhere: ``43%`` (kept within 0-100)."""
+    return f"{0.0 if math.isnan(fraction) else min(1.0, max(0.0, fraction)):.0%}"
 
 
 def bar(fraction: float, width: int = 10) -> str:
@@ -64,10 +71,16 @@ def moved_on(event: Shown, since_s: float) -> tuple[float, float | None]:
     return elapsed, eta
 
 
+#: What a phase is called, by the events' ``phase``.
+TITLES = {
+    LoadProgress.phase: "loading model",
+    PromptProgress.phase: "processing prompt",
+    PromptEstimate.phase: "processing prompt (estimate)",
+}
+
+
 def progress_title(event: Shown) -> str:
-    if isinstance(event, PromptEstimate):
-        return "processing prompt (estimate)"
-    return "loading model" if isinstance(event, LoadProgress) else "processing prompt"
+    return TITLES[event.phase]
 
 
 def progress_fraction(event: Shown, elapsed_s: float | None = None) -> float:
@@ -92,7 +105,7 @@ def progress_facts(
     elapsed = event.elapsed_s if elapsed_s is None else elapsed_s
     if isinstance(event, PromptEstimate):
         return _estimate_facts(event, elapsed)
-    facts = [f"{progress_fraction(event):.0%}"]
+    facts = [percent(event.fraction)]
     if isinstance(event, PromptProgress) and event.processed is not None and event.total:
         facts.append(f"{event.processed:,} / {event.total:,} tokens")
     facts.append(duration(elapsed))
@@ -104,7 +117,7 @@ def progress_facts(
 
 def _estimate_facts(event: PromptEstimate, elapsed: float) -> list[str]:
     left = event.expected_s - elapsed
-    facts = [f"{event.fraction_at(elapsed):.0%}", duration(elapsed)]
+    facts = [percent(event.fraction_at(elapsed)), duration(elapsed)]
     if left >= 0.5:
         facts.append(f"about {duration(left)} left")
     else:  # the bar stops short of full: the estimate was too short, and says so

@@ -64,6 +64,14 @@ class ServerInfo:
         """The context a prompt for ``model`` must fit, where the server said it."""
         return self.contexts.get(model, self.contexts.get("*"))
 
+    def slots_of(self, model: str | None) -> int | None:
+        """The predictions the server runs at once for ``model``, where it said; for no model
+        named, the one figure it gave (one model, or several loaded with the same)."""
+        if model is not None:
+            return self.slots.get(model, self.slots.get("*"))
+        figures = set(self.slots.values())
+        return figures.pop() if len(figures) == 1 else None
+
 
 UNKNOWN = ServerInfo("openai")
 

@@ -31,6 +31,7 @@ import traitlets
 from ._events import (
     Event,
     LoadProgress,
+    PromptEstimate,
     PromptProgress,
     ReasoningDelta,
     Stats,
@@ -38,7 +39,7 @@ from ._events import (
     StreamStarted,
     TextDelta,
 )
-from ._progress import moved_on, progress_facts, progress_title
+from ._progress import Shown, moved_on, progress_facts, progress_fraction, progress_title
 from ._throttle import Coalescer
 
 # Between progress reports the view's time so far and time left move on once a second.
@@ -358,7 +359,7 @@ class NotebookSink:
         self._painted_text = 0
         self._painted_reasoning = 0
         self.messages_sent = 0
-        self._shown_progress: tuple[LoadProgress | PromptProgress, float] | None = None
+        self._shown_progress: tuple[Shown, float] | None = None
         self._progress_sent_at = 0.0
         self._ticker: Any = None
         self._ended = False
@@ -406,18 +407,19 @@ class NotebookSink:
             if measured is not None:  # the clock starts when the request was sent
                 changes["started_ms"] = (time.time() - measured.duration_s) * 1000
             self._set_status(**changes)
-        elif isinstance(event, (LoadProgress, PromptProgress)):
+        elif isinstance(event, (LoadProgress, PromptProgress, PromptEstimate)):
             self._progress(event)
         elif isinstance(event, StreamFinished):
             with self._lock:
                 self._flush(now, final=True)
 
-    def _progress(self, event: LoadProgress | PromptProgress) -> None:
-        """A progress report before the first token: one small message with the bar's
-        fraction and the words. The client passes a few a second at most, so this adds no
-        pacing of its own; between reports a tick each second moves the time so far and the
-        time left on (reports can be many seconds apart). The final outputs do not keep any
-        of it (what a saved notebook shows stays the same from run to run)."""
+    def _progress(self, event: Shown) -> None:
+        """A progress report (or an estimate from the history) before the first token: one
+        small message with the bar's fraction and the words. The client passes a few a second
+        at most, so this adds no pacing of its own; between reports a tick each second moves
+        the time so far and the time left on (reports can be many seconds apart, and an
+        estimate's bar only moves so). The final outputs do not keep any of it (what a saved
+        notebook shows stays the same from run to run)."""
         import asyncio
 
         now = self._clock()
@@ -436,9 +438,8 @@ class NotebookSink:
         event, at = self._shown_progress
         elapsed, eta = moved_on(event, now - at)
         words = " \u00b7 ".join(progress_facts(event, elapsed, eta))
-        self.view.send(
-            {"p": {"f": round(event.fraction, 4), "w": progress_title(event), "x": words}}
-        )
+        fraction = round(progress_fraction(event, elapsed), 4)
+        self.view.send({"p": {"f": fraction, "w": progress_title(event), "x": words}})
         self.messages_sent += 1
         self._progress_sent_at = now
 

@@ -355,9 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency",
         "-c",
         type=_whole_number(1, "rows at once"),
-        default=3,
+        default=None,
         metavar="N",
-        help="rows streaming at once",
+        help="rows streaming at once in all (default: as many on each server as it has "
+        "prediction slots, 3 where it reports none)",
     )
     p_batch.add_argument(
         "--out",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from lmstream_nb import (
     run_many,
     simulator,
 )
-from lmstream_nb._batch import _every_one_ended
+from lmstream_nb._batch import _every_one_ended, concurrency_note
 from lmstream_nb._errors import rerun_could_help
 
 MODEL = "lmstream-sim-8b"
@@ -271,3 +272,136 @@ async def test_a_stopped_batch_waits_for_every_row_still_recording() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert recorded == ["quick", "slow"]
+
+
+# -- how many rows at once: the slots each server reports ---------------------------------------
+
+HOLD = '[[sim {"prompt_stall_at": 0, "stall_s": 60}]]'  # every row waits in prompt processing
+
+
+def most_at_once(records: list[simulator.RequestRecord]) -> int:
+    """The most chat requests the server held at once, from its own records: at each arrival,
+    the requests that had arrived and not yet ended (the server records a request's end in the
+    same turn of its loop as its last byte, before it can read the next request)."""
+    spans = [(r.started_at or 0.0, r.ended_at or math.inf) for r in records]
+    return max((sum(s <= start < e for s, e in spans) for start, _ in spans), default=0)
+
+
+async def held_batch(
+    servers: list[simulator.SimServer],
+    store: PromptStore,
+    holding: int,
+    **kwargs: object,
+) -> list[list[simulator.RequestRecord]]:
+    """Rows that wait in prompt processing until cancelled: once ``holding`` of them are on
+    the servers, the batch is stopped; the servers' chat records, once every request ended."""
+    prompt = Prompt(f"Item {{{{n}}}} {HOLD}", model=MODEL)
+    task = asyncio.create_task(
+        arun_many(
+            prompt,
+            [{"n": str(i)} for i in range(8)],
+            store=store,
+            base_url=[s.base_url for s in servers],
+            budgets=Budgets(first_token=120, idle=120),
+            progress=False,
+            **kwargs,  # type: ignore[arg-type]
+        )
+    )
+    await await_until(
+        lambda: sum(r.stage == "prefill" for s in servers for r in s.chats()) == holding,
+        timeout=20,
+        what=f"{holding} rows are processing their prompt",
+    )
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for server in servers:
+        await await_until(
+            lambda server=server: all(r.outcome != "running" for r in server.chats()),
+            timeout=10,
+            what="every request ended",
+        )
+    return [s.chats() for s in servers]
+
+
+@pytest.mark.anyio
+async def test_each_server_runs_as_many_rows_as_it_has_slots(store: PromptStore) -> None:
+    """LM Studio says ``parallel`` per loaded instance, llama.cpp ``total_slots``: by default
+    each server gets that many rows at once, none queued behind its slots."""
+    llamacpp = simulator.Scenario(dialect="llamacpp")
+    with (
+        simulator.serve(profile="test-fast", parallel=3) as lmstudio,
+        simulator.serve(profile="test-fast", parallel=2, defaults=llamacpp) as llama,
+    ):
+        on_lmstudio, on_llama = await held_batch([lmstudio, llama], store, holding=5)
+    assert (most_at_once(on_lmstudio), most_at_once(on_llama)) == (3, 2)
+    assert (len(on_lmstudio), len(on_llama)) == (3, 2), "no row waited in a server's queue"
+    assert {r.path for r in on_lmstudio} == {"/api/v1/chat"}
+    assert {r.path for r in on_llama} == {"/v1/chat/completions"}
+
+
+def test_a_batch_says_how_many_rows_ran_at_once_where(store: PromptStore) -> None:
+    with (
+        simulator.serve(profile="test-fast", parallel=4) as four,
+        simulator.serve(profile="test-fast", parallel=1) as one,
+    ):
+        rows = [{"n": str(i)} for i in range(10)]
+        batch = run_many(
+            Prompt("Item {{n}}", model=MODEL),
+            rows,
+            store=store,
+            base_url=[four.base_url, one.base_url],
+            progress=False,
+            max_tokens=3,
+        )
+        chats = (four.chats(), one.chats())
+    assert batch.succeeded == 10
+    assert batch.concurrency == {four.base_url: 4, one.base_url: 1}
+    assert batch.concurrency_note == "2 servers: 4 + 1 slots"
+    assert "2 servers: 4 + 1 slots" in repr(batch)
+    assert most_at_once(chats[0]) <= 4
+    assert most_at_once(chats[1]) == 1
+    assert len(chats[0]) + len(chats[1]) == 10
+
+
+def test_a_server_that_reports_no_slots_gets_three_rows_at_once(store: PromptStore) -> None:
+    """LM Studio 0.3 (no native API) says nothing of slots: the documented fallback."""
+    with simulator.serve(profile="test-fast", native_api=False, parallel=1) as old:
+        frame = pd.DataFrame({"n": [str(i) for i in range(4)]})
+        out = run_many(
+            Prompt("Item {{n}}", model=MODEL),
+            frame,
+            store=store,
+            base_url=old.base_url,
+            progress=False,
+            max_tokens=3,
+        )
+    assert list(out["status"]) == ["ok"] * 4
+    assert out.attrs["concurrency"] == {old.base_url: 3}
+
+
+@pytest.mark.anyio
+async def test_an_explicit_concurrency_still_caps_the_total(store: PromptStore) -> None:
+    with (
+        simulator.serve(profile="test-fast", parallel=3) as a,
+        simulator.serve(profile="test-fast", parallel=3) as b,
+    ):
+        on_a, on_b = await held_batch([a, b], store, holding=3, concurrency=3)
+    # Dealt out in turn, as before servers were asked: 2 + 1, under the 3 + 3 slots.
+    assert (most_at_once(on_a), most_at_once(on_b)) == (2, 1)
+    assert (len(on_a), len(on_b)) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    ("shares", "note"),
+    [
+        ([(4, True)], "4 slots"),
+        ([(4, True), (1, True)], "2 servers: 4 + 1 slots"),
+        ([(3, False)], "3 at once"),
+        ([(2, False), (1, False)], "2 servers: 2 + 1 at once"),
+        ([(4, True), (3, False)], "2 servers: 4 slots + 3 at once"),
+        ([], ""),
+    ],
+)
+def test_the_concurrency_in_words(shares: list[tuple[int, bool]], note: str) -> None:
+    assert concurrency_note(shares) == note

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,8 +12,26 @@ import pytest
 from notebook_kernel import Kernel, running_kernel
 from waiting import await_until
 
-from lmstream_nb import simulator
-from lmstream_nb._batch_progress import NotebookProgress, advance, in_notebook, progress_bar
+from lmstream_nb import (
+    Budgets,
+    LoadProgress,
+    Prompt,
+    PromptEstimate,
+    PromptProgress,
+    PromptStore,
+    StreamStarted,
+    TextDelta,
+    arun_many,
+    simulator,
+)
+from lmstream_nb._batch_progress import (
+    NotebookProgress,
+    RowsInFlight,
+    advance,
+    in_notebook,
+    paced_refresh,
+    progress_bar,
+)
 
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
@@ -97,6 +117,111 @@ async def test_on_a_loop_the_last_count_is_drawn_by_a_timer() -> None:
     assert len(shown) == 3
 
 
+# -- what the rows in flight are doing ---------------------------------------------------
+
+
+def test_rows_in_flight_say_what_each_is_doing() -> None:
+    clock = Clock()
+    rows = RowsInFlight(clock)
+    assert rows.text() == ""
+    for row in range(5):
+        rows.start(row)
+    assert rows.text() == "5 waiting"
+    assert rows.event(0, StreamStarted("m", "r", "u"))  # sent: still waiting
+    assert rows.text() == "5 waiting"
+    assert rows.event(0, PromptProgress(0.41, 1.0))
+    assert rows.event(1, PromptProgress(0.12, 1.0))
+    assert rows.event(2, LoadProgress(0.65, 1.0))
+    assert rows.event(3, TextDelta("Hi"))
+    assert not rows.event(3, TextDelta(" there")), "a streaming row's deltas change nothing"
+    assert rows.text() == (
+        "1 loading model (65%) · 2 processing prompt (41%, 12%) · 1 streaming · 1 waiting"
+    )
+    # An estimate (the server reports nothing) fills on the clock and says it is one.
+    rows.event(4, PromptEstimate(expected_s=10.0, runs=14, elapsed_s=1.0))
+    clock.now += 2.0
+    assert "3 processing prompt (41%, 12%, ~30%)" in rows.text()
+    # A processed prompt is as good as streaming: never "100%" while the row still runs.
+    rows.event(1, PromptProgress(1.0, 2.0))
+    assert rows.text() == "1 loading model (65%) · 2 processing prompt (41%, ~30%) · 2 streaming"
+    rows.end(3)
+    rows.end(0)
+    assert rows.text() == "1 loading model (65%) · 1 processing prompt (~30%) · 1 streaming"
+    # Retried before its first token (the connection broke off): it waits again.
+    assert rows.event(1, StreamStarted("m", "r2", "u"))
+    assert rows.text() == "1 loading model (65%) · 1 processing prompt (~30%) · 1 waiting"
+
+
+def test_many_rows_processing_are_summed_up_by_their_mean() -> None:
+    rows = RowsInFlight(Clock())
+    for row, fraction in enumerate((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)):
+        rows.start(row)
+        rows.event(row, PromptProgress(fraction, 1.0))
+    assert rows.text() == "8 processing prompt (mean 45%)"
+
+
+def test_a_full_terminal_bar_is_left_to_close() -> None:
+    """A paced redraw after the last row counted would print 100% a second time."""
+    drawn: list[int] = []
+
+    class Bar:
+        total, n = 3, 0
+
+        def refresh(self) -> None:
+            drawn.append(self.n)
+
+    bar = Bar()
+    redraw = paced_refresh(bar)
+    redraw.request()
+    bar.n = 3
+    redraw.interval = 0.0
+    redraw.request()
+    assert drawn == [0]
+    redraw.close()
+
+
+@pytest.mark.anyio
+async def test_the_batch_bar_shows_the_rows_processing_their_prompt(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LM Studio's native chat reports prompt processing: both rows stop at 40% of their
+    prompt, and the terminal bar says so (with the slots the server reported)."""
+    hold = '[[sim {"prompt_stall_at": 1200, "stall_s": 60}]]'
+    rows = [{"text": f"{i} " + "t" * 12000} for i in range(2)]
+    err: list[str] = []
+
+    def shown() -> tuple[int, int] | None:
+        err.append(capsys.readouterr().err)
+        found = re.findall(r"2 processing prompt \((\d+)%, (\d+)%\)", "".join(err))
+        moved = [(int(a), int(b)) for a, b in found if int(a) and int(b)]
+        return moved[-1] if moved else None
+
+    with (
+        simulator.serve(profile="test-fast", parallel=2) as sim,
+        PromptStore(tmp_path / "batch.db") as store,
+    ):
+        task = asyncio.create_task(
+            arun_many(
+                Prompt(f"{{{{text}}}} {hold}", model="lmstream-sim-8b"),
+                rows,
+                store=store,
+                base_url=sim.base_url,
+                budgets=Budgets(first_token=120, idle=120),
+            )
+        )
+        try:
+            first, second = await await_until(
+                shown, timeout=20, what="the bar shows two rows processing their prompt"
+            )
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    assert 30 <= first <= 50
+    assert 30 <= second <= 50
+    assert "2 slots · ok=0, failed=0 · 2 processing prompt" in "".join(err)
+
+
 # -- in a real kernel ----------------------------------------------------------------------
 
 
@@ -131,6 +256,7 @@ def test_a_batch_in_a_notebook_leaves_its_progress_as_html(kernel: Kernel) -> No
     assert finals, "the display follows the batch"
     assert all(f["replaces"] == shown for f in finals)
     assert finals[-1]["text/plain"].startswith("lmstream batch: 8/8 rows (100%)")
+    assert "4 at once · ok=8, failed=0" in finals[-1]["text/plain"], "the concurrency given"
     assert 'data-state="done"' in finals[-1]["text/html"]
     # Paced: redraws at least an interval apart, and the end.
     assert len(finals) <= float(elapsed) / NotebookProgress.interval + 2

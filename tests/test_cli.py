@@ -388,6 +388,27 @@ def test_the_batch_bar_shows_100_percent_once(tmp_path: Path) -> None:
     assert result.stderr.count("3/3") == 1
 
 
+def test_the_batch_runs_as_many_rows_on_each_server_as_it_has_slots(tmp_path: Path) -> None:
+    """No ``-c``: each server's own slots, said on the bar; an explicit ``-c`` is the total."""
+    with (
+        simulator.serve(profile="test-fast", parallel=3) as three,
+        simulator.serve(profile="test-fast", parallel=1) as one,
+    ):
+        with PromptStore() as store:
+            store.save("pet", "Tell me about {{animal}}.")
+        rows = tmp_path / "rows.csv"
+        rows.write_text("animal\nowls\nbats\ncats\neels\nants\n", encoding="utf-8")
+        urls = ["--base-url", three.base_url, "--base-url", one.base_url]
+        auto = lmstream("batch", "pet", str(rows), *urls)
+        capped = lmstream("batch", "pet", str(rows), "-c", "1", *urls)
+        served = len(three.chats()) + len(one.chats())
+    assert auto.returncode == 0, auto.stderr
+    assert "2 servers: 3 + 1 slots" in auto.stderr
+    assert capped.returncode == 0, capped.stderr
+    assert "2 servers: 1 + 0 at once" in capped.stderr
+    assert served == 10
+
+
 def test_the_demo_says_its_answer_is_filler_and_ends_a_sentence() -> None:
     result = lmstream("demo", "--time-scale", "0.05", timeout=60)
     assert result.returncode == 0, result.stderr

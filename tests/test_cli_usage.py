@@ -188,7 +188,7 @@ def test_help_shows_the_defaults() -> None:
     shown = _lmstream(["batch", "--help"], Path.cwd())
     assert shown.returncode == 0
     text = " ".join(shown.stdout.split())
-    assert "rows streaming at once (default: 3)" in text
+    assert "rows streaming at once in all (default: as many on each server as it has" in text
     assert "(default: $LMSTREAM_BASE_URL or http://localhost:1234/v1)" in text
     first_token = " ".join(_lmstream(["run", "--help"], Path.cwd()).stdout.split())
     assert "(default 600)" in first_token

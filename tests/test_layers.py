@@ -229,6 +229,7 @@ SAME_LAYER: dict[str, frozenset[str]] = {
     "_prompt_files.py": frozenset({"_prompt_fields.py", "_store.py"}),
     "_view.py": frozenset({"_throttle.py", "_progress.py"}),
     "_terminal.py": frozenset({"_progress.py"}),
+    "_batch_progress.py": frozenset({"_progress.py"}),
     "_sync.py": frozenset({"_loop.py"}),
     "_run.py": frozenset({"_loop.py", "_sync.py"}),
     "_batch.py": frozenset({"_loop.py", "_run.py"}),

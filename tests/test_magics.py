@@ -587,3 +587,32 @@ def test_the_view_shows_progress_before_the_first_delta(kernel: Kernel) -> None:
     [final] = cell.finals()
     assert final["text/plain"].startswith("lmstream: done")
     assert "progress" not in final["text/html"]
+
+
+def test_where_the_server_reports_nothing_the_view_shows_the_historys_estimate(
+    kernel: Kernel,
+) -> None:
+    """LM Studio 0.3 reports no progress: after five runs of the model on that server, the
+    view's bar fills against their estimate and says it is one."""
+    defaults = simulator.Scenario(prefill_tps=3000, output_tokens=3, jitter=0)
+    with simulator.serve(profile="test-fast", defaults=defaults, native_api=False) as old:
+        for size in (2000, 4000, 6000, 8000, 10000):
+            earlier = kernel.execute(f"%%lmstream --base-url {old.base_url}\n" + "e" * size)
+            assert earlier.status == "ok", earlier.error()
+            [widget] = earlier.widget_ids()
+            assert not progress_messages(kernel, widget), "no estimate before five runs"
+        cell = kernel.execute(f"%%lmstream --base-url {old.base_url}\n" + "e" * 9000)
+    assert cell.status == "ok", cell.error()
+    [widget] = cell.widget_ids()
+    bars = progress_messages(kernel, widget)
+    assert bars, "the estimate was shown"
+    assert all(b["w"] == "processing prompt (estimate)" for b in bars)
+    assert bars[0]["x"].endswith("estimated from 5 earlier runs")
+
+
+def progress_messages(kernel: Kernel, widget: str) -> list[dict[str, str]]:
+    return [
+        msg["content"]["data"]["content"]["p"]
+        for msg in kernel.comm_msgs[widget]
+        if "p" in msg["content"].get("data", {}).get("content", {})
+    ]

@@ -133,3 +133,14 @@ def test_only_the_native_chat_and_llamacpp_asked_for_it_report_progress() -> Non
     assert not reports_progress(openai, llamacpp, {"return_progress": False})
     assert not reports_progress(openai, ServerInfo("lmstudio"), {"return_progress": True})
     assert not reports_progress(openai, UNKNOWN, {})
+
+
+def test_the_slots_for_a_model_or_for_none_named() -> None:
+    lmstudio = ServerInfo("lmstudio", slots={"qwen": 4, "qwen:2": 4, "gemma": 2})
+    assert (lmstudio.slots_of("qwen"), lmstudio.slots_of("gemma")) == (4, 2)
+    assert lmstudio.slots_of("not-loaded") is None
+    assert lmstudio.slots_of(None) is None, "two figures: which model is not known"
+    assert ServerInfo("lmstudio", slots={"qwen": 4, "qwen:2": 4}).slots_of(None) == 4
+    llamacpp = ServerInfo("llamacpp", slots={"*": 3})
+    assert (llamacpp.slots_of("any"), llamacpp.slots_of(None)) == (3, 3)
+    assert ServerInfo("openai").slots_of("m") is None

@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 from waiting import await_until
 
-from lmstream_nb import PromptProgress, Stats, StreamFinished, StreamStarted, TextDelta
+from lmstream_nb import (
+    PromptEstimate,
+    PromptProgress,
+    Stats,
+    StreamFinished,
+    StreamStarted,
+    TextDelta,
+)
 from lmstream_nb._view import (
     PLAIN_PREFIX,
     NotebookSink,
@@ -114,6 +121,24 @@ async def test_between_reports_the_bar_moves_its_times_on_and_the_text_ends_it()
     assert sink._ticker is None, "no more ticks once the text has started"
     sink.handle(PromptProgress(1.0, 6.0, 0.0, processed=1000, total=1000))
     assert all("p" not in m for m in view.sent[2:]), "a late report draws no bar over text"
+
+
+@pytest.mark.anyio
+async def test_an_estimate_fills_the_bar_on_the_views_clock_and_says_it_is_one() -> None:
+    view, clock = RecordingView(), Clock()
+    sink = NotebookSink(view, clock=clock)  # type: ignore[arg-type]
+    sink.handle(StreamStarted(model="m", request_id="r", url="u"))
+    sink.handle(PromptEstimate(expected_s=10.0, runs=14, elapsed_s=1.0))
+    [first] = [m["p"] for m in view.sent]
+    assert first["f"] == 0.1
+    assert first["w"] == "processing prompt (estimate)"
+    assert first["x"].endswith("about 9 s left \u00b7 estimated from 14 earlier runs")
+    clock.now += 3.0
+    await await_until(lambda: len(view.sent) == 2, timeout=5, what="the bar moved on")
+    assert view.sent[1]["p"]["f"] == 0.4, "nothing comes from the server: the view moves it"
+    assert "about 6 s left" in view.sent[1]["p"]["x"]
+    sink.handle(TextDelta("hi"))
+    assert sink._ticker is None
 
 
 def test_final_bundles_never_carry_raw_html() -> None:
