@@ -26,8 +26,10 @@ import importlib as _importlib
 import typing as _typing
 
 from ._workload import (
+    DEFAULT_QUEUES,
     FAULT_KINDS,
     LAPTOP_GPU,
+    MODES,
     PRE_FIRST_TOKEN_FAULTS,
     SizeBucket,
     SpeedProfile,
@@ -75,9 +77,11 @@ def __getattr__(name: str) -> _typing.Any:
 __all__ = [
     "BENCH_PROMPT",
     "DEFAULT_MARGIN",
+    "DEFAULT_QUEUES",
     "DEFAULT_SCALE",
     "FAULT_KINDS",
     "LAPTOP_GPU",
+    "MODES",
     "PRE_FIRST_TOKEN_FAULTS",
     "TIMEOUT_STATUSES",
     "BenchReport",
