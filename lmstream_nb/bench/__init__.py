@@ -35,6 +35,7 @@ from ._workload import (
     SpeedProfile,
     Workload,
     default_workload,
+    queue_label,
     quick_workload,
 )
 
@@ -92,6 +93,7 @@ __all__ = [
     "arun_benchmark",
     "default_workload",
     "plan_benchmark",
+    "queue_label",
     "quick_workload",
     "run_benchmark",
 ]

@@ -111,6 +111,7 @@ from ._workload import (
     Workload,
     default_workload,
     fault_overrides,
+    queue_label,
 )
 
 __all__ = [
@@ -120,7 +121,6 @@ __all__ = [
     "CellPlan",
     "arun_benchmark",
     "plan_benchmark",
-    "queue_label",
     "run_benchmark",
 ]
 
@@ -146,13 +146,6 @@ BENCH_PROMPT = "lmstream-bench"
 
 #: The label of a ``"stream-openai"`` cell in the tables.
 _NO_PROGRESS = "stream (no progress)"
-
-
-def queue_label(parallel: int | None) -> str:
-    """How the tables name a queue model."""
-    if parallel is None:
-        return "all at once"
-    return "one at a time" if parallel == 1 else f"parallel {parallel}"
 
 
 _SIM_MODEL = simulator.SimConfig().models[0]

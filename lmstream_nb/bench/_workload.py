@@ -22,6 +22,7 @@ __all__ = [
     "SpeedProfile",
     "Workload",
     "default_workload",
+    "queue_label",
     "quick_workload",
 ]
 
@@ -67,6 +68,14 @@ LAPTOP_GPU = SpeedProfile(
 #: 0.4's default for GGUF models (llama.cpp engine), and one at a time, as MLX models and every
 #: model of LM Studio 0.3 answer (https://lmstudio.ai/docs/app/advanced/parallel-requests).
 DEFAULT_QUEUES: tuple[int | None, ...] = (4, 1)
+
+
+def queue_label(parallel: int | None) -> str:
+    """How the tables name a queue model: "parallel 4", "one at a time", "all at once"."""
+    if parallel is None:
+        return "all at once"
+    return "one at a time" if parallel == 1 else f"parallel {parallel}"
+
 
 #: The ways to ask: a blocking request, a stream with progress (LM Studio 0.4's native chat),
 #: a stream without (the OpenAI-compatible endpoint, silent until the first token).
