@@ -103,6 +103,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
+    if seconds < 1:
+        return f"{seconds:.2f}s"
     if seconds < 60:
         return f"{seconds:.1f}s"
     minutes, rest = divmod(round(seconds), 60)
