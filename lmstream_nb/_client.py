@@ -968,6 +968,9 @@ class _StreamRun:
         now = loop.time()
         advanced, event = self._progress.take(reading, now, self.t0)
         if advanced:
+            # The server visibly works on one of this client's requests: the ones it queues
+            # behind it are waiting their turn, not stuck (see Budgets).
+            self._client._progress_at = now
             first_token, idle = self._budgets.first_token, self._budgets.idle
             if reading.fraction >= 1.0:
                 watchdog.extend = (

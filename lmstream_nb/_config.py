@@ -46,7 +46,9 @@ class Budgets:
     - Without progress, a busy server queues requests (LM Studio 0.3 and MLX models answer one
       at a time, 0.4 four at once per model), so while another stream of the same client is
       being answered a waiting request is queued, not stuck: the budget then counts from the
-      moment the server last started or finished one of those streams.
+      moment the server last started or finished one of those streams, or last reported
+      progress on one (four long prompts processed side by side keep the fifth waiting for
+      longer than the budget, visibly at work).
     """
 
     connect: float | None = 10.0

@@ -25,7 +25,7 @@ from ._errors import InvalidSetting, LMStreamError, PromptNotFound, TemplateErro
 from ._history import STATUSES as RUN_STATUSES
 from ._prompt_fields import KEEP, describe_setting
 from ._template import Prompt, prompt_label
-from .bench import FAULT_KINDS
+from .bench import DEFAULT_QUEUES, FAULT_KINDS, MODES
 
 if TYPE_CHECKING:
     from ._store import PromptStore, SavedVersion
@@ -489,9 +489,19 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument(
         "--modes",
         nargs="+",
-        default=["blocking", "stream"],
-        choices=["blocking", "stream"],
-        help="request modes to compare",
+        default=list(MODES),
+        choices=MODES,
+        help="request modes to compare: blocking, a stream with progress (LM Studio 0.4's "
+        "native chat), a stream without (the OpenAI-compatible endpoint)",
+    )
+    p.add_argument(
+        "--queues",
+        type=_whole_number(1, "prediction slots"),
+        nargs="+",
+        default=list(DEFAULT_QUEUES),
+        metavar="SLOTS",
+        help="the simulated server's prediction slots per model, one pass each (default: 4, "
+        "LM Studio 0.4's default, and 1, one at a time as MLX models and LM Studio 0.3)",
     )
     p.add_argument("--quick", action="store_true", help="two prompt sizes instead of five")
     p.add_argument(
@@ -519,7 +529,9 @@ def _add_bench_parser(sub: Any) -> None:
         help="write the table and every run as JSON to this file (default: none)",
     )
     p.add_argument(
-        "--plot-dir", type=Path, help="write success.png and ttfv.png here (default: none)"
+        "--plot-dir",
+        type=Path,
+        help="write success.png, ttfv.png and first-visible.png here (default: none)",
     )
     p.add_argument(
         "--db",
@@ -558,6 +570,7 @@ async def _cmd_bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 base_url=base_url,
                 scale=None if base_url else args.scale,
                 modes=args.modes,
+                queues=args.queues,
                 concurrency=args.concurrency,
                 timeouts=args.timeouts,
                 faults=args.faults,
@@ -578,6 +591,7 @@ async def _cmd_bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         args.plot_dir.mkdir(parents=True, exist_ok=True)
         report.plot_success(args.plot_dir / "success.png")
         report.plot_ttfv(args.plot_dir / "ttfv.png")
+        report.plot_first_visible(args.plot_dir / "first-visible.png")
     return EXIT_OK
 
 

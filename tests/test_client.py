@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from typing import Any
 
@@ -414,6 +415,24 @@ async def test_a_queued_request_waits_while_the_one_ahead_is_answered() -> None:
             )
     assert [d.finish_reason for d in done] == ["stop", "stop"]
     assert max(d.stats.ttft_s or 0.0 for d in done) > 0.6  # it did wait past the budget
+
+
+async def test_a_queued_request_waits_while_the_one_ahead_reports_progress() -> None:
+    """LM Studio 0.4's native chat reports the prompt processing of the request ahead (1.2 s, in
+    eight steps): the one queued behind it is waiting its turn, not stuck, though nothing of
+    either has been answered yet."""
+    budgets = Budgets(first_token=0.6, idle=5)
+    # A marker in the prompt and no seed: the native chat takes neither a ``sim`` nor a ``seed``.
+    marker = "[[sim " + json.dumps({**_QUEUED, "batch_size": 50}) + "]]"
+    prompt = marker + "q" * (1600 - len(marker))
+    with simulator.serve(profile="test-fast", parallel=1) as server:
+        async with LMStudioClient(server.base_url, budgets=budgets) as client:
+            streams = [client.stream_chat(prompt, model=MODEL) for _ in range(2)]
+            done = await asyncio.gather(*(stream.collect() for stream in streams))
+    assert [s.api for s in streams] == ["native", "native"]
+    assert [d.finish_reason for d in done] == ["stop", "stop"]
+    first = sorted(d.stats.first_progress_s or 0.0 for d in done)
+    assert first[1] > 1.2  # the second heard nothing of its own for longer than the budget
 
 
 async def test_without_a_sibling_stream_the_queue_wait_counts() -> None:

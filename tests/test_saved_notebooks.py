@@ -66,7 +66,7 @@ def test_notebook_03_keeps_its_progress_lines_as_they_ended() -> None:
         for source, data in _outputs("03-long-prompt-success-rates.ipynb")
         if "lmstream-progress" in str(data.get("text/html"))
     ]
-    assert len(lines) == 2, "one for each benchmark run"
+    assert len(lines) == 3, "one for each benchmark run"
     for data in lines:
         assert 'data-state="done"' in str(data["text/html"])
         assert "(100%)" in str(data["text/plain"])

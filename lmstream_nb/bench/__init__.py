@@ -2,17 +2,20 @@
 
 The question it answers is the project's reason to exist: with a long prompt on a local model,
 does a classic blocking request with a total timeout come back, and does a stream with a
-first-token and an idle budget? It sends a workload of prompts from about 500 to 64k tokens, at
-1, 3 and 8 concurrent users, both ways, optionally with injected stalls and disconnects, and
-tabulates success rate, timeouts and the time to first visible output.
+first-token and an idle budget, and when does the user first see something? It sends a
+workload of prompts from about 500 to 64k tokens, at 1, 3 and 8 concurrent users, as blocking
+requests and as streams with and without progress (LM Studio 0.4's native chat, the OpenAI
+endpoint), against both queue models (LM Studio 0.4's 4 parallel slots, and one at a time as MLX
+models and LM Studio 0.3), optionally with injected stalls and disconnects, and tabulates success
+rate, timeouts, the time to first visible output and to first visible progress.
 
 By default it runs on the embedded simulator at a documented speed profile, time-scaled so the
-whole benchmark takes about 75 s: each cell at the scale that keeps its closest verdict at least
-2 s of real time from its boundary (:func:`plan_benchmark` shows the plan), so that a loaded
-machine cannot flip one. With ``base_url`` it runs the same workload against a real LM Studio
-in real time. It is built on :func:`lmstream_nb.run_many`, so every run is recorded like any
-other, in ``store`` (``lmstream bench`` gives it a temporary database unless ``--db``, so a
-user's own history is left alone).
+whole benchmark takes about two and a half minutes: each cell at the scale that keeps its
+closest verdict at least 2 s of real time from its boundary (:func:`plan_benchmark` shows the
+plan), so that a loaded machine cannot flip one. With ``base_url`` it runs the same workload
+against a real LM Studio in real time. It is built on :func:`lmstream_nb.run_many`, so every
+run is recorded like any other, in ``store`` (``lmstream bench`` gives it a temporary database
+unless ``--db``, so a user's own history is left alone).
 
     from lmstream_nb import bench
 
@@ -26,13 +29,16 @@ import importlib as _importlib
 import typing as _typing
 
 from ._workload import (
+    DEFAULT_QUEUES,
     FAULT_KINDS,
     LAPTOP_GPU,
+    MODES,
     PRE_FIRST_TOKEN_FAULTS,
     SizeBucket,
     SpeedProfile,
     Workload,
     default_workload,
+    queue_label,
     quick_workload,
 )
 
@@ -75,9 +81,11 @@ def __getattr__(name: str) -> _typing.Any:
 __all__ = [
     "BENCH_PROMPT",
     "DEFAULT_MARGIN",
+    "DEFAULT_QUEUES",
     "DEFAULT_SCALE",
     "FAULT_KINDS",
     "LAPTOP_GPU",
+    "MODES",
     "PRE_FIRST_TOKEN_FAULTS",
     "TIMEOUT_STATUSES",
     "BenchReport",
@@ -88,6 +96,7 @@ __all__ = [
     "arun_benchmark",
     "default_workload",
     "plan_benchmark",
+    "queue_label",
     "quick_workload",
     "run_benchmark",
 ]

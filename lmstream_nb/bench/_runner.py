@@ -6,17 +6,30 @@ occupy the model when the next cell starts, and each cell's verdict would depend
 before. A fresh simulator per cell keeps cells independent, which also lets several of them run
 side by side. Against a real server (``base_url``) the cells run one after another, unscaled.
 
-Why queueing (``max_parallel=1``) by default: LM Studio answers one request per loaded model
-at a time and queues the rest ("Model is currently generating. Queuing request"). Eight users
-at once therefore wait for each other, and a blocking client's total timeout counts that
-wait. That is the honest result, so it is what the benchmark shows; ``max_parallel=None``
-models a server that serves everyone at once at full speed.
+Why two queue models. LM Studio 0.4 answers up to 4 predictions per loaded GGUF model at once
+("Max Concurrent Predictions", continuous batching; the predictions in the slots share the
+model's speed) and queues the rest, while MLX models, and every model in LM Studio 0.3, answer
+one request at a time ("Model is currently generating. Queuing request"). Eight users at once
+therefore wait for each other, four by four or one by one, and a blocking client's total timeout
+counts that wait. Both are honest results for some user, so every cell runs against both
+(``queues=(4, 1)``, labelled "parallel 4" and "one at a time"); ``None`` models a server that
+serves everyone at once at full speed.
+
+Why three ways to ask. A blocking request shows nothing before the whole answer. A stream to
+LM Studio 0.4's native chat (the client's default ``api="auto"``) shows prompt-processing
+progress from the moment its prompt is taken up; a stream to the OpenAI-compatible endpoint
+shows nothing before its first token. The ``"stream-openai"`` mode runs its cells on a server
+without the native API (as LM Studio 0.3 is, and as a client with ``api="openai"`` sees any
+server), so the benchmark's batches take that endpoint by themselves. The report gives each the
+time to first visible progress beside the time to first token.
 
 Why the streams survive queueing: a stream's first-token budget counts from the moment the
-server last started or finished answering another stream of the same client (see
-``Budgets.first_token``), and each cell's rows share one client. So the eighth of eight queued
-64k-token prompts waits over an hour for its first token without failing, while the server is
-visibly working through the queue; a server that goes silent still fails after the budget.
+server last started or finished answering another stream of the same client, or reported
+progress on one (see ``Budgets.first_token``), and each cell's rows share one client. So the
+eighth of eight queued 64k-token prompts waits over an hour for its first token without
+failing, while the server is visibly working through the queue (with four slots, the fifth
+waits for four long prompts processed side by side, which report their progress); a server
+that goes silent still fails after the budget.
 
 Why every cell has its own time scale. The simulator multiplies every duration by a scale and
 the benchmark multiplies every budget, timeout and back-off it gives the client by the same
@@ -58,7 +71,10 @@ tokens for a simulated benchmark run (the text itself is the whole answer).
 Cells that depend on arrival order: the rows of a cell are sent at the same moment, and when
 they differ (one has a fault) the order in which they reach the server can decide how many
 succeed. That race is not the benchmark's to win, so such a cell is not predicted and runs
-at ``scale``; notebook 03 shows those counts without comparing them.
+at ``scale``; notebook 03 shows those counts without comparing them. So is a cell whose closest
+verdict is nearer its boundary than ``margin`` even in real time: with four slots sharing the
+model, eight 500-token requests end a few seconds apart, and one of them 0.2 s after the 30 s
+timeout.
 """
 
 from __future__ import annotations
@@ -81,17 +97,21 @@ from .._loop import shared_loop
 from .._run import default_store
 from .._store import PromptStore
 from .._template import Prompt
+from ..simulator._pace import LMSTUDIO_BATCH, prompt_steps
 from ._report import BenchReport, summarize
 from ._simhost import SimHost
 from ._timeline import Forecast, Rules, TimedRow, forecast_cell
 from ._workload import (
+    DEFAULT_QUEUES,
     FAULT_KINDS,
     LAPTOP_GPU,
+    MODES,
     SizeBucket,
     SpeedProfile,
     Workload,
     default_workload,
     fault_overrides,
+    queue_label,
 )
 
 __all__ = [
@@ -124,19 +144,28 @@ _TOKENS_PER_EVENT = 10
 #: The stored prompt every benchmark run is recorded under, in the benchmark's store.
 BENCH_PROMPT = "lmstream-bench"
 
+#: The label of a ``"stream-openai"`` cell in the tables.
+_NO_PROGRESS = "stream (no progress)"
+
+
 _SIM_MODEL = simulator.SimConfig().models[0]
 
 
 @dataclass(frozen=True)
 class CellPlan:
-    """One cell of the benchmark (mode x size x concurrency) as planned before it runs.
+    """One cell of the benchmark (queue x mode x size x concurrency) as planned before it runs.
 
-    ``texts`` are the prompts of its rows and ``faults`` their injected faults. ``scale`` is the
-    cell's time scale (1.0 against a real server). ``forecast`` is what the timing model
-    predicts on the simulator (``None`` against a real server).
+    ``queue`` names the server's queue model (``parallel`` slots per model; "real server"
+    against one), ``native`` whether its server has LM Studio 0.4's native chat (a stream there
+    reports progress). ``texts`` are the prompts of its rows and ``faults`` their injected
+    faults. ``scale`` is the cell's time scale (1.0 against a real server). ``forecast`` is
+    what the timing model predicts on the simulator (``None`` against a real server).
     """
 
-    mode: str  # label: "stream" or "blocking 30s"
+    queue: str
+    parallel: int | None
+    native: bool
+    mode: str  # label: "stream", "stream (no progress)" or "blocking 30s"
     kind: str  # "stream" or "blocking"
     timeout_s: float | None
     bucket: SizeBucket
@@ -149,6 +178,11 @@ class CellPlan:
     @property
     def rows(self) -> int:
         return len(self.texts)
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        """(queue, mode, bucket, concurrency): the cell's key in the report's tables."""
+        return (self.queue, self.mode, self.bucket.name, self.concurrency)
 
     @property
     def predicted(self) -> dict[str, int] | None:
@@ -232,7 +266,7 @@ def plan_benchmark(
     base_url: str | None = None,
     scale: float | None = None,
     margin: float = DEFAULT_MARGIN,
-    modes: Sequence[str] = ("blocking", "stream"),
+    modes: Sequence[str] = MODES,
     concurrency: Sequence[int] = (1, 3, 8),
     timeouts: Sequence[float] = (30, 120, 300),
     budgets: Budgets | None = None,
@@ -241,7 +275,7 @@ def plan_benchmark(
     retries: Retries | None = None,
     seed: int = 0,
     profile: SpeedProfile = LAPTOP_GPU,
-    max_parallel: int | None = 1,
+    queues: Sequence[int | None] = DEFAULT_QUEUES,
 ) -> list[CellPlan]:
     """The cells :func:`run_benchmark` would run with these arguments, without running them:
     their prompts, faults, predicted outcomes, margins and time scales."""
@@ -268,44 +302,76 @@ def plan_benchmark(
         raise ValueError("scale must be a positive number")
     if not margin >= 0:
         raise ValueError("margin must be a number of seconds >= 0")
+    if not queues or any(q is not None and (int(q) != q or q < 1) for q in queues):
+        raise ValueError("queues are prediction slots per model: whole numbers >= 1, or None")
+    # Against a real server the queue is whatever it is: one pass.
+    passes: list[tuple[str, int | None]] = (
+        [("real server", None)]
+        if base_url is not None
+        else [(queue_label(q), q) for q in dict.fromkeys(queues)]
+    )
     plans: list[CellPlan] = []
-    for kind in modes:
-        if kind not in ("stream", "blocking"):
-            raise ValueError(f"modes must be 'stream' and/or 'blocking', not {kind!r}")
-        variants: list[tuple[str, float | None]] = (
-            [("stream", None)]
-            if kind == "stream"
-            else [(f"blocking {t:g}s", float(t)) for t in timeouts]
-        )
-        for label, timeout in variants:
-            for bucket in workload.buckets:
-                for c in concurrency:
-                    if c < 1:
-                        raise ValueError("every concurrency must be at least 1")
-                    cell = CellPlan(label, kind, timeout, bucket, c, (), (), 1.0, None)
-                    faulty = tuple(
-                        workload.fault(bucket, row, faults, seed, kinds)
-                        for row in range(workload.rows(c))
-                    )
-                    if base_url is None:
-                        rules = Rules(
-                            kind=kind,
-                            concurrency=c,
-                            timeout_s=timeout,
-                            first_token_s=budgets.first_token,
-                            idle_s=budgets.idle,
-                            retries=retries,
-                            max_parallel=max_parallel,
+    for queue, parallel in passes:
+        for kind in modes:
+            if kind not in MODES:
+                raise ValueError(f"modes must be among {', '.join(MODES)}, not {kind!r}")
+            variants: list[tuple[str, float | None]] = (
+                [(f"blocking {t:g}s", float(t)) for t in timeouts]
+                if kind == "blocking"
+                else [(_NO_PROGRESS if kind == "stream-openai" else "stream", None)]
+            )
+            for label, timeout in variants:
+                for bucket in workload.buckets:
+                    for c in concurrency:
+                        if c < 1:
+                            raise ValueError("every concurrency must be at least 1")
+                        cell = CellPlan(
+                            queue,
+                            parallel,
+                            kind != "stream-openai",
+                            label,
+                            "blocking" if kind == "blocking" else "stream",
+                            timeout,
+                            bucket,
+                            c,
+                            (),
+                            (),
+                            1.0,
+                            None,
                         )
-                        cell = _on_simulator(cell, workload, faulty, rules, profile, base, margin)
-                    else:
-                        texts = tuple(
-                            workload.prompt_text(bucket, row, overrides=None)
-                            for row in range(len(faulty))
+                        faulty = tuple(
+                            workload.fault(bucket, row, faults, seed, kinds)
+                            for row in range(workload.rows(c))
                         )
-                        cell = dataclasses.replace(cell, texts=texts, faults=faulty)
-                    plans.append(cell)
+                        if base_url is None:
+                            rules = Rules(
+                                kind=cell.kind,
+                                concurrency=c,
+                                timeout_s=timeout,
+                                first_token_s=budgets.first_token,
+                                idle_s=budgets.idle,
+                                retries=retries,
+                                max_parallel=parallel,
+                                progress=cell.native,
+                            )
+                            cell = _on_simulator(
+                                cell, workload, faulty, rules, profile, base, margin
+                            )
+                        else:
+                            texts = tuple(
+                                workload.prompt_text(bucket, row, overrides=None)
+                                for row in range(len(faulty))
+                            )
+                            cell = dataclasses.replace(cell, texts=texts, faults=faulty)
+                        plans.append(cell)
     return plans
+
+
+def _steps(tokens: int, prefill_tps: float, *, bounded: bool) -> tuple[float, ...]:
+    """The simulator's prompt steps for a prompt of ``tokens`` (seconds each, alone): its
+    native chat spreads a long prompt over a bounded number of progress reports."""
+    marks = prompt_steps(tokens, LMSTUDIO_BATCH, bounded=bounded)
+    return tuple((b - a) / prefill_tps for a, b in zip([0, *marks], marks, strict=False))
 
 
 def _on_simulator(
@@ -325,18 +391,27 @@ def _on_simulator(
         )
         for row, fault in enumerate(faults)
     )
-    timed = [
-        TimedRow(
-            # the simulator counts a prompt's characters / 4 as its tokens
-            prefill_s=max(1, len(text) // 4) / profile.prefill_tps,
-            events=_events(cell.bucket),
-            event_s=_TOKENS_PER_EVENT / profile.gen_tps,
-            fault=fault,
-            stall_s=3 * idle if fault == "stall" else 0.0,
+    # The simulator counts a prompt's characters / 4 as its tokens; a blocking request goes to
+    # /chat/completions, a stream to the native chat where the server has it.
+    bounded = cell.kind == "stream" and cell.native
+    timed = []
+    for text, fault in zip(texts, faults, strict=True):
+        tokens = max(1, len(text) // 4)
+        timed.append(
+            TimedRow(
+                prefill_s=tokens / profile.prefill_tps,
+                events=_events(cell.bucket),
+                event_s=_TOKENS_PER_EVENT / profile.gen_tps,
+                fault=fault,
+                stall_s=3 * idle if fault == "stall" else 0.0,
+                steps=_steps(tokens, profile.prefill_tps, bounded=bounded),
+            )
         )
-        for text, fault in zip(texts, faults, strict=True)
-    ]
     forecast = forecast_cell(timed, rules)
+    if forecast.statuses is not None and forecast.margin_s * _MAX_SCALE < margin:
+        # Its closest verdict is nearer its boundary than ``margin`` even in real time, so a
+        # loaded machine may flip it: like an order-dependent cell, it is not predicted.
+        forecast = dataclasses.replace(forecast, statuses=None)
     return dataclasses.replace(
         cell,
         texts=texts,
@@ -352,7 +427,7 @@ async def arun_benchmark(
     base_url: str | None = None,
     scale: float | None = None,
     margin: float = DEFAULT_MARGIN,
-    modes: Sequence[str] = ("blocking", "stream"),
+    modes: Sequence[str] = MODES,
     concurrency: Sequence[int] = (1, 3, 8),
     timeouts: Sequence[float] = (30, 120, 300),
     budgets: Budgets | None = None,
@@ -363,7 +438,7 @@ async def arun_benchmark(
     store: PromptStore | None = None,
     progress: bool = True,
     profile: SpeedProfile = LAPTOP_GPU,
-    max_parallel: int | None = 1,
+    queues: Sequence[int | None] = DEFAULT_QUEUES,
     parallel_cells: int | None = None,
     model: str | None = None,
 ) -> BenchReport:
@@ -387,7 +462,7 @@ async def arun_benchmark(
         retries=retries,
         seed=seed,
         profile=profile,
-        max_parallel=max_parallel,
+        queues=queues,
     )
     simulated = base_url is None
     parallel = parallel_cells or (_PARALLEL_CELLS if simulated else 1)
@@ -398,9 +473,7 @@ async def arun_benchmark(
     t0 = time.monotonic()
     async with contextlib.AsyncExitStack() as stack:
         host = await stack.enter_async_context(SimHost()) if simulated else None
-        cell = _CellRunner(
-            prompt, store, base_url, host, budgets, retries, profile, max_parallel, seed, model
-        )
+        cell = _CellRunner(prompt, store, base_url, host, budgets, retries, profile, seed, model)
 
         async def one(plan: CellPlan) -> list[dict[str, Any]]:
             async with slots:
@@ -425,17 +498,15 @@ async def arun_benchmark(
         base_url=base_url,
         profile=profile if simulated else None,
         wall_s=time.monotonic() - t0,
-        predicted={
-            (p.mode, p.bucket.name, p.concurrency): p.predicted
-            for p in plans
-            if p.predicted is not None
-        },
+        predicted={p.key: p.predicted for p in plans if p.predicted is not None},
         meta={
             "seed": seed,
             "faults": faults,
             "fault_kinds": list(fault_kinds),
             "retries": retries.attempts,
-            "max_parallel": max_parallel,
+            "queues": [{"queue": queue_label(q), "parallel": q} for q in dict.fromkeys(queues)]
+            if simulated
+            else [{"queue": "real server", "parallel": None}],
             "first_token_budget_s": budgets.first_token,
             "idle_budget_s": budgets.idle,
             "prompt": prompt.label,
@@ -460,7 +531,6 @@ class _CellRunner:
     budgets: Budgets
     retries: Retries
     profile: SpeedProfile
-    max_parallel: int | None
     seed: int
     model: str | None
 
@@ -473,7 +543,8 @@ class _CellRunner:
             url = await self.host.start(
                 simulator.SimConfig(
                     time_scale=plan.scale,
-                    parallel=self.max_parallel,
+                    parallel=plan.parallel,
+                    native_api=plan.native,
                     seed=self.seed,
                     defaults=simulator.Scenario(
                         prefill_tps=self.profile.prefill_tps,
@@ -525,12 +596,16 @@ def _records(plan: CellPlan, batch: BatchResult) -> list[dict[str, Any]]:
     """One record per run of a cell, times in simulated seconds."""
     scale, bucket = plan.scale, plan.bucket
     late = _lateness(plan, batch)
+    signs = _first_signs(plan, batch)
     out: list[dict[str, Any]] = []
     for row, (result, kind) in enumerate(zip(batch.results, plan.faults, strict=True)):
         stats = result.stats
         first = stats.ttft_s if plan.kind == "stream" else stats.duration_s
+        sign = signs.get(row)
         out.append(
             {
+                "queue": plan.queue,
+                "parallel": plan.parallel,
                 "mode": plan.mode,
                 "timeout_s": plan.timeout_s,
                 "bucket": bucket.name,
@@ -543,6 +618,7 @@ def _records(plan: CellPlan, batch: BatchResult) -> list[dict[str, Any]]:
                 "run_id": result.run_id,
                 "batch_id": batch.batch_id,
                 "ttfv_s": None if first is None else first / scale,
+                "ttfp_s": sign,
                 "total_s": stats.duration_s / scale,
                 "scale": scale,
                 "margin_ms": _finite(plan.margin_ms),
@@ -550,6 +626,37 @@ def _records(plan: CellPlan, batch: BatchResult) -> list[dict[str, Any]]:
                 "late_ms": late.get(row),
             }
         )
+    return out
+
+
+def _first_signs(plan: CellPlan, batch: BatchResult) -> dict[int, float]:
+    """Each row's time to first visible progress, in simulated seconds.
+
+    Nothing of a blocking request is visible before its whole answer, so that is its duration.
+    A stream shows its first progress report, or its first token when none came before. A
+    stream that gets a slot hears of its prompt at once, so nearly all of that time is the
+    client's, the transport's and the machine's, which pass in real time: divided by a scale
+    of 1/80, the 25 ms a loaded machine takes to send a request and record it would read as
+    2 s. So where the timing model predicted the cell, a stream's figure is the wait the
+    simulated server imposed (the model's, matched in order like ``_lateness``) plus the real
+    time the run took beyond it, unscaled; elsewhere it is the measured time divided by the
+    scale.
+    """
+    scale = plan.scale
+    if plan.kind == "blocking":
+        return {row: r.stats.duration_s / scale for row, r in enumerate(batch.results)}
+    measured = {
+        row: r.stats.first_progress_s
+        for row, r in enumerate(batch.results)
+        if r.stats.first_progress_s is not None
+    }
+    out = {row: seconds / scale for row, seconds in measured.items()}
+    if plan.predicted is None or plan.forecast is None:
+        return out
+    got = sorted((s, row) for row, s in measured.items() if batch.results[row].status == "ok")
+    due = sorted(e.ttfp_s for e in plan.forecast.rows if e.status == "ok" and e.ttfp_s is not None)
+    for (seconds, row), want in zip(got, due, strict=False):
+        out[row] = want + (seconds - want * scale)
     return out
 
 
@@ -592,7 +699,7 @@ class _Bar:
 
     @staticmethod
     def _label(cell: CellPlan) -> str:
-        return f"{cell.mode} {cell.bucket.name} x{cell.concurrency}"
+        return f"{cell.queue}: {cell.mode} {cell.bucket.name} x{cell.concurrency}"
 
     def _show(self) -> None:
         more = len(self.running) - 1
@@ -629,17 +736,22 @@ def run_benchmark(workload: Workload | None = None, **kwargs: Any) -> BenchRepor
     margins without running anything. With ``base_url`` the same workload runs against a real
     server, in real time, one cell after another.
 
-    Each cell is ``mode x size bucket x concurrency``: ``modes`` ``"blocking"`` (one cell per
-    total ``timeouts`` value) and ``"stream"`` (the first-token and idle ``budgets``),
-    ``concurrency`` prompts sent at once through :func:`run_many`. ``faults`` is the rate of
-    rows given an injected fault, of the ``fault_kinds`` (see ``FAULT_KINDS``), picked from
-    ``seed``; every fault is transient, and ``retries`` (scaled like the budgets) retry what
-    failed before the first token. Every run is recorded in ``store`` under the prompt
-    ``lmstream-bench``.
+    Each cell is ``queue x mode x size bucket x concurrency``, ``concurrency`` prompts sent at
+    once through :func:`run_many`. ``modes`` (see ``MODES``): ``"blocking"`` (one cell per
+    total ``timeouts`` value), ``"stream"`` (LM Studio 0.4's native chat, which reports
+    progress while the prompt is processed) and ``"stream-openai"`` (the OpenAI-compatible
+    endpoint, silent until the first token); streams have the first-token and idle
+    ``budgets``. ``queues`` are the prediction slots of the simulated server, one pass of every
+    cell per value: 4 (LM Studio 0.4's default for GGUF models; the predictions in the slots
+    share the model's speed) and 1 (MLX models and LM Studio 0.3: one answer at a time, the rest
+    queued) by default, ``None`` for a server that serves everyone at once at full speed.
+    ``faults`` is the rate of rows given an injected fault, of the ``fault_kinds`` (see
+    ``FAULT_KINDS``), picked from ``seed``; every fault is transient, and ``retries`` (scaled
+    like the budgets) retry what failed before the first token. Every run is recorded in
+    ``store`` under the prompt ``lmstream-bench``.
 
-    ``max_parallel`` is how many requests the simulated server serves at once (1, LM Studio's
-    queue, by default); ``parallel_cells`` how many cells run side by side (6 on the
-    simulator, each on its own server in a separate process; 1 against a real server unless
-    given); ``progress`` shows one bar over all runs.
+    ``parallel_cells`` is how many cells run side by side (6 on the simulator, each on its own
+    server in a separate process; 1 against a real server unless given); ``progress`` shows
+    one bar over all runs.
     """
     return shared_loop().run(arun_benchmark(workload, **kwargs))

@@ -1,12 +1,12 @@
 """A cell's expected timeline on the simulator, in simulated seconds, and how near each verdict is
 to flipping.
 
-The simulated server is deterministic (jitter 0, one first-come-first-served queue), so when each
-request of a cell is queued, served and answered, and when the client's total timeout or budgets
-fire, can be worked out before the cell runs. That gives every verdict a margin: the simulated
-time between the event that decides it and the boundary that would flip it (a blocking answer
-11 s before its timeout has a margin of 11 s; one that would have come 5 s after it, 5 s). The
-runner turns that margin into real time when it picks each cell's time scale, and the tests
+The simulated server is deterministic (jitter 0, one first-come-first-served queue per model), so
+when each request of a cell is queued, served and answered, and when the client's total timeout
+or budgets fire, can be worked out before the cell runs. That gives every verdict a margin: the
+simulated time between the event that decides it and the boundary that would flip it (a blocking
+answer 11 s before its timeout has a margin of 11 s; one that would have come 5 s after it, 5 s).
+The runner turns that margin into real time when it picks each cell's time scale, and the tests
 compare the measured table with the predicted one.
 
 This is a small discrete-event model of the simulator's queue and of the client's rules, kept
@@ -14,12 +14,19 @@ here beside the workload rather than in the simulator, which must not know what 
 
 - the server: one queue per model with ``max_parallel`` slots; prompt processing cannot be
   interrupted (a client that leaves during it frees the slot only when it ends), generation can;
-  a 503 or a dropped connection before the queue takes no slot;
+  a 503 or a dropped connection before the queue takes no slot. With more than one slot the
+  requests in them share the model's speed the way the simulator's ``_pace`` does it: each step
+  of prompt processing takes as many times longer as there are prompts in processing when it
+  starts, each wait between two answer events as the shared generation speed says when the
+  previous event goes out (a step under way keeps its pace when another request starts or ends);
 - a blocking request: its total timeout counts from sending and spans its retries; a connection
   dropped after the headers is retried at once (once), a 503 after the back-off;
 - a stream: the first-token budget counts only while none of the client's streams is answering
-  (``Budgets.first_token``), the idle budget between two events; a failure before the first token
-  is retried after the back-off, one after it is reported.
+  or reporting progress (``Budgets.first_token``), the idle budget between two events; a stream
+  that reports progress (``Rules.progress``: LM Studio 0.4's native chat) shows it from the
+  moment its prompt processing starts, and from then on only a gap between two reports longer
+  than the idle budget could stop it; a failure before the first token is retried after the
+  back-off, one after it is reported.
 
 Each row meets its fault on its first attempt only, like the simulator's ``fault_attempts=1``.
 If the simulator or the client change these rules, test_bench's comparison of the predicted and
@@ -37,24 +44,39 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from .._config import Retries
+from ..simulator._pace import BATCH_GAIN
 
 __all__ = ["Expected", "Forecast", "Rules", "TimedRow", "expect_cell", "forecast_cell"]
+
+_EPS = 1e-9
 
 
 @dataclass(frozen=True)
 class TimedRow:
-    """One request of a cell as the simulator serves it (simulated seconds)."""
+    """One request of a cell as the simulator serves it (simulated seconds, alone on the model).
+
+    ``steps``: how long each step of its prompt processing takes alone (they add up to
+    ``prefill_s``); empty for one step.
+    """
 
     prefill_s: float
     events: int  # data events carrying the answer text
     event_s: float  # from one event to the next
     fault: str | None = None  # one of FAULT_KINDS, on the first attempt only
     stall_s: float = 0.0  # the pause a "stall" fault inserts half-way
+    steps: tuple[float, ...] = ()
+
+    def prompt_steps(self) -> tuple[float, ...]:
+        return self.steps or (self.prefill_s,)
 
 
 @dataclass(frozen=True)
 class Rules:
-    """How the client and the server of a cell behave (simulated seconds, ``None``: no limit)."""
+    """How the client and the server of a cell behave (simulated seconds, ``None``: no limit).
+
+    ``max_parallel``: the server's slots per model (``None``: everyone at once at full speed).
+    ``progress``: a stream hears of its prompt processing (LM Studio 0.4's native chat).
+    """
 
     kind: str  # "stream" or "blocking"
     concurrency: int
@@ -63,6 +85,7 @@ class Rules:
     idle_s: float | None
     retries: Retries
     max_parallel: int | None
+    progress: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,8 +95,9 @@ class Expected:
     ``margin_s``: simulated seconds between the event that decides a verdict spanning the whole
     request (a total timeout, a first-token budget) and the boundary that would flip it;
     ``gap_margin_s``: the same for a verdict decided by one gap between two events of a flowing
-    stream (the idle budget); ``inf`` when no clock decides it. ``ttfv_s`` and ``total_s``: when
-    the first visible output and the end are due, counted from sending, for a successful row.
+    stream (the idle budget); ``inf`` when no clock decides it. ``ttfv_s``, ``ttfp_s`` and
+    ``total_s``: when the first visible output (text), the first visible sign of progress and
+    the end are due, counted from sending, for a successful row.
     """
 
     status: str
@@ -82,6 +106,7 @@ class Expected:
     decided_s: float  # since the cell started
     ttfv_s: float | None = None
     total_s: float | None = None
+    ttfp_s: float | None = None
 
 
 @dataclass(eq=False)
@@ -89,7 +114,14 @@ class _Attempt:
     row: int
     faulty: bool
     state: str = "queued"  # queued, prefill, generating, done, gone
-    prefill_end: float = 0.0
+    step: int = 0  # the prompt step under way
+    step_end: float = 0.0
+    sent: int = 0  # answer events sent
+    last_at: float = 0.0  # when the last of them went out
+    next_at: float = 0.0  # when the next one is due (its wait is already decided)
+    spacing: float = 0.0  # the wait between the later ones, at the model's pace now
+    stall_at: int | None = None  # the event the stall delays
+    version: int = 0  # a new plan of the generation cancels the events of the old one
 
 
 @dataclass
@@ -101,8 +133,11 @@ class _Trace:
     retries: int = 0
     silence: float = 0.0  # the longest wait counted against the first-token budget
     first_at: float | None = None
+    progress_at: float | None = None  # the first progress report
     done_at: float | None = None
     events: int = 0  # events the stream received
+    widest: float = 0.0  # the longest gap between two events (or two progress reports)
+    stall_gap: float | None = None  # the gap of a stall that the idle budget ended
 
 
 @dataclass
@@ -117,10 +152,12 @@ class _Model:
     seq: itertools.count[int] = field(default_factory=itertools.count)
     queue: deque[_Attempt] = field(default_factory=deque)
     todo: deque[int] = field(default_factory=deque)
-    waiting: list[int] = field(default_factory=list)  # streams before their first token
+    waiting: list[int] = field(default_factory=list)  # streams before any sign of life
     answering: int = 0
     progress_at: float = -math.inf
     free: float = 0.0
+    prefilling: int = 0
+    generating: list[_Attempt] = field(default_factory=list)
     traces: list[_Trace] = field(default_factory=list)
 
     def run(self) -> list[_Trace]:
@@ -136,6 +173,15 @@ class _Model:
 
     def _at(self, when: float, action: Callable[[], None]) -> None:
         heapq.heappush(self.heap, (when, next(self.seq), action))
+
+    @property
+    def _shared(self) -> bool:
+        slots = self.rules.max_parallel
+        return slots is not None and slots > 1
+
+    @property
+    def _reports(self) -> bool:
+        return self.rules.kind == "stream" and self.rules.progress
 
     # the client
 
@@ -192,19 +238,38 @@ class _Model:
         trace = self.traces[i]
         budget = self.rules.first_token_s
         assert budget is not None
+        if trace.status is not None or i not in self.waiting or self.answering > 0:
+            return  # answered, alive, or re-armed when the last answering stream ends
         due = max(trace.t0, self.progress_at) + budget
-        if trace.status is None and i in self.waiting and self.answering == 0 and self.now >= due:
+        if self.now >= due:
             self._timed_out(i, "first_token_timeout")
+        else:  # progress of another stream moved the budget on
+            self._at(due, lambda: self._check_first(i))
 
-    def _first_token(self, i: int) -> None:
-        if self.answering == 0:  # the silence every waiting stream was counting ends here
+    def _sign_of_life(self) -> None:
+        """A first token or a progress report of one of the client's streams: the silence every
+        waiting stream was counting ends here."""
+        if self.answering == 0:
             for j in self.waiting:
                 trace = self.traces[j]
                 trace.silence = max(trace.silence, self.now - max(trace.t0, self.progress_at))
-        self.waiting.remove(i)
+        self.progress_at = self.now
+
+    def _reading(self, i: int) -> None:
+        """A progress report of row ``i``: it is alive from now on."""
+        trace = self.traces[i]
+        if trace.progress_at is None:
+            trace.progress_at = self.now
+        self._sign_of_life()
+        if i in self.waiting:
+            self.waiting.remove(i)
+
+    def _first_token(self, i: int) -> None:
+        self._sign_of_life()
+        if i in self.waiting:
+            self.waiting.remove(i)
         self.traces[i].first_at = self.now
         self.answering += 1
-        self.progress_at = self.now
 
     def _stream_ended(self) -> None:
         self.answering -= 1
@@ -242,52 +307,176 @@ class _Model:
             if attempt.state == "gone":
                 continue
             self.free -= 1
-            attempt.state = "prefill"
-            attempt.prefill_end = self.now + self.rows[attempt.row].prefill_s
-            self._at(attempt.prefill_end, partial(self._generate, attempt))
+            self._prefill(attempt)
 
     def _release(self) -> None:
         self.free += 1
         self._pump()
 
+    def _prefill_factor(self) -> float:
+        return float(max(1, self.prefilling)) if self._shared else 1.0
+
+    def _prefill(self, attempt: _Attempt) -> None:
+        """Prompt processing starts: the model counts it, it reports 0 (when it reports)."""
+        attempt.state = "prefill"
+        self.prefilling += 1
+        if self._reports:
+            self._reading(attempt.row)
+        self._step(attempt, 0)
+
+    def _step(self, attempt: _Attempt, k: int) -> None:
+        """Prompt step ``k`` begins, at the pace of the prompts in processing now."""
+        took = self.rows[attempt.row].prompt_steps()[k] * self._prefill_factor()
+        attempt.step, attempt.step_end = k, self.now + took
+        idle, budget = self.rules.idle_s, self.rules.first_token_s
+        if self._reports:
+            trace = self.traces[attempt.row]
+            trace.widest = max(trace.widest, took)
+            # Progress that stops for longer than the idle budget fails the stream, though
+            # never before the first-token budget would have (Budgets).
+            floor = math.inf if budget is None else trace.t0 + budget
+            due = math.inf if idle is None else max(self.now + idle, floor)
+            if attempt.step_end > due and attempt.row != self.open_row:
+                self._at(due, partial(self._progress_stopped, attempt, k))
+        self._at(attempt.step_end, partial(self._stepped, attempt, k))
+
+    def _progress_stopped(self, attempt: _Attempt, k: int) -> None:
+        if attempt.state == "prefill" and attempt.step == k:
+            self._timed_out(attempt.row, "first_token_timeout")
+
+    def _stepped(self, attempt: _Attempt, k: int) -> None:
+        if attempt.state != "prefill" or attempt.step != k:
+            return
+        if self._reports:
+            self._reading(attempt.row)
+        if k + 1 < len(self.rows[attempt.row].prompt_steps()):
+            self._step(attempt, k + 1)
+            return
+        self.prefilling -= 1
+        self._generate(attempt)
+
     def _leave(self, attempt: _Attempt) -> None:
         """The client went away: a queued request leaves the queue, prompt processing runs on."""
         state, attempt.state = attempt.state, "gone"
         if state == "prefill":
-            self._at(attempt.prefill_end, self._release)
+            left = sum(self.rows[attempt.row].prompt_steps()[attempt.step + 1 :])
+            self._at(attempt.step_end + left * self._prefill_factor(), self._prefill_gone)
         elif state == "generating":
+            self._regear(leaving=attempt)
             self._release()
 
-    def _generate(self, attempt: _Attempt) -> None:
-        if attempt.state == "gone":
+    def _prefill_gone(self) -> None:
+        self.prefilling -= 1
+        self._release()
+
+    # generation, at the shared pace
+
+    def _gen_factor(self) -> float:
+        g = len(self.generating)
+        if not self._shared or g <= 1:
+            return 1.0
+        return g / (1.0 + BATCH_GAIN * (g - 1))
+
+    def _time_of(self, attempt: _Attempt, j: int) -> float:
+        """When answer event ``j`` (not before the last one sent) goes out, at today's pace."""
+        if j < attempt.sent:
+            return attempt.last_at
+        stall_at = attempt.stall_at
+        extra = 0.0
+        if stall_at is not None and attempt.sent < stall_at <= j:
+            extra = self.rows[attempt.row].stall_s
+        return attempt.next_at + (j - attempt.sent) * attempt.spacing + extra
+
+    def _advance(self, attempt: _Attempt) -> None:
+        """Send what is due by now at the pace decided so far (the wait under way keeps it)."""
+        if attempt.next_at > self.now + _EPS:
             return
+        last = self.rows[attempt.row].events - 1
+        if attempt.spacing > 0:
+            j = attempt.sent + math.floor((self.now - attempt.next_at) / attempt.spacing + _EPS)
+            stall = attempt.stall_at
+            if stall is not None and attempt.sent < stall <= j:
+                rest = self.now - attempt.next_at - self.rows[attempt.row].stall_s
+                j = max(stall - 1, attempt.sent + math.floor(rest / attempt.spacing + _EPS))
+        else:
+            j = last
+        j = min(j, last)
+        attempt.last_at = self._time_of(attempt, j)
+        attempt.next_at = self._time_of(attempt, j + 1)
+        attempt.sent = j + 1
+
+    def _regear(self, joining: _Attempt | None = None, leaving: _Attempt | None = None) -> None:
+        """One request more or less in generation: the others send what is due at the old pace,
+        then every later wait is at the new one, and each one's next milestone is planned."""
+        for other in self.generating:
+            self._advance(other)
+        if leaving is not None:
+            self.generating.remove(leaving)
+        if joining is not None:
+            self.generating.append(joining)
+        pace = self._gen_factor()
+        for attempt in self.generating:
+            row = self.rows[attempt.row]
+            attempt.spacing = row.event_s * pace
+            trace = self.traces[attempt.row]
+            if row.events >= 2:
+                trace.widest = max(trace.widest, attempt.spacing)
+            if attempt is joining:  # the wait before event 1 is decided now
+                stall = row.stall_s if attempt.stall_at == 1 else 0.0
+                attempt.next_at = self.now + attempt.spacing + stall
+            attempt.version += 1
+            self._milestone(attempt)
+
+    def _generate(self, attempt: _Attempt) -> None:
+        """Prompt processing ended: the first event goes out at once."""
         attempt.state = "generating"
         row, i = self.rows[attempt.row], attempt.row
-        stream = self.rules.kind == "stream"
-        if stream:
+        if self.rules.kind == "stream":
             self._first_token(i)
-        fault = row.fault if attempt.faulty else None
         half = max(1, row.events // 2)
-        start = self.now
-        last = start + (row.events - 1) * row.event_s  # the first event comes at once
+        fault = row.fault if attempt.faulty else None
+        attempt.stall_at = half if fault == "stall" and half < row.events else None
+        attempt.sent, attempt.last_at = 1, self.now
+        attempt.next_at = self.now  # replaced in _regear, once the pace is known
+        self._regear(joining=attempt)
+
+    def _milestone(self, attempt: _Attempt) -> None:
+        """The next event of ``attempt`` that matters (its end, a drop, a stall), as planned now."""
+        row = self.rows[attempt.row]
+        half = max(1, row.events // 2)
+        fault = row.fault if attempt.faulty else None
+        version = attempt.version
+        action: Callable[[], None]
         if fault == "disconnect_after" and half < row.events:
-            self._at(start + (half - 1) * row.event_s, lambda: self._dropped(attempt, half))
-            return
-        if fault == "stall" and half < row.events:
-            gap = row.event_s + row.stall_s
+            when = self._time_of(attempt, half - 1)
+            action = partial(self._dropped, attempt, half)
+        elif attempt.stall_at is not None and self.rules.kind == "stream":
             idle = self.rules.idle_s
-            if stream and idle is not None and gap > idle:
-                when = start + (half - 1) * row.event_s + idle
-                self._at(when, lambda: self._stalled(attempt, half))
-                return
-            last += row.stall_s
-        self._at(last, lambda: self._answered(attempt, row.events))
+            gap = attempt.spacing + row.stall_s
+            if idle is not None and gap > idle:
+                when = self._time_of(attempt, half - 1) + idle
+                action = partial(self._stalled, attempt, half, gap)
+            else:
+                when = self._time_of(attempt, row.events - 1)
+                action = partial(self._answered, attempt, row.events)
+        else:
+            when = self._time_of(attempt, row.events - 1)
+            action = partial(self._answered, attempt, row.events)
+
+        def fire() -> None:
+            if attempt.version == version and attempt.state == "generating":
+                action()
+
+        self._at(max(when, self.now), fire)
+
+    def _done(self, attempt: _Attempt) -> None:
+        self._advance(attempt)
+        attempt.state = "done"
+        self._regear(leaving=attempt)
+        self._release()
 
     def _answered(self, attempt: _Attempt, events: int) -> None:
-        if attempt.state == "gone":
-            return
-        attempt.state = "done"
-        self._release()
+        self._done(attempt)
         i = attempt.row
         self.traces[i].done_at = self.now
         self.traces[i].events = events
@@ -296,10 +485,7 @@ class _Model:
         self._finish(i, "ok")
 
     def _dropped(self, attempt: _Attempt, events: int) -> None:
-        if attempt.state == "gone":
-            return
-        attempt.state = "done"
-        self._release()
+        self._done(attempt)
         i = attempt.row
         if self.rules.kind == "stream":
             self.traces[i].events = events
@@ -308,12 +494,10 @@ class _Model:
         else:
             self._send(i, faulty=False)  # a reset is retried at once, once
 
-    def _stalled(self, attempt: _Attempt, events: int) -> None:
-        if attempt.state == "gone":
-            return
-        attempt.state = "done"
-        self._release()  # the client hangs up during generation, which stops it
-        self.traces[attempt.row].events = events
+    def _stalled(self, attempt: _Attempt, events: int, gap: float) -> None:
+        self._done(attempt)  # the client hangs up during generation, which stops it
+        trace = self.traces[attempt.row]
+        trace.events, trace.stall_gap = events, gap
         self._stream_ended()
         self._finish(attempt.row, "stalled")
 
@@ -420,7 +604,7 @@ def expect_cell(rows: Sequence[TimedRow], rules: Rules) -> list[Expected]:
     """
     traces = _Model(rows, rules).run()
     out: list[Expected] = []
-    for i, (row, trace) in enumerate(zip(rows, traces, strict=True)):
+    for i, trace in enumerate(traces):
         status = trace.status or "ok"
         margins, gaps = [math.inf], [math.inf]
         if rules.kind == "stream" and rules.first_token_s is not None:
@@ -428,10 +612,10 @@ def expect_cell(rows: Sequence[TimedRow], rules: Rules) -> list[Expected]:
             if status == "first_token_timeout":
                 silence = _Model(rows, rules, open_row=i).run()[i].silence
             margins.append(abs(rules.first_token_s - silence))
-        if rules.kind == "stream" and rules.idle_s is not None and trace.events >= 2:
-            gaps.append(rules.idle_s - row.event_s)
-        if status == "stalled" and rules.idle_s is not None:
-            gaps.append(row.event_s + row.stall_s - rules.idle_s)
+        if rules.kind == "stream" and rules.idle_s is not None and trace.widest > 0:
+            gaps.append(abs(rules.idle_s - trace.widest))
+        if trace.stall_gap is not None and rules.idle_s is not None:
+            gaps.append(trace.stall_gap - rules.idle_s)
         if rules.kind == "blocking" and rules.timeout_s is not None:
             done = trace.done_at
             if status == "timeout":
@@ -440,6 +624,7 @@ def expect_cell(rows: Sequence[TimedRow], rules: Rules) -> list[Expected]:
                 margins.append(abs(rules.timeout_s - (done - trace.t0)))
         ok = status == "ok"
         first = trace.first_at if rules.kind == "stream" else trace.done_at
+        sign = first if trace.progress_at is None else trace.progress_at
         out.append(
             Expected(
                 status=status,
@@ -448,6 +633,7 @@ def expect_cell(rows: Sequence[TimedRow], rules: Rules) -> list[Expected]:
                 decided_s=trace.decided,
                 ttfv_s=None if not ok or first is None else first - trace.t0,
                 total_s=None if not ok or trace.done_at is None else trace.done_at - trace.t0,
+                ttfp_s=None if not ok or sign is None else sign - trace.t0,
             )
         )
     return out

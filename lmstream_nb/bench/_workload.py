@@ -13,13 +13,16 @@ import random
 from dataclasses import dataclass
 
 __all__ = [
+    "DEFAULT_QUEUES",
     "FAULT_KINDS",
     "LAPTOP_GPU",
+    "MODES",
     "PRE_FIRST_TOKEN_FAULTS",
     "SizeBucket",
     "SpeedProfile",
     "Workload",
     "default_workload",
+    "queue_label",
     "quick_workload",
 ]
 
@@ -59,6 +62,24 @@ LAPTOP_GPU = SpeedProfile(
         "(4.69 GB) measured at 6.9 s (https://github.com/lmstudio-ai/lms/issues/419)."
     ),
 )
+
+
+#: The simulated server's prediction slots per model, one pass of the benchmark each: LM Studio
+#: 0.4's default for GGUF models (llama.cpp engine), and one at a time, as MLX models and every
+#: model of LM Studio 0.3 answer (https://lmstudio.ai/docs/app/advanced/parallel-requests).
+DEFAULT_QUEUES: tuple[int | None, ...] = (4, 1)
+
+
+def queue_label(parallel: int | None) -> str:
+    """How the tables name a queue model: "parallel 4", "one at a time", "all at once"."""
+    if parallel is None:
+        return "all at once"
+    return "one at a time" if parallel == 1 else f"parallel {parallel}"
+
+
+#: The ways to ask: a blocking request, a stream with progress (LM Studio 0.4's native chat),
+#: a stream without (the OpenAI-compatible endpoint, silent until the first token).
+MODES = ("blocking", "stream", "stream-openai")
 
 
 @dataclass(frozen=True)
