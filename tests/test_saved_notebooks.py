@@ -82,7 +82,7 @@ def test_notebook_02_shows_the_runner_and_05_its_plot() -> None:
     printed = [str(d.get("stream", "")) for _, d in _outputs("02-prompt-runner.ipynb")]
     assert "None\n" not in printed, "what the user sees, not a return value"
     plots = [d for _, d in _outputs("05-real-model.ipynb") if "image/png" in d]
-    assert len(plots) == 1, "the plot is stored"
+    assert len(plots) == 2, "both plots are stored: success by size, and the progress curve"
 
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
