@@ -9,7 +9,8 @@ This script measures both, in one real kernel, in the same run.
 Targets (on the 1 MiB row, streamed through ``%%lmstream``):
 
 - all bytes of the IOPub messages (comm messages included) the run produced / the text's bytes
-  <= 3 (the deltas plus at most two final copies for saved notebooks);
+  <= 3 (the deltas plus the final copy a saved notebook keeps: an answer this long is kept
+  once, as text/plain, ``lmstream_nb._view.ONE_COPY_CHARS``);
 - messages per second <= 25 on average over the run;
 - median time from a chunk leaving the simulator to the message carrying it leaving the
   kernel <= 60 ms.

@@ -578,10 +578,17 @@ class NotebookSink:
         return final
 
 
+#: Above this many characters a plain answer is kept once, as text/plain only: its HTML twin
+#: would only wrap it at words, and would double what the notebook stores and what every front
+#: end receives (the live deltas plus two copies would pass the 3 bytes per text byte bound).
+ONE_COPY_CHARS = 256 * 1024
+
+
 def final_bundle(text: str, fmt: str = "text") -> dict[str, Any]:
     """The finished answer as an ordinary output, in the chosen format, never raw HTML.
 
-    ``text`` is escaped into HTML that wraps at word boundaries. ``markdown`` renders with
+    ``text`` is escaped into HTML that wraps at word boundaries, up to ``ONE_COPY_CHARS``
+    characters (a longer plain answer is text/plain only). ``markdown`` renders with
     markdown-it in its safe mode (``html`` off: any tag the model wrote is shown as text).
     ``json`` parses the answer (code fences allowed) and falls back to plain text when it is
     not JSON. Every bundle carries the text itself as ``text/plain``.
@@ -601,7 +608,7 @@ def final_bundle(text: str, fmt: str = "text") -> dict[str, Any]:
             bundle["application/json"] = json.loads(strip_fences(text))
         if "application/json" not in bundle:
             bundle["text/html"] = text_html(text)
-    else:
+    elif len(text) <= ONE_COPY_CHARS:
         bundle["text/html"] = text_html(text)
     return bundle
 

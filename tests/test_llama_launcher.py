@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,3 +47,32 @@ def test_start_refuses_with_the_reason_when_it_cannot_build(
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(launcher.Unavailable, match="not installed"):
         launcher.start(home=tmp_path / "cache")
+
+
+def test_nothing_is_built_in_the_background_when_the_server_is_cached(tmp_path: Path) -> None:
+    binary = launcher._binary(tmp_path)
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\nexit 0\n")
+    binary.chmod(0o755)
+    assert launcher.build_in_background(tmp_path) is None
+
+
+def test_a_background_build_stopped_with_its_group_leaves_no_scratch_folder(
+    tmp_path: Path,
+) -> None:
+    if launcher.unavailable_reason(tmp_path) is not None:
+        pytest.skip("no build tools here: there is no build to stop")
+    build = launcher.build_in_background(tmp_path)
+    assert build is not None
+    try:
+        deadline = time.monotonic() + 30
+        while not any(p.name.startswith(("model-", "build-")) for p in tmp_path.iterdir()):
+            assert build.poll() is None, "the build ended before it began its work"
+            assert time.monotonic() < deadline, "no scratch folder within 30 s"
+            time.sleep(0.05)  # polling a folder: no event to wait on
+    finally:
+        os.killpg(build.pid, signal.SIGTERM)
+        build.wait(timeout=30)
+    assert build.returncode == 143
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(("model-", "build-"))]
+    assert left == []

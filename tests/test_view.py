@@ -20,6 +20,7 @@ from lmstream_nb import (
     TextDelta,
 )
 from lmstream_nb._view import (
+    ONE_COPY_CHARS,
     PLAIN_PREFIX,
     NotebookSink,
     StreamView,
@@ -162,6 +163,14 @@ def test_final_bundles_never_carry_raw_html() -> None:
     assert "word-break: normal" in plain["text/html"]
     assert "white-space: pre-wrap" in plain["text/html"]
     assert json.dumps(md)
+
+
+def test_a_very_long_plain_answer_is_kept_once() -> None:
+    at_limit = "x" * ONE_COPY_CHARS
+    assert set(final_bundle(at_limit)) == {"text/plain", "text/html"}
+    longer = at_limit + "and more words"
+    assert final_bundle(longer) == {"text/plain": longer}
+    assert "text/html" in final_bundle(longer, "markdown"), "a chosen format keeps its rendering"
 
 
 def test_strip_fences_only_when_the_whole_answer_is_fenced() -> None:
