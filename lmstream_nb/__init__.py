@@ -8,6 +8,7 @@ if _typing.TYPE_CHECKING:
     from ._batch import BatchResult, arun_many, run_many
     from ._client import ChatStream, LMStudioClient
     from ._config import Budgets, Retries
+    from ._diff import PromptDiff
     from ._errors import (
         AuthenticationError,
         FirstTokenTimeout,
@@ -77,6 +78,7 @@ _HOMES: dict[str, tuple[str, ...]] = {
     "_batch": ("BatchResult", "arun_many", "run_many"),
     "_client": ("ChatStream", "LMStudioClient"),
     "_config": ("Budgets", "Retries"),
+    "_diff": ("PromptDiff",),
     "_errors": (
         "AuthenticationError",
         "FirstTokenTimeout",
@@ -194,6 +196,7 @@ __all__ = [
     "ModelNotLoaded",
     "Progress",
     "Prompt",
+    "PromptDiff",
     "PromptEstimate",
     "PromptFileError",
     "PromptNotFound",

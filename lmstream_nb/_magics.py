@@ -36,6 +36,7 @@ from ._template import Prompt, prompt_label
 from ._terminal import STATS_HEADERS, TerminalSink, format_stats, stats_rows, table
 
 if TYPE_CHECKING:
+    from ._diff import PromptDiff
     from ._run import RunResult
     from ._store import PromptStore
     from ._view import NotebookSink
@@ -380,6 +381,8 @@ class LMStreamMagics(Magics):
             %lmstream run NAME k=v ...      run a stored prompt
             %lmstream prompts               list stored prompts
             %lmstream show NAME             show a stored prompt
+            %lmstream diff NAME A [B]       what changed from version A to B
+                                            (default: the latest)
             %lmstream history [NAME]        recent runs
             %lmstream stats [NAME]          success rate and timings
             %lmstream models                the server's models
@@ -586,8 +589,8 @@ class LMStreamMagics(Magics):
     def _line(self, args: Any, line: str) -> Any:
         if not args.words:
             raise UsageError(
-                "Give %lmstream a subcommand (run, prompts, show, history, stats, models, "
-                "config, sim, ui), or use %%lmstream as a cell magic; see %lmstream?."
+                "Give %lmstream a subcommand (run, prompts, show, diff, history, stats, "
+                "models, config, sim, ui), or use %%lmstream as a cell magic; see %lmstream?."
             )
         command, *rest = args.words
         if command == "run":
@@ -612,6 +615,8 @@ class LMStreamMagics(Magics):
                 f"--- template\n{p.template}"
             )
             return None
+        if command == "diff":
+            return self._diff(rest)
         if command == "history":
             runs = self.store.history(prompt=rest[0] if rest else None, limit=20)
             return _table(
@@ -654,6 +659,23 @@ class LMStreamMagics(Magics):
                 budgets=self.config_.budgets(),
             )
         raise UsageError(f"Unknown subcommand {command!r}: see %lmstream? for the list.")
+
+    def _diff(self, words: list[str]) -> PromptDiff:
+        """The PromptDiff itself: a notebook shows its HTML (prompt text escaped), text/plain
+        and terminal IPython show the unified diff."""
+        if not 2 <= len(words) <= 3:
+            raise UsageError("Name the prompt and its versions: %lmstream diff NAME A [B]")
+        name, *given = words
+        versions: list[int] = []
+        for word in given:
+            try:
+                versions.append(int(word))
+            except ValueError:
+                raise UsageError(
+                    f"{word!r} is not a version: use a whole number, as in %lmstream diff "
+                    f"{name} 1 2."
+                ) from None
+        return self.store.diff(name, *versions)
 
     def _config(self, items: list[str]) -> SessionConfig:
         conf = self.config_

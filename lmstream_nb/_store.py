@@ -48,6 +48,7 @@ from typing import Any, overload
 
 import platformdirs
 
+from ._diff import PromptDiff
 from ._errors import LMStreamError, PromptNotFound, RunNotFound, StoreError, StoreUnavailable
 from ._estimate import WINDOW, Estimate, estimate, prompt_chars
 from ._events import Stats
@@ -834,6 +835,11 @@ class PromptStore:
             if not rows:
                 raise self._not_found(conn, name)
         return [_prompt_from_row(row) for row in rows]
+
+    def diff(self, name: str, a: int, b: int | None = None) -> PromptDiff:
+        """What changed from version ``a`` of ``name`` to version ``b`` (default: the latest);
+        PromptNotFound, as ``get`` raises it, for an unknown name or version."""
+        return PromptDiff.between(self.get(name, a), self.get(name, b))
 
     def delete(self, name: str) -> int:
         """Delete every version of ``name`` and return how many there were.

@@ -340,6 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_import = psub.add_parser("import", help="read every FOLDER/*.toml (all or nothing)")
     p_import.add_argument("folder", type=Path, help="the folder of .toml prompt files")
+    p_diff = psub.add_parser(
+        "diff",
+        help="what changed between two versions of a prompt (a unified diff)",
+        description="Compare version A of a stored prompt with version B: the template, the "
+        "system prompt, the model and every setting. Coloured on a terminal, plain when piped.",
+    )
+    p_diff.add_argument("name", help="the prompt's name")
+    p_diff.add_argument("a", metavar="A", type=_version, help="the version to compare from")
+    p_diff.add_argument(
+        "b",
+        metavar="B",
+        type=_version,
+        nargs="?",
+        help="the version to compare to (default: the latest)",
+    )
 
     p_batch = sub.add_parser(
         "batch",
@@ -1115,6 +1130,8 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write(f"Imported {len(added)} new version(s): {', '.join(added) or 'none'}.\n")
         if same:
             out.write(f"Unchanged (no new version): {', '.join(same)}.\n")
+    elif action == "diff":
+        out.write(store.diff(args.name, args.a, args.b).unified(color=out.isatty()))
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pty_run import read_stdout_on_a_terminal
 from store_helpers import finish, start
 
 from lmstream_nb import PromptStore, simulator
@@ -469,3 +470,57 @@ def test_unreachable_server_advice_names_where_the_url_came_from(
     assert "or fix the environment variable LMSTREAM_BASE_URL, which gave this address" in (
         from_env.stderr
     )
+
+
+def test_prompts_diff_is_a_plain_unified_diff_when_piped(home: Path) -> None:
+    lmstream("prompts", "add", "greet", "Hello {{name}}.\nBe brief.", "--temperature", "0.2")
+    lmstream("prompts", "add", "greet", "Hello {{name}}!\nBe brief.", "--model", "m1")
+    diff = lmstream("prompts", "diff", "greet", "1", "2")
+    assert diff.returncode == 0, diff.stderr
+    assert "\x1b" not in diff.stdout, "no colour when piped"
+    assert diff.stdout == (
+        "--- greet@1 template\n"
+        "+++ greet@2 template\n"
+        "@@ -1,2 +1,2 @@\n"
+        "-Hello {{name}}.\n"
+        "+Hello {{name}}!\n"
+        " Be brief.\n"
+        "--- greet@1 model\n"
+        "+++ greet@2 model\n"
+        "@@ -0,0 +1 @@\n"
+        "+m1\n"
+    ), "the temperature was kept, so it is no difference"
+    assert lmstream("prompts", "diff", "greet", "1").stdout == diff.stdout, "B: the latest"
+    same = lmstream("prompts", "diff", "greet", "2", "2")
+    assert same.returncode == 0
+    assert same.stdout == "No differences between greet@2 and greet@2.\n"
+
+
+def test_prompts_diff_is_coloured_on_a_terminal(home: Path) -> None:
+    lmstream("prompts", "add", "greet", "Hello {{name}}.")
+    lmstream("prompts", "add", "greet", "Hello {{name}}!")
+    status, shown, err = read_stdout_on_a_terminal("prompts", "diff", "greet", "1", "2")
+    assert status == 0, err
+    text = shown.decode().replace("\r\n", "\n")  # the terminal turns \n into \r\n
+    assert "\x1b[31m-Hello {{name}}.\x1b[m\n" in text
+    assert "\x1b[32m+Hello {{name}}!\x1b[m\n" in text
+    assert "\x1b[1m--- greet@1 template\x1b[m\n" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["greet", "1", "9"], "The prompt 'greet' has no version 9: see `lmstream prompts"),
+        (["gret", "1", "2"], "No prompt is named 'gret'"),
+    ],
+)
+def test_prompts_diff_of_an_unknown_prompt_or_version_is_one_sentence(
+    home: Path, argv: list[str], said: str
+) -> None:
+    lmstream("prompts", "add", "greet", "Hi")
+    missing = lmstream("prompts", "diff", *argv)
+    assert missing.returncode == 1
+    assert missing.stdout == ""
+    assert missing.stderr.startswith("lmstream: " + said)
+    assert missing.stderr.count("\n") == 1
+    assert "Traceback" not in missing.stderr

@@ -97,6 +97,7 @@ def _argv(path: list[str], option: str, value: str, rows: Path) -> list[str]:
         ("run",): ["Hi"],
         ("prompts", "add"): ["name", "template"],
         ("prompts", "show"): ["name"],
+        ("prompts", "diff"): ["name", "1", "2"],
         ("prompts", "versions"): ["name"],
         ("prompts", "rm"): ["name"],
         ("prompts", "export"): ["folder"],

@@ -64,6 +64,7 @@ def imports_of(path: Path) -> set[str]:
             },
         ),
         ("_template.py", {"httpx", "sqlite3", "IPython", "threading", "time", "asyncio"}),
+        ("_diff.py", {"httpx", "sqlite3", "IPython", "threading", "time", "asyncio"}),
         (
             "_routes.py",
             {"lmstream_nb.", "httpx", "sqlite3", "IPython", "threading", "time", "asyncio"},
@@ -155,7 +156,7 @@ def test_the_service_is_a_front_end() -> None:
 #: beside the pipeline only as BESIDE allows.
 LAYERS: dict[str, tuple[str, ...]] = {
     "vocabulary": ("_errors.py", "_events.py", "_config.py"),
-    "pure transforms": ("_sse.py", "_template.py", "_routes.py", "_estimate.py"),
+    "pure transforms": ("_sse.py", "_template.py", "_routes.py", "_estimate.py", "_diff.py"),
     "adapters": (
         "_client.py",
         "_migrations.py",
@@ -221,6 +222,7 @@ BESIDE: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 #: Same-layer imports that are allowed (a sub-package's modules may also use each other).
 SAME_LAYER: dict[str, frozenset[str]] = {
     "_config.py": frozenset({"_errors.py"}),
+    "_diff.py": frozenset({"_template.py"}),  # compares two Prompt values
     # The store is one adapter in several modules: PromptStore uses the others, which never
     # use it (prompt files name it in type annotations only).
     "_store.py": frozenset(

@@ -614,3 +614,64 @@ def progress_messages(kernel: Kernel, widget: str) -> list[dict[str, str]]:
         for msg in kernel.comm_msgs[widget]
         if "p" in msg["content"].get("data", {}).get("content", {})
     ]
+
+
+def test_diff_shows_escaped_html_with_a_plain_twin(kernel: Kernel, home: Path) -> None:
+    with PromptStore(home / "lmstream.db") as store:
+        store.save("diffed", "Summarise {{text}}.", temperature=0.2)
+        store.save("diffed", 'Summarise {{text}}. <script>alert("x")</script>', model="m1")
+    cell = kernel.execute("%lmstream diff diffed 1 2")
+    assert cell.status == "ok", cell.error()
+    [shown] = [d for d in cell.displays() if "text/html" in d]
+    page = shown["text/html"]
+    assert "<script" not in page, "prompt text is shown as text, never run"
+    assert html_escape('+Summarise {{text}}. <script>alert("x")</script>') in page
+    plain = shown["text/plain"]
+    assert plain.startswith("--- diffed@1 template\n+++ diffed@2 template\n")
+    assert '+Summarise {{text}}. <script>alert("x")</script>\n' in plain
+    assert plain.endswith("--- diffed@1 model\n+++ diffed@2 model\n@@ -0,0 +1 @@\n+m1")
+    latest = kernel.execute("%lmstream diff diffed 1")
+    assert latest.status == "ok", latest.error()
+    assert latest.displays()[0]["text/plain"] == plain, "B left out is the latest"
+    same = kernel.execute("%lmstream diff diffed 2 2")
+    assert same.displays()[0]["text/plain"] == "No differences between diffed@2 and diffed@2."
+
+
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        ("%lmstream diff diffed 1 9", "The prompt 'diffed' has no version 9: see"),
+        ("%lmstream diff difed 1 2", "No prompt is named 'difed'"),
+    ],
+)
+def test_diff_of_an_unknown_prompt_or_version_is_prompt_not_found(
+    kernel: Kernel, home: Path, line: str, said: str
+) -> None:
+    with PromptStore(home / "lmstream.db") as store:
+        store.save("diffed", "Summarise {{text}}.")
+    cell = kernel.execute(line)
+    assert cell.status == "error"
+    err = cell.error()
+    assert err is not None
+    assert err["ename"] == "PromptNotFound"
+    shown = " ".join(err["traceback"])  # one sentence, cut into lines at spaces
+    assert shown.startswith("\x1b[0;31mPromptNotFound\x1b[0m: " + said)
+    assert "Traceback" not in shown
+
+
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        ("%lmstream diff diffed one 2", "'one' is not a version: use a whole number"),
+        ("%lmstream diff diffed", "Name the prompt and its versions: %lmstream diff NAME A [B]"),
+    ],
+)
+def test_diff_with_a_bad_version_is_one_usage_sentence(
+    kernel: Kernel, line: str, said: str
+) -> None:
+    cell = kernel.execute(line)
+    assert cell.status == "error"
+    stderr = cell.stream("stderr")
+    assert stderr.startswith("UsageError: ")
+    assert said in stderr
+    assert stderr.count("\n") == 1, "one sentence"
