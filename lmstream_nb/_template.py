@@ -173,7 +173,8 @@ def check_placeholders(text: str, *, where: str = "template", strict: bool = Tru
 
 @dataclass(frozen=True)
 class Prompt:
-    """A prompt: a template, an optional system prompt, and the settings to run it with.
+    """A prompt: a template, an optional system prompt, and the settings to run it with
+    (the model, temperature, max tokens and the JSON Schema the answer must match).
 
     A prompt read from a ``PromptStore`` has a ``name`` and ``version``; one made in code (or
     from a notebook cell) has neither and is recorded with its literal template.
@@ -188,6 +189,8 @@ class Prompt:
     max_tokens: int | None = None
     description: str | None = None
     created_at: float | None = None  # unix time the version was saved
+    #: The JSON Schema the answer must match, as canonical JSON text (``_structured``), or None.
+    schema: str | None = None
 
     @functools.cached_property
     def _templates(self) -> tuple[Template | None, Template]:

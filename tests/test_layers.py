@@ -155,7 +155,13 @@ def test_the_service_is_a_front_end() -> None:
 #: beside the pipeline only as BESIDE allows.
 LAYERS: dict[str, tuple[str, ...]] = {
     "vocabulary": ("_errors.py", "_events.py", "_config.py"),
-    "pure transforms": ("_sse.py", "_template.py", "_routes.py", "_estimate.py"),
+    "pure transforms": (
+        "_sse.py",
+        "_template.py",
+        "_structured.py",
+        "_routes.py",
+        "_estimate.py",
+    ),
     "adapters": (
         "_client.py",
         "_migrations.py",
@@ -211,6 +217,7 @@ BESIDE: dict[str, tuple[frozenset[str], frozenset[str]]] = {
             "_produce.py",
             "_records.py",
             "_scenario.py",
+            "_schema.py",
             "_server.py",
             "_text.py",
             "_wire.py",
