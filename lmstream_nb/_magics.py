@@ -138,6 +138,7 @@ class _CellView:
         self.final: dict[str, Any] | None = None
         self.ok = False
         self.text: str | None = None
+        self.parsed: Any = None  # the validated value of a structured answer
         self._closed = threading.Event()
 
     def close(self, outcome: RunResult | BaseException, *, background: bool) -> None:
@@ -157,6 +158,7 @@ class _CellView:
         )
         self.ok = end.ok
         self.text = result.text if result is not None else self.sink.text
+        self.parsed = result.parsed if result is not None else None
         self._closed.set()
 
     def replace(self) -> None:
@@ -166,11 +168,13 @@ class _CellView:
         cancellation and closes the view: it waits for that (bounded)."""
         if not self._closed.wait(_CLOSE_WAIT_S):
             self.close(asyncio.CancelledError(), background=False)
-        from ._view import final_bundle, status_bundle
+        from ._view import final_bundle, parsed_bundle, status_bundle
 
         assert self.final is not None
         self.handle.update(status_bundle(self.final, self.sink.reasoning), raw=True)
-        if self.text:
+        if self.ok and self.parsed is not None:
+            display(parsed_bundle(self.parsed), raw=True)
+        elif self.text:
             display(final_bundle(self.text, self.fmt if self.ok else "text"), raw=True)
 
 
@@ -329,6 +333,12 @@ class LMStreamMagics(Magics):
         metavar="N",
         help="answer tokens at most, -1 for no limit (default: the prompt's, else the server's)",
     )
+    @argument(
+        "--schema",
+        metavar="FILE_OR_JSON",
+        help="answer as JSON matching this JSON Schema (a .json file or inline JSON), shown "
+        "pretty-printed at the end (default: the prompt's, else none)",
+    )
     @argument("--base-url", help="server address (default: session, LMSTREAM_BASE_URL, :1234)")
     @argument(
         "--format",
@@ -448,6 +458,11 @@ class LMStreamMagics(Magics):
     def _start(self, prompt: Prompt, variables: dict[str, Any], args: Any) -> Any:
         check_temperature(args.temperature)  # the ranges every front end keeps, checked
         check_max_tokens(args.max_tokens)  # before a view is shown
+        schema = None
+        if args.schema is not None:
+            from ._structured import read_schema_arg
+
+            schema = read_schema_arg(args.schema)
         conf = self.config_
         fmt = args.format or conf.format
         budgets = conf.budgets(args.first_token_timeout, args.idle_timeout)
@@ -458,6 +473,7 @@ class LMStreamMagics(Magics):
             "max_tokens": args.max_tokens,
             "budgets": budgets,
             "interface": "magic",
+            "schema": schema,
         }
         if not self._in_kernel():
             return self._run_terminal(prompt, variables, base_url, kwargs, args)

@@ -612,3 +612,14 @@ def final_bundle(text: str, fmt: str = "text") -> dict[str, Any]:
     elif len(text) <= ONE_COPY_CHARS:
         bundle["text/html"] = text_html(text)
     return bundle
+
+
+def parsed_bundle(value: Any) -> dict[str, Any]:
+    """A structured answer, validated, as an ordinary output: pretty-printed JSON as text (and
+    escaped HTML), and the value itself as ``application/json`` for front ends that show it."""
+    pretty = json.dumps(value, indent=2, ensure_ascii=False)
+    return {
+        "text/plain": pretty,
+        "text/html": f'<pre class="lmstream-json"><code>{html.escape(pretty)}</code></pre>',
+        "application/json": value,
+    }

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from . import simulator
 from ._config import Budgets, seconds_argument
-from ._errors import InvalidSetting, LMStreamError, PromptNotFound, TemplateError, render
+from ._errors import (
+    InvalidSchema,
+    InvalidSetting,
+    LMStreamError,
+    PromptNotFound,
+    TemplateError,
+    render,
+)
 from ._history import STATUSES as RUN_STATUSES
 from ._prompt_fields import KEEP, describe_setting
 from ._template import Prompt, prompt_label
@@ -275,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_prompt_setting("max_tokens"),
         metavar="N",
         help="answer tokens at most, -1 for no limit (default: the prompt's, else the server's)",
+    )
+    p_run.add_argument(
+        "--schema",
+        metavar="FILE_OR_JSON",
+        help="answer as JSON matching this JSON Schema: a .json file or inline JSON; checked "
+        "at the end, status invalid_output if it does not match (default: the prompt's, else "
+        "none)",
     )
     p_run.add_argument(
         "--json",
@@ -645,6 +659,7 @@ def _budgets(args: argparse.Namespace) -> Budgets:
 async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ._client import LMStudioClient
     from ._run import arun, default_store
+    from ._structured import read_schema_arg
     from ._terminal import TerminalSink, dim, format_stats
 
     values = dict(args.var)
@@ -659,7 +674,8 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         prompt = Prompt(template=text, system=args.system)
     try:
         prompt.render(values)  # refuse missing or unknown variables before anything is sent
-    except TemplateError as exc:
+        schema = read_schema_arg(args.schema) if args.schema is not None else None
+    except (TemplateError, InvalidSchema) as exc:
         err.write(f"lmstream: {render(exc, 'cli')}\n")
         return EXIT_USAGE
     sink = TerminalSink(out, err, as_json=args.json)
@@ -677,6 +693,7 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 budgets=_budgets(args),
                 raise_errors=False,
                 interface="cli",
+                schema=schema,
             )
         finally:
             sink.close()
@@ -694,7 +711,14 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(f"lmstream: {result.error}\n")
         return EXIT_FAILED
     if args.json:
-        sink._json({"event": "recorded", "status": result.status, "run_id": result.run_id})
+        recorded: dict[str, Any] = {
+            "event": "recorded",
+            "status": result.status,
+            "run_id": result.run_id,
+        }
+        if result.parsed is not None:
+            recorded["parsed"] = result.parsed  # the validated value of a structured answer
+        sink._json(recorded)
     else:
         sink.end_text()
         err.write(
