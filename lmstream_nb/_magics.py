@@ -438,6 +438,7 @@ class LMStreamMagics(Magics):
                 model=args.model,
                 temperature=args.temperature,
                 max_tokens=args.max_tokens,
+                schema=_schema_option(args),
             )
         variables = self._variables(prompt, given)
         if args.save and args.prompt:
@@ -449,6 +450,7 @@ class LMStreamMagics(Magics):
                 "model": args.model,
                 "temperature": args.temperature,
                 "max_tokens": args.max_tokens,
+                "schema": prompt.schema,
             }
             kept: dict[str, Any] = {k: v for k, v in line_settings.items() if v is not None}
             prompt = self.store.add(args.save, prompt.template, **kept).prompt
@@ -458,11 +460,7 @@ class LMStreamMagics(Magics):
     def _start(self, prompt: Prompt, variables: dict[str, Any], args: Any) -> Any:
         check_temperature(args.temperature)  # the ranges every front end keeps, checked
         check_max_tokens(args.max_tokens)  # before a view is shown
-        schema = None
-        if args.schema is not None:
-            from ._structured import read_schema_arg
-
-            schema = read_schema_arg(args.schema)
+        schema = _schema_option(args)
         conf = self.config_
         fmt = args.format or conf.format
         budgets = conf.budgets(args.first_token_timeout, args.idle_timeout)
@@ -731,6 +729,16 @@ class LMStreamMagics(Magics):
         conf.base_url = conf.sim.base_url
         print(f"Simulator listening on {conf.sim.base_url}; this session's runs go there.")
         return None
+
+
+def _schema_option(args: Any) -> str | None:
+    """``--schema FILE_OR_JSON`` read and checked (InvalidSchema, one sentence), as the
+    canonical text a Prompt keeps, or None."""
+    if args.schema is None:
+        return None
+    from ._structured import canonical_schema, read_schema_arg
+
+    return canonical_schema(read_schema_arg(args.schema))
 
 
 def _number_or_text(value: str) -> Any:

@@ -228,6 +228,8 @@ BESIDE: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 #: Same-layer imports that are allowed (a sub-package's modules may also use each other).
 SAME_LAYER: dict[str, frozenset[str]] = {
     "_config.py": frozenset({"_errors.py"}),
+    # A Prompt keeps its JSON Schema as the canonical text structured output defines.
+    "_template.py": frozenset({"_structured.py"}),
     # The store is one adapter in several modules: PromptStore uses the others, which never
     # use it (prompt files name it in type annotations only).
     "_store.py": frozenset(

@@ -664,3 +664,15 @@ def test_a_bad_schema_option_is_one_sentence(kernel: Kernel) -> None:
     said = " ".join(err["traceback"])
     assert "is not a valid JSON Schema at $.type" in said
     assert cell.widget_ids() == []
+
+
+def test_save_keeps_the_schema_with_the_version(kernel: Kernel, home: Path) -> None:
+    cell = kernel.execute(f"%%lmstream --save point --schema '{POINT_SCHEMA}'\nA point.")
+    assert cell.status == "ok", cell.error()
+    with PromptStore(home / "lmstream.db") as store:
+        saved = store.get("point")
+    assert json.loads(saved.schema or "") == json.loads(POINT_SCHEMA)
+    again = kernel.execute("%lmstream run point")
+    assert again.status == "ok", again.error()
+    [final] = again.displays()[1:]
+    assert set(final["application/json"]) == {"x", "y"}
