@@ -336,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=KEEP,
         help=f"one line saying what it is for {kept}",
     )
+    p_add.add_argument(
+        "--schema",
+        metavar="FILE_OR_JSON",
+        type=_cleared(str),
+        default=KEEP,
+        help=f"JSON Schema its answers must match, a .json file or inline JSON {kept}",
+    )
     p_list = psub.add_parser("list", help="list stored prompts (latest versions)")
     _add_json_option(p_list)
     p_show = psub.add_parser("show", help="show one prompt")
@@ -1059,6 +1066,11 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             err.write("lmstream: give the template as an argument, with --file, or '-'.\n")
             return EXIT_USAGE
         try:
+            schema: object = args.schema
+            if isinstance(schema, str):
+                from ._structured import read_schema_arg
+
+                schema = read_schema_arg(schema)
             saved = store.add(
                 args.name,
                 template,
@@ -1067,6 +1079,7 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 temperature=args.temperature,
                 max_tokens=args.max_tokens,
                 description=args.description,
+                schema=schema,
             )
         except (ValueError, TemplateError) as exc:
             err.write(f"lmstream: {render(exc, 'cli')}\n")
@@ -1106,6 +1119,9 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             if p.system:
                 out.write(f"--- system\n{p.system}\n")
             out.write(f"--- template\n{p.template}\n")
+            if p.schema is not None:
+                pretty = json.dumps(json.loads(p.schema), indent=2, ensure_ascii=False)
+                out.write(f"--- schema\n{pretty}\n")
     elif action == "versions":
         versions = store.versions(args.name)
         if args.json:
