@@ -421,7 +421,9 @@ async def arun(
         )
     if checked_schema is not None and failure is None:
         try:
-            result.parsed = parse_answer(result.text, checked_schema)
+            result.parsed = parse_answer(
+                result.text, checked_schema, cut_short=result.finish_reason == "length"
+            )
         except InvalidOutput as exc:
             exc.run_id = run_id
             exc.interface = interface

@@ -131,13 +131,21 @@ def response_format(schema: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def parse_answer(text: str, schema: Mapping[str, Any]) -> Any:
+def parse_answer(text: str, schema: Mapping[str, Any], *, cut_short: bool = False) -> Any:
     """The value of an answer that must match ``schema``; InvalidOutput naming the first
-    failing place otherwise (``$`` for an answer that is not JSON at all)."""
+    failing place otherwise (``$`` for an answer that is not JSON at all). ``cut_short``: the
+    answer ended at the max tokens limit, which is then the likely cause to name."""
     inner = strip_fences(text)
     try:
         value = json.loads(inner)
     except ValueError as exc:
+        if cut_short:
+            raise InvalidOutput(
+                "The answer stopped at the max tokens limit before its JSON was complete, so "
+                "it does not match the schema: the text is kept; raise max tokens and run again.",
+                path="$",
+                text=text,
+            ) from None
         what = "is empty" if not inner.strip() else f"is not valid JSON ({exc})"
         raise InvalidOutput(
             f"The answer {what}, so it does not match the schema: the text is kept; "

@@ -752,3 +752,19 @@ def test_a_bad_schema_is_refused_before_anything_is_sent(
         run(Prompt("x", model=MODEL), schema={"type": 3}, store=store, client=client)
     assert len(sim.chats()) == before
     assert store.history() == []
+
+
+def test_an_answer_cut_at_max_tokens_says_so(sim: simulator.SimServer, store: PromptStore) -> None:
+    with sync_client(sim) as client:
+        result = run(
+            Prompt("Describe a kettle.", model=MODEL),
+            schema=ITEM_SCHEMA,
+            store=store,
+            client=client,
+            max_tokens=2,
+            raise_errors=False,
+        )
+    assert (result.status, result.finish_reason) == ("invalid_output", "length")
+    assert result.error is not None
+    assert result.error.startswith("The answer stopped at the max tokens limit")
+    assert store.get_run(result.run_id).text == result.text
