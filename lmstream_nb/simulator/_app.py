@@ -514,7 +514,9 @@ class _Handlers:
         if schema is not None and sc.reply is None:
             given = body.get("seed")
             seed = given if isinstance(given, int) and not isinstance(given, bool) else config.seed
-            sc = dataclasses.replace(sc, reply=schema_reply(schema, seed, sc.schema_fault))
+            sc = dataclasses.replace(
+                sc, reply=schema_reply(schema, seed, body.get("messages"), sc.schema_fault)
+            )
         echo = _echo(request) if sc.echo_request else ""
         early = self._before_stream(sc, index, stream, echo)
         if early is not None:

@@ -1,7 +1,8 @@
 """Answers to structured-output requests: JSON made to match a requested schema, or to break it.
 
 A request with ``response_format: {"type": "json_schema", "json_schema": {"schema": ...}}`` is
-answered with a value built from the schema (deterministic from the seed and the schema), as a
+answered with a value built from the schema (deterministic from the seed, the messages and
+the schema), as a
 server that constrains decoding would. The scenario's ``schema_fault`` breaks it on purpose:
 ``"invalid_json"`` cuts the text short, ``"wrong_type"`` puts a value of the wrong type at the
 first property (or in place of the whole value), so clients can be tested on both failures.
@@ -35,9 +36,14 @@ def requested_schema(body: dict[str, Any]) -> dict[str, Any] | None:
     return schema if isinstance(schema, dict) else None
 
 
-def schema_reply(schema: dict[str, Any], seed: int, fault: str | None = None) -> str:
-    """The answer text for ``schema``: matching JSON, or broken as ``fault`` says."""
-    material = json.dumps([seed, schema], sort_keys=True, ensure_ascii=False, default=repr)
+def schema_reply(
+    schema: dict[str, Any], seed: int, messages: object = None, fault: str | None = None
+) -> str:
+    """The answer text for ``schema``: matching JSON, or broken as ``fault`` says. The same
+    seed, messages and schema give the same answer; other messages another one."""
+    material = json.dumps(
+        [seed, messages, schema], sort_keys=True, ensure_ascii=False, default=repr
+    )
     rng = random.Random(hashlib.sha256(material.encode()).hexdigest())
     value = _instance(schema, schema, rng, 0)
     if fault == "wrong_type":
