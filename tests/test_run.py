@@ -25,6 +25,7 @@ from lmstream_nb import (
     Prompt,
     PromptEstimate,
     PromptNotFound,
+    PromptProgress,
     PromptStore,
     StreamInterrupted,
     StreamStalled,
@@ -768,3 +769,27 @@ def test_an_answer_cut_at_max_tokens_says_so(sim: simulator.SimServer, store: Pr
     assert result.error is not None
     assert result.error.startswith("The answer stopped at the max tokens limit")
     assert store.get_run(result.run_id).text == result.text
+
+
+def test_a_schema_run_on_llamacpp_still_reports_prompt_progress(store: PromptStore) -> None:
+    """The route for structured output is /chat/completions; llama.cpp reports progress there."""
+    seen: list[Any] = []
+    defaults = simulator.Scenario(dialect="llamacpp")
+    with (
+        simulator.serve(profile="test-fast", defaults=defaults) as llamacpp,
+        sync_client(llamacpp) as client,
+    ):
+        result = run(
+            Prompt("t" * 8000, model=MODEL),
+            schema=ITEM_SCHEMA,
+            store=store,
+            client=client,
+            on_event=seen.append,
+            sim={"batch_size": 512},
+        )
+        record = llamacpp.chats()[-1]
+    assert result.status == "ok"
+    assert set(result.parsed) == {"name", "price", "tags"}
+    assert record.response_format["type"] == "json_schema"
+    assert any(isinstance(e, PromptProgress) for e in seen)
+    assert not any(isinstance(e, PromptEstimate) for e in seen)
