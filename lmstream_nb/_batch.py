@@ -16,6 +16,7 @@ saved notebook shows without its kernel; it says what the rows in flight are doi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 import uuid
@@ -27,12 +28,13 @@ from typing import Any
 from ._batch_progress import RowsInFlight, advance, paced_refresh, progress_bar
 from ._client import LMStudioClient
 from ._config import Budgets, Retries
-from ._errors import LMStreamError, TemplateError, render, rerun_could_help
+from ._errors import InvalidOutput, LMStreamError, TemplateError, render, rerun_could_help
 from ._events import Event, Stats
 from ._loop import shared_loop
 from ._prompt_fields import check_max_tokens, check_temperature
 from ._run import RunResult, arun, default_store, status_of
 from ._store import PromptStore
+from ._structured import parse_answer, schema_of
 from ._template import Prompt
 
 _NO_STATS = Stats(ttft_s=None, duration_s=0.0, chunks=0, text_chars=0)
@@ -122,6 +124,24 @@ class BatchResult:
             for r in self.results
         ]
 
+    def parsed_columns(self) -> dict[str, list[Any]]:
+        """The structured answers (a run with a schema) as columns: each top-level key of a
+        parsed object becomes ``parsed.KEY`` (the prefix keeps them apart from the row's own
+        columns and from ``status``, ``text``...), in the order keys first appear; a row
+        without that key, or whose answer failed, holds None. A parsed value that is not an
+        object is the one column ``parsed``. No schema, no columns."""
+        values = [r.parsed for r in self.results]
+        if all(v is None for v in values):
+            return {}
+        if not all(v is None or isinstance(v, dict) for v in values):
+            return {"parsed": values}
+        keys: dict[str, None] = {}
+        for value in values:
+            keys.update(dict.fromkeys(value or {}))
+        return {
+            f"parsed.{key}": [None if v is None else v.get(key) for v in values] for key in keys
+        }
+
 
 def new_batch_id() -> str:
     """A short id for a batch (pass it as ``batch_id=`` to know it before the batch starts)."""
@@ -135,9 +155,16 @@ def _rows(rows: Any) -> tuple[list[dict[str, Any]], Any]:
     return [dict(r) for r in rows], None
 
 
-def _result_from_record(store: PromptStore, run_id: int, label: str) -> RunResult:
+def _result_from_record(
+    store: PromptStore, run_id: int, label: str, schema: dict[str, Any] | None = None
+) -> RunResult:
     rec = store.get_run(run_id)
+    parsed = None
+    if schema is not None and rec.status == "ok":
+        with contextlib.suppress(InvalidOutput):  # checked when it ran; read again
+            parsed = parse_answer(rec.text, schema)
     return RunResult(
+        parsed=parsed,
         run_id=rec.id,
         status=rec.status,
         text=rec.text,
@@ -282,9 +309,14 @@ async def arun_many(
     try:
         check_temperature(temperature if temperature is not None else prompt.temperature)
         check_max_tokens(max_tokens if max_tokens is not None else prompt.max_tokens)
+        wanted = extra.get("schema")
+        wanted = wanted if wanted is not None else prompt.schema
+        schema = schema_of(wanted) if wanted is not None else None
     except LMStreamError as exc:
         exc.interface = extra.get("interface", "python")
         raise
+    if schema is not None:
+        extra["schema"] = schema  # checked once, here, for every row
     records, frame = _rows(rows)
     batch_id = resume or batch_id or new_batch_id()
     results: list[RunResult | None] = [None] * len(records)
@@ -293,7 +325,9 @@ async def arun_many(
         latest = await asyncio.to_thread(store.batch_outcomes, resume)
         for index, run_id in latest.items():
             if 0 <= index < len(records):
-                previous = await asyncio.to_thread(_result_from_record, store, run_id, prompt.label)
+                previous = await asyncio.to_thread(
+                    _result_from_record, store, run_id, prompt.label, schema
+                )
                 if previous.ok:
                     results[index] = previous
         todo = [i for i in todo if results[i] is None]
@@ -384,6 +418,13 @@ async def arun_many(
         out = frame.copy()
         for key in ("status", "text", "error", "run_id", "ttft_s", "duration_s"):
             out[key] = [row[key] for row in batch.as_dicts()]
+        parsed = batch.parsed_columns()
+        if parsed:
+            import pandas as pd  # there is a DataFrame, so there is pandas
+
+            for key, column in parsed.items():
+                # Objects as parsed: a whole number stays an int beside a failed row's None.
+                out[key] = pd.Series(column, index=out.index, dtype=object)
         out.attrs["batch_id"] = batch_id
         out.attrs["concurrency"] = spread
         return out
@@ -475,8 +516,10 @@ def run_many(prompt: Prompt | str, rows: Any, **kwargs: Any) -> Any:
     answered (the client shares it). ``BatchResult.concurrency`` says what was chosen.
     Returns the results in row order: a ``BatchResult`` for a list, or the DataFrame with
     ``status``, ``text``, ``error``, ``run_id``, ``ttft_s`` and ``duration_s`` columns added
-    (and ``.attrs["batch_id"]``, ``.attrs["concurrency"]``). A failed row is recorded and the
-    batch goes on; Ctrl-C cancels the rows in flight (recorded as cancelled) and keeps the
-    finished ones; ``resume=batch_id`` runs only the rows that did not succeed.
+    and, with ``schema=``, a ``parsed.KEY`` column per top-level key of the answers (see
+    ``BatchResult.parsed_columns``), and ``.attrs["batch_id"]``, ``.attrs["concurrency"]``.
+    A failed row is recorded and the batch goes on; Ctrl-C cancels the rows in flight
+    (recorded as cancelled) and keeps the finished ones; ``resume=batch_id`` runs only the
+    rows that did not succeed.
     """
     return shared_loop().run(arun_many(prompt, rows, **kwargs))

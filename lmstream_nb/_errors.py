@@ -9,6 +9,8 @@
     │   └── InvalidVariables         .names  (values that are not text, numbers or booleans)
     ├── InvalidBaseURL               .url (credentials removed)
     ├── UnsupportedRequest           .reason  (api="native" and a request it cannot carry)
+    ├── InvalidSchema                .reason  (a schema= that is not JSON or not a JSON Schema)
+    ├── InvalidOutput                .path, .text  (an answer that does not match its schema)
     ├── StoreError                   .path
     │   ├── PromptNotFound           .name, .suggestions
     │   ├── RunNotFound              .run_id
@@ -402,6 +404,31 @@ class UnsupportedRequest(LMStreamError, ValueError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class InvalidSchema(LMStreamError, ValueError):
+    """A ``schema=`` / ``--schema`` that cannot be used: not JSON, not an object, or not a valid
+    JSON Schema; refused before anything is sent or saved. ``reason`` is the bare fact."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"The schema {reason}: give a JSON Schema object (a dict, a pydantic model class, "
+            "a .json file or inline JSON)."
+        )
+        self.reason = reason
+
+
+class InvalidOutput(LMStreamError):
+    """A finished answer that is not JSON, or not JSON matching the schema the run asked for.
+
+    ``path`` is the first failing place (``$`` for the whole answer, ``$.items[2].price``),
+    ``text`` the answer as received (kept in the run's record too).
+    """
+
+    def __init__(self, message: str, *, path: str, text: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.text = text
 
 
 class InvalidBaseURL(LMStreamError):

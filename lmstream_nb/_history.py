@@ -45,6 +45,7 @@ STATUSES: tuple[str, ...] = (
     "error",
     "cancelled",
     "timeout",  # a blocking (non-streaming) request ran past its total timeout
+    "invalid_output",  # the answer is not JSON matching the schema the run asked for
     "unfinished",
 )
 

@@ -139,6 +139,7 @@ class _CellView:
         self.final: dict[str, Any] | None = None
         self.ok = False
         self.text: str | None = None
+        self.parsed: Any = None  # the validated value of a structured answer
         self._closed = threading.Event()
 
     def close(self, outcome: RunResult | BaseException, *, background: bool) -> None:
@@ -158,6 +159,7 @@ class _CellView:
         )
         self.ok = end.ok
         self.text = result.text if result is not None else self.sink.text
+        self.parsed = result.parsed if result is not None else None
         self._closed.set()
 
     def replace(self) -> None:
@@ -167,11 +169,13 @@ class _CellView:
         cancellation and closes the view: it waits for that (bounded)."""
         if not self._closed.wait(_CLOSE_WAIT_S):
             self.close(asyncio.CancelledError(), background=False)
-        from ._view import final_bundle, status_bundle
+        from ._view import final_bundle, parsed_bundle, status_bundle
 
         assert self.final is not None
         self.handle.update(status_bundle(self.final, self.sink.reasoning), raw=True)
-        if self.text:
+        if self.ok and self.parsed is not None:
+            display(parsed_bundle(self.parsed), raw=True)
+        elif self.text:
             display(final_bundle(self.text, self.fmt if self.ok else "text"), raw=True)
 
 
@@ -330,6 +334,12 @@ class LMStreamMagics(Magics):
         metavar="N",
         help="answer tokens at most, -1 for no limit (default: the prompt's, else the server's)",
     )
+    @argument(
+        "--schema",
+        metavar="FILE_OR_JSON",
+        help="answer as JSON matching this JSON Schema (a .json file or inline JSON), shown "
+        "pretty-printed at the end (default: the prompt's, else none)",
+    )
     @argument("--base-url", help="server address (default: session, LMSTREAM_BASE_URL, :1234)")
     @argument(
         "--format",
@@ -431,6 +441,7 @@ class LMStreamMagics(Magics):
                 model=args.model,
                 temperature=args.temperature,
                 max_tokens=args.max_tokens,
+                schema=_schema_option(args),
             )
         variables = self._variables(prompt, given)
         if args.save and args.prompt:
@@ -442,6 +453,7 @@ class LMStreamMagics(Magics):
                 "model": args.model,
                 "temperature": args.temperature,
                 "max_tokens": args.max_tokens,
+                "schema": prompt.schema,
             }
             kept: dict[str, Any] = {k: v for k, v in line_settings.items() if v is not None}
             prompt = self.store.add(args.save, prompt.template, **kept).prompt
@@ -451,6 +463,7 @@ class LMStreamMagics(Magics):
     def _start(self, prompt: Prompt, variables: dict[str, Any], args: Any) -> Any:
         check_temperature(args.temperature)  # the ranges every front end keeps, checked
         check_max_tokens(args.max_tokens)  # before a view is shown
+        schema = _schema_option(args)
         conf = self.config_
         fmt = args.format or conf.format
         budgets = conf.budgets(args.first_token_timeout, args.idle_timeout)
@@ -461,6 +474,7 @@ class LMStreamMagics(Magics):
             "max_tokens": args.max_tokens,
             "budgets": budgets,
             "interface": "magic",
+            "schema": schema,
         }
         if not self._in_kernel():
             return self._run_terminal(prompt, variables, base_url, kwargs, args)
@@ -737,6 +751,16 @@ class LMStreamMagics(Magics):
         conf.base_url = conf.sim.base_url
         print(f"Simulator listening on {conf.sim.base_url}; this session's runs go there.")
         return None
+
+
+def _schema_option(args: Any) -> str | None:
+    """``--schema FILE_OR_JSON`` read and checked (InvalidSchema, one sentence), as the
+    canonical text a Prompt keeps, or None."""
+    if args.schema is None:
+        return None
+    from ._structured import canonical_schema, read_schema_arg
+
+    return canonical_schema(read_schema_arg(args.schema))
 
 
 def _number_or_text(value: str) -> Any:

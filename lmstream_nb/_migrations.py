@@ -246,6 +246,15 @@ def m006_prompt_chars(conn: sqlite3.Connection) -> None:
     )
 
 
+def m007_prompt_schema(conn: sqlite3.Connection) -> None:
+    """The JSON Schema a prompt version's answer must match (structured output), or NULL.
+
+    Stored as canonical JSON text (sorted keys, no spaces: ``_structured.canonical_schema``),
+    so the same schema always reads the same and a changed one makes a new version.
+    """
+    conn.execute("ALTER TABLE prompts ADD COLUMN schema TEXT")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 #: Every schema step in order; step ``i`` (0-based) brings the database to version ``i + 1``.
@@ -256,6 +265,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     m004_timings_in_order,
     m005_progress_figures,
     m006_prompt_chars,
+    m007_prompt_schema,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

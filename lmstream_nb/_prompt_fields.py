@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
-from ._errors import InvalidSetting
+from ._errors import InvalidSchema, InvalidSetting
+from ._structured import canonical_schema, schema_of
 from ._template import check_placeholders
 
 MAX_NAME_LENGTH = 200
@@ -32,7 +33,7 @@ RULES = {
 }
 
 #: The settings of a prompt version besides its name and template, in the order they are shown.
-SETTINGS = ("system", "model", "temperature", "max_tokens", "description")
+SETTINGS = ("system", "model", "temperature", "max_tokens", "description", "schema")
 
 
 class PromptFields(NamedTuple):
@@ -45,6 +46,7 @@ class PromptFields(NamedTuple):
     temperature: float | None
     max_tokens: int | None
     description: str | None
+    schema: str | None = None  # canonical JSON text (see check_schema)
 
 
 class FieldError(ValueError):
@@ -107,6 +109,7 @@ def validate_fields(
     temperature: object,
     max_tokens: object,
     description: object,
+    schema: object = None,
 ) -> PromptFields:
     """The fields of a prompt, checked; raises FieldError (a ValueError) on the first bad one.
 
@@ -131,6 +134,7 @@ def validate_fields(
         texts[key] = value
     checked_temperature = check_temperature(temperature)
     checked_max_tokens = check_max_tokens(max_tokens)
+    checked_schema = check_schema(schema)
     check_placeholders(template, where="template")
     if texts["system"] is not None:
         check_placeholders(texts["system"], where="system prompt")
@@ -142,6 +146,7 @@ def validate_fields(
         checked_temperature,
         checked_max_tokens,
         texts["description"],
+        checked_schema,
     )
 
 
@@ -156,6 +161,19 @@ def check_temperature(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
         raise InvalidSetting("temperature", value, RULES["temperature"])
     return float(value)
+
+
+def check_schema(value: object) -> str | None:
+    """A prompt's JSON Schema as stored (canonical JSON text), or None; FieldError (key
+    ``schema``) for a value that is not a JSON Schema (see ``_structured.schema_of``)."""
+    if value is None:
+        return None
+    try:
+        return canonical_schema(schema_of(value))
+    except InvalidSchema as exc:
+        raise FieldError(
+            "schema", f"The schema {exc.reason}", "give a JSON Schema object"
+        ) from None
 
 
 def check_max_tokens(value: object) -> int | None:
@@ -245,5 +263,7 @@ def describe_setting(key: str, value: object) -> str:
     """A setting as a sentence names it: ``the system prompt``, ``temperature 0.2``."""
     if key in ("system", "description"):
         return "the system prompt" if key == "system" else "the description"
+    if key == "schema":
+        return "the schema"
     label = "max tokens" if key == "max_tokens" else key
     return f"{label} {value}"

@@ -9,6 +9,10 @@ most 1 MiB (``MAX_FILE_BYTES``), UTF-8, TOML nested no deeper than ``MAX_NESTING
 parses nested arrays and tables recursively, so a deeply nested file would otherwise end in a
 RecursionError), and no two files giving the same prompt name.
 
+A prompt's JSON Schema (structured output) is written as a multi-line string of indented JSON:
+TOML has no ``null``, which a schema may hold (``"const": null``), and JSON reads as what it is.
+Import takes that string, or a TOML table for a schema written by hand.
+
 Export writes only inside the folder and only files it can tell are its own: it never follows
 a symbolic link (a ``<name>.toml`` that is a link is refused, whatever it points at), and it
 overwrites an existing ``<name>.toml`` only if that file is a prompt file for that very prompt
@@ -20,6 +24,7 @@ file is checked before the first one is written.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import stat
@@ -42,7 +47,16 @@ _toml_loads: Callable[[str], dict[str, Any]] = _tomllib.loads
 _TOMLDecodeError: type[ValueError] = _tomllib.TOMLDecodeError
 
 #: Keys of a prompt file, in the order export writes them.
-FILE_KEYS = ("name", "description", "model", "temperature", "max_tokens", "system", "template")
+FILE_KEYS = (
+    "name",
+    "description",
+    "model",
+    "temperature",
+    "max_tokens",
+    "system",
+    "template",
+    "schema",
+)
 #: The largest prompt file import reads (a template is text for a person to edit, not data).
 MAX_FILE_BYTES = 1024 * 1024
 #: The deepest nesting of arrays and inline tables import passes to the TOML parser.
@@ -104,7 +118,7 @@ def export_prompts(
             value = getattr(prompt, key)
             if value is not None:
                 document[key] = value
-        planned.append((file, tomli_w.dumps(document, multiline_strings=True).encode("utf-8")))
+        planned.append((file, _toml_text(document).encode("utf-8")))
     try:
         target.mkdir(parents=True, exist_ok=True)
         for file, data in planned:
@@ -113,6 +127,19 @@ def export_prompts(
         where = Path(exc.filename) if exc.filename else target
         raise fail(where, f"cannot be written ({exc.strerror or exc})", "fix the folder") from exc
     return sorted(file for file, _ in planned)
+
+
+def _toml_text(document: dict[str, Any]) -> str:
+    """A prompt file's text; the schema (the last key) as a literal multi-line string of
+    indented JSON, which needs no escapes (JSON escapes every control character itself)."""
+    schema = document.pop("schema", None)
+    text = tomli_w.dumps(document, multiline_strings=True)
+    if schema is None:
+        return text
+    pretty = json.dumps(json.loads(schema), indent=2, ensure_ascii=False)
+    if "'''" in pretty or "\x7f" in pretty:  # cannot be a literal string: a basic one
+        return text + tomli_w.dumps({"schema": pretty + "\n"}, multiline_strings=True)
+    return f"{text}schema = '''\n{pretty}\n'''\n"
 
 
 def _refusal_to_overwrite(file: Path, name: str, *, force: bool) -> tuple[str, str] | None:
@@ -271,6 +298,7 @@ def _parse_file(file: Path) -> tuple[str, PromptFields]:
             values.get("temperature"),
             values.get("max_tokens"),
             values.get("description"),
+            values.get("schema"),
         )
     except InvalidPlaceholder as exc:
         key = "system" if exc.where == "system prompt" else "template"

@@ -161,6 +161,12 @@ def choose(api: str, info: ServerInfo, body: Mapping[str, Any]) -> Route:
         return Route("openai", "the client was told to use the OpenAI-compatible API")
     if api == "auto" and not info.native:
         return Route("openai", f"the server ({info.kind}) has no LM Studio native chat")
+    if "response_format" in body:
+        # Structured output (a run with a schema): LM Studio 0.4's native chat takes no
+        # response_format (lmstudio-wire.md §9), so such a request goes to /chat/completions.
+        # What it gives up is progress before the first token: llama.cpp still reports it
+        # (return_progress), other servers get the history-based estimate instead.
+        return Route("openai", "the native chat takes no 'response_format' (structured output)")
     built = _native_body(body, passthrough=api == "native")
     if isinstance(built, str):
         return Route("openai", built)

@@ -22,6 +22,7 @@ from ._config import Budgets
 from ._errors import (
     INTERFACES,
     FirstTokenTimeout,
+    InvalidOutput,
     LMStreamError,
     RequestTimedOut,
     StoreError,
@@ -34,6 +35,7 @@ from ._loop import shared_loop
 from ._outcome import CANCELLED_MESSAGE, failed_inside
 from ._prompt_fields import check_max_tokens, check_temperature
 from ._store import History, PromptStore, RunStats, default_path
+from ._structured import parse_answer, response_format, schema_of
 from ._sync import SyncLMStudioClient
 from ._template import Prompt, variable_text
 
@@ -49,6 +51,8 @@ _EMPTY_STATS = Stats(ttft_s=None, duration_s=0.0, chunks=0, text_chars=0)
 
 def status_of(error: BaseException) -> str:
     """The recorded status for an error that ended a run."""
+    if isinstance(error, InvalidOutput):
+        return "invalid_output"
     if isinstance(error, FirstTokenTimeout):
         return "first_token_timeout"
     if isinstance(error, RequestTimedOut):
@@ -68,6 +72,9 @@ class RunResult:
     ``text`` and ``reasoning`` may be given as a function that returns them: a streamed run
     hands over its stream's buffer that way, so an answer is decoded into one string only if
     someone reads it (``lmstream serve`` never does; it has the text already).
+
+    ``parsed`` is the validated JSON value of a run that asked for a schema and got an answer
+    matching it; None otherwise (``status`` is ``invalid_output`` when the answer did not).
     """
 
     __slots__ = (
@@ -77,6 +84,7 @@ class RunResult:
         "exception",
         "finish_reason",
         "model",
+        "parsed",
         "prompt",
         "run_id",
         "stats",
@@ -96,8 +104,10 @@ class RunResult:
         model: str | None,
         prompt: str,
         exception: BaseException | None = None,
+        parsed: Any = None,
     ) -> None:
         self.run_id = run_id
+        self.parsed = parsed
         self.status = status
         self._text = text
         self._reasoning = reasoning
@@ -242,6 +252,7 @@ async def arun(
     mode: str = "stream",
     timeout: float | None = None,
     interface: str = "python",
+    schema: object = None,
     **extra: Any,
 ) -> RunResult:
     """Render ``prompt`` with ``variables``, stream the answer, and record the run.
@@ -259,6 +270,10 @@ async def arun(
     Cancellation is recorded, then re-raised.
     ``interface`` (python, cli, magic, runner or relay) is whose words the error sentences
     say what to do in, both raised (see ``render``) and recorded.
+    ``schema`` (a dict, a pydantic model class, or the prompt's own when not given) asks for
+    JSON matching it: it is sent as ``response_format``, the answer still streams, and at the
+    end it is parsed and validated into ``result.parsed``; an answer that is not JSON or does
+    not match ends with status ``invalid_output`` (InvalidOutput), its text kept.
     """
     if mode not in ("stream", "blocking"):
         raise ValueError(f"mode must be 'stream' or 'blocking', not {mode!r}")
@@ -273,10 +288,16 @@ async def arun(
             temperature if temperature is not None else prompt.temperature
         )
         max_tokens = check_max_tokens(max_tokens if max_tokens is not None else prompt.max_tokens)
+        wanted = schema if schema is not None else prompt.schema
+        checked_schema = schema_of(wanted) if wanted is not None else None
         messages = prompt.render(variables, allow_extra=allow_extra)
     except LMStreamError as exc:
         exc.interface = interface
         raise
+    if checked_schema is not None:
+        if "response_format" in extra:
+            raise ValueError("pass either schema= or response_format=, not both")
+        extra["response_format"] = response_format(checked_schema)
     recorded_vars = {k: variable_text(k, v) for k, v in (variables or {}).items()}
     own_client = client is None
     http = client if client is not None else LMStudioClient(base_url, budgets=budgets)
@@ -398,6 +419,17 @@ async def arun(
             model=(finished.model if finished is not None and finished.model else chosen_model),
             prompt=prompt.label,
         )
+    if checked_schema is not None and failure is None:
+        try:
+            result.parsed = parse_answer(
+                result.text, checked_schema, cut_short=result.finish_reason == "length"
+            )
+        except InvalidOutput as exc:
+            exc.run_id = run_id
+            exc.interface = interface
+            failure = exc
+            result.status = status_of(exc)
+            result.error = render(exc)
     result.exception = failure
 
     async def record() -> None:

@@ -343,7 +343,8 @@ def _is_environmental(exc: BaseException) -> bool:
 
 
 _PROMPT_COLUMNS = (
-    "name, version, template, system, model, temperature, max_tokens, description, created_at"
+    "name, version, template, system, model, temperature, max_tokens, description, created_at, "
+    "schema"
 )
 _RECORD_COLUMNS = (
     "id, prompt_name, prompt_version, template, system, messages, variables, model, base_url, "
@@ -367,6 +368,7 @@ def _fields(prompt: Prompt) -> PromptFields:
         prompt.temperature,
         prompt.max_tokens,
         prompt.description,
+        prompt.schema,
     )
 
 
@@ -383,7 +385,7 @@ class SavedVersion:
 
 
 def _prompt_from_row(row: Sequence[Any]) -> Prompt:
-    name, version, template, system, model, temperature, max_tokens, description, created = row
+    name, version, template, system, model, temperature, max_tokens, description, created = row[:9]
     return Prompt(
         template=template,
         system=system,
@@ -394,6 +396,7 @@ def _prompt_from_row(row: Sequence[Any]) -> Prompt:
         max_tokens=max_tokens,
         description=description,
         created_at=created,
+        schema=row[9],
     )
 
 
@@ -653,6 +656,7 @@ class PromptStore:
         max_tokens: int | Keep | None = KEEP,
         description: str | Keep | None = KEEP,
         base_version: int | None = None,
+        schema: object = KEEP,
     ) -> SavedVersion:
         """Store ``template`` as a new version of ``name``, keeping what was not changed.
 
@@ -660,6 +664,8 @@ class PromptStore:
         the version the change started from); ``None`` clears it. Content identical to the
         latest version is not stored again: the latest version comes back with
         ``created=False``, so importing or saving the same prompt twice adds nothing.
+        ``schema`` (a dict, a pydantic model class or JSON text) is the JSON Schema its
+        answers must match, stored as canonical JSON: a changed schema makes a new version.
 
         Raises ValueError for a name that cannot be a file name (a separator, a control or
         invisible character, ``.`` or ``..``), InvalidSetting for a temperature or max tokens
@@ -671,6 +677,7 @@ class PromptStore:
             "temperature": temperature,
             "max_tokens": max_tokens,
             "description": description,
+            "schema": schema,
         }
         with self._write() as conn:
             return self._add(conn, name, template, given, base_version)
@@ -685,6 +692,7 @@ class PromptStore:
         temperature: float | Keep | None = KEEP,
         max_tokens: int | Keep | None = KEEP,
         description: str | Keep | None = KEEP,
+        schema: object = KEEP,
     ) -> Prompt:
         """Store a new version of the prompt ``name`` and return it (see :meth:`add`: settings
         left out are kept from the latest version, identical content adds no version).
@@ -700,6 +708,7 @@ class PromptStore:
             temperature=temperature,
             max_tokens=max_tokens,
             description=description,
+            schema=schema,
         ).prompt
 
     def save_all(self, prompts: Sequence[PromptFields]) -> builtins.list[SavedVersion]:
@@ -729,6 +738,7 @@ class PromptStore:
             temperature=prompt.temperature,
             max_tokens=prompt.max_tokens,
             description=prompt.description,
+            schema=prompt.schema,
         )
 
     def _add(
@@ -770,7 +780,7 @@ class PromptStore:
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, fields: PromptFields) -> Prompt:
-        name, template, system, model, temperature, max_tokens, description = fields
+        name, template, system, model, temperature, max_tokens, description, schema = fields
         row = conn.execute(
             "SELECT max(coalesce((SELECT last_version FROM prompt_names WHERE name = ?), 0),"
             " coalesce((SELECT max(version) FROM prompts WHERE name = ?), 0)) + 1",
@@ -792,9 +802,10 @@ class PromptStore:
             max_tokens,
             description,
             time.time(),
+            schema,
         )
         conn.execute(
-            f"INSERT INTO prompts ({_PROMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row
+            f"INSERT INTO prompts ({_PROMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row
         )
         return _prompt_from_row(row)
 

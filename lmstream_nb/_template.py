@@ -30,6 +30,7 @@ the length of the text and in the number of placeholders.
 from __future__ import annotations
 
 import functools
+import json
 import numbers
 import re
 from collections.abc import Mapping
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._errors import InvalidPlaceholder, InvalidVariables, MissingVariables, UnknownVariables
+from ._structured import canonical_schema, schema_of
 
 # The opening braces (the last two of a run of "{"), then optionally the inside and "}}".
 # The inside may not contain "{{" or "}}" and is bounded, so scanning stays linear.
@@ -173,7 +175,8 @@ def check_placeholders(text: str, *, where: str = "template", strict: bool = Tru
 
 @dataclass(frozen=True)
 class Prompt:
-    """A prompt: a template, an optional system prompt, and the settings to run it with.
+    """A prompt: a template, an optional system prompt, and the settings to run it with
+    (the model, temperature, max tokens and the JSON Schema the answer must match).
 
     A prompt read from a ``PromptStore`` has a ``name`` and ``version``; one made in code (or
     from a notebook cell) has neither and is recorded with its literal template.
@@ -188,6 +191,14 @@ class Prompt:
     max_tokens: int | None = None
     description: str | None = None
     created_at: float | None = None  # unix time the version was saved
+    #: The JSON Schema the answer must match, as canonical JSON text, or None. A dict or a
+    #: pydantic model class may be given: it is checked and kept as that text.
+    schema: str | None = None
+
+    def __post_init__(self) -> None:
+        given: object = self.schema  # a dict or a model class too, despite the annotation
+        if given is not None and not isinstance(given, str):
+            object.__setattr__(self, "schema", canonical_schema(schema_of(given)))
 
     @functools.cached_property
     def _templates(self) -> tuple[Template | None, Template]:
@@ -219,6 +230,7 @@ class Prompt:
             "max_tokens": self.max_tokens,
             "system": self.system,
             "template": self.template,
+            "schema": None if self.schema is None else json.loads(self.schema),
             "variables": list(self.variables),
             "created_at": self.created_at,
         }

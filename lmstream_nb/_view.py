@@ -40,6 +40,7 @@ from ._events import (
     TextDelta,
 )
 from ._progress import Shown, moved_on, progress_facts, progress_fraction, progress_title
+from ._structured import strip_fences
 from ._throttle import Coalescer
 
 # Between progress reports the view's time so far and time left move on once a second.
@@ -613,11 +614,12 @@ def final_bundle(text: str, fmt: str = "text") -> dict[str, Any]:
     return bundle
 
 
-def strip_fences(text: str) -> str:
-    """The inside of a ```fenced``` block when the whole answer is one, else the text."""
-    stripped = text.strip()
-    if stripped.startswith("```") and stripped.endswith("```") and stripped.count("\n") >= 1:
-        inner = stripped[3:-3]
-        first_newline = inner.find("\n")
-        return inner[first_newline + 1 :].rstrip("\n") if first_newline >= 0 else inner
-    return text
+def parsed_bundle(value: Any) -> dict[str, Any]:
+    """A structured answer, validated, as an ordinary output: pretty-printed JSON as text (and
+    escaped HTML), and the value itself as ``application/json`` for front ends that show it."""
+    pretty = json.dumps(value, indent=2, ensure_ascii=False)
+    return {
+        "text/plain": pretty,
+        "text/html": f'<pre class="lmstream-json"><code>{html.escape(pretty)}</code></pre>',
+        "application/json": value,
+    }

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from . import simulator
 from ._config import Budgets, seconds_argument
-from ._errors import InvalidSetting, LMStreamError, PromptNotFound, TemplateError, render
+from ._errors import (
+    InvalidSchema,
+    InvalidSetting,
+    LMStreamError,
+    PromptNotFound,
+    TemplateError,
+    render,
+)
 from ._history import STATUSES as RUN_STATUSES
 from ._prompt_fields import KEEP, describe_setting
 from ._template import Prompt, prompt_label
@@ -277,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer tokens at most, -1 for no limit (default: the prompt's, else the server's)",
     )
     p_run.add_argument(
+        "--schema",
+        metavar="FILE_OR_JSON",
+        help="answer as JSON matching this JSON Schema: a .json file or inline JSON; checked "
+        "at the end, status invalid_output if it does not match (default: the prompt's, else "
+        "none)",
+    )
+    p_run.add_argument(
         "--json",
         action="store_true",
         help="print one JSON event per line (the last has the run id)",
@@ -321,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_cleared(str),
         default=KEEP,
         help=f"one line saying what it is for {kept}",
+    )
+    p_add.add_argument(
+        "--schema",
+        metavar="FILE_OR_JSON",
+        type=_cleared(str),
+        default=KEEP,
+        help=f"JSON Schema its answers must match, a .json file or inline JSON {kept}",
     )
     p_list = psub.add_parser("list", help="list stored prompts (latest versions)")
     _add_json_option(p_list)
@@ -660,6 +681,7 @@ def _budgets(args: argparse.Namespace) -> Budgets:
 async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ._client import LMStudioClient
     from ._run import arun, default_store
+    from ._structured import read_schema_arg
     from ._terminal import TerminalSink, dim, format_stats
 
     values = dict(args.var)
@@ -674,7 +696,8 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         prompt = Prompt(template=text, system=args.system)
     try:
         prompt.render(values)  # refuse missing or unknown variables before anything is sent
-    except TemplateError as exc:
+        schema = read_schema_arg(args.schema) if args.schema is not None else None
+    except (TemplateError, InvalidSchema) as exc:
         err.write(f"lmstream: {render(exc, 'cli')}\n")
         return EXIT_USAGE
     sink = TerminalSink(out, err, as_json=args.json)
@@ -692,6 +715,7 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 budgets=_budgets(args),
                 raise_errors=False,
                 interface="cli",
+                schema=schema,
             )
         finally:
             sink.close()
@@ -709,7 +733,14 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(f"lmstream: {result.error}\n")
         return EXIT_FAILED
     if args.json:
-        sink._json({"event": "recorded", "status": result.status, "run_id": result.run_id})
+        recorded: dict[str, Any] = {
+            "event": "recorded",
+            "status": result.status,
+            "run_id": result.run_id,
+        }
+        if result.parsed is not None:
+            recorded["parsed"] = result.parsed  # the validated value of a structured answer
+        sink._json(recorded)
     else:
         sink.end_text()
         err.write(
@@ -1050,6 +1081,11 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             err.write("lmstream: give the template as an argument, with --file, or '-'.\n")
             return EXIT_USAGE
         try:
+            schema: object = args.schema
+            if isinstance(schema, str):
+                from ._structured import read_schema_arg
+
+                schema = read_schema_arg(schema)
             saved = store.add(
                 args.name,
                 template,
@@ -1058,6 +1094,7 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 temperature=args.temperature,
                 max_tokens=args.max_tokens,
                 description=args.description,
+                schema=schema,
             )
         except (ValueError, TemplateError) as exc:
             err.write(f"lmstream: {render(exc, 'cli')}\n")
@@ -1097,6 +1134,9 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             if p.system:
                 out.write(f"--- system\n{p.system}\n")
             out.write(f"--- template\n{p.template}\n")
+            if p.schema is not None:
+                pretty = json.dumps(json.loads(p.schema), indent=2, ensure_ascii=False)
+                out.write(f"--- schema\n{pretty}\n")
     elif action == "versions":
         versions = store.versions(args.name)
         if args.json:

@@ -405,3 +405,43 @@ async def test_an_explicit_concurrency_still_caps_the_total(store: PromptStore) 
 )
 def test_the_concurrency_in_words(shares: list[tuple[int, bool]], note: str) -> None:
     assert concurrency_note(shares) == note
+
+
+def test_a_schema_gives_parsed_columns_and_resume_reads_them_again(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "people": {"type": "integer"}},
+        "required": ["city", "people"],
+    }
+    frame = pd.DataFrame({"topic": ["rain", "snow", 'hail [[sim {"schema_fault": "wrong_type"}]]']})
+    out = run_many(
+        Prompt("A city with {{topic}}.", model=MODEL),
+        frame,
+        schema=schema,
+        store=store,
+        base_url=sim.base_url,
+        progress=False,
+    )
+    assert list(out["status"]) == ["ok", "ok", "invalid_output"]
+    assert list(out.columns[-2:]) == ["parsed.city", "parsed.people"]
+    assert all(isinstance(c, str) for c in out["parsed.city"][:2])
+    assert out["parsed.people"][:2].map(type).tolist() == [int, int]
+    assert out["parsed.city"][2] is None
+    assert "does not match the schema at $.city" in out["error"][2]
+
+    before = len(sim.chats())
+    again = run_many(
+        Prompt("A city with {{topic}}.", model=MODEL),
+        [{"topic": t} for t in ["rain", "snow", "hail"]],
+        schema=schema,
+        store=store,
+        base_url=sim.base_url,
+        resume=out.attrs["batch_id"],
+        progress=False,
+    )
+    assert len(sim.chats()) - before == 1
+    assert [r.status for r in again] == ["ok"] * 3
+    assert again[0].parsed == {"city": out["parsed.city"][0], "people": out["parsed.people"][0]}
+    assert set(again.parsed_columns()) == {"parsed.city", "parsed.people"}

@@ -460,3 +460,52 @@ def test_load_ext_imports_no_client_or_widgets() -> None:
     modules = _imported("-c", code)
     assert "lmstream_nb._magics" in modules
     assert not {"httpx", "ipywidgets", "anywidget", "uvicorn", "lmstream_nb._client"} & modules
+
+
+def test_run_with_a_schema_checks_the_answer(sim: simulator.SimServer, tmp_path: Path) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    path = tmp_path / "city.json"
+    path.write_text(json.dumps(schema), encoding="utf-8")
+    ok = lmstream("run", "A city", "--schema", str(path), "--json", "--base-url", sim.base_url)
+    assert ok.returncode == 0, ok.stderr
+    events = [json.loads(line) for line in ok.stdout.splitlines()]
+    assert events[0]["api"] == "openai"  # the native chat takes no response_format
+    text = "".join(e["content"] for e in events if e["event"] == "text")
+    assert events[-1]["parsed"] == json.loads(text)
+    assert set(events[-1]["parsed"]) == {"city"}
+
+    broken = lmstream(
+        "run",
+        'A city [[sim {"schema_fault": "invalid_json"}]]',
+        "--schema",
+        json.dumps(schema),
+        "--base-url",
+        sim.base_url,
+    )
+    assert broken.returncode == 1
+    assert broken.stdout.startswith('{"city":')
+    [said] = broken.stderr.splitlines()[-1:]
+    assert said.startswith("lmstream: The answer is not valid JSON")
+    with PromptStore() as store:
+        [last, _] = store.history(limit=2)
+    assert last.status == "invalid_output"
+
+
+@pytest.mark.parametrize(
+    ("schema", "said"),
+    [
+        ('{"type": ', "The schema is not valid JSON"),
+        ("missing.json", "The schema file 'missing.json' does not exist"),
+        ('{"type": "text"}', "is not a valid JSON Schema at $.type"),
+    ],
+)
+def test_a_bad_schema_is_one_usage_sentence(
+    sim: simulator.SimServer, schema: str, said: str
+) -> None:
+    before = len(sim.chats())
+    result = lmstream("run", "Hi", "--schema", schema, "--base-url", sim.base_url)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert said in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(sim.chats()) == before

@@ -472,6 +472,7 @@ def test_unreachable_server_advice_names_where_the_url_came_from(
     )
 
 
+<<<<<<< HEAD
 def test_prompts_diff_is_a_plain_unified_diff_when_piped(home: Path) -> None:
     lmstream("prompts", "add", "greet", "Hello {{name}}.\nBe brief.", "--temperature", "0.2")
     lmstream("prompts", "add", "greet", "Hello {{name}}!\nBe brief.", "--model", "m1")
@@ -524,3 +525,29 @@ def test_prompts_diff_of_an_unknown_prompt_or_version_is_one_sentence(
     assert missing.stderr.startswith("lmstream: " + said)
     assert missing.stderr.count("\n") == 1
     assert "Traceback" not in missing.stderr
+=======
+def test_a_prompt_keeps_its_schema_and_a_run_uses_it(
+    home: Path, tmp_path: Path, sim: simulator.SimServer
+) -> None:
+    schema = tmp_path / "city.json"
+    schema.write_text('{"type": "object", "properties": {"city": {"type": "string"}}}', "utf-8")
+    added = lmstream("prompts", "add", "city", "Name a city.", "--schema", str(schema))
+    assert added.returncode == 0, added.stderr
+    kept = lmstream("prompts", "add", "city", "Name a city by the sea.")
+    assert "Kept from city@1: the schema (--schema '' drops it)" in kept.stdout
+    shown = lmstream("prompts", "show", "city")
+    assert '--- schema\n{\n  "properties": {' in shown.stdout
+    assert json.loads(lmstream("prompts", "show", "city", "--json").stdout)["schema"] == {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+    }
+    ran = lmstream("run", "--prompt", "city", "--json", "--base-url", sim.base_url)
+    assert ran.returncode == 0, ran.stderr
+    assert set(json.loads(ran.stdout.splitlines()[-1])["parsed"]) == {"city"}
+    dropped = lmstream("prompts", "add", "city", "Name a city.", "--schema", "")
+    assert "city@3" in dropped.stdout
+    bad = lmstream("prompts", "add", "city", "x", "--schema", '{"type": 1}')
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1
+    assert "is not a valid JSON Schema at $.type" in bad.stderr
+>>>>>>> h-schema

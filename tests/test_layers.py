@@ -156,7 +156,14 @@ def test_the_service_is_a_front_end() -> None:
 #: beside the pipeline only as BESIDE allows.
 LAYERS: dict[str, tuple[str, ...]] = {
     "vocabulary": ("_errors.py", "_events.py", "_config.py"),
-    "pure transforms": ("_sse.py", "_template.py", "_routes.py", "_estimate.py", "_diff.py"),
+    "pure transforms": (
+        "_sse.py",
+        "_template.py",
+        "_structured.py",
+        "_routes.py",
+        "_estimate.py",
+        "_diff.py",
+    ),
     "adapters": (
         "_client.py",
         "_migrations.py",
@@ -212,6 +219,7 @@ BESIDE: dict[str, tuple[frozenset[str], frozenset[str]]] = {
             "_produce.py",
             "_records.py",
             "_scenario.py",
+            "_schema.py",
             "_server.py",
             "_text.py",
             "_wire.py",
@@ -223,6 +231,8 @@ BESIDE: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 SAME_LAYER: dict[str, frozenset[str]] = {
     "_config.py": frozenset({"_errors.py"}),
     "_diff.py": frozenset({"_template.py"}),  # compares two Prompt values
+    # A Prompt keeps its JSON Schema as the canonical text structured output defines.
+    "_template.py": frozenset({"_structured.py"}),
     # The store is one adapter in several modules: PromptStore uses the others, which never
     # use it (prompt files name it in type annotations only).
     "_store.py": frozenset(

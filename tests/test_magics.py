@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import datetime as dt
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -675,3 +676,62 @@ def test_diff_with_a_bad_version_is_one_usage_sentence(
     assert stderr.startswith("UsageError: ")
     assert said in stderr
     assert stderr.count("\n") == 1, "one sentence"
+
+
+POINT_SCHEMA = '{"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x", "y"]}'  # noqa: E501
+
+
+def test_a_schema_answer_is_shown_pretty_printed(kernel: Kernel, msim: simulator.SimServer) -> None:
+    cell = kernel.execute(f"%%lmstream -o point --schema '{POINT_SCHEMA}'\nA point, please.")
+    assert cell.status == "ok", cell.error()
+    [final] = cell.displays()[1:]
+    value = final["application/json"]
+    assert set(value) == {"x", "y"}
+    assert final["text/plain"] == json.dumps(value, indent=2)
+    assert "<pre" in final["text/html"]
+    check = kernel.execute("print(point.status, point.parsed == " + repr(value) + ")")
+    assert check.stream().strip() == "ok True"
+    assert msim.chats()[-1].path == "/v1/chat/completions"
+
+
+def test_a_broken_schema_answer_fails_naming_the_path(kernel: Kernel, tmp_path: Path) -> None:
+    schema = tmp_path / "point.json"
+    schema.write_text(POINT_SCHEMA, encoding="utf-8")
+    defaults = simulator.Scenario(schema_fault="wrong_type")
+    with simulator.serve(profile="test-fast", defaults=defaults) as breaking:
+        cell = kernel.execute(
+            f"%%lmstream --base-url {breaking.base_url} --schema {schema}\nA point, please."
+        )
+    assert cell.status == "error"
+    err = cell.error()
+    assert err is not None
+    assert err["ename"] == "InvalidOutput"
+    said = " ".join(err["traceback"])
+    assert "does not match the schema at $.x:" in said
+    [final] = cell.finals()
+    assert final["text/plain"].startswith("lmstream: failed")
+    [text] = cell.plain()
+    assert text.startswith('{"x": "not the right type"')
+
+
+def test_a_bad_schema_option_is_one_sentence(kernel: Kernel) -> None:
+    cell = kernel.execute("%%lmstream --schema '{\"type\": 3}'\nHi")
+    assert cell.status == "error"
+    err = cell.error()
+    assert err is not None
+    assert err["ename"] == "InvalidSchema"
+    said = " ".join(err["traceback"])
+    assert "is not a valid JSON Schema at $.type" in said
+    assert cell.widget_ids() == []
+
+
+def test_save_keeps_the_schema_with_the_version(kernel: Kernel, home: Path) -> None:
+    cell = kernel.execute(f"%%lmstream --save point --schema '{POINT_SCHEMA}'\nA point.")
+    assert cell.status == "ok", cell.error()
+    with PromptStore(home / "lmstream.db") as store:
+        saved = store.get("point")
+    assert json.loads(saved.schema or "") == json.loads(POINT_SCHEMA)
+    again = kernel.execute("%lmstream run point")
+    assert again.status == "ok", again.error()
+    [final] = again.displays()[1:]
+    assert set(final["application/json"]) == {"x", "y"}

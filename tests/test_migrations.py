@@ -73,6 +73,7 @@ def test_a_fresh_database_ends_at_the_latest_schema(conn: sqlite3.Connection) ->
         "max_tokens",
         "description",
         "created_at",
+        "schema",
     ]
     assert columns(conn, "runs") == [
         "id",
@@ -327,3 +328,23 @@ def test_a_version_5_database_gains_prompt_sizes_for_the_runs_an_estimate_reads(
     sizes = conn.execute("SELECT prompt_chars FROM runs ORDER BY id").fetchall()
     assert sizes == [(8,), (None,), (None,), (None,)]
     conn.close()
+
+
+def test_a_version_6_database_gains_prompt_schemas_none_for_old_versions(tmp_path: Path) -> None:
+    """Prompt versions saved before structured output read back with no schema; saving one
+    with a schema makes a new version, and the same schema again adds none."""
+    path = tmp_path / "v6.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, target=6)
+    conn.execute(
+        "INSERT INTO prompts (name, version, template, created_at) VALUES ('p', 1, 'Hi', 1.0)"
+    )
+    conn.execute("INSERT INTO prompt_names (name, last_version) VALUES ('p', 1)")
+    conn.close()
+    with PromptStore(path) as store:
+        assert store.get("p").schema is None
+        saved = store.add("p", "Hi", schema={"type": "object"})
+        assert (saved.created, saved.prompt.version) == (True, 2)
+        assert saved.prompt.schema == '{"type":"object"}'
+        assert not store.add("p", "Hi", schema='{ "type" : "object" }').created
+        assert store.add("p", "Hi, again").prompt.schema == '{"type":"object"}'  # kept

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from pathlib import Path
@@ -344,3 +345,56 @@ def test_export_refuses_a_stored_name_that_cannot_be_a_file_name(tmp_path: Path)
     assert "cannot be a file name" in str(caught.value)
     one_sentence(str(caught.value))
     assert not (tmp_path / "out" / "fine.toml").exists()
+
+
+SCHEMA = {
+    "title": "Reply",
+    "type": "object",
+    "properties": {"answer": {"type": "string"}, "note": {"const": None}},
+    "required": ["answer"],
+}
+
+
+def test_a_schema_round_trips_as_indented_json(store: PromptStore, tmp_path: Path) -> None:
+    store.save("structured", "Answer {{q}}.", schema=SCHEMA)
+    [file] = store.export(tmp_path / "out")
+    text = file.read_text(encoding="utf-8")
+    assert text.index("template") < text.index("schema")
+    assert '  "type": "object"' in text  # readable in a diff, one key a line
+    with PromptStore(tmp_path / "fresh.db") as fresh:
+        [copy] = fresh.import_(tmp_path / "out")
+        assert copy.schema == store.get("structured").schema
+        assert json.loads(copy.schema or "") == SCHEMA  # null survives (TOML has none)
+        assert not fresh.import_versions(tmp_path / "out")[0].created  # same schema: no version
+
+
+def test_a_schema_may_be_a_toml_table_and_a_bad_one_names_its_line(
+    store: PromptStore, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "t.toml").write_text(
+        'template = "Hi"\n\n[schema]\ntype = "object"\nrequired = ["a"]\n', encoding="utf-8"
+    )
+    [saved] = store.import_(folder)
+    assert json.loads(saved.schema or "") == {"type": "object", "required": ["a"]}
+    (folder / "t.toml").write_text('template = "Hi"\nschema = """{"type": 3}"""\n', "utf-8")
+    with pytest.raises(PromptFileError) as caught:
+        store.import_(folder)
+    assert caught.value.line == 2
+    assert "has a bad 'schema' (The schema is not a valid JSON Schema at $.type" in str(
+        caught.value
+    )
+    one_sentence(str(caught.value))
+
+
+def test_a_schema_that_cannot_be_a_literal_string_is_escaped(
+    store: PromptStore, tmp_path: Path
+) -> None:
+    for said in ("quotes ''' here", "a \x7f here"):
+        schema = {"type": "string", "description": said}
+        store.save("odd", "Hi", schema=schema)
+        store.export(tmp_path / "out")
+        with PromptStore(tmp_path / f"fresh{len(said)}.db") as fresh:
+            [copy] = fresh.import_(tmp_path / "out")
+            assert json.loads(copy.schema or "") == schema

@@ -33,10 +33,13 @@ from lmstream_nb import (
     ChatStream,
     Event,
     LMStudioClient,
+    Prompt,
     PromptProgress,
+    PromptStore,
     PromptTooLong,
     StreamFinished,
     TextDelta,
+    arun,
 )
 
 # The first test also pays for the one-time build; the clients below carry their own budgets.
@@ -430,3 +433,31 @@ def test_the_notebook_view_shows_the_real_servers_progress_before_any_text(
     assert not texts or texts[0] > max(i for i, c in enumerate(customs) if "p" in c)
     [final] = cell.finals()
     assert final["text/plain"].startswith("lmstream: done")
+
+
+async def test_structured_output_is_parsed_and_validated(
+    real_server: Server, tmp_path: Path
+) -> None:
+    """llama.cpp takes a ``json_schema`` response_format as a grammar (since its PR #9527), so
+    even a 135M model answers with JSON that matches; the client parses and checks it."""
+    schema = {
+        "type": "object",
+        "properties": {"sunny": {"type": "boolean"}},
+        "required": ["sunny"],
+        "additionalProperties": False,
+    }
+    with PromptStore(tmp_path / "runs.db") as store:
+        async with LMStudioClient(real_server.base_url, budgets=BUDGETS) as client:
+            result = await arun(
+                Prompt("Is it sunny in the desert? Answer in JSON.", model=MODEL),
+                schema=schema,
+                store=store,
+                client=client,
+                max_tokens=40,
+                temperature=0,
+            )
+        record = store.get_run(result.run_id)
+    assert result.status == "ok", result.error
+    assert set(result.parsed) == {"sunny"}
+    assert isinstance(result.parsed["sunny"], bool)
+    assert (record.status, record.api, record.text) == ("ok", "openai", result.text)

@@ -17,12 +17,15 @@ from waiting import wait_until
 from lmstream_nb import (
     Budgets,
     HTTPStatusError,
+    InvalidOutput,
+    InvalidSchema,
     InvalidSetting,
     LMStudioClient,
     MissingVariables,
     Prompt,
     PromptEstimate,
     PromptNotFound,
+    PromptProgress,
     PromptStore,
     StreamInterrupted,
     StreamStalled,
@@ -651,3 +654,142 @@ def test_a_store_that_cannot_estimate_leaves_the_run_alone(store: PromptStore) -
         seen = sizes_run(client, store, 1000)
     assert not [e for e in seen if isinstance(e, PromptEstimate)]
     assert [type(e).__name__ for e in seen][-1] == "StreamFinished"
+
+
+# -- structured output -------------------------------------------------------------------------
+
+ITEM_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "price": {"type": "number"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["name", "price", "tags"],
+}
+
+
+def test_a_schema_is_sent_and_the_answer_parsed(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    seen: list[Any] = []
+    with sync_client(sim) as client:
+        result = run(
+            Prompt("Describe a {{thing}}.", model=MODEL),
+            {"thing": "kettle"},
+            schema=ITEM_SCHEMA,
+            store=store,
+            client=client,
+            on_event=seen.append,
+        )
+        again = run(
+            Prompt("Describe a {{thing}}.", model=MODEL),
+            {"thing": "kettle"},
+            schema=ITEM_SCHEMA,
+            store=store,
+            client=client,
+        )
+    assert result.status == "ok"
+    assert set(result.parsed) == {"name", "price", "tags"}
+    assert isinstance(result.parsed["price"], float)
+    assert again.parsed == result.parsed  # the simulator's JSON is seeded
+    assert sum(isinstance(e, TextDelta) for e in seen) > 3  # it still streamed in pieces
+    record = sim.chats()[-1]
+    # LM Studio's native chat takes no response_format: the request went to /chat/completions.
+    assert record.path == "/v1/chat/completions"
+    assert record.response_format == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "strict": True, "schema": ITEM_SCHEMA},
+    }
+    assert store.get_run(result.run_id).api == "openai"
+
+
+@pytest.mark.parametrize(
+    ("fault", "path", "said"),
+    [
+        ("invalid_json", "$", "The answer is not valid JSON"),
+        ("wrong_type", "$.name", "The answer does not match the schema at $.name: 12345 is not"),
+    ],
+)
+def test_an_answer_that_breaks_the_schema_is_recorded_with_its_text(
+    sim: simulator.SimServer, store: PromptStore, fault: str, path: str, said: str
+) -> None:
+    prompt = Prompt("Describe a kettle.", model=MODEL)
+    with sync_client(sim) as client:
+        with pytest.raises(InvalidOutput) as info:
+            run(prompt, schema=ITEM_SCHEMA, store=store, client=client, sim={"schema_fault": fault})
+        result = run(
+            prompt,
+            schema=ITEM_SCHEMA,
+            store=store,
+            client=client,
+            sim={"schema_fault": fault},
+            raise_errors=False,
+        )
+    assert info.value.path == path
+    assert str(info.value).startswith(said)
+    assert info.value.run_id is not None
+    assert (result.status, result.parsed) == ("invalid_output", None)
+    assert result.error is not None
+    assert result.error.startswith(said)
+    assert result.text
+    assert result.text == info.value.text
+    record = store.get_run(result.run_id)
+    assert (record.status, record.text, record.error) == (
+        "invalid_output",
+        result.text,
+        result.error,
+    )
+
+
+def test_a_bad_schema_is_refused_before_anything_is_sent(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    before = len(sim.chats())
+    with (
+        sync_client(sim) as client,
+        pytest.raises(InvalidSchema, match=r"not a valid JSON Schema at \$\.type"),
+    ):
+        run(Prompt("x", model=MODEL), schema={"type": 3}, store=store, client=client)
+    assert len(sim.chats()) == before
+    assert store.history() == []
+
+
+def test_an_answer_cut_at_max_tokens_says_so(sim: simulator.SimServer, store: PromptStore) -> None:
+    with sync_client(sim) as client:
+        result = run(
+            Prompt("Describe a kettle.", model=MODEL),
+            schema=ITEM_SCHEMA,
+            store=store,
+            client=client,
+            max_tokens=2,
+            raise_errors=False,
+        )
+    assert (result.status, result.finish_reason) == ("invalid_output", "length")
+    assert result.error is not None
+    assert result.error.startswith("The answer stopped at the max tokens limit")
+    assert store.get_run(result.run_id).text == result.text
+
+
+def test_a_schema_run_on_llamacpp_still_reports_prompt_progress(store: PromptStore) -> None:
+    """The route for structured output is /chat/completions; llama.cpp reports progress there."""
+    seen: list[Any] = []
+    defaults = simulator.Scenario(dialect="llamacpp")
+    with (
+        simulator.serve(profile="test-fast", defaults=defaults) as llamacpp,
+        sync_client(llamacpp) as client,
+    ):
+        result = run(
+            Prompt("t" * 8000, model=MODEL),
+            schema=ITEM_SCHEMA,
+            store=store,
+            client=client,
+            on_event=seen.append,
+            sim={"batch_size": 512},
+        )
+        record = llamacpp.chats()[-1]
+    assert result.status == "ok"
+    assert set(result.parsed) == {"name", "price", "tags"}
+    assert record.response_format["type"] == "json_schema"
+    assert any(isinstance(e, PromptProgress) for e in seen)
+    assert not any(isinstance(e, PromptEstimate) for e in seen)

@@ -66,6 +66,7 @@ from ._scenario import (
     SimConfig,
     apply_overrides,
 )
+from ._schema import requested_schema, schema_reply
 from ._wire import (
     EXPRESS_HEADERS,
     JSON,
@@ -508,6 +509,14 @@ class _Handlers:
         stream = _field(body, "stream", (bool,), "true or false") or False
         recorder.update(index, stream=stream)
         sc = sim.transient(sc, body.get("messages"))
+        recorder.update(index, response_format=body.get("response_format"))
+        schema = requested_schema(body)
+        if schema is not None and sc.reply is None:
+            given = body.get("seed")
+            seed = given if isinstance(given, int) and not isinstance(given, bool) else config.seed
+            sc = dataclasses.replace(
+                sc, reply=schema_reply(schema, seed, body.get("messages"), sc.schema_fault)
+            )
         echo = _echo(request) if sc.echo_request else ""
         early = self._before_stream(sc, index, stream, echo)
         if early is not None:

@@ -53,6 +53,7 @@ class RequestRecord:
     - ``status_code``: the HTTP status sent, ``None`` before the headers went out.
     - ``auth``: the scheme of the request's ``Authorization`` header (``"Bearer"``,
       ``"Basic"``), ``None`` without one; ``query``: the query string as received.
+    - ``response_format``: a chat request's ``response_format`` as received (structured output).
     """
 
     id: str
@@ -71,6 +72,7 @@ class RequestRecord:
     status_code: int | None = None
     auth: str | None = None
     query: str = ""
+    response_format: Any = None
 
 
 class Recorder:

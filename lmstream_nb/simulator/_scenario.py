@@ -21,6 +21,7 @@ __all__ = [
     "LINE_ENDINGS",
     "PROFILES",
     "REASONING_MODES",
+    "SCHEMA_FAULTS",
     "Profile",
     "Scenario",
     "ScenarioError",
@@ -59,6 +60,7 @@ DIALECTS = ("lmstudio", "openai", "llamacpp", "llamacpp-python")
 LINE_ENDINGS = ("lf", "crlf", "cr")
 ERROR_BODIES = ("string", "object", "html", "empty")
 FLOODS = ("line", "data", "gzip")
+SCHEMA_FAULTS = ("invalid_json", "wrong_type")
 
 
 class ScenarioError(ValueError):
@@ -119,6 +121,9 @@ class Scenario:
       ``[DONE]``. A non-streaming request gets a 500 with an object-shaped error instead.
     - ``error_message``: the message of ``error_at`` (default ``"Compute error."``) and of
       ``http_status`` / ``content_type`` bodies.
+    - ``schema_fault``: for a request with a JSON Schema ``response_format`` (answered with
+      JSON matching it, see ``_schema``), ``"invalid_json"`` cuts that JSON short and
+      ``"wrong_type"`` gives its first property a value of the wrong type.
     - ``malformed_at``: just before that token, send a data line that is not JSON
       (``data: {"id": broken``), then continue normally.
     - ``malformed_data``: the data that ``malformed_at`` sends instead (any text, e.g. a chunk
@@ -197,6 +202,7 @@ class Scenario:
     end_at: int | None = None
     error_at: int | None = None
     error_message: str | None = None
+    schema_fault: str | None = None
     malformed_at: int | None = None
     malformed_data: str | None = None
     write_events: int | None = None
@@ -227,6 +233,7 @@ class Scenario:
             disconnect_at=None,
             end_at=None,
             error_at=None,
+            schema_fault=None,
             malformed_at=None,
             raw_body=None,
             flood=None,
@@ -323,6 +330,7 @@ _RULES: dict[str, _Rule] = {
     "end_at": _count,
     "error_at": _count,
     "error_message": _text,
+    "schema_fault": lambda n, v: None if v is None else _choice(SCHEMA_FAULTS)(n, v),
     "malformed_at": _count,
     "malformed_data": _text,
     "write_events": lambda n, v: _count(n, v, minimum=1),
