@@ -472,7 +472,6 @@ def test_unreachable_server_advice_names_where_the_url_came_from(
     )
 
 
-<<<<<<< HEAD
 def test_prompts_diff_is_a_plain_unified_diff_when_piped(home: Path) -> None:
     lmstream("prompts", "add", "greet", "Hello {{name}}.\nBe brief.", "--temperature", "0.2")
     lmstream("prompts", "add", "greet", "Hello {{name}}!\nBe brief.", "--model", "m1")
@@ -525,7 +524,8 @@ def test_prompts_diff_of_an_unknown_prompt_or_version_is_one_sentence(
     assert missing.stderr.startswith("lmstream: " + said)
     assert missing.stderr.count("\n") == 1
     assert "Traceback" not in missing.stderr
-=======
+
+
 def test_a_prompt_keeps_its_schema_and_a_run_uses_it(
     home: Path, tmp_path: Path, sim: simulator.SimServer
 ) -> None:
@@ -550,4 +550,3 @@ def test_a_prompt_keeps_its_schema_and_a_run_uses_it(
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1
     assert "is not a valid JSON Schema at $.type" in bad.stderr
->>>>>>> h-schema
