@@ -59,6 +59,12 @@ def _lines(value: object) -> list[str]:
     return [line + "\n" for line in text.split("\n")]
 
 
+def _shown(prompt: Prompt, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Each field as the user reads it (``as_dict``: a schema as JSON, not its stored text)."""
+    values = prompt.as_dict()
+    return {key: values[key] if key in values else getattr(prompt, key, None) for key in keys}
+
+
 @dataclass(frozen=True)
 class FieldChange:
     """One field that differs: its name and both values (``None`` where a version has none)."""
@@ -97,10 +103,10 @@ class PromptDiff:
     @classmethod
     def between(cls, old: Prompt, new: Prompt) -> PromptDiff:
         """Compare two prompts field by field (see ``compared_fields``)."""
+        keys = compared_fields(old, new)
+        before, after = _shown(old, keys), _shown(new, keys)
         changes = tuple(
-            FieldChange(key, getattr(old, key, None), getattr(new, key, None))
-            for key in compared_fields(old, new)
-            if getattr(old, key, None) != getattr(new, key, None)
+            FieldChange(key, before[key], after[key]) for key in keys if before[key] != after[key]
         )
         return cls(old, new, changes)
 

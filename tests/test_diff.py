@@ -24,23 +24,32 @@ def test_every_stored_field_but_the_identity_is_compared() -> None:
         "temperature",
         "max_tokens",
         "description",
+        "schema",
     )
 
 
 def test_a_field_added_to_prompts_joins_the_diff_unchanged() -> None:
-    """A new field of a version (a JSON schema, say) is compared without a change to _diff."""
+    """A new field of a version is compared without a change to _diff."""
 
     @dataclasses.dataclass(frozen=True)
-    class WithSchema(Prompt):
-        schema: dict[str, object] | None = None
+    class WithTags(Prompt):
+        tags: dict[str, object] | None = None
 
-    old = WithSchema("Hi", name="p", version=1, schema={"type": "object"})
-    new = WithSchema("Hi", name="p", version=2, schema={"type": "object", "required": ["x"]})
+    old = WithTags("Hi", name="p", version=1, tags={"team": "docs"})
+    new = WithTags("Hi", name="p", version=2, tags={"team": "docs", "owners": ["x"]})
+    diff = PromptDiff.between(old, new)
+    assert diff.changed == ("tags",)
+    text = diff.unified()
+    assert "--- p@1 tags\n+++ p@2 tags\n" in text
+    assert '+  "owners": [\n' in text, "a nested value is diffed as indented JSON lines"
+
+
+def test_a_schema_is_diffed_as_indented_json() -> None:
+    old = Prompt("Hi", name="p", version=1, schema={"type": "object"})
+    new = Prompt("Hi", name="p", version=2, schema={"type": "object", "required": ["x"]})
     diff = PromptDiff.between(old, new)
     assert diff.changed == ("schema",)
-    text = diff.unified()
-    assert "--- p@1 schema\n+++ p@2 schema\n" in text
-    assert '+  "required": [\n' in text, "a nested value is diffed as indented JSON lines"
+    assert '+  "required": [\n' in diff.unified(), "the schema as JSON, not its stored text"
 
 
 def test_the_store_diffs_two_versions_field_by_field(store: PromptStore) -> None:
