@@ -8,8 +8,11 @@ if _typing.TYPE_CHECKING:
     from ._batch import BatchResult, arun_many, run_many
     from ._client import ChatStream, LMStudioClient
     from ._config import Budgets, Retries
+    from ._conversation import Conversation, Turn
     from ._errors import (
         AuthenticationError,
+        ConversationNotFound,
+        ConversationTooLong,
         FirstTokenTimeout,
         HTTPStatusError,
         InvalidBaseURL,
@@ -77,8 +80,11 @@ _HOMES: dict[str, tuple[str, ...]] = {
     "_batch": ("BatchResult", "arun_many", "run_many"),
     "_client": ("ChatStream", "LMStudioClient"),
     "_config": ("Budgets", "Retries"),
+    "_conversation": ("Conversation", "Turn"),
     "_errors": (
         "AuthenticationError",
+        "ConversationNotFound",
+        "ConversationTooLong",
         "FirstTokenTimeout",
         "HTTPStatusError",
         "InvalidBaseURL",
@@ -177,6 +183,9 @@ __all__ = [
     "Budgets",
     "ChatStream",
     "Completion",
+    "Conversation",
+    "ConversationNotFound",
+    "ConversationTooLong",
     "Event",
     "FirstTokenTimeout",
     "GroupStats",
@@ -230,6 +239,7 @@ __all__ = [
     "Template",
     "TemplateError",
     "TextDelta",
+    "Turn",
     "UnknownVariables",
     "UnsupportedRequest",
     "arun",

@@ -12,6 +12,7 @@
     ├── StoreError                   .path
     │   ├── PromptNotFound           .name, .suggestions
     │   ├── RunNotFound              .run_id
+    │   ├── ConversationNotFound     .name, .suggestions
     │   ├── StoreUnavailable         (corrupt, foreign, newer or read-only database)
     │   └── PromptFileError          .file, .line  (export/import files)
     └── RequestError                 .url
@@ -23,6 +24,7 @@
         │   ├── ModelNotFound        .model
         │   ├── ModelNotLoaded
         │   └── PromptTooLong        .prompt_tokens, .context_length
+    │       └── ConversationTooLong  .name  (a conversation's turns no longer fit)
         └── StreamError              .partial_text, .partial_reasoning
             ├── FirstTokenTimeout    .budget, .phase, .fraction  (where progress stopped)
             ├── StreamStalled        .budget
@@ -131,6 +133,8 @@ TERM_KINDS = (
     "runs",
     "models",
     "key",
+    "chats",
+    "shorter",
 )
 
 
@@ -198,6 +202,12 @@ _CLI: dict[str, Callable[[str], str]] = {
     ),
     "values": lambda a: "add " + " ".join(f"--var {n}=..." for n in _names(a)),
     "extra": lambda _: "fix the --var name",
+    "chats": lambda _: "see `lmstream chat list` for the names there are",
+    "shorter": lambda n: (
+        f"add --drop-oldest to `lmstream run --chat {n}` to leave out as many of its oldest "
+        f"turns as needed (`lmstream chat fork {n} NEW` first keeps a whole copy), or start "
+        f"again with `lmstream chat reset {n}`"
+    ),
 }
 
 _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
@@ -219,6 +229,12 @@ _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
         ),
         "values": lambda a: "pass " + " ".join(f"{n}=..." for n in _names(a)),
         "extra": lambda _: "fix the name, or pass allow_extra=True to allow extra variables",
+        "chats": lambda _: "see PromptStore().conversations() for the names there are",
+        "shorter": lambda _: (
+            "leave out its oldest turns with Conversation.drop_oldest(n), or send(..., "
+            "drop_oldest=True) for as many as needed (Conversation.fork(new_name) first keeps "
+            "a whole copy), or start again with Conversation.reset()"
+        ),
     },
     "cli": _CLI,
     # The magic takes the command line's options, and has its session settings besides.
@@ -239,6 +255,12 @@ _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
             "add "
             + " ".join(f"--var {n}=..." for n in _names(a))
             + " to the %%lmstream line or define it in the notebook"
+        ),
+        "chats": lambda _: "see %lmstream chat list for the names there are",
+        "shorter": lambda n: (
+            f"add --drop-oldest to the %%lmstream --chat {n} line to leave out as many of its "
+            f"oldest turns as needed (%lmstream chat fork {n} NEW first keeps a whole copy), "
+            f"or start again with %lmstream chat reset {n}"
         ),
     },
     "runner": {
@@ -264,6 +286,8 @@ _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
         ),
         "values": lambda a: "fill in " + ", ".join(_names(a)),
         "extra": lambda _: "fix the variable's name",
+        "chats": lambda _: "see %lmstream chat list for the names there are",
+        "shorter": lambda n: f"run %lmstream chat reset {n} to start again",
     },
     "relay": {
         "key": lambda _: "set LMSTREAM_API_KEY to the server's API token where lmstream serve runs",
@@ -285,6 +309,8 @@ _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
             'send "variables": {' + ", ".join(f'"{n}": "..."' for n in _names(a)) + "}"
         ),
         "extra": lambda _: 'fix the name in "variables"',
+        "chats": lambda _: "choose a conversation that exists",
+        "shorter": lambda _: "start a new conversation",
     },
 }
 
@@ -462,6 +488,19 @@ class RunNotFound(StoreError):
         self.run_id = run_id
 
 
+class ConversationNotFound(StoreError):
+    """No conversation has that name; close names are suggested."""
+
+    def __init__(self, name: str, suggestions: Iterable[str] = (), *, path: str) -> None:
+        self.name = name
+        self.suggestions = tuple(suggestions)
+        if self.suggestions:
+            fix = "did you mean " + " or ".join(repr(s) for s in self.suggestions) + "?"
+        else:
+            fix = term("chats") + "."
+        super().__init__(f"No conversation is named {name!r}{term('db', path)}: {fix}", path=path)
+
+
 class StoreUnavailable(StoreError):
     """The database file cannot be used: corrupt, not ours, too new, or not writable."""
 
@@ -556,6 +595,24 @@ class PromptTooLong(HTTPStatusError):
         super().__init__(message, url=url, status=status, server_message=server_message)
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
+
+
+class ConversationTooLong(PromptTooLong):
+    """A conversation's next turn, with the turns before it, no longer fits the context. No
+    turn is ever left out without being asked, so the sentence names the ways to ask."""
+
+    def __init__(self, name: str, *, url: str, prompt_tokens: int, context_length: int) -> None:
+        self.name = name
+        super().__init__(
+            f"The conversation {name!r} with its next message has {prompt_tokens:,} tokens, "
+            f"too many for the {context_length:,}-token context of the model at {url}, so "
+            f"it was not sent: {term('shorter', name)}.",
+            url=url,
+            status=0,
+            server_message=None,
+            prompt_tokens=prompt_tokens,
+            context_length=context_length,
+        )
 
 
 class StreamError(RequestError):

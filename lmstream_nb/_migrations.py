@@ -246,6 +246,33 @@ def m006_prompt_chars(conn: sqlite3.Connection) -> None:
     )
 
 
+def m007_conversations(conn: sqlite3.Connection) -> None:
+    """Conversations: named chains of runs, each turn an ordinary run.
+
+    A run that is a turn names its conversation and ``parent_run_id``, the turn before it (any
+    status: a failed turn stays in the chain, it is only left out of the context sent). A
+    conversation points at its latest turn (``head_run_id``), so a fork is a new row with the
+    same head and a reset is a head of NULL: no run is copied or deleted. Turns whose id is
+    below ``context_from_run`` were dropped from the context on request (``drop_oldest``);
+    ``prompt_name`` is the stored prompt the first turn renders.
+    """
+    conn.execute(
+        "CREATE TABLE conversations ("
+        " id INTEGER PRIMARY KEY,"
+        " name TEXT NOT NULL UNIQUE,"
+        " created REAL NOT NULL,"
+        " forked_from INTEGER REFERENCES conversations (id),"
+        " head_run_id INTEGER,"
+        " context_from_run INTEGER,"
+        " prompt_name TEXT)"
+    )
+    conn.execute("ALTER TABLE runs ADD COLUMN conversation_id INTEGER")
+    conn.execute("ALTER TABLE runs ADD COLUMN parent_run_id INTEGER")
+    conn.execute(
+        "CREATE INDEX runs_conversation ON runs (conversation_id) WHERE conversation_id IS NOT NULL"
+    )
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 #: Every schema step in order; step ``i`` (0-based) brings the database to version ``i + 1``.
@@ -256,6 +283,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     m004_timings_in_order,
     m005_progress_figures,
     m006_prompt_chars,
+    m007_conversations,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +242,9 @@ async def arun(
     mode: str = "stream",
     timeout: float | None = None,
     interface: str = "python",
+    context: Sequence[Mapping[str, str]] = (),
+    conversation_id: int | None = None,
+    parent_run_id: int | None = None,
     **extra: Any,
 ) -> RunResult:
     """Render ``prompt`` with ``variables``, stream the answer, and record the run.
@@ -259,6 +262,9 @@ async def arun(
     Cancellation is recorded, then re-raised.
     ``interface`` (python, cli, magic, runner or relay) is whose words the error sentences
     say what to do in, both raised (see ``render``) and recorded.
+    ``context`` is the messages sent before the rendered prompt (a conversation's system
+    prompt and earlier turns, see ``Conversation``), which records the run as turn
+    ``conversation_id`` after ``parent_run_id``.
     """
     if mode not in ("stream", "blocking"):
         raise ValueError(f"mode must be 'stream' or 'blocking', not {mode!r}")
@@ -273,7 +279,8 @@ async def arun(
             temperature if temperature is not None else prompt.temperature
         )
         max_tokens = check_max_tokens(max_tokens if max_tokens is not None else prompt.max_tokens)
-        messages = prompt.render(variables, allow_extra=allow_extra)
+        messages = [dict(m) for m in context]
+        messages += prompt.render(variables, allow_extra=allow_extra)
     except LMStreamError as exc:
         exc.interface = interface
         raise
@@ -296,6 +303,8 @@ async def arun(
             started_at=time.time(),
             batch_id=batch_id,
             batch_row=batch_row,
+            conversation_id=conversation_id,
+            parent_run_id=parent_run_id,
         )
     )
     try:

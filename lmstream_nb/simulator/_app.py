@@ -259,6 +259,14 @@ def _native_field(
     return value
 
 
+def _pairs(messages: list[Any]) -> tuple[tuple[str, str], ...]:
+    """What a request's messages said, for its record: (role, text) pairs."""
+    return tuple(
+        (str(m.get("role")), m["content"] if isinstance(m.get("content"), str) else "")
+        for m in messages
+    )
+
+
 def _native_messages(
     body: JSON, invalid: Callable[[str, str | None, str | None], Response]
 ) -> list[Any]:
@@ -525,7 +533,9 @@ class _Handlers:
 
         model = self._resolve_model(_field(body, "model", (str,), "a string"))
         prompt_tokens = prompt_tokens_of(messages)
-        recorder.update(index, model=model.id, prompt_tokens=prompt_tokens)
+        recorder.update(
+            index, model=model.id, prompt_tokens=prompt_tokens, messages=_pairs(messages)
+        )
         # llama-server refuses a prompt that fills its context exactly, too (measured)
         if sc.dialect == "llamacpp" and prompt_tokens >= model.context_length:
             return _llamacpp_overflow(prompt_tokens, model.context_length)
@@ -619,7 +629,9 @@ class _Handlers:
             # the native API always parses reasoning out of the answer
             sc = dataclasses.replace(sc, reasoning="off" if reasoning == "off" else "separate")
         prompt_tokens = prompt_tokens_of(messages)
-        recorder.update(index, model=model.id, prompt_tokens=prompt_tokens)
+        recorder.update(
+            index, model=model.id, prompt_tokens=prompt_tokens, messages=_pairs(messages)
+        )
         fits = model.context_length
         if not model.loaded:  # this request loads it, with its own context or the default
             fits = context_length or sim.config.context_length

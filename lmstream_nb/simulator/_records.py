@@ -53,6 +53,8 @@ class RequestRecord:
     - ``status_code``: the HTTP status sent, ``None`` before the headers went out.
     - ``auth``: the scheme of the request's ``Authorization`` header (``"Bearer"``,
       ``"Basic"``), ``None`` without one; ``query``: the query string as received.
+    - ``messages``: a chat request's messages as (role, text) pairs, as the model read them
+      (the native chat's system prompt and input become a system and a user message).
     """
 
     id: str
@@ -71,6 +73,7 @@ class RequestRecord:
     status_code: int | None = None
     auth: str | None = None
     query: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
 
 
 class Recorder:

@@ -1,0 +1,244 @@
+"""Conversations against the simulator: what each turn sent, what the store kept."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmstream_nb import (
+    Conversation,
+    ConversationNotFound,
+    ConversationTooLong,
+    LMStudioClient,
+    PromptStore,
+    StoreError,
+    SyncLMStudioClient,
+    simulator,
+)
+from lmstream_nb._errors import render
+
+MODEL = "lmstream-sim-8b"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[PromptStore]:
+    with PromptStore(tmp_path / "runs.db") as s:
+        s.save("tutor", "Explain {{topic}}.", system="You teach {{level}} students.")
+        yield s
+
+
+def sent(sim: simulator.SimServer, since: int) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    """(path, messages) of each chat request the simulator received after its first ``since``."""
+    return [(r.path, r.messages) for r in sim.records()[since:] if r.method == "POST"]
+
+
+def reply(text: str) -> dict[str, Any]:
+    return {"sim": {"reply": text}}
+
+
+def test_turns_are_sent_with_the_turns_before_them_and_recorded(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    before = len(sim.records())
+    with SyncLMStudioClient(sim.base_url) as client:
+        chat = Conversation("lesson", "tutor", model=MODEL, store=store, client=client)
+        # No scenario for the first turn: a "sim" field would not fit the native chat.
+        first = chat.send(topic="tides", level="first-year")
+        second = chat.send("And the sun?", options=reply("It pulls less."))
+    assert first.text
+    assert second.text == "It pulls less."
+    requests = sent(sim, before)
+    # The first turn fits LM Studio's native chat; the second carries an answer, so it goes to
+    # /chat/completions with the whole conversation.
+    assert requests[0][0] == "/api/v1/chat"
+    assert requests[0][1] == (
+        ("system", "You teach first-year students."),
+        ("user", "Explain tides."),
+    )
+    assert requests[1][0] == "/v1/chat/completions"
+    assert requests[1][1] == (
+        ("system", "You teach first-year students."),
+        ("user", "Explain tides."),
+        ("assistant", first.text),
+        ("user", "And the sun?"),
+    )
+    # Read back from the store, also by a new object for the same name.
+    again = Conversation("lesson", store=store)
+    assert [(t.user, t.answer, t.status) for t in again.turns] == [
+        ("Explain tides.", first.text, "ok"),
+        ("And the sun?", "It pulls less.", "ok"),
+    ]
+    assert again.prompt is not None
+    assert again.prompt.name == "tutor"
+    # Each turn is an ordinary run in the history.
+    assert [r.id for r in store.history(limit=2)] == [second.run_id, first.run_id]
+    assert store.get_run(second.run_id).api == "openai"
+
+
+def test_a_fork_goes_on_separately(sim: simulator.SimServer, store: PromptStore) -> None:
+    before = len(sim.records())
+    with SyncLMStudioClient(sim.base_url) as client:
+        chat = Conversation("trip", model=MODEL, store=store, client=client)
+        chat.send("Plan a day in Lyon.", options=reply("Start at Fourvière."))
+        other = chat.fork("trip-rain")
+        chat.send("And the evening?", options=reply("Dinner in a bouchon."))
+        other.send("It rains.", options=reply("Visit the museums."))
+    requests = sent(sim, before)
+    assert requests[2][1] == (
+        ("user", "Plan a day in Lyon."),
+        ("assistant", "Start at Fourvière."),
+        ("user", "It rains."),
+    )
+    assert [t.user for t in chat.turns] == ["Plan a day in Lyon.", "And the evening?"]
+    assert [t.user for t in other.turns] == ["Plan a day in Lyon.", "It rains."]
+    forked = store.conversation("trip-rain")
+    assert forked.forked_from == store.conversation("trip").id
+
+
+def test_reset_starts_again_and_keeps_the_history(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    before = len(sim.records())
+    with SyncLMStudioClient(sim.base_url) as client:
+        chat = Conversation("quiz", "tutor", model=MODEL, store=store, client=client)
+        chat.send(topic="rivers", level="young")
+        chat.send("More.")
+        chat.reset()
+        assert chat.turns == []
+        chat.send(topic="lakes", level="older")
+    requests = sent(sim, before)
+    assert requests[-1][1] == (("system", "You teach older students."), ("user", "Explain lakes."))
+    assert len(store.history(limit=None)) == 3
+
+
+def test_a_failed_turn_is_recorded_but_not_sent_again_unless_asked(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    before = len(sim.records())
+    with SyncLMStudioClient(sim.base_url) as client:
+        chat = Conversation("fail", model=MODEL, store=store, client=client)
+        chat.send("One.", options=reply("Uno."))
+        broken = chat.send(
+            "Two.",
+            options={"sim": {"reply": "Dos y mas.", "error_at": 2}, "raise_errors": False},
+        )
+        chat.send("Three.", options=reply("Tres."))
+        chat.send("Four.", include_failed=True, options=reply("Cuatro."))
+    assert broken.status == "error"
+    assert broken.text, "the failed turn had partial text"
+    requests = sent(sim, before)
+    assert requests[2][1] == (
+        ("user", "One."),
+        ("assistant", "Uno."),
+        ("user", "Three."),
+    )
+    assert requests[3][1] == (
+        ("user", "One."),
+        ("assistant", "Uno."),
+        ("user", "Two."),
+        ("assistant", broken.text),
+        ("user", "Three."),
+        ("assistant", "Tres."),
+        ("user", "Four."),
+    )
+    turns = chat.turns
+    assert [(t.user, t.status, t.in_context) for t in turns] == [
+        ("One.", "ok", True),
+        ("Two.", "error", False),
+        ("Three.", "ok", True),
+        ("Four.", "ok", True),
+    ]
+    assert turns[1].error
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_turn_is_recorded_and_left_out(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    async with LMStudioClient(sim.base_url) as client:
+        chat = Conversation("stop", model=MODEL, store=store, client=client)
+        await chat.asend("Start.", options=reply("Started."))
+        started = asyncio.Event()
+        task = asyncio.ensure_future(
+            chat.asend(
+                "Go on.",
+                options={
+                    "sim": {"stall_at": 1, "stall_s": 30},
+                    "on_event": lambda _: started.set(),
+                },
+            )
+        )
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        before = len(sim.records())
+        await chat.asend("Again.", options=reply("Yes."))
+    assert sent(sim, before)[0][1] == (
+        ("user", "Start."),
+        ("assistant", "Started."),
+        ("user", "Again."),
+    )
+    assert [t.status for t in chat.turns] == ["ok", "cancelled", "ok"]
+
+
+def test_a_conversation_over_the_context_is_refused_with_the_numbers_and_the_ways_out(
+    store: PromptStore,
+) -> None:
+    defaults = simulator.Scenario(dialect="llamacpp", output_tokens=4)
+    with (
+        simulator.serve(profile="test-fast", defaults=defaults, context_length=300) as server,
+        SyncLMStudioClient(server.base_url) as client,
+    ):
+        chat = Conversation("long", store=store, client=client)
+        answer = chat.send("a" * 600).text  # 150 tokens and the answer's
+        chats = len([r for r in server.records() if r.path.endswith("/chat/completions")])
+        with pytest.raises(ConversationTooLong) as refused:
+            chat.send("b" * 600)
+        now = len([r for r in server.records() if r.path.endswith("/chat/completions")])
+        assert now == chats, "nothing was sent"
+        error = refused.value
+        expected = (1200 + len(answer)) // 4  # the simulator's count: 4 characters a token
+        assert (error.prompt_tokens, error.context_length) == (expected, 300)
+        message = str(error)
+        assert f"{expected} tokens" in message
+        assert "300-token context" in message
+        assert "Conversation.drop_oldest(n)" in message
+        assert "drop_oldest=True" in message
+        assert "%lmstream chat fork long NEW" in render(error, "magic")
+        assert "lmstream chat fork long NEW" in render(error, "cli")
+        assert [t.status for t in chat.turns] == ["ok"], "a refused turn is no turn"
+        before = len(server.records())
+        done = chat.send("b" * 600, drop_oldest=True)
+    assert done.ok
+    last = [r for r in server.records()[before:] if r.path.endswith("/chat/completions")][-1]
+    assert last.messages == (("user", "b" * 600),)
+    assert [(t.status, t.in_context) for t in chat.turns] == [("ok", False), ("ok", True)]
+
+
+def test_drop_oldest_leaves_turns_out_and_says_how_many(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    with SyncLMStudioClient(sim.base_url) as client:
+        chat = Conversation("drop", model=MODEL, store=store, client=client)
+        for word in ("a", "b", "c"):
+            chat.send(word, options=reply(word.upper()))
+        assert chat.drop_oldest(2) == 2
+        before = len(sim.records())
+        chat.send("d")
+        assert chat.drop_oldest(5) == 2
+    assert sent(sim, before)[0][1] == (("user", "c"), ("assistant", "C"), ("user", "d"))
+    assert [t.in_context for t in chat.turns] == [False, False, False, False]
+
+
+def test_an_unknown_conversation_is_named(store: PromptStore) -> None:
+    Conversation("alpha", store=store)
+    with pytest.raises(ConversationNotFound) as missing:
+        store.conversation("alpah")
+    assert "did you mean 'alpha'" in str(missing.value)
+    with pytest.raises(StoreError, match="already a conversation named 'alpha'"):
+        Conversation("alpha", store=store).fork("alpha")
