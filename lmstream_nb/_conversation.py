@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping
+import functools
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -282,3 +283,69 @@ def _user_text(run: RunRecord) -> str:
 
 def _turn(run: RunRecord, *, in_context: bool) -> Turn:
     return Turn(run.id, _user_text(run), run.text, run.status, run.error, in_context)
+
+
+# -- what the magic and the CLI share ----------------------------------------------------------
+
+
+def runner(
+    store: PromptStore, chat: str | None, *, include_failed: bool = False, drop_oldest: bool = False
+) -> Callable[..., Awaitable[RunResult]]:
+    """What runs a front end's prompt: ``arun``, or with ``--chat NAME`` the conversation's
+    next turn (the prompt is then the next message). Both take the same arguments."""
+    if chat is None:
+        return functools.partial(arun, store=store)
+    conversation = Conversation(chat, store=store)
+    return functools.partial(
+        conversation.arun_turn, include_failed=include_failed, drop_oldest=drop_oldest
+    )
+
+
+CHAT_USAGE = "chat list | chat show NAME | chat reset NAME | chat fork NAME NEW"
+CONVERSATION_HEADERS = ["name", "turns", "sent", "latest", "forked from", "prompt"]
+TURN_HEADERS = ["turn", "run", "status", "sent", "message", "answer"]
+
+
+def chat_command(
+    store: PromptStore, words: Sequence[str]
+) -> tuple[list[str], list[list[Any]]] | str:
+    """``chat list | show NAME | reset NAME | fork NAME NEW`` for the magic and the CLI: a
+    table (headers, rows) or a sentence saying what was done. ValueError (whose message is the
+    usage) for words that make no such command."""
+    action, *names = words or [""]
+    wanted = {"list": 0, "show": 1, "reset": 1, "fork": 2}.get(action)
+    if wanted is None or len(names) != wanted:
+        raise ValueError(f"Use {CHAT_USAGE}.")
+    if action == "list":
+        ids = {c.id: c.name for c in store.conversations()}
+        rows: list[list[Any]] = []
+        for record in store.conversations():
+            turns = Conversation(record.name, store=store).turns
+            rows.append(
+                [
+                    record.name,
+                    len(turns),
+                    sum(t.in_context for t in turns),
+                    turns[-1].status if turns else None,
+                    ids.get(record.forked_from) if record.forked_from is not None else None,
+                    record.prompt_name,
+                ]
+            )
+        return CONVERSATION_HEADERS, rows
+    store.conversation(names[0])  # ConversationNotFound, with close names
+    chat = Conversation(names[0], store=store)
+    if action == "show":
+        return TURN_HEADERS, [
+            [i, t.run_id, t.status, "yes" if t.in_context else "no", _clip(t.user), _clip(t.answer)]
+            for i, t in enumerate(chat.turns, 1)
+        ]
+    if action == "reset":
+        chat.reset()
+        return f"The conversation {names[0]!r} starts again (its turns stay in the history)."
+    chat.fork(names[1])
+    return f"The conversation {names[1]!r} goes on from {names[0]!r} with its turns so far."
+
+
+def _clip(text: str, width: int = 40) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
