@@ -301,21 +301,22 @@ def runner(
     )
 
 
-CHAT_USAGE = "chat list | chat show NAME | chat reset NAME | chat fork NAME NEW"
+CHAT_USAGE = "list | show NAME | reset NAME | fork NAME NEW"
 CONVERSATION_HEADERS = ["name", "turns", "sent", "latest", "forked from", "prompt"]
 TURN_HEADERS = ["turn", "run", "status", "sent", "message", "answer"]
 
 
 def chat_command(
-    store: PromptStore, words: Sequence[str]
+    store: PromptStore, words: Sequence[str], *, whole: bool = False
 ) -> tuple[list[str], list[list[Any]]] | str:
     """``chat list | show NAME | reset NAME | fork NAME NEW`` for the magic and the CLI: a
-    table (headers, rows) or a sentence saying what was done. ValueError (whose message is the
-    usage) for words that make no such command."""
+    table (headers, rows) or a sentence saying what was done. ValueError (whose message is
+    ``CHAT_USAGE``) for words that make no such command. ``whole`` keeps the messages and
+    answers unclipped (for JSON)."""
     action, *names = words or [""]
     wanted = {"list": 0, "show": 1, "reset": 1, "fork": 2}.get(action)
     if wanted is None or len(names) != wanted:
-        raise ValueError(f"Use {CHAT_USAGE}.")
+        raise ValueError(CHAT_USAGE)
     if action == "list":
         ids = {c.id: c.name for c in store.conversations()}
         rows: list[list[Any]] = []
@@ -335,8 +336,9 @@ def chat_command(
     store.conversation(names[0])  # ConversationNotFound, with close names
     chat = Conversation(names[0], store=store)
     if action == "show":
+        shown = str if whole else _clip
         return TURN_HEADERS, [
-            [i, t.run_id, t.status, "yes" if t.in_context else "no", _clip(t.user), _clip(t.answer)]
+            [i, t.run_id, t.status, t.in_context, shown(t.user), shown(t.answer)]
             for i, t in enumerate(chat.turns, 1)
         ]
     if action == "reset":

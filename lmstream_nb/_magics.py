@@ -676,7 +676,7 @@ class LMStreamMagics(Magics):
             try:
                 done = chat_command(self.store, rest)
             except ValueError as exc:
-                raise UsageError(f"{exc} See %lmstream?.") from None
+                raise UsageError(f"Use %lmstream chat {exc}; see %lmstream?.") from None
             if isinstance(done, str):
                 print(done)
                 return None

@@ -664,4 +664,4 @@ def test_two_chat_cells_make_one_conversation(
     assert err["ename"] == "ConversationNotFound"
     assert "%lmstream chat list" in " ".join(err["traceback"])
     usage = kernel.execute("%lmstream chat frob")
-    assert "chat list | chat show NAME" in usage.stream("stderr")
+    assert "Use %lmstream chat list | show NAME" in usage.stream("stderr")
