@@ -430,3 +430,30 @@ def test_the_notebook_view_shows_the_real_servers_progress_before_any_text(
     assert not texts or texts[0] > max(i for i, c in enumerate(customs) if "p" in c)
     [final] = cell.finals()
     assert final["text/plain"].startswith("lmstream: done")
+
+
+async def test_a_two_turn_conversation(real_server: Server, tmp_path: Path) -> None:
+    """The second turn carries the first and its answer to /chat/completions; llama.cpp counts
+    them (its prompt is longer by at least the first answer) and both turns are recorded."""
+    from lmstream_nb import Conversation, PromptStore
+
+    with PromptStore(tmp_path / "runs.db") as store:
+        async with LMStudioClient(real_server.base_url, budgets=BUDGETS) as client:
+            chat = Conversation("real", model=MODEL, store=store, client=client)
+            settings = {"max_tokens": 8, "temperature": 0}
+            first = await chat.asend("Name a colour.", options=settings)
+            second = await chat.asend("Name another.", options=settings)
+        turns = chat.turns
+        sent = store.get_run(second.run_id)
+    assert (first.status, second.status) == ("ok", "ok")
+    assert [(t.user, t.answer) for t in turns] == [
+        ("Name a colour.", first.text),
+        ("Name another.", second.text),
+    ]
+    assert sent.api == "openai"
+    assert [m["role"] for m in sent.messages] == ["user", "assistant", "user"]
+    assert sent.messages[1]["content"] == first.text
+    assert first.stats.prompt_tokens is not None
+    assert second.stats.prompt_tokens is not None
+    assert first.stats.completion_tokens is not None
+    assert second.stats.prompt_tokens >= first.stats.prompt_tokens + first.stats.completion_tokens
