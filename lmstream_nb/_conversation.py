@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._client import LMStudioClient
-from ._errors import ConversationTooLong, LMStreamError
+from ._errors import ConversationTooLong, LMStreamError, PromptTooLong, render
 from ._loop import shared_loop
 from ._run import RunResult, arun, default_store
 from ._store import PromptStore, RunRecord
@@ -190,19 +190,42 @@ class Conversation:
                     )
                     error.interface = interface
                     raise error
-            return await arun(
-                turn,
-                variables,
-                store=self.store,
-                client=http,
-                context=context,
-                conversation_id=record.id,
-                parent_run_id=record.head_run_id,
-                **options,
-            )
+            try:
+                result = await arun(
+                    turn,
+                    variables,
+                    store=self.store,
+                    client=http,
+                    context=context,
+                    conversation_id=record.id,
+                    parent_run_id=record.head_run_id,
+                    **options,
+                )
+            except PromptTooLong as exc:  # the server refused it: the same ways out
+                raise self._too_long(exc) from exc
+            if isinstance(result.exception, PromptTooLong):  # raise_errors=False
+                result.exception = self._too_long(result.exception)
+                result.error = render(result.exception)
+            return result
         finally:
             if own:
                 await http.aclose()
+
+    def _too_long(self, exc: PromptTooLong) -> ConversationTooLong:
+        """The server's refusal of a turn, as the conversation's sentence (the turn is
+        recorded as failed, so it is not sent again)."""
+        if isinstance(exc, ConversationTooLong):
+            return exc
+        error = ConversationTooLong(
+            self.name,
+            url=exc.url,
+            prompt_tokens=exc.prompt_tokens,
+            context_length=exc.context_length,
+            status=exc.status,
+            server_message=exc.server_message,
+        )
+        error.run_id, error.interface = exc.run_id, exc.interface
+        return error
 
     @staticmethod
     def _context(

@@ -599,17 +599,38 @@ class PromptTooLong(HTTPStatusError):
 
 class ConversationTooLong(PromptTooLong):
     """A conversation's next turn, with the turns before it, no longer fits the context. No
-    turn is ever left out without being asked, so the sentence names the ways to ask."""
+    turn is ever left out without being asked, so the sentence names the ways to ask.
 
-    def __init__(self, name: str, *, url: str, prompt_tokens: int, context_length: int) -> None:
+    ``status`` 0: the client counted and sent nothing; otherwise the server refused it (and
+    the numbers are those it gave, where it gave them).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        url: str,
+        prompt_tokens: int | None,
+        context_length: int | None,
+        status: int = 0,
+        server_message: str | None = None,
+    ) -> None:
         self.name = name
+        window = (
+            "the context" if context_length is None else f"the {context_length:,}-token context"
+        )
+        size = (
+            f"does not fit {window}"
+            if prompt_tokens is None
+            else f"has {prompt_tokens:,} tokens, too many for {window}"
+        )
+        how = "so it was not sent" if status == 0 else f"so the server refused it (HTTP {status})"
         super().__init__(
-            f"The conversation {name!r} with its next message has {prompt_tokens:,} tokens, "
-            f"too many for the {context_length:,}-token context of the model at {url}, so "
-            f"it was not sent: {term('shorter', name)}.",
+            f"The conversation {name!r} with its next message {size} of the model at {url}, "
+            f"{how}: {term('shorter', name)}.",
             url=url,
-            status=0,
-            server_message=None,
+            status=status,
+            server_message=server_message,
             prompt_tokens=prompt_tokens,
             context_length=context_length,
         )

@@ -242,3 +242,33 @@ def test_an_unknown_conversation_is_named(store: PromptStore) -> None:
     assert "did you mean 'alpha'" in str(missing.value)
     with pytest.raises(StoreError, match="already a conversation named 'alpha'"):
         Conversation("alpha", store=store).fork("alpha")
+
+
+def test_a_server_that_cannot_count_refuses_and_the_sentence_gives_the_same_ways_out(
+    store: PromptStore,
+) -> None:
+    """LM Studio counts nothing beforehand: its refusal is the conversation's sentence too,
+    and the refused turn is recorded but not sent again."""
+    with (
+        simulator.serve(profile="test-fast", context_length=300) as server,
+        SyncLMStudioClient(server.base_url) as client,
+    ):
+        chat = Conversation("lm", model=MODEL, store=store, client=client)
+        chat.send("a" * 600)
+        with pytest.raises(ConversationTooLong) as refused:
+            chat.send("b" * 600)
+        quiet = chat.send("c" * 600, options={"raise_errors": False})
+    error = refused.value
+    assert error.status == 400
+    assert error.context_length == 300
+    assert "300-token context" in str(error)
+    assert "so the server refused it (HTTP 400)" in str(error)
+    assert "Conversation.drop_oldest(n)" in str(error)
+    assert isinstance(quiet.exception, ConversationTooLong)
+    assert quiet.error is not None
+    assert "drop_oldest=True" in quiet.error
+    assert [(t.status, t.in_context) for t in chat.turns] == [
+        ("ok", True),
+        ("error", False),
+        ("error", False),
+    ]
