@@ -59,7 +59,7 @@ from ._produce import (
     reply_pieces,
     token_intervals,
 )
-from ._records import Outcome, Recorder
+from ._records import MESSAGES_KEPT_CHARS, Outcome, Recorder
 from ._scenario import (
     Scenario,
     ScenarioError,
@@ -260,11 +260,13 @@ def _native_field(
 
 
 def _pairs(messages: list[Any]) -> tuple[tuple[str, str], ...]:
-    """What a request's messages said, for its record: (role, text) pairs."""
-    return tuple(
+    """What a request's messages said, for its record: (role, text) pairs; none when they
+    are longer than a record keeps."""
+    pairs = tuple(
         (str(m.get("role")), m["content"] if isinstance(m.get("content"), str) else "")
         for m in messages
     )
+    return pairs if sum(len(text) for _, text in pairs) <= MESSAGES_KEPT_CHARS else ()
 
 
 def _native_messages(
