@@ -131,7 +131,7 @@ class Conversation:
         (``on_event``, ``raise_errors``, ``temperature`` …) for this turn.
         """
         return await self.arun_turn(
-            self._turn_prompt(text),
+            await asyncio.to_thread(self._turn_prompt, text),  # may read a stored prompt
             variables,
             include_failed=include_failed,
             drop_oldest=drop_oldest,
@@ -179,8 +179,11 @@ class Conversation:
                     raise
                 model = options.get("model") or turn.model
                 count, context_length = await self._count(http, messages, model)
-                # llama.cpp refuses a prompt that fills its context exactly (see _check_fits)
-                if count is None or context_length is None or count < context_length:
+                # llama.cpp refuses a prompt that fills its context exactly (see _check_fits).
+                # With no earlier turn in it, the message alone is too long: arun refuses it
+                # with the sentence for any prompt (shorten it), as a failed turn.
+                earlier = any(m["role"] == "assistant" for m in context)
+                if count is None or context_length is None or count < context_length or not earlier:
                     break
                 if not drop_oldest or not await asyncio.to_thread(
                     self.drop_oldest, 1, include_failed=include_failed
@@ -202,8 +205,10 @@ class Conversation:
                     **options,
                 )
             except PromptTooLong as exc:  # the server refused it: the same ways out
+                if not earlier:
+                    raise
                 raise self._too_long(exc) from exc
-            if isinstance(result.exception, PromptTooLong):  # raise_errors=False
+            if earlier and isinstance(result.exception, PromptTooLong):  # raise_errors=False
                 result.exception = self._too_long(result.exception)
                 result.error = render(result.exception)
             return result

@@ -15,6 +15,7 @@ from lmstream_nb import (
     ConversationTooLong,
     LMStudioClient,
     PromptStore,
+    PromptTooLong,
     StoreError,
     SyncLMStudioClient,
     simulator,
@@ -214,10 +215,19 @@ def test_a_conversation_over_the_context_is_refused_with_the_numbers_and_the_way
         assert [t.status for t in chat.turns] == ["ok"], "a refused turn is no turn"
         before = len(server.records())
         done = chat.send("b" * 600, drop_oldest=True)
+        # A message too long on its own is any prompt too long: no turn to drop would help.
+        with pytest.raises(PromptTooLong) as alone:
+            chat.send("c" * 1300, drop_oldest=True)
+    assert not isinstance(alone.value, ConversationTooLong)
+    assert "shorten the prompt" in str(alone.value)
     assert done.ok
-    last = [r for r in server.records()[before:] if r.path.endswith("/chat/completions")][-1]
+    last = next(r for r in server.records()[before:] if r.path.endswith("/chat/completions"))
     assert last.messages == (("user", "b" * 600),)
-    assert [(t.status, t.in_context) for t in chat.turns] == [("ok", False), ("ok", True)]
+    assert [(t.status, t.in_context) for t in chat.turns] == [
+        ("ok", False),
+        ("ok", False),
+        ("error", False),
+    ]
 
 
 def test_drop_oldest_leaves_turns_out_and_says_how_many(
