@@ -11,6 +11,7 @@ if _typing.TYPE_CHECKING:
     from ._conversation import Conversation, Turn
     from ._errors import (
         AuthenticationError,
+        ConversationBusy,
         ConversationNotFound,
         ConversationTooLong,
         FirstTokenTimeout,
@@ -83,6 +84,7 @@ _HOMES: dict[str, tuple[str, ...]] = {
     "_conversation": ("Conversation", "Turn"),
     "_errors": (
         "AuthenticationError",
+        "ConversationBusy",
         "ConversationNotFound",
         "ConversationTooLong",
         "FirstTokenTimeout",
@@ -184,6 +186,7 @@ __all__ = [
     "ChatStream",
     "Completion",
     "Conversation",
+    "ConversationBusy",
     "ConversationNotFound",
     "ConversationTooLong",
     "Event",

@@ -13,17 +13,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ._client import LMStudioClient
-from ._errors import ConversationTooLong, LMStreamError, PromptTooLong, render
+from ._errors import ConversationBusy, ConversationTooLong, LMStreamError, PromptTooLong, render
 from ._loop import shared_loop
 from ._run import RunResult, arun, default_store
 from ._store import PromptStore, RunRecord
 from ._sync import SyncLMStudioClient
 from ._template import Prompt
+
+#: The conversations (store file, name) with a turn under way in this process: a second turn
+#: sent meanwhile would not carry the first, so it is refused (``ConversationBusy``). Front
+#: ends run turns on different loops (a notebook's background cells), hence a thread lock.
+_UNDER_WAY: set[tuple[str, str]] = set()
+_UNDER_WAY_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,27 @@ class Conversation:
     ) -> RunResult:
         """Run ``prompt`` as the next turn (its system prompt counts only on the first): the
         one step ``send``, the magic and the CLI share."""
+        key = (str(self.store.path), self.name)
+        with _UNDER_WAY_LOCK:
+            if key in _UNDER_WAY:
+                busy = ConversationBusy(self.name)
+                busy.interface = options.get("interface", self._options.get("interface", "python"))
+                raise busy
+            _UNDER_WAY.add(key)
+        try:
+            return await self._arun_turn(prompt, variables, include_failed, drop_oldest, options)
+        finally:
+            with _UNDER_WAY_LOCK:
+                _UNDER_WAY.discard(key)
+
+    async def _arun_turn(
+        self,
+        prompt: Prompt,
+        variables: Mapping[str, Any] | None,
+        include_failed: bool,
+        drop_oldest: bool,
+        options: dict[str, Any],
+    ) -> RunResult:
         options = {**self._options, **options}
         interface = options.get("interface", "python")
         client = options.pop("client", None) or self._client

@@ -9,6 +9,7 @@
     │   └── InvalidVariables         .names  (values that are not text, numbers or booleans)
     ├── InvalidBaseURL               .url (credentials removed)
     ├── UnsupportedRequest           .reason  (api="native" and a request it cannot carry)
+    ├── ConversationBusy             .name  (a turn sent while the previous one streams)
     ├── StoreError                   .path
     │   ├── PromptNotFound           .name, .suggestions
     │   ├── RunNotFound              .run_id
@@ -428,6 +429,18 @@ class UnsupportedRequest(LMStreamError, ValueError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ConversationBusy(LMStreamError):
+    """A conversation's next message was sent while its previous answer was still streaming
+    (two cells, two tasks): the second would not see the first, so it is refused."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"The conversation {name!r} is still waiting for its previous answer, so this "
+            "message was not sent: wait for that answer (or stop it), then send again."
+        )
+        self.name = name
 
 
 class InvalidBaseURL(LMStreamError):

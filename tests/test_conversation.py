@@ -11,6 +11,7 @@ import pytest
 
 from lmstream_nb import (
     Conversation,
+    ConversationBusy,
     ConversationNotFound,
     ConversationTooLong,
     LMStudioClient,
@@ -282,3 +283,28 @@ def test_a_server_that_cannot_count_refuses_and_the_sentence_gives_the_same_ways
         ("error", False),
         ("error", False),
     ]
+
+
+@pytest.mark.anyio
+async def test_a_message_sent_while_the_previous_answer_streams_is_refused(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    async with LMStudioClient(sim.base_url) as client:
+        chat = Conversation("busy", model=MODEL, store=store, client=client)
+        started = asyncio.Event()
+        slow = asyncio.ensure_future(
+            chat.asend(
+                "Slowly.",
+                options={
+                    "sim": {"output_tokens": 40, "gen_tps": 100},
+                    "on_event": lambda _: started.set(),
+                },
+            )
+        )
+        await asyncio.wait_for(started.wait(), 10)
+        with pytest.raises(ConversationBusy) as busy:
+            await Conversation("busy", store=store, client=client).asend("Meanwhile.")
+        await asyncio.wait_for(slow, 30)
+        await chat.asend("Afterwards.")
+    assert "still waiting for its previous answer" in str(busy.value)
+    assert [t.user for t in chat.turns] == ["Slowly.", "Afterwards."]
