@@ -457,3 +457,32 @@ async def test_a_two_turn_conversation(real_server: Server, tmp_path: Path) -> N
     assert second.stats.prompt_tokens is not None
     assert first.stats.completion_tokens is not None
     assert second.stats.prompt_tokens >= first.stats.prompt_tokens + first.stats.completion_tokens
+
+
+async def test_a_conversation_over_the_context_is_refused_before_sending(tmp_path: Path) -> None:
+    """llama.cpp counts the turns with its own tokenizer: the second message (about 450
+    tokens), with the first turn, no longer fits a 512-token context, so it is refused with
+    both numbers and never sent; leaving the oldest turn out lets it through."""
+    from lmstream_nb import Conversation, ConversationTooLong, PromptStore
+
+    words = " ".join(["river"] * 150)  # about 150 tokens each
+    with started(n_ctx=512) as server, PromptStore(tmp_path / "runs.db") as store:
+        async with LMStudioClient(server.base_url, budgets=BUDGETS) as client:
+            chat = Conversation("small", model=MODEL, store=store, client=client)
+            settings = {"max_tokens": 4, "temperature": 0}
+            await chat.asend(f"Count: {words}", options=settings)
+            runs = len(store.history(limit=None))
+            with pytest.raises(ConversationTooLong) as refused:
+                await chat.asend(f"Again, {words} {words} {words}", options=settings)
+            assert len(store.history(limit=None)) == runs, "nothing was sent or recorded"
+            done = await chat.asend(
+                f"Again, {words} {words} {words}", drop_oldest=True, options=settings
+            )
+        turns = chat.turns
+    error = refused.value
+    assert error.context_length == 512
+    assert error.prompt_tokens is not None
+    assert error.prompt_tokens >= 512
+    assert f"{error.prompt_tokens:,} tokens" in str(error)
+    assert done.ok
+    assert [t.in_context for t in turns] == [False, True]
