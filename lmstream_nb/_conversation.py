@@ -51,9 +51,10 @@ class Conversation:
 
     ``prompt`` (a stored prompt's name, or a ``Prompt``) starts it: the first ``send`` renders
     its system prompt and template with the variables given (or, with a text, its system
-    prompt and the text). A conversation opened again by name continues where it was, with
-    the prompt it was started with. ``model``, ``temperature``, ``max_tokens``, ``base_url``,
-    ``budgets`` and ``client`` are the defaults of every turn (``send`` may override them).
+    prompt and the text). A conversation opened again by name continues where it was, and
+    remembers a stored prompt it was started with (an inline ``Prompt`` is not stored).
+    ``model``, ``temperature``, ``max_tokens``, ``base_url``, ``budgets`` and ``client`` are
+    the defaults of every turn (``send``'s ``options`` may override them).
     """
 
     def __init__(

@@ -15,10 +15,12 @@ from lmstream_nb import (
     ConversationNotFound,
     ConversationTooLong,
     LMStudioClient,
+    PromptProgress,
     PromptStore,
     PromptTooLong,
     StoreError,
     SyncLMStudioClient,
+    TextDelta,
     simulator,
 )
 from lmstream_nb._errors import render
@@ -170,7 +172,8 @@ async def test_a_cancelled_turn_is_recorded_and_left_out(
                 "Go on.",
                 options={
                     "sim": {"stall_at": 1, "stall_s": 30},
-                    "on_event": lambda _: started.set(),
+                    # cancelled once text flows (it then stalls), as a user stops a slow answer
+                    "on_event": lambda e: isinstance(e, TextDelta) and started.set(),
                 },
             )
         )
@@ -297,7 +300,8 @@ async def test_a_message_sent_while_the_previous_answer_streams_is_refused(
                 "Slowly.",
                 options={
                     "sim": {"output_tokens": 40, "gen_tps": 100},
-                    "on_event": lambda _: started.set(),
+                    # cancelled once text flows (it then stalls), as a user stops a slow answer
+                    "on_event": lambda e: isinstance(e, TextDelta) and started.set(),
                 },
             )
         )
@@ -308,3 +312,21 @@ async def test_a_message_sent_while_the_previous_answer_streams_is_refused(
         await chat.asend("Afterwards.")
     assert "still waiting for its previous answer" in str(busy.value)
     assert [t.user for t in chat.turns] == ["Slowly.", "Afterwards."]
+
+
+def test_a_later_turn_on_llama_cpp_still_reports_progress(store: PromptStore) -> None:
+    """It goes to /chat/completions, where llama.cpp reports prompt progress when asked."""
+    streams: list[Any] = []
+    events: list[Any] = []
+    defaults = simulator.Scenario(dialect="llamacpp", output_tokens=3)
+    with (
+        simulator.serve(profile="test-fast", defaults=defaults) as server,
+        SyncLMStudioClient(server.base_url) as client,
+    ):
+        chat = Conversation("progress", store=store, client=client)
+        chat.send("First.")
+        chat.send("Second.", options={"on_stream": streams.append, "on_event": events.append})
+    [stream] = streams
+    assert stream.api == "openai"
+    assert stream.reports_progress is True
+    assert any(isinstance(e, PromptProgress) for e in events)
