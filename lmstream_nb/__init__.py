@@ -8,9 +8,13 @@ if _typing.TYPE_CHECKING:
     from ._batch import BatchResult, arun_many, run_many
     from ._client import ChatStream, LMStudioClient
     from ._config import Budgets, Retries
+    from ._conversation import Conversation, Turn
     from ._diff import PromptDiff
     from ._errors import (
         AuthenticationError,
+        ConversationBusy,
+        ConversationNotFound,
+        ConversationTooLong,
         FirstTokenTimeout,
         HTTPStatusError,
         InvalidBaseURL,
@@ -80,9 +84,13 @@ _HOMES: dict[str, tuple[str, ...]] = {
     "_batch": ("BatchResult", "arun_many", "run_many"),
     "_client": ("ChatStream", "LMStudioClient"),
     "_config": ("Budgets", "Retries"),
+    "_conversation": ("Conversation", "Turn"),
     "_diff": ("PromptDiff",),
     "_errors": (
         "AuthenticationError",
+        "ConversationBusy",
+        "ConversationNotFound",
+        "ConversationTooLong",
         "FirstTokenTimeout",
         "HTTPStatusError",
         "InvalidBaseURL",
@@ -183,6 +191,10 @@ __all__ = [
     "Budgets",
     "ChatStream",
     "Completion",
+    "Conversation",
+    "ConversationBusy",
+    "ConversationNotFound",
+    "ConversationTooLong",
     "Event",
     "FirstTokenTimeout",
     "GroupStats",
@@ -239,6 +251,7 @@ __all__ = [
     "Template",
     "TemplateError",
     "TextDelta",
+    "Turn",
     "UnknownVariables",
     "UnsupportedRequest",
     "arun",

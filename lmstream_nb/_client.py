@@ -1460,6 +1460,17 @@ class LMStudioClient:
         finally:
             await response.aclose()
 
+    async def prompt_tokens(self, messages: Messages) -> int | None:
+        """The tokens ``messages`` take, counted by the server before anything is sent, where
+        it can count them (llama.cpp); None elsewhere (then nothing is checked beforehand)."""
+        if (await self.server_info()).kind != "llamacpp":
+            return None
+        _, obj = await self._post_json(
+            "/chat/completions/input_tokens", {"messages": _as_messages(messages)}
+        )
+        count = obj.get("input_tokens") if isinstance(obj, dict) else None
+        return count if type(count) is int and count >= 0 else None
+
     async def _check_fits(self, body: dict[str, Any], context_length: int) -> None:
         """Refuse, before sending, a prompt that the server counts as longer than its context.
 

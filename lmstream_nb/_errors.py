@@ -11,9 +11,11 @@
     ├── UnsupportedRequest           .reason  (api="native" and a request it cannot carry)
     ├── InvalidSchema                .reason  (a schema= that is not JSON or not a JSON Schema)
     ├── InvalidOutput                .path, .text  (an answer that does not match its schema)
+    ├── ConversationBusy             .name  (a turn sent while the previous one streams)
     ├── StoreError                   .path
     │   ├── PromptNotFound           .name, .suggestions
     │   ├── RunNotFound              .run_id
+    │   ├── ConversationNotFound     .name, .suggestions
     │   ├── StoreUnavailable         (corrupt, foreign, newer or read-only database)
     │   └── PromptFileError          .file, .line  (export/import files)
     └── RequestError                 .url
@@ -25,6 +27,7 @@
         │   ├── ModelNotFound        .model
         │   ├── ModelNotLoaded
         │   └── PromptTooLong        .prompt_tokens, .context_length
+    │       └── ConversationTooLong  .name  (a conversation's turns no longer fit)
         └── StreamError              .partial_text, .partial_reasoning
             ├── FirstTokenTimeout    .budget, .phase, .fraction  (where progress stopped)
             ├── StreamStalled        .budget
@@ -133,6 +136,8 @@ TERM_KINDS = (
     "runs",
     "models",
     "key",
+    "chats",
+    "shorter",
 )
 
 
@@ -200,6 +205,12 @@ _CLI: dict[str, Callable[[str], str]] = {
     ),
     "values": lambda a: "add " + " ".join(f"--var {n}=..." for n in _names(a)),
     "extra": lambda _: "fix the --var name",
+    "chats": lambda _: "see `lmstream chat list` for the names there are",
+    "shorter": lambda n: (
+        f"add --drop-oldest to `lmstream run --chat {n}` to leave out as many of its oldest "
+        f"turns as needed (`lmstream chat fork {n} NEW` first keeps a whole copy), or start "
+        f"again with `lmstream chat reset {n}`"
+    ),
 }
 
 _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
@@ -221,6 +232,12 @@ _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
         ),
         "values": lambda a: "pass " + " ".join(f"{n}=..." for n in _names(a)),
         "extra": lambda _: "fix the name, or pass allow_extra=True to allow extra variables",
+        "chats": lambda _: "see PromptStore().conversations() for the names there are",
+        "shorter": lambda _: (
+            "leave out its oldest turns with Conversation.drop_oldest(n), or send(..., "
+            "drop_oldest=True) for as many as needed (Conversation.fork(new_name) first keeps "
+            "a whole copy), or start again with Conversation.reset()"
+        ),
     },
     "cli": _CLI,
     # The magic takes the command line's options, and has its session settings besides.
@@ -241,6 +258,12 @@ _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
             "add "
             + " ".join(f"--var {n}=..." for n in _names(a))
             + " to the %%lmstream line or define it in the notebook"
+        ),
+        "chats": lambda _: "see %lmstream chat list for the names there are",
+        "shorter": lambda n: (
+            f"add --drop-oldest to the %%lmstream --chat {n} line to leave out as many of its "
+            f"oldest turns as needed (%lmstream chat fork {n} NEW first keeps a whole copy), "
+            f"or start again with %lmstream chat reset {n}"
         ),
     },
     "runner": {
@@ -266,6 +289,8 @@ _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
         ),
         "values": lambda a: "fill in " + ", ".join(_names(a)),
         "extra": lambda _: "fix the variable's name",
+        "chats": lambda _: "see %lmstream chat list for the names there are",
+        "shorter": lambda n: f"run %lmstream chat reset {n} to start again",
     },
     "relay": {
         "key": lambda _: "set LMSTREAM_API_KEY to the server's API token where lmstream serve runs",
@@ -287,6 +312,8 @@ _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
             'send "variables": {' + ", ".join(f'"{n}": "..."' for n in _names(a)) + "}"
         ),
         "extra": lambda _: 'fix the name in "variables"',
+        "chats": lambda _: "choose a conversation that exists",
+        "shorter": lambda _: "start a new conversation",
     },
 }
 
@@ -431,6 +458,18 @@ class InvalidOutput(LMStreamError):
         self.text = text
 
 
+class ConversationBusy(LMStreamError):
+    """A conversation's next message was sent while its previous answer was still streaming
+    (two cells, two tasks): the second would not see the first, so it is refused."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"The conversation {name!r} is still waiting for its previous answer, so this "
+            "message was not sent: wait for that answer (or stop it), then send again."
+        )
+        self.name = name
+
+
 class InvalidBaseURL(LMStreamError):
     """A base URL that cannot be used (no scheme, a scheme other than http(s), no host, a port
     that is not a number, a broken IPv6 literal); ``url`` is the URL with credentials removed."""
@@ -487,6 +526,19 @@ class RunNotFound(StoreError):
             path=path,
         )
         self.run_id = run_id
+
+
+class ConversationNotFound(StoreError):
+    """No conversation has that name; close names are suggested."""
+
+    def __init__(self, name: str, suggestions: Iterable[str] = (), *, path: str) -> None:
+        self.name = name
+        self.suggestions = tuple(suggestions)
+        if self.suggestions:
+            fix = "did you mean " + " or ".join(repr(s) for s in self.suggestions) + "?"
+        else:
+            fix = term("chats") + "."
+        super().__init__(f"No conversation is named {name!r}{term('db', path)}: {fix}", path=path)
 
 
 class StoreUnavailable(StoreError):
@@ -583,6 +635,45 @@ class PromptTooLong(HTTPStatusError):
         super().__init__(message, url=url, status=status, server_message=server_message)
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
+
+
+class ConversationTooLong(PromptTooLong):
+    """A conversation's next turn, with the turns before it, no longer fits the context. No
+    turn is ever left out without being asked, so the sentence names the ways to ask.
+
+    ``status`` 0: the client counted and sent nothing; otherwise the server refused it (and
+    the numbers are those it gave, where it gave them).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        url: str,
+        prompt_tokens: int | None,
+        context_length: int | None,
+        status: int = 0,
+        server_message: str | None = None,
+    ) -> None:
+        self.name = name
+        window = (
+            "the context" if context_length is None else f"the {context_length:,}-token context"
+        )
+        size = (
+            f"does not fit {window}"
+            if prompt_tokens is None
+            else f"has {prompt_tokens:,} tokens, too many for {window}"
+        )
+        how = "so it was not sent" if status == 0 else f"so the server refused it (HTTP {status})"
+        super().__init__(
+            f"The conversation {name!r} with its next message {size} of the model at {url}, "
+            f"{how}: {term('shorter', name)}.",
+            url=url,
+            status=status,
+            server_message=server_message,
+            prompt_tokens=prompt_tokens,
+            context_length=context_length,
+        )
 
 
 class StreamError(RequestError):

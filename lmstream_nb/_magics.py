@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -360,6 +361,22 @@ class LMStreamMagics(Magics):
         help="return at once; the answer keeps streaming into this cell's output",
     )
     @argument(
+        "--chat",
+        metavar="NAME",
+        help="send the cell as the next message of conversation NAME, with its earlier turns "
+        "(default: a run on its own)",
+    )
+    @argument(
+        "--drop-oldest",
+        action="store_true",
+        help="with --chat: leave out as many of the oldest turns as the context needs",
+    )
+    @argument(
+        "--include-failed",
+        action="store_true",
+        help="with --chat: also send earlier turns that failed or were stopped",
+    )
+    @argument(
         "--first-token-timeout",
         type=seconds_argument,
         default=SESSION,
@@ -402,6 +419,8 @@ class LMStreamMagics(Magics):
                                             the embedded simulator, for notebooks that
                                             must run anywhere
             %lmstream ui                    a prompt runner: pick, fill, run, stop, history
+            %lmstream chat list | show NAME | reset NAME | fork NAME NEW
+                                            conversations (%%lmstream --chat NAME)
         """
         # Shell-style splitting (shlex), so `key="several words"` is one value; IPython's own
         # splitter keeps quotes that do not start a word.
@@ -487,6 +506,17 @@ class LMStreamMagics(Magics):
             return self._run_background(prompt, variables, base_url, kwargs, args, shown)
         return self._run_blocking(prompt, variables, base_url, kwargs, args, shown)
 
+    def _runner(self, args: Any) -> Callable[..., Awaitable[RunResult]]:
+        """What runs the cell: a run of its own, or with --chat the conversation's next turn."""
+        from ._conversation import runner
+
+        return runner(
+            self.store,
+            args.chat,
+            include_failed=args.include_failed,
+            drop_oldest=args.drop_oldest,
+        )
+
     def _run_blocking(
         self,
         prompt: Prompt,
@@ -496,7 +526,7 @@ class LMStreamMagics(Magics):
         args: Any,
         shown: _CellView,
     ) -> None:
-        from ._run import arun
+        arun = self._runner(args)
 
         sink = shown.sink
 
@@ -533,7 +563,7 @@ class LMStreamMagics(Magics):
         args: Any,
         shown: _CellView,
     ) -> BackgroundRun:
-        from ._run import arun
+        arun = self._runner(args)
 
         sink = shown.sink
 
@@ -575,7 +605,7 @@ class LMStreamMagics(Magics):
         """Terminal IPython: plain text to stdout as it arrives, stats on one line after."""
         import sys
 
-        from ._run import arun
+        arun = self._runner(args)
 
         sink = TerminalSink(sys.stdout, sys.stderr, as_json=False)
 
@@ -604,7 +634,7 @@ class LMStreamMagics(Magics):
         if not args.words:
             raise UsageError(
                 "Give %lmstream a subcommand (run, prompts, show, diff, history, stats, "
-                "models, config, sim, ui), or use %%lmstream as a cell magic; see %lmstream?."
+                "models, config, sim, ui, chat), or use %%lmstream as a cell magic; see %lmstream?."
             )
         command, *rest = args.words
         if command == "run":
@@ -659,6 +689,18 @@ class LMStreamMagics(Magics):
                     return ModelList(await client.list_model_kinds())
 
             return shared_loop().run(models())
+        if command == "chat":
+            from ._conversation import chat_command
+
+            try:
+                done = chat_command(self.store, rest)
+            except ValueError as exc:
+                raise UsageError(f"Use %lmstream chat {exc}; see %lmstream?.") from None
+            if isinstance(done, str):
+                print(done)
+                return None
+            headers, rows = done
+            return _table(rows, headers, list)
         if command == "config":
             return self._config(rest)
         if command == "sim":

@@ -255,6 +255,33 @@ def m007_prompt_schema(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE prompts ADD COLUMN schema TEXT")
 
 
+def m008_conversations(conn: sqlite3.Connection) -> None:
+    """Conversations: named chains of runs, each turn an ordinary run.
+
+    A run that is a turn names its conversation and ``parent_run_id``, the turn before it (any
+    status: a failed turn stays in the chain, it is only left out of the context sent). A
+    conversation points at its latest turn (``head_run_id``), so a fork is a new row with the
+    same head and a reset is a head of NULL: no run is copied or deleted. Turns whose id is
+    below ``context_from_run`` were dropped from the context on request (``drop_oldest``);
+    ``prompt_name`` is the stored prompt the first turn renders.
+    """
+    conn.execute(
+        "CREATE TABLE conversations ("
+        " id INTEGER PRIMARY KEY,"
+        " name TEXT NOT NULL UNIQUE,"
+        " created REAL NOT NULL,"
+        " forked_from INTEGER REFERENCES conversations (id),"
+        " head_run_id INTEGER,"
+        " context_from_run INTEGER,"
+        " prompt_name TEXT)"
+    )
+    conn.execute("ALTER TABLE runs ADD COLUMN conversation_id INTEGER")
+    conn.execute("ALTER TABLE runs ADD COLUMN parent_run_id INTEGER")
+    conn.execute(
+        "CREATE INDEX runs_conversation ON runs (conversation_id) WHERE conversation_id IS NOT NULL"
+    )
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 #: Every schema step in order; step ``i`` (0-based) brings the database to version ``i + 1``.
@@ -266,6 +293,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     m005_progress_figures,
     m006_prompt_chars,
     m007_prompt_schema,
+    m008_conversations,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

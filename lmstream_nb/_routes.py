@@ -211,6 +211,12 @@ def _native_body(body: Mapping[str, Any], *, passthrough: bool) -> dict[str, Any
         ):
             user = content
         elif role == "assistant":
+            # A conversation's later turns carry the earlier answers, which LM Studio 0.4's
+            # native chat cannot take (it keeps conversations itself, by previous_response_id;
+            # we keep ours in the store and send "store": false): such a request goes to
+            # /v1/chat/completions with the whole messages array, where llama.cpp still
+            # reports progress (return_progress) and elsewhere the history-based estimate
+            # shows. A first turn (no assistant message yet) still fits the native chat.
             return "the native chat takes no assistant turns"
         else:
             return f"the native chat takes one system prompt and one user message (message {i})"

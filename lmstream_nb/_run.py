@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +253,9 @@ async def arun(
     timeout: float | None = None,
     interface: str = "python",
     schema: object = None,
+    context: Sequence[Mapping[str, str]] = (),
+    conversation_id: int | None = None,
+    parent_run_id: int | None = None,
     **extra: Any,
 ) -> RunResult:
     """Render ``prompt`` with ``variables``, stream the answer, and record the run.
@@ -274,6 +277,9 @@ async def arun(
     JSON matching it: it is sent as ``response_format``, the answer still streams, and at the
     end it is parsed and validated into ``result.parsed``; an answer that is not JSON or does
     not match ends with status ``invalid_output`` (InvalidOutput), its text kept.
+    ``context`` is the messages sent before the rendered prompt (a conversation's system
+    prompt and earlier turns, see ``Conversation``), which records the run as turn
+    ``conversation_id`` after ``parent_run_id``.
     """
     if mode not in ("stream", "blocking"):
         raise ValueError(f"mode must be 'stream' or 'blocking', not {mode!r}")
@@ -290,7 +296,8 @@ async def arun(
         max_tokens = check_max_tokens(max_tokens if max_tokens is not None else prompt.max_tokens)
         wanted = schema if schema is not None else prompt.schema
         checked_schema = schema_of(wanted) if wanted is not None else None
-        messages = prompt.render(variables, allow_extra=allow_extra)
+        messages = [dict(m) for m in context]
+        messages += prompt.render(variables, allow_extra=allow_extra)
     except LMStreamError as exc:
         exc.interface = interface
         raise
@@ -317,6 +324,8 @@ async def arun(
             started_at=time.time(),
             batch_id=batch_id,
             batch_row=batch_row,
+            conversation_id=conversation_id,
+            parent_run_id=parent_run_id,
         )
     )
     try:

@@ -49,7 +49,14 @@ from typing import Any, overload
 import platformdirs
 
 from ._diff import PromptDiff
-from ._errors import LMStreamError, PromptNotFound, RunNotFound, StoreError, StoreUnavailable
+from ._errors import (
+    ConversationNotFound,
+    LMStreamError,
+    PromptNotFound,
+    RunNotFound,
+    StoreError,
+    StoreUnavailable,
+)
 from ._estimate import WINDOW, Estimate, estimate, prompt_chars
 from ._events import Stats
 from ._history import (
@@ -924,15 +931,17 @@ class PromptStore:
         started_at: float,
         batch_id: str | None = None,
         batch_row: int | None = None,
+        conversation_id: int | None = None,
+        parent_run_id: int | None = None,
     ) -> int:
         """Record a run that is about to start (status ``unfinished``, owned by this process);
-        return its id."""
+        return its id. A conversation's turn becomes its latest in the same transaction."""
         with self._write() as conn:
             cursor = conn.execute(
                 "INSERT INTO runs (prompt_name, prompt_version, template, system, messages, "
                 "prompt_chars, variables, model, base_url, started_at, status, batch_id, "
-                "batch_row, owner, text_in_chunks) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'unfinished', ?, ?, ?, 1)",
+                "batch_row, owner, text_in_chunks, conversation_id, parent_run_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'unfinished', ?, ?, ?, 1, ?, ?)",
                 (
                     prompt_name,
                     prompt_version,
@@ -947,9 +956,16 @@ class PromptStore:
                     batch_id,
                     batch_row,
                     current_owner().to_json(),
+                    conversation_id,
+                    parent_run_id,
                 ),
             )
             run_id = cursor.lastrowid
+            if conversation_id is not None:
+                conn.execute(
+                    "UPDATE conversations SET head_run_id = ? WHERE id = ?",
+                    (run_id, conversation_id),
+                )
         assert run_id is not None
         return run_id
 
@@ -1267,3 +1283,110 @@ class PromptStore:
         """Success rate, outcome counts and timing percentiles, overall and per (prompt, model)."""
         with self._read() as conn:
             return query_stats(conn, prompt=prompt, model=model, since=since)
+
+    # -- conversations ------------------------------------------------------------------------
+
+    def conversation(
+        self, name: str, *, create: bool = False, prompt_name: str | None = None
+    ) -> ConversationRecord:
+        """The conversation ``name``; with ``create``, a new one is made if there is none
+        (remembering ``prompt_name``). ConversationNotFound otherwise."""
+        if create:
+            with self._write() as conn:
+                conn.execute(
+                    "INSERT INTO conversations (name, created, prompt_name) VALUES (?, ?, ?) "
+                    "ON CONFLICT (name) DO NOTHING",
+                    (name, time.time(), prompt_name),
+                )
+        with self._read() as conn:
+            return self._conversation(conn, name)
+
+    def _conversation(self, conn: sqlite3.Connection, name: str) -> ConversationRecord:
+        row = conn.execute(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            known = [n for (n,) in conn.execute("SELECT name FROM conversations ORDER BY name")]
+            raise ConversationNotFound(
+                name, difflib.get_close_matches(name, known, n=3), path=str(self.path)
+            )
+        return ConversationRecord(*row)
+
+    def conversations(self) -> builtins.list[ConversationRecord]:
+        """Every conversation, by name."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_CONVERSATION_COLUMNS} FROM conversations ORDER BY name"
+            ).fetchall()
+        return [ConversationRecord(*row) for row in rows]
+
+    def conversation_runs(self, name: str) -> builtins.list[RunRecord]:
+        """The turns of conversation ``name``, oldest first: its latest run and the parents
+        before it (a fork's chain runs on into the conversation it was forked from)."""
+        with self._read() as conn:
+            head = self._conversation(conn, name).head_run_id
+            ids = [
+                int(run_id)
+                for (run_id,) in conn.execute(
+                    "WITH RECURSIVE chain (id, depth) AS ("
+                    " SELECT ?, 0 WHERE ? IS NOT NULL"
+                    " UNION ALL SELECT runs.parent_run_id, chain.depth + 1 FROM runs"
+                    " JOIN chain ON runs.id = chain.id WHERE runs.parent_run_id IS NOT NULL)"
+                    " SELECT id FROM chain ORDER BY depth DESC",
+                    (head, head),
+                )
+            ]
+        return [self.get_run(run_id) for run_id in ids]
+
+    def fork_conversation(self, name: str, new_name: str) -> ConversationRecord:
+        """A new conversation ``new_name`` with the turns of ``name`` so far (none copied: it
+        starts from the same latest turn); StoreError if ``new_name`` is taken."""
+        with self._write() as conn:
+            source = self._conversation(conn, name)
+            if conn.execute("SELECT 1 FROM conversations WHERE name = ?", (new_name,)).fetchone():
+                raise StoreError(
+                    f"There is already a conversation named {new_name!r} in {self.path}: "
+                    "choose another name for the fork.",
+                    path=str(self.path),
+                )
+            conn.execute(
+                "INSERT INTO conversations (name, created, forked_from, head_run_id, "
+                "context_from_run, prompt_name) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    new_name,
+                    time.time(),
+                    source.id,
+                    source.head_run_id,
+                    source.context_from_run,
+                    source.prompt_name,
+                ),
+            )
+            return self._conversation(conn, new_name)
+
+    def update_conversation(
+        self, name: str, *, head_run_id: int | None, context_from_run: int | None
+    ) -> None:
+        """Move a conversation's latest turn and where its context starts (reset: both None).
+        Its runs stay in the history."""
+        with self._write() as conn:
+            self._conversation(conn, name)
+            conn.execute(
+                "UPDATE conversations SET head_run_id = ?, context_from_run = ? WHERE name = ?",
+                (head_run_id, context_from_run, name),
+            )
+
+
+_CONVERSATION_COLUMNS = "id, name, created, forked_from, head_run_id, context_from_run, prompt_name"
+
+
+@dataclass(frozen=True)
+class ConversationRecord:
+    """A conversation's row: its latest turn, where its context starts, what it came from."""
+
+    id: int
+    name: str
+    created: float
+    forked_from: int | None
+    head_run_id: int | None
+    context_from_run: int | None
+    prompt_name: str | None

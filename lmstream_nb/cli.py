@@ -295,6 +295,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print one JSON event per line (the last has the run id)",
     )
+    p_run.add_argument(
+        "--chat",
+        metavar="NAME",
+        help="send this as the next message of conversation NAME, with its earlier turns "
+        "(default: a run on its own)",
+    )
+    p_run.add_argument(
+        "--drop-oldest",
+        action="store_true",
+        help="with --chat: leave out as many of the oldest turns as the context needs",
+    )
+    p_run.add_argument(
+        "--include-failed",
+        action="store_true",
+        help="with --chat: also send earlier turns that failed or were stopped",
+    )
     _add_server_options(p_run)
     _add_budget_options(p_run)
 
@@ -425,6 +441,24 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $LMSTREAM_BASE_URL or http://localhost:1234/v1)",
     )
     _add_budget_options(p_batch)
+
+    p_chat = sub.add_parser(
+        "chat",
+        help="conversations: list, show, reset or fork one (lmstream run --chat NAME)",
+        description="The conversations `lmstream run --chat NAME` keeps.",
+    )
+    csub = p_chat.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c_list = csub.add_parser("list", help="every conversation, with its number of turns")
+    _add_json_option(c_list)
+    c_show = csub.add_parser("show", help="the turns of one conversation")
+    c_show.add_argument("names", nargs=1, metavar="NAME", help="the conversation")
+    _add_json_option(c_show)
+    c_reset = csub.add_parser("reset", help="start a conversation again (its runs stay)")
+    c_reset.add_argument("names", nargs=1, metavar="NAME", help="the conversation")
+    c_fork = csub.add_parser("fork", help="a new conversation with one's turns so far")
+    c_fork.add_argument(
+        "names", nargs=2, metavar="NAME", help="the conversation, then the new name"
+    )
 
     p_history = sub.add_parser("history", help="recorded runs, newest first")
     p_history.add_argument("--prompt", help="only runs of this stored prompt (default: all)")
@@ -680,7 +714,8 @@ def _budgets(args: argparse.Namespace) -> Budgets:
 
 async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ._client import LMStudioClient
-    from ._run import arun, default_store
+    from ._conversation import runner
+    from ._run import default_store
     from ._structured import read_schema_arg
     from ._terminal import TerminalSink, dim, format_stats
 
@@ -701,13 +736,13 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(f"lmstream: {render(exc, 'cli')}\n")
         return EXIT_USAGE
     sink = TerminalSink(out, err, as_json=args.json)
+    go = runner(store, args.chat, include_failed=args.include_failed, drop_oldest=args.drop_oldest)
     async with LMStudioClient(args.base_url, budgets=_budgets(args)) as client:
         try:
-            result = await arun(
+            result = await go(
                 prompt,
                 values,
                 model=args.model,
-                store=store,
                 client=client,
                 on_event=sink.handle,
                 temperature=args.temperature,
@@ -1197,6 +1232,34 @@ def _saved_lines(saved: SavedVersion) -> str:
     return "".join(lines)
 
 
+def _cmd_chat(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ._conversation import chat_command
+    from ._run import default_store
+    from ._terminal import table
+
+    try:
+        done = chat_command(
+            default_store(),
+            [args.action, *getattr(args, "names", [])],
+            whole=getattr(args, "json", False),
+        )
+    except ValueError as exc:
+        err.write(f"lmstream: use lmstream chat {exc}.\n")
+        return EXIT_USAGE
+    if isinstance(done, str):
+        out.write(done + "\n")
+        return EXIT_OK
+    headers, rows = done
+    if args.json:
+        out.write(
+            json.dumps([dict(zip(headers, row, strict=True)) for row in rows], ensure_ascii=False)
+            + "\n"
+        )
+    else:
+        out.write(table([tuple(row) for row in rows], headers))
+    return EXIT_OK
+
+
 def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from dataclasses import asdict
 
@@ -1352,6 +1415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "prompts": _cmd_prompts,
             "history": _cmd_history,
             "stats": _cmd_stats,
+            "chat": _cmd_chat,
             "serve": _cmd_serve,
         }
         if args.command in sync_commands:

@@ -509,3 +509,42 @@ def test_a_bad_schema_is_one_usage_sentence(
     assert said in result.stderr
     assert "Traceback" not in result.stderr
     assert len(sim.chats()) == before
+
+
+def test_run_chat_sends_the_earlier_turns_and_chat_lists_shows_forks_resets(
+    sim: simulator.SimServer,
+) -> None:
+    server = ("--base-url", sim.base_url, "--max-tokens", "4")
+    first = lmstream("run", "--chat", "notes", "--system", "Be brief.", "Name a river.", *server)
+    assert first.returncode == 0, first.stderr
+    before = len(sim.records())
+    second = lmstream("run", "--chat", "notes", "Another?", *server)
+    assert second.returncode == 0, second.stderr
+    [request] = [r for r in sim.records()[before:] if r.method == "POST"]
+    assert request.path == "/v1/chat/completions"
+    assert request.messages == (
+        ("system", "Be brief."),
+        ("user", "Name a river."),
+        ("assistant", first.stdout.strip()),
+        ("user", "Another?"),
+    )
+    shown = lmstream("chat", "show", "notes")
+    assert shown.returncode == 0, shown.stderr
+    assert "Name a river." in shown.stdout
+    assert "Another?" in shown.stdout
+    turns = json.loads(lmstream("chat", "show", "notes", "--json").stdout)
+    assert [(t["message"], t["status"]) for t in turns] == [
+        ("Name a river.", "ok"),
+        ("Another?", "ok"),
+    ]
+    forked = lmstream("chat", "fork", "notes", "notes-2")
+    assert forked.returncode == 0, forked.stderr
+    assert lmstream("chat", "reset", "notes").returncode == 0
+    listed = json.loads(lmstream("chat", "list", "--json").stdout)
+    assert [(c["name"], c["turns"]) for c in listed] == [("notes", 0), ("notes-2", 2)]
+    missing = lmstream("chat", "show", "ntoes")
+    assert missing.returncode != 0
+    assert "did you mean 'notes'" in missing.stderr
+    usage = lmstream("chat", "fork", "notes")
+    assert usage.returncode != 0
+    assert "NAME" in usage.stderr

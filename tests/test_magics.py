@@ -735,3 +735,52 @@ def test_save_keeps_the_schema_with_the_version(kernel: Kernel, home: Path) -> N
     assert again.status == "ok", again.error()
     [final] = again.displays()[1:]
     assert set(final["application/json"]) == {"x", "y"}
+
+
+def test_two_chat_cells_make_one_conversation(
+    kernel: Kernel, msim: simulator.SimServer, home: Path
+) -> None:
+    """The second cell is sent with the first and its answer; both are turns in the store."""
+    first = kernel.execute(
+        "%%lmstream --chat trip --system 'You plan trips.' --max-tokens 5\nLyon?"
+    )
+    assert first.status == "ok", first.error()
+    before = len(msim.records())
+    second = kernel.execute("%%lmstream --chat trip --max-tokens 5\nAnd {{when}}?")
+    assert second.status == "error", "when is not defined in the notebook yet"
+    kernel.execute("when = 'Sunday'")
+    second = kernel.execute("%%lmstream --chat trip --max-tokens 5\nAnd {{when}}?")
+    assert second.status == "ok", second.error()
+    [widget] = second.widget_ids()
+    assert kernel.widget_state(widget)["status"]["state"] == "done"
+    answer_one = answer_of(kernel, first)
+    [request] = [r for r in msim.records()[before:] if r.method == "POST"]
+    assert request.path == "/v1/chat/completions", "a later turn carries an answer"
+    assert request.messages == (
+        ("system", "You plan trips."),
+        ("user", "Lyon?"),
+        ("assistant", answer_one),
+        ("user", "And Sunday?"),
+    )
+    shown = kernel.execute("%lmstream chat show trip")
+    assert shown.status == "ok", shown.error()
+    table = shown.displays()[0]["text/plain"]
+    assert "Lyon?" in table
+    assert "And Sunday?" in table
+    forked = kernel.execute("%lmstream chat fork trip trip2")
+    assert "'trip2' goes on from 'trip'" in forked.stream()
+    listed = kernel.execute("%lmstream chat list").displays()[0]["text/plain"]
+    assert "trip2" in listed
+    reset = kernel.execute("%lmstream chat reset trip")
+    assert reset.status == "ok", reset.error()
+    with PromptStore(home / "lmstream.db") as store:
+        assert store.conversation_runs("trip") == []
+        assert len(store.conversation_runs("trip2")) == 2
+    bad = kernel.execute("%lmstream chat show nowhere")
+    assert bad.status == "error"
+    err = bad.error()
+    assert err is not None
+    assert err["ename"] == "ConversationNotFound"
+    assert "%lmstream chat list" in " ".join(err["traceback"])
+    usage = kernel.execute("%lmstream chat frob")
+    assert "Use %lmstream chat list | show NAME" in usage.stream("stderr")

@@ -61,7 +61,14 @@ def test_a_fresh_database_ends_at_the_latest_schema(conn: sqlite3.Connection) ->
     assert recorded.fetchall() == [(i + 1, s.__name__) for i, s in enumerate(MIGRATIONS)]
 
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"schema_migrations", "prompts", "prompt_names", "runs", "run_chunks"}
+    assert tables == {
+        "schema_migrations",
+        "prompts",
+        "prompt_names",
+        "runs",
+        "run_chunks",
+        "conversations",
+    }
     assert columns(conn, "prompts") == [
         "id",
         "name",
@@ -109,6 +116,17 @@ def test_a_fresh_database_ends_at_the_latest_schema(conn: sqlite3.Connection) ->
         "prompt_s",
         "prompt_tokens_per_s",
         "prompt_chars",
+        "conversation_id",
+        "parent_run_id",
+    ]
+    assert columns(conn, "conversations") == [
+        "id",
+        "name",
+        "created",
+        "forked_from",
+        "head_run_id",
+        "context_from_run",
+        "prompt_name",
     ]
     assert columns(conn, "run_chunks") == [
         "run_id",

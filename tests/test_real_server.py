@@ -461,3 +461,59 @@ async def test_structured_output_is_parsed_and_validated(
     assert set(result.parsed) == {"sunny"}
     assert isinstance(result.parsed["sunny"], bool)
     assert (record.status, record.api, record.text) == ("ok", "openai", result.text)
+
+
+async def test_a_two_turn_conversation(real_server: Server, tmp_path: Path) -> None:
+    """The second turn carries the first and its answer to /chat/completions; llama.cpp counts
+    them (its prompt is longer by at least the first answer) and both turns are recorded."""
+    from lmstream_nb import Conversation, PromptStore
+
+    with PromptStore(tmp_path / "runs.db") as store:
+        async with LMStudioClient(real_server.base_url, budgets=BUDGETS) as client:
+            chat = Conversation("real", model=MODEL, store=store, client=client)
+            settings = {"max_tokens": 8, "temperature": 0}
+            first = await chat.asend("Name a colour.", options=settings)
+            second = await chat.asend("Name another.", options=settings)
+        turns = chat.turns
+        sent = store.get_run(second.run_id)
+    assert (first.status, second.status) == ("ok", "ok")
+    assert [(t.user, t.answer) for t in turns] == [
+        ("Name a colour.", first.text),
+        ("Name another.", second.text),
+    ]
+    assert sent.api == "openai"
+    assert [m["role"] for m in sent.messages] == ["user", "assistant", "user"]
+    assert sent.messages[1]["content"] == first.text
+    assert first.stats.prompt_tokens is not None
+    assert second.stats.prompt_tokens is not None
+    assert first.stats.completion_tokens is not None
+    assert second.stats.prompt_tokens >= first.stats.prompt_tokens + first.stats.completion_tokens
+
+
+async def test_a_conversation_over_the_context_is_refused_before_sending(tmp_path: Path) -> None:
+    """llama.cpp counts the turns with its own tokenizer: the second message (about 450
+    tokens), with the first turn, no longer fits a 512-token context, so it is refused with
+    both numbers and never sent; leaving the oldest turn out lets it through."""
+    from lmstream_nb import Conversation, ConversationTooLong, PromptStore
+
+    words = " ".join(["river"] * 150)  # about 150 tokens each
+    with started(n_ctx=512) as server, PromptStore(tmp_path / "runs.db") as store:
+        async with LMStudioClient(server.base_url, budgets=BUDGETS) as client:
+            chat = Conversation("small", model=MODEL, store=store, client=client)
+            settings = {"max_tokens": 4, "temperature": 0}
+            await chat.asend(f"Count: {words}", options=settings)
+            runs = len(store.history(limit=None))
+            with pytest.raises(ConversationTooLong) as refused:
+                await chat.asend(f"Again, {words} {words} {words}", options=settings)
+            assert len(store.history(limit=None)) == runs, "nothing was sent or recorded"
+            done = await chat.asend(
+                f"Again, {words} {words} {words}", drop_oldest=True, options=settings
+            )
+        turns = chat.turns
+    error = refused.value
+    assert error.context_length == 512
+    assert error.prompt_tokens is not None
+    assert error.prompt_tokens >= 512
+    assert f"{error.prompt_tokens:,} tokens" in str(error)
+    assert done.ok
+    assert [t.in_context for t in turns] == [False, True]

@@ -59,7 +59,7 @@ from ._produce import (
     reply_pieces,
     token_intervals,
 )
-from ._records import Outcome, Recorder
+from ._records import MESSAGES_KEPT_CHARS, Outcome, Recorder
 from ._scenario import (
     Scenario,
     ScenarioError,
@@ -258,6 +258,16 @@ def _native_field(
     ):
         raise _BadRequest(invalid(f'"{name}" must be {what}', "invalid_type", name))
     return value
+
+
+def _pairs(messages: list[Any]) -> tuple[tuple[str, str], ...]:
+    """What a request's messages said, for its record: (role, text) pairs; none when they
+    are longer than a record keeps."""
+    pairs = tuple(
+        (str(m.get("role")), m["content"] if isinstance(m.get("content"), str) else "")
+        for m in messages
+    )
+    return pairs if sum(len(text) for _, text in pairs) <= MESSAGES_KEPT_CHARS else ()
 
 
 def _native_messages(
@@ -534,7 +544,9 @@ class _Handlers:
 
         model = self._resolve_model(_field(body, "model", (str,), "a string"))
         prompt_tokens = prompt_tokens_of(messages)
-        recorder.update(index, model=model.id, prompt_tokens=prompt_tokens)
+        recorder.update(
+            index, model=model.id, prompt_tokens=prompt_tokens, messages=_pairs(messages)
+        )
         # llama-server refuses a prompt that fills its context exactly, too (measured)
         if sc.dialect == "llamacpp" and prompt_tokens >= model.context_length:
             return _llamacpp_overflow(prompt_tokens, model.context_length)
@@ -628,7 +640,9 @@ class _Handlers:
             # the native API always parses reasoning out of the answer
             sc = dataclasses.replace(sc, reasoning="off" if reasoning == "off" else "separate")
         prompt_tokens = prompt_tokens_of(messages)
-        recorder.update(index, model=model.id, prompt_tokens=prompt_tokens)
+        recorder.update(
+            index, model=model.id, prompt_tokens=prompt_tokens, messages=_pairs(messages)
+        )
         fits = model.context_length
         if not model.loaded:  # this request loads it, with its own context or the default
             fits = context_length or sim.config.context_length

@@ -29,6 +29,10 @@ Stage = Literal["loading", "queued", "prefill", "generation", "done"]
 T = TypeVar("T")
 
 
+#: The most text of a request's messages its record keeps (see ``RequestRecord.messages``).
+MESSAGES_KEPT_CHARS = 64 * 1024
+
+
 @dataclasses.dataclass(frozen=True)
 class RequestRecord:
     """A snapshot of one request as the simulator handled it.
@@ -54,6 +58,10 @@ class RequestRecord:
     - ``auth``: the scheme of the request's ``Authorization`` header (``"Bearer"``,
       ``"Basic"``), ``None`` without one; ``query``: the query string as received.
     - ``response_format``: a chat request's ``response_format`` as received (structured output).
+    - ``messages``: a chat request's messages as (role, text) pairs, as the model read them
+      (the native chat's system prompt and input become a system and a user message); kept
+      only up to ``MESSAGES_KEPT_CHARS`` characters in all (else empty), so a long-running
+      simulator fed long prompts does not hold them all.
     """
 
     id: str
@@ -73,6 +81,7 @@ class RequestRecord:
     auth: str | None = None
     query: str = ""
     response_format: Any = None
+    messages: tuple[tuple[str, str], ...] = ()
 
 
 class Recorder:

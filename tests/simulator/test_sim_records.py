@@ -97,3 +97,17 @@ def test_wait_for_times_out_with_a_clear_message(sim):
     with pytest.raises(TimeoutError, match=r"no request record matched within 0\.2 s"):
         sim.wait_for(lambda r: r.path == "/never", timeout=0.2)
     assert 0.15 <= time.monotonic() - started < 10, "it waits its timeout, then gives up"
+
+    assert 0.15 <= time.monotonic() - started < 1.0
+
+
+def test_a_record_keeps_the_messages_up_to_a_bound(sim, client):
+    from lmstream_nb.simulator._records import MESSAGES_KEPT_CHARS
+
+    short = chat_body("Hi there", sim={"output_tokens": 2})
+    long = chat_body("z" * (MESSAGES_KEPT_CHARS + 1), sim={"output_tokens": 2})
+    for body in (short, long):
+        assert client.post(sim.base_url + "/chat/completions", json=body).status_code == 200
+    *_, kept, dropped = [r for r in sim.records() if r.method == "POST"]
+    assert kept.messages == (("user", "Hi there"),)
+    assert dropped.messages == ()
