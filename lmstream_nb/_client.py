@@ -33,7 +33,14 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import replace
 from functools import partial
 from types import TracebackType
@@ -122,6 +129,27 @@ _PROBE_BYTES = 4 * 2**20  # LM Studio's model list with hundreds of models is we
 # httpx exceptions by what happened: the connection could not be made, or it broke.
 _CONNECT = (httpx.ConnectError, httpx.ConnectTimeout)
 _BROKEN = (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError)
+
+
+async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
+    """``awaitable``'s result, or ``asyncio.TimeoutError`` after ``timeout`` s (None: no limit).
+
+    Why not ``asyncio.wait_for``: before Python 3.12 it returns the result when its caller is
+    cancelled just as the awaitable finishes, so a Ctrl-C or a Stop pressed then was lost.
+    Here a cancellation always goes on, after the awaitable has been cancelled too.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        await asyncio.wait({task})
+        raise
+    if not done:
+        task.cancel()
+        await asyncio.wait({task})
+        raise asyncio.TimeoutError
+    return task.result()
 
 
 @functools.cache
@@ -1371,7 +1399,7 @@ class LMStudioClient:
             if settled is not None:
                 return settled
             try:
-                info, final = await asyncio.wait_for(self._probe(), _PROBE_S)
+                info, final = await within(self._probe(), _PROBE_S)
             except asyncio.TimeoutError:
                 info, final = UNKNOWN, False
             if final:
@@ -1936,7 +1964,7 @@ class LMStudioClient:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
-            response, content = await asyncio.wait_for(self._post(body, model), timeout)
+            response, content = await within(self._post(body, model), timeout)
         except asyncio.TimeoutError:
             raise RequestTimedOut(
                 f"No answer came from {self.url} within the total timeout of {timeout:g} s, "

@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._client import ChatStream, LMStudioClient
+from ._client import ChatStream, LMStudioClient, within
 from ._config import Budgets
 from ._errors import (
     INTERFACES,
@@ -507,7 +507,7 @@ async def _estimate_wait(
         store.first_token_estimate, model=stream.model, base_url=base_url, messages=messages
     )
     try:
-        guess = await asyncio.wait_for(query, ESTIMATE_WAIT_S)
+        guess = await within(query, ESTIMATE_WAIT_S)
     except Exception:  # asyncio.TimeoutError included; a cancellation goes on
         return None
     if guess is None:

@@ -630,3 +630,22 @@ async def test_chat_models_leave_out_the_embedding_model(sim: simulator.SimServe
         assert await client.list_models() == ["lmstream-sim-8b", "lmstream-sim-embed"]
         assert await client.chat_models() == ["lmstream-sim-8b"]
         assert await client.default_model() == "lmstream-sim-8b"
+
+
+async def test_a_cancel_as_the_awaited_result_lands_is_not_lost() -> None:
+    """The race asyncio.wait_for loses before Python 3.12: the result and the cancel arrive in
+    the same turn of the loop; the cancel must win, as a Ctrl-C or a Stop must."""
+    from lmstream_nb._client import within
+
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[int] = loop.create_future()
+    waiting = asyncio.ensure_future(within(answer, 10))
+    await asyncio.sleep(0)  # one turn: `within` is now waiting on `answer`
+    answer.set_result(1)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    never: asyncio.Future[int] = loop.create_future()
+    with pytest.raises(asyncio.TimeoutError):
+        await within(never, 0.01)
+    assert never.cancelled(), "what timed out is cancelled, as wait_for does"
