@@ -557,6 +557,12 @@ def stats(
     model: str | None = None,
     since: Any = None,
     store: PromptStore | None = None,
+    by: str = "prompt",
+    batch: str | None = None,
 ) -> RunStats:
-    """Success rate, failures by status and TTFT/duration percentiles, overall and per group."""
-    return (store or default_store()).stats(prompt=prompt, model=model, since=since)
+    """Success rate, failures by status and TTFT/duration percentiles, overall and per group:
+    (prompt, model), or (prompt, version, model) with ``by="version"``; ``batch`` keeps the
+    runs of one batch or comparison."""
+    return (store or default_store()).stats(
+        prompt=prompt, model=model, since=since, by=by, batch=batch
+    )

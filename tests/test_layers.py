@@ -174,7 +174,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "_terminal.py",
         "_outcome.py",
     ),
-    "orchestration": ("_loop.py", "_sync.py", "_run.py", "_batch.py"),
+    "orchestration": ("_loop.py", "_sync.py", "_run.py", "_batch.py", "_compare.py"),
     "front ends": (
         "cli.py",
         "_magics.py",
@@ -235,6 +235,7 @@ SAME_LAYER: dict[str, frozenset[str]] = {
     "_sync.py": frozenset({"_loop.py"}),
     "_run.py": frozenset({"_loop.py", "_sync.py"}),
     "_batch.py": frozenset({"_loop.py", "_run.py"}),
+    "_compare.py": frozenset({"_loop.py", "_run.py", "_batch.py"}),
     "__init__.py": frozenset({"_magics.py", "_widget.py"}),
     "__main__.py": frozenset({"cli.py"}),
     "cli.py": frozenset({"bench/__init__.py", "serve/__init__.py"}),
