@@ -93,6 +93,16 @@ def plan(
     return cells, where
 
 
+def merge_rows(
+    shared: dict[str, Any], rows: Sequence[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """The rows a front end's options give: each row's values over the ones given for every
+    row (``--var``); no row at all is one row of the shared values."""
+    if not rows:
+        return [dict(shared)]
+    return [{**shared, **row} for row in rows]
+
+
 def _models(models: Sequence[str] | str | None) -> list[str | None]:
     if models is None:
         return [None]

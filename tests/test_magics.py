@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import datetime as dt
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -675,3 +676,73 @@ def test_diff_with_a_bad_version_is_one_usage_sentence(
     assert stderr.startswith("UsageError: ")
     assert said in stderr
     assert stderr.count("\n") == 1, "one sentence"
+
+
+def test_compare_streams_every_cell_into_one_paced_grid(kernel: Kernel, home: Path) -> None:
+    """Four cells stream at once into their own places of one widget: every paint carries the
+    new text of all of them, at most 25 messages a second; the end is a kernel-free snapshot."""
+    slow = '[[sim {"gen_tps": 120}]] '
+    with PromptStore(home / "lmstream.db") as store:
+        store.save("side", slow + "Tell {{who}} about rivers.")
+        marker = "[[sim " + json.dumps({"gen_tps": 60, "reply": HTML_REPLY}) + "]] "
+        store.save("side", marker + "Tell {{who}} about lakes.")
+    with simulator.serve(profile="test-fast", seed=5, models=("sim-a", "sim-b")) as two:
+        cell = kernel.execute(
+            f"%lmstream compare side@1 side@2 --models sim-a,sim-b --var who=Ada "
+            f"--max-tokens 40 --base-url {two.base_url} --output cmp",
+            timeout=60,
+        )
+    assert cell.status == "ok", cell.error()
+    [widget] = cell.widget_ids()
+    customs = [
+        (dt.datetime.fromisoformat(str(m["header"]["date"])), m["content"]["data"]["content"])
+        for m in kernel.comm_msgs[widget]
+        if m["content"].get("data", {}).get("method") == "custom"
+    ]
+    # Several cells had text on screen before any cell ended.
+    first_end = next(
+        n
+        for n, (_, c) in enumerate(customs)
+        if any(s.get("state") in ("done", "failed") for s in c.get("s", {}).values())
+    )
+    streaming = {i for _, c in customs[:first_end] for i in c.get("c", {})}
+    assert len(streaming) >= 3, (streaming, first_end)
+    assert any(len(c.get("c", {})) >= 2 for _, c in customs), "one message carries several cells"
+    # The traffic bound of one view, for the whole grid.
+    times = [t for t, _ in customs]
+    assert len(times) <= 25 * (times[-1] - times[0]).total_seconds() + 3
+    # Each cell's deltas add up to its recorded text, in its own place.
+    texts: dict[str, str] = {}
+    for _, c in customs:
+        for i, piece in c.get("c", {}).items():
+            texts[i] = texts.get(i, "") + piece
+    check = kernel.execute(
+        "print(repr([r.text for r in cmp.results]))\n"
+        "print(repr([(c.version, c.model) for c in cmp.cells]))"
+    )
+    recorded_texts, layout = (ast.literal_eval(x) for x in check.stream().splitlines())
+    assert layout == [
+        ("side@1", "sim-a"),
+        ("side@1", "sim-b"),
+        ("side@2", "sim-a"),
+        ("side@2", "sim-b"),
+    ]
+    assert [texts.get(str(i), "") for i in range(4)] == recorded_texts
+    assert all(t.strip() for t in recorded_texts)
+    state = kernel.widget_state(widget)
+    assert state["finished"] is True
+    assert [c["v"] for c in state["layout"]] == ["side@1", "side@1", "side@2", "side@2"]
+    # Replaced by the summary and a snapshot, escaped: model output never becomes HTML.
+    [final] = cell.finals()
+    assert "application/vnd.jupyter.widget-view+json" in final["replaces"]
+    page = final["text/html"]
+    assert "<script" not in page
+    assert "lmstream-compare-summary" in page
+    assert page.count("lmstream-grid-cell") == 4
+    for text in recorded_texts:
+        assert html_escape(text) in page
+    assert recorded_texts[2] == HTML_REPLY, "version 2's cells answer with markup"
+    assert html_escape(HTML_REPLY) in page
+    assert final["text/plain"].startswith("<Comparison ")
+    assert "side@2" in final["text/plain"]
+    assert cell.result() is None
