@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from . import simulator
 from ._config import Budgets, seconds_argument
 from ._errors import InvalidSetting, LMStreamError, PromptNotFound, TemplateError, render
+from ._history import STATS_BY
 from ._history import STATUSES as RUN_STATUSES
 from ._prompt_fields import KEEP, describe_setting
 from ._template import Prompt, prompt_label
@@ -430,6 +431,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_stats = sub.add_parser("stats", help="success rate, failures and timings of runs")
     p_stats.add_argument("--prompt", help="only runs of this stored prompt (default: all)")
     p_stats.add_argument("--model", help="only runs of this model (default: all)")
+    p_stats.add_argument(
+        "--by",
+        choices=STATS_BY,
+        default="prompt",
+        help="one line per prompt and model, or per prompt version and model (default: prompt)",
+    )
+    p_stats.add_argument(
+        "--batch",
+        metavar="ID",
+        help="only the runs of this batch or comparison (default: all)",
+    )
     _add_json_option(p_stats)
 
     p_models = sub.add_parser("models", help="list the models the server offers")
@@ -1289,7 +1301,9 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ._run import default_store
     from ._terminal import STATS_HEADERS, stats_rows, table
 
-    report = default_store().stats(prompt=args.prompt, model=args.model)
+    report = default_store().stats(
+        prompt=args.prompt, model=args.model, by=args.by, batch=args.batch
+    )
     if args.json:
         payload = {"overall": asdict(report.overall), "groups": report.as_dicts()}
         out.write(json.dumps(payload, ensure_ascii=False) + "\n")

@@ -488,6 +488,9 @@ def test_compare_prints_the_summary_and_writes_every_cell(tmp_path: Path) -> Non
             server.base_url,
         )
         refused = lmstream("compare", "pet@2", "--base-url", server.base_url)
+        match = re.match(r"comparison (\w+):", result.stdout)
+        assert match, result.stdout
+        by_version = lmstream("stats", "--by", "version", "--batch", match.group(1))
         unknown = lmstream("compare", "pet@7", "--base-url", server.base_url)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -527,3 +530,10 @@ def test_compare_prints_the_summary_and_writes_every_cell(tmp_path: Path) -> Non
     assert "Traceback" not in refused.stderr
     assert unknown.returncode == 1
     assert "has no version 7" in unknown.stderr
+    # The recorded cells, per version and model.
+    assert by_version.returncode == 0, by_version.stderr
+    groups = [line.split()[:4] for line in by_version.stdout.splitlines()[2:]]
+    assert groups == [
+        *([v, m, "2", "100%"] for v in ("pet@1", "pet@2") for m in ("sim-a", "sim-b")),
+        ["(all)", "(all)", "8", "100%"],
+    ]
