@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from waiting import await_until
 
 from lmstream_nb import (
     Budgets,
@@ -186,3 +188,45 @@ async def test_acompare_and_a_missing_version(
     )
     assert sorted(seen) == sorted(ended) == [0, 1]
     assert result.succeeded == 2
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_comparison_records_every_cell_it_started(tmp_path: Path) -> None:
+    """Cancellation is the batch's: the cells in flight are recorded as cancelled and their
+    connections closed, the finished ones kept, none left unfinished."""
+    defaults = simulator.Scenario(gen_tps=100, jitter=0)
+    with (
+        PromptStore(tmp_path / "cancel.db") as store,
+        simulator.serve(profile="test-fast", defaults=defaults, models=MODELS) as paced,
+    ):
+        store.add("short", 'Quick [[sim {"output_tokens": 3}]]', model="sim-a")
+        store.add("long", 'Slow [[sim {"output_tokens": 3000}]]', model="sim-a")
+        ended: list[int] = []
+        task = asyncio.create_task(
+            acompare(
+                ["short@1", "long@1"],
+                list(MODELS),
+                store=store,
+                base_url=paced.base_url,
+                progress=False,
+                on_end=lambda i, _r: ended.append(i),
+            )
+        )
+        await await_until(lambda: sorted(ended) == [0, 1], timeout=10, what="the short cells")
+        await await_until(
+            lambda: sum(r.outcome == "running" and r.sent_tokens > 0 for r in paced.records()) == 2,
+            timeout=10,
+            what="both long cells are streaming",
+        )
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        runs = store.history(limit=None)
+    assert sorted((r.batch_row, r.status) for r in runs) == [
+        (0, "ok"),
+        (1, "ok"),
+        (2, "cancelled"),
+        (3, "cancelled"),
+    ]
+    assert len({r.batch_id for r in runs}) == 1
+    assert all(r.text_chars > 0 for r in runs), "the cancelled cells keep their partial text"
