@@ -42,6 +42,9 @@ function render({ model, el }) {
     const box = document.createElement("div");
     box.className = "lmstream-grid-cell";
     box.dataset.index = String(c.i);
+    // Versions and models side by side (columns), one line per row of variables.
+    box.style.gridColumn = String(c.x + 1);
+    box.style.gridRow = String(c.r + 1);
     const head = document.createElement("div");
     head.className = "lmstream-grid-head";
     head.textContent = c.v + " \u00b7 " + (c.m || "default model") + " \u00b7 row " + c.r;
@@ -188,9 +191,19 @@ class GridSink:
         self.ends: dict[int, dict[str, Any]] = {}
         self.messages_sent = 0
         self.cells = list(cells)
+        self.columns = columns
         grid.painted = self._painted_so_far
         with grid.hold_sync():
-            grid.layout = [{"i": c.index, "v": c.version, "m": c.model, "r": c.row} for c in cells]
+            grid.layout = [
+                {
+                    "i": c.index,
+                    "v": c.version,
+                    "m": c.model,
+                    "r": c.row,
+                    "x": column(c.index, len(cells), columns),
+                }
+                for c in cells
+            ]
             grid.columns = columns
 
     def text(self, index: int) -> str:
@@ -308,6 +321,12 @@ class GridSink:
             self.grid.finished = True
 
 
+def column(index: int, count: int, columns: int) -> int:
+    """The grid column of cell ``index`` of ``count``: its (version, model) pair, since cells
+    are numbered version first, then model, then row, and each pair has ``count // columns``."""
+    return index // max(1, count // max(1, columns))
+
+
 _TEXT_STYLE = (
     "white-space: pre-wrap; word-break: normal; overflow-wrap: break-word; "
     "font-family: var(--jp-code-font-family, monospace); font-size: var(--jp-code-font-size, 13px)"
@@ -332,10 +351,13 @@ def grid_bundle(
         line = str(end.get("line") or "not run")
         message = str(end.get("message") or "")
         text = texts.get(cell.index, "")
+        place = (
+            f"grid-column: {column(cell.index, len(cells), columns) + 1}; grid-row: {cell.row + 1}"
+        )
         boxes.append(
             f'<div class="lmstream-grid-cell" data-state="{html.escape(str(end.get("state", "")))}"'
             ' style="border: 1px solid var(--jp-border-color2, #ddd); border-radius: 3px; '
-            'padding: 4px 6px; min-width: 0">'
+            f'padding: 4px 6px; min-width: 0; {place}">'
             f'<div style="font-weight: 600; font-size: 0.85em">{html.escape(head)}</div>'
             f'<div style="font-size: 0.8em; color: var(--jp-ui-font-color2, #666)">'
             f"{html.escape(line)}</div>"

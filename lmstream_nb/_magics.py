@@ -748,10 +748,10 @@ class LMStreamMagics(Magics):
         grid = CompareGrid()
         handle = display(grid, display_id=True)
         holder: dict[str, GridSink] = {}
-        columns = max(1, len(rows))
 
         def planned(cells: Any) -> None:
-            holder["sink"] = GridSink(grid, cells, columns=columns)
+            # one column per (version, model) pair, one line per row of variables
+            holder["sink"] = GridSink(grid, cells, columns=len(cells) // len(rows))
 
         def start(index: int) -> None:
             holder["sink"].started(index)
@@ -786,10 +786,19 @@ class LMStreamMagics(Magics):
                     plain = repr(comparison)
                     head = summary_html(comparison.comparison_id, comparison.summary_rows())
                 else:
-                    plain = "lmstream: comparison stopped; the cells that ended are recorded"
+                    plain = (
+                        "lmstream: the comparison ended early; the cells that ended are recorded"
+                    )
                     head = f'<div class="lmstream-final">{plain}</div>'
                 handle.update(
-                    grid_bundle(plain, head, sink.cells, texts, sink.ends, columns), raw=True
+                    grid_bundle(plain, head, sink.cells, texts, sink.ends, sink.columns),
+                    raw=True,
+                )
+            else:
+                line = "lmstream: the comparison did not start"
+                handle.update(
+                    {"text/plain": line, "text/html": f'<div class="lmstream-final">{line}</div>'},
+                    raw=True,
                 )
         if args.output:
             self._user_ns()[args.output] = comparison

@@ -732,6 +732,8 @@ def test_compare_streams_every_cell_into_one_paced_grid(kernel: Kernel, home: Pa
     state = kernel.widget_state(widget)
     assert state["finished"] is True
     assert [c["v"] for c in state["layout"]] == ["side@1", "side@1", "side@2", "side@2"]
+    assert [c["x"] for c in state["layout"]] == [0, 1, 2, 3], "side by side: a column each"
+    assert state["columns"] == 4
     # Replaced by the summary and a snapshot, escaped: model output never becomes HTML.
     [final] = cell.finals()
     assert "application/vnd.jupyter.widget-view+json" in final["replaces"]
@@ -746,3 +748,19 @@ def test_compare_streams_every_cell_into_one_paced_grid(kernel: Kernel, home: Pa
     assert final["text/plain"].startswith("<Comparison ")
     assert "side@2" in final["text/plain"]
     assert cell.result() is None
+
+
+def test_compare_names_a_missing_value_before_anything_is_sent(kernel: Kernel, home: Path) -> None:
+    with PromptStore(home / "lmstream.db") as store:
+        store.save("needy", "Tell {{who}} about {{what}}.")
+    cell = kernel.execute('%lmstream compare needy@1 --var who=Ada --row "what=x" --row "who=Bo"')
+    assert cell.status == "error"
+    stderr = cell.stream("stderr")
+    assert stderr.startswith("UsageError: Row 1 needs a value for what: add --var what=..."), stderr
+    assert "Traceback" not in stderr
+    assert not cell.widget_ids(), "no grid was shown"
+    with PromptStore(home / "lmstream.db") as store:
+        assert not [r for r in store.history(limit=None) if r.prompt_name == "needy"]
+    unknown = kernel.execute("%lmstream compare needy@5")
+    assert unknown.status == "error"
+    assert "has no version 5" in str(unknown.error()) + unknown.stream("stderr")
