@@ -35,31 +35,36 @@ const LABELS = { waiting: "waiting", connecting: "connecting", processing: "proc
 function fmt(s) { return s < 10 ? s.toFixed(2) + " s" : s.toFixed(1) + " s"; }
 function render({ model, el }) {
   el.classList.add("lmstream-grid");
-  const layout = model.get("layout") || [];
-  const columns = Math.max(1, model.get("columns") || 1);
-  el.style.gridTemplateColumns = `repeat(${columns}, minmax(16em, 1fr))`;
-  const cells = layout.map((c) => {
-    const box = document.createElement("div");
-    box.className = "lmstream-grid-cell";
-    box.dataset.index = String(c.i);
-    // Versions and models side by side (columns), one line per row of variables.
-    box.style.gridColumn = String(c.x + 1);
-    box.style.gridRow = String(c.r + 1);
-    const head = document.createElement("div");
-    head.className = "lmstream-grid-head";
-    head.textContent = c.v + " \u00b7 " + (c.m || "default model") + " \u00b7 row " + c.r;
-    const status = document.createElement("div");
-    status.className = "lmstream-grid-status";
-    const body = document.createElement("div");
-    body.className = "lmstream-grid-text";
-    const text = document.createTextNode("");
-    body.appendChild(text);
-    const message = document.createElement("div");
-    message.className = "lmstream-grid-message";
-    box.append(head, status, body, message);
-    el.appendChild(box);
-    return { box, status, text, message, s: { state: "waiting" } };
-  });
+  let cells = [];
+  function build() {
+    // The layout comes once, when the cells are planned (the grid may be shown before).
+    const layout = model.get("layout") || [];
+    if (cells.length || !layout.length) return;
+    const columns = Math.max(1, model.get("columns") || 1);
+    el.style.gridTemplateColumns = `repeat(${columns}, minmax(16em, 1fr))`;
+    cells = layout.map((c) => {
+      const box = document.createElement("div");
+      box.className = "lmstream-grid-cell";
+      box.dataset.index = String(c.i);
+      // Versions and models side by side (columns), one line per row of variables.
+      box.style.gridColumn = String(c.x + 1);
+      box.style.gridRow = String(c.r + 1);
+      const head = document.createElement("div");
+      head.className = "lmstream-grid-head";
+      head.textContent = c.v + " \u00b7 " + (c.m || "default model") + " \u00b7 row " + c.r;
+      const status = document.createElement("div");
+      status.className = "lmstream-grid-status";
+      const body = document.createElement("div");
+      body.className = "lmstream-grid-text";
+      const text = document.createTextNode("");
+      body.appendChild(text);
+      const message = document.createElement("div");
+      message.className = "lmstream-grid-message";
+      box.append(head, status, body, message);
+      el.appendChild(box);
+      return { box, status, text, message, s: { state: "waiting" } };
+    });
+  }
   function paint(i) {
     const cell = cells[i];
     if (!cell) return;
@@ -92,8 +97,10 @@ function render({ model, el }) {
     for (const [i, t] of Object.entries(texts)) if (cells[i]) cells[i].text.data = t;
     cells.forEach((_, i) => paint(i));
   }
+  model.on("change:layout", () => { build(); restore(); });
   model.on("change:ends", restore);
   model.on("change:texts", restore);
+  build();
   restore();
   if (!model.get("finished")) model.send({ want: "text" });
 }
