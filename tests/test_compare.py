@@ -230,3 +230,27 @@ async def test_a_cancelled_comparison_records_every_cell_it_started(tmp_path: Pa
     ]
     assert len({r.batch_id for r in runs}) == 1
     assert all(r.text_chars > 0 for r in runs), "the cancelled cells keep their partial text"
+
+
+def test_rows_from_a_dataframe_and_models_as_one_text(
+    two_models: simulator.SimServer, store: PromptStore
+) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame({"who": ["Gus", "Hal", "Ivy"], "extra": ["", "", ""]})
+    result = compare(
+        "greet@2",
+        "sim-a, sim-b",
+        frame,
+        store=store,
+        base_url=two_models.base_url,
+        progress=False,
+        max_tokens=3,
+    )
+    cells = result.to_pandas()
+    assert list(zip(cells["model"], cells["row"], strict=True)) == [
+        (m, r) for m in MODELS for r in range(3)
+    ]
+    assert [store.get_run(i).variables["who"] for i in cells["run_id"]] == ["Gus", "Hal", "Ivy"] * 2
+    with pytest.raises(ValueError, match="models is empty"):
+        compare("greet@2", [], store=store, base_url=two_models.base_url, progress=False)
