@@ -24,7 +24,7 @@ import anywidget
 import traitlets
 
 from ._events import Event, StreamStarted, TextDelta
-from ._outcome import ending
+from ._outcome import CANCELLED, CANCELLED_MESSAGE, ending
 from ._throttle import DEFAULT_INTERVAL_S
 from ._view import PLAIN_PREFIX, status_line
 
@@ -314,11 +314,19 @@ class GridSink:
         self.messages_sent += 1
 
     def close(self) -> None:
-        """Paint what is pending and keep every cell's text and ending as state."""
+        """Paint what is pending and keep every cell's text and ending as state. A cell that
+        started and never ended was cancelled (Ctrl-C): it says so, its text kept."""
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            for index in self._started:
+                if index not in self.ends:
+                    final: dict[str, Any] = {"state": CANCELLED, "chunks": self._chunks.get(index)}
+                    final["line"] = status_line(final)
+                    final["message"] = CANCELLED_MESSAGE
+                    self.ends[index] = final
+                    self._status[index] = dict(final)
             self._paint(self._clock())
             texts = {str(i): self.text(i) for i in self.texts}
             ends = {str(i): s for i, s in self.ends.items()}

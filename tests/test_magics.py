@@ -764,3 +764,44 @@ def test_compare_names_a_missing_value_before_anything_is_sent(kernel: Kernel, h
     unknown = kernel.execute("%lmstream compare needy@5")
     assert unknown.status == "error"
     assert "has no version 5" in str(unknown.error()) + unknown.stream("stderr")
+
+
+def test_an_interrupted_comparison_keeps_what_each_cell_received(
+    kernel: Kernel, home: Path
+) -> None:
+    defaults = simulator.Scenario(output_tokens=100_000, gen_tps=200, jitter=0)
+    with PromptStore(home / "lmstream.db") as store:
+        store.save("endless", "A very long story about {{who}}.")
+    with simulator.serve(profile="test-fast", defaults=defaults) as slow:
+        cell = kernel.submit(
+            '%lmstream compare endless@1 --row "who=Ann" --row "who=Ben" '
+            f"--base-url {slow.base_url}"
+        )
+
+        def both_streaming() -> bool:
+            ids = cell.widget_ids()
+            if not ids:
+                return False
+            seen = {
+                i
+                for m in kernel.comm_msgs.get(ids[0], [])
+                for i in m["content"].get("data", {}).get("content", {}).get("c", {})
+            }
+            return seen == {"0", "1"}
+
+        kernel.until(both_streaming, timeout=20)
+        kernel.km.interrupt_kernel()
+        kernel.wait(cell, timeout=20)
+    assert cell.status == "error"
+    [final] = cell.finals()
+    assert final["text/plain"].startswith("lmstream: the comparison ended early")
+    assert final["text/html"].count('data-state="cancelled"') == 2
+    with PromptStore(home / "lmstream.db") as store:
+        runs = [r for r in store.history(limit=None) if r.prompt_name == "endless"]
+        assert sorted(r.status for r in runs) == ["cancelled", "cancelled"]
+        for run in runs:
+            text = store.get_run(run.id).text
+            assert text
+            assert html_escape(text) in final["text/html"], "the snapshot keeps the partial text"
+    after = kernel.execute("print(6 * 7)")
+    assert after.stream().strip() == "42", "the kernel stays usable"
