@@ -544,10 +544,12 @@ def history(
     *,
     model: str | None = None,
     store: PromptStore | None = None,
+    batch: str | None = None,
 ) -> History:
-    """Recorded runs, newest first (a list; ``.to_pandas()`` gives a DataFrame)."""
+    """Recorded runs, newest first (a list; ``.to_pandas()`` gives a DataFrame); ``batch`` keeps
+    the runs of one batch or comparison."""
     return (store or default_store()).history(
-        prompt=prompt, status=status, since=since, limit=limit, model=model
+        prompt=prompt, status=status, since=since, limit=limit, model=model, batch=batch
     )
 
 

@@ -16,6 +16,7 @@ from lmstream_nb import (
     PromptStore,
     acompare,
     compare,
+    history,
     simulator,
 )
 from lmstream_nb._history import percentile
@@ -68,7 +69,7 @@ def test_every_cell_runs_and_is_recorded_under_one_id(
     assert [(c.version, c.model, c.row) for c in result.cells] == [
         (v, m, r) for v in ("greet@1", "greet@2") for m in MODELS for r in (0, 1)
     ]
-    recorded = store.history(batch=result.comparison_id, limit=None)
+    recorded = history(batch=result.comparison_id, limit=None, store=store)
     assert len(recorded) == 8
     assert {r.id for r in recorded} == {r.run_id for r in result}
     for cell, res in zip(result.cells, result.results, strict=True):
