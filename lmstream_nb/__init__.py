@@ -7,6 +7,7 @@ from contextlib import suppress as _suppress
 if _typing.TYPE_CHECKING:
     from ._batch import BatchResult, arun_many, run_many
     from ._client import ChatStream, LMStudioClient
+    from ._compare import Comparison, acompare, compare
     from ._config import Budgets, Retries
     from ._conversation import Conversation, Turn
     from ._diff import PromptDiff
@@ -83,6 +84,7 @@ __version__ = "0.1.0"
 _HOMES: dict[str, tuple[str, ...]] = {
     "_batch": ("BatchResult", "arun_many", "run_many"),
     "_client": ("ChatStream", "LMStudioClient"),
+    "_compare": ("Comparison", "acompare", "compare"),
     "_config": ("Budgets", "Retries"),
     "_conversation": ("Conversation", "Turn"),
     "_diff": ("PromptDiff",),
@@ -190,6 +192,7 @@ __all__ = [
     "BatchResult",
     "Budgets",
     "ChatStream",
+    "Comparison",
     "Completion",
     "Conversation",
     "ConversationBusy",
@@ -254,8 +257,10 @@ __all__ = [
     "Turn",
     "UnknownVariables",
     "UnsupportedRequest",
+    "acompare",
     "arun",
     "arun_many",
+    "compare",
     "history",
     "run",
     "run_many",

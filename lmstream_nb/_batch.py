@@ -201,10 +201,12 @@ def concurrency_note(shares: Sequence[tuple[int, bool]]) -> str:
 
 
 async def _shares(
-    clients: Sequence[LMStudioClient], concurrency: int | None, model: str | None
+    clients: Sequence[LMStudioClient], concurrency: int | None, models: Sequence[str | None]
 ) -> list[_Share]:
     """Rows at once per client. An int is the total, dealt out over the clients in turn (as
-    before servers were asked); None asks each server for its slots for ``model``."""
+    before servers were asked); None asks each server for its slots for each of ``models``
+    (None: its default model) and takes the fewest, so no model is sent more at once than it
+    has slots (a server that reports none for one of them gets ``UNREPORTED_SLOTS``)."""
     if concurrency is not None:
         return [
             _Share(client, len(range(i, concurrency, len(clients))), False)
@@ -212,14 +214,20 @@ async def _shares(
         ]
 
     async def ask(client: LMStudioClient) -> _Share:
-        name = model
-        if name is None:
-            try:
-                name = await client.default_model()
-            except LMStreamError:
-                name = None  # every row will say what is wrong; the probe may still answer
-        slots = (await client.server_info()).slots_of(name)
-        return _Share(client, slots or UNREPORTED_SLOTS, slots is not None)
+        names: list[str | None] = []
+        for model in models or [None]:
+            name = model
+            if name is None:
+                try:
+                    name = await client.default_model()
+                except LMStreamError:
+                    name = None  # every row will say what is wrong; the probe may still answer
+            names.append(name)
+        info = await client.server_info()
+        figures = [info.slots_of(name) for name in names]
+        if any(slots is None for slots in figures):
+            return _Share(client, UNREPORTED_SLOTS, False)
+        return _Share(client, min(s for s in figures if s is not None), True)
 
     return list(await asyncio.gather(*(ask(client) for client in clients)))
 
@@ -228,14 +236,16 @@ class _Progress:
     """done / failed, what the rows in flight are doing and tokens per second, on one
     progress bar (or nothing)."""
 
-    def __init__(self, total: int, enabled: bool, note: str) -> None:
+    def __init__(
+        self, total: int, enabled: bool, note: str, title: str = "lmstream batch", unit: str = "row"
+    ) -> None:
         self.bar: Any = None
         self.done = self.failed = self.tokens = 0
         self.note = note
         self.rows = RowsInFlight()
         self.t0 = time.monotonic()
         if enabled and total:
-            self.bar = progress_bar(total, "lmstream batch", "row")
+            self.bar = progress_bar(total, title, unit)
             self.redraw = paced_refresh(self.bar)
             self._post()
 
@@ -283,6 +293,159 @@ class _Progress:
             self.bar.close()
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One run of a batch or a comparison: a prompt version, its variables, and the model
+    (None: the version's own, else the server's)."""
+
+    prompt: Prompt
+    variables: dict[str, Any]
+    model: str | None = None
+
+
+async def arun_cells(
+    cells: Sequence[Cell],
+    todo: Sequence[int],
+    *,
+    concurrency: int | None,
+    store: PromptStore,
+    base_url: str | Sequence[str] | None,
+    budgets: Budgets | None,
+    retries: Retries | None,
+    batch_id: str,
+    progress: bool,
+    title: str = "lmstream batch",
+    unit: str = "row",
+    watch: Callable[[int], Callable[[Event], object] | None] | None = None,
+    on_start: Callable[[int], object] | None = None,
+    on_end: Callable[[int, RunResult], object] | None = None,
+    **extra: Any,
+) -> tuple[dict[int, RunResult], dict[str, int], str]:
+    """Run the cells numbered ``todo`` on the one pipeline a batch and a comparison share.
+
+    Each base URL gets a client and as many workers as it has slots (``_shares``); workers take
+    the next cell from one queue; every cell is recorded through ``arun`` with ``batch_id`` and
+    its number as ``batch_row``; an interrupt ends only once every cell in flight is recorded.
+    ``watch(i)`` gives cell ``i``'s event callback, ``on_start`` / ``on_end`` say when a cell
+    starts and what it ended with. Returns the results by cell number, the rows at once per
+    server and that in words.
+    """
+    urls = [base_url] if base_url is None or isinstance(base_url, str) else list(base_url)
+    clients = [LMStudioClient(url, budgets=budgets, retries=retries) for url in urls]
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for index in todo:
+        queue.put_nowait(index)
+    caller_on_event = extra.pop("on_event", None)
+    models = sorted({c.model or c.prompt.model for i in todo for c in [cells[i]]}, key=str)
+    try:
+        shares = await _shares(clients, concurrency, models) if todo else []
+    except BaseException:
+        for client in clients:
+            await asyncio.shield(client.aclose())
+        raise
+    note = concurrency_note([(share.rows, share.reported) for share in shares])
+    bar = _Progress(len(todo), progress, note, title, unit)
+    results: dict[int, RunResult] = {}
+
+    def on_event(index: int) -> Callable[[Event], object] | None:
+        seen = [
+            f
+            for f in (bar.on_event(index), caller_on_event, watch(index) if watch else None)
+            if f is not None
+        ]
+        if len(seen) <= 1:
+            return seen[0] if seen else None
+
+        def every(event: Event) -> None:
+            for f in seen:
+                f(event)
+
+        return every
+
+    async def one(index: int, client: LMStudioClient) -> RunResult:
+        cell = cells[index]
+        try:
+            cell.prompt.render(cell.variables, allow_extra=True)
+        except TemplateError as exc:
+            exc.interface = extra.get("interface", "python")
+            return await asyncio.to_thread(
+                _record_refused,
+                store,
+                cell.prompt,
+                cell.variables,
+                exc,
+                client.url,
+                batch_id,
+                index,
+            )
+        return await arun(
+            cell.prompt,
+            cell.variables,
+            model=cell.model,
+            store=store,
+            client=client,
+            budgets=budgets,
+            allow_extra=True,
+            raise_errors=False,
+            batch_id=batch_id,
+            batch_row=index,
+            on_event=on_event(index),
+            **extra,
+        )
+
+    async def worker(client: LMStudioClient) -> None:
+        while True:
+            try:
+                index = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            bar.started(index)
+            if on_start is not None:
+                on_start(index)
+            result = await one(index, client)
+            results[index] = result
+            bar.finished(index, result)
+            if on_end is not None:
+                on_end(index, result)
+
+    try:
+        workers = [
+            asyncio.ensure_future(worker(share.client))
+            for share in shares
+            for _ in range(share.rows)
+        ]
+        try:
+            await asyncio.gather(*workers)
+        except BaseException:
+            # gather gives up at the first worker that ends so (the first row that records its
+            # cancellation): the batch ends only once every row in flight is recorded too.
+            await _every_one_ended(workers)
+            raise
+    finally:
+        bar.close()
+        for client in clients:
+            await asyncio.shield(client.aclose())
+    spread: dict[str, int] = {}
+    for share in shares:
+        spread[share.client.url] = spread.get(share.client.url, 0) + share.rows
+    return results, spread, note
+
+
+def check_settings(prompt: Prompt, extra: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A setting out of range, or a schema that is not one, would fail every row alike:
+    refused once, before any row runs. Returns the schema the rows ask for, checked."""
+    temperature, max_tokens = extra.get("temperature"), extra.get("max_tokens")
+    try:
+        check_temperature(temperature if temperature is not None else prompt.temperature)
+        check_max_tokens(max_tokens if max_tokens is not None else prompt.max_tokens)
+        wanted = extra.get("schema")
+        wanted = wanted if wanted is not None else prompt.schema
+        return schema_of(wanted) if wanted is not None else None
+    except LMStreamError as exc:
+        exc.interface = extra.get("interface", "python")
+        raise
+
+
 async def arun_many(
     prompt: Prompt | str,
     rows: Any,
@@ -304,17 +467,7 @@ async def arun_many(
     store = store or default_store()
     if isinstance(prompt, str):
         prompt = await asyncio.to_thread(store.get, prompt)
-    # A setting out of range would fail every row alike: refused once, before any row runs.
-    temperature, max_tokens = extra.get("temperature"), extra.get("max_tokens")
-    try:
-        check_temperature(temperature if temperature is not None else prompt.temperature)
-        check_max_tokens(max_tokens if max_tokens is not None else prompt.max_tokens)
-        wanted = extra.get("schema")
-        wanted = wanted if wanted is not None else prompt.schema
-        schema = schema_of(wanted) if wanted is not None else None
-    except LMStreamError as exc:
-        exc.interface = extra.get("interface", "python")
-        raise
+    schema = check_settings(prompt, extra)
     if schema is not None:
         extra["schema"] = schema  # checked once, here, for every row
     records, frame = _rows(rows)
@@ -331,88 +484,22 @@ async def arun_many(
                 if previous.ok:
                     results[index] = previous
         todo = [i for i in todo if results[i] is None]
-    urls = [base_url] if base_url is None or isinstance(base_url, str) else list(base_url)
-    clients = [LMStudioClient(url, budgets=budgets, retries=retries) for url in urls]
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for index in todo:
-        queue.put_nowait(index)
-    caller_on_event = extra.pop("on_event", None)
-    try:
-        shares = await _shares(clients, concurrency, model or prompt.model) if todo else []
-    except BaseException:
-        for client in clients:
-            await asyncio.shield(client.aclose())
-        raise
-    note = concurrency_note([(share.rows, share.reported) for share in shares])
-    bar = _Progress(len(todo), progress, note)
-
-    def on_event(index: int) -> Callable[[Event], object] | None:
-        shown = bar.on_event(index)
-        if shown is None or caller_on_event is None:
-            return shown or caller_on_event
-
-        def both(event: Event) -> None:
-            shown(event)
-            caller_on_event(event)
-
-        return both
-
-    async def one(index: int, client: LMStudioClient) -> RunResult:
-        variables = records[index]
-        try:
-            prompt.render(variables, allow_extra=True)
-        except TemplateError as exc:
-            exc.interface = extra.get("interface", "python")
-            return await asyncio.to_thread(
-                _record_refused, store, prompt, variables, exc, client.url, batch_id, index
-            )
-        return await arun(
-            prompt,
-            variables,
-            model=model,
-            store=store,
-            client=client,
-            budgets=budgets,
-            allow_extra=True,
-            raise_errors=False,
-            batch_id=batch_id,
-            batch_row=index,
-            on_event=on_event(index),
-            **extra,
-        )
-
-    async def worker(client: LMStudioClient) -> None:
-        while True:
-            try:
-                index = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            bar.started(index)
-            result = await one(index, client)
-            results[index] = result
-            bar.finished(index, result)
-
-    try:
-        workers = [
-            asyncio.ensure_future(worker(share.client))
-            for share in shares
-            for _ in range(share.rows)
-        ]
-        try:
-            await asyncio.gather(*workers)
-        except BaseException:
-            # gather gives up at the first worker that ends so (the first row that records its
-            # cancellation): the batch ends only once every row in flight is recorded too.
-            await _every_one_ended(workers)
-            raise
-    finally:
-        bar.close()
-        for client in clients:
-            await asyncio.shield(client.aclose())
+    cells = [Cell(prompt, variables, model) for variables in records]
+    ran, spread, note = await arun_cells(
+        cells,
+        todo,
+        concurrency=concurrency,
+        store=store,
+        base_url=base_url,
+        budgets=budgets,
+        retries=retries,
+        batch_id=batch_id,
+        progress=progress,
+        **extra,
+    )
+    for index, result in ran.items():
+        results[index] = result
     final = [r for r in results if r is not None]
-    spread: dict[str, int] = {}
-    for share in shares:
-        spread[share.client.url] = spread.get(share.client.url, 0) + share.rows
     batch = BatchResult(batch_id, final, spread, note)
     if frame is not None:
         out = frame.copy()

@@ -134,6 +134,8 @@ class GroupStats:
     duration_p95: float | None
     first_progress_p50: float | None = None
     prompt_tokens_per_s_p50: float | None = None
+    #: The prompt version the group ran, when stats were asked ``by="version"`` (else None).
+    version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,9 @@ _PERCENTILES = (50, 95)
 #: Progress figures stats reports the median of. Unlike the timings above, the GROUP BY's
 #: covering indexes do not hold them: each is counted along its own partial index.
 _MEDIANS = ("first_progress_s", "prompt_tokens_per_s")
-_Group = tuple[str | None, str | None]
+_Group = tuple[str | None, int | None, str | None]
+#: What stats can group runs by, beside the model: the prompt's name, or each of its versions.
+STATS_BY = ("prompt", "version")
 
 
 def query_stats(
@@ -307,6 +311,8 @@ def query_stats(
     prompt: str | None,
     model: str | None,
     since: float | datetime | None,
+    by: str = "prompt",
+    batch: str | None = None,
 ) -> RunStats:
     """Success rate, outcome counts and timing percentiles (see ``PromptStore.stats``).
 
@@ -318,18 +324,24 @@ def query_stats(
     a sort, which measured 4 to 12 times the GROUP BY alone over 100,000 runs; the walks along
     the indexes add a fraction of it (``benchmarks/store.py``). The progress medians are
     counted per group along their own partial indexes, which hold only the runs that
-    measured them.
+    measured them. ``by="version"`` groups by (prompt, version, model) instead; the indexes
+    do not hold the version, so those walks read the run rows of the groups (fine for the
+    runs of a comparison, ``batch``, or of one prompt).
     """
-    where, params = _filters(prompt=prompt, model=model, since=since, status=None)
+    if by not in STATS_BY:
+        raise ValueError(f"by must be one of {', '.join(STATS_BY)}, not {by!r}")
+    version_column = "prompt_version" if by == "version" else "NULL"
+    grouped = "prompt_name, prompt_version, model" if by == "version" else "prompt_name, model"
+    where, params = _filters(prompt=prompt, model=model, since=since, status=None, batch=batch)
     rows = conn.execute(
-        "SELECT prompt_name, model, status, count(*), count(ttft_s), count(duration_s) "
-        f"FROM runs{where} GROUP BY prompt_name, model, status",
+        f"SELECT prompt_name, {version_column}, model, status, count(*), count(ttft_s), "
+        f"count(duration_s) FROM runs{where} GROUP BY {grouped}, status",
         params,
     ).fetchall()
     by_status: dict[_Group, dict[str, int]] = {}
     measured: dict[_Group, list[int]] = {}
-    for prompt_name, run_model, status, runs, ttfts, durations in rows:
-        key = (prompt_name, run_model)
+    for prompt_name, prompt_version, run_model, status, runs, ttfts, durations in rows:
+        key = (prompt_name, prompt_version, run_model)
         by_status.setdefault(key, {})[status] = runs
         counts = measured.setdefault(key, [0, 0])
         counts[0] += ttfts
@@ -337,11 +349,12 @@ def query_stats(
     measured_medians: dict[str, dict[_Group, int]] = {}
     for column in _MEDIANS:
         measured_medians[column] = {
-            (prompt_name, run_model): count
-            for prompt_name, run_model, count in conn.execute(
-                f"SELECT prompt_name, model, count(*) FROM runs INDEXED BY runs_{column}_in_group"
+            (prompt_name, prompt_version, run_model): count
+            for prompt_name, prompt_version, run_model, count in conn.execute(
+                f"SELECT prompt_name, {version_column}, model, count(*) FROM runs "
+                f"INDEXED BY runs_{column}_in_group"
                 f"{where}{' AND ' if where else ' WHERE '}{column} IS NOT NULL "
-                "GROUP BY prompt_name, model",
+                f"GROUP BY {grouped}",
                 params,
             )
         }
@@ -355,7 +368,10 @@ def query_stats(
         extra: list[Any] = []
         if group is not None:
             clauses[:0] = ["prompt_name IS ?", "model IS ?"]
-            extra = [group[0], group[1]]
+            extra = [group[0], group[2]]
+            if by == "version":
+                clauses.insert(1, "prompt_version IS ?")
+                extra.insert(1, group[1])
         sql = (
             f"SELECT {column} FROM runs{where}{' AND ' if where else ' WHERE '}"
             f"{' AND '.join(clauses)} ORDER BY {column} LIMIT 2 OFFSET ?"
@@ -383,7 +399,7 @@ def query_stats(
             medians[column] = values_at(column, count, group, (50,))[50]
         return GroupStats(
             prompt=None if group is None else group[0],
-            model=None if group is None else group[1],
+            model=None if group is None else group[2],
             runs=runs,
             ok=ok,
             success_rate=ok / runs if runs else 0.0,
@@ -394,10 +410,11 @@ def query_stats(
             duration_p95=duration[95],
             first_progress_p50=medians["first_progress_s"],
             prompt_tokens_per_s_p50=medians["prompt_tokens_per_s"],
+            version=None if group is None else group[1],
         )
 
-    def order(key: _Group) -> tuple[bool, str, bool, str]:
-        return (key[0] is not None, key[0] or "", key[1] is not None, key[1] or "")
+    def order(key: _Group) -> tuple[bool, str, int, bool, str]:
+        return (key[0] is not None, key[0] or "", key[1] or 0, key[2] is not None, key[2] or "")
 
     groups = [
         group_stats(key, by_status[key], measured[key]) for key in sorted(by_status, key=order)

@@ -37,6 +37,7 @@ from ._template import Prompt, prompt_label
 from ._terminal import STATS_HEADERS, TerminalSink, format_stats, stats_rows, table
 
 if TYPE_CHECKING:
+    from ._compare import Comparison
     from ._diff import PromptDiff
     from ._run import RunResult
     from ._store import PromptStore
@@ -392,6 +393,20 @@ class LMStreamMagics(Magics):
         help="seconds between chunks once text flows, or none for no limit (default: the "
         f"session's, {Budgets().idle:g})",
     )
+    @argument(
+        "--models",
+        metavar="A,B",
+        help="compare only: models to run every version on, comma-separated (default: each "
+        "version's own, else the server's)",
+    )
+    @argument(
+        "--row",
+        action="append",
+        default=[],
+        metavar='"K=V K2=V2"',
+        help="compare only: one row of variables, repeatable (default: one row of the --var "
+        "values and the notebook's variables)",
+    )
     @no_var_expand
     @line_cell_magic
     def lmstream(self, line: str, cell: str | None = None) -> Any:
@@ -421,6 +436,8 @@ class LMStreamMagics(Magics):
             %lmstream ui                    a prompt runner: pick, fill, run, stop, history
             %lmstream chat list | show NAME | reset NAME | fork NAME NEW
                                             conversations (%%lmstream --chat NAME)
+            %lmstream compare NAME@1 NAME@2 [--models A,B] [--var K=V] [--row "K=V ..."]
+                                            every version x model x row side by side, live
         """
         # Shell-style splitting (shlex), so `key="several words"` is one value; IPython's own
         # splitter keeps quotes that do not start a word.
@@ -634,7 +651,8 @@ class LMStreamMagics(Magics):
         if not args.words:
             raise UsageError(
                 "Give %lmstream a subcommand (run, prompts, show, diff, history, stats, "
-                "models, config, sim, ui, chat), or use %%lmstream as a cell magic; see %lmstream?."
+                "models, config, sim, ui, chat, compare), or use"
+                " %%lmstream as a cell magic; see %lmstream?."
             )
         command, *rest = args.words
         if command == "run":
@@ -714,7 +732,133 @@ class LMStreamMagics(Magics):
                 model=self.config_.model,
                 budgets=self.config_.budgets(),
             )
+        if command == "compare":
+            return self._compare(rest, args)
         raise UsageError(f"Unknown subcommand {command!r}: see %lmstream? for the list.")
+
+    def _compare_rows(
+        self, versions: list[Prompt], words: list[str], args: Any
+    ) -> list[dict[str, Any]]:
+        """``K=V`` words and ``--var`` for every row, each ``--row`` one row, the notebook's
+        variables for what none gives; a missing value is named before anything is sent."""
+        from ._compare import merge_rows
+
+        shared = {**_key_values(words), **_key_values(args.var)}
+        rows: list[dict[str, Any]] = []
+        for given in args.row:
+            try:
+                rows.append(_key_values(shlex.split(given)))
+            except ValueError as exc:
+                raise UsageError(
+                    f"Could not read --row {given!r} ({exc}): check the quotes."
+                ) from None
+        merged = merge_rows(shared, rows)
+        needed = list(dict.fromkeys(name for p in versions for name in p.variables))
+        namespace = self._user_ns()
+        for number, row in enumerate(merged):
+            for name in needed:
+                if name not in row and name in namespace:
+                    row[name] = namespace[name]
+            missing = [name for name in needed if name not in row]
+            if missing:
+                where = f"row {number}" if args.row else "the comparison"
+                example = " ".join(f"--var {n}=..." for n in missing)
+                raise UsageError(
+                    f"{where.capitalize()} needs a value for {', '.join(missing)}: add {example} "
+                    "(or put it in each --row), or define it in the notebook; nothing was sent."
+                )
+        return merged
+
+    def _compare(self, words: list[str], args: Any) -> Any:
+        """Every version x model x row, streaming live into one grid; at the end the grid is
+        replaced by the summary and a snapshot of every cell, which need no kernel."""
+        from ._compare import acompare, resolve_prompts, summary_html
+
+        refs = [w for w in words if "=" not in w]
+        if not refs:
+            raise UsageError(
+                "Name the versions to compare: %lmstream compare NAME@1 NAME@2 "
+                "[--models A,B] [--var K=V]"
+            )
+        check_temperature(args.temperature)
+        check_max_tokens(args.max_tokens)
+        versions = resolve_prompts(refs, self.store)
+        rows = self._compare_rows(versions, [w for w in words if "=" in w], args)
+        conf = self.config_
+        models = args.models or args.model
+        kwargs: dict[str, Any] = {
+            "store": self.store,
+            "base_url": args.base_url or conf.base_url,
+            "budgets": conf.budgets(args.first_token_timeout, args.idle_timeout),
+            "temperature": args.temperature,
+            "max_tokens": args.max_tokens,
+            "interface": "magic",
+        }
+        if not self._in_kernel():
+            compared = shared_loop().run(acompare(versions, models, rows, **kwargs))
+            if args.output:
+                self._user_ns()[args.output] = compared
+            return compared
+        from ._grid import CompareGrid, GridSink, grid_bundle
+
+        grid = CompareGrid()
+        handle = display(grid, display_id=True)
+        holder: dict[str, GridSink] = {}
+
+        def planned(cells: Any) -> None:
+            # one column per (version, model) pair, one line per row of variables
+            holder["sink"] = GridSink(grid, cells, columns=len(cells) // len(rows))
+
+        def start(index: int) -> None:
+            holder["sink"].started(index)
+
+        def watch(index: int) -> Any:
+            return holder["sink"].watch(index)
+
+        def end(index: int, result: RunResult) -> None:
+            holder["sink"].ended(index, result)
+
+        comparison: Comparison | None = None
+        try:
+            comparison = shared_loop().run(
+                acompare(
+                    versions,
+                    models,
+                    rows,
+                    progress=False,
+                    on_plan=planned,
+                    on_start=start,
+                    watch=watch,
+                    on_end=end,
+                    **kwargs,
+                )
+            )
+        finally:
+            sink = holder.get("sink")
+            if sink is not None:
+                sink.close()
+                texts = {c.index: sink.text(c.index) for c in sink.cells}
+                if comparison is not None:
+                    plain = repr(comparison)
+                    head = summary_html(comparison.comparison_id, comparison.summary_rows())
+                else:
+                    plain = (
+                        "lmstream: the comparison ended early; the cells that ended are recorded"
+                    )
+                    head = f'<div class="lmstream-final">{plain}</div>'
+                handle.update(
+                    grid_bundle(plain, head, sink.cells, texts, sink.ends, sink.columns),
+                    raw=True,
+                )
+            else:
+                line = "lmstream: the comparison did not start"
+                handle.update(
+                    {"text/plain": line, "text/html": f'<div class="lmstream-final">{line}</div>'},
+                    raw=True,
+                )
+        if args.output:
+            self._user_ns()[args.output] = comparison
+        return None  # the summary above says what a repr would
 
     def _diff(self, words: list[str]) -> PromptDiff:
         """The PromptDiff itself: a notebook shows its HTML (prompt text escaped), text/plain

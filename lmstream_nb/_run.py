@@ -585,10 +585,12 @@ def history(
     *,
     model: str | None = None,
     store: PromptStore | None = None,
+    batch: str | None = None,
 ) -> History:
-    """Recorded runs, newest first (a list; ``.to_pandas()`` gives a DataFrame)."""
+    """Recorded runs, newest first (a list; ``.to_pandas()`` gives a DataFrame); ``batch`` keeps
+    the runs of one batch or comparison."""
     return (store or default_store()).history(
-        prompt=prompt, status=status, since=since, limit=limit, model=model
+        prompt=prompt, status=status, since=since, limit=limit, model=model, batch=batch
     )
 
 
@@ -598,6 +600,12 @@ def stats(
     model: str | None = None,
     since: Any = None,
     store: PromptStore | None = None,
+    by: str = "prompt",
+    batch: str | None = None,
 ) -> RunStats:
-    """Success rate, failures by status and TTFT/duration percentiles, overall and per group."""
-    return (store or default_store()).stats(prompt=prompt, model=model, since=since)
+    """Success rate, failures by status and TTFT/duration percentiles, overall and per group:
+    (prompt, model), or (prompt, version, model) with ``by="version"``; ``batch`` keeps the
+    runs of one batch or comparison."""
+    return (store or default_store()).stats(
+        prompt=prompt, model=model, since=since, by=by, batch=batch
+    )

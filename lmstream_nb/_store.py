@@ -1279,10 +1279,15 @@ class PromptStore:
         prompt: str | None = None,
         model: str | None = None,
         since: float | datetime | None = None,
+        *,
+        by: str = "prompt",
+        batch: str | None = None,
     ) -> RunStats:
-        """Success rate, outcome counts and timing percentiles, overall and per (prompt, model)."""
+        """Success rate, outcome counts and timing percentiles, overall and per (prompt, model);
+        ``by="version"`` per (prompt, version, model) instead. ``batch`` is a batch or
+        comparison id (only its runs)."""
         with self._read() as conn:
-            return query_stats(conn, prompt=prompt, model=model, since=since)
+            return query_stats(conn, prompt=prompt, model=model, since=since, by=by, batch=batch)
 
     # -- conversations ------------------------------------------------------------------------
 

@@ -268,3 +268,17 @@ def prompt_label(name: str | None, version: int | None) -> str:
     if not name:
         return "(inline)"
     return name if version is None else f"{name}@{version}"
+
+
+_VERSION_SUFFIX = re.compile(r"@([0-9]+)\Z")
+
+
+def parse_version_ref(text: str) -> tuple[str, int | None]:
+    """``NAME@N`` as (name, N); a text without an ``@`` and a number at its end is a name
+    alone (the latest version). The one reading of a version reference, for Python, the magic
+    and the CLI; a name may hold ``@`` itself (``team@work``), so only a trailing number counts.
+    """
+    found = _VERSION_SUFFIX.search(text)
+    if found is None or found.start() == 0:
+        return text, None
+    return text[: found.start()], int(found.group(1))

@@ -247,7 +247,8 @@ def stats_label(group: Any, overall: bool) -> tuple[str, str]:
 
     if overall:
         return ALL_RUNS, ALL_RUNS
-    return prompt_label(group.prompt, None), group.model or "-"
+    # ``version`` is set when stats were grouped by version: the row then names it too.
+    return prompt_label(group.prompt, getattr(group, "version", None)), group.model or "-"
 
 
 def stats_rows(report: Any) -> list[tuple[object, ...]]:

@@ -29,6 +29,7 @@ from ._errors import (
     TemplateError,
     render,
 )
+from ._history import STATS_BY
 from ._history import STATUSES as RUN_STATUSES
 from ._prompt_fields import KEEP, describe_setting
 from ._template import Prompt, prompt_label
@@ -485,6 +486,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_stats = sub.add_parser("stats", help="success rate, failures and timings of runs")
     p_stats.add_argument("--prompt", help="only runs of this stored prompt (default: all)")
     p_stats.add_argument("--model", help="only runs of this model (default: all)")
+    p_stats.add_argument(
+        "--by",
+        choices=STATS_BY,
+        default="prompt",
+        help="one line per prompt and model, or per prompt version and model (default: prompt)",
+    )
+    p_stats.add_argument(
+        "--batch",
+        metavar="ID",
+        help="only the runs of this batch or comparison (default: all)",
+    )
     _add_json_option(p_stats)
 
     p_models = sub.add_parser("models", help="list the models the server offers")
@@ -517,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_bench_parser(sub)
     _add_serve_parser(sub)
+    _add_compare_parser(sub)
     return parser
 
 
@@ -1391,13 +1404,125 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ._run import default_store
     from ._terminal import STATS_HEADERS, stats_rows, table
 
-    report = default_store().stats(prompt=args.prompt, model=args.model)
+    report = default_store().stats(
+        prompt=args.prompt, model=args.model, by=args.by, batch=args.batch
+    )
     if args.json:
         payload = {"overall": asdict(report.overall), "groups": report.as_dicts()}
         out.write(json.dumps(payload, ensure_ascii=False) + "\n")
         return EXIT_OK
     out.write(table(stats_rows(report), STATS_HEADERS))
     return EXIT_OK
+
+
+def _add_compare_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="run prompt versions side by side on models and rows, print the summary",
+        description="Run every stored prompt VERSION (NAME@N, NAME for the latest) on every "
+        "model and every row of variables; each cell is recorded under one comparison id. "
+        "Prints one summary line per version and model.",
+    )
+    p.add_argument("versions", nargs="+", metavar="VERSION", help="stored versions, NAME@N")
+    p.add_argument(
+        "--models",
+        metavar="A,B",
+        help="models to run every version on, comma-separated (default: each version's own, "
+        "else the server's)",
+    )
+    p.add_argument(
+        "--var",
+        "-v",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="value for a {{KEY}} placeholder in every row (repeatable; default: none)",
+    )
+    p.add_argument(
+        "--rows",
+        type=_readable_file,
+        metavar="FILE",
+        help="rows of variables, .csv with a header or .jsonl (default: one row of the --var "
+        "values)",
+    )
+    p.add_argument(
+        "--out",
+        "-o",
+        type=_writable_file,
+        help="write one line per cell (its row's variables and result), .csv or .jsonl "
+        "(default: none)",
+    )
+    p.add_argument(
+        "--concurrency",
+        "-c",
+        type=_whole_number(1, "cells at once"),
+        default=None,
+        metavar="N",
+        help="cells streaming at once in all (default: as many on each server as it has "
+        "prediction slots, 3 where it reports none)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=_prompt_setting("max_tokens"),
+        metavar="N",
+        help="answer tokens at most, -1 for no limit (default: each version's)",
+    )
+    p.add_argument(
+        "--base-url",
+        action="append",
+        type=_base_url,
+        default=None,
+        help="server address; repeat to spread cells over several servers "
+        "(default: $LMSTREAM_BASE_URL or http://localhost:1234/v1)",
+    )
+    _add_budget_options(p)
+
+
+async def _cmd_compare(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import asyncio
+
+    from ._batch import new_batch_id
+    from ._compare import SUMMARY_HEADERS, Comparison, acompare, merge_rows, resolve_prompts
+    from ._run import default_store
+    from ._terminal import table
+
+    store = default_store()
+    versions = resolve_prompts(args.versions, store)
+    rows = merge_rows(dict(args.var), _read_rows(args.rows) if args.rows else None)
+    for prompt in versions:  # a missing value is refused before anything is sent
+        for row in rows:
+            prompt.render(row, allow_extra=True)
+    comparison_id = new_batch_id()
+    try:
+        comparison: Comparison = await acompare(
+            versions,
+            args.models,
+            rows,
+            store=store,
+            base_url=args.base_url or None,
+            concurrency=args.concurrency,
+            budgets=_budgets(args),
+            comparison_id=comparison_id,
+            max_tokens=args.max_tokens,
+            interface="cli",
+        )
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        err.write(
+            f"\nlmstream: comparison {comparison_id} stopped; the cells that ended are recorded "
+            f"(`lmstream history --batch {comparison_id}`).\n"
+        )
+        return EXIT_INTERRUPTED
+    if args.out is not None:
+        lines = [{**comparison.rows[cell["row"]], **cell} for cell in comparison.as_dicts()]
+        _write_rows(args.out, lines)
+    failed = len(comparison) - comparison.succeeded
+    out.write(
+        f"comparison {comparison.comparison_id}: {comparison.succeeded} of {len(comparison)} "
+        f"cells ok{f', {failed} failed' if failed else ''}\n"
+    )
+    out.write(table(comparison.summary_rows(), SUMMARY_HEADERS))
+    return EXIT_OK if not failed else EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1426,6 +1551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "demo": _cmd_demo,
             "batch": _cmd_batch,
             "bench": _cmd_bench,
+            "compare": _cmd_compare,
         }
         return asyncio.run(commands[args.command](args, out, err))
     except LMStreamError as exc:

@@ -548,3 +548,80 @@ def test_run_chat_sends_the_earlier_turns_and_chat_lists_shows_forks_resets(
     usage = lmstream("chat", "fork", "notes")
     assert usage.returncode != 0
     assert "NAME" in usage.stderr
+
+
+def test_compare_prints_the_summary_and_writes_every_cell(tmp_path: Path) -> None:
+    with simulator.serve(profile="test-fast", seed=2, models=("sim-a", "sim-b")) as server:
+        with PromptStore() as store:
+            store.save("pet", "Tell me about {{animal}}.")
+            store.save("pet", "Describe {{animal}} to {{who}}.")
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text('{"animal": "owls"}\n{"animal": "bats"}\n', encoding="utf-8")
+        out = tmp_path / "cells.csv"
+        result = lmstream(
+            "compare",
+            "pet@1",
+            "pet@2",
+            "--models",
+            "sim-a,sim-b",
+            "--var",
+            "who=Ada",
+            "--rows",
+            str(rows),
+            "--out",
+            str(out),
+            "--max-tokens",
+            "5",
+            "--base-url",
+            server.base_url,
+        )
+        refused = lmstream("compare", "pet@2", "--base-url", server.base_url)
+        match = re.match(r"comparison (\w+):", result.stdout)
+        assert match, result.stdout
+        by_version = lmstream("stats", "--by", "version", "--batch", match.group(1))
+        unknown = lmstream("compare", "pet@7", "--base-url", server.base_url)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    match = re.fullmatch(r"comparison (\w+): 8 of 8 cells ok", lines[0])
+    assert match, lines[0]
+    assert lines[1].split() == [
+        "version",
+        "model",
+        "ok",
+        "success",
+        "ttft",
+        "p50",
+        "ttft",
+        "p95",
+        "mean",
+        "length",
+    ]
+    body = [line.split()[:4] for line in lines[3:]]
+    assert body == [[v, m, "2/2", "100%"] for v in ("pet@1", "pet@2") for m in ("sim-a", "sim-b")]
+    import csv
+
+    with out.open(encoding="utf-8", newline="") as handle:
+        cells = list(csv.DictReader(handle))
+    assert len(cells) == 8
+    assert [(c["version"], c["model"], c["row"], c["animal"]) for c in cells[:2]] == [
+        ("pet@1", "sim-a", "0", "owls"),
+        ("pet@1", "sim-a", "1", "bats"),
+    ]
+    assert {c["who"] for c in cells} == {"Ada"}
+    assert all(c["status"] == "ok" and c["text"].strip() for c in cells)
+    with PromptStore() as store:
+        recorded = store.history(batch=match.group(1), limit=None)
+    assert sorted(r.id for r in recorded) == sorted(int(c["run_id"]) for c in cells)
+    # A missing value is one usage sentence, before anything is sent; so is a missing version.
+    assert refused.returncode == 2
+    assert "animal" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert unknown.returncode == 1
+    assert "has no version 7" in unknown.stderr
+    # The recorded cells, per version and model.
+    assert by_version.returncode == 0, by_version.stderr
+    groups = [line.split()[:4] for line in by_version.stdout.splitlines()[2:]]
+    assert groups == [
+        *([v, m, "2", "100%"] for v in ("pet@1", "pet@2") for m in ("sim-a", "sim-b")),
+        ["(all)", "(all)", "8", "100%"],
+    ]

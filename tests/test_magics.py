@@ -784,3 +784,132 @@ def test_two_chat_cells_make_one_conversation(
     assert "%lmstream chat list" in " ".join(err["traceback"])
     usage = kernel.execute("%lmstream chat frob")
     assert "Use %lmstream chat list | show NAME" in usage.stream("stderr")
+
+
+def test_compare_streams_every_cell_into_one_paced_grid(kernel: Kernel, home: Path) -> None:
+    """Four cells stream at once into their own places of one widget: every paint carries the
+    new text of all of them, at most 25 messages a second; the end is a kernel-free snapshot."""
+    slow = '[[sim {"gen_tps": 120}]] '
+    with PromptStore(home / "lmstream.db") as store:
+        store.save("side", slow + "Tell {{who}} about rivers.")
+        marker = "[[sim " + json.dumps({"gen_tps": 60, "reply": HTML_REPLY}) + "]] "
+        store.save("side", marker + "Tell {{who}} about lakes.")
+    with simulator.serve(profile="test-fast", seed=5, models=("sim-a", "sim-b")) as two:
+        cell = kernel.execute(
+            f"%lmstream compare side@1 side@2 --models sim-a,sim-b --var who=Ada "
+            f"--max-tokens 40 --base-url {two.base_url} --output cmp",
+            timeout=60,
+        )
+    assert cell.status == "ok", cell.error()
+    [widget] = cell.widget_ids()
+    customs = [
+        (dt.datetime.fromisoformat(str(m["header"]["date"])), m["content"]["data"]["content"])
+        for m in kernel.comm_msgs[widget]
+        if m["content"].get("data", {}).get("method") == "custom"
+    ]
+    # Several cells had text on screen before any cell ended.
+    first_end = next(
+        n
+        for n, (_, c) in enumerate(customs)
+        if any(s.get("state") in ("done", "failed") for s in c.get("s", {}).values())
+    )
+    streaming = {i for _, c in customs[:first_end] for i in c.get("c", {})}
+    assert len(streaming) >= 3, (streaming, first_end)
+    assert any(len(c.get("c", {})) >= 2 for _, c in customs), "one message carries several cells"
+    # The traffic bound of one view, for the whole grid.
+    times = [t for t, _ in customs]
+    assert len(times) <= 25 * (times[-1] - times[0]).total_seconds() + 3
+    # Each cell's deltas add up to its recorded text, in its own place.
+    texts: dict[str, str] = {}
+    for _, c in customs:
+        for i, piece in c.get("c", {}).items():
+            texts[i] = texts.get(i, "") + piece
+    check = kernel.execute(
+        "print(repr([r.text for r in cmp.results]))\n"
+        "print(repr([(c.version, c.model) for c in cmp.cells]))"
+    )
+    recorded_texts, layout = (ast.literal_eval(x) for x in check.stream().splitlines())
+    assert layout == [
+        ("side@1", "sim-a"),
+        ("side@1", "sim-b"),
+        ("side@2", "sim-a"),
+        ("side@2", "sim-b"),
+    ]
+    assert [texts.get(str(i), "") for i in range(4)] == recorded_texts
+    assert all(t.strip() for t in recorded_texts)
+    state = kernel.widget_state(widget)
+    assert state["finished"] is True
+    assert [c["v"] for c in state["layout"]] == ["side@1", "side@1", "side@2", "side@2"]
+    assert [c["x"] for c in state["layout"]] == [0, 1, 2, 3], "side by side: a column each"
+    assert state["columns"] == 4
+    # Replaced by the summary and a snapshot, escaped: model output never becomes HTML.
+    [final] = cell.finals()
+    assert "application/vnd.jupyter.widget-view+json" in final["replaces"]
+    page = final["text/html"]
+    assert "<script" not in page
+    assert "lmstream-compare-summary" in page
+    assert page.count("lmstream-grid-cell") == 4
+    for text in recorded_texts:
+        assert html_escape(text) in page
+    assert recorded_texts[2] == HTML_REPLY, "version 2's cells answer with markup"
+    assert html_escape(HTML_REPLY) in page
+    assert final["text/plain"].startswith("<Comparison ")
+    assert "side@2" in final["text/plain"]
+    assert cell.result() is None
+
+
+def test_compare_names_a_missing_value_before_anything_is_sent(kernel: Kernel, home: Path) -> None:
+    with PromptStore(home / "lmstream.db") as store:
+        store.save("needy", "Tell {{who}} about {{what}}.")
+    cell = kernel.execute('%lmstream compare needy@1 --var who=Ada --row "what=x" --row "who=Bo"')
+    assert cell.status == "error"
+    stderr = cell.stream("stderr")
+    assert stderr.startswith("UsageError: Row 1 needs a value for what: add --var what=..."), stderr
+    assert "Traceback" not in stderr
+    assert not cell.widget_ids(), "no grid was shown"
+    with PromptStore(home / "lmstream.db") as store:
+        assert not [r for r in store.history(limit=None) if r.prompt_name == "needy"]
+    unknown = kernel.execute("%lmstream compare needy@5")
+    assert unknown.status == "error"
+    assert "has no version 5" in str(unknown.error()) + unknown.stream("stderr")
+
+
+def test_an_interrupted_comparison_keeps_what_each_cell_received(
+    kernel: Kernel, home: Path
+) -> None:
+    defaults = simulator.Scenario(output_tokens=100_000, gen_tps=200, jitter=0)
+    with PromptStore(home / "lmstream.db") as store:
+        store.save("endless", "A very long story about {{who}}.")
+    with simulator.serve(profile="test-fast", defaults=defaults) as slow:
+        cell = kernel.submit(
+            '%lmstream compare endless@1 --row "who=Ann" --row "who=Ben" '
+            f"--base-url {slow.base_url}"
+        )
+
+        def both_streaming() -> bool:
+            ids = cell.widget_ids()
+            if not ids:
+                return False
+            seen = {
+                i
+                for m in kernel.comm_msgs.get(ids[0], [])
+                for i in m["content"].get("data", {}).get("content", {}).get("c", {})
+            }
+            return seen == {"0", "1"}
+
+        kernel.until(both_streaming, timeout=20)
+        kernel.km.interrupt_kernel()
+        kernel.wait(cell, timeout=20)
+    assert cell.status == "error"
+    [final] = cell.finals()
+    assert final["text/plain"].startswith("lmstream: the comparison ended early")
+    assert final["text/html"].count('data-state="cancelled"') == 2
+    with PromptStore(home / "lmstream.db") as store:
+        runs = [r for r in store.history(limit=None) if r.prompt_name == "endless"]
+        assert sorted(r.status for r in runs) == ["cancelled", "cancelled"]
+        for run in runs:
+            text = store.get_run(run.id).text
+            assert text
+            assert html_escape(text) in final["text/html"], "the snapshot keeps the partial text"
+    after = kernel.execute("print(6 * 7)")
+    assert after.stream().strip() == "42", "the kernel stays usable"
