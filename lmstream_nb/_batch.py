@@ -125,22 +125,25 @@ class BatchResult:
         ]
 
     def parsed_columns(self) -> dict[str, list[Any]]:
-        """The structured answers (a run with a schema) as columns: each top-level key of a
-        parsed object becomes ``parsed.KEY`` (the prefix keeps them apart from the row's own
-        columns and from ``status``, ``text``...), in the order keys first appear; a row
-        without that key, or whose answer failed, holds None. A parsed value that is not an
-        object is the one column ``parsed``. No schema, no columns."""
-        values = [r.parsed for r in self.results]
-        if all(v is None for v in values):
-            return {}
-        if not all(v is None or isinstance(v, dict) for v in values):
-            return {"parsed": values}
-        keys: dict[str, None] = {}
-        for value in values:
-            keys.update(dict.fromkeys(value or {}))
-        return {
-            f"parsed.{key}": [None if v is None else v.get(key) for v in values] for key in keys
-        }
+        """The structured answers as columns: see :func:`parsed_columns`."""
+        return parsed_columns(self.results)
+
+
+def parsed_columns(results: Sequence[RunResult]) -> dict[str, list[Any]]:
+    """The structured answers (runs with a schema) as columns, for batches and comparisons:
+    each top-level key of a parsed object becomes ``parsed.KEY`` (the prefix keeps them apart
+    from the row's own columns and from ``status``, ``text``...), in the order keys first
+    appear; a run without that key, or whose answer failed, holds None. A parsed value that is
+    not an object is the one column ``parsed``. No schema, no columns."""
+    values = [r.parsed for r in results]
+    if all(v is None for v in values):
+        return {}
+    if not all(v is None or isinstance(v, dict) for v in values):
+        return {"parsed": values}
+    keys: dict[str, None] = {}
+    for value in values:
+        keys.update(dict.fromkeys(value or {}))
+    return {f"parsed.{key}": [None if v is None else v.get(key) for v in values] for key in keys}
 
 
 def new_batch_id() -> str:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._batch import Cell, _rows, arun_cells, check_settings, new_batch_id
+from ._batch import Cell, _rows, arun_cells, check_settings, new_batch_id, parsed_columns
 from ._config import Budgets, Retries
 from ._events import Event
 from ._history import RunStats, _load_pandas, percentile
@@ -153,9 +153,13 @@ class Comparison:
 
     def to_pandas(self) -> Any:
         """A DataFrame, one row per cell: version, model, row, status, text, time to first
-        token, tokens/s, length (characters) and the run's id."""
+        token, tokens/s, length (characters) and the run's id; with a schema, the parsed fields
+        too (``parsed.KEY`` columns, as ``run_many`` gives them)."""
         pd = _load_pandas()
-        return pd.DataFrame(self.as_dicts(), columns=list(CELL_COLUMNS))
+        frame = pd.DataFrame(self.as_dicts(), columns=list(CELL_COLUMNS))
+        for key, column in parsed_columns(self.results).items():
+            frame[key] = pd.Series(column, dtype=object)  # an int stays an int beside a None
+        return frame
 
     def summary_dicts(self) -> list[dict[str, Any]]:
         """Per (version, model), in grid order: cells, successes, success rate, time to first

@@ -255,3 +255,29 @@ def test_rows_from_a_dataframe_and_models_as_one_text(
     assert [store.get_run(i).variables["who"] for i in cells["run_id"]] == ["Gus", "Hal", "Ivy"] * 2
     with pytest.raises(ValueError, match="models is empty"):
         compare("greet@2", [], store=store, base_url=two_models.base_url, progress=False)
+
+
+def test_versions_with_a_schema_give_their_parsed_fields_as_columns(
+    two_models: simulator.SimServer, store: PromptStore
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        "required": ["city", "days"],
+    }
+    store.add("plan", "Plan a trip for {{who}}.", model="sim-a", schema=schema)
+    result = compare(
+        ["plan@1", "greet@1"],
+        models=list(MODELS),
+        rows=[{"who": "Ed"}],
+        store=store,
+        base_url=two_models.base_url,
+        progress=False,
+        max_tokens=60,
+    )
+    frame = result.to_pandas()
+    assert list(frame["status"]) == ["ok"] * 4
+    assert list(frame.columns[-2:]) == ["parsed.city", "parsed.days"]
+    planned = frame[frame["version"] == "plan@1"]
+    assert all(isinstance(days, int) for days in planned["parsed.days"])
+    assert list(frame[frame["version"] == "greet@1"]["parsed.city"]) == [None, None]
