@@ -97,3 +97,21 @@ def test_every_widget_left_in_a_notebook_has_its_saved_state(path: Path) -> None
             view = data[WIDGET]
             assert isinstance(view, dict)
             assert view["model_id"] in saved, f"{path.name}: a widget without saved state"
+
+
+def test_notebook_06_keeps_the_conversation_the_json_the_grid_and_the_diff() -> None:
+    outputs = _outputs("06-prompt-engineering.ipynb")
+    chat = [d for s, d in outputs if s.startswith("%%lmstream --chat trip")]
+    statuses = [str(d["text/plain"]) for d in chat if str(d["text/plain"]).startswith("lmstream:")]
+    assert len(statuses) == 3, "three cells, three turns"
+    assert all("lmstream: done" in s for s in statuses)
+    printed = "".join(str(d.get("stream", "")) for _, d in outputs)
+    assert "3 turns: ['ok', 'ok', 'ok']" in printed
+    assert "['user', 'assistant', 'user', 'assistant', 'user']" in printed, "earlier turns sent"
+    [grid] = [d for s, d in outputs if "%lmstream compare" in s]
+    assert "8 of 8 ok" in str(grid["text/plain"])
+    page = str(grid["text/html"])
+    assert page.count('class="lmstream-grid-cell" data-state="done"') == 8
+    assert "{&quot;city&quot;:" in page, "the model's JSON is shown as escaped text"
+    [diff] = [d for s, d in outputs if s.startswith("%lmstream diff plan")]
+    assert '+    "budget_eur": {' in str(diff["text/plain"]), "the schema is diffed as JSON"
