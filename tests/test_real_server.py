@@ -517,3 +517,39 @@ async def test_a_conversation_over_the_context_is_refused_before_sending(tmp_pat
     assert f"{error.prompt_tokens:,} tokens" in str(error)
     assert done.ok
     assert [t.in_context for t in turns] == [False, True]
+
+
+async def test_two_versions_side_by_side_with_their_parsed_fields(
+    real_server: Server, tmp_path: Path
+) -> None:
+    """compare() on llama.cpp: every (version, row) cell runs and is recorded under one id;
+    the version with a schema gets its parsed fields as columns, the other none."""
+    from lmstream_nb import acompare
+
+    schema = {
+        "type": "object",
+        "properties": {"sunny": {"type": "boolean"}},
+        "required": ["sunny"],
+        "additionalProperties": False,
+    }
+    with PromptStore(tmp_path / "runs.db") as store:
+        store.save("weather", "Is it sunny in {{place}}? One word.", model=MODEL)
+        store.save("weather", "Is it sunny in {{place}}? Answer in JSON.", schema=schema)
+        result = await acompare(
+            ["weather@1", "weather@2"],
+            rows=[{"place": "the desert"}, {"place": "Oslo"}],
+            store=store,
+            base_url=real_server.base_url,
+            budgets=BUDGETS,
+            progress=False,
+            max_tokens=12,
+            temperature=0,
+        )
+        recorded = store.history(batch=result.comparison_id, limit=None)
+    frame = result.to_pandas()
+    assert list(frame["status"]) == ["ok"] * 4, list(frame["error"])
+    assert sorted(r.id for r in recorded) == sorted(frame["run_id"])
+    with_schema = frame[frame["version"] == "weather@2"]
+    assert all(isinstance(v, bool) for v in with_schema["parsed.sunny"])
+    assert list(frame[frame["version"] == "weather@1"]["parsed.sunny"]) == [None, None]
+    assert list(result.summary()["success_rate"]) == [1.0, 1.0]
