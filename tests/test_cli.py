@@ -181,8 +181,13 @@ def test_ctrl_c_stops_the_stream_and_closes_the_connection(slow_sim: simulator.S
             first = os.read(proc.stdout.fileno(), 100)
             assert first
             proc.send_signal(signal.SIGINT)
+            try:
+                _out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                signals = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                handled = [line for line in signals if line.startswith(("SigIgn", "SigCgt"))]
+                pytest.fail(f"lmstream run went on 30 s after Ctrl-C ({handled})")
             record = slow_sim.wait_for(lambda r: r.outcome == "client_disconnected", 20.0)
-            _out, err = proc.communicate(timeout=20)
         finally:
             if proc.poll() is None:
                 proc.kill()
