@@ -282,6 +282,18 @@ def m008_conversations(conn: sqlite3.Connection) -> None:
     )
 
 
+def m009_turns_store_their_own_messages(conn: sqlite3.Connection) -> None:
+    """A conversation's turn stores only the messages it added, not the context before them.
+
+    The context of a turn is the turns before it in its chain, which the store already holds:
+    storing it again with every turn made a conversation's size grow with the square of its
+    length. ``context_messages`` is how many messages were sent before the ones a run stores
+    (0 for every run that is not a later turn, and for the turns recorded before this step,
+    which store the whole array).
+    """
+    conn.execute("ALTER TABLE runs ADD COLUMN context_messages INTEGER NOT NULL DEFAULT 0")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 #: Every schema step in order; step ``i`` (0-based) brings the database to version ``i + 1``.
@@ -294,6 +306,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     m006_prompt_chars,
     m007_prompt_schema,
     m008_conversations,
+    m009_turns_store_their_own_messages,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -296,8 +296,8 @@ async def arun(
         max_tokens = check_max_tokens(max_tokens if max_tokens is not None else prompt.max_tokens)
         wanted = schema if schema is not None else prompt.schema
         checked_schema = schema_of(wanted) if wanted is not None else None
-        messages = [dict(m) for m in context]
-        messages += prompt.render(variables, allow_extra=allow_extra)
+        own_messages = prompt.render(variables, allow_extra=allow_extra)
+        messages = [*(dict(m) for m in context), *own_messages]
     except LMStreamError as exc:
         exc.interface = interface
         raise
@@ -317,7 +317,8 @@ async def arun(
             prompt_version=prompt.version,
             template=prompt.template,
             system=prompt.system,
-            messages=messages,
+            messages=own_messages,
+            context=context,
             variables=recorded_vars,
             model=chosen_model,
             base_url=http.url,

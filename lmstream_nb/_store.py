@@ -205,6 +205,7 @@ class RunRecord:
     load_s: float | None = None
     prompt_s: float | None = None
     prompt_tokens_per_s: float | None = None
+    context_messages: int = 0
 
     def stats(self) -> Stats:
         """The run's figures, as a stream reports them."""
@@ -357,7 +358,7 @@ _RECORD_COLUMNS = (
     "id, prompt_name, prompt_version, template, system, messages, variables, model, base_url, "
     "started_at, ttft_s, duration_s, chunks, prompt_tokens, completion_tokens, tokens_per_s, "
     "finish_reason, status, error, text, reasoning, batch_id, batch_row, api, first_progress_s, "
-    "load_s, prompt_s, prompt_tokens_per_s"
+    "load_s, prompt_s, prompt_tokens_per_s, context_messages"
 )
 
 
@@ -933,22 +934,27 @@ class PromptStore:
         batch_row: int | None = None,
         conversation_id: int | None = None,
         parent_run_id: int | None = None,
+        context: Sequence[Mapping[str, Any]] = (),
     ) -> int:
         """Record a run that is about to start (status ``unfinished``, owned by this process);
-        return its id. A conversation's turn becomes its latest in the same transaction."""
+        return its id. A conversation's turn becomes its latest in the same transaction.
+
+        ``context`` is what was sent before ``messages``: a conversation's earlier turns,
+        which their own runs hold, so only their number is stored (see ``m009``)."""
         with self._write() as conn:
             cursor = conn.execute(
                 "INSERT INTO runs (prompt_name, prompt_version, template, system, messages, "
                 "prompt_chars, variables, model, base_url, started_at, status, batch_id, "
-                "batch_row, owner, text_in_chunks, conversation_id, parent_run_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'unfinished', ?, ?, ?, 1, ?, ?)",
+                "batch_row, owner, text_in_chunks, conversation_id, parent_run_id, "
+                "context_messages) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'unfinished', ?, ?, ?, 1, ?, ?, ?)",
                 (
                     prompt_name,
                     prompt_version,
                     _storable(template),
                     _storable(system),
                     _storable(json.dumps(messages, ensure_ascii=False)),
-                    prompt_chars(messages),
+                    prompt_chars([*context, *messages]),
                     _storable(json.dumps(variables, ensure_ascii=False)),
                     model,
                     base_url,
@@ -958,6 +964,7 @@ class PromptStore:
                     current_owner().to_json(),
                     conversation_id,
                     parent_run_id,
+                    len(context),
                 ),
             )
             run_id = cursor.lastrowid

@@ -1389,6 +1389,11 @@ def run_record_text(rec: Any) -> str:
     ]
     lines.append("--- variables")
     lines += [f"{key} = {value}" for key, value in rec.variables.items()] or ["(none)"]
+    if rec.context_messages:
+        lines.append(
+            f"--- {rec.context_messages} earlier messages (the conversation's turns before "
+            "this one, stored with them)"
+        )
     for message in rec.messages:
         lines.append(f"--- {message.get('role', 'message')}")
         lines.append(str(message.get("content", "")))

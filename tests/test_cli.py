@@ -537,6 +537,10 @@ def test_run_chat_sends_the_earlier_turns_and_chat_lists_shows_forks_resets(
         ("assistant", first.stdout.strip()),
         ("user", "Another?"),
     )
+    [latest] = json.loads(lmstream("history", "--limit", "1", "--json").stdout)
+    turn = lmstream("history", "--run", str(latest["id"]))
+    assert "--- 3 earlier messages (the conversation's turns before this one" in turn.stdout
+    assert "Name a river." not in turn.stdout  # stored once, with the first turn
     shown = lmstream("chat", "show", "notes")
     assert shown.returncode == 0, shown.stderr
     assert "Name a river." in shown.stdout

@@ -83,6 +83,29 @@ def test_turns_are_sent_with_the_turns_before_them_and_recorded(
     assert store.get_run(second.run_id).api == "openai"
 
 
+def test_a_turn_stores_only_what_it_added(sim: simulator.SimServer, store: PromptStore) -> None:
+    """The context a turn sends is the turns before it, which their runs hold: a turn stores
+    its own message and the number of messages before it, so a conversation's size grows with
+    its length, not its square, and the last request still carried every turn."""
+    before = len(sim.records())
+    with SyncLMStudioClient(sim.base_url) as client:
+        chat = Conversation("long", "tutor", model=MODEL, store=store, client=client)
+        results = [chat.send(topic="tides", level="young", options=reply("One."))]
+        results += [chat.send(f"Question {i}?", options=reply(f"Answer {i}.")) for i in range(5)]
+    runs = [store.get_run(r.run_id) for r in results]
+    assert [len(r.messages) for r in runs] == [2, 1, 1, 1, 1, 1]
+    assert [r.context_messages for r in runs] == [0, 3, 5, 7, 9, 11]
+    assert runs[-1].messages == [{"role": "user", "content": "Question 4?"}]
+    last = sent(sim, before)[-1][1]
+    assert len(last) == 12
+    assert last[-3:] == (
+        ("user", "Question 3?"),
+        ("assistant", "Answer 3."),
+        ("user", "Question 4?"),
+    )
+    assert [t.answer for t in chat.turns] == ["One.", *(f"Answer {i}." for i in range(5))]
+
+
 def test_a_fork_goes_on_separately(sim: simulator.SimServer, store: PromptStore) -> None:
     before = len(sim.records())
     with SyncLMStudioClient(sim.base_url) as client:

@@ -118,6 +118,7 @@ def test_a_fresh_database_ends_at_the_latest_schema(conn: sqlite3.Connection) ->
         "prompt_chars",
         "conversation_id",
         "parent_run_id",
+        "context_messages",
     ]
     assert columns(conn, "conversations") == [
         "id",
@@ -366,3 +367,35 @@ def test_a_version_6_database_gains_prompt_schemas_none_for_old_versions(tmp_pat
         assert saved.prompt.schema == '{"type":"object"}'
         assert not store.add("p", "Hi", schema='{ "type" : "object" }').created
         assert store.add("p", "Hi, again").prompt.schema == '{"type":"object"}'  # kept
+
+
+def test_a_version_8_conversation_with_whole_arrays_goes_on(tmp_path: Path) -> None:
+    """Turns recorded before m009 store the whole messages array; they read back as the same
+    turns, count no context of their own, and the next turn stores only what it adds."""
+    path = tmp_path / "v8.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, target=8)
+    conn.execute(
+        "INSERT INTO conversations (id, name, created, head_run_id) VALUES (1, 'c', 1.0, 2)"
+    )
+    first = '[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]'
+    second = (
+        '[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},'
+        ' {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]'
+    )
+    for run_id, messages, text, parent in ((1, first, "Hello", None), (2, second, "Bye", 1)):
+        conn.execute(
+            "INSERT INTO runs (id, template, messages, variables, base_url, started_at, status, "
+            "text, conversation_id, parent_run_id) VALUES (?, 't', ?, '{}', 'u', 1.0, 'ok', ?, "
+            "1, ?)",
+            (run_id, messages, text, parent),
+        )
+    conn.close()
+    with PromptStore(path) as store:
+        from lmstream_nb import Conversation
+
+        turns = Conversation("c", store=store).turns
+        assert [(t.user, t.answer) for t in turns] == [("Hi", "Hello"), ("Bye", "Bye")]
+        assert [store.get_run(i).context_messages for i in (1, 2)] == [0, 0]
+        context = Conversation._context(store.conversation_runs("c"), None, False)
+        assert [m["content"] for m in context] == ["Be brief.", "Hi", "Hello", "Bye", "Bye"]
