@@ -313,7 +313,10 @@ _WORDS: dict[str, dict[str, Callable[[str], str]]] = {
         ),
         "extra": lambda _: 'fix the name in "variables"',
         "chats": lambda _: "choose a conversation that exists",
-        "shorter": lambda _: "start a new conversation",
+        "shorter": lambda _: (
+            'send "drop_oldest": true to leave out as many of its oldest turns as needed, '
+            'or send "chat" with a new name to start again'
+        ),
     },
 }
 

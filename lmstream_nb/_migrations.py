@@ -294,6 +294,14 @@ def m009_turns_store_their_own_messages(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE runs ADD COLUMN context_messages INTEGER NOT NULL DEFAULT 0")
 
 
+def m010_run_schema(conn: sqlite3.Connection) -> None:
+    """The JSON Schema a run asked for (canonical JSON, as ``m007`` stores a version's), or
+    NULL: a schema given for one run (``schema=``, ``--schema``, a relay request) is kept with
+    the run, so its parsed value can be read back later and the history shows what was asked.
+    """
+    conn.execute("ALTER TABLE runs ADD COLUMN schema TEXT")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 #: Every schema step in order; step ``i`` (0-based) brings the database to version ``i + 1``.
@@ -307,6 +315,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     m007_prompt_schema,
     m008_conversations,
     m009_turns_store_their_own_messages,
+    m010_run_schema,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

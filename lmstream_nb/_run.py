@@ -35,7 +35,7 @@ from ._loop import shared_loop
 from ._outcome import CANCELLED_MESSAGE, failed_inside
 from ._prompt_fields import check_max_tokens, check_temperature
 from ._store import History, PromptStore, RunStats, default_path
-from ._structured import parse_answer, response_format, schema_of
+from ._structured import canonical_schema, parse_answer, response_format, schema_of
 from ._sync import SyncLMStudioClient
 from ._template import Prompt, variable_text
 
@@ -319,6 +319,7 @@ async def arun(
             system=prompt.system,
             messages=own_messages,
             context=context,
+            schema=canonical_schema(checked_schema) if checked_schema is not None else None,
             variables=recorded_vars,
             model=chosen_model,
             base_url=http.url,

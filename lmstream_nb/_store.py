@@ -206,6 +206,7 @@ class RunRecord:
     prompt_s: float | None = None
     prompt_tokens_per_s: float | None = None
     context_messages: int = 0
+    schema: str | None = None
 
     def stats(self) -> Stats:
         """The run's figures, as a stream reports them."""
@@ -358,7 +359,7 @@ _RECORD_COLUMNS = (
     "id, prompt_name, prompt_version, template, system, messages, variables, model, base_url, "
     "started_at, ttft_s, duration_s, chunks, prompt_tokens, completion_tokens, tokens_per_s, "
     "finish_reason, status, error, text, reasoning, batch_id, batch_row, api, first_progress_s, "
-    "load_s, prompt_s, prompt_tokens_per_s, context_messages"
+    "load_s, prompt_s, prompt_tokens_per_s, context_messages, schema"
 )
 
 
@@ -935,19 +936,21 @@ class PromptStore:
         conversation_id: int | None = None,
         parent_run_id: int | None = None,
         context: Sequence[Mapping[str, Any]] = (),
+        schema: str | None = None,
     ) -> int:
         """Record a run that is about to start (status ``unfinished``, owned by this process);
         return its id. A conversation's turn becomes its latest in the same transaction.
 
         ``context`` is what was sent before ``messages``: a conversation's earlier turns,
-        which their own runs hold, so only their number is stored (see ``m009``)."""
+        which their own runs hold, so only their number is stored (see ``m009``). ``schema``
+        is the canonical JSON of the schema the run asks for, if any."""
         with self._write() as conn:
             cursor = conn.execute(
                 "INSERT INTO runs (prompt_name, prompt_version, template, system, messages, "
                 "prompt_chars, variables, model, base_url, started_at, status, batch_id, "
                 "batch_row, owner, text_in_chunks, conversation_id, parent_run_id, "
-                "context_messages) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'unfinished', ?, ?, ?, 1, ?, ?, ?)",
+                "context_messages, schema) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'unfinished', ?, ?, ?, 1, ?, ?, ?, ?)",
                 (
                     prompt_name,
                     prompt_version,
@@ -965,6 +968,7 @@ class PromptStore:
                     conversation_id,
                     parent_run_id,
                     len(context),
+                    _storable(schema),
                 ),
             )
             run_id = cursor.lastrowid

@@ -117,6 +117,11 @@ def canonical_schema(schema: Mapping[str, Any]) -> str:
     )
 
 
+def readable_schema(stored: str) -> str:
+    """A stored schema (canonical JSON) as a person reads it: indented, keys in order."""
+    return json.dumps(json.loads(stored), indent=2, ensure_ascii=False)
+
+
 def response_format(schema: Mapping[str, Any]) -> dict[str, Any]:
     """The ``response_format`` of a /chat/completions request that asks for ``schema``.
 

@@ -1183,8 +1183,9 @@ def _cmd_prompts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 out.write(f"--- system\n{p.system}\n")
             out.write(f"--- template\n{p.template}\n")
             if p.schema is not None:
-                pretty = json.dumps(json.loads(p.schema), indent=2, ensure_ascii=False)
-                out.write(f"--- schema\n{pretty}\n")
+                from ._structured import readable_schema
+
+                out.write(f"--- schema\n{readable_schema(p.schema)}\n")
     elif action == "versions":
         versions = store.versions(args.name)
         if args.json:
@@ -1397,6 +1398,10 @@ def run_record_text(rec: Any) -> str:
     for message in rec.messages:
         lines.append(f"--- {message.get('role', 'message')}")
         lines.append(str(message.get("content", "")))
+    if rec.schema is not None:
+        from ._structured import readable_schema
+
+        lines.append(f"--- schema\n{readable_schema(rec.schema)}")
     if rec.reasoning:
         lines.append(f"--- reasoning\n{rec.reasoning}")
     lines.append(f"--- answer\n{rec.text}")

@@ -482,6 +482,8 @@ def test_run_with_a_schema_checks_the_answer(sim: simulator.SimServer, tmp_path:
     text = "".join(e["content"] for e in events if e["event"] == "text")
     assert events[-1]["parsed"] == json.loads(text)
     assert set(events[-1]["parsed"]) == {"city"}
+    shown = lmstream("history", "--run", str(events[-1]["run_id"]))
+    assert '--- schema\n{\n  "properties": {\n    "city": {' in shown.stdout, shown.stdout
 
     broken = lmstream(
         "run",

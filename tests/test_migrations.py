@@ -119,6 +119,7 @@ def test_a_fresh_database_ends_at_the_latest_schema(conn: sqlite3.Connection) ->
         "conversation_id",
         "parent_run_id",
         "context_messages",
+        "schema",
     ]
     assert columns(conn, "conversations") == [
         "id",

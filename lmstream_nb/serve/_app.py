@@ -32,6 +32,9 @@ from starlette.types import Receive, Scope, Send
 from .._client import LMStudioClient
 from .._config import Budgets
 from .._errors import (
+    ConversationBusy,
+    ConversationTooLong,
+    InvalidSchema,
     InvalidSetting,
     LMStreamError,
     PromptNotFound,
@@ -42,6 +45,7 @@ from .._errors import (
 )
 from .._run import default_store
 from .._store import PromptStore
+from .._structured import schema_of
 from .._template import Prompt, variable_text
 from ._events import BadCursor, Cursor, EventStream, StreamSettings, find_run
 from ._hub import Hub
@@ -120,15 +124,22 @@ class _Api:
         prompt = await asyncio.to_thread(
             self.store.get, args["name"], _integer(body.get("version"))
         )
-        prompt.render(variables)  # refuse missing or unknown variables before a run
+        if body.get("chat") is None:  # a turn is rendered by its conversation's own rule
+            prompt.render(variables)  # refuse missing or unknown variables before a run
         model = body.get("model") or prompt.model or await self.hub.client.default_model()
         temperature = body.get("temperature")
+        schema = body.get("schema")
         live = await self.hub.start(
             prompt,
             variables,
             model=model,
             temperature=None if temperature is None else float(temperature),
             max_tokens=_integer(body.get("max_tokens")),
+            # Checked here, so that a schema that is not one starts nothing (422).
+            schema=schema_of(schema) if schema is not None else None,
+            chat=body.get("chat"),
+            drop_oldest=bool(body.get("drop_oldest", False)),
+            include_failed=bool(body.get("include_failed", False)),
         )
         url = f"/api/runs/{live.run_id}"
         return JSONResponse(
@@ -202,8 +213,12 @@ def _lmstream_error(exc: LMStreamError) -> Response:
     said = render(exc, "relay")  # the API's own ways to look, never the database's path
     if isinstance(exc, (PromptNotFound, RunNotFound)):
         return error_response(404, said)
-    if isinstance(exc, (TemplateError, InvalidSetting)):
+    if isinstance(exc, (TemplateError, InvalidSetting, InvalidSchema)):
         return error_response(422, said)
+    if isinstance(exc, ConversationBusy):
+        return error_response(409, said)
+    if isinstance(exc, ConversationTooLong) and exc.status == 0:
+        return error_response(422, said)  # counted here and not sent: the request's fault
     if isinstance(exc, StoreError):
         return error_response(503, said)  # the database, not the request, is at fault
     return error_response(502, said)  # the model server refused or could not be reached

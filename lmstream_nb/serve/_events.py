@@ -101,12 +101,15 @@ def progress_data(event: Shown) -> dict[str, Any]:
 
 def final_event(outcome: Outcome) -> tuple[str, dict[str, Any]]:
     if view_state(outcome.status) == DONE:  # the same ending the notebook views show
-        return "done", {
+        done = {
             "status": "ok",
             "finish_reason": outcome.finish_reason,
             "stats": outcome.stats,
             "text_length": outcome.text_length,
         }
+        if outcome.structured:
+            done["parsed"] = outcome.parsed
+        return "done", done
     return "error", {"status": outcome.status, "message": outcome.message}
 
 

@@ -27,6 +27,7 @@ import asyncio
 import bisect
 import contextlib
 import ctypes
+import json
 import re
 import time
 import weakref
@@ -36,6 +37,7 @@ from typing import Any
 
 from .._client import LMStudioClient
 from .._config import Budgets
+from .._conversation import runner
 from .._errors import LMStreamError
 from .._events import (
     Event,
@@ -48,8 +50,9 @@ from .._events import (
 )
 from .._outcome import CANCELLED_MESSAGE
 from .._progress import Shown
-from .._run import RunResult, arun
+from .._run import RunResult
 from .._store import PromptStore, RunRecord
+from .._structured import parse_answer
 from .._template import Prompt
 
 #: Characters per block of a live run's text (see :class:`Text`).
@@ -159,6 +162,8 @@ class Outcome:
     finish_reason: str | None
     stats: dict[str, Any]
     text_length: int
+    structured: bool = False  # the run asked for a schema: ``parsed`` is its answer's value
+    parsed: Any = None
 
 
 _ID = re.compile(r"([sde]):([0-9]{1,12}):([0-9]{1,12})")
@@ -300,13 +305,22 @@ class Hub:
         model: str,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        schema: dict[str, Any] | None = None,
+        chat: str | None = None,
+        drop_oldest: bool = False,
+        include_failed: bool = False,
     ) -> LiveRun:
         """Start a run in the background; return it once it is recorded (its id is known).
 
         The prompt has already been rendered once by the caller, so template errors never get
-        here; a store failure before the run is recorded is raised to the caller.
+        here; a store failure before the run is recorded is raised to the caller, and so is a
+        conversation's refusal (``chat``: the run is its next turn, see ``runner``).
         """
         loop = asyncio.get_running_loop()
+        run_prompt = runner(
+            self.store, chat, include_failed=include_failed, drop_oldest=drop_oldest
+        )
+        structured = schema is not None or prompt.schema is not None
         recorded: asyncio.Future[LiveRun] = loop.create_future()
         current: list[LiveRun] = []  # the run, once arun has recorded it
         tasks: list[asyncio.Task[None]] = []  # the task driving it (created before it runs)
@@ -325,12 +339,12 @@ class Hub:
         async def drive() -> None:
             result: RunResult | None = None
             try:
-                result = await arun(
+                result = await run_prompt(
                     prompt,
                     variables,
                     model=model,
-                    store=self.store,
                     client=self.client,
+                    schema=schema,
                     on_event=on_event,
                     on_run=on_run,
                     temperature=temperature,
@@ -356,6 +370,8 @@ class Hub:
                     finish_reason=result.finish_reason,
                     stats=result.stats.as_dict(),
                     text_length=result.stats.text_chars,
+                    structured=structured,
+                    parsed=result.parsed,
                 )
             else:
                 # The record has the exact sentence arun wrote; the write is already done.
@@ -486,4 +502,16 @@ def outcome_of(record: RunRecord) -> Outcome:
             f"Run {record.id} is not running in this server (another process runs it, or it "
             "stopped without finishing); the text recorded so far has been sent."
         )
-    return Outcome(record.status, message, record.finish_reason, stats, len(record.text))
+    parsed = None
+    if record.schema is not None and record.status == "ok":
+        # It was validated when the run ended; read back the same way.
+        parsed = parse_answer(record.text, json.loads(record.schema))
+    return Outcome(
+        record.status,
+        message,
+        record.finish_reason,
+        stats,
+        len(record.text),
+        structured=record.schema is not None,
+        parsed=parsed,
+    )

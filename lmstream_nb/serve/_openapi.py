@@ -63,11 +63,13 @@ _ERRORS = {
     "403": "Sent by a web page from an origin the server does not allow",
     "404": "No such prompt, run or route",
     "405": "The method is not allowed on this path",
-    "409": "The run has already ended, or is not running in this server",
+    "409": "The run has already ended, or is not running in this server; or the "
+    "conversation is still waiting for its previous answer",
     "413": "The request body is longer than the server accepts",
     "415": "A POST or DELETE without Content-Type: application/json",
     "421": "The Host header does not name this server (DNS rebinding is refused)",
-    "422": "The variables do not fit the prompt's template",
+    "422": "The variables do not fit the prompt's template, the schema is not a JSON Schema, "
+    "or the conversation no longer fits the model's context",
     "502": "The model server refused the request or could not be reached",
     "503": "The database cannot be used right now",
 }
@@ -110,20 +112,32 @@ _EVENTS_DOC = """Server-Sent Events: `start` {run_id, prompt, version, model}, `
 `reasoning` {text}, `status` {state: "waiting", elapsed} while no token has arrived, `progress`
 {phase: "loading" | "prompt", fraction, elapsed_s, eta_s, processed, total, cached, title, facts}
 while the server loads the model or processes the prompt (a few a second at most; `title` and
-`facts` are the words to show, such as "processing prompt" and "43% · 3,512 / 8,140 tokens · 41 s
-· about 55 s left"; a client that reconnects then is sent the latest one at once); where the
-model server reports nothing while it processes the prompt, `progress` {phase: "estimate",
-fraction, elapsed_s, eta_s, expected_s, runs, title, facts} instead, once a second: an estimate
-of the wait (`expected_s` seconds from the request to the first token) from `runs` earlier runs
-of the model there, which a client may fill a bar against on its own clock (the bar never
-fills: the first token ends it), sent only when enough runs back it; then `done`
-{status: "ok", finish_reason, stats, text_length} or `error` {status, message}; the response ends
-after either. Every event has an id `<phase>:<text offset>:<reasoning offset>`; the first carries
-`retry:`. Comment lines `: keep-alive` go out every few seconds. Send `Last-Event-ID` (or
-`?last_event_id=`) to get exactly what was missed, live or after the run ended, also after a
-restart, and also with an id ahead of what the database holds (it lags up to a second behind
-what was sent: such a client gets the final event); after the final event the answer is 204,
-which stops an EventSource."""
+`facts` are the words to show, such as "processing prompt" and "43% · 3,512 / 8,140 tokens · 41 s ·
+about 55 s left"; a client that reconnects then is sent the latest one at once); where the model
+server reports nothing while it processes the prompt, `progress` {phase: "estimate", fraction,
+elapsed_s, eta_s, expected_s, runs, title, facts} instead, once a second: an estimate of the wait
+(`expected_s` seconds from the request to the first token) from `runs` earlier runs of the model
+there, which a client may fill a bar against on its own clock (the bar never fills: the first token
+ends it), sent only when enough runs back it; then `done` {status: "ok", finish_reason, stats,
+text_length, parsed} (`parsed`, the answer's JSON value, only for a run that asked for a schema) or
+`error` {status, message} (status `invalid_output`: the answer is not JSON matching the schema; the
+message names the first failing place); the response ends after either. Every event has an id
+`<phase>:<text offset>:<reasoning offset>`; the first carries `retry:`. Comment lines
+`: keep-alive` go out every few seconds. Send `Last-Event-ID` (or `?last_event_id=`) to get exactly
+what was missed, live or after the run ended, also after a restart, and also with an id ahead of
+what the database holds (it lags up to a second behind what was sent: such a client gets the final
+event); after the final event the answer is 204, which stops an EventSource."""
+
+_RUN_DOC = """`variables` fill the template; `model`, `version`, `temperature` and `max_tokens`
+override the prompt's. `schema` (else the prompt version's own, if it has one) asks for JSON
+matching it: it is sent as `response_format` and the answer still streams; the final event
+carries the parsed value, or the status `invalid_output`. `chat` makes the run the next turn of
+that conversation (started by this request if it has no turns yet): the prompt, rendered, is the
+next message, sent after the conversation's earlier turns; its system prompt counts on the first
+turn only. A turn that failed is left out of the next context unless `include_failed` is true.
+A conversation that no longer fits the model's context is refused with 422 before anything is
+sent, unless `drop_oldest` is true, which leaves out as many of its oldest turns as needed (for
+good); a turn sent while the previous one is still answering is refused with 409."""
 
 _INFO = """Run stored prompts against LM Studio and stream the answers.
 
@@ -178,6 +192,18 @@ def openapi(max_body: int = DEFAULT_MAX_BODY) -> dict[str, Any]:
                             "anyOf": [integer(1, MAX_TOKENS), {"const": -1}],
                             "description": RULES["max_tokens"],
                         },
+                        "schema": {
+                            "type": "object",
+                            "description": "a JSON object: a JSON Schema the answer must match "
+                            "(instead of the prompt's own)",
+                        },
+                        "chat": {
+                            **text(MAX_NAME_LENGTH),
+                            "description": "a conversation's name, "
+                            f"{text(MAX_NAME_LENGTH)['description']}",
+                        },
+                        "drop_oldest": {"type": "boolean", "description": "true or false"},
+                        "include_failed": {"type": "boolean", "description": "true or false"},
                     },
                 },
                 "CancelRequest": {
@@ -239,6 +265,7 @@ def openapi(max_body: int = DEFAULT_MAX_BODY) -> dict[str, Any]:
             "/api/prompts/{name}/runs": {
                 "post": {
                     "summary": "Start a run; answers at once with its id and events URL",
+                    "description": _RUN_DOC,
                     "parameters": [_NAME],
                     "requestBody": _body(
                         "RunRequest", max_body, "The variables and options of the run."
@@ -246,6 +273,7 @@ def openapi(max_body: int = DEFAULT_MAX_BODY) -> dict[str, Any]:
                     "responses": _responses(
                         {"201": _json("{run_id, events_url, url}", _ref("RunCreated"))},
                         "404",
+                        "409",
                         "422",
                         "502",
                         body=True,

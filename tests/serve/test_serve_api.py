@@ -365,3 +365,167 @@ def test_cors_is_off_unless_origins_are_listed(
 def test_create_app_refuses_nonsense_settings(store_path: Path) -> None:
     with pytest.raises(ValueError, match="keepalive"):
         create_app(store=PromptStore(store_path), keepalive=0)
+
+
+FLAG = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "why": {"type": "string"}},
+    "required": ["ok", "why"],
+}
+
+
+def test_a_schema_asks_for_json_and_the_final_event_carries_the_parsed_value(
+    client: httpx.Client, store_path: Path, sim: simulator.SimServer
+) -> None:
+    before = len(sim.records())
+    response = client.post(
+        "/api/prompts/plain/runs", json={"schema": FLAG, "model": MODEL, "max_tokens": 200}
+    )
+    assert response.status_code == 201, response.text
+    events, _ = read_events(client, response.json()["events_url"])
+    [request] = [r for r in sim.records()[before:] if r.method == "POST"]
+    assert request.path == "/v1/chat/completions"  # the native chat takes no response_format
+    done = events[-1].json()
+    assert events[-1].event == "done"
+    assert isinstance(done["parsed"]["ok"], bool)
+    assert isinstance(done["parsed"]["why"], str)
+    assert len([e for e in events if e.event == "delta"]) > 1, "it still streamed"
+    run_id = response.json()["run_id"]
+    assert PromptStore(store_path).get_run(run_id).schema == (
+        '{"properties":{"ok":{"type":"boolean"},"why":{"type":"string"}},'
+        '"required":["ok","why"],"type":"object"}'
+    )
+    # Read again after the end, from the store: the same final event.
+    again, _ = read_events(client, response.json()["events_url"])
+    assert again[-1].json() == done
+    plain = client.post("/api/prompts/plain/runs", json={"max_tokens": 4})
+    ended, _ = read_events(client, plain.json()["events_url"])
+    assert "parsed" not in ended[-1].json(), "only a run that asked for a schema has one"
+
+
+def test_an_answer_that_does_not_match_ends_invalid_output_naming_the_place(
+    client: httpx.Client,
+) -> None:
+    fault = 'a city [[sim {"schema_fault": "wrong_type"}]]'
+    response = client.post(
+        "/api/prompts/greet/runs",
+        json={"variables": {"who": fault, "lang": "French", "role": "kind"}, "schema": FLAG},
+    )
+    assert response.status_code == 201, response.text
+    events, _ = read_events(client, response.json()["events_url"])
+    error = events[-1].json()
+    assert (events[-1].event, error["status"]) == ("error", "invalid_output")
+    assert "does not match the schema at $." in error["message"]
+    run = client.get(response.json()["url"]).json()
+    assert run["text"] == text_of(events) != "", "the text is kept"
+    assert run["status"] == "invalid_output"
+
+
+@pytest.mark.parametrize(
+    ("schema", "said"),
+    [({"type": "no-such-type"}, "The schema "), ("not an object", '"schema" is ')],
+)
+def test_a_schema_that_is_not_one_starts_nothing(
+    client: httpx.Client, schema: object, said: str
+) -> None:
+    response = client.post("/api/prompts/plain/runs", json={"schema": schema})
+    assert response.status_code in (400, 422)
+    message = response.json()["error"]
+    assert message.startswith(said), message
+    assert "Traceback" not in message
+    assert client.get("/api/runs").json()["runs"] == []
+
+
+def test_chat_runs_are_the_turns_of_one_conversation(
+    client: httpx.Client, store_path: Path, sim: simulator.SimServer
+) -> None:
+    """The second turn carries the first; both are runs of the conversation in the store."""
+    base = {"chat": "relay-lesson", "model": MODEL, "max_tokens": 6}
+    first = client.post(
+        "/api/prompts/greet/runs",
+        json={**base, "variables": {"who": "Ada", "lang": "Welsh", "role": "kind"}},
+    )
+    assert first.status_code == 201, first.text
+    first_events, _ = read_events(client, first.json()["events_url"])
+    before = len(sim.records())
+    second = client.post(
+        "/api/prompts/greet/runs",
+        # A later turn sends no system prompt, so it takes only the template's variables.
+        json={**base, "variables": {"who": "Bo", "lang": "Irish"}},
+    )
+    assert second.status_code == 201, second.text
+    second_events, _ = read_events(client, second.json()["events_url"])
+    assert second_events[-1].event == "done"
+    [request] = [r for r in sim.records()[before:] if r.method == "POST"]
+    assert request.path == "/v1/chat/completions"
+    assert request.messages == (
+        ("system", "You are kind."),  # the first turn's: a later turn's system prompt is not sent
+        ("user", "Say hello to Ada in Welsh, briefly."),
+        ("assistant", text_of(first_events)),
+        ("user", "Say hello to Bo in Irish, briefly."),
+    )
+    with PromptStore(store_path) as store:
+        from lmstream_nb import Conversation
+
+        turns = Conversation("relay-lesson", store=store).turns
+        assert [t.run_id for t in turns] == [first.json()["run_id"], second.json()["run_id"]]
+        assert store.get_run(second.json()["run_id"]).context_messages == 3
+    missing = client.post("/api/prompts/greet/runs", json={**base, "variables": {"who": "Cy"}})
+    assert missing.status_code == 422
+    assert missing.json()["error"] == render(MissingVariables(["lang"]), "relay")
+    assert len(client.get("/api/runs").json()["runs"]) == 2, "a refused turn starts nothing"
+
+
+def test_a_turn_while_the_last_one_answers_is_409_and_starts_nothing(store_path: Path) -> None:
+    stall = simulator.Scenario(stall_at=2, stall_s=30)
+    with (
+        simulator.serve(profile="test-fast", defaults=stall) as stalling,
+        service(store_path, stalling.base_url) as server,
+        httpx.Client(base_url=server.url, timeout=TIMEOUT) as client,
+    ):
+        body = {"chat": "busy", "model": MODEL}
+        first = client.post("/api/prompts/plain/runs", json=body)
+        assert first.status_code == 201, first.text
+        read_events(
+            client, first.json()["events_url"], stop=lambda ev: any(e.event == "delta" for e in ev)
+        )
+        second = client.post("/api/prompts/plain/runs", json=body)
+        assert second.status_code == 409
+        assert "still waiting for its previous answer" in second.json()["error"]
+        assert client.request("DELETE", first.json()["url"], json={}).status_code == 200
+        assert [r["id"] for r in client.get("/api/runs").json()["runs"]] == [first.json()["run_id"]]
+
+
+def test_a_conversation_over_the_context_is_422_until_drop_oldest(store_path: Path) -> None:
+    defaults = simulator.Scenario(dialect="llamacpp", output_tokens=4)
+    with (
+        simulator.serve(profile="test-fast", defaults=defaults, context_length=300) as small,
+        service(store_path, small.base_url) as server,
+        httpx.Client(base_url=server.url, timeout=TIMEOUT) as client,
+    ):
+        with PromptStore(store_path) as store:
+            store.save("say", "{{text}}")
+        body = {"chat": "long", "variables": {"text": "a" * 600}}
+        first = client.post("/api/prompts/say/runs", json=body)
+        read_events(client, first.json()["events_url"])
+
+        def chats() -> int:
+            return len([r for r in small.records() if r.path.endswith("/chat/completions")])
+
+        sent = chats()
+        refused = client.post(
+            "/api/prompts/say/runs", json={**body, "variables": {"text": "b" * 600}}
+        )
+        assert refused.status_code == 422
+        message = refused.json()["error"]
+        assert "300-token context" in message
+        assert 'send "drop_oldest": true' in message
+        assert str(store_path) not in message
+        assert chats() == sent, "nothing was sent"
+        kept = client.post(
+            "/api/prompts/say/runs",
+            json={**body, "variables": {"text": "b" * 600}, "drop_oldest": True},
+        )
+        assert kept.status_code == 201, kept.text
+        events, _ = read_events(client, kept.json()["events_url"])
+        assert events[-1].event == "done"
