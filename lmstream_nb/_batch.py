@@ -16,7 +16,6 @@ saved notebook shows without its kernel; it says what the rows in flight are doi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 import uuid
@@ -28,13 +27,13 @@ from typing import Any
 from ._batch_progress import RowsInFlight, advance, paced_refresh, progress_bar
 from ._client import LMStudioClient
 from ._config import Budgets, Retries
-from ._errors import InvalidOutput, LMStreamError, TemplateError, render, rerun_could_help
+from ._errors import LMStreamError, TemplateError, render, rerun_could_help
 from ._events import Event, Stats
 from ._loop import shared_loop
 from ._prompt_fields import check_max_tokens, check_temperature
 from ._run import RunResult, arun, default_store, status_of
 from ._store import PromptStore
-from ._structured import parse_answer, schema_of
+from ._structured import schema_of
 from ._template import Prompt
 
 _NO_STATS = Stats(ttft_s=None, duration_s=0.0, chunks=0, text_chars=0)
@@ -162,12 +161,8 @@ def _result_from_record(
     store: PromptStore, run_id: int, label: str, schema: dict[str, Any] | None = None
 ) -> RunResult:
     rec = store.get_run(run_id)
-    parsed = None
-    if schema is not None and rec.status == "ok":
-        with contextlib.suppress(InvalidOutput):  # checked when it ran; read again
-            parsed = parse_answer(rec.text, schema)
     return RunResult(
-        parsed=parsed,
+        parsed=rec.parsed_value(schema),
         run_id=rec.id,
         status=rec.status,
         text=rec.text,

@@ -51,6 +51,7 @@ import platformdirs
 from ._diff import PromptDiff
 from ._errors import (
     ConversationNotFound,
+    InvalidOutput,
     LMStreamError,
     PromptNotFound,
     RunNotFound,
@@ -83,6 +84,7 @@ from ._prompt_fields import (
     validate_name,
 )
 from ._prompt_files import export_prompts, import_prompts
+from ._structured import parse_answer
 from ._template import Prompt
 
 __all__ = [
@@ -207,6 +209,18 @@ class RunRecord:
     prompt_tokens_per_s: float | None = None
     context_messages: int = 0
     schema: str | None = None
+
+    def parsed_value(self, schema: Mapping[str, Any] | None = None) -> Any:
+        """The JSON value of a structured answer that passed, else None: it was validated when
+        the run ended, and is read again against ``schema`` or the one the run recorded (runs
+        recorded before runs kept their schema need ``schema``)."""
+        if schema is None and self.schema is not None:
+            schema = json.loads(self.schema)
+        if schema is None or self.status != "ok":
+            return None
+        with contextlib.suppress(InvalidOutput):
+            return parse_answer(self.text, schema)
+        return None
 
     def stats(self) -> Stats:
         """The run's figures, as a stream reports them."""

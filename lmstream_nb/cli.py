@@ -428,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", "-m", help="model id (default: the prompt's, else the server's)"
     )
     p_batch.add_argument(
+        "--schema",
+        metavar="FILE_OR_JSON",
+        help="answer as JSON matching this JSON Schema (a .json file or inline JSON); --out "
+        "gets a parsed.KEY column per field (default: the prompt's, else none)",
+    )
+    p_batch.add_argument(
         "--max-tokens",
         type=_prompt_setting("max_tokens"),
         metavar="N",
@@ -834,14 +840,37 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else [])
         writer.writeheader()
-        writer.writerows(rows)
+        # A parsed answer's field may be a list or an object: a CSV cell holds it as JSON.
+        writer.writerows(
+            {
+                k: json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v
+                for k, v in row.items()
+            }
+            for row in rows
+        )
+
+
+def _with_parsed(
+    lines: list[dict[str, Any]], columns: dict[str, list[Any]]
+) -> list[dict[str, Any]]:
+    """Rows to write, each with the ``parsed.KEY`` fields of its structured answer (if any)."""
+    return [
+        {**line, **{key: values[i] for key, values in columns.items()}}
+        for i, line in enumerate(lines)
+    ]
 
 
 async def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import asyncio
 
     from ._batch import BatchResult, arun_many, new_batch_id
+    from ._structured import read_schema_arg
 
+    try:
+        schema = read_schema_arg(args.schema) if args.schema is not None else None
+    except InvalidSchema as exc:
+        err.write(f"lmstream: {render(exc, 'cli')}\n")
+        return EXIT_USAGE
     rows = _read_rows(args.file)
     batch_id = args.resume or new_batch_id()
     urls = args.base_url or None
@@ -857,6 +886,7 @@ async def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             batch_id=batch_id,
             max_tokens=args.max_tokens,
             interface="cli",
+            schema=schema,
         )
     except (KeyboardInterrupt, asyncio.CancelledError):
         err.write(
@@ -866,7 +896,7 @@ async def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_INTERRUPTED
     if args.out is not None:
         merged = [{**row, **result} for row, result in zip(rows, batch.as_dicts(), strict=True)]
-        _write_rows(args.out, merged)
+        _write_rows(args.out, _with_parsed(merged, batch.parsed_columns()))
     err.write(batch_summary(batch, f"lmstream batch {args.prompt} {args.file}"))
     return EXIT_OK if not batch.failed else EXIT_FAILED
 
@@ -1524,8 +1554,10 @@ async def _cmd_compare(args: argparse.Namespace, out: TextIO, err: TextIO) -> in
         )
         return EXIT_INTERRUPTED
     if args.out is not None:
+        from ._batch import parsed_columns
+
         lines = [{**comparison.rows[cell["row"]], **cell} for cell in comparison.as_dicts()]
-        _write_rows(args.out, lines)
+        _write_rows(args.out, _with_parsed(lines, parsed_columns(comparison.results)))
     failed = len(comparison) - comparison.succeeded
     out.write(
         f"comparison {comparison.comparison_id}: {comparison.succeeded} of {len(comparison)} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -396,6 +397,40 @@ def test_the_batch_bar_shows_100_percent_once(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("100%") == 1, result.stderr
     assert result.stderr.count("3/3") == 1
+
+
+def test_batch_with_a_schema_writes_the_parsed_fields(
+    sim: simulator.SimServer, tmp_path: Path
+) -> None:
+    with PromptStore() as store:
+        store.save("place", "A place for {{animal}}.")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        '{"animal": "owls"}\n{"animal": "bats [[sim {\\"schema_fault\\": \\"wrong_type\\"}]]"}\n',
+        encoding="utf-8",
+    )
+    schema = json.dumps(
+        {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "tags": {"type": "array"}},
+            "required": ["city", "tags"],
+        }
+    )
+    out = tmp_path / "out.csv"
+    result = lmstream(
+        "batch", "place", str(rows), "--schema", schema, "-o", str(out), "--base-url", sim.base_url
+    )
+    assert result.returncode == 1, result.stderr  # one row failed
+    assert "does not match the schema at $." in result.stderr
+    with out.open(encoding="utf-8", newline="") as handle:
+        written = list(csv.DictReader(handle))
+    assert [r["status"] for r in written] == ["ok", "invalid_output"]
+    assert written[0]["parsed.city"]
+    assert isinstance(json.loads(written[0]["parsed.tags"]), list), "a list is a JSON cell"
+    assert written[1]["parsed.city"] == "", "a failed row has no parsed fields"
+    bad = lmstream("batch", "place", str(rows), "--schema", "{", "--base-url", sim.base_url)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("lmstream: The schema ")
 
 
 def test_the_batch_runs_as_many_rows_on_each_server_as_it_has_slots(tmp_path: Path) -> None:

@@ -27,7 +27,6 @@ import asyncio
 import bisect
 import contextlib
 import ctypes
-import json
 import re
 import time
 import weakref
@@ -52,7 +51,6 @@ from .._outcome import CANCELLED_MESSAGE
 from .._progress import Shown
 from .._run import RunResult
 from .._store import PromptStore, RunRecord
-from .._structured import parse_answer
 from .._template import Prompt
 
 #: Characters per block of a live run's text (see :class:`Text`).
@@ -502,10 +500,6 @@ def outcome_of(record: RunRecord) -> Outcome:
             f"Run {record.id} is not running in this server (another process runs it, or it "
             "stopped without finishing); the text recorded so far has been sent."
         )
-    parsed = None
-    if record.schema is not None and record.status == "ok":
-        # It was validated when the run ended; read back the same way.
-        parsed = parse_answer(record.text, json.loads(record.schema))
     return Outcome(
         record.status,
         message,
@@ -513,5 +507,5 @@ def outcome_of(record: RunRecord) -> Outcome:
         stats,
         len(record.text),
         structured=record.schema is not None,
-        parsed=parsed,
+        parsed=record.parsed_value(),
     )
