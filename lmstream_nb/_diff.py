@@ -133,6 +133,16 @@ class PromptDiff:
             for kind, line in self._rows()
         )
 
+    def as_dict(self) -> dict[str, Any]:
+        """The diff as JSON-ready data: both labels, each change with both values as the user
+        reads them (a schema as JSON), and the unified text (for ``lmstream serve``)."""
+        return {
+            "old": self.old.label,
+            "new": self.new.label,
+            "changes": [{"field": c.field, "old": c.old, "new": c.new} for c in self.changes],
+            "unified": self.unified(),
+        }
+
     def __str__(self) -> str:
         return self.unified()
 

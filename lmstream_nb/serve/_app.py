@@ -115,6 +115,10 @@ class _Api:
             }
         )
 
+    async def diff(self, request: Request, args: Args) -> Response:
+        diff = await asyncio.to_thread(self.store.diff, args["name"], args["a"], args.get("b"))
+        return JSONResponse(diff.as_dict())
+
     async def models(self, request: Request, args: Args) -> Response:
         return JSONResponse({"models": await self.hub.client.chat_models()})
 
@@ -371,6 +375,7 @@ def create_app(
         route("/api/openapi.json", get=api.openapi),
         route("/api/prompts", get=api.prompts),
         route("/api/prompts/{name}", get=api.prompt),
+        route("/api/prompts/{name}/diff", get=api.diff),
         route("/api/prompts/{name}/runs", post=api.start_run),
         route("/api/models", get=api.models),
         route("/api/runs", get=api.runs),

@@ -262,6 +262,25 @@ def openapi(max_body: int = DEFAULT_MAX_BODY) -> dict[str, Any]:
                     "responses": _responses({"200": _json("The prompt", obj)}, "404"),
                 }
             },
+            "/api/prompts/{name}/diff": {
+                "get": {
+                    "summary": "What changed from version a to version b (default: the latest)",
+                    "description": "{old, new, changes: [{field, old, new}], unified}: every "
+                    "field that differs (template, system prompt, schema, settings), with both "
+                    "values, and the unified diff `lmstream prompts diff` prints.",
+                    "parameters": [
+                        _NAME,
+                        {
+                            "name": "a",
+                            "in": "query",
+                            "required": True,
+                            "schema": integer(1, MAX_ID),
+                        },
+                        {"name": "b", "in": "query", "schema": integer(1, MAX_ID)},
+                    ],
+                    "responses": _responses({"200": _json("The differences", obj)}, "404"),
+                }
+            },
             "/api/prompts/{name}/runs": {
                 "post": {
                     "summary": "Start a run; answers at once with its id and events URL",

@@ -529,3 +529,20 @@ def test_a_conversation_over_the_context_is_422_until_drop_oldest(store_path: Pa
         assert kept.status_code == 201, kept.text
         events, _ = read_events(client, kept.json()["events_url"])
         assert events[-1].event == "done"
+
+
+def test_diff_lists_what_changed_between_versions(client: httpx.Client) -> None:
+    diff = client.get("/api/prompts/greet/diff", params={"a": 1}).json()
+    assert (diff["old"], diff["new"]) == ("greet@1", "greet@2")
+    assert [c["field"] for c in diff["changes"]] == ["template", "model", "description"]
+    assert diff["changes"][1] == {"field": "model", "old": None, "new": MODEL}
+    assert "-Say hello to {{who}} in {{lang}}.\n+Say hello to {{who}} in {{lang}}, briefly." in (
+        diff["unified"]
+    )
+    same = client.get("/api/prompts/greet/diff", params={"a": 2, "b": 2}).json()
+    assert same["changes"] == []
+    assert same["unified"] == "No differences between greet@2 and greet@2.\n"
+    missing = client.get("/api/prompts/greet/diff", params={"a": 7})
+    assert missing.status_code == 404
+    assert "GET /api/prompts/greet for the versions it has" in missing.json()["error"]
+    assert client.get("/api/prompts/greet/diff").status_code == 400
