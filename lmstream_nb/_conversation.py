@@ -29,6 +29,7 @@ from ._template import Prompt
 #: The conversations (store file, name) with a turn under way in this process: a second turn
 #: sent meanwhile would not carry the first, so it is refused (``ConversationBusy``). Front
 #: ends run turns on different loops (a notebook's background cells), hence a thread lock.
+#: Another process's turn is refused by the store, when the turn is written (``start_run``).
 _UNDER_WAY: set[tuple[str, str]] = set()
 _UNDER_WAY_LOCK = threading.Lock()
 

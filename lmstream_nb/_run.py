@@ -333,6 +333,8 @@ async def arun(
     try:
         run_id = await asyncio.shield(starting)
     except BaseException as exc:
+        if isinstance(exc, LMStreamError):  # the store refused it (a conversation's turn)
+            exc.interface = interface
         if isinstance(exc, asyncio.CancelledError):
             # Cancelled while the row was being written: the thread writes it anyway, so it
             # is ended as cancelled before the cancellation goes on (never left unfinished).

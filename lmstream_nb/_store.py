@@ -50,6 +50,7 @@ import platformdirs
 
 from ._diff import PromptDiff
 from ._errors import (
+    ConversationBusy,
     ConversationNotFound,
     InvalidOutput,
     LMStreamError,
@@ -959,6 +960,8 @@ class PromptStore:
         which their own runs hold, so only their number is stored (see ``m009``). ``schema``
         is the canonical JSON of the schema the run asks for, if any."""
         with self._write() as conn:
+            if conversation_id is not None:
+                self._check_turn(conn, conversation_id, parent_run_id)
             cursor = conn.execute(
                 "INSERT INTO runs (prompt_name, prompt_version, template, system, messages, "
                 "prompt_chars, variables, model, base_url, started_at, status, batch_id, "
@@ -993,6 +996,25 @@ class PromptStore:
                 )
         assert run_id is not None
         return run_id
+
+    @staticmethod
+    def _check_turn(conn: sqlite3.Connection, conversation_id: int, parent: int | None) -> None:
+        """Refuse a turn whose context is stale: the conversation's latest turn is not the one
+        it was built after, or is still being answered by a live process (this one or
+        another: a notebook and ``lmstream serve`` may share the database). Checked in the
+        transaction that writes the turn, so two processes cannot both pass it."""
+        row = conn.execute(
+            "SELECT conversations.name, head_run_id, runs.status, runs.owner FROM conversations "
+            "LEFT JOIN runs ON runs.id = conversations.head_run_id WHERE conversations.id = ?",
+            (conversation_id,),
+        ).fetchone()
+        if row is None:
+            return
+        name, head, status, owner_text = row
+        owner = Owner.from_json(owner_text) if owner_text else None
+        answering = status == "unfinished" and not (owner is not None and owner.is_gone())
+        if head != parent or answering:
+            raise ConversationBusy(name)
 
     def first_token_estimate(
         self, *, model: str, base_url: str, messages: Sequence[Mapping[str, Any]]

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_until
 
 from lmstream_nb import (
     Conversation,
@@ -353,3 +357,44 @@ def test_a_later_turn_on_llama_cpp_still_reports_progress(store: PromptStore) ->
     assert stream.api == "openai"
     assert stream.reports_progress is True
     assert any(isinstance(e, PromptProgress) for e in events)
+
+
+def test_a_turn_under_way_in_another_process_refuses_the_next(tmp_path: Path) -> None:
+    """The store, not only this process, knows a turn is being answered: a turn sent meanwhile
+    (a notebook beside ``lmstream serve``, say) would not carry that answer, so it is refused.
+    Once that process is gone (killed: its run is left unfinished), the next turn goes."""
+    stall = simulator.Scenario(stall_at=2, stall_s=60)
+    env = {**os.environ, "LMSTREAM_HOME": str(tmp_path)}
+    with simulator.serve(profile="test-fast", defaults=stall) as stalling:
+        command = ["run", "--chat", "shared", "Hello", "--model", MODEL]
+        child = subprocess.Popen(
+            [sys.executable, "-m", "lmstream_nb", *command, "--base-url", stalling.base_url],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            with PromptStore(tmp_path / "lmstream.db") as store:
+                wait_until(
+                    lambda: store.history(status="unfinished"),
+                    timeout=30,
+                    what="the other process recorded its turn",
+                )
+                with SyncLMStudioClient(stalling.base_url) as client:
+                    chat = Conversation("shared", model=MODEL, store=store, client=client)
+                    chats = len(stalling.chats())
+                    with pytest.raises(ConversationBusy) as busy:
+                        chat.send("Are you there?")
+                    assert "still waiting for its previous answer" in str(busy.value)
+                    assert len(stalling.chats()) == chats, "nothing was sent"
+                    child.kill()
+                    child.wait(timeout=10)
+                    after = chat.send("Are you there?", options=reply("Yes."))
+                assert after.text == "Yes."
+                assert [t.status for t in chat.turns] == ["unfinished", "ok"]
+                last = stalling.chats()[-1]
+                assert last.messages == (("user", "Are you there?"),), "the lost turn is left out"
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(timeout=10)

@@ -536,8 +536,9 @@ def test_diff_lists_what_changed_between_versions(client: httpx.Client) -> None:
     assert (diff["old"], diff["new"]) == ("greet@1", "greet@2")
     assert [c["field"] for c in diff["changes"]] == ["template", "model", "description"]
     assert diff["changes"][1] == {"field": "model", "old": None, "new": MODEL}
-    assert "-Say hello to {{who}} in {{lang}}.\n+Say hello to {{who}} in {{lang}}, briefly." in (
-        diff["unified"]
+    assert (
+        "-Say hello to {{who}} in {{lang}}.\n+Say hello to {{who}} in {{lang}}, briefly."
+        in (diff["unified"])
     )
     same = client.get("/api/prompts/greet/diff", params={"a": 2, "b": 2}).json()
     assert same["changes"] == []
