@@ -58,7 +58,8 @@ PREVIEW_HEAD = 4096
 class RunSummary:
     """One line of history: a run without its text (``preview`` is its first 80 characters).
 
-    ``api`` and the progress figures are as on ``RunRecord`` (``None`` where unknown).
+    ``api`` and the progress figures are as on ``RunRecord`` (``None`` where unknown);
+    ``conversation`` is the name of the conversation the run is a turn of.
     """
 
     id: int
@@ -83,6 +84,7 @@ class RunSummary:
     load_s: float | None = None
     prompt_s: float | None = None
     prompt_tokens_per_s: float | None = None
+    conversation: str | None = None
 
 
 def _load_pandas() -> Any:
@@ -224,10 +226,13 @@ def _filters(
 # History
 
 
+#: The name of the conversation a run is a turn of (NULL for other runs), as a column.
+CONVERSATION_NAME = "(SELECT name FROM conversations WHERE conversations.id = runs.conversation_id)"
 _SUMMARY_COLUMNS = (
     "id, prompt_name, prompt_version, model, started_at, status, ttft_s, duration_s, chunks, "
     "completion_tokens, tokens_per_s, finish_reason, error, text_chars, preview, batch_id, "
-    "batch_row, api, first_progress_s, load_s, prompt_s, prompt_tokens_per_s"
+    "batch_row, api, first_progress_s, load_s, prompt_s, prompt_tokens_per_s, "
+    f"{CONVERSATION_NAME}"
 )
 
 

@@ -687,7 +687,7 @@ class LMStreamMagics(Magics):
                 lambda r: [
                     r.id,
                     r.status,
-                    prompt_label(r.prompt_name, r.prompt_version),
+                    prompt_label(r.prompt_name, r.prompt_version, r.conversation),
                     r.model,
                     _round(r.ttft_s),
                     _round(r.duration_s),

@@ -62,6 +62,7 @@ from ._errors import (
 from ._estimate import WINDOW, Estimate, estimate, prompt_chars
 from ._events import Stats
 from ._history import (
+    CONVERSATION_NAME,
     STATUSES,
     GroupStats,
     History,
@@ -173,6 +174,10 @@ def default_path() -> Path:
 class RunRecord:
     """Everything recorded about one run, including its full text.
 
+    A conversation's turn names its ``conversation`` and stores only the messages it added
+    (``context_messages`` were sent before them, the earlier turns); ``schema`` is the JSON
+    Schema the run asked for, as canonical JSON.
+
     For an ``unfinished`` run, ``text`` and ``reasoning`` are what had arrived when it was read.
     ``started_at`` is unix time; the other times are seconds from the start of the request.
     ``api`` is the endpoint the request went to (``native`` or ``openai``); it and the
@@ -210,6 +215,7 @@ class RunRecord:
     prompt_tokens_per_s: float | None = None
     context_messages: int = 0
     schema: str | None = None
+    conversation: str | None = None
 
     def parsed_value(self, schema: Mapping[str, Any] | None = None) -> Any:
         """The JSON value of a structured answer that passed, else None: it was validated when
@@ -374,7 +380,8 @@ _RECORD_COLUMNS = (
     "id, prompt_name, prompt_version, template, system, messages, variables, model, base_url, "
     "started_at, ttft_s, duration_s, chunks, prompt_tokens, completion_tokens, tokens_per_s, "
     "finish_reason, status, error, text, reasoning, batch_id, batch_row, api, first_progress_s, "
-    "load_s, prompt_s, prompt_tokens_per_s, context_messages, schema"
+    "load_s, prompt_s, prompt_tokens_per_s, context_messages, schema, "
+    f"{CONVERSATION_NAME}"
 )
 
 

@@ -258,16 +258,18 @@ class Prompt:
         return messages
 
 
-def prompt_label(name: str | None, version: int | None) -> str:
+def prompt_label(name: str | None, version: int | None, conversation: str | None = None) -> str:
     """How a prompt, or the prompt a run used, is named on screen: ``name@version``, ``name``
-    when the version is not known, ``(inline)`` for a template that was never stored.
+    when the version is not known, ``(inline)`` for a template that was never stored; a turn
+    of a conversation says so: ``chat NAME`` for a typed message, ``tutor@1 (chat NAME)``.
 
     The one label for the CLI, the magic, the runner and run results, so a run reads the same
     wherever it is listed.
     """
     if not name:
-        return "(inline)"
-    return name if version is None else f"{name}@{version}"
+        return "(inline)" if conversation is None else f"chat {conversation}"
+    label = name if version is None else f"{name}@{version}"
+    return label if conversation is None else f"{label} (chat {conversation})"
 
 
 _VERSION_SUFFIX = re.compile(r"@([0-9]+)\Z")

@@ -1331,7 +1331,7 @@ def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     r.id,
                     when(r.started_at),
                     r.status,
-                    prompt_label(r.prompt_name, r.prompt_version),
+                    prompt_label(r.prompt_name, r.prompt_version, r.conversation),
                     r.model,
                     secs(r.ttft_s),
                     secs(r.duration_s),
@@ -1390,7 +1390,7 @@ def run_record_text(rec: Any) -> str:
     took and how it ended."""
     from ._terminal import when
 
-    label = prompt_label(rec.prompt_name, rec.prompt_version)
+    label = prompt_label(rec.prompt_name, rec.prompt_version, rec.conversation)
     lines = [f"run #{rec.id}  {rec.status}  {label}  {rec.model or '-'}  {when(rec.started_at)}"]
     if rec.error:
         lines.append(f"error: {rec.error}")

@@ -575,6 +575,8 @@ def test_run_chat_sends_the_earlier_turns_and_chat_lists_shows_forks_resets(
         ("user", "Another?"),
     )
     [latest] = json.loads(lmstream("history", "--limit", "1", "--json").stdout)
+    assert latest["conversation"] == "notes"
+    assert "chat notes" in lmstream("history").stdout  # a typed turn's label
     turn = lmstream("history", "--run", str(latest["id"]))
     assert "--- 3 earlier messages (the conversation's turns before this one" in turn.stdout
     assert "Name a river." not in turn.stdout  # stored once, with the first turn

@@ -17,7 +17,7 @@ from lmstream_nb._errors import (
     UnknownVariables,
 )
 from lmstream_nb._store import PromptStore
-from lmstream_nb._template import Prompt, Template, check_placeholders
+from lmstream_nb._template import Prompt, Template, check_placeholders, prompt_label
 
 
 def one_sentence(message: str) -> None:
@@ -273,3 +273,10 @@ def test_rendering_is_linear_in_the_number_of_placeholders() -> None:
     small, large = comparisons_to_render(1000), comparisons_to_render(4000)
     assert large <= 20 * 4000, large  # two renders, a handful of look-ups per name each
     assert large <= 5 * small, (small, large)
+
+
+def test_a_turn_is_labelled_with_its_conversation() -> None:
+    assert prompt_label(None, None) == "(inline)"
+    assert prompt_label(None, None, "lesson") == "chat lesson"
+    assert prompt_label("tutor", 2, "lesson") == "tutor@2 (chat lesson)"
+    assert prompt_label("tutor", None) == "tutor"
