@@ -118,9 +118,16 @@ def read_native_models(obj: object) -> ServerInfo | None:
             for target, key in ((contexts, "context_length"), (slots, "parallel")):
                 value = config.get(key)
                 if _whole(value):
-                    target[model["key"]] = value
-                    if isinstance(instance.get("id"), str):
-                        target[instance["id"]] = value
+                    # A request names the model's key, and LM Studio does not document which of
+                    # several loaded instances takes it: the key gets the smallest figure, so a
+                    # prompt that fits fits any of them and no instance gets more at once than
+                    # it runs. An instance's own id gets its own (the first instance's id is
+                    # often the key itself: the smaller figure again).
+                    names = [model["key"]]
+                    if isinstance(instance.get("id"), str) and instance["id"] != model["key"]:
+                        names.append(instance["id"])
+                    for name in names:
+                        target[name] = min(value, target.get(name, value))
     return ServerInfo("lmstudio", contexts, slots)
 
 

@@ -116,6 +116,33 @@ def test_the_native_model_list_gives_each_loaded_context_and_its_slots() -> None
     assert read_native_models({"error": "Unexpected endpoint or method."}) is None
 
 
+def test_a_model_loaded_twice_gets_the_smaller_figures_under_its_key() -> None:
+    """A request names the key, and either instance may take it: what fits and how many at
+    once hold for both; each instance's id keeps its own figures."""
+    listing = {
+        "models": [
+            {
+                "key": "qwen",
+                "loaded_instances": [
+                    {"id": "qwen", "config": {"context_length": 32768, "parallel": 4}},
+                    {"id": "qwen:2", "config": {"context_length": 8192, "parallel": 2}},
+                ],
+            }
+        ]
+    }
+    info = read_native_models(listing)
+    assert info is not None
+    assert (info.context_of("qwen"), info.context_of("qwen:2")) == (8192, 8192)
+    assert (info.slots_of("qwen"), info.slots_of("qwen:2")) == (2, 2)
+    smaller_first = [
+        {"id": "qwen:2", "config": {"parallel": 1}},
+        {"id": "qwen", "config": {"parallel": 4}},
+    ]
+    info = read_native_models({"models": [{"key": "qwen", "loaded_instances": smaller_first}]})
+    assert info is not None
+    assert (info.slots_of("qwen"), info.slots_of("qwen:2")) == (1, 1)
+
+
 def test_llamacpp_props_give_the_context_of_one_slot() -> None:
     props = {"default_generation_settings": {"n_ctx": 2048}, "n_ctx": 8192, "total_slots": 4}
     info = read_llamacpp_props(props)
