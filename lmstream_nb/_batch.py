@@ -329,7 +329,8 @@ async def arun_cells(
     server and that in words.
     """
     urls = [base_url] if base_url is None or isinstance(base_url, str) else list(base_url)
-    clients = [LMStudioClient(url, budgets=budgets, retries=retries) for url in urls]
+    api = extra.pop("api", "auto")  # the endpoint every cell's client uses (see LMStudioClient)
+    clients = [LMStudioClient(url, budgets=budgets, retries=retries, api=api) for url in urls]
     queue: asyncio.Queue[int] = asyncio.Queue()
     for index in todo:
         queue.put_nowait(index)

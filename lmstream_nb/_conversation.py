@@ -193,7 +193,9 @@ class Conversation:
         interface = options.get("interface", "python")
         client = options.pop("client", None) or self._client
         own = client is None
-        http = client or LMStudioClient(options.get("base_url"), budgets=options.get("budgets"))
+        http = client or LMStudioClient(
+            options.get("base_url"), budgets=options.get("budgets"), api=options.get("api", "auto")
+        )
         options.pop("base_url", None)
         try:
             while True:

@@ -33,6 +33,7 @@ from ._errors import LMStreamError, render
 from ._loop import shared_loop
 from ._outcome import ending
 from ._prompt_fields import check_max_tokens, check_temperature
+from ._routes import API_HELP, APIS
 from ._template import Prompt, prompt_label
 from ._terminal import STATS_HEADERS, TerminalSink, format_stats, stats_rows, table
 
@@ -343,6 +344,7 @@ class LMStreamMagics(Magics):
         "pretty-printed at the end (default: the prompt's, else none)",
     )
     @argument("--base-url", help="server address (default: session, LMSTREAM_BASE_URL, :1234)")
+    @argument("--api", choices=APIS, default="auto", help=API_HELP)
     @argument(
         "--format",
         "-f",
@@ -511,6 +513,7 @@ class LMStreamMagics(Magics):
             "budgets": budgets,
             "interface": "magic",
             "schema": schema,
+            "api": args.api,
         }
         if not self._in_kernel():
             return self._run_terminal(prompt, variables, base_url, kwargs, args)
@@ -793,6 +796,7 @@ class LMStreamMagics(Magics):
             "temperature": args.temperature,
             "max_tokens": args.max_tokens,
             "interface": "magic",
+            "api": args.api,
         }
         if not self._in_kernel():
             compared = shared_loop().run(acompare(versions, models, rows, **kwargs))

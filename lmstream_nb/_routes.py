@@ -19,6 +19,7 @@ from typing import Any, TypeGuard
 
 __all__ = [
     "APIS",
+    "API_HELP",
     "UNKNOWN",
     "Route",
     "ServerInfo",
@@ -30,6 +31,11 @@ __all__ = [
 ]
 
 APIS = ("auto", "native", "openai")
+#: What the choice means, in the help of every front end that offers it.
+API_HELP = (
+    "which endpoint: auto (LM Studio's native chat where a request fits it, for its progress; "
+    "else /chat/completions), native, or openai (/chat/completions always) (default: auto)"
+)
 
 #: Settings the native chat takes under the same name as /chat/completions.
 _SAME = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")

@@ -256,6 +256,7 @@ async def arun(
     context: Sequence[Mapping[str, str]] = (),
     conversation_id: int | None = None,
     parent_run_id: int | None = None,
+    api: str = "auto",
     **extra: Any,
 ) -> RunResult:
     """Render ``prompt`` with ``variables``, stream the answer, and record the run.
@@ -280,6 +281,8 @@ async def arun(
     ``context`` is the messages sent before the rendered prompt (a conversation's system
     prompt and earlier turns, see ``Conversation``), which records the run as turn
     ``conversation_id`` after ``parent_run_id``.
+    ``api`` (``auto``, ``native`` or ``openai``) is the endpoint of the client made for the run
+    (see ``LMStudioClient``); a ``client`` given brings its own.
     """
     if mode not in ("stream", "blocking"):
         raise ValueError(f"mode must be 'stream' or 'blocking', not {mode!r}")
@@ -307,7 +310,9 @@ async def arun(
         extra["response_format"] = response_format(checked_schema)
     recorded_vars = {k: variable_text(k, v) for k, v in (variables or {}).items()}
     own_client = client is None
-    http = client if client is not None else LMStudioClient(base_url, budgets=budgets)
+    if client is not None and api not in ("auto", client.api):
+        raise ValueError(f"api={api!r} differs from the client's ({client.api!r}): pass one")
+    http = client if client is not None else LMStudioClient(base_url, budgets=budgets, api=api)
     chosen_model = model or prompt.model
     loop = asyncio.get_running_loop()
     starting = asyncio.ensure_future(

@@ -314,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_server_options(p_run)
     _add_budget_options(p_run)
+    _add_api_option(p_run)
 
     p_prompts = sub.add_parser("prompts", help="manage stored prompts")
     psub = p_prompts.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -448,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $LMSTREAM_BASE_URL or http://localhost:1234/v1)",
     )
     _add_budget_options(p_batch)
+    _add_api_option(p_batch)
 
     p_chat = sub.add_parser(
         "chat",
@@ -721,6 +723,12 @@ def _add_budget_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_api_option(p: argparse.ArgumentParser) -> None:
+    from ._routes import API_HELP, APIS
+
+    p.add_argument("--api", choices=APIS, default="auto", help=API_HELP)
+
+
 def _budgets(args: argparse.Namespace) -> Budgets:
     return Budgets(
         connect=args.connect_timeout, first_token=args.first_token_timeout, idle=args.idle_timeout
@@ -756,7 +764,7 @@ async def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_USAGE
     sink = TerminalSink(out, err, as_json=args.json)
     go = runner(store, args.chat, include_failed=args.include_failed, drop_oldest=args.drop_oldest)
-    async with LMStudioClient(args.base_url, budgets=_budgets(args)) as client:
+    async with LMStudioClient(args.base_url, budgets=_budgets(args), api=args.api) as client:
         try:
             result = await go(
                 prompt,
@@ -887,6 +895,7 @@ async def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             max_tokens=args.max_tokens,
             interface="cli",
             schema=schema,
+            api=args.api,
         )
     except (KeyboardInterrupt, asyncio.CancelledError):
         err.write(
@@ -1517,6 +1526,7 @@ def _add_compare_parser(sub: Any) -> None:
         "(default: $LMSTREAM_BASE_URL or http://localhost:1234/v1)",
     )
     _add_budget_options(p)
+    _add_api_option(p)
 
 
 async def _cmd_compare(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -1546,6 +1556,7 @@ async def _cmd_compare(args: argparse.Namespace, out: TextIO, err: TextIO) -> in
             comparison_id=comparison_id,
             max_tokens=args.max_tokens,
             interface="cli",
+            api=args.api,
         )
     except (KeyboardInterrupt, asyncio.CancelledError):
         err.write(

@@ -112,6 +112,24 @@ def test_dataframe_in_dataframe_out(sim: simulator.SimServer, store: PromptStore
     assert out.attrs["batch_id"]
 
 
+def test_api_chooses_the_endpoint_of_every_row(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    before = len(sim.chats())
+    out = run_many(
+        Prompt("Write about {{topic}}.", model=MODEL),
+        [{"topic": "rain"}, {"topic": "snow"}],
+        store=store,
+        base_url=sim.base_url,
+        progress=False,
+        max_tokens=3,
+        api="openai",
+    )
+    assert [r.status for r in out] == ["ok", "ok"]
+    assert {r.path for r in sim.chats()[before:]} == {"/v1/chat/completions"}
+    assert {store.get_run(r.run_id).api for r in out} == {"openai"}
+
+
 def test_resume_runs_only_the_rows_that_did_not_succeed(
     sim: simulator.SimServer, store: PromptStore
 ) -> None:

@@ -557,6 +557,17 @@ def test_a_bad_schema_is_one_usage_sentence(
     assert len(sim.chats()) == before
 
 
+def test_run_api_chooses_the_endpoint(sim: simulator.SimServer) -> None:
+    chats = len(sim.chats())
+    result = lmstream("run", "Hi", "--api", "openai", "--json", "--base-url", sim.base_url)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[0])["api"] == "openai"
+    assert [r.path for r in sim.chats()[chats:]] == ["/v1/chat/completions"]
+    wrong = lmstream("run", "Hi", "--api", "nowhere", "--base-url", sim.base_url)
+    assert wrong.returncode == 2
+    assert "invalid choice: 'nowhere'" in wrong.stderr
+
+
 def test_run_chat_sends_the_earlier_turns_and_chat_lists_shows_forks_resets(
     sim: simulator.SimServer,
 ) -> None:

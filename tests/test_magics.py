@@ -737,6 +737,23 @@ def test_save_keeps_the_schema_with_the_version(kernel: Kernel, home: Path) -> N
     assert set(final["application/json"]) == {"x", "y"}
 
 
+def test_the_api_option_chooses_the_endpoint(
+    kernel: Kernel, home: Path, msim: simulator.SimServer
+) -> None:
+    for api, path in (("openai", "/v1/chat/completions"), ("auto", "/api/v1/chat")):
+        cell = kernel.execute(f"%%lmstream --api {api} --max-tokens 3\nHi")
+        assert cell.status == "ok", cell.error()
+        assert msim.chats()[-1].path == path
+        with PromptStore(home / "lmstream.db") as store:
+            [last] = store.history(limit=1)
+        assert last.api == ("openai" if api == "openai" else "native")
+    bad = kernel.execute("%%lmstream --api nowhere\nHi")
+    assert bad.status == "error"
+    stderr = bad.stream("stderr")
+    assert stderr.startswith("UsageError: ")
+    assert "invalid choice: 'nowhere'" in stderr
+
+
 def test_two_chat_cells_make_one_conversation(
     kernel: Kernel, msim: simulator.SimServer, home: Path
 ) -> None:
