@@ -27,7 +27,14 @@ from ._prompt_fields import check_max_tokens, check_temperature, describe_settin
 from ._run import RunResult, arun, default_store
 from ._store import PromptStore
 from ._template import Prompt, prompt_label
-from ._view import PLAIN_PREFIX, NotebookSink, StreamView, status_bundle, text_html
+from ._view import (
+    PLAIN_PREFIX,
+    NotebookSink,
+    StreamView,
+    parsed_bundle,
+    status_bundle,
+    text_html,
+)
 
 _WIDE = {"description_width": "7em"}  # room for "Temperature" and "First token s"
 _ERROR_STYLE = "color: var(--jp-error-color1, #c62828); font-size: 0.9em"
@@ -174,6 +181,7 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         self.last_result: RunResult | None = None
         self.last_status: dict[str, Any] | None = None  # the final status of the last run
         self.last_text = ""
+        self.last_parsed: dict[str, Any] | None = None  # the parsed bundle of the last run
         self._snapshots: list[Any] = []
         self._values: dict[str, str] = {}
         self._var_inputs: dict[str, w.Textarea] = {}
@@ -226,6 +234,8 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         )
         self.message = w.HTML()
         self.view_box = w.Box(layout=layout)
+        # A prompt with a schema: its answer's validated value, pretty-printed (escaped).
+        self.parsed_view = w.HTML(layout=layout)
         self.editor = w.Textarea(
             description="Template", layout=w.Layout(width="100%", height="8em")
         )
@@ -259,6 +269,7 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
                 w.HBox([self.run_button, self.stop_button]),
                 self.message,
                 self.view_box,
+                self.parsed_view,
                 editor,
                 history,
                 keeper,
@@ -319,13 +330,20 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
             }
         status = status_bundle(self.last_status)
         text = self.last_text
+        parsed = self.last_parsed
         return {
-            "text/plain": status["text/plain"] + (f"\n\n{text}" if text else ""),
-            "text/html": f"{opening}{status['text/html']}{text_html(text) if text else ''}</div>",
+            "text/plain": status["text/plain"]
+            + (f"\n\n{text}" if text else "")
+            + (f"\n\n{parsed['text/plain']}" if parsed else ""),
+            "text/html": f"{opening}{status['text/html']}{text_html(text) if text else ''}"
+            f"{parsed['text/html'] if parsed else ''}</div>",
         }
 
-    def _remember(self, final: dict[str, Any], text: str) -> None:
+    def _remember(self, final: dict[str, Any], text: str, parsed: Any = None) -> None:
+        """Keep the last run for the snapshot; ``parsed`` is a structured answer's value."""
         self.last_status, self.last_text = final, text
+        self.last_parsed = parsed_bundle(parsed) if parsed is not None else None
+        self.parsed_view.value = self.last_parsed["text/html"] if self.last_parsed else ""
         bundle = self.snapshot_bundle()
         for shown in self._snapshots:
             shown.update(bundle, raw=True)
@@ -467,6 +485,7 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
             self.message.value = _error_html("Nothing was sent: fix the fields marked above.")
             return None
         self.message.value = ""
+        self.parsed_view.value = ""
         variables = settings.pop("variables")
         view = StreamView()
         self.view_box.children = (view,)
@@ -508,7 +527,7 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
                 message=end.message,
                 show_text=True,
             )
-            self._remember(final, result.text)
+            self._remember(final, result.text, result.parsed if result.ok else None)
             self.last_result = result
             return result
 

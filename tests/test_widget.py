@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -384,3 +385,34 @@ async def test_the_runner_shows_the_progress_bar_and_its_history_the_first_sign_
     row = runner.history_select.options[0][0]
     assert f"progress {record.first_progress_s:.2f}s" in row
     assert row.index("progress ") < row.index("ttft ")
+
+
+async def test_a_prompt_with_a_schema_shows_its_parsed_value(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    }
+    store.save("place", "A city for {{who}}.", schema=schema)
+    runner = await ready(sim.base_url, store)
+    runner.prompt_picker.value = "place"
+    runner.set_variable("who", "<b>owls</b>")
+    task = runner.run()
+    assert task is not None
+    result = await asyncio.wait_for(task, 10)
+    assert result is not None
+    assert result.ok, result.error
+    assert isinstance(result.parsed["city"], str)
+    assert '<pre class="lmstream-json"><code>{' in runner.parsed_view.value
+    assert html.escape(result.parsed["city"]) in runner.parsed_view.value
+    snapshot = runner.snapshot_bundle()
+    city = json.dumps(result.parsed["city"], ensure_ascii=False)
+    assert snapshot["text/plain"].endswith(f'"city": {city}\n}}')
+    runner.prompt_picker.value = "haiku"
+    runner.set_variable("topic", "rain")
+    again = runner.run()
+    assert again is not None
+    assert (await asyncio.wait_for(again, 10)) is not None
+    assert runner.parsed_view.value == "", "a prompt without a schema shows none"
