@@ -204,6 +204,10 @@ class Conversation:
                 record = await asyncio.to_thread(self.store.conversation, self.name)
                 context = self._context(runs, record.context_from_run, include_failed)
                 turn = prompt if not runs else dataclasses.replace(prompt, system=None)
+                # A later turn sends no system prompt: the values only it uses are not wrong
+                # (a front end that shows the prompt's variables sends them every turn).
+                unsent = set(prompt.variables) - set(turn.variables)
+                variables = {k: v for k, v in (variables or {}).items() if k not in unsent}
                 try:
                     messages = [*context, *turn.render(variables)]
                 except LMStreamError as exc:

@@ -21,10 +21,11 @@ import traitlets
 
 from ._client import LMStudioClient
 from ._config import Budgets, parse_seconds, resolve_base_url
+from ._conversation import runner
 from ._errors import InvalidSetting, LMStreamError, render
 from ._outcome import ending
 from ._prompt_fields import check_max_tokens, check_temperature, describe_setting
-from ._run import RunResult, arun, default_store
+from ._run import RunResult, default_store
 from ._store import PromptStore
 from ._template import Prompt, prompt_label
 from ._view import (
@@ -209,6 +210,12 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
             description="Max tokens", placeholder="prompt's default", style=wide
         )
         self.max_tokens_error = w.HTML()
+        self.conversation = w.Text(
+            description="Conversation",
+            placeholder="none: each run stands alone",
+            style=wide,
+            layout=w.Layout(width="60%"),
+        )
         self.first_token_timeout = w.Text(
             description="First token s", value=_seconds_text(budgets.first_token), style=wide
         )
@@ -265,6 +272,7 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
                 self.model_message,
                 w.HBox([self.temperature, self.temperature_error]),
                 w.HBox([self.max_tokens, self.max_tokens_error]),
+                self.conversation,
                 advanced,
                 w.HBox([self.run_button, self.stop_button]),
                 self.message,
@@ -491,15 +499,17 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         self.view_box.children = (view,)
         sink = NotebookSink(view, prompt=prompt.label)
         model = self.model_picker.value or None
+        # With a conversation's name, the run is its next turn (the same conversation the
+        # magic's and the CLI's --chat continue); a new name starts one with this prompt.
+        run_it = runner(self.store, self.conversation.value.strip() or None)
         self._set_running(True)
 
         async def go() -> RunResult | None:
             try:
-                result = await arun(
+                result = await run_it(
                     prompt,
                     variables,
                     model=model,
-                    store=self.store,
                     base_url=self._url_argument(),
                     on_event=sink.handle,
                     interface="runner",

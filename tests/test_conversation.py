@@ -25,6 +25,7 @@ from lmstream_nb import (
     StoreError,
     SyncLMStudioClient,
     TextDelta,
+    UnknownVariables,
     simulator,
 )
 from lmstream_nb._errors import render
@@ -128,6 +129,22 @@ def test_a_fork_goes_on_separately(sim: simulator.SimServer, store: PromptStore)
     assert [t.user for t in other.turns] == ["Plan a day in Lyon.", "It rains."]
     forked = store.conversation("trip-rain")
     assert forked.forked_from == store.conversation("trip").id
+
+
+def test_a_later_turn_takes_the_system_prompts_values_and_leaves_them_out(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    """The same values work for every turn of a stored prompt: the system prompt's are used on
+    the first turn and not needed after it (nor refused); a name the prompt lacks still is."""
+    before = len(sim.records())
+    with SyncLMStudioClient(sim.base_url) as client:
+        chat = Conversation("again", "tutor", model=MODEL, store=store, client=client)
+        chat.send(topic="tides", level="young", options=reply("Water moves."))
+        second = chat.send(topic="waves", level="young", options=reply("Wind."))
+        with pytest.raises(UnknownVariables):
+            chat.send(topic="waves", levle="young")
+    assert sent(sim, before)[-1][1][-1] == ("user", "Explain waves.")
+    assert store.get_run(second.run_id).variables == {"topic": "waves"}
 
 
 def test_reset_starts_again_and_keeps_the_history(

@@ -416,3 +416,35 @@ async def test_a_prompt_with_a_schema_shows_its_parsed_value(
     assert again is not None
     assert (await asyncio.wait_for(again, 10)) is not None
     assert runner.parsed_view.value == "", "a prompt without a schema shows none"
+
+
+async def test_a_conversation_name_makes_each_run_its_next_turn(
+    sim: simulator.SimServer, store: PromptStore
+) -> None:
+    runner = await ready(sim.base_url, store)
+    runner.conversation.value = "poems"
+    runner.max_tokens.value = "4"
+    results = []
+    for topic in ("rain", "snow"):
+        runner.set_variable("topic", topic)
+        task = runner.run()
+        assert task is not None
+        result = await asyncio.wait_for(task, 10)
+        assert result is not None
+        assert result.ok, result.error
+        results.append(result)
+    last = sim.chats()[-1]
+    assert last.messages == (
+        ("user", "A haiku about rain."),
+        ("assistant", results[0].text),
+        ("user", "A haiku about snow."),
+    )
+    turns = [r.id for r in store.conversation_runs("poems")]
+    assert turns == [r.run_id for r in results]
+    assert "haiku@1 (chat poems)" in runner.history_select.options[0][0]
+    runner.conversation.value = ""
+    task = runner.run()
+    assert task is not None
+    alone = await asyncio.wait_for(task, 10)
+    assert alone is not None
+    assert sim.chats()[-1].messages == (("user", "A haiku about snow."),), "a run on its own"

@@ -450,8 +450,8 @@ def test_chat_runs_are_the_turns_of_one_conversation(
     before = len(sim.records())
     second = client.post(
         "/api/prompts/greet/runs",
-        # A later turn sends no system prompt, so it takes only the template's variables.
-        json={**base, "variables": {"who": "Bo", "lang": "Irish"}},
+        # A later turn sends no system prompt: its variable is not needed, nor refused.
+        json={**base, "variables": {"who": "Bo", "lang": "Irish", "role": "stern"}},
     )
     assert second.status_code == 201, second.text
     second_events, _ = read_events(client, second.json()["events_url"])
