@@ -24,7 +24,7 @@ from ._loop import shared_loop
 from ._run import RunResult, arun, default_store
 from ._store import PromptStore, RunRecord
 from ._sync import SyncLMStudioClient
-from ._template import Prompt
+from ._template import Prompt, prompt_label
 
 #: The conversations (store file, name) with a turn under way in this process: a second turn
 #: sent meanwhile would not carry the first, so it is refused (``ConversationBusy``). Front
@@ -247,6 +247,7 @@ class Conversation:
             if earlier and isinstance(result.exception, PromptTooLong):  # raise_errors=False
                 result.exception = self._too_long(result.exception)
                 result.error = render(result.exception)
+            result.prompt = prompt_label(turn.name, turn.version, self.name)
             return result
         finally:
             if own:

@@ -520,7 +520,8 @@ class LMStreamMagics(Magics):
         from ._view import NotebookSink, StreamView
 
         view = StreamView()
-        sink = NotebookSink(view, prompt=prompt.label)
+        label = prompt_label(prompt.name, prompt.version, args.chat)
+        sink = NotebookSink(view, prompt=label)
         shown = _CellView(sink, display(view, display_id=True), fmt)
         if args.background:
             return self._run_background(prompt, variables, base_url, kwargs, args, shown)
@@ -610,7 +611,9 @@ class LMStreamMagics(Magics):
             return result
 
         loop = asyncio.get_event_loop()
-        handle = BackgroundRun(loop.create_task(go()), prompt.label)
+        handle = BackgroundRun(
+            loop.create_task(go()), prompt_label(prompt.name, prompt.version, args.chat)
+        )
         self.background.append(handle)
         return handle
 

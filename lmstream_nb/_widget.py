@@ -497,11 +497,12 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         variables = settings.pop("variables")
         view = StreamView()
         self.view_box.children = (view,)
-        sink = NotebookSink(view, prompt=prompt.label)
+        chat = self.conversation.value.strip() or None
+        sink = NotebookSink(view, prompt=prompt_label(prompt.name, prompt.version, chat))
         model = self.model_picker.value or None
         # With a conversation's name, the run is its next turn (the same conversation the
         # magic's and the CLI's --chat continue); a new name starts one with this prompt.
-        run_it = runner(self.store, self.conversation.value.strip() or None)
+        run_it = runner(self.store, chat)
         self._set_running(True)
 
         async def go() -> RunResult | None:

@@ -60,6 +60,7 @@ def test_turns_are_sent_with_the_turns_before_them_and_recorded(
         second = chat.send("And the sun?", options=reply("It pulls less."))
     assert first.text
     assert second.text == "It pulls less."
+    assert (first.prompt, second.prompt) == ("tutor@1 (chat lesson)", "chat lesson")
     requests = sent(sim, before)
     # The first turn fits LM Studio's native chat; the second carries an answer, so it goes to
     # /chat/completions with the whole conversation.

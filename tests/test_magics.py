@@ -770,6 +770,8 @@ def test_two_chat_cells_make_one_conversation(
     assert second.status == "ok", second.error()
     [widget] = second.widget_ids()
     assert kernel.widget_state(widget)["status"]["state"] == "done"
+    [final] = second.finals()
+    assert final["text/plain"].startswith("lmstream: done · chat trip · "), "the turn says so"
     answer_one = answer_of(kernel, first)
     [request] = [r for r in msim.records()[before:] if r.method == "POST"]
     assert request.path == "/v1/chat/completions", "a later turn carries an answer"

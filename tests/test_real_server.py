@@ -482,8 +482,9 @@ async def test_a_two_turn_conversation(real_server: Server, tmp_path: Path) -> N
         ("Name another.", second.text),
     ]
     assert sent.api == "openai"
-    assert [m["role"] for m in sent.messages] == ["user", "assistant", "user"]
-    assert sent.messages[1]["content"] == first.text
+    # The turn stores what it added; the two messages before it are the first turn's.
+    assert sent.messages == [{"role": "user", "content": "Name another."}]
+    assert sent.context_messages == 2
     assert first.stats.prompt_tokens is not None
     assert second.stats.prompt_tokens is not None
     assert first.stats.completion_tokens is not None
