@@ -124,6 +124,12 @@ class _Api:
 
     async def start_run(self, request: Request, args: Args) -> Response:
         body = args["body"]
+        if body.get("chat") is None and (body.get("drop_oldest") or body.get("include_failed")):
+            raise ApiError(
+                400,
+                '"drop_oldest" and "include_failed" apply to a conversation\'s turn: send '
+                '"chat" with its name too, or leave them out.',
+            )
         variables = _variables(body)
         prompt = await asyncio.to_thread(
             self.store.get, args["name"], _integer(body.get("version"))

@@ -221,6 +221,12 @@ def test_numbers_and_booleans_become_the_same_text_as_in_python(
         ({"variables": {}, "surprise": 1}, 400, None),
         ({"variables": {}, "version": 0}, 400, None),
         ({"variables": {}, "max_tokens": "many"}, 400, None),
+        (
+            {"variables": {"who": "A", "lang": "B", "role": "C"}, "drop_oldest": True},
+            400,
+            '"drop_oldest" and "include_failed" apply to a conversation\'s turn: send "chat" '
+            "with its name too, or leave them out.",
+        ),
         ([1, 2], 400, None),
     ],
 )
@@ -389,7 +395,8 @@ def test_a_schema_asks_for_json_and_the_final_event_carries_the_parsed_value(
     assert events[-1].event == "done"
     assert isinstance(done["parsed"]["ok"], bool)
     assert isinstance(done["parsed"]["why"], str)
-    assert len([e for e in events if e.event == "delta"]) > 1, "it still streamed"
+    # It still streamed (the relay may merge the deltas of a client that reads late).
+    assert done["stats"]["chunks"] > 1
     run_id = response.json()["run_id"]
     assert PromptStore(store_path).get_run(run_id).schema == (
         '{"properties":{"ok":{"type":"boolean"},"why":{"type":"string"}},'
