@@ -68,9 +68,7 @@ class Conversation:
         client: LMStudioClient | SyncLMStudioClient | None = None,
         **run_options: Any,
     ) -> None:
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError("A conversation needs a name (a non-empty text).")
-        self.name = name
+        self.name = check_name(name)
         self.store = store or default_store()
         prompt_name = prompt if isinstance(prompt, str) else getattr(prompt, "name", None)
         record = self.store.conversation(name, create=True, prompt_name=prompt_name)
@@ -327,10 +325,21 @@ class Conversation:
 
     def fork(self, new_name: str) -> Conversation:
         """A new conversation with this one's turns so far; the two go on separately."""
+        check_name(new_name)  # before anything is written
         self.store.fork_conversation(self.name, new_name)
         return Conversation(
             new_name, self._prompt, store=self.store, client=self._client, **self._options
         )
+
+
+def check_name(name: object) -> str:
+    """A conversation's name, or ValueError with the one sentence every front end shows."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(
+            f"A conversation needs a name with some text besides spaces, not {name!r}: "
+            "give it one, such as 'lesson'."
+        )
+    return name
 
 
 def _sent_again(run: RunRecord, include_failed: bool) -> bool:

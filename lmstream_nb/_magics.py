@@ -501,6 +501,13 @@ class LMStreamMagics(Magics):
     def _start(self, prompt: Prompt, variables: dict[str, Any], args: Any) -> Any:
         check_temperature(args.temperature)  # the ranges every front end keeps, checked
         check_max_tokens(args.max_tokens)  # before a view is shown
+        if args.chat is not None:
+            from ._conversation import check_name
+
+            try:
+                check_name(args.chat)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         schema = _schema_option(args)
         conf = self.config_
         fmt = args.format or conf.format

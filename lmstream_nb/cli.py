@@ -117,6 +117,16 @@ def _rate(text: str) -> float:
     return value
 
 
+def _conversation_name(text: str) -> str:
+    """An argparse ``type``: a conversation's name, by the rule every front end keeps."""
+    from ._conversation import check_name
+
+    try:
+        return check_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).rstrip(".")) from None
+
+
 def _port(text: str) -> int:
     """An argparse ``type``: a TCP port, 0 to pick a free one."""
     value = _whole_number(0, "port")(text)
@@ -299,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument(
         "--chat",
         metavar="NAME",
+        type=_conversation_name,
         help="send this as the next message of conversation NAME, with its earlier turns "
         "(default: a run on its own)",
     )

@@ -52,6 +52,7 @@ def _bad_values(action: argparse.Action) -> list[str]:
         "_limit_seconds": ["none", "0", "soon"],
         "_rate": ["x", "-0.1", "2"],
         "_port": ["x", "-1", "70000"],
+        "_conversation_name": [" ", "\u00a0"],
         "_slots": ["many", "0", "-1", "1.5"],
         "_status": ["bogus", "OK"],
         "_key_value": ["novalue", "=x"],

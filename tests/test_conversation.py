@@ -416,3 +416,12 @@ def test_a_turn_under_way_in_another_process_refuses_the_next(tmp_path: Path) ->
             if child.poll() is None:
                 child.kill()
                 child.wait(timeout=10)
+
+
+def test_a_blank_name_is_refused_and_a_blank_fork_writes_nothing(store: PromptStore) -> None:
+    with pytest.raises(ValueError, match="needs a name with some text besides spaces"):
+        Conversation("  ", store=store)
+    chat = Conversation("kept", store=store)
+    with pytest.raises(ValueError, match="needs a name"):
+        chat.fork("\t")
+    assert [c.name for c in store.conversations()] == ["kept"]

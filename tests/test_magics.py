@@ -388,6 +388,7 @@ def test_headless_execution_saves_the_final_text(
         ("%%lmstream --idle-timeout soon\nHi", "'soon' is not a time budget"),
         ("%%lmstream --max-tokens many\nHi", "invalid int value: 'many'"),
         ("%%lmstream --temperature warm\nHi", "invalid float value: 'warm'"),
+        ("%%lmstream --chat ' '\nHi", "A conversation needs a name with some text besides"),
         (
             "%lmstream config first_token_timeout=abc",
             "The setting first_token_timeout: 'abc' is not a time budget",

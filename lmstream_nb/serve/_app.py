@@ -31,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 
 from .._client import LMStudioClient
 from .._config import Budgets
+from .._conversation import check_name
 from .._errors import (
     ConversationBusy,
     ConversationTooLong,
@@ -124,18 +125,17 @@ class _Api:
 
     async def start_run(self, request: Request, args: Args) -> Response:
         body = args["body"]
-        if body.get("chat") is None and (body.get("drop_oldest") or body.get("include_failed")):
-            raise ApiError(
-                400,
-                '"drop_oldest" and "include_failed" apply to a conversation\'s turn: send '
-                '"chat" with its name too, or leave them out.',
-            )
         variables = _variables(body)
         prompt = await asyncio.to_thread(
             self.store.get, args["name"], _integer(body.get("version"))
         )
         if body.get("chat") is None:  # a turn is rendered by its conversation's own rule
             prompt.render(variables)  # refuse missing or unknown variables before a run
+        else:
+            try:
+                check_name(body["chat"])
+            except ValueError as exc:
+                raise ApiError(422, str(exc)) from None
         model = body.get("model") or prompt.model or await self.hub.client.default_model()
         temperature = body.get("temperature")
         schema = body.get("schema")

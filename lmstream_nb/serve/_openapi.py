@@ -137,7 +137,8 @@ next message, sent after the conversation's earlier turns; its system prompt cou
 turn only. A turn that failed is left out of the next context unless `include_failed` is true.
 A conversation that no longer fits the model's context is refused with 422 before anything is
 sent, unless `drop_oldest` is true, which leaves out as many of its oldest turns as needed (for
-good); a turn sent while the previous one is still answering is refused with 409."""
+good); a turn sent while the previous one is still answering is refused with 409. Both
+`drop_oldest` and `include_failed` apply only with `chat`."""
 
 _INFO = """Run stored prompts against LM Studio and stream the answers.
 
@@ -202,6 +203,8 @@ def openapi(max_body: int = DEFAULT_MAX_BODY) -> dict[str, Any]:
                             "description": "a conversation's name, "
                             f"{text(MAX_NAME_LENGTH)['description']}",
                         },
+                        # Both mean nothing without "chat"; such a request is not refused, as
+                        # the description allows it (the fuzz test holds the server to that).
                         "drop_oldest": {"type": "boolean", "description": "true or false"},
                         "include_failed": {"type": "boolean", "description": "true or false"},
                     },

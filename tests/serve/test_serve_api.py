@@ -222,10 +222,10 @@ def test_numbers_and_booleans_become_the_same_text_as_in_python(
         ({"variables": {}, "version": 0}, 400, None),
         ({"variables": {}, "max_tokens": "many"}, 400, None),
         (
-            {"variables": {"who": "A", "lang": "B", "role": "C"}, "drop_oldest": True},
-            400,
-            '"drop_oldest" and "include_failed" apply to a conversation\'s turn: send "chat" '
-            "with its name too, or leave them out.",
+            {"chat": " "},
+            422,
+            "A conversation needs a name with some text besides spaces, not ' ': give it one, "
+            "such as 'lesson'.",
         ),
         ([1, 2], 400, None),
     ],
