@@ -348,6 +348,26 @@ def _save(page: Any) -> None:
     )
 
 
+def _wait_or_say(page: Any, selector: str, name: str, timeout_ms: int = 60_000) -> None:
+    """Wait for ``selector``; if it never shows, keep a screenshot and fail saying what the
+    page showed instead (the notebook's text, the views' states), for a failure seen once."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_selector(selector, timeout=timeout_ms)
+    except PlaywrightTimeout:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+        states = page.evaluate(
+            "[...document.querySelectorAll('.lmstream-view')].map(e => e.dataset.state)"
+        )
+        text = page.inner_text(".jp-NotebookPanel")[-1500:]
+        raise AssertionError(
+            f"{selector} never showed in {timeout_ms / 1000:g} s; views: {states}; "
+            f"the notebook ends with: {text}"
+        ) from None
+
+
 def _visible_texts(page: Any, selector: str) -> list[str]:
     texts: list[str] = page.evaluate(
         f"[...document.querySelectorAll({selector!r})]"
@@ -451,7 +471,7 @@ def test_notebook_02_shows_the_runner_saved_and_live(
 
         # -- live: run every cell --------------------------------------------------------------
         page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-        page.wait_for_selector(".lmstream-runner .lmstream-view[data-state='done']", timeout=60_000)
+        _wait_or_say(page, ".lmstream-runner .lmstream-view[data-state='done']", "runner02-stuck")
         page.wait_for_function(ALL_CELLS_RAN_JS, timeout=60_000)
         page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
         assert _visible_texts(page, ".lmstream-snapshot") == [], "hidden while the runner lives"
