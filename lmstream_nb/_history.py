@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from ._template import prompt_label
+
 __all__ = [
     "PREVIEW_CHARS",
     "STATUSES",
@@ -85,6 +87,11 @@ class RunSummary:
     prompt_s: float | None = None
     prompt_tokens_per_s: float | None = None
     conversation: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The prompt the run used, as every front end names it (see ``prompt_label``)."""
+        return prompt_label(self.prompt_name, self.prompt_version, self.conversation)
 
 
 def _load_pandas() -> Any:

@@ -135,8 +135,9 @@ class _CellView:
     final status line, and the answer follows as an ordinary output: both need no kernel.
     """
 
-    def __init__(self, sink: NotebookSink, handle: Any, fmt: str) -> None:
+    def __init__(self, sink: NotebookSink, handle: Any, fmt: str, label: str) -> None:
         self.sink = sink
+        self.label = label  # the run's prompt, as its status line names it
         self.handle = handle
         self.fmt = fmt
         self.final: dict[str, Any] | None = None
@@ -529,7 +530,7 @@ class LMStreamMagics(Magics):
         view = StreamView()
         label = prompt_label(prompt.name, prompt.version, args.chat)
         sink = NotebookSink(view, prompt=label)
-        shown = _CellView(sink, display(view, display_id=True), fmt)
+        shown = _CellView(sink, display(view, display_id=True), fmt, label)
         if args.background:
             return self._run_background(prompt, variables, base_url, kwargs, args, shown)
         return self._run_blocking(prompt, variables, base_url, kwargs, args, shown)
@@ -618,9 +619,7 @@ class LMStreamMagics(Magics):
             return result
 
         loop = asyncio.get_event_loop()
-        handle = BackgroundRun(
-            loop.create_task(go()), prompt_label(prompt.name, prompt.version, args.chat)
-        )
+        handle = BackgroundRun(loop.create_task(go()), shown.label)
         self.background.append(handle)
         return handle
 
@@ -700,7 +699,7 @@ class LMStreamMagics(Magics):
                 lambda r: [
                     r.id,
                     r.status,
-                    prompt_label(r.prompt_name, r.prompt_version, r.conversation),
+                    r.label,
                     r.model,
                     _round(r.ttft_s),
                     _round(r.duration_s),

@@ -87,7 +87,7 @@ from ._prompt_fields import (
 )
 from ._prompt_files import export_prompts, import_prompts
 from ._structured import parse_answer
-from ._template import Prompt
+from ._template import Prompt, prompt_label
 
 __all__ = [
     "HOME_ENV",
@@ -216,6 +216,11 @@ class RunRecord:
     context_messages: int = 0
     schema: str | None = None
     conversation: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The prompt the run used, as every front end names it (see ``prompt_label``)."""
+        return prompt_label(self.prompt_name, self.prompt_version, self.conversation)
 
     def parsed_value(self, schema: Mapping[str, Any] | None = None) -> Any:
         """The JSON value of a structured answer that passed, else None: it was validated when

@@ -585,7 +585,7 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
                 f"#{r.id}",
                 dt.datetime.fromtimestamp(r.started_at).strftime("%H:%M:%S"),
                 r.status,
-                prompt_label(r.prompt_name, r.prompt_version, r.conversation),
+                r.label,
                 # The first sign of life (a progress report, else the first token), then
                 # the first token: what the wait felt like beside what it was.
                 "progress " + _seconds_cell(r.first_progress_s, 2),
@@ -617,7 +617,7 @@ class PromptRunner(w.VBox):  # type: ignore[misc]
         error = f"<div>{said(rec.error)}</div>" if rec.error else ""
         self.history_text.value = (
             f'<div class="lmstream-history-text"><b>run #{rec.id}</b> '
-            f"{html.escape(prompt_label(rec.prompt_name, rec.prompt_version, rec.conversation))} "
+            f"{html.escape(rec.label)} "
             f"{html.escape(rec.status)}"
             f"{error}{text_html(rec.text)}</div>"
         )

@@ -32,7 +32,7 @@ from ._errors import (
 from ._history import STATS_BY
 from ._history import STATUSES as RUN_STATUSES
 from ._prompt_fields import KEEP, describe_setting
-from ._template import Prompt, prompt_label
+from ._template import Prompt
 from .bench import DEFAULT_QUEUES, FAULT_KINDS, MODES
 
 if TYPE_CHECKING:
@@ -1351,7 +1351,7 @@ def _cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     r.id,
                     when(r.started_at),
                     r.status,
-                    prompt_label(r.prompt_name, r.prompt_version, r.conversation),
+                    r.label,
                     r.model,
                     secs(r.ttft_s),
                     secs(r.duration_s),
@@ -1410,7 +1410,7 @@ def run_record_text(rec: Any) -> str:
     took and how it ended."""
     from ._terminal import when
 
-    label = prompt_label(rec.prompt_name, rec.prompt_version, rec.conversation)
+    label = rec.label
     lines = [f"run #{rec.id}  {rec.status}  {label}  {rec.model or '-'}  {when(rec.started_at)}"]
     if rec.error:
         lines.append(f"error: {rec.error}")
