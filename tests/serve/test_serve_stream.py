@@ -494,11 +494,20 @@ def test_stopping_the_server_cancels_and_records_running_runs(
     run = start(client, "crawl", topic="stone")
     run_id = run["run_id"]
     got: list[list[SSE]] = []
+    listening = threading.Event()
+
+    def heard(events: list[SSE]) -> bool:
+        if any(e.event == "delta" for e in events):
+            listening.set()
+        return False
+
     listener = threading.Thread(
-        target=lambda: got.append(read_events(client, run["events_url"])[0])
+        target=lambda: got.append(read_events(client, run["events_url"], stop=heard)[0])
     )
     listener.start()
-    wait_until(lambda: server.snapshot()[run_id]["text_chars"] > 0, timeout=10, what="text arrives")
+    # Stop only once the listener holds the stream: stopping before it connects would leave it
+    # nothing to hear, which is a different case from the one this test is about.
+    assert listening.wait(10), "the listener heard no text"
     server.stop()
     listener.join(10)
     assert got, "the listener did not finish"
