@@ -348,24 +348,37 @@ def _save(page: Any) -> None:
     )
 
 
-def _wait_or_say(page: Any, selector: str, name: str, timeout_ms: int = 60_000) -> None:
-    """Wait for ``selector``; if it never shows, keep a screenshot and fail saying what the
-    page showed instead (the notebook's text, the views' states), for a failure seen once."""
+def _wait_or_say(page: Any, wanted: str, name: str, timeout_ms: int = 60_000) -> None:
+    """Wait for ``wanted`` (a CSS selector, or a JavaScript function that becomes true); if it
+    never comes, keep a screenshot and fail saying what the page showed instead (the cells'
+    prompts, the kernel's state, the views' states, the notebook's text), for failures seen
+    once in a full run and not reproduced alone."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     try:
-        page.wait_for_selector(selector, timeout=timeout_ms)
+        if wanted.lstrip().startswith("() =>"):
+            page.wait_for_function(wanted, timeout=timeout_ms)
+        else:
+            page.wait_for_selector(wanted, timeout=timeout_ms)
     except PlaywrightTimeout:
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-        states = page.evaluate(
-            "[...document.querySelectorAll('.lmstream-view')].map(e => e.dataset.state)"
-        )
+        seen = page.evaluate(PAGE_STATE_JS)
         text = page.inner_text(".jp-NotebookPanel")[-1500:]
         raise AssertionError(
-            f"{selector} never showed in {timeout_ms / 1000:g} s; views: {states}; "
-            f"the notebook ends with: {text}"
+            f"{name}: what was waited for never came in {timeout_ms / 1000:g} s; the page "
+            f"showed {seen}; the notebook ends with: {text}"
         ) from None
+
+
+PAGE_STATE_JS = """() => ({
+  prompts: [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(p => p.textContent),
+  kernel: (document.querySelector('.jp-Notebook-ExecutionIndicator') || {dataset: {}})
+    .dataset.status || null,
+  kernelName: (document.querySelector('[data-jp-item-name="kernelName"]') || {}).textContent,
+  current: (window.jupyterapp.shell.currentWidget || {}).title?.label || null,
+  views: [...document.querySelectorAll('.lmstream-view')].map(e => e.dataset.state),
+})"""
 
 
 def _visible_texts(page: Any, selector: str) -> list[str]:
@@ -472,7 +485,7 @@ def test_notebook_02_shows_the_runner_saved_and_live(
         # -- live: run every cell --------------------------------------------------------------
         page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
         _wait_or_say(page, ".lmstream-runner .lmstream-view[data-state='done']", "runner02-stuck")
-        page.wait_for_function(ALL_CELLS_RAN_JS, timeout=60_000)
+        _wait_or_say(page, ALL_CELLS_RAN_JS, "notebook02-cells-stuck")
         page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
         assert _visible_texts(page, ".lmstream-snapshot") == [], "hidden while the runner lives"
         page.click(".lmstream-runner .jupyter-widget-Collapse-header:has-text('Edit template')")
@@ -664,7 +677,7 @@ def test_a_batch_its_user_saved_keeps_its_progress_line(
     try:
         _open(page, base, token, "batch.ipynb")
         page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-        page.wait_for_function(ALL_CELLS_RAN_JS, timeout=60_000)
+        _wait_or_say(page, ALL_CELLS_RAN_JS, "batch-cells-stuck")
         page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
         page.wait_for_selector(".lmstream-progress[data-state='done']", timeout=30_000)
         _save(page)
