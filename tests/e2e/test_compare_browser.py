@@ -14,6 +14,7 @@ from test_runner_browser import (  # the fixtures and helpers of one JupyterLab 
     KERNEL_READY_JS,
     REPLY,
     _assert_no_widget_error,
+    _run_all,
     browser_page,
     lab,
 )
@@ -83,7 +84,7 @@ def test_the_grid_grows_live_side_by_side_and_keeps_output_as_text(
         page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
         page.evaluate(SAMPLER_JS)
         # Not awaited: the command's promise ends with the cells, when the grid is replaced.
-        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+        _run_all(page)
         try:
             page.wait_for_function(
                 "() => document.querySelectorAll('.lmstream-grid .lmstream-grid-cell').length"

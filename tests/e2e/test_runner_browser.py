@@ -203,9 +203,35 @@ def _saved_widgets(path: Path) -> tuple[list[str], dict[str, Any]]:
     return shown, dict(saved.get("state", {}))
 
 
+PROMPTS_JS = (
+    "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(p => p.textContent)"
+)
+# A cell has started once its prompt turns to [*], or (if the poll missed that) changed.
+CELLS_STARTED_JS = f"""(before) => ({PROMPTS_JS})()
+  .some((text, i) => text.includes('[*]') || text !== before[i])"""
+
+
+def _run_all(page: Any) -> None:
+    """Run every cell of the open notebook. The command acts on the notebook the shell holds as
+    current; should it come before the notebook is, nothing starts (no prompt turns to [*]),
+    so it is sent again, up to three times, rather than waiting a minute for cells that never
+    ran. A cell that started is never sent twice: [*] shows the moment it is queued."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    before = page.evaluate(PROMPTS_JS)
+    for _ in range(3):
+        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+        try:
+            page.wait_for_function(CELLS_STARTED_JS, arg=before, timeout=10_000)
+            return
+        except PlaywrightTimeout:
+            continue
+    raise AssertionError(f"run-all started no cell; the page showed {page.evaluate(PAGE_STATE_JS)}")
+
+
 def _show_runner(page: Any) -> None:
     """Run the notebook, fill the runner's variable and wait for its model list."""
-    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    _run_all(page)
     page.wait_for_selector(".lmstream-runner .lmstream-var-name textarea", timeout=60_000)
     page.fill(".lmstream-runner .lmstream-var-name textarea", "World")
     page.wait_for_function(
@@ -483,7 +509,7 @@ def test_notebook_02_shows_the_runner_saved_and_live(
         assert "run #1" in errors
 
         # -- live: run every cell --------------------------------------------------------------
-        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        _run_all(page)
         _wait_or_say(page, ".lmstream-runner .lmstream-view[data-state='done']", "runner02-stuck")
         _wait_or_say(page, ALL_CELLS_RAN_JS, "notebook02-cells-stuck")
         page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
@@ -596,7 +622,7 @@ def test_a_runner_its_user_saved_reopens_without_its_kernel(
         assert state[runner_id]["model_name"] == "HTMLModel"
 
         # Run again in the new kernel and save: the new runner's stand-in replaces the old one.
-        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        _run_all(page)
         page.wait_for_selector(".lmstream-runner .lmstream-var-name textarea", timeout=60_000)
         page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
         _save(page)
@@ -676,7 +702,7 @@ def test_a_batch_its_user_saved_keeps_its_progress_line(
     nbformat.write(nb, str(root / "batch.ipynb"))
     try:
         _open(page, base, token, "batch.ipynb")
-        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        _run_all(page)
         _wait_or_say(page, ALL_CELLS_RAN_JS, "batch-cells-stuck")
         page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
         page.wait_for_selector(".lmstream-progress[data-state='done']", timeout=30_000)
@@ -736,7 +762,7 @@ def test_the_view_shows_a_moving_progress_bar_then_the_text(
         _open(page, base, token, "progress.ipynb")
         page.evaluate(PROGRESS_SAMPLER_JS)
         # Not awaited: the command's promise settles only when every cell has run.
-        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+        _run_all(page)
         page.wait_for_function(
             "() => window.__bars.some((b) => b.shown && b.fraction > 0.3)",
             timeout=60_000,
