@@ -374,18 +374,20 @@ def _save(page: Any) -> None:
     )
 
 
-def _wait_or_say(page: Any, wanted: str, name: str, timeout_ms: int = 60_000) -> None:
-    """Wait for ``wanted`` (a CSS selector, or a JavaScript function that becomes true); if it
-    never comes, keep a screenshot and fail saying what the page showed instead (the cells'
+def _wait_or_say(
+    page: Any, name: str, *, selector: str = "", function: str = "", timeout_ms: int = 60_000
+) -> None:
+    """Wait for ``selector`` to show or ``function`` (JavaScript) to become true; if it never
+    does, keep a screenshot and fail saying what the page showed instead (the cells'
     prompts, the kernel's state, the views' states, the notebook's text), for failures seen
     once in a full run and not reproduced alone."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     try:
-        if wanted.lstrip().startswith("() =>"):
-            page.wait_for_function(wanted, timeout=timeout_ms)
+        if function:
+            page.wait_for_function(function, timeout=timeout_ms)
         else:
-            page.wait_for_selector(wanted, timeout=timeout_ms)
+            page.wait_for_selector(selector, timeout=timeout_ms)
     except PlaywrightTimeout:
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
@@ -510,8 +512,10 @@ def test_notebook_02_shows_the_runner_saved_and_live(
 
         # -- live: run every cell --------------------------------------------------------------
         _run_all(page)
-        _wait_or_say(page, ".lmstream-runner .lmstream-view[data-state='done']", "runner02-stuck")
-        _wait_or_say(page, ALL_CELLS_RAN_JS, "notebook02-cells-stuck")
+        _wait_or_say(
+            page, "runner02-stuck", selector=".lmstream-runner .lmstream-view[data-state='done']"
+        )
+        _wait_or_say(page, "notebook02-cells-stuck", function=ALL_CELLS_RAN_JS)
         page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
         assert _visible_texts(page, ".lmstream-snapshot") == [], "hidden while the runner lives"
         page.click(".lmstream-runner .jupyter-widget-Collapse-header:has-text('Edit template')")
@@ -703,7 +707,7 @@ def test_a_batch_its_user_saved_keeps_its_progress_line(
     try:
         _open(page, base, token, "batch.ipynb")
         _run_all(page)
-        _wait_or_say(page, ALL_CELLS_RAN_JS, "batch-cells-stuck")
+        _wait_or_say(page, "batch-cells-stuck", function=ALL_CELLS_RAN_JS)
         page.wait_for_function(KERNEL_READY_JS, timeout=60_000)
         page.wait_for_selector(".lmstream-progress[data-state='done']", timeout=30_000)
         _save(page)
